@@ -1,0 +1,13 @@
+"""spa: structured pruning of ONNX graphs.
+
+    import spa
+    result = spa.prune("model.onnx", ratio=0.4)
+    onnx.save(result.model, "model.pruned.onnx")
+"""
+__version__ = "0.1.0"
+
+from .api import AnalysisReport, PruneReport, PruneResult, analyze, prune  # noqa: E402
+from .errors import ModelLoadError, OutputError, SpaError, UsageError, ValidationError  # noqa: E402
+
+__all__ = ["analyze", "prune", "AnalysisReport", "PruneReport", "PruneResult", "SpaError", "UsageError",
+           "ModelLoadError", "ValidationError", "OutputError", "__version__"]

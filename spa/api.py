@@ -1,0 +1,226 @@
+"""The Python API: ``spa.analyze`` and ``spa.prune``. The CLI is a thin layer over these.
+
+The whole pipeline, in order: load -> graph -> groups -> score -> plan -> cut -> validate.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from .criteria import CRITERIA, ScoreContext
+from .cut import apply_plan
+from .errors import UsageError, ValidationError
+from .graph import ModelGraph
+from .groups import Analysis, Group, find_groups
+from .load import canonicalize, infer_shapes, load_model
+from .metrics import count
+from .plan import Plan, make_plan
+from .validate import Validation, latency, sample_inputs, validate
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class GroupReport:
+    id: int
+    channels: int  # units: the smallest sets of indices that can go together
+    removed: int
+    exact: bool
+    frozen: str | None
+    layers: list[str]  # weighted ops whose weights this group slices, with the side
+    dims: list[str]
+
+    @classmethod
+    def of(cls, analysis: Analysis, group: Group, removed: int) -> GroupReport:
+        return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group),
+                   [str(d) for d in group.dims])
+
+
+@dataclass
+class AnalysisReport:
+    model: str
+    groups: list[GroupReport]
+    params: int
+    flops: int
+    analysis: Analysis = field(repr=False, compare=False)
+
+    @property
+    def prunable(self) -> list[GroupReport]:
+        return [g for g in self.groups if g.frozen is None and g.channels > 1]
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "params": self.params, "flops": self.flops,
+                "groups_found": len(self.groups), "groups_prunable": len(self.prunable),
+                "groups": [asdict(g) for g in self.groups]}
+
+
+@dataclass
+class PruneReport:
+    model: str
+    options: dict
+    groups_found: int
+    groups_prunable: int
+    groups_pruned: int
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    validation: Validation
+    seconds: dict[str, float]
+    groups: list[GroupReport]
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["validation"] = self.validation.as_dict()
+        return data
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: PruneReport
+
+
+@dataclass
+class _Prepared:
+    name: str
+    model: onnx.ModelProto
+    graph: ModelGraph
+    opset: int
+
+
+def _prepare(model_or_path, progress: Progress | None) -> _Prepared:
+    if isinstance(model_or_path, onnx.ModelProto):
+        name, model = model_or_path.graph.name or "<model>", model_or_path
+    else:
+        name = str(model_or_path)
+        _say(progress, "load")
+        model = load_model(model_or_path)
+    model = infer_shapes(canonicalize(model))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    return _Prepared(name, model, ModelGraph(model), opset)
+
+
+def _say(progress: Progress | None, stage: str) -> None:
+    if progress is not None:
+        progress(stage)
+
+
+def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tuple[str, ...] = (),
+            approximate: bool = False, progress: Progress | None = None) -> AnalysisReport:
+    """Find every coupled channel group of a model, and why each frozen one is frozen."""
+    prepared = _prepare(model_or_path, progress)
+    _say(progress, "group")
+    analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate)
+    stats = count(prepared.graph)
+    groups = [GroupReport.of(analysis, g, 0) for g in analysis.groups]
+    return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis)
+
+
+def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "l2", *,
+          global_rank: bool = False, round_to: int = 1, exclude: tuple[str, ...] = (), soft: bool = False,
+          approximate: bool = False, seed: int = 0, check: bool = True, bench: bool = False,
+          progress: Progress | None = None) -> PruneResult:
+    """Remove the fraction ``ratio`` of the channels of every prunable group.
+
+    Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
+    a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
+    input and ``ValidationError`` when ``check`` is on and a check fails.
+    """
+    if not 0 <= ratio < 1:
+        raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(sorted(CRITERIA))})")
+    if round_to < 1:
+        raise UsageError(f"--round-to must be at least 1, got {round_to}")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 4)
+        clock = now
+
+    prepared = _prepare(model_or_path, progress)
+    graph, opset = prepared.graph, prepared.opset
+    lap("load")
+    _say(progress, "group")
+    analysis = find_groups(graph, opset, tuple(exclude), approximate)
+    lap("group")
+    _say(progress, "score")
+    context = ScoreContext(seed)
+    scores = {g.id: CRITERIA[criterion](analysis, g, context) for g in analysis.prunable_groups}
+    plan = make_plan(analysis, scores, ratio, global_rank, round_to)
+    lap("score")
+    _say(progress, "cut")
+    hard = infer_shapes(apply_plan(prepared.model, graph, analysis, plan, opset))
+    soft_model = apply_plan(prepared.model, graph, analysis, plan, opset, soft=True) if soft or check else None
+    lap("cut")
+    validation = Validation()
+    if check:
+        _say(progress, "validate")
+        validation = _prove(prepared.model, graph, analysis, plan, opset, hard, soft_model, seed)
+        if bench:
+            feeds = sample_inputs(prepared.model, seed)
+            validation.latency_ms = latency({"dense": prepared.model, "pruned": hard}, feeds)
+        lap("validate")
+    before, after = count(graph), count(ModelGraph(hard))
+    report = PruneReport(
+        model=prepared.name,
+        options={"ratio": ratio, "criterion": criterion, "global": global_rank, "round_to": round_to,
+                 "exclude": list(exclude), "soft": soft, "approximate": approximate, "seed": seed},
+        groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
+        groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
+        flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=seconds,
+        groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups])
+    if check and not validation.ok:
+        raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
+    if soft:
+        soft_model = infer_shapes(soft_model)
+    return PruneResult(soft_model if soft else hard, report)
+
+
+def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed) -> Validation:
+    exact_ids = [gid for gid in plan.removed if analysis.group(gid).exact]
+    if len(exact_ids) == len(plan.removed):
+        hard_exact, soft_exact = hard, soft_model
+    else:  # compare only what is meant to be equal: the exact groups' cut
+        exact_plan = plan.restricted_to(exact_ids)
+        hard_exact = infer_shapes(apply_plan(dense, graph, analysis, exact_plan, opset))
+        soft_exact = apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
+    if not exact_ids:
+        hard_exact = soft_exact = None
+    return validate(dense, hard, soft_exact, hard_exact, removed_anything=bool(plan.removed), seed=seed)
+
+
+def _layers(analysis: Analysis, group: Group) -> list[str]:
+    graph = analysis.graph
+    out = []
+    for dim in analysis.param_dims(group):
+        for node in graph.consumers.get(dim.tensor, []):
+            side = _side(node.op_type, node.inputs.index(dim.tensor), dim.axis, node)
+            out.append(f"{node.op_type} '{node.name}'{side}")
+    return list(dict.fromkeys(out))
+
+
+def _side(op: str, index: int, axis: int, node) -> str:
+    if op in ("Conv",) and index == 1:
+        return " out" if axis == 0 else " in"
+    if op == "ConvTranspose" and index == 1:
+        return " in" if axis == 0 else " out"
+    if op == "Gemm" and index == 1:
+        return " out" if (axis == 0) == bool(node.attr("transB", 0)) else " in"
+    if op == "MatMul" and index == 1:
+        return " out" if axis == 1 else " in"
+    return ""
+
+
+def output_path_for(path: Path, soft: bool) -> Path:
+    suffix = ".soft.onnx" if soft else ".pruned.onnx"
+    return path.with_name(path.name[: -len(".onnx")] + suffix if path.name.endswith(".onnx") else path.name + suffix)

@@ -1,0 +1,185 @@
+"""The ``spa`` command: a thin layer over :mod:`spa.api`.
+
+Exit codes: 0 ok; 1 internal error (a bug: please report it); 2 bad usage;
+3 unreadable or unsupported model; 4 the pruned model failed validation;
+5 the output could not be written.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .api import analyze as api_analyze
+from .api import output_path_for
+from .api import prune as api_prune
+from .criteria import CRITERIA
+from .errors import EXIT_INTERNAL, SpaError
+from .io import check_output_path, save_model, write_bytes_atomic
+
+
+class _Stages:
+    """Prints each stage with its duration on stderr, so long steps show progress."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.current: str | None = None
+        self.started = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        self.finish()
+        self.current, self.started = stage, time.perf_counter()
+        if not self.quiet:
+            click.echo(f"  {stage:<9}...", err=True, nl=False)
+
+    def finish(self) -> None:
+        if self.current and not self.quiet:
+            click.echo(f" {time.perf_counter() - self.started:6.2f}s", err=True)
+        self.current = None
+
+
+def _run(debug: bool, action) -> None:
+    try:
+        action()
+    except SpaError as exc:
+        if debug:
+            raise
+        click.echo(f"spa: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("spa: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: one line unless --debug
+        if debug:
+            raise
+        click.echo(f"spa: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+@click.group()
+@click.version_option(__version__, prog_name="spa")
+def main() -> None:
+    """Structured pruning of ONNX models: smaller and faster, no retraining."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [MODEL.pruned.onnx].")
+@click.option("--ratio", type=float, default=0.3, show_default=True, help="Fraction of each group's channels to remove.")
+@click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l2", show_default=True)
+@click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups, not per group.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts at multiples of N.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
+@click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
+@click.option("--approximate", is_flag=True, help="Also prune groups where removal is not equal to zeroing.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime checks (the checker still runs on save).")
+@click.option("--bench/--no-bench", default=True, show_default=True, help="Measure CPU latency, dense vs pruned.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def prune(model, output, ratio, criterion, global_rank, round_to, exclude, soft, approximate, seed, json_path,
+          no_validate, bench, force, quiet, debug):
+    """Prune MODEL and write a smaller, validated model."""
+
+    def action():
+        target = output or output_path_for(model, soft)
+        check_output_path(target, [model], force)
+        if json_path:
+            check_output_path(json_path, [model, target], True)
+        stages = _Stages(quiet)
+        result = api_prune(model, ratio, criterion, global_rank=global_rank, round_to=round_to,
+                           exclude=tuple(exclude), soft=soft, approximate=approximate, seed=seed,
+                           check=not no_validate, bench=bench and not no_validate, progress=stages)
+        stages("save")
+        save_model(result.model, target)
+        stages.finish()
+        report = result.report.as_dict()
+        report["output"] = str(target)
+        if json_path:
+            _write_json(json_path, report)
+        if not quiet:
+            click.echo(_summary(report))
+
+    _run(debug, action)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
+@click.option("--approximate", is_flag=True, help="Treat approximate groups as prunable.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the analysis as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="List every member dimension of every group.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def analyze(model, exclude, approximate, json_path, verbose, debug):
+    """List every coupled channel group of MODEL, and why frozen ones are frozen."""
+
+    def action():
+        report = api_analyze(model, exclude=tuple(exclude), approximate=approximate)
+        data = report.as_dict()
+        if json_path:
+            check_output_path(json_path, [model], True)
+            _write_json(json_path, data)
+        click.echo(_analysis_text(data, verbose))
+
+    _run(debug, action)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _change(before: int, after: int) -> str:
+    pct = 100.0 * (after - before) / before if before else 0.0
+    return f"{_human(before)} -> {_human(after)} ({pct:+.1f}%)"
+
+
+def _summary(r: dict) -> str:
+    v = r["validation"]
+    lines = [
+        f"groups: {r['groups_found']} found, {r['groups_prunable']} prunable, {r['groups_pruned']} pruned",
+        f"params: {_change(r['params_before'], r['params_after'])}",
+        f"FLOPs:  {_change(r['flops_before'], r['flops_after'])}",
+    ]
+    if v["checker"] != "not run":
+        soft = ("n/a" if v["soft_equal"] is None
+                else f"{'equal' if v['soft_equal'] else 'DIFFERENT'} (rel. err {v['soft_max_rel_error']:.1e})")
+        lines.append(f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
+                     f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}")
+    if v["latency_ms"]:
+        d, p = v["latency_ms"]["dense"], v["latency_ms"]["pruned"]
+        lines.append(f"latency (CPU, median): {d:.2f} ms -> {p:.2f} ms ({d / p:.2f}x)")
+    lines.append(f"wrote {r['output']}")
+    return "\n".join(lines)
+
+
+def _analysis_text(data: dict, verbose: bool) -> str:
+    lines = [f"{data['model']}: {data['groups_found']} groups, {data['groups_prunable']} prunable; "
+             f"params {_human(data['params'])}, FLOPs {_human(data['flops'])}"]
+    for g in data["groups"]:
+        if g["channels"] <= 1 and not verbose:
+            continue
+        state = "prunable" if g["frozen"] is None else "frozen"
+        kind = "exact" if g["exact"] else "approximate"
+        layers = ", ".join(g["layers"][:4]) + (f", +{len(g['layers']) - 4} more" if len(g["layers"]) > 4 else "")
+        lines.append(f"  group {g['id']:>4}: {g['channels']:>5} ch  {state:<8} {kind:<11} {layers or '-'}")
+        if g["frozen"]:
+            lines.append(f"               why frozen: {g['frozen']}")
+        if verbose:
+            lines.append(f"               dims: {', '.join(g['dims'])}")
+    hidden = sum(1 for g in data["groups"] if g["channels"] <= 1)
+    if hidden and not verbose:
+        lines.append(f"  ({hidden} single-channel groups not shown; --verbose lists them)")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Stage 6: apply a plan to the model.
+
+Hard mode slices every initializer along its pruned axes and lets each op's
+rule fix the attributes and shape constants that encode sizes. Soft mode
+keeps every shape and zeroes the same slices instead: the reference the hard
+model is checked against.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import ModelGraph, Node
+from .groups import Analysis
+from .plan import Plan
+from .rules import Dim, RuleContext, rule_for
+
+
+class CutContext(RuleContext):
+    """What ``Rule.rewrite`` sees: old and new sizes, and ways to change the node."""
+
+    def __init__(self, graph: ModelGraph, opset: int, analysis: Analysis, plan: Plan):
+        super().__init__(graph, opset)
+        removed = plan.removed_units
+        self._kept: dict[Dim, np.ndarray] = {}
+        if len(removed):
+            for dim, labels in analysis.labels.items():
+                mask = ~np.isin(labels, removed)
+                if not mask.all():
+                    self._kept[dim] = np.flatnonzero(mask)
+        self.attr_changes: dict[str, dict[str, object]] = {}
+        self.input_consts: dict[tuple[str, int], np.ndarray] = {}
+        self.const_edits: dict[tuple[str, int], dict[int, int]] = {}
+
+    # sizes -----------------------------------------------------------------
+    def kept(self, dim: Dim) -> np.ndarray | None:
+        """Indices that stay along ``dim``, or None when nothing is removed there."""
+        return self._kept.get(dim)
+
+    def old_size(self, dim: Dim) -> int | None:
+        return self.graph.static_size(dim.tensor, dim.axis)
+
+    def new_size(self, dim: Dim) -> int | None:
+        keep = self._kept.get(dim)
+        return len(keep) if keep is not None else self.old_size(dim)
+
+    @property
+    def pruned_dims(self) -> dict[Dim, np.ndarray]:
+        return self._kept
+
+    # edits -----------------------------------------------------------------
+    def set_attr(self, node: Node, name: str, value) -> None:
+        self.attr_changes.setdefault(node.name, {})[name] = value
+
+    def remove_attr(self, node: Node, name: str) -> None:
+        if node.attr(name) is not None:
+            self.attr_changes.setdefault(node.name, {})[name] = None
+
+    def set_input_const(self, node: Node, index: int, value: np.ndarray) -> None:
+        """Point input ``index`` of ``node`` at a new initializer (never edits a shared one)."""
+        self.input_consts[(node.name, index)] = value
+
+    def set_const_element(self, node_name: str, index: int, position: int, value: int) -> None:
+        edits = self.const_edits.setdefault((node_name, index), {})
+        if edits.get(position, value) != value:
+            raise ValueError(f"conflicting size rewrites of input {index} of '{node_name}'")
+        edits[position] = value
+
+
+def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, plan: Plan, opset: int,
+               soft: bool = False) -> onnx.ModelProto:
+    cut = CutContext(graph, opset, analysis, plan)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    by_axis: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for dim, keep in sorted(cut.pruned_dims.items()):
+        if graph.is_initializer(dim.tensor):
+            by_axis.setdefault(dim.tensor, []).append((dim.axis, keep))
+    new_arrays = {name: _cut_array(graph.const(name), axes, soft) for name, axes in by_axis.items()}
+    for tensor in out.graph.initializer:
+        if tensor.name in new_arrays:
+            tensor.CopyFrom(numpy_helper.from_array(new_arrays[tensor.name], tensor.name))
+    if soft:
+        return out
+    for node in graph.nodes:
+        rule = rule_for(node)
+        if rule is not None:
+            rule.rewrite(node, cut)
+    _apply_node_edits(out, graph, cut)
+    _fix_declared_shapes(out, new_arrays)
+    del out.graph.value_info[:]
+    return out
+
+
+def _cut_array(value: np.ndarray, axes: list[tuple[int, np.ndarray]], soft: bool) -> np.ndarray:
+    for axis, keep in axes:
+        if soft:
+            drop = np.setdiff1d(np.arange(value.shape[axis]), keep)
+            value = value.copy()
+            index = [slice(None)] * value.ndim
+            index[axis] = drop
+            value[tuple(index)] = 0
+        else:
+            value = np.take(value, keep, axis=axis)
+    return np.ascontiguousarray(value)
+
+
+def _apply_node_edits(out: onnx.ModelProto, graph: ModelGraph, cut: CutContext) -> None:
+    taken = {t.name for t in out.graph.initializer} | {v for n in graph.nodes for v in n.outputs}
+    protos = {n.name: n for n in out.graph.node}
+    replaced: set[str] = set()
+
+    def new_name(base: str) -> str:
+        k = 0
+        while f"{base}_spa{k}" in taken:
+            k += 1
+        taken.add(f"{base}_spa{k}")
+        return f"{base}_spa{k}"
+
+    def repoint(node_name: str, index: int, value: np.ndarray) -> None:
+        proto = protos[node_name]
+        old = proto.input[index] if index < len(proto.input) else ""
+        name = new_name(old or f"{node_name}_in{index}")
+        out.graph.initializer.append(numpy_helper.from_array(value, name))
+        while len(proto.input) <= index:
+            proto.input.append("")
+        proto.input[index] = name
+        if old:
+            replaced.add(old)
+
+    for (node_name, index), edits in sorted(cut.const_edits.items()):
+        value = np.array(graph.const(protos[node_name].input[index]))
+        flat = value.reshape(-1)
+        for position, element in edits.items():
+            flat[position] = element
+        repoint(node_name, index, flat.reshape(value.shape))
+    for (node_name, index), value in sorted(cut.input_consts.items()):
+        repoint(node_name, index, value)
+    for node_name, changes in sorted(cut.attr_changes.items()):
+        proto = protos[node_name]
+        for name, value in changes.items():
+            kept = [a for a in proto.attribute if a.name != name]
+            del proto.attribute[:]
+            proto.attribute.extend(kept)
+            if value is not None:
+                proto.attribute.append(onnx.helper.make_attribute(name, value))
+    used_now = {name for n in out.graph.node for name in n.input} | {o.name for o in out.graph.output}
+    used_now |= {name for n in graph.nodes for name in n.implicit_inputs}
+    orphans = replaced - used_now
+    if orphans:
+        kept = [t for t in out.graph.initializer if t.name not in orphans]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(kept)
+
+
+def _fix_declared_shapes(out: onnx.ModelProto, new_arrays: dict[str, np.ndarray]) -> None:
+    """Old-style models also list initializers as graph inputs, with their shapes."""
+    for value_info in out.graph.input:
+        if value_info.name in new_arrays:
+            dims = value_info.type.tensor_type.shape.dim
+            for d, size in zip(dims, new_arrays[value_info.name].shape):
+                d.Clear()
+                d.dim_value = size

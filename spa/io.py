@@ -1,0 +1,83 @@
+"""Writing files so that a failure never leaves a partial output behind."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .errors import OutputError
+
+# protobuf cannot serialise a message over 2 GiB; stay clear of the limit
+_EXTERNAL_THRESHOLD = 1_800_000_000
+
+
+def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
+    resolved = output.resolve()
+    if any(resolved == p.resolve() for p in inputs):
+        raise OutputError(f"{output}: refusing to overwrite the input model")
+    if output.is_dir():
+        raise OutputError(f"{output}: is a directory")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: exists (use --force to overwrite)")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: no such directory")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: not writable")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Save atomically; large models keep their weights in ``<name>.data`` beside them."""
+    path = Path(path)
+    if model.ByteSize() < _EXTERNAL_THRESHOLD:
+        write_bytes_atomic(path, model.SerializeToString())
+        return
+    _save_external(model, path)
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    parent = path.parent if str(path.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    data_name = f"{path.name}.data"
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        convert_model_to_external_data(copy, all_tensors_to_one_file=True, location=data_name,
+                                       size_threshold=1024)
+        onnx.save_model(copy, str(staging / path.name))
+        os.replace(staging / data_name, parent / data_name)
+        os.replace(staging / path.name, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        for leftover in staging.glob("*"):
+            _remove_quietly(leftover)
+        staging.rmdir()
+
+
+def _remove_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,222 @@
+"""Stage 1: read an ONNX file into a canonical, shape-annotated ModelProto."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelLoadError
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load ``path`` with its external data, or raise :class:`ModelLoadError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: file is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (empty graph)")
+    _load_external_data(model, path.parent)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    tensors = [t for t in _all_initializers(model) if uses_external_data(t)]
+    if not tensors:
+        return
+    for tensor in tensors:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base_dir / location).resolve()
+        if not target.is_file():
+            raise ModelLoadError(f"external data file '{location}' of tensor '{tensor.name}' not found")
+    try:
+        load_external_data_for_model(model, str(base_dir))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read external data: {_first_line(exc)}") from exc
+
+
+def _all_initializers(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make weights look the same whatever the exporter.
+
+    paddle2onnx and tf2onnx keep weights in ``Constant`` nodes and the legacy
+    torch exporter routes shared weights through ``Identity``; rules only need
+    to understand initializers if both are turned into initializers here.
+    Node names are made unique because reports and ``--exclude`` use them.
+    """
+    model = _copy(model)
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    init_names = {t.name for t in graph.initializer}
+    kept = []
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            value = _constant_value(node)
+            if value is not None:
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                init_names.add(node.output[0])
+                continue
+        if (node.op_type == "Identity" and node.input and node.input[0] in init_names
+                and node.output[0] not in outputs):
+            rename[node.output[0]] = node.input[0]
+            continue
+        kept.append(node)
+    if rename:
+        for node in kept:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+        _rename_in_subgraphs(kept, rename)
+    del graph.node[:]
+    graph.node.extend(kept)
+    _unique_node_names(graph)
+    _unshare_uniform_initializers(graph)
+    return model
+
+
+def _unshare_uniform_initializers(graph: onnx.GraphProto) -> None:
+    """Give each use of a shared all-equal initializer its own copy.
+
+    Exporters deduplicate initializers by value, so every zero bias of a
+    freshly initialised (or BN-folded) network can end up as one tensor used
+    by unrelated convs. Left shared, it would couple all their channels.
+    Genuinely tied weights (not uniform) stay shared and stay coupled.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in inits:
+                uses.setdefault(name, []).append((node, i))
+    taken = set(inits) | {o for n in graph.node for o in n.output}
+    for name, places in uses.items():
+        tensor = inits[name]
+        if len(places) < 2 or _numel(tensor) < 2 or tensor.data_type not in _FLOATS:
+            continue
+        value = numpy_helper.to_array(tensor)
+        if not np.all(value == value.flat[0]):
+            continue
+        for k, (node, i) in enumerate(places[1:], start=1):
+            copy_name = f"{name}__{k}"
+            while copy_name in taken:
+                copy_name += "_"
+            taken.add(copy_name)
+            graph.initializer.append(numpy_helper.from_array(value, copy_name))
+            node.input[i] = copy_name
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _numel(tensor: onnx.TensorProto) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n
+
+
+def _rename_in_subgraphs(nodes, rename: dict[str, str]) -> None:
+    for node in nodes:
+        for attr in node.attribute:
+            for sub in _attr_graphs(attr):
+                for inner in sub.node:
+                    for i, name in enumerate(inner.input):
+                        if name in rename:
+                            inner.input[i] = rename[name]
+                _rename_in_subgraphs(sub.node, rename)
+
+
+def _attr_graphs(attr: onnx.AttributeProto):
+    if attr.type == onnx.AttributeProto.GRAPH:
+        yield attr.g
+    elif attr.type == onnx.AttributeProto.GRAPHS:
+        yield from attr.graphs
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse and string constants stay as nodes
+
+
+def _unique_node_names(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        seen.add(name)
+        node.name = name
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Annotate every tensor with a shape, static where possible.
+
+    onnx's inference runs first (with data propagation, so Shape->Gather->Concat
+    targets resolve). Where it leaves tensors unknown, onnxruntime's symbolic
+    inference is tried, because it understands contrib ops and keeps symbolic
+    batch/sequence names consistent through Reshape.
+    """
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = model
+    if _unknown_tensor_count(inferred) == 0:
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=False)
+    except Exception:
+        return inferred
+    if symbolic is not None and _unknown_tensor_count(symbolic) < _unknown_tensor_count(inferred):
+        return symbolic
+    return inferred
+
+
+def _unknown_tensor_count(model: onnx.ModelProto) -> int:
+    known = {v.name for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    known.update(t.name for t in model.graph.initializer)
+    return sum(1 for n in model.graph.node for o in n.output if o and o not in known)

@@ -1,0 +1,190 @@
+"""What a rule is, and the small vocabulary rules speak.
+
+A rule knows one operator family. Asked about one channel dimension of one of
+its op's tensors, it answers with:
+
+* ``Link``: indices of that dimension that are the same channel as indices of
+  another dimension (identity, offset, block, stride or permutation, all given
+  as explicit index pairs so one union-find handles every kind);
+* ``Freeze``: this dimension cannot shrink, and why;
+* ``Sink``: the op consumes the channel without a weight that the soft model
+  zeroes (e.g. ReduceSum over channels), so soft == hard needs the value zero;
+* ``Pending``: an ambiguous Reshape split, resolved once the rest is known.
+
+After a cut, ``rewrite`` fixes the attributes and shape constants of the op
+(``group``, Reshape targets, Split sizes, Slice bounds...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cut import CutContext
+    from ..graph import ModelGraph, Node
+
+
+@dataclass(frozen=True, order=True)
+class Dim:
+    """One axis of one tensor."""
+
+    tensor: str
+    axis: int
+
+    def __str__(self) -> str:
+        return f"{self.tensor}[{self.axis}]"
+
+
+@dataclass
+class Link:
+    """Index ``a_index[i]`` of ``a`` is the same channel as ``b_index[i]`` of ``b``."""
+
+    a: Dim
+    b: Dim
+    a_index: np.ndarray
+    b_index: np.ndarray
+    exact: bool = True  # False where removal is not equal to zeroing (norms over channels)
+
+
+@dataclass(frozen=True)
+class Freeze:
+    dim: Dim
+    reason: str
+
+
+@dataclass(frozen=True)
+class Sink:
+    """A contraction or reduction that consumes the channel.
+
+    Soft pruning zeroes parameters only, so soft == hard needs at least one of
+    ``dims`` (the operands multiplied together) to be zero at the removed
+    channel: always true when one of them is a weight, which the soft model zeroes.
+    ``exact`` is False where removal also changes a divisor (ReduceMean).
+    """
+
+    dims: tuple[Dim, ...]
+    exact: bool = True
+
+
+@dataclass(frozen=True)
+class Pending:
+    dim: Dim
+
+
+Outcome = Link | Freeze | Sink | Pending
+
+
+class RuleContext:
+    """What rules may ask about the model while grouping."""
+
+    def __init__(self, graph: ModelGraph, opset: int, split_choice: dict | None = None):
+        self.graph = graph
+        self.opset = opset
+        self.known_dims: set[Dim] = set()
+        self.split_choice = split_choice or {}
+
+    def rank(self, tensor: str) -> int | None:
+        shape = self.graph.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def dim(self, tensor: str, axis: int) -> Dim | None:
+        """A dimension with a non-negative axis, or None when the rank is unknown."""
+        rank = self.rank(tensor)
+        if rank is None or not -rank <= axis < rank:
+            return None
+        return Dim(tensor, axis % rank)
+
+    def size(self, dim: Dim) -> int | None:
+        return self.graph.static_size(dim.tensor, dim.axis)
+
+
+def identity(a: Dim, b: Dim, n: int, exact: bool = True) -> Link:
+    idx = np.arange(n, dtype=np.int64)
+    return Link(a, b, idx, idx, exact)
+
+
+def offset(a: Dim, b: Dim, n: int, b_offset: int, a_offset: int = 0) -> Link:
+    idx = np.arange(n, dtype=np.int64)
+    return Link(a, b, idx + a_offset, idx + b_offset)
+
+
+def pairs(a: Dim, b: Dim, a_index, b_index, exact: bool = True) -> Link:
+    return Link(a, b, np.asarray(a_index, dtype=np.int64), np.asarray(b_index, dtype=np.int64), exact)
+
+
+class Rule:
+    """Base rule. Subclasses set ``ops`` and override ``link``."""
+
+    ops: tuple[str, ...] = ()
+    domain: str = ""
+
+    def seeds(self, node: Node, ctx: RuleContext) -> Iterable[Dim]:
+        """Channel dimensions this op offers for pruning (weights' axes, usually)."""
+        return ()
+
+    def link(self, node: Node, dim: Dim, ctx: RuleContext) -> Iterable[Outcome]:
+        raise NotImplementedError
+
+    def resolve(self, node: Node, dim: Dim, ctx: RuleContext) -> Iterable[Outcome]:
+        """Settle a ``Pending`` this rule returned earlier."""
+        return [Freeze(dim, f"{node.op_type} '{node.name}': ambiguous split")]
+
+    def rewrite(self, node: Node, cut: CutContext) -> None:
+        """Fix attributes and shape constants after channels were removed."""
+
+
+RULES: dict[tuple[str, str], Rule] = {}
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    instance = cls()
+    for op in cls.ops:
+        key = (cls.domain, op)
+        if key in RULES:
+            raise RuntimeError(f"two rules for {op}")
+        RULES[key] = instance
+    return cls
+
+
+def rule_for(node: Node) -> Rule | None:
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    return RULES.get((domain, node.op_type))
+
+
+def tensor_positions(node: Node, tensor: str) -> Iterator[tuple[str, int]]:
+    for i, name in enumerate(node.inputs):
+        if name == tensor:
+            yield "in", i
+    for i, name in enumerate(node.outputs):
+        if name == tensor:
+            yield "out", i
+
+
+@dataclass
+class LinkSet:
+    """Accumulates outcomes so rules can be written as short imperative code."""
+
+    ctx: RuleContext
+    out: list = field(default_factory=list)
+
+    def same(self, a: Dim | None, b: Dim | None, exact: bool = True) -> None:
+        """Couple two dimensions index for index, freezing on size mismatch."""
+        if a is None or b is None or a == b:
+            return
+        na, nb = self.ctx.size(a), self.ctx.size(b)
+        if na is None or nb is None:
+            self.out.append(Freeze(a, f"size of {b if nb is None else a} is unknown"))
+        elif na != nb:
+            if nb == 1 or na == 1:
+                return  # broadcast: nothing to remove on the size-1 side
+            self.out.append(Freeze(a, f"{a} and {b} have different sizes {na} and {nb}"))
+        else:
+            self.out.append(identity(a, b, na, exact))
+
+    def add(self, item: Outcome) -> None:
+        self.out.append(item)
+
+    def freeze(self, dim: Dim, reason: str) -> None:
+        self.out.append(Freeze(dim, reason))

@@ -1,0 +1,301 @@
+"""Ops that move channels around without weights: concat, split, slice,
+gather, transpose, pixel shuffle, tile and expand."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Dim, LinkSet, Rule, offset, pairs, register
+from .shapes import rewritable, trace_vector
+
+
+def _others_same_axis(links: LinkSet, dim: Dim, tensors) -> None:
+    for name in tensors:
+        if name and name != dim.tensor:
+            links.same(dim, Dim(name, dim.axis))
+
+
+@register
+class Concat(Rule):
+    """Input k occupies [offset_k, offset_k + size_k) of the output's concat axis."""
+
+    ops = ("Concat",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        y = node.outputs[0]
+        axis = node.attr("axis") % ctx.rank(y)
+        if dim.axis != axis:
+            _others_same_axis(links, dim, list(node.inputs) + [y])
+            return links.out
+        sizes = [ctx.size(Dim(x, axis)) for x in node.inputs]
+        if any(s is None for s in sizes):
+            links.freeze(dim, f"Concat '{node.name}' has an input of unknown size")
+            return links.out
+        start = 0
+        for x, size in zip(node.inputs, sizes):
+            if size:
+                links.add(offset(Dim(x, axis), Dim(y, axis), size, start))
+            start += size
+        return links.out
+
+
+def _split_sizes(node, ctx, total: int) -> list[int] | None:
+    if ctx.opset >= 13 and node.input(1):
+        return ctx.graph.const_ints(node.input(1))
+    if node.attr("split") is not None:
+        return list(node.attr("split"))
+    parts = node.attr("num_outputs", len(node.outputs))
+    chunk = -(-total // parts)
+    return [min(chunk, total - k * chunk) for k in range(parts)]
+
+
+@register
+class Split(Rule):
+    ops = ("Split",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x = node.inputs[0]
+        axis = node.attr("axis", 0) % ctx.rank(x)
+        if dim.tensor not in (x, *node.outputs):
+            links.freeze(dim, f"split sizes of Split '{node.name}'")
+            return links.out
+        if dim.axis != axis:
+            _others_same_axis(links, dim, [x, *node.outputs])
+            return links.out
+        total = ctx.size(Dim(x, axis))
+        sizes = _split_sizes(node, ctx, total) if total else None
+        if sizes is None:
+            links.freeze(dim, f"Split '{node.name}' sizes are not constant")
+            return links.out
+        start = 0
+        for y, size in zip(node.outputs, sizes):
+            if y and size:
+                links.add(offset(Dim(y, axis), Dim(x, axis), size, start))
+            start += size
+        return links.out
+
+    def rewrite(self, node, cut):
+        x = node.inputs[0]
+        axis = node.attr("axis", 0) % len(cut.graph.shape(x))
+        new = [cut.new_size(Dim(y, axis)) for y in node.outputs]
+        old = [cut.old_size(Dim(y, axis)) for y in node.outputs]
+        if new == old:
+            return
+        if cut.opset >= 13:
+            cut.set_input_const(node, 1, np.array(new, dtype=np.int64))
+            cut.remove_attr(node, "num_outputs")
+        else:
+            cut.set_attr(node, "split", new)
+
+
+def _slice_params(node, ctx):
+    """(starts, ends, axes, steps) as int lists, or None if any is not constant."""
+    rank = ctx.rank(node.inputs[0])
+    if ctx.opset < 10:
+        starts, ends = node.attr("starts"), node.attr("ends")
+        axes, steps = node.attr("axes", list(range(len(starts)))), [1] * len(starts)
+    else:
+        starts, ends = ctx.graph.const_ints(node.input(1)), ctx.graph.const_ints(node.input(2))
+        axes = ctx.graph.const_ints(node.input(3)) if node.input(3) else None
+        steps = ctx.graph.const_ints(node.input(4)) if node.input(4) else None
+        if starts is None or ends is None or (node.input(3) and axes is None) or (node.input(4) and steps is None):
+            return None
+        axes = axes if axes is not None else list(range(len(starts)))
+        steps = steps if steps is not None else [1] * len(starts)
+    return list(starts), list(ends), [a % rank for a in axes], list(steps)
+
+
+@register
+class Slice(Rule):
+    ops = ("Slice",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, y = node.inputs[0], node.outputs[0]
+        if dim.tensor not in (x, y):
+            links.freeze(dim, f"bounds of Slice '{node.name}'")
+            return links.out
+        params = _slice_params(node, ctx)
+        if params is None:
+            links.freeze(dim, f"Slice '{node.name}' bounds are not constant")
+            return links.out
+        starts, ends, axes, steps = params
+        if dim.axis not in axes:
+            links.same(Dim(x, dim.axis), Dim(y, dim.axis))
+            return links.out
+        k = axes.index(dim.axis)
+        size = ctx.size(Dim(x, dim.axis))
+        if size is None or steps[k] != 1:
+            links.freeze(dim, f"Slice '{node.name}' with step {steps[k]} or unknown size")
+            return links.out
+        start, stop, _ = slice(starts[k], ends[k]).indices(size)
+        if stop > start:
+            links.add(offset(Dim(y, dim.axis), Dim(x, dim.axis), stop - start, start))
+        return links.out
+
+    def rewrite(self, node, cut):
+        starts, ends, axes, steps = _slice_params(node, cut)
+        x = node.inputs[0]
+        changed = False
+        for k, axis in enumerate(axes):
+            keep = cut.kept(Dim(x, axis))
+            if keep is None:
+                continue
+            size = cut.old_size(Dim(x, axis))
+            start, stop, _ = slice(starts[k], ends[k]).indices(size)
+            starts[k] = int(np.searchsorted(keep, start))
+            ends[k] = int(np.searchsorted(keep, stop))
+            changed = True
+        if not changed:
+            return
+        if cut.opset < 10:
+            cut.set_attr(node, "starts", starts)
+            cut.set_attr(node, "ends", ends)
+        else:
+            cut.set_input_const(node, 1, np.array(starts, dtype=np.int64))
+            cut.set_input_const(node, 2, np.array(ends, dtype=np.int64))
+
+
+@register
+class Gather(Rule):
+    """Constant 1-D indices along a channel axis select channels; other axes pass."""
+
+    ops = ("Gather",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        rank = ctx.rank(data)
+        axis = node.attr("axis", 0) % rank
+        index_rank = ctx.rank(indices)
+        if dim.tensor == indices or index_rank is None:
+            links.freeze(dim, f"indices of Gather '{node.name}'")
+            return links.out
+        data_axis = dim.axis if dim.tensor == data else _gather_data_axis(dim.axis, axis, index_rank)
+        if data_axis is None:  # an axis of y that comes from the indices
+            links.freeze(dim, f"axis produced by the indices of Gather '{node.name}'")
+            return links.out
+        if data_axis != axis:
+            shift = index_rank - 1 if data_axis > axis else 0
+            links.same(Dim(data, data_axis), Dim(y, data_axis + shift))
+            return links.out
+        picks = ctx.graph.const(indices)
+        if picks is None or picks.ndim != 1:
+            links.freeze(dim, f"Gather '{node.name}' picks along this axis with non-constant or scalar indices")
+            return links.out
+        size = ctx.size(Dim(data, axis))
+        links.add(pairs(Dim(data, axis), Dim(y, axis), np.asarray(picks) % size, np.arange(len(picks))))
+        return links.out
+
+    def rewrite(self, node, cut):
+        data, y = node.inputs[0], node.outputs[0]
+        axis = node.attr("axis", 0) % len(cut.graph.shape(data))
+        keep_data = cut.kept(Dim(data, axis))
+        if keep_data is None:
+            return
+        picks = cut.graph.const(node.inputs[1]) % cut.old_size(Dim(data, axis))
+        keep_y = cut.kept(Dim(y, axis))
+        if keep_y is not None:
+            picks = picks[keep_y]
+        cut.set_input_const(node, 1, np.searchsorted(keep_data, picks).astype(np.int64))
+
+
+def _gather_data_axis(y_axis: int, axis: int, index_rank: int) -> int | None:
+    if y_axis < axis:
+        return y_axis
+    if y_axis >= axis + index_rank:
+        return y_axis - index_rank + 1
+    return axis if index_rank == 1 else None
+
+
+@register
+class Transpose(Rule):
+    ops = ("Transpose",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, y = node.inputs[0], node.outputs[0]
+        perm = node.attr("perm") or list(reversed(range(ctx.rank(x))))
+        if dim.tensor == x:
+            links.same(dim, Dim(y, perm.index(dim.axis)))
+        else:
+            links.same(dim, Dim(x, perm[dim.axis]))
+        return links.out
+
+
+@register
+class PixelShuffle(Rule):
+    """DepthToSpace/SpaceToDepth: channel c of the deep side is (c, sub-pixel) of the shallow side."""
+
+    ops = ("DepthToSpace", "SpaceToDepth")
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, y = node.inputs[0], node.outputs[0]
+        deep, shallow = (x, y) if node.op_type == "DepthToSpace" else (y, x)
+        if dim.axis == 0:
+            links.same(Dim(x, 0), Dim(y, 0))
+            return links.out
+        if dim.axis != 1:
+            links.freeze(dim, f"spatial axis of {node.op_type} '{node.name}'")
+            return links.out
+        r2 = node.attr("blocksize") ** 2
+        channels = ctx.size(Dim(shallow, 1))
+        deep_index = np.arange(channels * r2)
+        # DCR (and SpaceToDepth): depth = (sub-pixel, c); CRD: depth = (c, sub-pixel)
+        if node.attr("mode", "DCR") == "CRD":
+            shallow_index = deep_index // r2
+        else:
+            shallow_index = deep_index % channels
+        links.add(pairs(Dim(deep, 1), Dim(shallow, 1), deep_index, shallow_index))
+        return links.out
+
+
+@register
+class Tile(Rule):
+    ops = ("Tile",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, y = node.inputs[0], node.outputs[0]
+        repeats = ctx.graph.const_ints(node.input(1))
+        if dim.tensor not in (x, y) or repeats is None or repeats[dim.axis] != 1:
+            links.freeze(dim, f"Tile '{node.name}' repeats this axis")
+        else:
+            links.same(Dim(x, dim.axis), Dim(y, dim.axis))
+        return links.out
+
+
+@register
+class Expand(Rule):
+    ops = ("Expand",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, y = node.inputs[0], node.outputs[0]
+        if dim.tensor not in (x, y):
+            links.freeze(dim, f"shape operand of Expand '{node.name}'")
+            return links.out
+        shift = ctx.rank(y) - ctx.rank(x)
+        x_axis = dim.axis if dim.tensor == x else dim.axis - shift
+        if x_axis < 0 or ctx.size(Dim(x, x_axis)) != ctx.size(Dim(y, x_axis + shift)):
+            links.freeze(dim, f"Expand '{node.name}' broadcasts along this axis")
+            return links.out
+        entries = trace_vector(ctx.graph, node, 1)
+        position = x_axis + shift - (ctx.rank(y) - len(entries)) if entries else 0
+        reason = rewritable(entries, position)
+        if reason:
+            links.freeze(dim, f"Expand '{node.name}' shape: {reason}")
+        else:
+            links.same(Dim(x, x_axis), Dim(y, x_axis + shift))
+        return links.out
+
+    def rewrite(self, node, cut):
+        y = node.outputs[0]
+        entries = trace_vector(cut.graph, node, 1)
+        lead = len(cut.graph.shape(y)) - len(entries)
+        for position, entry in enumerate(entries):
+            dim = Dim(y, position + lead)
+            if entry.kind == "literal" and entry.value > 1 and cut.old_size(dim) != cut.new_size(dim):
+                cut.set_const_element(*entry.source, 1)  # 1 keeps whatever size the input has

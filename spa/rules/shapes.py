@@ -1,0 +1,114 @@
+"""Where shape vectors come from, so size constants can be rewritten after a cut.
+
+A Reshape target may be an initializer, or built at run time by
+Shape -> Gather -> Unsqueeze -> Concat. ``trace_vector`` follows such a chain
+back and says, per element, whether it is a literal (and exactly where it
+lives, so it can be rewritten), a run-time size of some tensor axis (which
+follows the cut by itself), or opaque (we cannot know, so the axis freezes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..graph import ModelGraph, Node
+
+_PASS_THROUGH = ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Flatten")
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # "literal" | "runtime" | "opaque"
+    value: int | None = None
+    # literal: (node name, input index, flat position) where the constant enters the chain
+    # runtime: (tensor, axis) whose size this element is
+    source: tuple | None = None
+
+
+def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0) -> list[Entry] | None:
+    name = node.input(input_index)
+    if not name:
+        return None
+    values = graph.const_ints(name)
+    if values is not None:
+        return [Entry("literal", v, (node.name, input_index, p)) for p, v in enumerate(values)]
+    producer = graph.producer.get(name)
+    if producer is None or depth > 16:
+        return _opaque(graph, name)
+    op = producer.op_type
+    if op == "Concat":
+        entries: list[Entry] = []
+        for j in range(len(producer.inputs)):
+            piece = trace_vector(graph, producer, j, depth + 1)
+            if piece is None:
+                piece = _opaque(graph, producer.inputs[j])
+                if piece is None:
+                    return None
+            entries.extend(piece)
+        return entries
+    if op in _PASS_THROUGH:
+        return trace_vector(graph, producer, 0, depth + 1) or _opaque(graph, name)
+    if op == "Shape":
+        rank = len(graph.shape(producer.inputs[0]) or ())
+        if not rank:
+            return _opaque(graph, name)
+        start, end = producer.attr("start", 0), producer.attr("end", rank)
+        axes = range(rank)[slice(start, end)]
+        return [Entry("runtime", None, (producer.inputs[0], a)) for a in axes]
+    if op == "Gather" and producer.attr("axis", 0) == 0:
+        base = trace_vector(graph, producer, 0, depth + 1)
+        picks = graph.const_ints(producer.inputs[1])
+        if base is not None and picks is not None:
+            return [base[k] for k in picks]
+    return _opaque(graph, name)
+
+
+def _opaque(graph: ModelGraph, tensor: str) -> list[Entry] | None:
+    shape = graph.shape(tensor)
+    if shape is None or len(shape) > 1 or (shape and not isinstance(shape[0], int)):
+        return None
+    length = shape[0] if shape else 1
+    return [Entry("opaque")] * length
+
+
+def rewritable(entries: list[Entry] | None, position: int) -> str | None:
+    """None if element ``position`` can follow a cut, else the reason it cannot."""
+    if entries is None or position >= len(entries):
+        return "the shape is computed at run time in a way spa cannot follow"
+    if entries[position].kind == "opaque":
+        return "its size is computed at run time in a way spa cannot follow"
+    return None
+
+
+def segments(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of axes of equal size product (axes of size 1 carry nothing).
+
+    ``[N, C, H, W] -> [N, C*H*W]`` gives ``[([0], [0]), ([1, 2, 3], [1])]``.
+    Symbolic axes pair only one-to-one; the first unmatched product stops the scan.
+    """
+    a = [(i, s) for i, s in enumerate(in_shape) if s != 1]
+    b = [(j, s) for j, s in enumerate(out_shape) if s != 1]
+    result = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        (ia, sa), (jb, sb) = a[i], b[j]
+        if not isinstance(sa, int) or not isinstance(sb, int):
+            if isinstance(sa, int) or isinstance(sb, int):
+                break
+            result.append(([ia], [jb]))  # two symbolic axes in step: batch or sequence
+            i, j = i + 1, j + 1
+            continue
+        ins, outs, pa, pb = [ia], [jb], sa, sb
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a) and isinstance(a[i][1], int):
+                ins.append(a[i][0])
+                pa *= a[i][1]
+                i += 1
+            elif pb < pa and j < len(b) and isinstance(b[j][1], int):
+                outs.append(b[j][0])
+                pb *= b[j][1]
+                j += 1
+            else:
+                return result
+        result.append((ins, outs))
+    return result

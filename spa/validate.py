@@ -1,0 +1,151 @@
+"""Stage 7: prove the pruned model is a valid, equivalent-where-exact model."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+# soft == hard is checked to this relative error (issue 2: below 1e-4)
+SOFT_TOLERANCE = 1e-4
+
+_NUMPY_OF = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+             onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+             onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
+             onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8}
+
+
+@dataclass
+class Validation:
+    checker: str = "not run"  # "ok" or the checker's message
+    runs: bool = False
+    io_match: bool = False
+    soft_equal: bool | None = None  # None: no exact group was pruned, nothing to compare
+    soft_max_rel_error: float | None = None
+    dense_equal: bool | None = None  # only checked when nothing was removed
+    latency_ms: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+def sample_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+    """Deterministic inputs for every graph input; symbolic axes get ``batch``."""
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        tensor_type = info.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
+        dtype = _NUMPY_OF.get(tensor_type.elem_type, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[info.name] = np.ones(shape, dtype=dtype)
+        else:
+            feeds[info.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def session(model: onnx.ModelProto, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def relative_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:
+    worst = 0.0
+    for name, ref in reference.items():
+        ref64, got64 = np.asarray(ref, np.float64), np.asarray(other[name], np.float64)
+        scale = float(np.abs(ref64).max()) if ref64.size else 0.0
+        diff = float(np.abs(ref64 - got64).max()) if ref64.size else 0.0
+        worst = max(worst, diff / (scale + 1e-8))
+    return worst
+
+
+def check(model: onnx.ModelProto, result: Validation) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        result.checker = "ok"
+    except Exception as exc:  # the checker raises several unrelated types
+        result.checker = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        result.problems.append(f"onnx checker: {result.checker}")
+
+
+def validate(dense: onnx.ModelProto, pruned: onnx.ModelProto, soft: onnx.ModelProto | None,
+             hard_exact: onnx.ModelProto | None, removed_anything: bool, seed: int = 0) -> Validation:
+    """Checker, onnxruntime run, same I/O names and shapes, soft == hard, ratio 0 == dense."""
+    result = Validation()
+    check(pruned, result)
+    feeds = sample_inputs(dense, seed)
+    try:
+        dense_out = run(dense, feeds)
+    except Exception as exc:
+        result.problems.append(f"the dense model does not run in onnxruntime: {_line(exc)}")
+        return result
+    try:
+        pruned_out = run(pruned, feeds)
+        result.runs = True
+    except Exception as exc:
+        result.problems.append(f"onnxruntime cannot run the pruned model: {_line(exc)}")
+        return result
+    same_inputs = [i.name for i in dense.graph.input] == [i.name for i in pruned.graph.input]
+    same_outputs = list(dense_out) == list(pruned_out) and all(
+        dense_out[k].shape == pruned_out[k].shape for k in dense_out)
+    result.io_match = same_inputs and same_outputs
+    if not result.io_match:
+        result.problems.append("input/output names or shapes differ from the dense model")
+    if not removed_anything:
+        result.dense_equal = relative_error(dense_out, pruned_out) == 0.0
+        if not result.dense_equal:
+            result.problems.append("nothing was removed but outputs differ from the dense model")
+    if soft is not None and hard_exact is not None:
+        soft_out = run(soft, feeds)
+        hard_out = pruned_out if hard_exact is pruned else run(hard_exact, feeds)
+        err = relative_error(soft_out, hard_out)
+        result.soft_max_rel_error = err
+        result.soft_equal = err < SOFT_TOLERANCE
+        if not result.soft_equal:
+            result.problems.append(f"hard-pruned outputs differ from soft-pruned ones (rel. error {err:.2e})")
+    return result
+
+
+def latency(models: dict[str, onnx.ModelProto], feeds, runs: int = 20, warmup: int = 3,
+            threads: int = 0) -> dict[str, float]:
+    """Median latency in ms per model; runs alternate between models so drift hits all alike."""
+    sessions = {k: session(m, threads) for k, m in models.items()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(runs):
+        for key, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            times[key].append((time.perf_counter() - start) * 1000)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
