@@ -83,9 +83,10 @@ def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, pl
             tensor.CopyFrom(numpy_helper.from_array(new_arrays[tensor.name], tensor.name))
     if soft:
         return out
+    touched = {dim.tensor for dim in cut.pruned_dims}
     for node in graph.nodes:
         rule = rule_for(node)
-        if rule is not None:
+        if rule is not None and touched.intersection(node.inputs + node.outputs):
             rule.rewrite(node, cut)
     _apply_node_edits(out, graph, cut)
     _fix_declared_shapes(out, new_arrays)

@@ -202,7 +202,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         inferred = model
-    if _unknown_tensor_count(inferred) == 0:
+    if _unknown_count(inferred) == 0:
         return inferred
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -210,13 +210,26 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=False)
     except Exception:
         return inferred
-    if symbolic is not None and _unknown_tensor_count(symbolic) < _unknown_tensor_count(inferred):
+    if symbolic is not None and _unknown_count(symbolic) < _unknown_count(inferred):
         return symbolic
     return inferred
 
 
-def _unknown_tensor_count(model: onnx.ModelProto) -> int:
-    known = {v.name for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-             if v.type.tensor_type.HasField("shape")}
-    known.update(t.name for t in model.graph.initializer)
-    return sum(1 for n in model.graph.node for o in n.output if o and o not in known)
+def _unknown_count(model: onnx.ModelProto) -> int:
+    """Tensors without a shape, plus axes that are neither static nor a graph input's named axis."""
+    graph = model.graph
+    named = {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.HasField("dim_param")}
+    infos = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    infos.update({t.name: None for t in graph.initializer})
+    unknown = 0
+    for node in graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            info = infos.get(name, False)
+            if info is False or (info is not None and not info.type.tensor_type.HasField("shape")):
+                unknown += 1
+            elif info is not None:
+                unknown += sum(1 for d in info.type.tensor_type.shape.dim
+                               if not d.HasField("dim_value") and d.dim_param not in named)
+    return unknown

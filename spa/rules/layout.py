@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Dim, LinkSet, Rule, offset, pairs, register
-from .shapes import rewritable, trace_vector
+from .shapes import rewritable, static_value, trace_vector
 
 
 def _others_same_axis(links: LinkSet, dim: Dim, tensors) -> None:
@@ -90,20 +90,39 @@ class Split(Rule):
 
 
 def _slice_params(node, ctx):
-    """(starts, ends, axes, steps) as int lists, or None if any is not constant."""
+    """(starts, ends, axes, steps) as int lists, or None if they cannot be known.
+
+    The legacy exporter computes torch.chunk bounds at run time from Shape;
+    on a static axis, one missing bound follows from the other and the
+    output size, and the rewrite then stores both as constants.
+    """
     rank = ctx.rank(node.inputs[0])
     if ctx.opset < 10:
         starts, ends = node.attr("starts"), node.attr("ends")
-        axes, steps = node.attr("axes", list(range(len(starts)))), [1] * len(starts)
-    else:
-        starts, ends = ctx.graph.const_ints(node.input(1)), ctx.graph.const_ints(node.input(2))
-        axes = ctx.graph.const_ints(node.input(3)) if node.input(3) else None
-        steps = ctx.graph.const_ints(node.input(4)) if node.input(4) else None
-        if starts is None or ends is None or (node.input(3) and axes is None) or (node.input(4) and steps is None):
+        axes = node.attr("axes", list(range(len(starts))))
+        return list(starts), list(ends), [a % rank for a in axes], [1] * len(starts)
+    const = ctx.graph.const_ints
+    starts = const(node.input(1)) or static_value(ctx.graph, node.input(1))
+    ends = const(node.input(2)) or static_value(ctx.graph, node.input(2))
+    axes = const(node.input(3)) if node.input(3) else list(range(len(starts or ends or [0])))
+    steps = const(node.input(4)) if node.input(4) else [1] * len(axes or [])
+    if axes is None or steps is None or (starts is None and ends is None):
+        return None
+    axes = [a % rank for a in axes]
+    if starts is None or ends is None:
+        if len(axes) != 1 or steps != [1]:
             return None
-        axes = axes if axes is not None else list(range(len(starts)))
-        steps = steps if steps is not None else [1] * len(starts)
-    return list(starts), list(ends), [a % rank for a in axes], list(steps)
+        size = ctx.graph.static_size(node.inputs[0], axes[0])
+        length = ctx.graph.static_size(node.outputs[0], axes[0])
+        if size is None or length is None:
+            return None
+        if starts is None:
+            stop = slice(0, ends[0]).indices(size)[1]
+            starts = [stop - length]
+        else:
+            start = slice(starts[0], None).indices(size)[0]
+            ends = [start + length]
+    return list(starts), list(ends), axes, list(steps)
 
 
 @register

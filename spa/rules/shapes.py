@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..graph import ModelGraph, Node
 
 _PASS_THROUGH = ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Flatten")
@@ -54,12 +56,29 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
         start, end = producer.attr("start", 0), producer.attr("end", rank)
         axes = range(rank)[slice(start, end)]
         return [Entry("runtime", None, (producer.inputs[0], a)) for a in axes]
+    if op in _ARITHMETIC and len(producer.inputs) == 2:
+        # c // 2 of a run-time size is still a run-time size: it follows the cut by itself,
+        # and validation runs the pruned model to confirm the result fits
+        sides = [trace_vector(graph, producer, j, depth + 1) for j in (0, 1)]
+        if all(sides) and any(e.kind == "runtime" for side in sides for e in side):
+            length = max(len(side) for side in sides)
+            if all(len(side) in (1, length) for side in sides):
+                return [_combine(sides[0][k % len(sides[0])], sides[1][k % len(sides[1])]) for k in range(length)]
     if op == "Gather" and producer.attr("axis", 0) == 0:
         base = trace_vector(graph, producer, 0, depth + 1)
         picks = graph.const_ints(producer.inputs[1])
         if base is not None and picks is not None:
             return [base[k] for k in picks]
     return _opaque(graph, name)
+
+
+_ARITHMETIC = ("Div", "Mul", "Add", "Sub")
+
+
+def _combine(a: Entry, b: Entry) -> Entry:
+    if "opaque" in (a.kind, b.kind):
+        return Entry("opaque")
+    return Entry("runtime", None, ("derived",))
 
 
 def _opaque(graph: ModelGraph, tensor: str) -> list[Entry] | None:
@@ -112,3 +131,50 @@ def segments(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
                 return result
         result.append((ins, outs))
     return result
+
+
+def static_value(graph: ModelGraph, tensor: str, depth: int = 0) -> list[int] | None:
+    """Evaluate a small integer shape computation whose inputs are all static.
+
+    Exporters compute Slice bounds and sizes from Shape at run time even where
+    every axis involved is static (torch.chunk in the legacy exporter). NaN
+    marks a symbolic axis, so anything that depends on one comes back None.
+    """
+    value = _evaluate(graph, tensor, depth)
+    if value is None or np.isnan(value).any():
+        return None
+    return [int(v) for v in value.reshape(-1)]
+
+
+def _evaluate(graph: ModelGraph, tensor: str, depth: int):
+    const = graph.const(tensor)
+    if const is not None:
+        return const.astype(np.float64) if const.dtype.kind in "iuf" else None
+    node = graph.producer.get(tensor)
+    if node is None or depth > 32:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        shape = graph.shape(node.inputs[0])
+        if shape is None:
+            return None
+        full = np.array([s if isinstance(s, int) else np.nan for s in shape], dtype=np.float64)
+        return full[slice(node.attr("start", 0), node.attr("end", len(shape)))]
+    args = [_evaluate(graph, name, depth + 1) if name else None for name in node.inputs]
+    if any(a is None for a in args[:1]):
+        return None
+    x = args[0]
+    if op in ("Cast", "Identity"):
+        return x
+    if op in ("Unsqueeze", "Squeeze", "Reshape", "Flatten"):
+        return x.reshape(-1)
+    if op == "Gather" and args[1] is not None and node.attr("axis", 0) == 0:
+        return x.reshape(-1)[args[1].astype(np.int64)]
+    if op == "Concat" and all(a is not None for a in args):
+        return np.concatenate([a.reshape(-1) for a in args])
+    if op in ("Add", "Sub", "Mul", "Div") and args[1] is not None:
+        y = args[1]
+        with np.errstate(all="ignore"):
+            return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
+                    "Div": lambda a, b: np.trunc(a / b)}[op](x, y)
+    return None

@@ -1,0 +1,421 @@
+"""One test (at least) per operator rule, on graphs built by hand.
+
+Each test asserts the coupling the rule must produce (which dimensions share a
+group, how many units it has, what is frozen and why) and, where the group is
+prunable, that pruning it gives a valid model whose outputs equal the soft
+(zeroed) model's: the check that catches wrong offsets, strides and permutations.
+"""
+import numpy as np
+import pytest
+
+from builder import Graph, analysis_of, group_at, initializer, node_attr, prune_exact
+from spa.rules import RULES, Dim
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_conv_any_rank_couples_producer_out_with_consumer_in(rank):
+    g = Graph()
+    x = g.input("x", [1, 3] + [6] * rank)
+    a = g.op("Relu", [g.conv(x, 3, 8, rank=rank)])
+    y = g.conv(a, 8, 4, rank=rank)
+    g.output(y)
+    model = g.build()
+    analysis = analysis_of(model)
+    group = group_at(analysis, a)
+    assert group.size == 8 and group.prunable and group.exact
+    assert group_at(analysis, x).frozen.endswith("graph input")
+    assert group_at(analysis, y).frozen.endswith("graph output")
+    result = prune_exact(model)
+    conv_weights = [n.input[1] for n in result.model.graph.node if n.op_type == "Conv"]
+    assert initializer(result.model, conv_weights[0]).shape[0] == 4
+    assert initializer(result.model, conv_weights[1]).shape[1] == 4
+
+
+def test_depthwise_conv_rewrites_group():
+    g = Graph()
+    x = g.input("x", [1, 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 8)])
+    d = g.op("Relu", [g.conv(a, 8, 8, group=8)])
+    g.output(g.conv(d, 8, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, a) is group_at(analysis, d)  # depthwise: in and out are one channel
+    assert group_at(analysis, a).size == 8
+    result = prune_exact(model, 0.5)
+    assert node_attr(result.model, "Conv", "group", 1) == 4
+
+
+def test_depthwise_multiplier_moves_output_blocks_with_input_channel():
+    g = Graph()
+    x = g.input("x", [1, 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 4)])
+    d = g.op("Relu", [g.conv(a, 4, 8, group=4)])  # each input channel owns 2 outputs
+    g.output(g.conv(d, 8, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, a) is group_at(analysis, d)
+    assert group_at(analysis, a).size == 4
+    result = prune_exact(model, 0.5)
+    assert node_attr(result.model, "Conv", "group", 1) == 2
+    dw_weight = [n.input[1] for n in result.model.graph.node if n.op_type == "Conv"][1]
+    assert initializer(result.model, dw_weight).shape[:2] == (4, 1)
+
+
+def test_grouped_conv_removes_channels_evenly_per_group():
+    g = Graph()
+    x = g.input("x", [1, 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 16)])
+    b = g.op("Relu", [g.conv(a, 16, 16, group=4)])
+    g.output(g.conv(b, 16, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    # channel j of each of the 4 groups is one unit: 4 units of 4 channels on each side
+    assert group_at(analysis, a).size == 4 and group_at(analysis, b).size == 4
+    result = prune_exact(model, 0.5)
+    assert node_attr(result.model, "Conv", "group", 1) == 4
+    grouped_weight = [n.input[1] for n in result.model.graph.node if n.op_type == "Conv"][1]
+    assert initializer(result.model, grouped_weight).shape[:2] == (8, 2)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_transpose(group):
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    a = g.op("Relu", [g.conv(x, 3, 8)])
+    w = g.weight(8, 8 // group, 2, 2)
+    up = g.op("Relu", [g.op("ConvTranspose", [a, w, g.weight(8)], strides=[2, 2], group=group)])
+    g.output(g.conv(up, 8, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, a).prunable and group_at(analysis, up).prunable
+    prune_exact(model, 0.5)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (0, 1), (1, 1)])
+def test_gemm_transposes(trans_a, trans_b):
+    g = Graph()
+    x = g.input("x", [6, 2] if trans_a else [2, 6])
+    w1 = g.weight(10, 6) if trans_b else g.weight(6, 10)
+    h = g.op("Relu", [g.op("Gemm", [x, w1, g.weight(10)], transA=trans_a, transB=trans_b)])
+    y = g.op("Gemm", [h, g.weight(3, 10), g.weight(3)], transB=1)
+    g.output(y)
+    model = g.build()
+    assert group_at(analysis_of(model), h).size == 10
+    prune_exact(model, 0.3)
+
+
+def test_matmul_against_constant_weight():
+    g = Graph()
+    x = g.input("x", [2, 5, 6])
+    h = g.op("Relu", [g.op("Add", [g.op("MatMul", [x, g.weight(6, 12)]), g.weight(12)])])
+    g.output(g.op("MatMul", [h, g.weight(12, 4)]))
+    model = g.build()
+    assert group_at(analysis_of(model), h, 2).size == 12
+    prune_exact(model, 0.5)
+
+
+@pytest.mark.parametrize("norm", ["BatchNormalization", "InstanceNormalization"])
+def test_per_channel_norms_slice_their_parameters(norm):
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    c = g.conv(x, 3, 8)
+    params = [g.weight(8, low=0.5), g.weight(8)]
+    if norm == "BatchNormalization":
+        params += [g.weight(8), g.weight(8, low=0.5, high=1.5)]
+    n = g.op("Relu", [g.op(norm, [c] + params)])
+    g.output(g.conv(n, 8, 2))
+    model = g.build()
+    assert group_at(analysis_of(model), n).size == 8
+    result = prune_exact(model, 0.5)
+    assert initializer(result.model, params[0]).shape == (4,)
+
+
+def test_group_norm_removes_whole_groups():
+    g = Graph(opset=21)
+    x = g.input("x", [1, 3, 6, 6])
+    c = g.conv(x, 3, 8)
+    n = g.op("GroupNormalization", [c, g.weight(8, low=0.5), g.weight(8)], num_groups=4)
+    g.output(g.conv(g.op("Relu", [n]), 8, 2))
+    model = g.build()
+    group = group_at(analysis_of(model), n)
+    assert group.size == 4 and group.exact  # a unit is a whole group of 2 channels
+    result = prune_exact(model, 0.5)
+    assert node_attr(result.model, "GroupNormalization", "num_groups") == 2
+
+
+def test_prelu_slope_and_per_channel_constants_are_sliced():
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    slope, scale = g.weight(8, 1, 1), g.weight(8, 1, 1)
+    p = g.op("PRelu", [g.conv(x, 3, 8), slope])
+    s = g.op("Mul", [p, scale])  # layer-scale
+    g.output(g.conv(s, 8, 2))
+    model = g.build()
+    result = prune_exact(model, 0.5)
+    assert initializer(result.model, slope).shape == (4, 1, 1)
+    assert initializer(result.model, scale).shape == (4, 1, 1)
+
+
+def test_residual_add_and_se_gate_couple_every_writer_and_reader():
+    g = Graph()
+    x = g.input("x", [1, 3, 8, 8])
+    stem = g.op("Relu", [g.conv(x, 3, 8)])
+    body = g.conv(g.op("Relu", [g.conv(stem, 8, 8)]), 8, 8)
+    pooled = g.op("GlobalAveragePool", [body])
+    gate = g.op("Sigmoid", [g.conv(g.op("Relu", [g.conv(pooled, 8, 2, k=1)]), 2, 8, k=1)])
+    res = g.op("Add", [g.op("Mul", [body, gate]), stem])
+    g.output(g.conv(res, 8, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    stream = group_at(analysis, res)
+    assert stream is group_at(analysis, stem) is group_at(analysis, body) is group_at(analysis, gate)
+    assert stream.size == 8 and stream.exact
+    prune_exact(model, 0.5)
+
+
+def test_soft_exactness_tracks_zero_preservation_into_weightless_sinks():
+    def model_with(activation):
+        g = Graph(opset=17)
+        x = g.input("x", [1, 3, 6, 6])
+        a = g.op(activation, [g.conv(x, 3, 8)])
+        s = g.op("ReduceSum", [a, g.const(np.array([1]))], keepdims=1)  # sums channels, no weight
+        g.output(g.op("Add", [g.conv(a, 8, 1), s]))
+        return g.build(), a
+
+    relu_model, a = model_with("Relu")
+    assert group_at(analysis_of(relu_model), a).exact  # relu(0) == 0: the sum sees zeros
+    prune_exact(relu_model, 0.5)
+    sigmoid_model, a = model_with("Sigmoid")
+    group = group_at(analysis_of(sigmoid_model), a)
+    assert not group.exact and "approximate" in group.frozen  # sigmoid(0) == 0.5 reaches the sum
+
+
+def test_concat_on_channel_axis_keeps_offsets():
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    a, b = g.op("Relu", [g.conv(x, 3, 4)]), g.op("Relu", [g.conv(x, 3, 6)])
+    cat = g.op("Concat", [a, b], axis=1)
+    g.output(g.conv(cat, 10, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, a).size == 4 and group_at(analysis, b).size == 6
+    prune_exact(model, 0.5)
+
+
+def test_concat_on_spatial_axis_couples_channels_of_all_inputs():
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    a, b = g.op("Relu", [g.conv(x, 3, 5)]), g.op("Relu", [g.conv(x, 3, 5)])
+    cat = g.op("Concat", [a, b], axis=2)
+    g.output(g.conv(cat, 5, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, a) is group_at(analysis, b)
+    prune_exact(model, 0.4)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_split_sizes_follow_the_cut(opset):
+    g = Graph(opset=opset)
+    x = g.input("x", [1, 3, 6, 6])
+    c = g.op("Relu", [g.conv(x, 3, 8)])
+    if opset >= 13:
+        left, right = g.op("Split", [c, g.const(np.array([3, 5]))], n_out=2, axis=1)
+    else:
+        left, right = g.op("Split", [c], n_out=2, axis=1, split=[3, 5])
+    g.output(g.op("Add", [g.conv(left, 3, 2), g.conv(right, 5, 2)]))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, left).size == 3 and group_at(analysis, right).size == 5
+    prune_exact(model, 0.5)
+
+
+def test_slice_on_channel_axis_rewrites_bounds():
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    c = g.op("Relu", [g.conv(x, 3, 10)])
+    s = g.op("Slice", [c, g.const(np.array([2])), g.const(np.array([7])), g.const(np.array([1]))])
+    g.output(g.op("Add", [g.conv(s, 5, 2), g.conv(c, 10, 2)]))
+    model = g.build()
+    prune_exact(model, 0.5)
+
+
+def test_gather_constant_indices_on_channel_axis():
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    c = g.op("Relu", [g.conv(x, 3, 8)])
+    picked = g.op("Gather", [c, g.const(np.array([0, 2, 5, 7]))], axis=1)
+    g.output(g.op("Add", [g.conv(picked, 4, 2), g.conv(c, 8, 2)]))
+    prune_exact(g.build(), 0.5)
+
+
+def test_pool_pad_resize_and_spatial_reduce_pass_channels():
+    g = Graph(opset=17)
+    x = g.input("x", [1, 3, 8, 8])
+    c = g.op("Relu", [g.conv(x, 3, 8)])
+    p = g.op("MaxPool", [c], kernel_shape=[2, 2], strides=[2, 2])
+    p = g.op("AveragePool", [p], kernel_shape=[1, 1])
+    p = g.op("Pad", [p, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))])
+    r = g.op("Resize", [p, "", g.const(np.array([1, 1, 2, 2], dtype=np.float32))], mode="nearest")
+    m = g.op("ReduceMean", [r], axes=[2, 3], keepdims=1)
+    g.output(g.conv(m, 8, 2, k=1))
+    model = g.build()
+    analysis = analysis_of(model)
+    group = group_at(analysis, c)
+    assert group is group_at(analysis, m) and group.prunable
+    prune_exact(model, 0.5)
+
+
+@pytest.mark.parametrize("how", ["flatten", "reshape", "dynamic_reshape"])
+def test_channel_becomes_block_of_features_into_gemm(how):
+    g = Graph()
+    x = g.input("x", ["batch", 3, 3, 3])
+    c = g.op("Relu", [g.conv(x, 3, 4)])  # [N, 4, 3, 3] -> 36 features, 9 per channel
+    if how == "flatten":
+        f = g.op("Flatten", [c], axis=1)
+    elif how == "reshape":
+        f = g.op("Reshape", [c, g.const(np.array([-1, 36]))])
+    else:  # the legacy exporter's x.view(x.size(0), 36)
+        n = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [c]), g.const(np.array(0))], axis=0),
+                               g.const(np.array([0]))])
+        f = g.op("Reshape", [c, g.op("Concat", [n, g.const(np.array([36]))], axis=0)])
+    g.output(g.op("Gemm", [f, g.weight(5, 36), g.weight(5)], transB=1))
+    model = g.build()
+    analysis = analysis_of(model)
+    group = group_at(analysis, c)
+    assert group.size == 4 and group is group_at(analysis, f)
+    result = prune_exact(model, 0.5)
+    gemm_weight = next(n.input[1] for n in result.model.graph.node if n.op_type == "Gemm")
+    assert initializer(result.model, gemm_weight).shape == (5, 18)
+
+
+def test_squeeze_unsqueeze_pass_the_channel():
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    c = g.op("Relu", [g.conv(x, 3, 6)])
+    s = g.op("Squeeze", [g.op("GlobalAveragePool", [c]), g.const(np.array([2, 3]))])
+    u = g.op("Unsqueeze", [g.op("Gemm", [s, g.weight(6, 6), g.weight(6)]), g.const(np.array([2]))])
+    g.output(g.op("Squeeze", [u, g.const(np.array([2]))]))
+    model = g.build()
+    assert group_at(analysis_of(model), c).size == 6
+    prune_exact(model, 0.5)
+
+
+def test_transpose_to_channels_last_and_back():
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    c = g.conv(x, 3, 8)
+    t = g.op("Transpose", [c], perm=[0, 2, 3, 1])
+    h = g.op("Relu", [g.op("MatMul", [t, g.weight(8, 8)])])
+    back = g.op("Transpose", [h], perm=[0, 3, 1, 2])
+    g.output(g.conv(back, 8, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, c) is group_at(analysis, t, 3)
+    assert group_at(analysis, h, 3) is group_at(analysis, back)
+    prune_exact(model, 0.5)
+
+
+def test_channel_shuffle_is_a_permutation():
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    a, b = g.op("Relu", [g.conv(x, 3, 6)]), g.op("Relu", [g.conv(x, 3, 6)])
+    cat = g.op("Concat", [a, b], axis=1)
+    r = g.op("Reshape", [cat, g.const(np.array([1, 2, 6, 4, 4]))])
+    t = g.op("Transpose", [r], perm=[0, 2, 1, 3, 4])
+    shuffled = g.op("Reshape", [t, g.const(np.array([1, 12, 4, 4]))])
+    left, right = g.op("Split", [shuffled, g.const(np.array([6, 6]))], n_out=2, axis=1)
+    g.output(g.op("Add", [g.conv(left, 6, 2), g.conv(right, 6, 2)]))
+    model = g.build()
+    analysis = analysis_of(model)
+    # channel j of branch a and of branch b travel together through the shuffle, and the
+    # split then sends units 0-2 left and 3-5 right: two groups of three units
+    assert np.array_equal(analysis.labels[Dim(a, 1)], analysis.labels[Dim(b, 1)])
+    assert group_at(analysis, left).size == 3 and group_at(analysis, right).size == 3
+    prune_exact(model, 0.5)
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_depth_to_space_both_modes_and_space_to_depth(mode):
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    c = g.conv(x, 3, 12)  # 12 = 3 * 2 * 2
+    d = g.op("Relu", [g.op("DepthToSpace", [c], blocksize=2, mode=mode)])
+    e = g.conv(d, 3, 4)
+    s = g.op("SpaceToDepth", [g.op("Relu", [e])], blocksize=2)  # 16 channels
+    g.output(g.conv(s, 16, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, c) is group_at(analysis, d)
+    assert group_at(analysis, d).size == 3  # one unit = a channel and its 4 sub-pixels
+    assert group_at(analysis, e) is group_at(analysis, s)
+    prune_exact(model, 0.34)
+
+
+def test_tile_and_expand_along_other_axes():
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    c = g.op("Relu", [g.conv(x, 3, 6)])
+    t = g.op("Tile", [c, g.const(np.array([1, 1, 2, 1]))])
+    gap = g.op("GlobalAveragePool", [c])
+    e = g.op("Expand", [gap, g.const(np.array([1, 6, 8, 4]))])
+    g.output(g.conv(g.op("Add", [t, e]), 6, 2))
+    model = g.build()
+    analysis = analysis_of(model)
+    assert group_at(analysis, c) is group_at(analysis, e)
+    prune_exact(model, 0.5)
+
+
+def test_op_without_rule_freezes_and_is_named():
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    c = g.op("Relu", [g.conv(x, 3, 6)])
+    cs = g.op("CumSum", [c, g.const(np.array(1))], name="running_total")
+    g.output(g.conv(cs, 6, 2))
+    group = group_at(analysis_of(g.build()), c)
+    assert not group.prunable
+    assert "CumSum" in group.frozen and "running_total" in group.frozen
+
+
+def test_layer_norm_over_channels_is_approximate():
+    g = Graph()
+    x = g.input("x", [1, 4, 6])
+    h = g.op("MatMul", [x, g.weight(6, 8)])
+    n = g.op("LayerNormalization", [h, g.weight(8, low=0.5), g.weight(8)], axis=-1)
+    g.output(g.op("MatMul", [n, g.weight(8, 3)]))
+    model = g.build()
+    group = group_at(analysis_of(model), n, 2)
+    assert not group.exact and "approximate" in group.frozen
+    group = group_at(analysis_of(model, approximate=True), n, 2)
+    assert group.prunable and not group.exact
+
+
+def test_softmax_over_channels_freezes():
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    c = g.conv(x, 3, 6)
+    g.output(g.conv(g.op("Softmax", [c], axis=1), 6, 2))
+    group = group_at(analysis_of(g.build()), c)
+    assert "Softmax" in group.frozen
+
+
+def test_every_rule_is_exercised_here():
+    """A new rule needs a test: this lists the ops no test above builds."""
+    import inspect
+    import sys
+
+    source = inspect.getsource(sys.modules[__name__])
+    untested = sorted(op for _, op in RULES if f'"{op}"' not in source)
+    allowed = {"LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
+               "Softsign", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos",
+               "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Sign", "Floor",
+               "Ceil", "Round", "Not", "IsNaN", "IsInf", "Clip", "Cast", "CastLike", "Identity", "Dropout",
+               "ThresholdedRelu", "Shrink", "QuickGelu", "Sub", "Div", "Pow", "Max", "Min", "Sum", "Mean",
+               "Where", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Mod",
+               "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "LogSoftmax", "Hardmax", "LpPool",
+               "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool", "Upsample", "ReduceMax", "ReduceMin",
+               "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp",
+               "ArgMax", "ArgMin", "Size", "LayerNormalization", "SimplifiedLayerNormalization",
+               "RMSNormalization"}
+    # the families above share their rule (and its test) with a tested sibling
+    assert set(untested) <= allowed, f"ops with a rule but no test: {sorted(set(untested) - allowed)}"

@@ -1,0 +1,42 @@
+"""Every zoo model, from both exporters, prunes into a valid and exact model.
+
+``spa.prune`` with ``check=True`` raises if the checker, onnxruntime, the I/O
+comparison or soft == hard fails; the assertions below restate what matters.
+"""
+import onnx
+import pytest
+
+import spa
+import zoo
+
+CASES = [(name, exporter) for name in zoo.ALL for exporter in zoo.EXPORTERS]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,exporter", CASES, ids=[f"{e}-{n}" for n, e in CASES])
+def test_prune_zoo_model(zoo_model, name, exporter):
+    path = zoo_model(name, exporter)
+    result = spa.prune(path, ratio=0.4, criterion="l2")
+    report, validation = result.report, result.report.validation
+    assert validation.checker == "ok"
+    assert validation.runs and validation.io_match
+    assert report.groups_prunable > 0, "every zoo model has something prunable"
+    assert report.groups_pruned == report.groups_prunable
+    # hard == soft on the exact groups, the property that catches wrong offsets and permutations
+    assert validation.soft_equal is True
+    assert validation.soft_max_rel_error < 1e-4
+    assert report.params_after <= 0.70 * report.params_before, (
+        f"params only fell from {report.params_before} to {report.params_after}")
+    assert report.flops_after < report.flops_before
+    dense = onnx.load(str(path))
+    assert [o.name for o in result.model.graph.output] == [o.name for o in dense.graph.output]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,exporter", [("resnet18", "legacy"), ("shufflenet_v2_x1_0", "dynamo"),
+                                           ("densenet121", "legacy"), ("c2f", "legacy")])
+def test_ratio_zero_is_exact(zoo_model, name, exporter):
+    result = spa.prune(zoo_model(name, exporter), ratio=0.0)
+    assert result.report.groups_pruned == 0
+    assert result.report.validation.dense_equal is True
+    assert result.report.params_after == result.report.params_before
