@@ -204,7 +204,10 @@ def _layers(analysis: Analysis, group: Group) -> list[str]:
     out = []
     for dim in analysis.param_dims(group):
         for node in graph.consumers.get(dim.tensor, []):
-            side = _side(node.op_type, node.inputs.index(dim.tensor), dim.axis, node)
+            index = node.inputs.index(dim.tensor)
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm") and index == 2:
+                continue  # a bias travels with its weight's output side
+            side = _side(node.op_type, index, dim.axis, node)
             out.append(f"{node.op_type} '{node.name}'{side}")
     return list(dict.fromkeys(out))
 

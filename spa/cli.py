@@ -23,23 +23,23 @@ from .io import check_output_path, save_model, write_bytes_atomic
 
 
 class _Stages:
-    """Prints each stage with its duration on stderr, so long steps show progress."""
+    """A transient status line on stderr naming the running stage (only on a terminal).
+
+    Pipelines get clean logs: nothing is drawn when stderr is not a TTY or with --quiet.
+    """
 
     def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.current: str | None = None
+        self.enabled = not quiet and sys.stderr.isatty()
         self.started = time.perf_counter()
 
     def __call__(self, stage: str) -> None:
-        self.finish()
-        self.current, self.started = stage, time.perf_counter()
-        if not self.quiet:
-            click.echo(f"  {stage:<9}...", err=True, nl=False)
+        if self.enabled:
+            elapsed = time.perf_counter() - self.started
+            click.echo(f"\r\033[Kspa: {stage}... ({elapsed:.1f}s)", err=True, nl=False)
 
     def finish(self) -> None:
-        if self.current and not self.quiet:
-            click.echo(f" {time.perf_counter() - self.started:6.2f}s", err=True)
-        self.current = None
+        if self.enabled:
+            click.echo("\r\033[K", err=True, nl=False)
 
 
 def _run(debug: bool, action) -> None:
@@ -101,8 +101,10 @@ def prune(model, output, ratio, criterion, global_rank, round_to, exclude, soft,
                            exclude=tuple(exclude), soft=soft, approximate=approximate, seed=seed,
                            check=not no_validate, bench=bench and not no_validate, progress=stages)
         stages("save")
-        save_model(result.model, target)
-        stages.finish()
+        try:
+            save_model(result.model, target)
+        finally:
+            stages.finish()
         report = result.report.as_dict()
         report["output"] = str(target)
         if json_path:

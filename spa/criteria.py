@@ -52,11 +52,9 @@ def _magnitude(analysis: Analysis, group: Group, power: int) -> np.ndarray:
     total = np.zeros(len(group.units))
     members = 0
     for dim in weight_dims(analysis, group):
-        values = np.abs(analysis.graph.const(dim.tensor).astype(np.float64))
-        if values.ndim == 0:
+        per_index = _per_index_power(analysis, dim, power)
+        if per_index is None:
             continue
-        values = np.moveaxis(values, dim.axis, 0).reshape(values.shape[dim.axis], -1)
-        per_index = (values ** power).sum(axis=1)
         mine = lookup[analysis.labels[dim]]  # -1 where the index belongs to another group
         valid = mine >= 0
         per_unit = np.bincount(mine[valid], weights=per_index[valid], minlength=len(group.units))
@@ -67,6 +65,21 @@ def _magnitude(analysis: Analysis, group: Group, power: int) -> np.ndarray:
             total += per_unit / mean
             members += 1
     return total / members if members else np.zeros(len(group.units))
+
+
+def _per_index_power(analysis: Analysis, dim: Dim, power: int) -> np.ndarray | None:
+    """sum(|w|^power) over everything but ``dim.axis``, cached: a weight is in two groups (in and out)."""
+    cache = analysis.cache
+    key = ("power", dim, power)
+    if key not in cache:
+        values = analysis.graph.const(dim.tensor)
+        if values.ndim == 0:
+            cache[key] = None
+        else:
+            other = tuple(a for a in range(values.ndim) if a != dim.axis)
+            magnitude = np.abs(values, dtype=np.float32) if power == 1 else np.square(values, dtype=np.float32)
+            cache[key] = magnitude.sum(axis=other, dtype=np.float64)
+    return cache[key]
 
 
 @criterion("l1")

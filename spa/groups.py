@@ -52,6 +52,7 @@ class Analysis:
     groups: list[Group]
     frozen_dims: dict[Dim, str]
     group_of_unit: np.ndarray = field(repr=False, default=None)
+    cache: dict = field(repr=False, default_factory=dict)  # per-analysis memo for criteria
 
     def group(self, group_id: int) -> Group:
         return self.groups[group_id]
@@ -221,13 +222,15 @@ def _assemble(graph: ModelGraph, walk: _Walk, allow_approximate: bool) -> Analys
             approximate[labels[global_index(link.a, link.a_index)]] = True
 
     # units with the same set of dimensions form a group
-    dim_ids = np.concatenate([np.full(walk.sizes[d], i) for i, d in enumerate(dims)]) if dims else np.zeros(0)
-    pair = np.unique(np.stack([labels, dim_ids.astype(np.int64)], axis=1), axis=0) if total else np.zeros((0, 2))
-    boundaries = np.flatnonzero(np.diff(pair[:, 0])) + 1
+    dim_ids = np.repeat(np.arange(len(dims), dtype=np.int64), [walk.sizes[d] for d in dims])
+    # (unit, dim) pairs encoded as one integer: a 1-D unique is far faster than unique rows
+    codes = np.unique(labels * max(len(dims), 1) + dim_ids) if total else np.zeros(0, np.int64)
+    pair_units, pair_dims = np.divmod(codes, max(len(dims), 1))
+    boundaries = np.flatnonzero(np.diff(pair_units)) + 1
     signature_of: dict[tuple, list[int]] = {}
-    for chunk in np.split(pair, boundaries):
-        if len(chunk):
-            signature_of.setdefault(tuple(chunk[:, 1].tolist()), []).append(int(chunk[0, 0]))
+    for unit_dims, first in zip(np.split(pair_dims, boundaries), np.split(pair_units, boundaries)):
+        if len(first):
+            signature_of.setdefault(tuple(unit_dims.tolist()), []).append(int(first[0]))
     group_of_unit = np.zeros(unit_count, dtype=np.int64)
     groups: list[Group] = []
     sinks_by_dim = defaultdict(list)

@@ -198,21 +198,54 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     batch/sequence names consistent through Reshape.
     """
     del model.graph.value_info[:]
+    skeleton = _without_weight_data(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False,
+                                                     data_prop=True)
     except Exception:
-        inferred = model
-    if _unknown_count(inferred) == 0:
-        return inferred
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inferred = skeleton
+    if _unknown_count(inferred) > 0:
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=False)
-    except Exception:
-        return inferred
-    if symbolic is not None and _unknown_count(symbolic) < _unknown_count(inferred):
-        return symbolic
-    return inferred
+            symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=False)
+            if symbolic is not None and _unknown_count(symbolic) < _unknown_count(inferred):
+                inferred = symbolic
+        except Exception:
+            pass
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for ours, theirs in zip(model.graph.output, inferred.graph.output):
+        if not ours.type.tensor_type.HasField("shape") and theirs.type.tensor_type.HasField("shape"):
+            ours.CopyFrom(theirs)
+    return model
+
+
+def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep dims and type but no data.
+
+    Shape inference serialises the whole model; weights are most of it and only
+    their shapes matter, while small integer constants (Reshape targets) are
+    kept whole for data propagation.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    declared = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if _numel(tensor) <= 64:
+            graph.initializer.append(tensor)
+            continue
+        stub = graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        if tensor.name not in declared:  # the declared shape stands in for the missing data
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return skeleton
 
 
 def _unknown_count(model: onnx.ModelProto) -> int:

@@ -1,0 +1,169 @@
+"""The command line as a pipeline sees it: outputs, exit codes, JSON, determinism."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from spa.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "models" / "mini_resnet.onnx"
+
+
+@pytest.fixture
+def example(tmp_path) -> Path:
+    path = tmp_path / "model.onnx"
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_prune_writes_next_to_input_and_prints_summary(example):
+    before = _digest(example)
+    result = run("prune", example, "--ratio", "0.4", "--no-bench")
+    assert result.exit_code == 0, result.output
+    out = example.with_name("model.pruned.onnx")
+    assert out.exists()
+    assert _digest(example) == before, "the input must never be modified"
+    assert "groups: 9 found, 7 prunable, 7 pruned" in result.output
+    assert "checker ok" in result.output and "soft==hard equal" in result.output
+    pruned = onnx.load(str(out))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert sum(t.ByteSize() for t in pruned.graph.initializer) < 0.5 * sum(
+        t.ByteSize() for t in onnx.load(str(example)).graph.initializer)
+
+
+def test_json_report_matches_the_model(example, tmp_path):
+    report = tmp_path / "report.json"
+    result = run("prune", example, "--ratio", "0.4", "--json", report, "--no-bench", "-q")
+    assert result.exit_code == 0 and result.output == ""
+    data = json.loads(report.read_text())
+    assert data["validation"]["ok"] is True
+    assert data["groups_pruned"] == 7 and data["params_after"] < data["params_before"]
+    pruned = onnx.load(data["output"])
+    params = sum(int(__import__("numpy").prod(t.dims)) for t in pruned.graph.initializer if t.data_type == 1)
+    assert params == data["params_after"]
+
+
+def test_soft_keeps_shapes(example):
+    result = run("prune", example, "--ratio", "0.4", "--soft", "--no-bench")
+    assert result.exit_code == 0, result.output
+    soft = onnx.load(str(example.with_name("model.soft.onnx")))
+    dense = onnx.load(str(example))
+    assert {t.name: list(t.dims) for t in soft.graph.initializer} == {
+        t.name: list(t.dims) for t in dense.graph.initializer}
+
+
+def test_existing_output_is_refused_without_force(example):
+    out = example.with_name("model.pruned.onnx")
+    out.write_bytes(b"keep me")
+    result = run("prune", example, "--no-bench")
+    assert result.exit_code == 5 and "exists" in result.output
+    assert out.read_bytes() == b"keep me"
+    assert run("prune", example, "--no-bench", "--force").exit_code == 0
+
+
+def test_output_equal_to_input_is_refused(example):
+    result = run("prune", example, "-o", example, "--force")
+    assert result.exit_code == 5 and "input" in result.output
+
+
+@pytest.mark.parametrize("content,kind", [(b"", "empty"), (b"not an onnx file at all", "garbage"),
+                                          (None, "missing"), ("dir", "directory")])
+def test_bad_input_gets_one_line_and_exit_3(tmp_path, content, kind):
+    path = tmp_path / "bad.onnx"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    result = run("prune", path)
+    assert result.exit_code == 3, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("spa: error:")
+    assert "Traceback" not in result.output
+    assert not list(tmp_path.glob("*.pruned.onnx"))
+
+
+def test_truncated_model_is_rejected(tmp_path):
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(EXAMPLE.read_bytes()[:5000])
+    assert run("prune", path).exit_code == 3
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "7"])
+def test_ratio_out_of_range_is_a_usage_error(example, ratio):
+    result = run("prune", example, "--ratio", ratio)
+    assert result.exit_code == 2 and "--ratio" in result.output
+    assert not example.with_name("model.pruned.onnx").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(b"xx")
+    result = run("prune", path, "--debug")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_analyze_names_frozen_ops_and_nodes(example):
+    result = run("analyze", example)
+    assert result.exit_code == 0
+    assert "why frozen: image[1]: graph input" in result.output
+    assert "why frozen: logits[1]: graph output" in result.output
+    assert "prunable" in result.output
+
+
+def test_exclude_protects_matching_nodes(example):
+    plain = json.loads(_analysis_json(example))
+    excluded = json.loads(_analysis_json(example, "--exclude", "/se_*"))
+    assert len([g for g in excluded["groups"] if g["frozen"] is None]) < len(
+        [g for g in plain["groups"] if g["frozen"] is None])
+    assert any("excluded by --exclude /se_*" in (g["frozen"] or "") for g in excluded["groups"])
+
+
+def _analysis_json(example, *extra) -> str:
+    out = example.with_name(f"analysis{len(extra)}.json")
+    assert run("analyze", example, "--json", out, *extra).exit_code == 0
+    return out.read_text()
+
+
+@pytest.mark.parametrize("options", [[], ["--global", "--criterion", "l1"], ["--round-to", "8"],
+                                     ["--criterion", "random", "--seed", "3"]])
+def test_output_is_byte_identical_across_runs_and_hash_seeds(example, tmp_path, options):
+    digests = set()
+    for k, hash_seed in enumerate(["0", "12345"]):
+        out = tmp_path / f"out{k}.onnx"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        subprocess.run([sys.executable, "-m", "spa", "prune", str(example), "-o", str(out), "--ratio", "0.4",
+                        "-q", "--no-validate", *options], check=True, env=env)
+        digests.add(_digest(out))
+    assert len(digests) == 1
+
+
+def test_round_to_keeps_multiples(example, tmp_path):
+    out = tmp_path / "r.onnx"
+    assert run("prune", example, "-o", out, "--ratio", "0.3", "--round-to", "8", "--no-bench").exit_code == 0
+    model = onnx.load(str(out))
+    conv_outs = [next(t for t in model.graph.initializer if t.name == n.input[1]).dims[0]
+                 for n in model.graph.node if n.op_type == "Conv"]
+    assert all(c % 8 == 0 for c in conv_outs if c not in (3, 10)), conv_outs
+
+
+def test_global_ranking_gives_groups_different_ratios(example):
+    import spa
+
+    report = spa.prune(example, ratio=0.4, global_rank=True).report
+    ratios = {g.id: g.removed / g.channels for g in report.groups if g.removed}
+    assert report.validation.ok and len(set(round(r, 2) for r in ratios.values())) > 1
