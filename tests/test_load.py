@@ -1,0 +1,106 @@
+"""Loading: external data, weights in Constant nodes, Identity-routed and deduplicated weights."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import spa
+from builder import Graph, analysis_of, group_at, prune_exact
+from spa.load import canonicalize, load_model
+
+
+def _two_conv_model():
+    g = Graph()
+    x = g.input("x", ["batch", 3, 6, 6])
+    h = g.op("Relu", [g.conv(x, 3, 8)])
+    g.output(g.conv(h, 8, 2))
+    return g.build(), h
+
+
+def test_external_data_is_loaded_and_pruned(tmp_path):
+    model, _ = _two_conv_model()
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").exists()
+    result = spa.prune(path, ratio=0.5)
+    assert result.report.validation.ok and result.report.params_after < result.report.params_before
+
+
+def test_missing_external_data_is_a_load_error(tmp_path):
+    model, _ = _two_conv_model()
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="w.data", size_threshold=0)
+    (tmp_path / "w.data").unlink()
+    with pytest.raises(spa.ModelLoadError, match="not found"):
+        load_model(path)
+
+
+def test_weights_in_constant_nodes_are_handled_like_initializers():
+    """paddle2onnx and tf2onnx keep weights in Constant nodes."""
+    model, hidden = _two_conv_model()
+    graph = model.graph
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
+    del graph.initializer[:]
+    nodes = constants + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    group = group_at(analysis_of(model), hidden)
+    assert group.prunable and group.size == 8
+    prune_exact(model, 0.5)
+
+
+def test_identity_routed_weights_are_unwrapped():
+    model, hidden = _two_conv_model()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    model.graph.node.insert(0, helper.make_node("Identity", [conv.input[1]], ["w_alias"]))
+    conv.input[1] = "w_alias"
+    canonical = canonicalize(model)
+    assert not any(n.op_type == "Identity" for n in canonical.graph.node)
+    prune_exact(model, 0.5)
+
+
+def test_shared_all_zero_bias_does_not_couple_unrelated_convs():
+    """Exporters deduplicate equal tensors: one zero bias can feed every conv of a network."""
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    zero = g.const(np.zeros(8, dtype=np.float32), "shared_zero")
+    a = g.op("Relu", [g.op("Conv", [x, g.weight(8, 3, 3, 3), zero], pads=[1, 1, 1, 1])])
+    b = g.op("Relu", [g.op("Conv", [a, g.weight(8, 8, 3, 3), zero], pads=[1, 1, 1, 1])])
+    g.output(g.conv(b, 8, 2))
+    analysis = analysis_of(g.build())
+    assert group_at(analysis, a) is not group_at(analysis, b)
+    assert group_at(analysis, a).prunable and group_at(analysis, b).prunable
+
+
+def test_truly_tied_weights_stay_coupled():
+    g = Graph()
+    x = g.input("x", [1, 8, 6, 6])
+    shared = g.weight(8, 8, 1, 1)
+    a = g.op("Relu", [g.op("Conv", [x, shared])])
+    b = g.op("Conv", [a, shared])
+    g.output(g.conv(g.op("Relu", [b]), 8, 2))
+    analysis = analysis_of(g.build())
+    # the weight's in axis is the graph input's channel axis, so the tie freezes a and b too
+    assert group_at(analysis, a) is group_at(analysis, b)
+    assert not group_at(analysis, a).prunable
+
+
+def test_symbolic_batch_survives_pruning():
+    model, _ = _two_conv_model()
+    result = prune_exact(model, 0.5)
+    dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+    from spa.validate import run, sample_inputs
+    for batch in (1, 3):
+        feeds = sample_inputs(result.model, batch=batch)
+        assert next(iter(run(result.model, feeds).values())).shape[0] == batch
+
+
+def test_ratio_zero_reproduces_the_dense_model_exactly():
+    model, _ = _two_conv_model()
+    result = spa.prune(model, ratio=0.0)
+    assert result.report.validation.dense_equal is True
+    dense = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for tensor in result.model.graph.initializer:
+        assert np.array_equal(numpy_helper.to_array(tensor), dense[tensor.name])
