@@ -93,12 +93,11 @@ class ModelGraph:
         value = self.const(tensor)
         return None if value is None else [int(v) for v in value.reshape(-1)]
 
-    def node_by_name(self, name: str) -> Node | None:
-        return self._by_name.get(name)
-
     @cached_property
-    def _by_name(self) -> dict[str, Node]:
-        return {n.name: n for n in self.nodes}
+    def tensor_order(self) -> dict[str, int]:
+        """Topological position of every tensor, producers before consumers."""
+        order = nx.lexicographical_topological_sort(self.nx)
+        return {name: i for i, (kind, name) in enumerate(order) if kind == "tensor"}
 
     @cached_property
     def nx(self) -> nx.DiGraph:

@@ -261,39 +261,45 @@ def _exactness(graph, members, units, approximate, sinks_by_dim) -> tuple[bool, 
     if approximate[units].any():
         return False, "an op normalises or averages over these channels"
     member_set = set(members)
-    zero_memo: dict[Dim, bool] = {}
-
-    def zero(dim: Dim, depth: int = 0) -> bool:
-        """Is this channel all zeros in the soft model (parameters zeroed)?"""
-        if dim in zero_memo:
-            return zero_memo[dim]
-        zero_memo[dim] = False  # cycle guard
-        result = False
-        if graph.is_initializer(dim.tensor):
-            result = dim in member_set
-        elif depth < 2000 and (node := graph.producer.get(dim.tensor)) is not None:
-            inputs = [d for d in members if d.tensor in node.inputs and d.tensor != dim.tensor]
-            if node.op_type in _MULTIPLICATIVE:
-                result = any(zero(d, depth + 1) for d in inputs)
-            elif node.op_type == "Div":
-                result = any(zero(d, depth + 1) for d in inputs if d.tensor == node.inputs[0])
-            elif node.op_type in _LAYOUT or node.op_type in ZERO_PRESERVING:
-                covered = {d.tensor for d in inputs}
-                # an input outside the group (a bias-like constant) adds a non-zero value
-                stray = [t for t in node.inputs if t and t not in covered and not graph.is_initializer(t)]
-                additive = node.op_type in ("Add", "Sub", "Sum", "Mean", "Max", "Min", "Where")
-                result = bool(inputs) and all(zero(d, depth + 1) for d in inputs) and not (additive and (
-                    stray or any(t not in covered and _nonzero_const(graph, t) for t in node.inputs if t)))
-        zero_memo[dim] = result
-        return result
-
+    by_tensor: dict[str, list[Dim]] = defaultdict(list)
+    for dim in members:
+        by_tensor[dim.tensor].append(dim)
+    order = graph.tensor_order
+    zero: dict[Dim, bool] = {}  # is this channel all zeros in the soft model (parameters zeroed)?
+    for dim in sorted(members, key=lambda d: (order.get(d.tensor, -1), d)):
+        zero[dim] = _soft_zero(graph, dim, by_tensor, zero)
     for dim in members:
         for sink in sinks_by_dim.get(dim, []):
             if not sink.exact:
                 return False, "a reduction averages over these channels"
-            if not any(d in member_set and zero(d) for d in sink.dims):
+            if not any(d in member_set and zero.get(d, False) for d in sink.dims):
                 return False, f"a weightless reduction reads {dim}, which stays non-zero when soft-pruned"
     return True, None
+
+
+def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) -> bool:
+    """Zero status of one member from its producer's member inputs (visited first, in topological order)."""
+    if graph.is_initializer(dim.tensor):
+        return True  # a member parameter: soft pruning zeroes it
+    node = graph.producer.get(dim.tensor)
+    if node is None:
+        return False
+    inputs = [d for t in dict.fromkeys(node.inputs) if t and t != dim.tensor for d in by_tensor.get(t, [])]
+    status = [zero.get(d, False) for d in inputs]
+    if node.op_type in _MULTIPLICATIVE:
+        return any(status)
+    if node.op_type == "Div":
+        return any(s for d, s in zip(inputs, status) if d.tensor == node.inputs[0])
+    if node.op_type in _LAYOUT or node.op_type in ZERO_PRESERVING:
+        if not inputs or not all(status):
+            return False
+        if node.op_type in ("Add", "Sub", "Sum", "Mean", "Max", "Min", "Where"):
+            # an input outside the group (a scalar offset, another branch) adds a non-zero value
+            covered = {d.tensor for d in inputs}
+            strays = [t for t in node.inputs if t and t not in covered]
+            return all(graph.is_initializer(t) and not _nonzero_const(graph, t) for t in strays)
+        return True
+    return False
 
 
 def _nonzero_const(graph: ModelGraph, tensor: str) -> bool:

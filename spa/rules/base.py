@@ -17,7 +17,7 @@ After a cut, ``rewrite`` fixes the attributes and shape constants of the op
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
@@ -79,11 +79,10 @@ Outcome = Link | Freeze | Sink | Pending
 class RuleContext:
     """What rules may ask about the model while grouping."""
 
-    def __init__(self, graph: ModelGraph, opset: int, split_choice: dict | None = None):
+    def __init__(self, graph: ModelGraph, opset: int):
         self.graph = graph
         self.opset = opset
-        self.known_dims: set[Dim] = set()
-        self.split_choice = split_choice or {}
+        self.known_dims: set[Dim] = set()  # dims reached so far: settles ambiguous Reshape splits
 
     def rank(self, tensor: str) -> int | None:
         shape = self.graph.shape(tensor)
@@ -151,15 +150,6 @@ def register(cls: type[Rule]) -> type[Rule]:
 def rule_for(node: Node) -> Rule | None:
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     return RULES.get((domain, node.op_type))
-
-
-def tensor_positions(node: Node, tensor: str) -> Iterator[tuple[str, int]]:
-    for i, name in enumerate(node.inputs):
-        if name == tensor:
-            yield "in", i
-    for i, name in enumerate(node.outputs):
-        if name == tensor:
-            yield "out", i
 
 
 @dataclass
