@@ -82,7 +82,7 @@ def main() -> None:
 @click.option("--approximate", is_flag=True, help="Also prune groups where removal is not equal to zeroing.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
-@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime checks (the checker still runs on save).")
+@click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
 @click.option("--bench/--no-bench", default=True, show_default=True, help="Measure CPU latency, dense vs pruned.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
