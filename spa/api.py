@@ -22,7 +22,8 @@ from .metrics import count
 from .plan import Plan, make_plan
 from .validate import Validation, latency, sample_inputs, validate
 
-Progress = Callable[[str], None]
+# progress(stage, done, total): called when a stage starts (0 of total) and as it advances
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -106,9 +107,9 @@ def _prepare(model_or_path, progress: Progress | None) -> _Prepared:
     return _Prepared(name, model, ModelGraph(model), opset)
 
 
-def _say(progress: Progress | None, stage: str) -> None:
+def _say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -> None:
     if progress is not None:
-        progress(stage)
+        progress(stage, done, total)
 
 
 def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tuple[str, ...] = (),
@@ -153,9 +154,12 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     _say(progress, "group")
     analysis = find_groups(graph, opset, tuple(exclude), approximate)
     lap("group")
-    _say(progress, "score")
     context = ScoreContext(seed)
-    scores = {g.id: CRITERIA[criterion](analysis, g, context) for g in analysis.prunable_groups}
+    scores = {}
+    prunable = analysis.prunable_groups
+    for k, group in enumerate(prunable):
+        _say(progress, "score", k, len(prunable))
+        scores[group.id] = CRITERIA[criterion](analysis, group, context)
     plan = make_plan(analysis, scores, ratio, global_rank, round_to)
     lap("score")
     _say(progress, "cut")
@@ -165,7 +169,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     validation = Validation()
     if check:
         _say(progress, "validate")
-        validation = _prove(prepared.model, graph, analysis, plan, opset, hard, soft_model, seed)
+        validation = _prove(prepared.model, graph, analysis, plan, opset, hard, soft_model, seed,
+                            lambda done, total: _say(progress, "validate", done, total))
         if bench:
             feeds = sample_inputs(prepared.model, seed)
             validation.latency_ms = latency({"dense": prepared.model, "pruned": hard}, feeds)
@@ -186,7 +191,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     return PruneResult(soft_model if soft else hard, report)
 
 
-def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed) -> Validation:
+def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed, step) -> Validation:
     exact_ids = [gid for gid in plan.removed if analysis.group(gid).exact]
     if len(exact_ids) == len(plan.removed):
         hard_exact, soft_exact = hard, soft_model
@@ -196,7 +201,7 @@ def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed) ->
         soft_exact = apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
     if not exact_ids:
         hard_exact = soft_exact = None
-    return validate(dense, hard, soft_exact, hard_exact, removed_anything=bool(plan.removed), seed=seed)
+    return validate(dense, hard, soft_exact, hard_exact, removed_anything=bool(plan.removed), seed=seed, step=step)
 
 
 def _layers(analysis: Analysis, group: Group) -> list[str]:

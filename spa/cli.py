@@ -23,19 +23,27 @@ from .io import check_output_path, save_model, write_bytes_atomic
 
 
 class _Stages:
-    """A transient status line on stderr naming the running stage (only on a terminal).
+    """A progress bar on stderr for the running stage, drawn once it has taken over a second.
 
-    Pipelines get clean logs: nothing is drawn when stderr is not a TTY or with --quiet.
+    Only on a terminal: pipelines (stderr not a TTY) and --quiet get clean logs.
     """
 
     def __init__(self, quiet: bool):
         self.enabled = not quiet and sys.stderr.isatty()
-        self.started = time.perf_counter()
+        self.stage, self.since = None, time.perf_counter()
 
-    def __call__(self, stage: str) -> None:
-        if self.enabled:
-            elapsed = time.perf_counter() - self.started
-            click.echo(f"\r\033[Kspa: {stage}... ({elapsed:.1f}s)", err=True, nl=False)
+    def __call__(self, stage: str, done: int = 0, total: int = 1) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if stage != self.stage:
+            self.stage, self.since = stage, now
+        if now - self.since < 1.0:
+            return
+        width = 24
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        click.echo(f"\r\033[Kspa: {stage:<9}[{bar}] {done}/{total} {now - self.since:5.1f}s", err=True, nl=False)
 
     def finish(self) -> None:
         if self.enabled:

@@ -36,15 +36,24 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     tensors = [t for t in _all_initializers(model) if uses_external_data(t)]
     if not tensors:
         return
+    root = base_dir.resolve()
     for tensor in tensors:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (base_dir / location).resolve()
+        target = (base_dir / location).resolve()  # resolves symlinks too
+        if Path(location).is_absolute() or not target.is_relative_to(root):
+            raise ModelLoadError(f"external data of tensor '{tensor.name}' points outside the model's folder "
+                                 f"('{location}'); refusing to read it")
         if not target.is_file():
             raise ModelLoadError(f"external data file '{location}' of tensor '{tensor.name}' not found")
     try:
         load_external_data_for_model(model, str(base_dir))
     except Exception as exc:
         raise ModelLoadError(f"cannot read external data: {_first_line(exc)}") from exc
+    for tensor in tensors:
+        expected = _numel(tensor) * _ITEM_SIZE.get(tensor.data_type, 0)
+        if expected and len(tensor.raw_data) != expected:
+            raise ModelLoadError(f"tensor '{tensor.name}' declares {expected} bytes but its external data "
+                                 f"holds {len(tensor.raw_data)}")
 
 
 def _all_initializers(model: onnx.ModelProto):
@@ -130,6 +139,9 @@ def _unshare_uniform_initializers(graph: onnx.GraphProto) -> None:
             node.input[i] = copy_name
 
 
+_ITEM_SIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+              onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
+              onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1}
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 

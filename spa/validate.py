@@ -68,9 +68,7 @@ def session(model: onnx.ModelProto, threads: int = 0):
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return _run(session(model), feeds)
 
 
 def relative_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:
@@ -92,34 +90,57 @@ def check(model: onnx.ModelProto, result: Validation) -> None:
         result.problems.append(f"onnx checker: {result.checker}")
 
 
+def _symbolic_inputs(model: onnx.ModelProto) -> bool:
+    return any(d.HasField("dim_param") or not d.HasField("dim_value")
+               for i in model.graph.input for d in i.type.tensor_type.shape.dim)
+
+
 def validate(dense: onnx.ModelProto, pruned: onnx.ModelProto, soft: onnx.ModelProto | None,
-             hard_exact: onnx.ModelProto | None, removed_anything: bool, seed: int = 0) -> Validation:
-    """Checker, onnxruntime run, same I/O names and shapes, soft == hard, ratio 0 == dense."""
+             hard_exact: onnx.ModelProto | None, removed_anything: bool, seed: int = 0,
+             step=None) -> Validation:
+    """Checker, onnxruntime run, same I/O names and shapes (also at a second batch size where the
+    batch axis is symbolic, which catches sizes hard-coded by mistake), soft == hard, ratio 0 == dense.
+
+    ``step(done, total)`` is called as the checks advance.
+    """
+    step = step or (lambda done, total: None)
+    total = 5
     result = Validation()
     check(pruned, result)
-    feeds = sample_inputs(dense, seed)
+    step(1, total)
     try:
-        dense_out = run(dense, feeds)
+        dense_session = session(dense)
+        dense_out = _run(dense_session, sample_inputs(dense, seed))
     except Exception as exc:
         result.problems.append(f"the dense model does not run in onnxruntime: {_line(exc)}")
         return result
+    step(2, total)
     try:
-        pruned_out = run(pruned, feeds)
+        pruned_session = session(pruned)
+        pruned_out = _run(pruned_session, sample_inputs(dense, seed))
         result.runs = True
     except Exception as exc:
         result.problems.append(f"onnxruntime cannot run the pruned model: {_line(exc)}")
         return result
+    step(3, total)
     same_inputs = [i.name for i in dense.graph.input] == [i.name for i in pruned.graph.input]
-    same_outputs = list(dense_out) == list(pruned_out) and all(
-        dense_out[k].shape == pruned_out[k].shape for k in dense_out)
-    result.io_match = same_inputs and same_outputs
+    result.io_match = same_inputs and _same_shapes(dense_out, pruned_out)
+    if result.io_match and _symbolic_inputs(dense):
+        other = sample_inputs(dense, seed + 1, batch=2)
+        try:
+            result.io_match = _same_shapes(_run(dense_session, other), _run(pruned_session, other))
+        except Exception as exc:
+            result.problems.append(f"the pruned model fails at batch size 2: {_line(exc)}")
+            result.io_match = False
     if not result.io_match:
         result.problems.append("input/output names or shapes differ from the dense model")
+    step(4, total)
     if not removed_anything:
         result.dense_equal = relative_error(dense_out, pruned_out) == 0.0
         if not result.dense_equal:
             result.problems.append("nothing was removed but outputs differ from the dense model")
     if soft is not None and hard_exact is not None:
+        feeds = sample_inputs(dense, seed)
         soft_out = run(soft, feeds)
         hard_out = pruned_out if hard_exact is pruned else run(hard_exact, feeds)
         err = relative_error(soft_out, hard_out)
@@ -127,7 +148,17 @@ def validate(dense: onnx.ModelProto, pruned: onnx.ModelProto, soft: onnx.ModelPr
         result.soft_equal = err < SOFT_TOLERANCE
         if not result.soft_equal:
             result.problems.append(f"hard-pruned outputs differ from soft-pruned ones (rel. error {err:.2e})")
+    step(5, total)
     return result
+
+
+def _run(sess, feeds) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
 
 
 def latency(models: dict[str, onnx.ModelProto], feeds, runs: int = 20, warmup: int = 3,

@@ -104,3 +104,43 @@ def test_ratio_zero_reproduces_the_dense_model_exactly():
     dense = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for tensor in result.model.graph.initializer:
         assert np.array_equal(numpy_helper.to_array(tensor), dense[tensor.name])
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    model, _ = _two_conv_model()
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    onnx.save(model, str(tmp_path / "outside.onnx"), save_as_external_data=True, location="secret.data",
+              size_threshold=0)
+    for location in ("../secret.data", str(tmp_path / "secret.data")):
+        victim = onnx.load(str(tmp_path / "outside.onnx"), load_external_data=False)
+        for tensor in victim.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(victim, str(inner / "victim.onnx"))
+        with pytest.raises(spa.ModelLoadError, match="outside the model's folder"):
+            load_model(inner / "victim.onnx")
+    (inner / "link.data").symlink_to(tmp_path / "secret.data")
+    victim = onnx.load(str(tmp_path / "outside.onnx"), load_external_data=False)
+    for tensor in victim.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "link.data"
+    onnx.save(victim, str(inner / "victim.onnx"))
+    with pytest.raises(spa.ModelLoadError, match="outside the model's folder"):
+        load_model(inner / "victim.onnx")
+
+
+def test_external_data_shorter_than_declared_is_refused(tmp_path):
+    model, _ = _two_conv_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    tensor = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            entry.value = str(int(entry.value) - 4)
+    onnx.save(proto, str(path))
+    with pytest.raises(spa.ModelLoadError):
+        load_model(path)
