@@ -61,7 +61,7 @@ def _magnitude(analysis: Analysis, group: Group, power: int) -> np.ndarray:
         if power == 2:
             per_unit = np.sqrt(per_unit)
         mean = per_unit.mean()
-        if mean > 0:
+        if np.isfinite(mean) and mean > 0:
             total += per_unit / mean
             members += 1
     return total / members if members else np.zeros(len(group.units))
@@ -77,8 +77,9 @@ def _per_index_power(analysis: Analysis, dim: Dim, power: int) -> np.ndarray | N
             cache[key] = None
         else:
             other = tuple(a for a in range(values.ndim) if a != dim.axis)
-            magnitude = np.abs(values, dtype=np.float32) if power == 1 else np.square(values, dtype=np.float32)
-            cache[key] = magnitude.sum(axis=other, dtype=np.float64)
+            with np.errstate(all="ignore"):  # inf/NaN weights rank last rather than warn
+                magnitude = np.abs(values, dtype=np.float32) if power == 1 else np.square(values, dtype=np.float32)
+                cache[key] = np.nan_to_num(magnitude.sum(axis=other, dtype=np.float64), nan=np.inf)
     return cache[key]
 
 

@@ -27,7 +27,20 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (empty graph)")
     _load_external_data(model, path.parent)
+    _check_structure(model, path)
     return model
+
+
+def _check_structure(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse malformed models up front: a corrupt file must fail here with one clear line,
+    not deep inside a rule. Unknown op domains pass (they freeze their dims later)."""
+    try:
+        if model.ByteSize() < 2**31 - 2**20:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -70,6 +83,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make weights look the same whatever the exporter (see ``_canonicalize``).
+
+    protobuf decodes strings lazily, so a corrupt name can first fail here, where
+    the model is rewritten: that is still a bad input, not a bug.
+    """
+    try:
+        return _canonicalize(model)
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+        raise ModelLoadError(f"not a valid ONNX model (a name is not valid UTF-8: {exc.reason})") from exc
+
+
+def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Make weights look the same whatever the exporter.
 
     paddle2onnx and tf2onnx keep weights in ``Constant`` nodes and the legacy
