@@ -14,13 +14,13 @@ import onnx
 
 from .criteria import CRITERIA, ScoreContext
 from .cut import apply_plan
-from .errors import UsageError, ValidationError
+from .errors import ModelLoadError, UsageError, ValidationError
 from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
 from .load import canonicalize, infer_shapes, load_model
 from .metrics import count
 from .plan import Plan, make_plan
-from .validate import Validation, latency, sample_inputs, validate
+from .validate import Validation, latency, oversized_input, sample_inputs, validate
 
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
 Progress = Callable[[str, int, int], None]
@@ -126,12 +126,14 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
 def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "l2", *,
           global_rank: bool = False, round_to: int = 1, exclude: tuple[str, ...] = (), soft: bool = False,
           approximate: bool = False, seed: int = 0, check: bool = True, bench: bool = False,
-          progress: Progress | None = None) -> PruneResult:
+          custom_ops: tuple[str, ...] = (), progress: Progress | None = None) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
 
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
-    input and ``ValidationError`` when ``check`` is on and a check fails.
+    input (including a model onnxruntime cannot run) and ``ValidationError``
+    when ``check`` is on and a check fails. ``custom_ops`` names onnxruntime
+    custom-op libraries to load for validation; none is ever loaded otherwise.
     """
     if not 0 <= ratio < 1:
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
@@ -168,12 +170,18 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     lap("cut")
     validation = Validation()
     if check:
+        oversized = oversized_input(prepared.model)
+        if oversized:
+            raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
         _say(progress, "validate")
         validation = _prove(prepared.model, graph, analysis, plan, opset, hard, soft_model, seed,
-                            lambda done, total: _say(progress, "validate", done, total))
-        if bench:
+                            lambda done, total: _say(progress, "validate", done, total), tuple(custom_ops))
+        if not validation.dense_runs:
+            raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
+        if bench and validation.ok:
             feeds = sample_inputs(prepared.model, seed)
-            validation.latency_ms = latency({"dense": prepared.model, "pruned": hard}, feeds)
+            validation.latency_ms = latency({"dense": prepared.model, "pruned": hard}, feeds,
+                                            custom_ops=tuple(custom_ops))
         lap("validate")
     before, after = count(graph), count(ModelGraph(hard))
     report = PruneReport(
@@ -191,7 +199,15 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     return PruneResult(soft_model if soft else hard, report)
 
 
-def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed, step) -> Validation:
+def _custom_op_hint(graph: ModelGraph, custom_ops) -> str:
+    domains = sorted({n.domain for n in graph.nodes if n.domain not in ("", "ai.onnx", "com.microsoft")})
+    if domains and not custom_ops:
+        return (f" (ops from domain {', '.join(domains)}: spa loads no custom-op library unless given "
+                f"--custom-ops)")
+    return ""
+
+
+def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed, step, custom_ops) -> Validation:
     exact_ids = [gid for gid in plan.removed if analysis.group(gid).exact]
     if len(exact_ids) == len(plan.removed):
         hard_exact, soft_exact = hard, soft_model
@@ -201,7 +217,8 @@ def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed, st
         soft_exact = apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
     if not exact_ids:
         hard_exact = soft_exact = None
-    return validate(dense, hard, soft_exact, hard_exact, removed_anything=bool(plan.removed), seed=seed, step=step)
+    return validate(dense, hard, soft_exact, hard_exact, removed_anything=bool(plan.removed), seed=seed, step=step,
+                    custom_ops=custom_ops)
 
 
 def _layers(analysis: Analysis, group: Group) -> list[str]:

@@ -92,11 +92,14 @@ def main() -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
 @click.option("--bench/--no-bench", default=True, show_default=True, help="Measure CPU latency, dense vs pruned.")
+@click.option("--custom-ops", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="onnxruntime custom-op library to load for validation (never loaded otherwise).")
+@click.option("--write-unchanged", is_flag=True, help="Write the output even when nothing is prunable.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def prune(model, output, ratio, criterion, global_rank, round_to, exclude, soft, approximate, seed, json_path,
-          no_validate, bench, force, quiet, debug):
+          no_validate, bench, custom_ops, write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
 
     def action():
@@ -105,16 +108,19 @@ def prune(model, output, ratio, criterion, global_rank, round_to, exclude, soft,
         if json_path:
             check_output_path(json_path, [model, target], True)
         stages = _Stages(quiet)
-        result = api_prune(model, ratio, criterion, global_rank=global_rank, round_to=round_to,
-                           exclude=tuple(exclude), soft=soft, approximate=approximate, seed=seed,
-                           check=not no_validate, bench=bench and not no_validate, progress=stages)
-        stages("save")
         try:
-            save_model(result.model, target)
+            result = api_prune(model, ratio, criterion, global_rank=global_rank, round_to=round_to,
+                               exclude=tuple(exclude), soft=soft, approximate=approximate, seed=seed,
+                               check=not no_validate, bench=bench and not no_validate,
+                               custom_ops=tuple(custom_ops), progress=stages)
+            report = result.report.as_dict()
+            nothing = result.report.groups_prunable == 0 and not write_unchanged
+            if not nothing:
+                stages("save")
+                save_model(result.model, target)
         finally:
             stages.finish()
-        report = result.report.as_dict()
-        report["output"] = str(target)
+        report["output"] = None if nothing else str(target)
         if json_path:
             _write_json(json_path, report)
         if not quiet:
@@ -171,7 +177,11 @@ def _summary(r: dict) -> str:
     if v["latency_ms"]:
         d, p = v["latency_ms"]["dense"], v["latency_ms"]["pruned"]
         lines.append(f"latency (CPU, median): {d:.2f} ms -> {p:.2f} ms ({d / p:.2f}x)")
-    lines.append(f"wrote {r['output']}")
+    if r["output"]:
+        lines.append(f"wrote {r['output']}")
+    else:
+        lines.append("nothing to prune: every group is frozen (see `spa analyze`); no file written "
+                     "(--write-unchanged writes a copy)")
     return "\n".join(lines)
 
 

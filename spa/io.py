@@ -24,13 +24,19 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{parent}: no such directory")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{parent}: not writable")
+    try:  # probe now rather than fail after pruning; os.access says yes to root on read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{parent}: not writable ({exc.strerror or exc})") from exc
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

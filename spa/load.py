@@ -9,6 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelLoadError
+from .validate import BENIGN_CHECKER_ERROR
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -40,7 +41,13 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
         else:
             onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
+        if BENIGN_CHECKER_ERROR not in str(exc):
+            raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
+    for tensor in model.graph.initializer:
+        declared = _numel(tensor)
+        held = _held_elements(tensor)
+        if held is not None and held != declared:
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' declares {declared} elements but holds {held}")
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -168,6 +175,18 @@ _ITEM_SIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.Tensor
               onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
               onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1}
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _held_elements(tensor: onnx.TensorProto) -> int | None:
+    """How many elements the tensor's data actually holds (None where it cannot be told cheaply)."""
+    if tensor.HasField("raw_data"):
+        size = _ITEM_SIZE.get(tensor.data_type)
+        return len(tensor.raw_data) // size if size and len(tensor.raw_data) % size == 0 else None
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        values = getattr(tensor, field)
+        if len(values):
+            return len(values)
+    return None
 
 
 def _numel(tensor: onnx.TensorProto) -> int:
