@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from .criteria import CRITERIA, ScoreContext
@@ -141,48 +142,24 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(sorted(CRITERIA))})")
     if round_to < 1:
         raise UsageError(f"--round-to must be at least 1, got {round_to}")
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = round(now - clock, 4)
-        clock = now
-
+    timer = _Timer()
     prepared = _prepare(model_or_path, progress)
     graph, opset = prepared.graph, prepared.opset
-    lap("load")
+    timer.lap("load")
     _say(progress, "group")
     analysis = find_groups(graph, opset, tuple(exclude), approximate)
-    lap("group")
-    context = ScoreContext(seed)
-    scores = {}
-    prunable = analysis.prunable_groups
-    for k, group in enumerate(prunable):
-        _say(progress, "score", k, len(prunable))
-        scores[group.id] = CRITERIA[criterion](analysis, group, context)
+    timer.lap("group")
+    scores = _score(analysis, criterion, seed, progress)
     plan = make_plan(analysis, scores, ratio, global_rank, round_to)
-    lap("score")
+    timer.lap("score")
     _say(progress, "cut")
     hard = infer_shapes(apply_plan(prepared.model, graph, analysis, plan, opset))
     soft_model = apply_plan(prepared.model, graph, analysis, plan, opset, soft=True) if soft or check else None
-    lap("cut")
+    timer.lap("cut")
     validation = Validation()
     if check:
-        oversized = oversized_input(prepared.model)
-        if oversized:
-            raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
-        _say(progress, "validate")
-        validation = _prove(prepared.model, graph, analysis, plan, opset, hard, soft_model, seed,
-                            lambda done, total: _say(progress, "validate", done, total), tuple(custom_ops))
-        if not validation.dense_runs:
-            raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
-        if bench and validation.ok:
-            feeds = sample_inputs(prepared.model, seed)
-            validation.latency_ms = latency({"dense": prepared.model, "pruned": hard}, feeds,
-                                            custom_ops=tuple(custom_ops))
-        lap("validate")
+        validation = _validate(prepared, analysis, plan, hard, soft_model, seed, bench, tuple(custom_ops), progress)
+        timer.lap("validate")
     before, after = count(graph), count(ModelGraph(hard))
     report = PruneReport(
         model=prepared.name,
@@ -190,13 +167,49 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
                  "exclude": list(exclude), "soft": soft, "approximate": approximate, "seed": seed},
         groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
-        flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=seconds,
+        flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
         groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups])
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
-    if soft:
-        soft_model = infer_shapes(soft_model)
-    return PruneResult(soft_model if soft else hard, report)
+    return PruneResult(infer_shapes(soft_model) if soft else hard, report)
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 4)
+        self._last = now
+
+
+def _score(analysis: Analysis, criterion: str, seed: int, progress: Progress | None) -> dict[int, np.ndarray]:
+    context = ScoreContext(seed)
+    prunable = analysis.prunable_groups
+    scores = {}
+    for k, group in enumerate(prunable):
+        _say(progress, "score", k, len(prunable))
+        scores[group.id] = CRITERIA[criterion](analysis, group, context)
+    return scores
+
+
+def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed: int, bench: bool,
+              custom_ops: tuple[str, ...], progress: Progress | None) -> Validation:
+    dense, graph = prepared.model, prepared.graph
+    oversized = oversized_input(dense)
+    if oversized:
+        raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
+    _say(progress, "validate")
+    validation = _prove(dense, graph, analysis, plan, prepared.opset, hard, soft_model, seed,
+                        lambda done, total: _say(progress, "validate", done, total), custom_ops)
+    if not validation.dense_runs:
+        raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
+    if bench and validation.ok:
+        feeds = sample_inputs(dense, seed)
+        validation.latency_ms = latency({"dense": dense, "pruned": hard}, feeds, custom_ops=custom_ops)
+    return validation
 
 
 def _custom_op_hint(graph: ModelGraph, custom_ops) -> str:

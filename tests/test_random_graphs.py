@@ -16,7 +16,7 @@ from builder import Graph
 class Net:
     def __init__(self, draw):
         self.draw = draw
-        self.g = Graph(seed=draw(st.integers(0, 2**16)))
+        self.g = Graph(opset=21, seed=draw(st.integers(0, 2**16)))  # 21: GroupNormalization with per-channel params
         self.t = self.g.input("x", [1, 3, 8, 8])
         self.c = 3
         self.side = 8
@@ -114,6 +114,25 @@ class Net:
         self.t = g.op("Add", [self.conv(part, end - start, cout), self.conv(self.t, self.c, cout)])
         self.c = cout
 
+    def norm(self):
+        g = self.g
+        kind = self.draw(st.sampled_from(["InstanceNormalization", "GroupNormalization"]))
+        if kind == "GroupNormalization":
+            groups = self.draw(st.sampled_from([d for d in (1, 2, 3) if self.c % d == 0]))
+            self.t = g.op(kind, [self.t, g.weight(self.c, low=0.5), g.weight(self.c)], num_groups=groups)
+        else:
+            self.t = g.op(kind, [self.t, g.weight(self.c, low=0.5), g.weight(self.c)])
+        self.t = self.act(self.t)
+
+    def linear(self):
+        """Pool to a vector, Gemm, and back to a 1x1 map: a classifier-style bottleneck."""
+        g = self.g
+        vector = g.op("Flatten", [g.op("GlobalAveragePool", [self.t])], axis=1)
+        cout = self.channels()
+        hidden = self.act(g.op("Gemm", [vector, g.weight(cout, self.c), g.weight(cout)], transB=1))
+        self.t = g.op("Reshape", [hidden, g.const(np.array([1, cout, 1, 1]))])
+        self.c, self.side = cout, 1
+
     def pool(self):
         if self.side >= 4:
             op = self.draw(st.sampled_from(["MaxPool", "AveragePool"]))
@@ -131,7 +150,7 @@ class Net:
 
 
 BLOCKS = ["plain", "grouped", "depthwise", "residual", "concat", "split", "shuffle", "pixel", "channels_last",
-          "se", "slice", "pool"]
+          "se", "slice", "pool", "norm", "linear"]
 
 
 @st.composite
