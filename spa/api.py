@@ -5,6 +5,7 @@ The whole pipeline, in order: load -> graph -> groups -> score -> plan -> cut ->
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,13 +15,14 @@ import numpy as np
 import onnx
 
 from .criteria import CRITERIA, ScoreContext
-from .cut import apply_plan
+from .cut import apply_plan, soft_transform
 from .errors import ModelLoadError, UsageError, ValidationError
 from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
 from .load import canonicalize, infer_shapes, load_model
 from .metrics import count
 from .plan import Plan, make_plan
+from .tensors import is_lazy, write_external
 from .validate import Validation, latency, oversized_input, sample_inputs, validate
 
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
@@ -94,18 +96,19 @@ class _Prepared:
     model: onnx.ModelProto
     graph: ModelGraph
     opset: int
+    path: Path | None  # the file it came from, if any
 
 
 def _prepare(model_or_path, progress: Progress | None) -> _Prepared:
     if isinstance(model_or_path, onnx.ModelProto):
-        name, model = model_or_path.graph.name or "<model>", model_or_path
+        name, model, path = model_or_path.graph.name or "<model>", model_or_path, None
     else:
-        name = str(model_or_path)
+        name, path = str(model_or_path), Path(model_or_path)
         _say(progress, "load")
         model = load_model(model_or_path)
     model = infer_shapes(canonicalize(model))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    return _Prepared(name, model, ModelGraph(model), opset)
+    return _Prepared(name, model, ModelGraph(model), opset, path)
 
 
 def _say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -> None:
@@ -154,7 +157,9 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     timer.lap("score")
     _say(progress, "cut")
     hard = infer_shapes(apply_plan(prepared.model, graph, analysis, plan, opset))
-    soft_model = apply_plan(prepared.model, graph, analysis, plan, opset, soft=True) if soft or check else None
+    # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
+    wanted = soft or (check and not is_lazy(prepared.model))
+    soft_model = apply_plan(prepared.model, graph, analysis, plan, opset, soft=True) if wanted else None
     timer.lap("cut")
     validation = Validation()
     if check:
@@ -202,11 +207,11 @@ def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_mo
     if oversized:
         raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
     _say(progress, "validate")
-    validation = _prove(dense, graph, analysis, plan, prepared.opset, hard, soft_model, seed,
+    validation = _prove(prepared, analysis, plan, hard, soft_model, seed,
                         lambda done, total: _say(progress, "validate", done, total), custom_ops)
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
-    if bench and validation.ok:
+    if bench and validation.ok and not is_lazy(dense):  # two large sessions at once would double memory
         feeds = sample_inputs(dense, seed)
         validation.latency_ms = latency({"dense": dense, "pruned": hard}, feeds, custom_ops=custom_ops)
     return validation
@@ -220,18 +225,32 @@ def _custom_op_hint(graph: ModelGraph, custom_ops) -> str:
     return ""
 
 
-def _prove(dense, graph, analysis, plan: Plan, opset, hard, soft_model, seed, step, custom_ops) -> Validation:
+def _prove(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed, step,
+           custom_ops) -> Validation:
+    """Validate in memory, or through files in a temporary folder for lazily loaded models."""
+    dense, graph, opset = prepared.model, prepared.graph, prepared.opset
     exact_ids = [gid for gid in plan.removed if analysis.group(gid).exact]
-    if len(exact_ids) == len(plan.removed):
-        hard_exact, soft_exact = hard, soft_model
-    else:  # compare only what is meant to be equal: the exact groups' cut
-        exact_plan = plan.restricted_to(exact_ids)
-        hard_exact = infer_shapes(apply_plan(dense, graph, analysis, exact_plan, opset))
-        soft_exact = apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
-    if not exact_ids:
-        hard_exact = soft_exact = None
-    return validate(dense, hard, soft_exact, hard_exact, removed_anything=bool(plan.removed), seed=seed, step=step,
-                    custom_ops=custom_ops)
+    lazy = is_lazy(dense)
+    with tempfile.TemporaryDirectory(prefix="spa-validate-") as tmp:
+        def source(model: onnx.ModelProto, name: str, transform=None):
+            return write_external(model, Path(tmp), name, transform) if lazy else model
+
+        hard_source = source(hard, "pruned.onnx")
+        if len(exact_ids) == len(plan.removed):
+            hard_exact = hard_source
+            exact_plan = plan
+        else:  # compare only what is meant to be equal: the exact groups' cut
+            exact_plan = plan.restricted_to(exact_ids)
+            hard_exact = source(infer_shapes(apply_plan(dense, graph, analysis, exact_plan, opset)), "exact.onnx")
+            soft_model = None
+        if lazy:
+            soft = source(dense, "soft.onnx", soft_transform(graph, analysis, exact_plan))
+        else:
+            soft = soft_model or apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
+        if not exact_ids:
+            hard_exact = soft = None
+        return validate(prepared.path if lazy else dense, hard_source, soft, hard_exact,
+                        removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops)
 
 
 def _layers(analysis: Analysis, group: Group) -> list[str]:

@@ -15,6 +15,7 @@ from .graph import ModelGraph, Node
 from .groups import Analysis
 from .plan import Plan
 from .rules import Dim, RuleContext, rule_for
+from .tensors import shell
 
 
 class CutContext(RuleContext):
@@ -68,19 +69,35 @@ class CutContext(RuleContext):
         edits[position] = value
 
 
+def pruned_initializers(graph: ModelGraph, analysis: Analysis, plan: Plan) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """For each initializer that loses indices: (axis, indices kept) pairs."""
+    cut = CutContext(graph, 0, analysis, plan)
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for dim, keep in sorted(cut.pruned_dims.items()):
+        if graph.is_initializer(dim.tensor):
+            by_tensor.setdefault(dim.tensor, []).append((dim.axis, keep))
+    return by_tensor
+
+
+def soft_transform(graph: ModelGraph, analysis: Analysis, plan: Plan):
+    """Zero the plan's slices tensor by tensor, for writing a soft model without holding it."""
+    recipe = pruned_initializers(graph, analysis, plan)
+    return lambda name, value: _cut_array(value, recipe[name], soft=True) if name in recipe else value
+
+
 def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, plan: Plan, opset: int,
                soft: bool = False) -> onnx.ModelProto:
     cut = CutContext(graph, opset, analysis, plan)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    by_axis: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for dim, keep in sorted(cut.pruned_dims.items()):
-        if graph.is_initializer(dim.tensor):
-            by_axis.setdefault(dim.tensor, []).append((dim.axis, keep))
-    new_arrays = {name: _cut_array(graph.const(name), axes, soft) for name, axes in by_axis.items()}
-    for tensor in out.graph.initializer:
-        if tensor.name in new_arrays:
-            tensor.CopyFrom(numpy_helper.from_array(new_arrays[tensor.name], tensor.name))
+    out = shell(model)
+    new_shapes: dict[str, tuple[int, ...]] = {}
+    recipe = pruned_initializers(graph, analysis, plan)
+    for tensor in model.graph.initializer:
+        if tensor.name in recipe:  # one tensor at a time: never two copies of the weights
+            value = _cut_array(graph.const(tensor.name), recipe[tensor.name], soft)
+            new_shapes[tensor.name] = value.shape
+            out.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
+        else:
+            out.graph.initializer.append(tensor)
     if soft:
         return out
     touched = {dim.tensor for dim in cut.pruned_dims}
@@ -89,7 +106,7 @@ def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, pl
         if rule is not None and touched.intersection(node.inputs + node.outputs):
             rule.rewrite(node, cut)
     _apply_node_edits(out, graph, cut)
-    _fix_declared_shapes(out, new_arrays)
+    _fix_declared_shapes(out, new_shapes)
     del out.graph.value_info[:]
     return out
 
@@ -155,11 +172,11 @@ def _apply_node_edits(out: onnx.ModelProto, graph: ModelGraph, cut: CutContext) 
         out.graph.initializer.extend(kept)
 
 
-def _fix_declared_shapes(out: onnx.ModelProto, new_arrays: dict[str, np.ndarray]) -> None:
+def _fix_declared_shapes(out: onnx.ModelProto, new_shapes: dict[str, tuple[int, ...]]) -> None:
     """Old-style models also list initializers as graph inputs, with their shapes."""
     for value_info in out.graph.input:
-        if value_info.name in new_arrays:
+        if value_info.name in new_shapes:
             dims = value_info.type.tensor_type.shape.dim
-            for d, size in zip(dims, new_arrays[value_info.name].shape):
+            for d, size in zip(dims, new_shapes[value_info.name]):
                 d.Clear()
                 d.dim_value = size

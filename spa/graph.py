@@ -12,9 +12,11 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-Size = int | str | None  # int: static; str: symbolic (dim_param); None: unknown
+from .tensors import to_array
+
+Size = int | str | None
+_CACHE_LIMIT = 1 << 20  # int: static; str: symbolic (dim_param); None: unknown
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,19 @@ class ModelGraph:
         return tensor in self.initializers
 
     def const(self, tensor: str) -> np.ndarray | None:
-        """The value of an initializer (Constant nodes were turned into initializers on load)."""
+        """The value of an initializer (Constant nodes were turned into initializers on load).
+
+        Small values are cached for the rules; large ones are read (or memory-mapped) on
+        each call and not kept, so a big model's weights are never all resident at once.
+        """
         if tensor not in self.initializers:
             return None
-        if tensor not in self._arrays:
-            self._arrays[tensor] = numpy_helper.to_array(self.initializers[tensor])
-        return self._arrays[tensor]
+        if tensor in self._arrays:
+            return self._arrays[tensor]
+        value = to_array(self.initializers[tensor])
+        if value.nbytes <= _CACHE_LIMIT:
+            self._arrays[tensor] = value
+        return value
 
     def const_ints(self, tensor: str) -> list[int] | None:
         value = self.const(tensor)

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from .errors import OutputError
+from .tensors import is_lazy, write_external
 
 # protobuf cannot serialise a message over 2 GiB; stay clear of the limit
 _EXTERNAL_THRESHOLD = 1_800_000_000
@@ -38,6 +39,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -54,24 +56,17 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Save atomically; large models keep their weights in ``<name>.data`` beside them."""
     path = Path(path)
-    if model.ByteSize() < _EXTERNAL_THRESHOLD:
+    if not is_lazy(model) and model.ByteSize() < _EXTERNAL_THRESHOLD:
         write_bytes_atomic(path, model.SerializeToString())
         return
-    _save_external(model, path)
-
-
-def _save_external(model: onnx.ModelProto, path: Path) -> None:
-    from onnx.external_data_helper import convert_model_to_external_data
-
     parent = path.parent if str(path.parent) else Path(".")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     data_name = f"{path.name}.data"
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        convert_model_to_external_data(copy, all_tensors_to_one_file=True, location=data_name,
-                                       size_threshold=1024)
-        onnx.save_model(copy, str(staging / path.name))
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        write_external(model, staging, path.name)  # streams tensor by tensor
         os.replace(staging / data_name, parent / data_name)
         os.replace(staging / path.name, path)
     except OSError as exc:
@@ -80,6 +75,12 @@ def _save_external(model: onnx.ModelProto, path: Path) -> None:
         for leftover in staging.glob("*"):
             _remove_quietly(leftover)
         staging.rmdir()
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _remove_quietly(path) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from .errors import ModelLoadError
+from .tensors import ITEM_SIZE, LAZY_BYTES, external_entries, is_lazy, to_array
 from .validate import BENIGN_CHECKER_ERROR
 
 
@@ -36,10 +38,10 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     """Refuse malformed models up front: a corrupt file must fail here with one clear line,
     not deep inside a rule. Unknown op domains pass (they freeze their dims later)."""
     try:
-        if model.ByteSize() < 2**31 - 2**20:
-            onnx.checker.check_model(model)
+        if is_lazy(model) or model.ByteSize() >= 2**31 - 2**20:
+            onnx.checker.check_model(str(path))  # reads the file; external data stays on disk
         else:
-            onnx.checker.check_model(str(path))
+            onnx.checker.check_model(model)
     except Exception as exc:
         if BENIGN_CHECKER_ERROR not in str(exc):
             raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
@@ -51,29 +53,42 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    """Check every external reference, then load the data, or for large models leave it on disk.
 
+    A reference must stay inside the model's folder (no ``..``, absolute paths or symlinks
+    out of it) and its byte range must fit the file and match the tensor's declared size.
+    """
     tensors = [t for t in _all_initializers(model) if uses_external_data(t)]
     if not tensors:
         return
     root = base_dir.resolve()
+    total = 0
     for tensor in tensors:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        entries = external_entries(tensor)
+        location = entries.get("location", "")
         target = (base_dir / location).resolve()  # resolves symlinks too
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise ModelLoadError(f"external data of tensor '{tensor.name}' points outside the model's folder "
                                  f"('{location}'); refusing to read it")
         if not target.is_file():
             raise ModelLoadError(f"external data file '{location}' of tensor '{tensor.name}' not found")
+        expected = _numel(tensor) * ITEM_SIZE.get(tensor.data_type, 0)
+        length = int(entries.get("length", expected))
+        offset = int(entries.get("offset", 0))
+        if expected and (length != expected or offset < 0 or offset + length > target.stat().st_size):
+            raise ModelLoadError(f"tensor '{tensor.name}' declares {expected} bytes but its external data "
+                                 f"holds {length} at offset {offset} of a {target.stat().st_size}-byte file")
+        total += length
+    if total >= LAZY_BYTES:
+        for tensor in tensors:  # memory-mapped on demand by spa.tensors, never loaded whole
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = str((base_dir / entry.value).resolve())
+        return
     try:
         load_external_data_for_model(model, str(base_dir))
     except Exception as exc:
         raise ModelLoadError(f"cannot read external data: {_first_line(exc)}") from exc
-    for tensor in tensors:
-        expected = _numel(tensor) * _ITEM_SIZE.get(tensor.data_type, 0)
-        if expected and len(tensor.raw_data) != expected:
-            raise ModelLoadError(f"tensor '{tensor.name}' declares {expected} bytes but its external data "
-                                 f"holds {len(tensor.raw_data)}")
 
 
 def _all_initializers(model: onnx.ModelProto):
@@ -159,7 +174,7 @@ def _unshare_uniform_initializers(graph: onnx.GraphProto) -> None:
         tensor = inits[name]
         if len(places) < 2 or _numel(tensor) < 2 or tensor.data_type not in _FLOATS:
             continue
-        value = numpy_helper.to_array(tensor)
+        value = to_array(tensor)
         if not np.all(value == value.flat[0]):
             continue
         for k, (node, i) in enumerate(places[1:], start=1):
@@ -171,16 +186,13 @@ def _unshare_uniform_initializers(graph: onnx.GraphProto) -> None:
             node.input[i] = copy_name
 
 
-_ITEM_SIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
-              onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
-              onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1}
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 def _held_elements(tensor: onnx.TensorProto) -> int | None:
     """How many elements the tensor's data actually holds (None where it cannot be told cheaply)."""
     if tensor.HasField("raw_data"):
-        size = _ITEM_SIZE.get(tensor.data_type)
+        size = ITEM_SIZE.get(tensor.data_type)
         return len(tensor.raw_data) // size if size and len(tensor.raw_data) % size == 0 else None
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
         values = getattr(tensor, field)
@@ -294,7 +306,8 @@ def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
     declared = {i.name for i in model.graph.input}
     for tensor in model.graph.initializer:
         if _numel(tensor) <= 64:
-            graph.initializer.append(tensor)
+            graph.initializer.append(numpy_helper.from_array(to_array(tensor), tensor.name)
+                                     if uses_external_data(tensor) else tensor)
             continue
         stub = graph.initializer.add()
         stub.name, stub.data_type = tensor.name, tensor.data_type

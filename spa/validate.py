@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -76,7 +77,7 @@ def sample_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict
     return feeds
 
 
-def session(model: onnx.ModelProto, threads: int = 0, custom_ops: tuple[str, ...] = ()):
+def session(model: "Source", threads: int = 0, custom_ops: tuple[str, ...] = ()):
     """A CPU session. Custom-op libraries are loaded only when the user names them."""
     import onnxruntime as ort
 
@@ -86,7 +87,8 @@ def session(model: onnx.ModelProto, threads: int = 0, custom_ops: tuple[str, ...
         options.intra_op_num_threads = threads
     for library in custom_ops:
         options.register_custom_ops_library(str(library))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], custom_ops: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -107,9 +109,9 @@ def relative_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray
 BENIGN_CHECKER_ERROR = "Field 'shape' of 'type' is required"
 
 
-def check(model: onnx.ModelProto, result: Validation) -> None:
+def check(model: "Source", result: Validation) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
         result.checker = "ok"
     except Exception as exc:  # the checker raises several unrelated types
         if BENIGN_CHECKER_ERROR in str(exc):
@@ -124,12 +126,19 @@ def _symbolic_inputs(model: onnx.ModelProto) -> bool:
                for i in model.graph.input for d in i.type.tensor_type.shape.dim)
 
 
-def validate(dense: onnx.ModelProto, pruned: onnx.ModelProto, soft: onnx.ModelProto | None,
-             hard_exact: onnx.ModelProto | None, removed_anything: bool, seed: int = 0,
-             step=None, custom_ops: tuple[str, ...] = ()) -> Validation:
+Source = onnx.ModelProto | Path  # a model in memory, or a file (models with external data)
+
+
+def _proto(source: Source) -> onnx.ModelProto:
+    return source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
+
+
+def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Source | None,
+             removed_anything: bool, seed: int = 0, step=None, custom_ops: tuple[str, ...] = ()) -> Validation:
     """Checker, onnxruntime run, same I/O names and shapes (also at a second batch size where the
     batch axis is symbolic, which catches sizes hard-coded by mistake), soft == hard, ratio 0 == dense.
 
+    One onnxruntime session is alive at a time, so a large model is never held twice.
     ``step(done, total)`` is called as the checks advance.
     """
     step = step or (lambda done, total: None)
@@ -137,9 +146,12 @@ def validate(dense: onnx.ModelProto, pruned: onnx.ModelProto, soft: onnx.ModelPr
     result = Validation()
     check(pruned, result)
     step(1, total)
+    dense_proto = _proto(dense)
+    feeds = [sample_inputs(dense_proto, seed)]
+    if _symbolic_inputs(dense_proto):
+        feeds.append(sample_inputs(dense_proto, seed + 1, batch=2))
     try:
-        dense_session = session(dense, custom_ops=custom_ops)
-        dense_out = _run(dense_session, sample_inputs(dense, seed))
+        dense_out = _run_all(dense, feeds, custom_ops)
         result.dense_runs = True
     except Exception as exc:
         result.dense_error = f"onnxruntime cannot run the input model: {_line(exc)}"
@@ -147,33 +159,24 @@ def validate(dense: onnx.ModelProto, pruned: onnx.ModelProto, soft: onnx.ModelPr
         return result
     step(2, total)
     try:
-        pruned_session = session(pruned, custom_ops=custom_ops)
-        pruned_out = _run(pruned_session, sample_inputs(dense, seed))
+        pruned_out = _run_all(pruned, feeds, custom_ops)
         result.runs = True
     except Exception as exc:
         result.problems.append(f"onnxruntime cannot run the pruned model: {_line(exc)}")
         return result
     step(3, total)
-    same_inputs = [i.name for i in dense.graph.input] == [i.name for i in pruned.graph.input]
-    result.io_match = same_inputs and _same_shapes(dense_out, pruned_out)
-    if result.io_match and _symbolic_inputs(dense):
-        other = sample_inputs(dense, seed + 1, batch=2)
-        try:
-            result.io_match = _same_shapes(_run(dense_session, other), _run(pruned_session, other))
-        except Exception as exc:
-            result.problems.append(f"the pruned model fails at batch size 2: {_line(exc)}")
-            result.io_match = False
+    same_inputs = [i.name for i in dense_proto.graph.input] == [i.name for i in _proto(pruned).graph.input]
+    result.io_match = same_inputs and all(_same_shapes(d, p) for d, p in zip(dense_out, pruned_out))
     if not result.io_match:
         result.problems.append("input/output names or shapes differ from the dense model")
     step(4, total)
     if not removed_anything:
-        result.dense_equal = relative_error(dense_out, pruned_out) == 0.0
+        result.dense_equal = relative_error(dense_out[0], pruned_out[0]) == 0.0
         if not result.dense_equal:
             result.problems.append("nothing was removed but outputs differ from the dense model")
     if soft is not None and hard_exact is not None:
-        feeds = sample_inputs(dense, seed)
-        soft_out = run(soft, feeds, custom_ops)
-        hard_out = pruned_out if hard_exact is pruned else run(hard_exact, feeds, custom_ops)
+        soft_out = _run_all(soft, feeds[:1], custom_ops)[0]
+        hard_out = pruned_out[0] if hard_exact is pruned else _run_all(hard_exact, feeds[:1], custom_ops)[0]
         err = relative_error(soft_out, hard_out)
         result.soft_max_rel_error = err
         result.soft_equal = err < SOFT_TOLERANCE
@@ -181,6 +184,13 @@ def validate(dense: onnx.ModelProto, pruned: onnx.ModelProto, soft: onnx.ModelPr
             result.problems.append(f"hard-pruned outputs differ from soft-pruned ones (rel. error {err:.2e})")
     step(5, total)
     return result
+
+
+def _run_all(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, np.ndarray]]:
+    sess = session(source, custom_ops=custom_ops)
+    outputs = [_run(sess, f) for f in feeds]
+    del sess
+    return outputs
 
 
 def _run(sess, feeds) -> dict[str, np.ndarray]:

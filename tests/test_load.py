@@ -144,3 +144,32 @@ def test_external_data_shorter_than_declared_is_refused(tmp_path):
     onnx.save(proto, str(path))
     with pytest.raises(spa.ModelLoadError):
         load_model(path)
+
+
+def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
+    """Above spa.tensors.LAZY_BYTES, weights are memory-mapped and written back tensor by tensor."""
+    import spa.load
+    import spa.io
+    from spa.tensors import is_lazy
+    from spa.validate import run, sample_inputs
+
+    g = Graph()
+    x = g.input("x", ["batch", 3, 6, 6])
+    h = g.op("Relu", [g.conv(x, 3, 8)])
+    g.output(g.conv(h, 8, 2))
+    g.output(g.conv(x, 3, 2))  # input and output both frozen: this weight is never cut
+    path = tmp_path / "big.onnx"
+    onnx.save(g.build(), str(path), save_as_external_data=True, location="big.onnx.data", size_threshold=0)
+    monkeypatch.setattr(spa.load, "LAZY_BYTES", 1)
+    loaded = load_model(path)
+    assert is_lazy(loaded) and not any(t.raw_data for t in loaded.graph.initializer if t.external_data)
+    result = spa.prune(path, ratio=0.5)  # validation runs through files in a temporary folder
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    out = tmp_path / "out.onnx"
+    spa.io.save_model(result.model, out)
+    assert (tmp_path / "out.onnx.data").exists()
+    onnx.checker.check_model(str(out), full_check=True)
+    saved = onnx.load(str(out))
+    feeds = sample_inputs(saved, batch=2)
+    outputs = run(saved, feeds)
+    assert [v.shape for v in outputs.values()] == [(2, 2, 6, 6), (2, 2, 6, 6)]

@@ -82,7 +82,8 @@ class RuleContext:
     def __init__(self, graph: ModelGraph, opset: int):
         self.graph = graph
         self.opset = opset
-        self.known_dims: set[Dim] = set()  # dims reached so far: settles ambiguous Reshape splits
+        self.known_dims: set[Dim] = set()  # dims reached so far: settles ambiguous Reshape products
+        self.choices: dict = {}  # Reshape product -> the factor that shrinks, fixed once chosen
 
     def rank(self, tensor: str) -> int | None:
         shape = self.graph.shape(tensor)

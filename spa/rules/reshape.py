@@ -5,10 +5,11 @@ Axes are paired into runs of equal size product (see ``segments``).
 * several axes merge into one (conv -> flatten -> Gemm): channel c of the
   merged-from axis is the block of flat features whose c-coordinate is c.
 * one axis splits into several ([C] -> [g, C/g] in a channel shuffle,
-  [H*D] -> [H, D] for heads): the channel becomes a product index, and only one
-  factor can shrink while the others keep their size. Which one is decided
-  after the rest of the graph is known (``Pending``): the factor some other op
-  already treats as a channel, else the largest.
+  [H*D] -> [H, D] for heads), or several merge into one: the channel is a
+  product index, and only one factor can shrink while the others keep their
+  size. Coupling every factor would collapse the product into one unit, so the
+  factor is chosen once the rest of the graph is known (``Pending``): the one
+  other ops already treat as a channel, else the largest.
 """
 from __future__ import annotations
 
@@ -45,42 +46,50 @@ class ReshapeFamily(Rule):
         if seg is None:
             links.freeze(dim, f"{node.op_type} '{node.name}' mixes this axis with others of unknown size")
             return links.out
-        (mine_t, mine), (theirs_t, theirs) = seg
+        (_, mine), (theirs_t, theirs) = seg
         if len(mine) > 1 and len(theirs) > 1:
             links.freeze(dim, f"{node.op_type} '{node.name}' regroups this axis with others")
-        elif len(theirs) == 1:  # identity, or a merge of several of my axes into one
-            other = Dim(theirs_t, theirs[0])
-            sizes = [ctx.graph.shape(mine_t)[a] for a in mine]
-            coordinate = _coordinate(sizes, mine.index(dim.axis))
-            links.add(pairs(dim, other, coordinate, np.arange(len(coordinate))))
-        else:
+        elif len(mine) == 1 and len(theirs) == 1:
+            links.same(dim, Dim(theirs_t, theirs[0]))
+            self._check_target(node, dim, theirs[0] if theirs_t == node.outputs[0] else dim.axis, links, ctx)
+        else:  # a product of several axes: which factor shrinks is settled once the graph is known
             links.add(Pending(dim))
-        self._check_target(node, dim, theirs_t, theirs, links, ctx)
         return links.out
 
     def resolve(self, node, dim, ctx):
+        """Link the one factor of a product that may shrink; freeze the other channel factors.
+
+        The factor is chosen once per Reshape and product, so that every dimension asking
+        sees the same answer: the factor other ops already treat as a channel, else the
+        largest (a channel shuffle keeps its group count, attention keeps its head count).
+        """
         links = LinkSet(ctx)
-        (mine_t, _), (theirs_t, theirs) = self._segment(node, dim, ctx)
-        sizes = [ctx.graph.shape(theirs_t)[a] for a in theirs]
-        known = [k for k, a in enumerate(theirs) if Dim(theirs_t, a) in ctx.known_dims]
-        if len(known) > 1:
-            links.freeze(dim, f"{node.op_type} '{node.name}' splits one channel axis into several channel axes")
+        (mine_t, mine), (theirs_t, theirs) = self._segment(node, dim, ctx)
+        (multi_t, multi), (single_t, single) = ((mine_t, mine), (theirs_t, theirs)) if len(mine) > 1 else (
+            (theirs_t, theirs), (mine_t, mine))
+        key = (node.name, multi_t, tuple(multi))
+        if key not in ctx.choices:
+            known = [a for a in multi if Dim(multi_t, a) in ctx.known_dims]
+            sizes = {a: ctx.graph.shape(multi_t)[a] for a in multi}
+            ctx.choices[key] = max(known or multi, key=lambda a: (sizes[a], -a))
+        chosen = ctx.choices[key]
+        if dim.tensor == multi_t and dim.axis != chosen:
+            links.freeze(dim, f"{node.op_type} '{node.name}' merges this axis with axis {chosen}, "
+                              f"the factor of the product that shrinks")
             return links.out
-        chosen = known[0] if known else int(np.argmax(sizes))
-        coordinate = _coordinate(sizes, chosen)
-        links.add(pairs(dim, Dim(theirs_t, theirs[chosen]), np.arange(len(coordinate)), coordinate))
+        sizes = [ctx.graph.shape(multi_t)[a] for a in multi]
+        coordinate = _coordinate(sizes, multi.index(chosen))
+        links.add(pairs(Dim(multi_t, chosen), Dim(single_t, single[0]), coordinate, np.arange(len(coordinate))))
+        self._check_target(node, dim, chosen if multi_t == node.outputs[0] else single[0], links, ctx)
         return links.out
 
-    def _check_target(self, node, dim, theirs_t, theirs, links, ctx):
-        """A Reshape's target must be rewritable at the output axes that change."""
+    def _check_target(self, node, dim, y_axis, links, ctx):
+        """A Reshape's target must be rewritable at the output axis that changes."""
         if node.op_type != "Reshape":
             return
-        y_axes = theirs if theirs_t == node.outputs[0] else [dim.axis]
-        entries = trace_vector(ctx.graph, node, 1)
-        for axis in y_axes:
-            reason = rewritable(entries, axis)
-            if reason:
-                links.add(Freeze(dim, f"Reshape '{node.name}' target: {reason}"))
+        reason = rewritable(trace_vector(ctx.graph, node, 1), y_axis)
+        if reason:
+            links.add(Freeze(dim, f"Reshape '{node.name}' target: {reason}"))
 
     def rewrite(self, node, cut):
         if node.op_type != "Reshape":

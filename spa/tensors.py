@@ -1,0 +1,112 @@
+"""Initializer values without copying large models into memory.
+
+Models with external data (at least ``LAZY_BYTES`` of it; by default any) load *lazily*:
+their tensors keep an ``external_data`` reference, rewritten to the absolute
+path of a file that was checked to sit inside the model's folder. Values are
+then memory-mapped on demand and never held, and models are written back one
+tensor at a time, so peak memory stays near the size of what the cut creates.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+LAZY_BYTES = int(os.environ.get("SPA_LAZY_BYTES", 0))
+INLINE_LIMIT = 1024  # tensors smaller than this many bytes stay inside the .onnx file
+
+ITEM_SIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+             onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
+             onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT8: 1,
+             onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1}
+
+
+def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def is_lazy(model: onnx.ModelProto) -> bool:
+    """True when some tensor still refers to its data on disk (a lazily loaded model)."""
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's value: a read-only memory map for lazy external data, else an array."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    entries = external_entries(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(int(d) for d in tensor.dims)
+    if not np.prod(shape, dtype=np.int64):
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(entries["location"], dtype=dtype, mode="r", offset=int(entries.get("offset", 0)),
+                     shape=shape)
+
+
+def shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything but the initializers (copying those would duplicate the weights)."""
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    return out
+
+
+def _copy_field(target, field, value) -> None:
+    repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+Transform = Callable[[str, np.ndarray], np.ndarray]
+
+
+def write_external(model: onnx.ModelProto, folder: Path, name: str, transform: Transform | None = None) -> Path:
+    """Write ``folder/name`` and ``folder/name.data``, streaming one tensor at a time.
+
+    ``transform(name, array)`` may change each initializer on the way (soft pruning
+    zeroes slices this way without materialising a second copy of the model).
+    """
+    data_name = f"{name}.data"
+    out = shell(model)
+    with open(folder / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            value = to_array(tensor)
+            if transform is not None:
+                value = transform(tensor.name, value)
+            if value.nbytes < INLINE_LIMIT:
+                out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), tensor.name))
+                continue
+            padding = -data.tell() % 4096  # page-aligned, so readers can map tensors directly
+            data.write(b"\0" * padding)
+            offset = data.tell()
+            _write_array(data, value)
+            stub = out.graph.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(value.shape)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, entry in (("location", data_name), ("offset", str(offset)), ("length", str(value.nbytes))):
+                item = stub.external_data.add()
+                item.key, item.value = key, entry
+            del value
+    path = folder / name
+    path.write_bytes(out.SerializeToString())
+    return path
+
+
+def _write_array(handle, value: np.ndarray, chunk: int = 64 << 20) -> None:
+    flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, chunk):
+        handle.write(flat[start:start + chunk].tobytes())
