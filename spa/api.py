@@ -22,7 +22,7 @@ from .groups import Analysis, Group, find_groups
 from .load import canonicalize, infer_shapes, load_model
 from .metrics import count
 from .plan import Plan, make_plan
-from .tensors import is_lazy, write_external
+from .tensors import is_lazy, write_beside_data, write_external
 from .validate import Validation, latency, oversized_input, sample_inputs, validate
 
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
@@ -88,6 +88,8 @@ class PruneReport:
 class PruneResult:
     model: onnx.ModelProto
     report: PruneReport
+    # for models with external data, the cut tensors live in this folder (removed with the result)
+    workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -156,14 +158,17 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     plan = make_plan(analysis, scores, ratio, global_rank, round_to)
     timer.lap("score")
     _say(progress, "cut")
-    hard = infer_shapes(apply_plan(prepared.model, graph, analysis, plan, opset))
+    workdir = tempfile.TemporaryDirectory(prefix="spa-") if is_lazy(prepared.model) else None
+    spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
+    hard = infer_shapes(apply_plan(prepared.model, graph, analysis, plan, opset, spill=spill))
     # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
     wanted = soft or (check and not is_lazy(prepared.model))
     soft_model = apply_plan(prepared.model, graph, analysis, plan, opset, soft=True) if wanted else None
     timer.lap("cut")
     validation = Validation()
     if check:
-        validation = _validate(prepared, analysis, plan, hard, soft_model, seed, bench, tuple(custom_ops), progress)
+        validation = _validate(prepared, analysis, plan, hard, soft_model, seed, bench, tuple(custom_ops), progress,
+                               Path(workdir.name) if workdir else None)
         timer.lap("validate")
     before, after = count(graph), count(ModelGraph(hard))
     report = PruneReport(
@@ -176,7 +181,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups])
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
-    return PruneResult(infer_shapes(soft_model) if soft else hard, report)
+    return PruneResult(infer_shapes(soft_model) if soft else hard, report, workdir)
 
 
 class _Timer:
@@ -201,14 +206,14 @@ def _score(analysis: Analysis, criterion: str, seed: int, progress: Progress | N
 
 
 def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed: int, bench: bool,
-              custom_ops: tuple[str, ...], progress: Progress | None) -> Validation:
+              custom_ops: tuple[str, ...], progress: Progress | None, workdir: Path | None) -> Validation:
     dense, graph = prepared.model, prepared.graph
     oversized = oversized_input(dense)
     if oversized:
         raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
     _say(progress, "validate")
     validation = _prove(prepared, analysis, plan, hard, soft_model, seed,
-                        lambda done, total: _say(progress, "validate", done, total), custom_ops)
+                        lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir)
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
     if bench and validation.ok and not is_lazy(dense):  # two large sessions at once would double memory
@@ -226,31 +231,27 @@ def _custom_op_hint(graph: ModelGraph, custom_ops) -> str:
 
 
 def _prove(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed, step,
-           custom_ops) -> Validation:
-    """Validate in memory, or through files in a temporary folder for lazily loaded models."""
+           custom_ops, workdir: Path | None) -> Validation:
+    """Validate in memory, or through files in ``workdir`` for models with external data."""
     dense, graph, opset = prepared.model, prepared.graph, prepared.opset
     exact_ids = [gid for gid in plan.removed if analysis.group(gid).exact]
-    lazy = is_lazy(dense)
-    with tempfile.TemporaryDirectory(prefix="spa-validate-") as tmp:
-        def source(model: onnx.ModelProto, name: str, transform=None):
-            return write_external(model, Path(tmp), name, transform) if lazy else model
-
-        hard_source = source(hard, "pruned.onnx")
-        if len(exact_ids) == len(plan.removed):
-            hard_exact = hard_source
-            exact_plan = plan
-        else:  # compare only what is meant to be equal: the exact groups' cut
-            exact_plan = plan.restricted_to(exact_ids)
-            hard_exact = source(infer_shapes(apply_plan(dense, graph, analysis, exact_plan, opset)), "exact.onnx")
-            soft_model = None
+    lazy = workdir is not None
+    hard_source = write_beside_data(hard, workdir, "pruned.onnx") if lazy else hard
+    exact_plan, hard_exact = plan, hard_source
+    if len(exact_ids) < len(plan.removed):  # compare only what is meant to be equal: the exact groups' cut
+        exact_plan, soft_model = plan.restricted_to(exact_ids), None
+        spill = workdir / "exact.onnx.data" if lazy else None
+        hard_exact = infer_shapes(apply_plan(dense, graph, analysis, exact_plan, opset, spill=spill))
         if lazy:
-            soft = source(dense, "soft.onnx", soft_transform(graph, analysis, exact_plan))
-        else:
-            soft = soft_model or apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
-        if not exact_ids:
-            hard_exact = soft = None
-        return validate(prepared.path if lazy else dense, hard_source, soft, hard_exact,
-                        removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops)
+            hard_exact = write_beside_data(hard_exact, workdir, "exact.onnx")
+    if lazy:
+        soft = write_external(dense, workdir, "soft.onnx", soft_transform(graph, analysis, exact_plan))
+    else:
+        soft = soft_model or apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
+    if not exact_ids:
+        hard_exact = soft = None
+    return validate(prepared.path if lazy else dense, hard_source, soft, hard_exact,
+                    removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops)
 
 
 def _layers(analysis: Analysis, group: Group) -> list[str]:

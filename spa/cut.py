@@ -7,15 +7,18 @@ model is checked against.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from .graph import ModelGraph, Node
 from .groups import Analysis
 from .plan import Plan
 from .rules import Dim, RuleContext, rule_for
-from .tensors import shell
+from .tensors import TensorWriter, shell, to_array
 
 
 class CutContext(RuleContext):
@@ -86,18 +89,29 @@ def soft_transform(graph: ModelGraph, analysis: Analysis, plan: Plan):
 
 
 def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, plan: Plan, opset: int,
-               soft: bool = False) -> onnx.ModelProto:
+               soft: bool = False, spill: Path | None = None) -> onnx.ModelProto:
+    """The cut model. With ``spill`` (a data file path), every external tensor is streamed
+    there and the model refers to it, so a large model's cut never sits in memory."""
     cut = CutContext(graph, opset, analysis, plan)
     out = shell(model)
     new_shapes: dict[str, tuple[int, ...]] = {}
     recipe = pruned_initializers(graph, analysis, plan)
-    for tensor in model.graph.initializer:
-        if tensor.name in recipe:  # one tensor at a time: never two copies of the weights
-            value = _cut_array(graph.const(tensor.name), recipe[tensor.name], soft)
-            new_shapes[tensor.name] = value.shape
-            out.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
-        else:
-            out.graph.initializer.append(tensor)
+    writer = TensorWriter(spill, absolute=True) if spill is not None else None
+    try:
+        for tensor in model.graph.initializer:
+            if tensor.name in recipe:  # one tensor at a time: never two copies of the weights
+                value = _cut_array(graph.const(tensor.name), recipe[tensor.name], soft)
+                new_shapes[tensor.name] = value.shape
+                out.graph.initializer.append(writer.add(tensor.name, tensor.data_type, value) if writer
+                                             else numpy_helper.from_array(value, tensor.name))
+                del value
+            elif writer and uses_external_data(tensor):  # onnxruntime reads one folder: gather it all
+                out.graph.initializer.append(writer.add(tensor.name, tensor.data_type, to_array(tensor)))
+            else:
+                out.graph.initializer.append(tensor)
+    finally:
+        if writer:
+            writer.close()
     if soft:
         return out
     touched = {dim.tensor for dim in cut.pruned_dims}

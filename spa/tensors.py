@@ -73,35 +73,56 @@ def _copy_field(target, field, value) -> None:
 Transform = Callable[[str, np.ndarray], np.ndarray]
 
 
+class TensorWriter:
+    """Appends tensors to one data file (page-aligned) and hands back their TensorProtos.
+
+    ``absolute`` references (used for spa's own scratch files) keep the result lazily
+    readable wherever the model proto travels; relative ones are for files users get.
+    """
+
+    def __init__(self, path: Path, absolute: bool = False):
+        self.path = Path(path)
+        self.handle = open(self.path, "wb")
+        self.location = str(self.path.resolve()) if absolute else self.path.name
+
+    def add(self, name: str, data_type: int, value: np.ndarray) -> onnx.TensorProto:
+        if value.nbytes < INLINE_LIMIT:
+            return numpy_helper.from_array(np.asarray(value), name)
+        padding = -self.handle.tell() % 4096  # page-aligned, so readers can map tensors directly
+        self.handle.write(b"\0" * padding)
+        offset = self.handle.tell()
+        _write_array(self.handle, value)
+        stub = onnx.TensorProto()
+        stub.name, stub.data_type = name, data_type
+        stub.dims.extend(value.shape)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, entry in (("location", self.location), ("offset", str(offset)), ("length", str(value.nbytes))):
+            item = stub.external_data.add()
+            item.key, item.value = key, entry
+        return stub
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def write_external(model: onnx.ModelProto, folder: Path, name: str, transform: Transform | None = None) -> Path:
     """Write ``folder/name`` and ``folder/name.data``, streaming one tensor at a time.
 
     ``transform(name, array)`` may change each initializer on the way (soft pruning
     zeroes slices this way without materialising a second copy of the model).
     """
-    data_name = f"{name}.data"
     out = shell(model)
-    with open(folder / data_name, "wb") as data:
+    writer = TensorWriter(Path(folder) / f"{name}.data")
+    try:
         for tensor in model.graph.initializer:
             value = to_array(tensor)
             if transform is not None:
                 value = transform(tensor.name, value)
-            if value.nbytes < INLINE_LIMIT:
-                out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), tensor.name))
-                continue
-            padding = -data.tell() % 4096  # page-aligned, so readers can map tensors directly
-            data.write(b"\0" * padding)
-            offset = data.tell()
-            _write_array(data, value)
-            stub = out.graph.initializer.add()
-            stub.name, stub.data_type = tensor.name, tensor.data_type
-            stub.dims.extend(value.shape)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            for key, entry in (("location", data_name), ("offset", str(offset)), ("length", str(value.nbytes))):
-                item = stub.external_data.add()
-                item.key, item.value = key, entry
+            out.graph.initializer.append(writer.add(tensor.name, tensor.data_type, value))
             del value
-    path = folder / name
+    finally:
+        writer.close()
+    path = Path(folder) / name
     path.write_bytes(out.SerializeToString())
     return path
 
@@ -110,3 +131,23 @@ def _write_array(handle, value: np.ndarray, chunk: int = 64 << 20) -> None:
     flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
     for start in range(0, flat.size, chunk):
         handle.write(flat[start:start + chunk].tobytes())
+
+
+def write_beside_data(model: onnx.ModelProto, folder: Path, name: str) -> Path:
+    """Write only the proto, next to data files it already refers to by absolute path.
+
+    Used for spa's scratch copies: the cut already streamed its tensors into ``folder``,
+    so onnxruntime can load the model from there without the weights being written twice.
+    """
+    folder = Path(folder).resolve()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # cheap: the big tensors are references, not data
+    for tensor in out.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and Path(entry.value).is_absolute():
+                if Path(entry.value).parent != folder:
+                    raise ValueError(f"tensor {tensor.name} is stored outside {folder}")
+                entry.value = Path(entry.value).name
+    path = folder / name
+    path.write_bytes(out.SerializeToString())
+    return path

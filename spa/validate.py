@@ -87,6 +87,8 @@ def session(model: "Source", threads: int = 0, custom_ops: tuple[str, ...] = ())
         options.intra_op_num_threads = threads
     for library in custom_ops:
         options.register_custom_ops_library(str(library))
+    if not isinstance(model, onnx.ModelProto):  # a large model: packed weight copies would double it
+        options.add_session_config_entry("session.disable_prepacking", "1")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

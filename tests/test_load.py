@@ -155,9 +155,9 @@ def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
 
     g = Graph()
     x = g.input("x", ["batch", 3, 6, 6])
-    h = g.op("Relu", [g.conv(x, 3, 8)])
-    g.output(g.conv(h, 8, 2))
-    g.output(g.conv(x, 3, 2))  # input and output both frozen: this weight is never cut
+    h = g.op("Relu", [g.conv(x, 3, 32)])
+    g.output(g.conv(h, 32, 2))
+    g.output(g.conv(x, 3, 2, k=7))  # input and output both frozen: this weight is never cut
     path = tmp_path / "big.onnx"
     onnx.save(g.build(), str(path), save_as_external_data=True, location="big.onnx.data", size_threshold=0)
     monkeypatch.setattr(spa.load, "LAZY_BYTES", 1)
