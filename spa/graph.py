@@ -15,8 +15,8 @@ import onnx
 
 from .tensors import to_array
 
-Size = int | str | None
-_CACHE_LIMIT = 1 << 20  # int: static; str: symbolic (dim_param); None: unknown
+Size = int | str | None  # int: static; str: symbolic (dim_param); None: unknown
+_CACHE_LIMIT = 1 << 20  # constants up to 1 MiB are cached; weights are read on demand
 
 
 @dataclass(frozen=True)

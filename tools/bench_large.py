@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         return done.returncode
     data = json.loads(report.read_text())
     out_size = sum(p.stat().st_size for p in out.parent.glob(out.name + "*"))
-    print(f"\n| model on disk | pruned on disk | params | wall time | peak RSS | peak / size |")
+    print("\n| model on disk | pruned on disk | params | wall time | peak RSS | peak / size |")
     print("|---|---|---|---|---|---|")
     print(f"| {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | {data['params_before'] / 1e6:.0f}M -> "
           f"{data['params_after'] / 1e6:.0f}M | {seconds:.0f} s | {peak / 2**30:.2f} GiB | {peak / size:.2f}x |")

@@ -237,8 +237,6 @@ def _small_models():
 
 
 def _build(name: str):
-    import torch
-
     if name in TORCHVISION:
         tv = import_torchvision()
         builder = getattr(tv.models.segmentation if name.startswith(("fcn", "lraspp")) else tv.models, name)
