@@ -150,6 +150,48 @@ def analyze(model, exclude, approximate, json_path, verbose, debug):
     _run(debug, action)
 
 
+@main.command(name="bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--providers", default="cpu", show_default=True,
+              help="Comma-separated execution providers (cpu, cuda, tensorrt, ...); each is measured.")
+@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: onnxruntime's default).")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Size of symbolic (dynamic) axes.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=AxBxC",
+              help="Full shape of one input (for dynamic axes other than batch).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench_command(models, providers, threads, warmup, runs, batch, input_shapes, json_path, debug):
+    """Latency of MODEL, or of DENSE and PRUNED measured alternately, on onnxruntime."""
+    from .bench import bench, parse_shapes, resolve_providers
+
+    def action():
+        shapes = parse_shapes(list(input_shapes))
+        results = [bench(list(models), provider, threads, warmup, runs, batch, shapes)
+                   for provider in resolve_providers([p.strip() for p in providers.split(",") if p.strip()])]
+        if json_path:
+            check_output_path(json_path, list(models), True)
+            _write_json(json_path, {"models": [str(m) for m in models],
+                                    "results": [r.as_dict() for r in results]})
+        click.echo(_bench_table(results))
+
+    _run(debug, action)
+
+
+def _bench_table(results) -> str:
+    lines = ["| provider | threads | batch | model | median ms | p90 ms | samples/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for label, t in r.timings.items():
+            lines.append(f"| {r.provider} | {r.threads or 'default'} | {r.batch} | {label} | {t.median_ms:.3f} | "
+                         f"{t.p90_ms:.3f} | {t.throughput:.1f} |")
+    speedups = [f"{r.provider}: {r.speedup:.2f}x" for r in results if r.speedup is not None]
+    if speedups:
+        lines.append("speedup (dense / pruned median): " + ", ".join(speedups))
+    return "\n".join(lines)
+
+
 def _human(n: int) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:

@@ -60,12 +60,15 @@ def oversized_input(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def sample_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
-    """Deterministic inputs for every graph input; symbolic axes get ``batch``."""
+def sample_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 1,
+                  shapes: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Deterministic inputs for every graph input; symbolic axes get ``batch`` unless ``shapes`` says."""
     rng = np.random.default_rng(seed)
     types = {info.name: info.type.tensor_type for info in model.graph.input}
     feeds = {}
-    for name, shape in input_shapes(model, batch).items():
+    for name, shape in {**input_shapes(model, batch), **(shapes or {})}.items():
+        if name not in types:
+            continue
         tensor_type = types[name]
         dtype = _NUMPY_OF.get(tensor_type.elem_type, np.float32)
         if np.issubdtype(dtype, np.floating):

@@ -1,0 +1,53 @@
+"""spa bench: alternating dense/pruned latency on onnxruntime providers."""
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from spa.bench import bench
+from spa.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "pruned.onnx"
+    assert CliRunner().invoke(main, ["prune", str(EXAMPLE), "-o", str(out), "-q", "--no-bench"]).exit_code == 0
+    return out
+
+
+def test_pair_reports_median_p90_throughput_and_speedup(pruned, tmp_path):
+    report = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(EXAMPLE), str(pruned), "--runs", "10", "--warmup", "2",
+                                       "--threads", "1", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "| CPUExecutionProvider | 1 | 1 | dense |" in result.output and "speedup" in result.output
+    data = json.loads(report.read_text())["results"][0]
+    dense, small = data["timings"]["dense"], data["timings"]["pruned"]
+    assert data["runs"] == 10 and dense["p90_ms"] >= dense["median_ms"] > 0
+    assert data["speedup"] == pytest.approx(dense["median_ms"] / small["median_ms"])
+    assert dense["throughput"] == pytest.approx(1000 / dense["median_ms"])
+
+
+def test_input_shape_sets_dynamic_axes():
+    result = bench([EXAMPLE], runs=3, warmup=0, shapes={"image": [4, 3, 32, 32]})
+    assert result.batch == 4
+    timing = next(iter(result.timings.values()))
+    assert timing.throughput == pytest.approx(4000 / timing.median_ms)
+
+
+@pytest.mark.parametrize("args", [["--providers", "no-such-provider"], ["--input-shape", "image=2xA"],
+                                  ["--runs", "0"]])
+def test_bad_options_are_usage_errors(args):
+    result = CliRunner().invoke(main, ["bench", str(EXAMPLE), *args])
+    assert result.exit_code == 2 and result.output.startswith("spa: error:")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="onnxruntime-gpu is not installed")
+def test_cuda_provider(pruned):
+    result = bench([EXAMPLE, pruned], provider="CUDAExecutionProvider", runs=10)
+    assert result.provider == "CUDAExecutionProvider" and result.speedup > 0
