@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 EXPORTERS = ("legacy", "dynamo")
-ZOO_VERSION = 1  # bump when an export changes, so cached zoos are rebuilt
+ZOO_VERSION = 2  # bump when an export changes, so cached zoos are rebuilt
 
 # name -> input side length; torchvision builds them with weights=None
 TORCHVISION = {
@@ -305,7 +305,8 @@ def export(name: str, exporter: str, out_dir: Path) -> Path:
 
 
 def _randomise_norms(model) -> None:
-    """Fresh BatchNorms are identities; random statistics make the zoo's numerics meaningful."""
+    """Fresh BatchNorms are identities and ConvNeXt's layer scales start at 1e-6, which would hide
+    whole branches below float32 precision; random values make soft == hard a real check."""
     import torch
 
     with torch.no_grad():
@@ -315,6 +316,9 @@ def _randomise_norms(model) -> None:
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.2, 0.2)
+            scale = getattr(module, "layer_scale", None)
+            if isinstance(scale, torch.nn.Parameter):
+                scale.uniform_(0.5, 1.5)
 
 
 def _finish(tmp: Path, path: Path) -> None:
