@@ -23,7 +23,8 @@ from .load import canonicalize, infer_shapes, load_model
 from .metrics import count
 from .plan import Plan, make_plan
 from .tensors import is_lazy, write_beside_data, write_external
-from .validate import Validation, latency, oversized_input, sample_inputs, validate
+from .bench import latency
+from .validate import Validation, oversized_input, sample_inputs, validate
 
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
 Progress = Callable[[str, int, int], None]

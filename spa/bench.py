@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelLoadError, UsageError
-from .validate import MAX_INPUT_ELEMENTS, sample_inputs
+from .validate import MAX_INPUT_ELEMENTS, sample_inputs, session
 
 _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                      "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -120,16 +120,7 @@ def bench(models: list[str | os.PathLike], provider: str = "CPUExecutionProvider
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such file")
     feeds = _feeds(paths[0], batch, shapes or {}, seed)
-    sessions = [_session(p, provider, threads) for p in paths]
-    for sess in sessions:
-        for _ in range(warmup):
-            sess.run(None, feeds)
-    samples: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for k, sess in enumerate(sessions):
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            samples[k].append((time.perf_counter() - start) * 1000)
+    samples = _alternate([_session(p, provider, threads) for p in paths], feeds, warmup, runs)
     first = next(iter(feeds.values()), None)
     samples_per_run = int(first.shape[0]) if first is not None and first.ndim else 1
     result = BenchResult(provider, threads, samples_per_run, runs, warmup)
@@ -140,3 +131,25 @@ def bench(models: list[str | os.PathLike], provider: str = "CPUExecutionProvider
         result.timings[label] = Timing(median, float(np.percentile(values, 90)), float(values.mean()),
                                        samples_per_run * 1000.0 / median)
     return result
+
+
+def _alternate(sessions, feeds, warmup: int, runs: int) -> list[list[float]]:
+    """Milliseconds per run of each session, the sessions taking turns (A B A B)."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for k, sess in enumerate(sessions):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            samples[k].append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def latency(models: dict[str, onnx.ModelProto], feeds, runs: int = 20, warmup: int = 3,
+            threads: int = 0, custom_ops: tuple[str, ...] = ()) -> dict[str, float]:
+    """Median ms per in-memory model, measured alternately: the quick figure `spa prune` prints."""
+    sessions = [session(m, threads, custom_ops) for m in models.values()]
+    samples = _alternate(sessions, feeds, warmup, runs)
+    return {name: float(np.median(times)) for name, times in zip(models, samples)}

@@ -53,6 +53,14 @@ class CutContext(RuleContext):
     def pruned_dims(self) -> dict[Dim, np.ndarray]:
         return self._kept
 
+    def initializer_cuts(self) -> dict[str, list[tuple[int, np.ndarray]]]:
+        """For each initializer that loses indices: (axis, indices kept) pairs."""
+        by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for dim, keep in sorted(self._kept.items()):
+            if self.graph.is_initializer(dim.tensor):
+                by_tensor.setdefault(dim.tensor, []).append((dim.axis, keep))
+        return by_tensor
+
     # edits -----------------------------------------------------------------
     def set_attr(self, node: Node, name: str, value) -> None:
         self.attr_changes.setdefault(node.name, {})[name] = value
@@ -72,19 +80,9 @@ class CutContext(RuleContext):
         edits[position] = value
 
 
-def pruned_initializers(graph: ModelGraph, analysis: Analysis, plan: Plan) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """For each initializer that loses indices: (axis, indices kept) pairs."""
-    cut = CutContext(graph, 0, analysis, plan)
-    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for dim, keep in sorted(cut.pruned_dims.items()):
-        if graph.is_initializer(dim.tensor):
-            by_tensor.setdefault(dim.tensor, []).append((dim.axis, keep))
-    return by_tensor
-
-
 def soft_transform(graph: ModelGraph, analysis: Analysis, plan: Plan):
     """Zero the plan's slices tensor by tensor, for writing a soft model without holding it."""
-    recipe = pruned_initializers(graph, analysis, plan)
+    recipe = CutContext(graph, 0, analysis, plan).initializer_cuts()
     return lambda name, value: _cut_array(value, recipe[name], soft=True) if name in recipe else value
 
 
@@ -95,7 +93,7 @@ def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, pl
     cut = CutContext(graph, opset, analysis, plan)
     out = shell(model)
     new_shapes: dict[str, tuple[int, ...]] = {}
-    recipe = pruned_initializers(graph, analysis, plan)
+    recipe = cut.initializer_cuts()
     writer = TensorWriter(spill, absolute=True) if spill is not None else None
     try:
         for tensor in model.graph.initializer:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
@@ -205,22 +204,6 @@ def _run(sess, feeds) -> dict[str, np.ndarray]:
 
 def _same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
-
-
-def latency(models: dict[str, onnx.ModelProto], feeds, runs: int = 20, warmup: int = 3,
-            threads: int = 0, custom_ops: tuple[str, ...] = ()) -> dict[str, float]:
-    """Median latency in ms per model; runs alternate between models so drift hits all alike."""
-    sessions = {k: session(m, threads, custom_ops) for k, m in models.items()}
-    for sess in sessions.values():
-        for _ in range(warmup):
-            sess.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            times[key].append((time.perf_counter() - start) * 1000)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _line(exc: BaseException) -> str:
