@@ -114,6 +114,18 @@ def test_matmul_against_constant_weight():
     prune_exact(model, 0.5)
 
 
+def test_contraction_with_an_activation_of_unknown_width_freezes_the_weight_too():
+    # BERT's head merge reaches the output projection with an unknown last axis: the weight's
+    # input side must not shrink on its own
+    g = Graph()
+    x = g.input("x", [2, 5, "k"])
+    w = g.weight(6, 12)
+    g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, w])]), g.weight(12, 4)]))
+    analysis = analysis_of(g.build())
+    assert "unknown" in group_at(analysis, w, 0).frozen
+    assert group_at(analysis, w, 1).frozen is None
+
+
 @pytest.mark.parametrize("norm", ["BatchNormalization", "InstanceNormalization"])
 def test_per_channel_norms_slice_their_parameters(norm):
     g = Graph()

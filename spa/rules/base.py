@@ -166,13 +166,16 @@ class LinkSet:
             return
         na, nb = self.ctx.size(a), self.ctx.size(b)
         if na is None or nb is None:
-            self.out.append(Freeze(a, f"size of {b if nb is None else a} is unknown"))
+            reason = f"size of {b if nb is None else a} is unknown"
         elif na != nb:
             if nb == 1 or na == 1:
                 return  # broadcast: nothing to remove on the size-1 side
-            self.out.append(Freeze(a, f"{a} and {b} have different sizes {na} and {nb}"))
+            reason = f"{a} and {b} have different sizes {na} and {nb}"
         else:
             self.out.append(identity(a, b, na, exact))
+            return
+        # both sides: the one asked about may be either, and an uncoupled partner must not shrink alone
+        self.out.extend((Freeze(a, reason), Freeze(b, reason)))
 
     def add(self, item: Outcome) -> None:
         self.out.append(item)
