@@ -274,9 +274,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         inferred = skeleton
     if _unknown_count(inferred) > 0:
         try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=False)
+            symbolic = _symbolic_shapes(inferred)
             if symbolic is not None and _unknown_count(symbolic) < _unknown_count(inferred):
                 inferred = symbolic
         except Exception:
@@ -286,6 +284,19 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         if not ours.type.tensor_type.HasField("shape") and theirs.type.tensor_type.HasField("shape"):
             ours.CopyFrom(theirs)
     return model
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic inference, driven here because its ``infer_shapes`` throws away a
+    partial result and, when it does, saves the model into the current directory."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    engine = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
+    engine._preprocess(model)
+    while engine.run_:
+        engine._infer_impl()
+    engine._update_output_from_vi()
+    return engine.out_mp_
 
 
 def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
