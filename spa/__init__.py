@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .api import AnalysisReport, PruneReport, PruneResult, analyze, prune  # noqa: E402
 from .errors import ModelLoadError, OutputError, SpaError, UsageError, ValidationError  # noqa: E402
+from .report import Report, build_report, render_html  # noqa: E402
 
-__all__ = ["analyze", "prune", "AnalysisReport", "PruneReport", "PruneResult", "SpaError", "UsageError",
-           "ModelLoadError", "ValidationError", "OutputError", "__version__"]
+__all__ = ["analyze", "prune", "build_report", "render_html", "AnalysisReport", "PruneReport", "PruneResult",
+           "Report", "SpaError", "UsageError", "ModelLoadError", "ValidationError", "OutputError", "__version__"]
