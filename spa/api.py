@@ -20,10 +20,12 @@ from .errors import ModelLoadError, UsageError, ValidationError
 from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
 from .load import canonicalize, infer_shapes, load_model
-from .metrics import count
+from .metrics import ModelStats, count
 from .plan import Plan, make_plan
+from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
+                     reach_structural)
 from .tensors import is_lazy, write_beside_data, write_external
-from .bench import latency
+from .bench import compare, resolve_providers
 from .validate import Validation, oversized_input, sample_inputs, validate
 
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
@@ -78,6 +80,8 @@ class PruneReport:
     validation: Validation
     seconds: dict[str, float]
     groups: list[GroupReport]
+    target: TargetOutcome | None = None  # how the ratio was searched, when a target was given
+    round_to_auto: RoundToOutcome | None = None  # what --round-to auto measured
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -131,10 +135,18 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
 
 
 def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "l2", *,
-          global_rank: bool = False, round_to: int = 1, exclude: tuple[str, ...] = (), soft: bool = False,
-          approximate: bool = False, seed: int = 0, check: bool = True, bench: bool = False,
+          global_rank: bool = False, round_to: int | str = 1, target_flops: float | None = None,
+          target_params: float | None = None, target_latency: float | None = None,
+          exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
+          check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
           custom_ops: tuple[str, ...] = (), progress: Progress | None = None) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
+
+    A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
+    dense model's figure) replaces ``ratio`` with the ratio found to meet it: FLOPs and params
+    are counted on candidate cuts, latency is timed on the first of ``providers``.
+    ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
+    ``bench`` times dense and pruned on the CPU and on every provider named.
 
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
@@ -146,8 +158,10 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(sorted(CRITERIA))})")
-    if round_to < 1:
-        raise UsageError(f"--round-to must be at least 1, got {round_to}")
+    if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
+        raise UsageError(f"--round-to must be 'auto' or a whole number of at least 1, got {round_to}")
+    target = _target(target_flops, target_params, target_latency)
+    provider_names = resolve_providers(list(providers) or ["cpu"])
     timer = _Timer()
     prepared = _prepare(model_or_path, progress)
     graph, opset = prepared.graph, prepared.opset
@@ -156,8 +170,23 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     analysis = find_groups(graph, opset, tuple(exclude), approximate)
     timer.lap("group")
     scores = _score(analysis, criterion, seed, progress)
-    plan = make_plan(analysis, scores, ratio, global_rank, round_to)
     timer.lap("score")
+    before = count(graph)
+    candidates = _Candidates(prepared, analysis, scores, global_rank, before)
+    rounding, outcome = None, None
+    if target is not None or round_to == "auto":
+        _say(progress, "search")
+        meter = None
+        if round_to == "auto" or target.metric == "latency":
+            meter = candidates.meter(provider_names[0], threads, custom_ops, seed)
+        if round_to == "auto":
+            probe_ratio = ratio if target is None else candidates.structural_guess(target, 1)
+            rounding = pick_round_to(probe_ratio, candidates.hard, meter)
+            round_to = rounding.chosen
+        outcome = candidates.reach(target, round_to, meter) if target else None
+        ratio = outcome.ratio if outcome else ratio
+        timer.lap("search")
+    plan = make_plan(analysis, scores, ratio, global_rank, round_to)
     _say(progress, "cut")
     workdir = tempfile.TemporaryDirectory(prefix="spa-") if is_lazy(prepared.model) else None
     spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
@@ -168,10 +197,13 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     timer.lap("cut")
     validation = Validation()
     if check:
-        validation = _validate(prepared, analysis, plan, hard, soft_model, seed, bench, tuple(custom_ops), progress,
+        validation = _validate(prepared, analysis, plan, hard, soft_model, seed, tuple(custom_ops), progress,
                                Path(workdir.name) if workdir else None)
+        if bench:
+            validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
+                                            tuple(custom_ops))
         timer.lap("validate")
-    before, after = count(graph), count(ModelGraph(hard))
+    after = count(ModelGraph(hard))
     report = PruneReport(
         model=prepared.name,
         options={"ratio": ratio, "criterion": criterion, "global": global_rank, "round_to": round_to,
@@ -179,10 +211,73 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
         flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
-        groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups])
+        groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups],
+        target=outcome, round_to_auto=rounding)
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
     return PruneResult(infer_shapes(soft_model) if soft else hard, report, workdir)
+
+
+def _target(flops: float | None, params: float | None, latency: float | None) -> Target | None:
+    given = [Target(metric, value) for metric, value in (("flops", flops), ("params", params),
+                                                          ("latency", latency)) if value is not None]
+    if len(given) > 1:
+        raise UsageError("give one target at a time (--target-flops, --target-params or --target-latency)")
+    return given[0] if given else None
+
+
+class _Candidates:
+    """Candidate cuts of one scored model, for the searches of :mod:`spa.search`."""
+
+    def __init__(self, prepared: _Prepared, analysis: Analysis, scores: dict[int, np.ndarray],
+                 global_rank: bool, dense: ModelStats):
+        self.prepared, self.analysis, self.scores, self.global_rank, self.dense = (prepared, analysis, scores,
+                                                                                   global_rank, dense)
+
+    def plan(self, ratio: float, round_to: int) -> Plan:
+        return make_plan(self.analysis, self.scores, ratio, self.global_rank, round_to)
+
+    def hard(self, ratio: float, round_to: int) -> onnx.ModelProto:
+        p = self.prepared
+        return apply_plan(p.model, p.graph, self.analysis, self.plan(ratio, round_to), p.opset)
+
+    def kept(self, metric: str, ratio: float, round_to: int) -> float:
+        """The fraction of the dense FLOPs or params a candidate keeps, counted on a weightless cut."""
+        p = self.prepared
+        cut = apply_plan(p.model, p.graph, self.analysis, self.plan(ratio, round_to), p.opset, shapes_only=True)
+        stats = count(ModelGraph(infer_shapes(cut)))
+        return getattr(stats, metric) / max(getattr(self.dense, metric), 1)
+
+    def structural_guess(self, target: Target, round_to: int) -> float:
+        """The ratio meeting a FLOPs or params target; for latency, the ratio keeping that share of
+        FLOPs, the usual first guess (latency seldom falls faster than FLOPs)."""
+        metric = "flops" if target.metric == "latency" else target.metric
+        return reach_structural(metric, target.fraction, lambda r: self.kept(metric, r, round_to)).ratio
+
+    def meter(self, provider: str, threads: int, custom_ops: tuple[str, ...], seed: int) -> LatencyMeter:
+        if is_lazy(self.prepared.model):
+            raise UsageError("--target-latency and --round-to auto time the model in memory; models with "
+                             "external data are not supported by them yet")
+        return LatencyMeter(self.prepared.model, sample_inputs(self.prepared.model, seed), provider, threads,
+                            custom_ops)
+
+    def reach(self, target: Target, round_to: int, meter: LatencyMeter | None) -> TargetOutcome:
+        if target.metric != "latency":
+            return reach_structural(target.metric, target.fraction,
+                                    lambda r: self.kept(target.metric, r, round_to))
+        guess = self.structural_guess(target, round_to)
+        return reach_latency(target.fraction, lambda r: meter.fraction(self.hard(r, round_to)), guess,
+                             meter.provider)
+
+
+def _latencies(prepared: _Prepared, hard: onnx.ModelProto, validation: Validation, providers: list[str],
+               threads: int, seed: int, custom_ops: tuple[str, ...]) -> list[dict]:
+    """Dense vs pruned median latency on the CPU and every provider named."""
+    if not validation.ok or is_lazy(prepared.model):  # two large sessions at once would double memory
+        return []
+    feeds = sample_inputs(prepared.model, seed)
+    names = list(dict.fromkeys(["CPUExecutionProvider", *providers]))
+    return [compare(prepared.model, hard, feeds, name, threads, custom_ops=custom_ops).as_dict() for name in names]
 
 
 class _Timer:
@@ -206,7 +301,7 @@ def _score(analysis: Analysis, criterion: str, seed: int, progress: Progress | N
     return scores
 
 
-def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed: int, bench: bool,
+def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed: int,
               custom_ops: tuple[str, ...], progress: Progress | None, workdir: Path | None) -> Validation:
     dense, graph = prepared.model, prepared.graph
     oversized = oversized_input(dense)
@@ -217,9 +312,6 @@ def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_mo
                         lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir)
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
-    if bench and validation.ok and not is_lazy(dense):  # two large sessions at once would double memory
-        feeds = sample_inputs(dense, seed)
-        validation.latency_ms = latency({"dense": dense, "pruned": hard}, feeds, custom_ops=custom_ops)
     return validation
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelLoadError, UsageError
-from .validate import MAX_INPUT_ELEMENTS, sample_inputs, session
+from .validate import MAX_INPUT_ELEMENTS, sample_inputs
 
 _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                      "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -91,7 +91,10 @@ def _feeds(model_path: Path, batch: int, shapes: dict[str, list[int]], seed: int
     return feeds
 
 
-def _session(path: Path, provider: str, threads: int):
+def timing_session(source: onnx.ModelProto | Path, provider: str = "CPUExecutionProvider", threads: int = 0,
+                   custom_ops: tuple[str, ...] = ()):
+    """A session as deployments open one: full graph optimisation, on ``provider`` with the CPU
+    provider behind it for ops the accelerator lacks (onnxruntime's own placement)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -100,11 +103,17 @@ def _session(path: Path, provider: str, threads: int):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    for library in custom_ops:
+        options.register_custom_ops_library(str(library))
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    in_memory = isinstance(source, onnx.ModelProto)
     try:
-        return ort.InferenceSession(str(path), options, providers=[provider])
+        return ort.InferenceSession(source.SerializeToString() if in_memory else str(source), options,
+                                    providers=providers)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: onnxruntime cannot open it: {str(exc).strip().splitlines()[0][:200]}") \
-            from exc
+        where = "the model" if in_memory else str(source)
+        raise ModelLoadError(f"{where}: onnxruntime cannot open it on {provider}: "
+                             f"{str(exc).strip().splitlines()[0][:200]}") from exc
 
 
 def bench(models: list[str | os.PathLike], provider: str = "CPUExecutionProvider", threads: int = 0,
@@ -120,7 +129,7 @@ def bench(models: list[str | os.PathLike], provider: str = "CPUExecutionProvider
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such file")
     feeds = _feeds(paths[0], batch, shapes or {}, seed)
-    samples = _alternate([_session(p, provider, threads) for p in paths], feeds, warmup, runs)
+    samples = _alternate([timing_session(p, provider, threads) for p in paths], feeds, warmup, runs)
     first = next(iter(feeds.values()), None)
     samples_per_run = int(first.shape[0]) if first is not None and first.ndim else 1
     result = BenchResult(provider, threads, samples_per_run, runs, warmup)
@@ -147,9 +156,26 @@ def _alternate(sessions, feeds, warmup: int, runs: int) -> list[list[float]]:
     return samples
 
 
-def latency(models: dict[str, onnx.ModelProto], feeds, runs: int = 20, warmup: int = 3,
-            threads: int = 0, custom_ops: tuple[str, ...] = ()) -> dict[str, float]:
-    """Median ms per in-memory model, measured alternately: the quick figure `spa prune` prints."""
-    sessions = [session(m, threads, custom_ops) for m in models.values()]
-    samples = _alternate(sessions, feeds, warmup, runs)
-    return {name: float(np.median(times)) for name, times in zip(models, samples)}
+@dataclass
+class LatencyPair:
+    """The quick dense-vs-pruned figure `spa prune` reports, per execution provider."""
+
+    provider: str
+    threads: int
+    dense_ms: float
+    pruned_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.pruned_ms
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def compare(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds, provider: str = "CPUExecutionProvider",
+            threads: int = 0, runs: int = 20, warmup: int = 3, custom_ops: tuple[str, ...] = ()) -> LatencyPair:
+    """Median ms of two in-memory models on one provider, measured alternately."""
+    sessions = [timing_session(m, provider, threads, custom_ops) for m in (dense, pruned)]
+    dense_ms, pruned_ms = (float(np.median(t)) for t in _alternate(sessions, feeds, warmup, runs))
+    return LatencyPair(provider, threads, dense_ms, pruned_ms)

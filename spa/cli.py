@@ -18,7 +18,7 @@ from .api import analyze as api_analyze
 from .api import output_path_for
 from .api import prune as api_prune
 from .criteria import CRITERIA
-from .errors import EXIT_INTERNAL, SpaError
+from .errors import EXIT_INTERNAL, SpaError, UsageError
 from .io import check_output_path, save_model, write_bytes_atomic
 
 
@@ -68,6 +68,19 @@ def _run(debug: bool, action) -> None:
         sys.exit(EXIT_INTERNAL)
 
 
+def _round_to(value: str) -> int | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--round-to expects a whole number or 'auto', got '{value}'") from None
+
+
+def _provider_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 def _write_json(path: Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
@@ -84,35 +97,49 @@ def main() -> None:
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="Fraction of each group's channels to remove.")
 @click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l2", show_default=True)
 @click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups, not per group.")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts at multiples of N.")
+@click.option("--round-to", default="1", show_default=True, metavar="N|auto",
+              help="Keep channel counts at multiples of N; 'auto' times candidates and keeps the fastest.")
+@click.option("--target-flops", type=float, metavar="F", help="Prune to this fraction of the dense FLOPs.")
+@click.option("--target-params", type=float, metavar="F", help="Prune to this fraction of the dense params.")
+@click.option("--target-latency", type=float, metavar="F",
+              help="Prune to this fraction of the dense latency, timed on the first of --providers.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
 @click.option("--approximate", is_flag=True, help="Also prune groups where removal is not equal to zeroing.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
-@click.option("--bench/--no-bench", default=True, show_default=True, help="Measure CPU latency, dense vs pruned.")
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="Measure latency, dense vs pruned, on the CPU and on --providers.")
+@click.option("--providers", default="cpu", show_default=True,
+              help="Comma-separated execution providers to time on (cpu, cuda, tensorrt, ...).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Intra-op threads for timing (0: onnxruntime's default).")
 @click.option("--custom-ops", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="onnxruntime custom-op library to load for validation (never loaded otherwise).")
 @click.option("--write-unchanged", is_flag=True, help="Write the output even when nothing is prunable.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def prune(model, output, ratio, criterion, global_rank, round_to, exclude, soft, approximate, seed, json_path,
-          no_validate, bench, custom_ops, write_unchanged, force, quiet, debug):
+def prune(model, output, ratio, criterion, global_rank, round_to, target_flops, target_params, target_latency,
+          exclude, soft, approximate, seed, json_path, no_validate, bench, providers, threads, custom_ops,
+          write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
 
     def action():
+        multiple = _round_to(round_to)
         target = output or output_path_for(model, soft)
         check_output_path(target, [model], force)
         if json_path:
             check_output_path(json_path, [model, target], True)
         stages = _Stages(quiet)
         try:
-            result = api_prune(model, ratio, criterion, global_rank=global_rank, round_to=round_to,
-                               exclude=tuple(exclude), soft=soft, approximate=approximate, seed=seed,
-                               check=not no_validate, bench=bench and not no_validate,
-                               custom_ops=tuple(custom_ops), progress=stages)
+            result = api_prune(model, ratio, criterion, global_rank=global_rank, round_to=multiple,
+                               target_flops=target_flops, target_params=target_params,
+                               target_latency=target_latency, exclude=tuple(exclude), soft=soft,
+                               approximate=approximate, seed=seed, check=not no_validate,
+                               bench=bench and not no_validate, providers=_provider_list(providers),
+                               threads=threads, custom_ops=tuple(custom_ops), progress=stages)
             report = result.report.as_dict()
             nothing = result.report.groups_prunable == 0 and not write_unchanged
             if not nothing:
@@ -169,12 +196,40 @@ def bench_command(models, providers, threads, warmup, runs, batch, input_shapes,
     def action():
         shapes = parse_shapes(list(input_shapes))
         results = [bench(list(models), provider, threads, warmup, runs, batch, shapes)
-                   for provider in resolve_providers([p.strip() for p in providers.split(",") if p.strip()])]
+                   for provider in resolve_providers(list(_provider_list(providers)))]
         if json_path:
             check_output_path(json_path, list(models), True)
             _write_json(json_path, {"models": [str(m) for m in models],
                                     "results": [r.as_dict() for r in results]})
         click.echo(_bench_table(results))
+
+    _run(debug, action)
+
+
+@main.command(name="report")
+@click.argument("dense", type=click.Path(path_type=Path))
+@click.argument("pruned", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [PRUNED.report.html].")
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="Measure latency, dense vs pruned, on the CPU and on --providers.")
+@click.option("--providers", default="cpu", show_default=True,
+              help="Comma-separated execution providers to time on (cpu, cuda, tensorrt, ...).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Intra-op threads for timing (0: onnxruntime's default).")
+@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: onnxruntime's default).")
+@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def report_command(dense, pruned, output, bench, threads, runs, force, debug):
+    """A self-contained HTML page comparing DENSE with PRUNED: widths, params, FLOPs, latency, groups."""
+    from .report import build_report, render_html, report_path_for
+
+    def action():
+        target = output or report_path_for(pruned)
+        check_output_path(target, [dense, pruned], force)
+        report = build_report(dense, pruned, bench=bench, threads=threads, runs=runs)
+        write_bytes_atomic(target, render_html(report).encode())
+        click.echo(f"wrote {target}")
 
     _run(debug, action)
 
@@ -216,9 +271,21 @@ def _summary(r: dict) -> str:
                 else f"{'equal' if v['soft_equal'] else 'DIFFERENT'} (rel. err {v['soft_max_rel_error']:.1e})")
         lines.append(f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
                      f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}")
-    if v["latency_ms"]:
-        d, p = v["latency_ms"]["dense"], v["latency_ms"]["pruned"]
-        lines.append(f"latency (CPU, median): {d:.2f} ms -> {p:.2f} ms ({d / p:.2f}x)")
+    for pair in v["latency"]:
+        where = pair["provider"].replace("ExecutionProvider", "")
+        threads = f", {pair['threads']} thread{'s' if pair['threads'] > 1 else ''}" if pair["threads"] else ""
+        lines.append(f"latency ({where}{threads}, median): {pair['dense_ms']:.2f} ms -> {pair['pruned_ms']:.2f} ms "
+                     f"({pair['speedup']:.2f}x)")
+    if r["round_to_auto"]:
+        auto = r["round_to_auto"]
+        timed = ", ".join(f"{m}: {ms:.2f} ms" for m, ms in auto["median_ms"].items())
+        lines.append(f"round-to auto: {auto['chosen']} (timed at ratio {auto['ratio']:.3f} on "
+                     f"{auto['provider'].replace('ExecutionProvider', '')}: {timed})")
+    if r["target"]:
+        t = r["target"]
+        state = "met" if t["met"] else "NOT met"
+        lines.append(f"target: {t['metric']} {t['goal']:g} of dense -> {t['achieved']:.3f} at ratio {t['ratio']:.4f} "
+                     f"({state}; {len(t['probes'])} candidates measured)")
     if r["output"]:
         lines.append(f"wrote {r['output']}")
     else:

@@ -7,6 +7,7 @@ model is checked against.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ from .groups import Analysis
 from .plan import Plan
 from .rules import Dim, RuleContext, rule_for
 from .tensors import TensorWriter, shell, to_array
+
+
+# shape inference reads small tensors' values (they may be shape constants): those are always cut for real
+_SMALL = 4096
 
 
 class CutContext(RuleContext):
@@ -87,9 +92,13 @@ def soft_transform(graph: ModelGraph, analysis: Analysis, plan: Plan):
 
 
 def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, plan: Plan, opset: int,
-               soft: bool = False, spill: Path | None = None) -> onnx.ModelProto:
+               soft: bool = False, spill: Path | None = None, shapes_only: bool = False) -> onnx.ModelProto:
     """The cut model. With ``spill`` (a data file path), every external tensor is streamed
-    there and the model refers to it, so a large model's cut never sits in memory."""
+    there and the model refers to it, so a large model's cut never sits in memory.
+
+    ``shapes_only`` gives cut weights their new dims but no data: enough to count params and
+    FLOPs of a candidate plan (target searches) without touching the weights.
+    """
     cut = CutContext(graph, opset, analysis, plan)
     out = shell(model)
     new_shapes: dict[str, tuple[int, ...]] = {}
@@ -97,7 +106,9 @@ def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, pl
     writer = TensorWriter(spill, absolute=True) if spill is not None else None
     try:
         for tensor in model.graph.initializer:
-            if tensor.name in recipe:  # one tensor at a time: never two copies of the weights
+            if shapes_only and tensor.name in recipe and math.prod(tensor.dims) > _SMALL:
+                out.graph.initializer.append(_dims_only(tensor, recipe[tensor.name]))
+            elif tensor.name in recipe:  # one tensor at a time: never two copies of the weights
                 value = _cut_array(graph.const(tensor.name), recipe[tensor.name], soft)
                 new_shapes[tensor.name] = value.shape
                 out.graph.initializer.append(writer.add(tensor.name, tensor.data_type, value) if writer
@@ -121,6 +132,15 @@ def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, pl
     _fix_declared_shapes(out, new_shapes)
     del out.graph.value_info[:]
     return out
+
+
+def _dims_only(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> onnx.TensorProto:
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type)
+    dims = list(tensor.dims)
+    for axis, keep in axes:
+        dims[axis] = len(keep)
+    stub.dims.extend(dims)
+    return stub
 
 
 def _cut_array(value: np.ndarray, axes: list[tuple[int, np.ndarray]], soft: bool) -> np.ndarray:

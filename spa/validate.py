@@ -28,7 +28,7 @@ class Validation:
     soft_equal: bool | None = None  # None: no exact group was pruned, nothing to compare
     soft_max_rel_error: float | None = None
     dense_equal: bool | None = None  # only checked when nothing was removed
-    latency_ms: dict = field(default_factory=dict)
+    latency: list[dict] = field(default_factory=list)  # dense vs pruned per provider (spa.bench.LatencyPair)
     problems: list[str] = field(default_factory=list)
 
     @property
