@@ -372,6 +372,6 @@ def _side(op: str, index: int, axis: int, node) -> str:
     return ""
 
 
-def output_path_for(path: Path, soft: bool) -> Path:
-    suffix = ".soft.onnx" if soft else ".pruned.onnx"
+def output_path_for(path: Path, soft: bool, extension: str = ".onnx") -> Path:
+    suffix = (".soft" if soft else ".pruned") + extension
     return path.with_name(path.name[: -len(".onnx")] + suffix if path.name.endswith(".onnx") else path.name + suffix)

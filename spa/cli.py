@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from .api import output_path_for
 from .api import prune as api_prune
 from .criteria import CRITERIA
 from .errors import EXIT_INTERNAL, SpaError, UsageError
-from .io import check_output_path, save_model, write_bytes_atomic
+from .export import Fp16RangeWarning, export
+from .io import check_output_path, write_bytes_atomic
 
 
 class _Stages:
@@ -117,18 +119,23 @@ def main() -> None:
               help="Intra-op threads for timing (0: onnxruntime's default).")
 @click.option("--custom-ops", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="onnxruntime custom-op library to load for validation (never loaded otherwise).")
+@click.option("--format", "out_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+              help="Output format: ONNX, or onnxruntime's ORT format for mobile.")
+@click.option("--fp16", is_flag=True, help="Convert the pruned model to float16 (validated against float32).")
+@click.option("--fp16-io", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="With --fp16: element type of the model's inputs and outputs.")
 @click.option("--write-unchanged", is_flag=True, help="Write the output even when nothing is prunable.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def prune(model, output, ratio, criterion, global_rank, round_to, target_flops, target_params, target_latency,
           exclude, soft, approximate, seed, json_path, no_validate, bench, providers, threads, custom_ops,
-          write_unchanged, force, quiet, debug):
+          out_format, fp16, fp16_io, write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
 
     def action():
         multiple = _round_to(round_to)
-        target = output or output_path_for(model, soft)
+        target = output or output_path_for(model, soft, "." + out_format)
         check_output_path(target, [model], force)
         if json_path:
             check_output_path(json_path, [model, target], True)
@@ -142,11 +149,19 @@ def prune(model, output, ratio, criterion, global_rank, round_to, target_flops, 
                                threads=threads, custom_ops=tuple(custom_ops), progress=stages)
             report = result.report.as_dict()
             nothing = result.report.groups_prunable == 0 and not write_unchanged
+            checks = []
             if not nothing:
                 stages("save")
-                save_model(result.model, target)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", Fp16RangeWarning)
+                    checks = export(result.model, target, ort_format=out_format == "ort", fp16=fp16,
+                                    fp16_io=fp16_io, seed=seed, check=not no_validate)
+                for warning in caught:
+                    if not quiet:
+                        click.echo(f"spa: warning: {warning.message}", err=True)
         finally:
             stages.finish()
+        report["export"] = [c.as_dict() for c in checks]
         report["output"] = None if nothing else str(target)
         if json_path:
             _write_json(json_path, report)
@@ -286,6 +301,8 @@ def _summary(r: dict) -> str:
         state = "met" if t["met"] else "NOT met"
         lines.append(f"target: {t['metric']} {t['goal']:g} of dense -> {t['achieved']:.3f} at ratio {t['ratio']:.4f} "
                      f"({state}; {len(t['probes'])} candidates measured)")
+    for check in r["export"]:
+        lines.append(f"{check['target']}: {check['summary']}")
     if r["output"]:
         lines.append(f"wrote {r['output']}")
     else:
