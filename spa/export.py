@@ -401,7 +401,7 @@ def _session_io(sess) -> tuple:
             [(o.name, o.type, o.shape) for o in sess.get_outputs()])
 
 
-def export(model: onnx.ModelProto, target: Path, *, ort_format: bool = False, fp16: bool = False,
+def export(model: onnx.ModelProto, target: str | os.PathLike, *, ort_format: bool = False, fp16: bool = False,
            fp16_io: str = "float32", seed: int = 0, check: bool = True) -> list[ExportCheck]:
     """Convert a (validated) pruned model as asked, validate each conversion, and write it
     atomically to ``target``: ``.onnx`` (external data beside it when large) or ORT format.
@@ -409,6 +409,7 @@ def export(model: onnx.ModelProto, target: Path, *, ort_format: bool = False, fp
     Returns the checks that ran, in order; raises ``ValidationError`` when one fails (nothing is
     written then) and ``OutputError`` when writing fails.
     """
+    target = Path(target)
     if fp16_io not in FP16_IO:
         raise UsageError(f"--fp16-io must be one of {', '.join(FP16_IO)}, got '{fp16_io}'")
     checks = []
