@@ -1,11 +1,31 @@
-"""Params and FLOPs against counts worked out by hand."""
+"""Params and FLOPs against counts worked out by hand.
+
+A multiply-add is 2 FLOPs; symbolic axes count as 1 (see spa/metrics.py for every constant).
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from builder import Graph
 from spa.api import _prepare
+from spa.graph import ModelGraph
 from spa.metrics import count
 
 
 def stats(model):
     return count(_prepare(model, None).graph)
+
+
+def flops_of(model, op_type):
+    """FLOPs of the model's nodes of ``op_type``."""
+    return sum(n.flops for n in stats(model).nodes if n.op_type == op_type)
+
+
+def contrib(g: Graph) -> onnx.ModelProto:
+    model = g.build()
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
 
 
 def test_conv_gemm_matmul_counts():
@@ -24,6 +44,24 @@ def test_conv_gemm_matmul_counts():
     gemm = 2 * 10 * 256 + 10
     matmul = 2 * 5 * 10
     assert s.flops == conv + depthwise + gemm + matmul
+    assert s.node_flops == {"Conv_2": conv, "Conv_4": depthwise, "Gemm_8": gemm, "MatMul_10": matmul}
+    assert s.per_op_type() == {"Conv": conv + depthwise, "Gemm": gemm, "MatMul": matmul}
+
+
+def test_grouped_conv_with_stride_dilation_and_pads_uses_the_inferred_output():
+    g = Graph()
+    x = g.input("x", [1, 8, 15, 15])
+    g.output(g.op("Conv", [x, g.weight(6, 4, 3, 3), g.weight(6)], group=2, strides=[2, 2], dilations=[2, 2],
+                  pads=[1, 1, 1, 1]))
+    out = (15 + 2 - 2 * (3 - 1) - 1) // 2 + 1  # 7
+    assert stats(g.build()).flops == 2 * (6 * out * out) * (4 * 3 * 3) + 6 * out * out
+
+
+def test_depthwise_conv_with_multiplier():
+    g = Graph()
+    x = g.input("x", [1, 4, 8, 8])
+    g.output(g.op("Conv", [x, g.weight(8, 1, 3, 3)], group=4, pads=[1, 1, 1, 1]))  # 2 outputs per channel
+    assert stats(g.build()).flops == 2 * (8 * 8 * 8) * (1 * 3 * 3)
 
 
 def test_symbolic_batch_counts_per_sample():
@@ -38,3 +76,367 @@ def test_conv_transpose_counts_per_input_element():
     x = g.input("x", [1, 4, 3, 3])
     g.output(g.op("ConvTranspose", [x, g.weight(4, 2, 2, 2)], strides=[2, 2]))
     assert stats(g.build()).flops == 2 * (4 * 3 * 3) * (2 * 2 * 2)
+
+
+def test_grouped_conv_transpose_with_bias():
+    g = Graph()
+    x = g.input("x", [1, 4, 3, 3])
+    g.output(g.op("ConvTranspose", [x, g.weight(4, 3, 2, 2), g.weight(6)], strides=[2, 2], group=2))  # 6 outputs
+    assert stats(g.build()).flops == 2 * (4 * 3 * 3) * (3 * 2 * 2) + 6 * 6 * 6
+
+
+def test_gemm_with_transposed_operands():
+    g = Graph()
+    a = g.input("a", [6, 3])  # transA: M = 3, K = 6
+    g.output(g.op("Gemm", [a, g.weight(5, 6), g.weight(5)], transA=1, transB=1))  # transB: N = 5
+    assert stats(g.build()).flops == 2 * 3 * 5 * 6 + 3 * 5
+
+
+def test_batched_and_broadcast_matmul():
+    g = Graph()
+    a = g.input("a", [2, 8, 16, 32])
+    b = g.input("b", [2, 8, 32, 16])
+    c = g.input("c", [1, 8, 16, 32])
+    d = g.input("d", [2, 1, 32, 16])
+    g.output(g.op("MatMul", [a, b]))
+    g.output(g.op("MatMul", [c, d]))  # batch broadcasts to [2, 8]
+    g.output(g.op("MatMul", [a, g.weight(32, 4)]))
+    assert stats(g.build()).flops == 2 * (2 * 8 * 16 * 16) * 32 * 2 + 2 * (2 * 8 * 16 * 4) * 32
+
+
+def test_integer_matmul_counts_and_its_int8_weight_is_a_param():
+    g = Graph()
+    a = g.input("a", [4, 6], TensorProto.UINT8)
+    w = g.const(np.ones((6, 3), np.int8))
+    g.output(g.op("MatMulInteger", [a, w]))
+    model = g.build()
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.INT32
+    s = stats(model)
+    assert (s.flops, s.params) == (2 * 4 * 3 * 6, 6 * 3)
+
+
+@pytest.mark.parametrize("equation", ["bhqd,bhkd->bhqk", "...qd,...kd->...qk", "bhqd,bhkd"])
+def test_einsum_attention_scores(equation):
+    g = Graph(opset=13)
+    q = g.input("q", [2, 4, 8, 16])
+    k = g.input("k", [2, 4, 10, 16])
+    g.output(g.op("Einsum", [q, k], equation=equation))
+    # implicit output ("bhqd,bhkd" -> "kq": the labels used once) sums b, h and d: the same index space
+    assert stats(g.build()).flops == 2 * 2 * 4 * 8 * 10 * 16
+
+
+def test_einsum_reduction_of_one_operand():
+    g = Graph(opset=13)
+    x = g.input("x", [3, 5])
+    g.output(g.op("Einsum", [x], equation="ij->i"))
+    assert stats(g.build()).flops == 3 * 5
+
+
+def _scores(b, heads, s, length, d_qk, d_v):
+    """QK^T, then 1 (scale) + 5 (softmax) per score, then AV."""
+    return 2 * b * s * length * d_qk + 6 * b * heads * s * length + 2 * b * s * length * d_v
+
+
+def test_decomposed_attention_equals_fused_onnx_attention():
+    b, heads, s, length, head = 2, 4, 8, 10, 16
+    g = Graph(opset=23)
+    q = g.input("q", [b, heads, s, head])
+    k = g.input("k", [b, heads, length, head])
+    v = g.input("v", [b, heads, length, head])
+    scores = g.op("Div", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), g.const(np.float32(4))])
+    g.output(g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v]))
+    g.output(g.op("Attention", [q, k, v]))
+    model = g.build()
+    model.ir_version = 11
+    s_ = stats(model)
+    expected = _scores(b, heads, s, length, heads * head, heads * head)
+    assert flops_of(model, "Softmax") == 5 * b * heads * s * length
+    assert s_.flops - flops_of(model, "Attention") == expected
+    assert flops_of(model, "Attention") == expected
+
+
+def test_onnx_attention_3d_with_grouped_kv_and_cache():
+    g = Graph(opset=23)
+    q = g.input("q", [1, 6, 8 * 4])  # 8 query heads of 4
+    k = g.input("k", [1, 6, 2 * 4])  # 2 kv heads
+    v = g.input("v", [1, 6, 2 * 4])
+    past_k = g.input("pk", [1, 2, 10, 4])
+    past_v = g.input("pv", [1, 2, 10, 4])
+    g.output(g.op("Attention", [q, k, v, "", past_k, past_v], n_out=3, q_num_heads=8, kv_num_heads=2)[0])
+    model = g.build()
+    model.ir_version = 11
+    assert stats(model).flops == _scores(1, 8, 6, 6 + 10, 8 * 4, 8 * 4)
+
+
+def test_contrib_attention_includes_input_projection():
+    b, s, hidden, heads = 2, 8, 16, 4
+    g = Graph()
+    x = g.input("x", [b, s, hidden])
+    g.output(g.op("Attention", [x, g.weight(hidden, 3 * hidden), g.weight(3 * hidden)], domain="com.microsoft",
+                  num_heads=heads))
+    projection = 2 * b * s * hidden * 3 * hidden + b * s * 3 * hidden
+    assert stats(contrib(g)).flops == projection + _scores(b, heads, s, s, hidden, hidden)
+
+
+def test_contrib_attention_with_qkv_hidden_sizes_and_symbolic_axes():
+    g = Graph()
+    x = g.input("x", ["batch", "seq", 16])
+    g.output(g.op("Attention", [x, g.weight(16, 16 + 16 + 8), g.weight(16 + 16 + 8)], domain="com.microsoft",
+                  num_heads=2, qkv_hidden_sizes=[16, 16, 8]))
+    projection = 2 * 1 * 1 * 16 * (16 + 16 + 8) + 1 * 1 * (16 + 16 + 8)
+    assert stats(contrib(g)).flops == projection + _scores(1, 2, 1, 1, 16, 8)
+
+
+def test_contrib_multi_head_attention_with_bias():
+    b, s, length, hidden, heads = 2, 8, 10, 16, 4
+    g = Graph()
+    q = g.input("q", [b, s, hidden])
+    k = g.input("k", [b, length, hidden])
+    v = g.input("v", [b, length, hidden])
+    g.output(g.op("MultiHeadAttention", [q, k, v, g.weight(3 * hidden)], domain="com.microsoft", num_heads=heads))
+    bias = b * s * hidden + b * length * 2 * hidden
+    assert stats(contrib(g)).flops == bias + _scores(b, heads, s, length, hidden, hidden)
+
+
+def test_contrib_multi_head_attention_packed_qkv():
+    b, s, heads, head = 1, 5, 2, 8
+    g = Graph()
+    qkv = g.input("qkv", [b, s, heads, 3, head])
+    g.output(g.op("MultiHeadAttention", [qkv], domain="com.microsoft", num_heads=heads))
+    assert stats(contrib(g)).flops == _scores(b, heads, s, s, heads * head, heads * head)
+
+
+def test_contrib_group_query_attention_with_cache_and_rotary():
+    b, s, heads, kv_heads, head, past = 1, 8, 4, 2, 16, 12
+    g = Graph()
+    q = g.input("q", [b, s, heads * head])
+    k = g.input("k", [b, s, kv_heads * head])
+    v = g.input("v", [b, s, kv_heads * head])
+    past_k = g.input("past_k", [b, kv_heads, past, head])
+    past_v = g.input("past_v", [b, kv_heads, past, head])
+    seqlens = g.input("seqlens_k", [b], TensorProto.INT32)
+    total = g.input("total", [], TensorProto.INT32)
+    cos = g.input("cos", [past + s, head // 2])
+    sin = g.input("sin", [past + s, head // 2])
+    g.output(g.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin], n_out=3,
+                  domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=1)[0])
+    rotary = 3 * b * s * (heads * head + kv_heads * head)
+    # each query head reads its group's K/V head: as many full heads as queries
+    assert stats(contrib(g)).flops == rotary + _scores(b, heads, s, s + past, heads * head, heads * head)
+
+
+def test_contrib_group_query_attention_packed_qkv():
+    b, s, heads, kv_heads, head = 1, 6, 4, 1, 8
+    g = Graph()
+    qkv = g.input("qkv", [b, s, (heads + 2 * kv_heads) * head])
+    seqlens = g.input("seqlens_k", [b], TensorProto.INT32)
+    total = g.input("total", [], TensorProto.INT32)
+    g.output(g.op("GroupQueryAttention", [qkv, "", "", "", "", seqlens, total], n_out=3, domain="com.microsoft",
+                  num_heads=heads, kv_num_heads=kv_heads)[0])
+    assert stats(contrib(g)).flops == _scores(b, heads, s, s, heads * head, heads * head)
+
+
+N = 2 * 5 * 16  # elements of the [2, 5, 16] tensors below
+
+
+@pytest.mark.parametrize("op, domain, extra_inputs, attrs, per_element", [
+    ("LayerNormalization", "", [[16], [16]], {"axis": -1}, 5 + 1 + 1),  # moments, scale, shift
+    ("LayerNormalization", "", [[16]], {"axis": -1}, 5 + 1),
+    ("BatchNormalization", "", [[5], [5], [5], [5]], {}, 2),
+    ("InstanceNormalization", "", [[5], [5]], {}, 5 + 2),
+    ("Softmax", "", [], {"axis": -1}, 5),
+    ("Gelu", "", [], {}, 5),
+    ("Gelu", "", [], {"approximate": "tanh"}, 9),
+    ("SimplifiedLayerNormalization", "", [[16]], {"axis": -1}, 3 + 1),
+    ("SkipLayerNormalization", "com.microsoft", [[2, 5, 16], [16], [16], [16]], {}, 1 + 5 + 1 + 1 + 1),
+    ("SkipSimplifiedLayerNormalization", "com.microsoft", [[2, 5, 16], [16]], {}, 1 + 3 + 1),
+    ("FastGelu", "com.microsoft", [[16]], {}, 9 + 1),
+    ("BiasGelu", "com.microsoft", [[16]], {}, 1 + 5),
+    ("Gelu", "com.microsoft", [], {}, 5),
+])
+def test_per_element_constants(op, domain, extra_inputs, attrs, per_element):
+    g = Graph(opset=20)
+    x = g.input("x", [2, 5, 16])
+    g.output(g.op(op, [x] + [g.weight(*shape) for shape in extra_inputs], domain=domain, **attrs))
+    assert flops_of(contrib(g), op) == per_element * N
+
+
+def test_without_an_inferred_output_shape_element_wise_ops_use_their_inputs():
+    g = Graph()
+    x, y = g.input("x", [1, 4, 3, 1]), g.input("y", [5])
+    g.output(g.op("Add", [x, y]))
+    g.output(g.op("BatchNormalization", [x] + [g.weight(4) for _ in range(4)]))
+    g.output(g.op("LayerNormalization", [x, g.weight(1)], axis=-1))
+    assert count(ModelGraph(g.build())).flops == 4 * 3 * 5 + 2 * 4 * 3 + (5 + 1) * 4 * 3  # no inference run
+
+
+def test_group_and_rms_normalization():
+    g = Graph(opset=23)
+    x = g.input("x", [2, 4, 3, 3])
+    y = g.op("GroupNormalization", [x, g.weight(4), g.weight(4)], num_groups=2)
+    g.output(g.op("RMSNormalization", [y, g.weight(3)], axis=-1))
+    model = g.build()
+    model.ir_version = 11
+    assert stats(model).flops == (5 + 2) * 2 * 4 * 3 * 3 + (3 + 1) * 2 * 4 * 3 * 3
+
+
+def test_bidirectional_lstm():
+    seq, batch, inputs, hidden = 5, 3, 10, 8
+    g = Graph()
+    x = g.input("x", [seq, batch, inputs])
+    w, r, b = g.weight(2, 4 * hidden, inputs), g.weight(2, 4 * hidden, hidden), g.weight(2, 8 * hidden)
+    g.output(g.op("LSTM", [x, w, r, b], hidden_size=hidden, direction="bidirectional"))
+    # gate products + both bias vectors + 3 sigmoids, 2 tanh, cell update (3), output gate (1)
+    per_step = 2 * 4 * hidden * (inputs + hidden) + 2 * 4 * hidden + 9 * hidden
+    s = stats(g.build())
+    assert s.flops == per_step * seq * batch * 2
+    assert s.params == 2 * 4 * hidden * inputs + 2 * 4 * hidden * hidden + 2 * 8 * hidden
+
+
+def test_lstm_with_peepholes_and_symbolic_sequence():
+    hidden = 4
+    g = Graph()
+    x = g.input("x", ["seq", "batch", 3])
+    args = [x, g.weight(1, 4 * hidden, 3), g.weight(1, 4 * hidden, hidden), "", "", "", "", g.weight(1, 3 * hidden)]
+    g.output(g.op("LSTM", args, hidden_size=hidden))
+    assert stats(g.build()).flops == 2 * 4 * hidden * (3 + hidden) + 9 * hidden + 6 * hidden
+
+
+@pytest.mark.parametrize("linear_before_reset", [0, 1])
+def test_gru(linear_before_reset):
+    seq, batch, inputs, hidden = 4, 2, 6, 5
+    g = Graph()
+    x = g.input("x", [seq, batch, inputs])
+    args = [x, g.weight(1, 3 * hidden, inputs), g.weight(1, 3 * hidden, hidden), g.weight(1, 6 * hidden)]
+    g.output(g.op("GRU", args, hidden_size=hidden, linear_before_reset=linear_before_reset))
+    # gate products + both biases + 2 sigmoids, reset multiply, tanh, h = (1-z)*n + z*h (4)
+    per_step = 2 * 3 * hidden * (inputs + hidden) + 2 * 3 * hidden + 8 * hidden
+    assert stats(g.build()).flops == per_step * seq * batch
+
+
+def test_batch_first_rnn_without_bias():
+    batch, seq, inputs, hidden = 3, 7, 4, 6
+    g = Graph(opset=14)
+    x = g.input("x", [batch, seq, inputs])
+    g.output(g.op("RNN", [x, g.weight(1, hidden, inputs), g.weight(1, hidden, hidden)], hidden_size=hidden, layout=1))
+    assert stats(g.build()).flops == (2 * hidden * (inputs + hidden) + hidden) * seq * batch
+
+
+def test_params_count_a_shared_weight_once_and_int8_weights_but_not_their_scales():
+    g = Graph()
+    x = g.input("x", [1, 8])
+    shared = g.weight(8, 8)
+    h = g.op("MatMul", [g.op("MatMul", [x, shared]), shared])
+    q = g.const(np.arange(24, dtype=np.int8).reshape(8, 3))
+    scale, zero = g.const(np.full(3, 0.1, np.float32)), g.const(np.zeros(3, np.int8))
+    w = g.op("DequantizeLinear", [q, scale, zero], axis=1)
+    g.output(g.op("MatMul", [h, w]))
+    g.const(np.ones(100, np.float32), name="unused")
+    s = stats(g.build())
+    assert s.params == 8 * 8 + 8 * 3
+    assert s.flops == 2 * 8 * 8 * 2 + 2 * 3 * 8
+    assert [(n.op_type, n.params) for n in s.nodes if n.params] == [("MatMul", 64), ("DequantizeLinear", 24)]
+
+
+def test_weights_in_constant_nodes_are_params():
+    g = Graph()
+    x = g.input("x", [1, 4])
+    g.nodes.append(helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(np.ones((4, 2), np.float32))))
+    g.output(g.op("MatMul", [x, "w"]))
+    assert stats(g.build()).params == 4 * 2
+
+
+def _body(nodes, outputs, inputs=()):
+    return helper.make_graph(nodes, "body", list(inputs), [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                           for o in outputs])
+
+
+def _with_body_shapes(model):
+    """spa's inference annotates the main graph only; onnx's annotates bodies too."""
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_if_counts_its_costlier_branch_and_the_weights_of_both():
+    g = Graph()
+    c = g.input("c", [], TensorProto.BOOL)
+    x = g.input("x", [3, 4])
+    w = g.weight(4, 5)
+    local = helper.make_node("Constant", [], ["wl"], value=numpy_helper.from_array(np.ones((4, 5), np.float32)))
+    then = _body([helper.make_node("MatMul", [x, w], ["t0"]), helper.make_node("Relu", ["t0"], ["t"])], ["t"])
+    other = _body([local, helper.make_node("MatMul", [x, "wl"], ["e"])], ["e"])
+    g.output(g.op("If", [c], then_branch=then, else_branch=other))
+    s = stats(_with_body_shapes(g.build()))
+    assert s.flops == 2 * 3 * 5 * 4 + 3 * 5
+    assert s.params == 4 * 5 + 4 * 5
+    assert s.per_op_type() == {"If": s.flops}
+
+
+def test_loop_counts_its_body_once_and_scan_once_per_step():
+    g = Graph()
+    x = g.input("x", [6, 4])
+    w = g.weight(4, 4)
+    state = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 4])
+    row = helper.make_tensor_value_info("r", TensorProto.FLOAT, [4])
+    scan_body = _body([helper.make_node("MatMul", ["h", w], ["hw"]), helper.make_node("Add", ["hw", "r"], ["h2"]),
+                       helper.make_node("Identity", ["h2"], ["out"])], ["h2", "out"], [state, row])
+    h0 = g.input("h0", [1, 4])
+    g.output(g.op("Scan", [h0, x], n_out=2, body=scan_body, num_scan_inputs=1)[0])
+    loop_inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                   helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                   helper.make_tensor_value_info("v", TensorProto.FLOAT, [6, 4])]
+    loop_body = _body([helper.make_node("Identity", ["cond"], ["cond_out"]),
+                       helper.make_node("MatMul", ["v", w], ["v2"])], ["cond_out", "v2"], loop_inputs)
+    loop_body.output[0].type.tensor_type.elem_type = TensorProto.BOOL
+    g.output(g.op("Loop", [g.const(np.int64(3)), g.const(np.bool_(True)), x], body=loop_body))
+    s = stats(_with_body_shapes(g.build()))
+    scan = 6 * (2 * 1 * 4 * 4 + 4)
+    loop = 2 * 6 * 4 * 4
+    assert s.per_op_type() == {"Scan": scan, "Loop": loop}
+    assert s.params == 4 * 4  # read by both bodies, counted once
+
+
+def test_body_nodes_without_shapes_count_zero():
+    g = Graph()
+    c = g.input("c", [], TensorProto.BOOL)
+    x = g.input("x", [3, 4])
+    w = g.weight(4, 5)
+    branch = _body([helper.make_node("MatMul", [x, w], ["t0"]), helper.make_node("Relu", ["t0"], ["t"])], ["t"])
+    g.output(g.op("If", [c], then_branch=branch, else_branch=branch))
+    s = stats(g.build())
+    # spa's inference leaves the body's t0 without a shape: the Relu counts 0, while the MatMul
+    # reads tensors of the enclosing graph, whose shapes are known
+    assert s.flops == 2 * 3 * 5 * 4
+    assert s.params == 4 * 5
+
+
+def test_torch_lstm_and_mlp_match_counts_from_the_modules(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(10, 16, num_layers=2, bidirectional=True)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.ReLU(), torch.nn.Linear(24, 5))
+
+        def forward(self, x):
+            return self.mlp(self.lstm(x)[0])
+
+    seq, batch = 7, 3
+    net = Net().eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.randn(seq, batch, 10),), str(path), dynamo=False)
+    s = count(_prepare(path, None).graph)
+
+    lstm = 0
+    for layer in range(2):
+        inputs = net.lstm.input_size if layer == 0 else 2 * net.lstm.hidden_size
+        h = net.lstm.hidden_size
+        per_step = 2 * 4 * h * (inputs + h) + 2 * 4 * h + 9 * h
+        lstm += per_step * seq * batch * 2
+    rows = seq * batch  # the MLP maps every [seq, batch] position
+    first, second = net.mlp[0], net.mlp[2]
+    mlp = rows * (2 * first.in_features * first.out_features + first.out_features  # MatMul + bias
+                  + first.out_features  # ReLU
+                  + 2 * second.in_features * second.out_features + second.out_features)
+    assert s.flops == lstm + mlp
+    assert s.params == sum(p.numel() for p in net.parameters())
