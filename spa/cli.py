@@ -225,12 +225,7 @@ def bench_command(models, providers, threads, warmup, runs, batch, input_shapes,
 @click.argument("dense", type=click.Path(path_type=Path))
 @click.argument("pruned", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [PRUNED.report.html].")
-@click.option("--bench/--no-bench", default=True, show_default=True,
-              help="Measure latency, dense vs pruned, on the CPU and on --providers.")
-@click.option("--providers", default="cpu", show_default=True,
-              help="Comma-separated execution providers to time on (cpu, cuda, tensorrt, ...).")
-@click.option("--threads", type=int, default=0, show_default=True,
-              help="Intra-op threads for timing (0: onnxruntime's default).")
+@click.option("--bench/--no-bench", default=True, show_default=True, help="Measure CPU latency, dense vs pruned.")
 @click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: onnxruntime's default).")
 @click.option("--runs", type=int, default=50, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
