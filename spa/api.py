@@ -55,13 +55,16 @@ class AnalysisReport:
     params: int
     flops: int
     analysis: Analysis = field(repr=False, compare=False)
+    stats: ModelStats | None = field(default=None, repr=False, compare=False)
 
     @property
     def prunable(self) -> list[GroupReport]:
         return [g for g in self.groups if g.frozen is None and g.channels > 1]
 
     def as_dict(self) -> dict:
+        costs = self.stats or ModelStats(self.params, self.flops)
         return {"model": self.model, "params": self.params, "flops": self.flops,
+                "flops_by_op_type": costs.per_op_type(), "nodes": [asdict(n) for n in costs.nodes],
                 "groups_found": len(self.groups), "groups_prunable": len(self.prunable),
                 "groups": [asdict(g) for g in self.groups]}
 
@@ -131,7 +134,7 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
     analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate)
     stats = count(prepared.graph)
     groups = [GroupReport.of(analysis, g, 0) for g in analysis.groups]
-    return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis)
+    return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats)
 
 
 def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "l2", *,

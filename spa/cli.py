@@ -309,6 +309,10 @@ def _summary(r: dict) -> str:
 def _analysis_text(data: dict, verbose: bool) -> str:
     lines = [f"{data['model']}: {data['groups_found']} groups, {data['groups_prunable']} prunable; "
              f"params {_human(data['params'])}, FLOPs {_human(data['flops'])}"]
+    shares = [f"{op} {100 * flops / data['flops']:.1f}%" for op, flops in data["flops_by_op_type"].items()
+              if data["flops"] and flops / data["flops"] >= 0.001]
+    if shares:
+        lines.append(f"  FLOPs by op: {', '.join(shares)} (--json lists every node)")
     for g in data["groups"]:
         if g["channels"] <= 1 and not verbose:
             continue

@@ -167,3 +167,17 @@ def test_global_ranking_gives_groups_different_ratios(example):
     report = spa.prune(example, ratio=0.4, global_rank=True).report
     ratios = {g.id: g.removed / g.channels for g in report.groups if g.removed}
     assert report.validation.ok and len(set(round(r, 2) for r in ratios.values())) > 1
+
+
+def test_analyze_lists_the_cost_of_every_node(example, tmp_path):
+    report = tmp_path / "analysis.json"
+    result = run("analyze", example, "--json", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    convs = [n for n in onnx.load(str(example)).graph.node if n.op_type == "Conv"]
+    costed = {n["name"]: n for n in data["nodes"]}
+    assert all(costed[c.name]["flops"] > 0 and costed[c.name]["params"] > 0 for c in convs)
+    assert sum(n["flops"] for n in data["nodes"]) == sum(data["flops_by_op_type"].values()) == data["flops"]
+    assert sum(n["params"] for n in data["nodes"]) == data["params"]
+    by_op = data["flops_by_op_type"]
+    assert max(by_op, key=by_op.get) == "Conv" and "FLOPs by op: Conv" in result.output
