@@ -51,3 +51,20 @@ def test_bad_options_are_usage_errors(args):
 def test_cuda_provider(pruned):
     result = bench([EXAMPLE, pruned], provider="CUDAExecutionProvider", runs=10)
     assert result.provider == "CUDAExecutionProvider" and result.speedup > 0
+
+
+def test_prune_refuses_a_provider_that_is_not_installed(tmp_path):
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["prune", str(EXAMPLE), "-o", str(out), "--providers", "cpu,no-such"])
+    assert result.exit_code == 2 and "no-such" in result.output and not out.exists()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="onnxruntime-gpu is not installed")
+def test_prune_times_on_cuda_besides_the_cpu():
+    import spa
+
+    result = spa.prune(EXAMPLE, ratio=0.4, bench=True, providers=("cuda",))
+    timed = {pair["provider"]: pair for pair in result.report.validation.latency}
+    assert set(timed) == {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    assert all(pair["dense_ms"] > 0 and pair["pruned_ms"] > 0 for pair in timed.values())
