@@ -148,11 +148,60 @@ def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
                 if name in rename:
                     node.input[i] = rename[name]
         _rename_in_subgraphs(kept, rename)
+    kept = _fold_small_constants(kept, model, init_names, outputs)
     del graph.node[:]
     graph.node.extend(kept)
     _unique_node_names(graph)
     _unshare_uniform_initializers(graph)
     return model
+
+
+# shape arithmetic that exporters leave in the graph (ConstantOfShape -> Equal -> Where feeding an
+# Expand); onnx's data propagation stops at several of these ops, leaving axes unknown and freezing
+# whole groups. Deterministic ops only, and small tensors only: weights are never folded.
+_FOLDABLE = {"Add", "Sub", "Mul", "Div", "Equal", "Where", "ConstantOfShape", "Cast", "Concat", "Unsqueeze",
+             "Squeeze", "Gather", "Slice", "Reshape", "Range", "Not", "And", "Or", "Less", "Greater",
+             "Neg", "Abs", "Max", "Min", "Expand", "Tile", "ReduceProd", "Floor", "Ceil"}
+_FOLD_LIMIT = 4096
+
+
+def _fold_small_constants(nodes: list, model: onnx.ModelProto, init_names: set[str],
+                          outputs: set[str]) -> list:
+    graph = model.graph
+    small = {t.name: t for t in graph.initializer if _numel(t) <= _FOLD_LIMIT and not uses_external_data(t)}
+    kept = []
+    for node in nodes:
+        values = _folded(node, small, model.opset_import) if (node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx")
+                                           and not set(node.output) & outputs) else None
+        if values is None:
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, values):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(tensor)
+            small[name] = tensor
+            init_names.add(name)
+    return kept
+
+
+def _folded(node: onnx.NodeProto, small: dict[str, onnx.TensorProto], opsets) -> list | None:
+    inputs = [name for name in node.input if name]
+    if not all(name in small for name in inputs) or not node.output:
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: numpy_helper.to_array(small[name]) for name in inputs}
+    graph = onnx.helper.make_graph([node], "fold", [onnx.helper.make_tensor_value_info(n, small[n].data_type, None)
+                                                    for n in inputs],
+                                   [onnx.helper.make_tensor_value_info(o, 0, None) for o in node.output])
+    try:
+        # the model's own opsets: Squeeze, Slice and others changed signature between versions
+        values = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=list(opsets))).run(None, feeds)
+    except Exception:  # whatever the reference cannot evaluate stays an op
+        return None
+    if any(np.asarray(v).size > _FOLD_LIMIT for v in values):
+        return None
+    return values
 
 
 def _unshare_uniform_initializers(graph: onnx.GraphProto) -> None:
