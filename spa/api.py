@@ -26,7 +26,7 @@ from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_r
                      reach_structural)
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
-from .validate import Validation, oversized_input, sample_inputs, validate
+from .validate import Validation, refuse_oversized, sample_inputs, validate
 
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
 Progress = Callable[[str, int, int], None]
@@ -307,9 +307,7 @@ def _score(analysis: Analysis, criterion: str, seed: int, progress: Progress | N
 def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed: int,
               custom_ops: tuple[str, ...], progress: Progress | None, workdir: Path | None) -> Validation:
     dense, graph = prepared.model, prepared.graph
-    oversized = oversized_input(dense)
-    if oversized:
-        raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
+    refuse_oversized(dense)
     _say(progress, "validate")
     validation = _prove(prepared, analysis, plan, hard, soft_model, seed,
                         lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir)

@@ -129,7 +129,7 @@ def bench(models: list[str | os.PathLike], provider: str = "CPUExecutionProvider
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such file")
     feeds = _feeds(paths[0], batch, shapes or {}, seed)
-    samples = _alternate([timing_session(p, provider, threads) for p in paths], feeds, warmup, runs)
+    samples = alternate([timing_session(p, provider, threads) for p in paths], feeds, warmup, runs)
     first = next(iter(feeds.values()), None)
     samples_per_run = int(first.shape[0]) if first is not None and first.ndim else 1
     result = BenchResult(provider, threads, samples_per_run, runs, warmup)
@@ -142,7 +142,7 @@ def bench(models: list[str | os.PathLike], provider: str = "CPUExecutionProvider
     return result
 
 
-def _alternate(sessions, feeds, warmup: int, runs: int) -> list[list[float]]:
+def alternate(sessions, feeds, warmup: int, runs: int) -> list[list[float]]:
     """Milliseconds per run of each session, the sessions taking turns (A B A B)."""
     for sess in sessions:
         for _ in range(warmup):
@@ -177,5 +177,5 @@ def compare(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds, provider: st
             threads: int = 0, runs: int = 20, warmup: int = 3, custom_ops: tuple[str, ...] = ()) -> LatencyPair:
     """Median ms of two in-memory models on one provider, measured alternately."""
     sessions = [timing_session(m, provider, threads, custom_ops) for m in (dense, pruned)]
-    dense_ms, pruned_ms = (float(np.median(t)) for t in _alternate(sessions, feeds, warmup, runs))
+    dense_ms, pruned_ms = (float(np.median(t)) for t in alternate(sessions, feeds, warmup, runs))
     return LatencyPair(provider, threads, dense_ms, pruned_ms)

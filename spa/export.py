@@ -20,8 +20,8 @@ import onnx
 from .errors import OutputError, UsageError, ValidationError
 from .io import save_model
 from .tensors import is_lazy, to_array, write_external
-from .validate import (BENIGN_CHECKER_ERROR, _line, oversized_input, relative_error, sample_inputs,
-                       session)
+from .validate import (BENIGN_CHECKER_ERROR, one_line, outputs_of, refuse_oversized, relative_error,
+                       same_shapes, sample_inputs, session)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -185,21 +185,21 @@ def validate_fp16(fp32_model: onnx.ModelProto, fp16_model: onnx.ModelProto, seed
     """
     result = ExportCheck("float16", FP16_TOLERANCE, clamped=out_of_fp16_range(fp32_model))
     _onnx_check(fp16_model, result)
-    _refuse_oversized(fp32_model)
+    refuse_oversized(fp32_model)
     feeds = sample_inputs(fp32_model, seed)
     watched = _float16_activations(fp16_model)
     try:
         reference, finite_in_fp32 = _run_watching(fp32_model, feeds, watched)
     except Exception as exc:  # onnxruntime raises several unrelated types
-        result.problems.append(f"onnxruntime cannot run the float32 model: {_line(exc)}")
+        result.problems.append(f"onnxruntime cannot run the float32 model: {one_line(exc)}")
         return result
     try:
         outputs, finite_in_fp16 = _run_watching(fp16_model, feeds, watched)
         result.runs = True
     except Exception as exc:
-        result.problems.append(f"onnxruntime cannot run the float16 model: {_line(exc)}")
+        result.problems.append(f"onnxruntime cannot run the float16 model: {one_line(exc)}")
         return result
-    result.io_match = _declared_io(fp32_model) == _declared_io(fp16_model) and _same_shapes(reference, outputs)
+    result.io_match = _declared_io(fp32_model) == _declared_io(fp16_model) and same_shapes(reference, outputs)
     if not result.io_match:
         result.problems.append("input/output names or shapes differ from the float32 model")
     result.overflows = [name for name, finite in finite_in_fp16.items()
@@ -220,13 +220,7 @@ def _onnx_check(model: onnx.ModelProto, result: ExportCheck) -> None:
             result.checker = "checker ok (an output declares no shape)"
             return
         result.checker = "checker failed"
-        result.problems.append(f"onnx checker: {_line(exc)}")
-
-
-def _refuse_oversized(model: onnx.ModelProto) -> None:
-    oversized = oversized_input(model)
-    if oversized:
-        raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
+        result.problems.append(f"onnx checker: {one_line(exc)}")
 
 
 def _float16_activations(fp16_model: onnx.ModelProto) -> set[str]:
@@ -245,7 +239,7 @@ def _run_watching(model: onnx.ModelProto, feeds: dict[str, np.ndarray], watched:
     # declared without a type: onnxruntime gives each tensor its own
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in produced)
     sess = session(probe)
-    values = _run(sess, _feeds_for(sess, feeds))
+    values = outputs_of(sess, _feeds_for(sess, feeds))
     outputs = [info.name for info in model.graph.output]
     return {name: values[name] for name in outputs}, {name: bool(np.isfinite(values[name]).all())
                                                        for name in produced}
@@ -255,11 +249,6 @@ def _feeds_for(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same sample values, cast to float16 where the session takes float16."""
     return {i.name: feeds[i.name].astype(np.float16) if i.type == "tensor(float16)" else feeds[i.name]
             for i in sess.get_inputs()}
-
-
-def _run(sess, feeds) -> dict[str, np.ndarray]:
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
 
 
 def _declared_io(model: onnx.ModelProto) -> tuple:
@@ -272,12 +261,8 @@ def _declared_io(model: onnx.ModelProto) -> tuple:
             [(o.name, shape(o)) for o in model.graph.output])
 
 
-def _same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
-
-
 def _compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], result: ExportCheck) -> None:
-    if not _same_shapes(reference, outputs):
+    if not same_shapes(reference, outputs):
         return  # already reported as an I/O mismatch; values of different shapes do not compare
     if not all(np.isfinite(v).all() for v in outputs.values() if np.issubdtype(v.dtype, np.floating)):
         result.problems.append(f"{result.target} outputs contain inf or NaN")
@@ -345,7 +330,7 @@ def _convert(source: Source, staged: Path, out_path: Path) -> None:
         ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=_NOT_PORTABLE)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise OutputError(f"{out_path}: cannot convert to ORT format ({_line(exc)})") from exc
+        raise OutputError(f"{out_path}: cannot convert to ORT format ({one_line(exc)})") from exc
 
 
 def _fsync(path: Path) -> None:
@@ -370,26 +355,26 @@ def validate_ort(model: Source, ort_path: Path, seed: int = 0) -> ExportCheck:
         result.problems.append(f"{ort_path.name} does not carry the ORT format identifier")
         return result
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-    _refuse_oversized(proto)
+    refuse_oversized(proto)
     feeds = sample_inputs(proto, seed)
     try:
         onnx_session = session(model)
-        reference, onnx_io = _run(onnx_session, feeds), _session_io(onnx_session)
+        reference, onnx_io = outputs_of(onnx_session, feeds), _session_io(onnx_session)
         del onnx_session  # one session of a large model at a time
     except Exception as exc:
-        result.problems.append(f"onnxruntime cannot run the .onnx model: {_line(exc)}")
+        result.problems.append(f"onnxruntime cannot run the .onnx model: {one_line(exc)}")
         return result
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 4
         options.add_session_config_entry("session.load_model_format", "ORT")  # whatever the file is called
         ort_session = ort.InferenceSession(str(ort_path), options, providers=["CPUExecutionProvider"])
-        outputs = _run(ort_session, feeds)
+        outputs = outputs_of(ort_session, feeds)
         result.runs = True
     except Exception as exc:
-        result.problems.append(f"onnxruntime cannot run the ORT file: {_line(exc)}")
+        result.problems.append(f"onnxruntime cannot run the ORT file: {one_line(exc)}")
         return result
-    result.io_match = _session_io(ort_session) == onnx_io and _same_shapes(reference, outputs)
+    result.io_match = _session_io(ort_session) == onnx_io and same_shapes(reference, outputs)
     if not result.io_match:
         result.problems.append("input/output names, types or shapes differ from the .onnx model")
     _compare(reference, outputs, result)

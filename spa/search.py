@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .bench import _alternate, timing_session
+from .bench import alternate, timing_session
 from .errors import UsageError
 
 # the most a target search may remove from each group; every group keeps at least one unit anyway
@@ -149,18 +149,18 @@ class LatencyMeter:
 
     def _runs_for(self, session) -> int:
         """Enough runs for about a second per model (noise falls with the count), 10 to 200."""
-        times = _alternate([session], self.feeds, warmup=2, runs=3)[0]
+        times = alternate([session], self.feeds, warmup=2, runs=3)[0]
         return int(min(200, max(10, math.ceil(1.0 / max(float(np.median(times)) / 1000, 1e-6)))))
 
     def fraction(self, model: onnx.ModelProto) -> float:
         """Median latency of ``model`` over the dense model's, measured alternately."""
         candidate = timing_session(model, self.provider, self.threads, self.custom_ops)
-        dense_ms, model_ms = _alternate([self.dense, candidate], self.feeds, warmup=3, runs=self.runs)
+        dense_ms, model_ms = alternate([self.dense, candidate], self.feeds, warmup=3, runs=self.runs)
         return float(np.median(model_ms) / np.median(dense_ms))
 
     def medians(self, models: list[onnx.ModelProto]) -> list[float]:
         sessions = [timing_session(m, self.provider, self.threads, self.custom_ops) for m in models]
-        return [float(np.median(t)) for t in _alternate(sessions, self.feeds, warmup=3, runs=self.runs)]
+        return [float(np.median(t)) for t in alternate(sessions, self.feeds, warmup=3, runs=self.runs)]
 
 
 def pick_round_to(ratio: float, build: Callable[[float, int], onnx.ModelProto], meter: LatencyMeter) -> RoundToOutcome:

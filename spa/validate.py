@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from .errors import ValidationError
+
 # soft == hard is checked to this relative error (issue 2: below 1e-4)
 SOFT_TOLERANCE = 1e-4
 
@@ -49,6 +51,13 @@ def input_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, list[int]]
     initializers = {t.name for t in model.graph.initializer}
     return {info.name: [d.dim_value if d.HasField("dim_value") else batch for d in info.type.tensor_type.shape.dim]
             for info in model.graph.input if info.name not in initializers}
+
+
+def refuse_oversized(model: onnx.ModelProto) -> None:
+    """Raise ValidationError when an input is too large to materialise for validation."""
+    oversized = oversized_input(model)
+    if oversized:
+        raise ValidationError(f"{oversized}: too large to run for validation (use --no-validate)")
 
 
 def oversized_input(model: onnx.ModelProto) -> str | None:
@@ -96,7 +105,7 @@ def session(model: "Source", threads: int = 0, custom_ops: tuple[str, ...] = ())
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], custom_ops: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    return _run(session(model, custom_ops=custom_ops), feeds)
+    return outputs_of(session(model, custom_ops=custom_ops), feeds)
 
 
 def relative_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:
@@ -158,7 +167,7 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
         dense_out = _run_all(dense, feeds, custom_ops)
         result.dense_runs = True
     except Exception as exc:
-        result.dense_error = f"onnxruntime cannot run the input model: {_line(exc)}"
+        result.dense_error = f"onnxruntime cannot run the input model: {one_line(exc)}"
         result.problems.append(result.dense_error)
         return result
     step(2, total)
@@ -166,11 +175,11 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
         pruned_out = _run_all(pruned, feeds, custom_ops)
         result.runs = True
     except Exception as exc:
-        result.problems.append(f"onnxruntime cannot run the pruned model: {_line(exc)}")
+        result.problems.append(f"onnxruntime cannot run the pruned model: {one_line(exc)}")
         return result
     step(3, total)
     same_inputs = [i.name for i in dense_proto.graph.input] == [i.name for i in _proto(pruned).graph.input]
-    result.io_match = same_inputs and all(_same_shapes(d, p) for d, p in zip(dense_out, pruned_out))
+    result.io_match = same_inputs and all(same_shapes(d, p) for d, p in zip(dense_out, pruned_out))
     if not result.io_match:
         result.problems.append("input/output names or shapes differ from the dense model")
     step(4, total)
@@ -192,21 +201,21 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
 
 def _run_all(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, np.ndarray]]:
     sess = session(source, custom_ops=custom_ops)
-    outputs = [_run(sess, f) for f in feeds]
+    outputs = [outputs_of(sess, f) for f in feeds]
     del sess
     return outputs
 
 
-def _run(sess, feeds) -> dict[str, np.ndarray]:
+def outputs_of(sess, feeds) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def _same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+def same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
 
 
-def _line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """One readable line: onnxruntime prefixes its reason with a C++ source location and signature."""
     text = str(exc).strip().splitlines()
     if not text:
