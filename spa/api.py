@@ -14,16 +14,19 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from .compensate import Compensation, compensate as refit
 from .criteria import CRITERIA, ScoreContext
 from .cut import apply_plan, soft_transform
 from .errors import ModelLoadError, UsageError, ValidationError
 from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
+from .layers import LayerIndex
 from .load import canonicalize, infer_shapes, load_model
 from .metrics import ModelStats, count
 from .plan import Plan, make_plan
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
+from .statistics import Statistics, collect, load_calibration, synthetic_feeds
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
 from .validate import Validation, refuse_oversized, sample_inputs, validate
@@ -85,6 +88,9 @@ class PruneReport:
     groups: list[GroupReport]
     target: TargetOutcome | None = None  # how the ratio was searched, when a target was given
     round_to_auto: RoundToOutcome | None = None  # what --round-to auto measured
+    statistics: dict | None = None  # where layer-input statistics came from (Statistics.summary)
+    compensation: dict | None = None  # what the weight refit did (Compensation.as_dict)
+    fallback_groups: int = 0  # groups a data-aware criterion scored by l2: no linear layer reads them
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -137,8 +143,9 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
     return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats)
 
 
-def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "l2", *,
-          global_rank: bool = False, round_to: int | str = 1, target_flops: float | None = None,
+def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "obspa", *,
+          calib: str | os.PathLike | None = None, calib_samples: int = 128, compensate: bool = True,
+          synthetic_samples: int = 32, global_rank: bool = False, round_to: int | str = 1, target_flops: float | None = None,
           target_params: float | None = None, target_latency: float | None = None,
           exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
           check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
@@ -151,6 +158,11 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
     ``bench`` times dense and pruned on the CPU and on every provider named.
 
+    Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
+    ``calib_samples`` samples are used) feeds the data-driven criteria and compensation. Without
+    it, ``obspa`` and compensation use ``synthetic_samples`` synthetic inputs run through the
+    dense model. ``compensate`` refits the weights left in every layer that loses input channels.
+
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
     input (including a model onnxruntime cannot run) and ``ValidationError``
@@ -161,6 +173,10 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(sorted(CRITERIA))})")
+    if CRITERIA[criterion].data == "calibration" and calib is None:
+        raise UsageError(f"--criterion {criterion} ranks channels by calibration data: give --calib FILE")
+    if calib_samples < 1 or synthetic_samples < 1:
+        raise UsageError("--calib-samples must be at least 1")
     if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
         raise UsageError(f"--round-to must be 'auto' or a whole number of at least 1, got {round_to}")
     target = _target(target_flops, target_params, target_latency)
@@ -172,10 +188,17 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     _say(progress, "group")
     analysis = find_groups(graph, opset, tuple(exclude), approximate)
     timer.lap("group")
-    scores = _score(analysis, criterion, seed, progress)
+    layers = LayerIndex(graph, analysis.labels)
+    wants_data = CRITERIA[criterion].data is not None or compensate
+    statistics = _statistics(prepared, analysis, layers, calib, calib_samples, synthetic_samples, seed,
+                             tuple(custom_ops), progress) if wants_data else None
+    timer.lap("statistics")
+    context = ScoreContext(seed, statistics, layers)
+    scores = _score(analysis, criterion, context, progress)
     timer.lap("score")
     before = count(graph)
-    candidates = _Candidates(prepared, analysis, scores, global_rank, before)
+    normalise = not CRITERIA[criterion].comparable
+    candidates = _Candidates(prepared, analysis, scores, global_rank, before, normalise)
     rounding, outcome = None, None
     if target is not None or round_to == "auto":
         _say(progress, "search")
@@ -189,19 +212,23 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         outcome = candidates.reach(target, round_to, meter) if target else None
         ratio = outcome.ratio if outcome else ratio
         timer.lap("search")
-    plan = make_plan(analysis, scores, ratio, global_rank, round_to)
+    plan = make_plan(analysis, scores, ratio, global_rank, round_to, normalise)
+    weights, compensation = prepared, None
+    if compensate:
+        weights, compensation = _compensate(prepared, analysis, layers, plan, statistics)
+        timer.lap("compensate")
     _say(progress, "cut")
     workdir = tempfile.TemporaryDirectory(prefix="spa-") if is_lazy(prepared.model) else None
     spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
-    hard = infer_shapes(apply_plan(prepared.model, graph, analysis, plan, opset, spill=spill))
+    hard = infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset, spill=spill))
     # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
     wanted = soft or (check and not is_lazy(prepared.model))
-    soft_model = apply_plan(prepared.model, graph, analysis, plan, opset, soft=True) if wanted else None
+    soft_model = apply_plan(weights.model, weights.graph, analysis, plan, opset, soft=True) if wanted else None
     timer.lap("cut")
     validation = Validation()
     if check:
-        validation = _validate(prepared, analysis, plan, hard, soft_model, seed, tuple(custom_ops), progress,
-                               Path(workdir.name) if workdir else None)
+        validation = _validate(prepared, weights, analysis, plan, hard, soft_model, seed, tuple(custom_ops),
+                               progress, Path(workdir.name) if workdir else None)
         if bench:
             validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
                                             tuple(custom_ops))
@@ -209,13 +236,16 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     after = count(ModelGraph(hard))
     report = PruneReport(
         model=prepared.name,
-        options={"ratio": ratio, "criterion": criterion, "global": global_rank, "round_to": round_to,
-                 "exclude": list(exclude), "soft": soft, "approximate": approximate, "seed": seed},
+        options={"ratio": ratio, "criterion": criterion, "calib": str(calib) if calib is not None else None,
+                 "calib_samples": calib_samples, "compensate": compensate, "global": global_rank,
+                 "round_to": round_to, "exclude": list(exclude), "soft": soft, "approximate": approximate,
+                 "seed": seed},
         groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
         flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
         groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups],
-        target=outcome, round_to_auto=rounding)
+        target=outcome, round_to_auto=rounding, statistics=statistics.summary() if statistics else None,
+        compensation=compensation.as_dict() if compensation else None, fallback_groups=len(context.fallbacks))
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
     return PruneResult(infer_shapes(soft_model) if soft else hard, report, workdir)
@@ -233,12 +263,13 @@ class _Candidates:
     """Candidate cuts of one scored model, for the searches of :mod:`spa.search`."""
 
     def __init__(self, prepared: _Prepared, analysis: Analysis, scores: dict[int, np.ndarray],
-                 global_rank: bool, dense: ModelStats):
+                 global_rank: bool, dense: ModelStats, normalise: bool):
         self.prepared, self.analysis, self.scores, self.global_rank, self.dense = (prepared, analysis, scores,
                                                                                    global_rank, dense)
+        self.normalise = normalise
 
     def plan(self, ratio: float, round_to: int) -> Plan:
-        return make_plan(self.analysis, self.scores, ratio, self.global_rank, round_to)
+        return make_plan(self.analysis, self.scores, ratio, self.global_rank, round_to, self.normalise)
 
     def hard(self, ratio: float, round_to: int) -> onnx.ModelProto:
         p = self.prepared
@@ -294,22 +325,86 @@ class _Timer:
         self._last = now
 
 
-def _score(analysis: Analysis, criterion: str, seed: int, progress: Progress | None) -> dict[int, np.ndarray]:
-    context = ScoreContext(seed)
+def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, calib, calib_samples: int,
+                synthetic_samples: int, seed: int, custom_ops: tuple[str, ...],
+                progress: Progress | None) -> Statistics | None:
+    """Input statistics of every linear layer a prunable group feeds: from ``calib``, else synthetic.
+
+    None where the model cannot be run in memory (external data) or onnxruntime refuses it
+    without calibration data: data-free criteria then use the identity Hessian.
+    """
+    wanted = list(dict.fromkeys(layer.activation for group in analysis.prunable_groups
+                                for layer in layers.of_group(group.dims)))
+    if calib is None and (is_lazy(prepared.model) or not wanted):
+        return None
+    _say(progress, "statistics")
+    model = prepared.model
+    if calib is not None:
+        if is_lazy(model):
+            raise UsageError("--calib runs the model in memory; models with external data are not supported yet")
+        feeds = load_calibration(calib, model, calib_samples)
+        try:
+            return collect(model, feeds, wanted, "calibration", seed, custom_ops)
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime could not run the calibration data: {_first_line(exc)}") from None
+    try:
+        refuse_oversized(model)
+        return collect(model, synthetic_feeds(model, synthetic_samples, seed), wanted, "synthetic", seed,
+                       custom_ops)
+    except Exception:  # validation reports a model onnxruntime cannot run; scoring goes on without data
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _compensate(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, plan: Plan,
+                statistics: Statistics | None) -> tuple[_Prepared, Compensation]:
+    if statistics is None:
+        why = "external data" if is_lazy(prepared.model) else "no statistics (onnxruntime could not run the model)"
+        return prepared, Compensation(skipped=[f"all layers: {why}"] if plan.removed else [])
+    model, outcome = refit(prepared.model, analysis, layers, plan, statistics)
+    if model is prepared.model:
+        return prepared, outcome
+    return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path), outcome
+
+
+def _score(analysis: Analysis, criterion: str, context: ScoreContext,
+           progress: Progress | None) -> dict[int, np.ndarray]:
     prunable = analysis.prunable_groups
     scores = {}
     for k, group in enumerate(prunable):
         _say(progress, "score", k, len(prunable))
         scores[group.id] = CRITERIA[criterion](analysis, group, context)
+    if CRITERIA[criterion].comparable:
+        _rescale_fallbacks(scores, context.fallbacks)
     return scores
 
 
-def _validate(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed: int,
-              custom_ops: tuple[str, ...], progress: Progress | None, workdir: Path | None) -> Validation:
+def _rescale_fallbacks(scores: dict[int, np.ndarray], fallbacks: list[int]) -> None:
+    """Put l2-scored groups on the scale of the others' relative losses, so --global treats them
+    like a typical group rather than never or always pruning them."""
+    typical = [float(np.mean(s)) for gid, s in scores.items() if gid not in fallbacks and len(s)]
+    if not typical:
+        return
+    level = float(np.median(typical))
+    for gid in fallbacks:
+        mean = float(np.mean(scores[gid]))
+        if mean > 0:
+            scores[gid] = scores[gid] / mean * level
+
+
+def _validate(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model,
+              seed: int, custom_ops: tuple[str, ...], progress: Progress | None,
+              workdir: Path | None) -> Validation:
     dense, graph = prepared.model, prepared.graph
     refuse_oversized(dense)
     _say(progress, "validate")
-    validation = _prove(prepared, analysis, plan, hard, soft_model, seed,
+    validation = _prove(prepared, weights, analysis, plan, hard, soft_model, seed,
                         lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir)
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
@@ -324,10 +419,14 @@ def _custom_op_hint(graph: ModelGraph, custom_ops) -> str:
     return ""
 
 
-def _prove(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed, step,
-           custom_ops, workdir: Path | None) -> Validation:
-    """Validate in memory, or through files in ``workdir`` for models with external data."""
-    dense, graph, opset = prepared.model, prepared.graph, prepared.opset
+def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed,
+           step, custom_ops, workdir: Path | None) -> Validation:
+    """Validate in memory, or through files in ``workdir`` for models with external data.
+
+    ``weights`` is the model the cut sliced (compensated, or the dense one): the soft reference
+    zeroes its channels, while I/O and runnability are checked against the dense model.
+    """
+    dense, graph, opset = weights.model, weights.graph, prepared.opset
     exact_ids = [gid for gid in plan.removed if analysis.group(gid).exact]
     lazy = workdir is not None
     hard_source = write_beside_data(hard, workdir, "pruned.onnx") if lazy else hard
@@ -344,7 +443,7 @@ def _prove(prepared: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model
         soft = soft_model or apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
     if not exact_ids:
         hard_exact = soft = None
-    return validate(prepared.path if lazy else dense, hard_source, soft, hard_exact,
+    return validate(prepared.path if lazy else prepared.model, hard_source, soft, hard_exact,
                     removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops)
 
 

@@ -97,7 +97,14 @@ def main() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [MODEL.pruned.onnx].")
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="Fraction of each group's channels to remove.")
-@click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l2", show_default=True)
+@click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="obspa", show_default=True,
+              help="How channels are ranked (obs, activation and fluctuation need --calib).")
+@click.option("--calib", type=click.Path(path_type=Path), metavar="PATH",
+              help="Calibration inputs: an .npz of named arrays, or a folder of .npy files.")
+@click.option("--calib-samples", type=int, default=128, show_default=True,
+              help="Use at most this many calibration samples.")
+@click.option("--compensate/--no-compensate", default=True, show_default=True,
+              help="Refit the weights left in layers that lose input channels.")
 @click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups, not per group.")
 @click.option("--round-to", default="1", show_default=True, metavar="N|auto",
               help="Keep channel counts at multiples of N; 'auto' times candidates and keeps the fastest.")
@@ -128,7 +135,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def prune(model, output, ratio, criterion, global_rank, round_to, target_flops, target_params, target_latency,
+def prune(model, output, ratio, criterion, calib, calib_samples, compensate, global_rank, round_to, target_flops, target_params, target_latency,
           exclude, soft, approximate, seed, json_path, no_validate, bench, providers, threads, custom_ops,
           out_format, fp16, fp16_io, write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
@@ -141,7 +148,8 @@ def prune(model, output, ratio, criterion, global_rank, round_to, target_flops, 
             check_output_path(json_path, [model, target], True)
         stages = _Stages(quiet)
         try:
-            result = api_prune(model, ratio, criterion, global_rank=global_rank, round_to=multiple,
+            result = api_prune(model, ratio, criterion, calib=calib, calib_samples=calib_samples,
+                               compensate=compensate, global_rank=global_rank, round_to=multiple,
                                target_flops=target_flops, target_params=target_params,
                                target_latency=target_latency, exclude=tuple(exclude), soft=soft,
                                approximate=approximate, seed=seed, check=not no_validate,
@@ -281,6 +289,7 @@ def _summary(r: dict) -> str:
                 else f"{'equal' if v['soft_equal'] else 'DIFFERENT'} (rel. err {v['soft_max_rel_error']:.1e})")
         lines.append(f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
                      f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}")
+    lines.extend(_data_lines(r))
     for pair in v["latency"]:
         where = pair["provider"].replace("ExecutionProvider", "")
         threads = f", {pair['threads']} thread{'s' if pair['threads'] > 1 else ''}" if pair["threads"] else ""
@@ -304,6 +313,25 @@ def _summary(r: dict) -> str:
         lines.append("nothing to prune: every group is frozen (see `spa analyze`); no file written "
                      "(--write-unchanged writes a copy)")
     return "\n".join(lines)
+
+
+def _data_lines(r: dict) -> list[str]:
+    lines = []
+    stats, comp = r.get("statistics"), r.get("compensation")
+    criterion = r["options"]["criterion"]
+    if stats:
+        lines.append(f"scored: {criterion}, statistics of {stats['tensors']} layer inputs from {stats['samples']} "
+                     f"{stats['source']} samples ({stats['seconds']:.1f} s)")
+    elif criterion in ("obspa",):
+        lines.append(f"scored: {criterion} with the identity Hessian (no statistics: the model was not run)")
+    if r.get("fallback_groups"):
+        lines.append(f"        {r['fallback_groups']} group(s) no linear layer reads were ranked by l2")
+    if comp and comp["layers"]:
+        lines.append(f"compensated: {comp['layers']} layers ({comp['biases']} biases); layer output error "
+                     f"{comp['uncompensated_error']:.2e} -> {comp['mean_output_error']:.2e} on the statistics")
+    for why in (comp or {}).get("skipped", [])[:3]:
+        lines.append(f"        not compensated: {why}")
+    return lines
 
 
 def _analysis_text(data: dict, verbose: bool) -> str:

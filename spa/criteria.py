@@ -4,6 +4,11 @@ A criterion returns one score per unit of a group; low scores go first.
 Magnitude criteria look at every weight slice of the group (the producer's
 rows, the consumers' columns, norm scales) and normalise each member by its
 mean, so a big 3x3 conv does not drown a BatchNorm scale, before averaging.
+
+Data-aware criteria look at the linear layers that read the group's channels
+(``spa.layers``) and at their inputs' statistics (``spa.statistics``): from
+calibration data, or, for ``obspa``, from synthetic inputs run through the
+dense model. A group no such layer reads falls back to ``l2``, and says so.
 """
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ from typing import Callable
 import numpy as np
 
 from .groups import Analysis, Group
+from .layers import LayerIndex, LinearLayer
+from .obs import LayerState, augmented_hessian, greedy_scores, inverse
 from .rules import Dim
+from .statistics import Statistics
 
 Criterion = Callable[[Analysis, Group, "ScoreContext"], np.ndarray]
 CRITERIA: dict[str, Criterion] = {}
@@ -24,12 +32,19 @@ _WEIGHT_INPUTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("Gemm", 0), (
 
 
 class ScoreContext:
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, statistics: Statistics | None = None, layers: LayerIndex | None = None):
         self.seed = seed
+        self.statistics = statistics
+        self.layers = layers
+        self.fallbacks: list[int] = []  # groups a data-aware criterion scored by l2, for lack of layers
 
 
-def criterion(name: str):
+def criterion(name: str, data: str | None = None, comparable: bool = False):
+    """Register a criterion. ``data``: None, "any" (calibration or synthetic statistics) or
+    "calibration" (real data required). ``comparable``: scores already mean the same thing in
+    every group, so --global must not renormalise them."""
     def register(fn: Criterion) -> Criterion:
+        fn.data, fn.comparable = data, comparable
         CRITERIA[name] = fn
         return fn
     return register
@@ -99,3 +114,104 @@ def l2(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
 def random(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
     """Uniform scores from a generator seeded by --seed and the group's position: reproducible."""
     return np.random.default_rng([ctx.seed, group.id]).random(len(group.units))
+
+
+# data-aware criteria --------------------------------------------------------------------------
+
+def _group_layers(analysis: Analysis, group: Group, ctx: ScoreContext) -> list[tuple[LinearLayer, np.ndarray]]:
+    """Each linear layer reading the group, with its input channels' unit positions (-1: other groups)."""
+    if ctx.layers is None:
+        return []
+    lookup = np.full(len(analysis.group_of_unit), -1, dtype=np.int64)
+    lookup[group.units] = np.arange(len(group.units))
+    return [(layer, lookup[analysis.labels[layer.weight_dim]]) for layer in ctx.layers.of_group(group.dims)]
+
+
+def _matrix(analysis: Analysis, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's weight as [rows, input channels] (float64), and its bias per row, if any."""
+    graph = analysis.graph
+    weight = graph.const(layer.weight)
+    matrix = layer.matrix(np.asarray(weight, dtype=np.float64))
+    bias = None
+    if layer.bias is not None:
+        bias = layer.bias_rows(np.asarray(graph.const(layer.bias), dtype=np.float64),
+                               len(matrix) // int(np.prod(np.shape(graph.const(layer.bias)))))
+    return matrix, bias
+
+
+def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats) -> LayerState:
+    """A layer ready for greedy OBS: weights (with the bias column), inverse Hessian, energy."""
+    matrix, bias = _matrix(analysis, layer)
+    if stats is None:  # no data at all: H = I, saliency is the column norm, no cross-channel update
+        hessian = np.eye(matrix.shape[1])
+        weights = matrix.copy()
+    else:
+        second = stats.second_moment if stats.second_moment is not None else np.diag(stats.squares / stats.count)
+        hessian = augmented_hessian(second, stats.mean if bias is not None else None)
+        weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix.copy()
+    energy = float(np.einsum("ij,ij->", weights @ hessian, weights))
+    return LayerState(weights, inverse(hessian), units.copy(), energy if energy > 0 else 1.0)
+
+
+def _statistics_of(ctx: ScoreContext, layer: LinearLayer):
+    return ctx.statistics.of(layer.activation) if ctx.statistics is not None else None
+
+
+def _obs(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
+    states = []
+    for layer, units in _group_layers(analysis, group, ctx):
+        stats = _statistics_of(ctx, layer)
+        if ctx.statistics is not None and stats is None:
+            continue  # the activation never came out of onnxruntime (not a float tensor)
+        states.append(layer_state(analysis, layer, units, stats))
+    if not states:
+        ctx.fallbacks.append(group.id)
+        return _magnitude(analysis, group, 2)
+    return greedy_scores(states, len(group.units))
+
+
+@criterion("obspa", data="any", comparable=True)
+def obspa(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
+    """Data-free OBS: greedy group removal with the Hessian of synthetic inputs run through the model."""
+    return _obs(analysis, group, ctx)
+
+
+@criterion("obs", data="calibration", comparable=True)
+def obs(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
+    """OBS with the calibration Hessian: greedy group removal with weight updates between steps."""
+    return _obs(analysis, group, ctx)
+
+
+def _per_channel(analysis: Analysis, group: Group, ctx: ScoreContext, channel_score) -> np.ndarray:
+    total = np.zeros(len(group.units))
+    members = 0
+    for layer, units in _group_layers(analysis, group, ctx):
+        stats = _statistics_of(ctx, layer)
+        if stats is None:
+            continue
+        matrix, _ = _matrix(analysis, layer)
+        per_channel = channel_score(matrix, stats)
+        mine = units >= 0
+        per_unit = np.bincount(units[mine], per_channel[mine], minlength=len(group.units))
+        mean = per_unit.mean()
+        if np.isfinite(mean) and mean > 0:
+            total += per_unit / mean
+            members += 1
+    if not members:
+        ctx.fallbacks.append(group.id)
+        return _magnitude(analysis, group, 2)
+    return total / members
+
+
+@criterion("activation", data="calibration")
+def activation(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
+    """Wanda-style: ||W[:, c]|| * ||X[c]|| over the layers reading the channel, mean-normalised."""
+    return _per_channel(analysis, group, ctx, lambda m, s: np.sqrt(np.einsum("ij,ij->j", m, m))
+                        * np.sqrt(s.squares / max(s.count, 1)))
+
+
+@criterion("fluctuation", data="calibration")
+def fluctuation(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
+    """FLAP: the variance of the channel's input times ||W[:, c]||^2; its mean goes into the bias
+    (compensation)."""
+    return _per_channel(analysis, group, ctx, lambda m, s: s.variance * np.einsum("ij,ij->j", m, m))

@@ -40,7 +40,9 @@ def _order(scores: np.ndarray, units: np.ndarray) -> np.ndarray:
 
 
 def make_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, global_rank: bool = False,
-              round_to: int = 1) -> Plan:
+              round_to: int = 1, normalise: bool = True) -> Plan:
+    """``normalise``: divide each group's scores by their mean before a global ranking (magnitudes
+    differ per layer); criteria whose scores are already comparable (relative losses) skip it."""
     groups = analysis.prunable_groups
     plan = Plan()
     if ratio <= 0 or not groups:
@@ -57,7 +59,7 @@ def make_plan(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, g
     for group in groups:
         score = scores[group.id]
         mean = score.mean()
-        normalised = score / mean if mean > 0 else score
+        normalised = score / mean if normalise and mean > 0 else score
         entries.extend((float(s), group.id, int(u)) for s, u in zip(normalised, group.units))
     entries.sort()
     budget = int(math.floor(len(entries) * ratio + 0.5))

@@ -1,0 +1,124 @@
+"""Linear layers seen from their input channels: what OBS, Wanda-style scores and
+compensation work on.
+
+A layer here is an op computing ``y = W x + b`` over one channel axis of its
+activation input, with W (and b) initializers that belong to it alone: Conv
+with group 1, Gemm, and MatMul by a 2-D weight (optionally followed by an Add
+of a bias). Each is viewed as a matrix with one column per input channel (a
+Conv's kernel positions become extra rows), so one piece of maths serves all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .graph import ModelGraph, Node
+from .rules import Dim
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    node: Node
+    weight: str
+    weight_axis: int  # the weight axis that meets the input channels
+    activation: Dim  # the input tensor and its channel axis
+    bias: str | None  # an initializer holding one value per output, when there is one
+
+    @property
+    def weight_dim(self) -> Dim:
+        return Dim(self.weight, self.weight_axis)
+
+    def matrix(self, weight: np.ndarray) -> np.ndarray:
+        """The weight as [rows, input channels]."""
+        if self.node.op_type == "Conv":
+            return np.moveaxis(weight, 1, -1).reshape(-1, weight.shape[1])
+        return weight if self.weight_axis == 1 else weight.T
+
+    def unmatrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.node.op_type == "Conv":
+            moved = (shape[0],) + tuple(shape[2:]) + (shape[1],)
+            return np.moveaxis(matrix.reshape(moved), -1, 1)
+        return matrix if self.weight_axis == 1 else matrix.T
+
+    def bias_rows(self, bias: np.ndarray, kernel: int) -> np.ndarray:
+        """The bias per matrix row: a Conv's bias sits once per output, spread over its kernel rows."""
+        flat = bias.reshape(-1)
+        return np.repeat(flat, kernel) / kernel if kernel > 1 else flat
+
+
+def linear_layers(graph: ModelGraph) -> list[LinearLayer]:
+    layers = []
+    for node in graph.nodes:
+        layer = _as_linear(graph, node)
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+def _owned(graph: ModelGraph, tensor: str) -> bool:
+    return bool(tensor) and graph.is_initializer(tensor) and len(graph.consumers.get(tensor, [])) == 1
+
+
+def _as_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+        return None
+    x, w = node.inputs[0], node.inputs[1]
+    if not x or graph.is_initializer(x) or not _owned(graph, w):
+        return None
+    w_shape = graph.shape(w)
+    if not w_shape or any(not isinstance(s, int) for s in w_shape):
+        return None
+    if op == "Conv":
+        if node.attr("group", 1) != 1:
+            return None
+        bias = node.input(2) if _owned(graph, node.input(2)) else None
+        return LinearLayer(node, w, 1, Dim(x, 1), bias)
+    if op == "Gemm":
+        if node.attr("transA", 0):
+            return None
+        trans_b = bool(node.attr("transB", 0))
+        out = w_shape[0] if trans_b else w_shape[1]
+        bias = node.input(2) if _owned(graph, node.input(2)) and _numel(graph, node.input(2)) == out else None
+        return LinearLayer(node, w, 1 if trans_b else 0, Dim(x, 1), bias)
+    x_shape = graph.shape(x)
+    if len(w_shape) != 2 or not x_shape or len(x_shape) < 2:
+        return None
+    return LinearLayer(node, w, 0, Dim(x, len(x_shape) - 1), _matmul_bias(graph, node, w_shape[1]))
+
+
+def _matmul_bias(graph: ModelGraph, node: Node, out: int) -> str | None:
+    after = graph.consumers.get(node.outputs[0], [])
+    if len(after) != 1 or after[0].op_type != "Add":
+        return None
+    other = [t for t in after[0].inputs if t != node.outputs[0]]
+    if len(other) == 1 and _owned(graph, other[0]) and _numel(graph, other[0]) == out:
+        shape = graph.shape(other[0]) or ()
+        if shape and shape[-1] == out:  # broadcast along the output axis, not some other one
+            return other[0]
+    return None
+
+
+def _numel(graph: ModelGraph, tensor: str) -> int | None:
+    shape = graph.shape(tensor)
+    if shape is None or any(not isinstance(s, int) for s in shape):
+        return None
+    return int(np.prod(shape)) if shape else 1
+
+
+class LayerIndex:
+    """The linear layers of an analysed model, by the weight dimension groups slice."""
+
+    def __init__(self, graph: ModelGraph, reached: dict[Dim, np.ndarray]):
+        self.layers = [layer for layer in linear_layers(graph)
+                       if layer.weight_dim in reached and layer.activation in reached
+                       and len(reached[layer.weight_dim]) == len(reached[layer.activation])]
+
+    @cached_property
+    def by_weight_dim(self) -> dict[Dim, LinearLayer]:
+        return {layer.weight_dim: layer for layer in self.layers}
+
+    def of_group(self, dims) -> list[LinearLayer]:
+        return [self.by_weight_dim[d] for d in dims if d in self.by_weight_dim]

@@ -1,0 +1,246 @@
+"""Per-channel statistics of layer inputs, streamed through onnxruntime.
+
+Data-aware criteria and weight compensation need, for each linear layer that
+loses input channels, the mean and the second moment (X^T X) of that input.
+They come from calibration batches (``--calib``) or, without data, from
+synthetic inputs shaped like the model's. Either way the batches run through
+onnxruntime with the wanted tensors exposed as outputs, and only running sums
+are kept: memory is one batch of activations plus the sums, whatever the
+number of samples.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import UsageError
+from .rules import Dim
+
+# a layer input wider than this keeps per-channel sums only (its full X^T X would not fit)
+MAX_GRAM_CHANNELS = 4096
+# rows (positions x samples) folded into the sums per batch and tensor: enough for stable
+# moments, and it bounds the cost of X^T X on large feature maps
+MAX_ROWS_PER_BATCH = 8192
+BATCH = 8
+# symbolic axes after the first (sequence length, image size) get this size in synthetic inputs
+SYNTHETIC_AXIS = 64
+
+
+@dataclass
+class ChannelStats:
+    """Running sums over rows of one tensor's channel axis."""
+
+    count: int
+    total: np.ndarray  # (C,) sum of x
+    squares: np.ndarray  # (C,) sum of x^2
+    gram: np.ndarray | None  # (C, C) sum of x x^T, None above MAX_GRAM_CHANNELS
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return np.maximum(self.squares / max(self.count, 1) - self.mean ** 2, 0.0)
+
+    @property
+    def second_moment(self) -> np.ndarray | None:
+        return None if self.gram is None else self.gram / max(self.count, 1)
+
+    def add(self, rows: np.ndarray) -> None:
+        rows64 = rows.astype(np.float64, copy=False)
+        self.count += rows.shape[0]
+        self.total += rows64.sum(axis=0)
+        self.squares += np.einsum("ij,ij->j", rows64, rows64)
+        if self.gram is not None:
+            self.gram += rows64.T @ rows64
+
+
+@dataclass
+class Statistics:
+    source: str  # "calibration" or "synthetic"
+    samples: int
+    seconds: float
+    channels: dict[Dim, ChannelStats] = field(repr=False, default_factory=dict)
+
+    def of(self, dim: Dim) -> ChannelStats | None:
+        return self.channels.get(dim)
+
+    def summary(self) -> dict:
+        return {"source": self.source, "samples": self.samples, "tensors": len(self.channels),
+                "seconds": round(self.seconds, 3)}
+
+
+# inputs -------------------------------------------------------------------------------------
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, samples: int) -> dict[str, np.ndarray]:
+    """Named input arrays with a leading sample axis, from an .npz or a folder of .npy files.
+
+    A folder holds ``<input name>.npy`` per input; a single-input model may instead take any
+    number of .npy files, each one sample or a batch of samples, read in name order.
+    """
+    path = Path(path)
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))
+        if not files:
+            raise UsageError(f"--calib {path}: the folder holds no .npy files")
+        by_name = {f.stem: f for f in files}
+        if all(n in by_name for n in names):
+            arrays = {n: _read_npy(by_name[n]) for n in names}
+        elif len(names) == 1:
+            rank = len(inputs[0].type.tensor_type.shape.dim)
+            parts = [_read_npy(f) for f in files]
+            arrays = {names[0]: np.concatenate([p if p.ndim == rank else p[None] for p in parts])}
+        else:
+            raise UsageError(f"--calib {path}: a model with inputs {', '.join(names)} needs one .npy "
+                             f"file per input, named after it")
+    elif path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+        except Exception as exc:
+            raise UsageError(f"--calib {path}: not a readable .npz file ({type(exc).__name__})") from None
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise UsageError(f"--calib {path}: no array for input(s) {', '.join(missing)} "
+                             f"(it has {', '.join(sorted(arrays)) or 'none'})")
+    else:
+        raise UsageError(f"--calib {path}: no such file or folder")
+    feeds = {}
+    for info in inputs:
+        array = arrays[info.name]
+        rank = len(info.type.tensor_type.shape.dim)
+        if array.ndim == rank - 1:  # one sample
+            array = array[None]
+        if array.ndim != rank:
+            raise UsageError(f"--calib: input '{info.name}' has rank {rank}, the array has shape "
+                             f"{list(array.shape)}")
+        feeds[info.name] = array.astype(_numpy_type(info), copy=False)
+    counts = {len(a) for a in feeds.values()}
+    if len(counts) != 1:
+        raise UsageError(f"--calib: the arrays hold different sample counts ({sorted(counts)})")
+    return {k: v[:samples] for k, v in feeds.items()}
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise UsageError(f"--calib: {path} is not a readable .npy file ({type(exc).__name__})") from None
+
+
+def _numpy_type(info: onnx.ValueInfoProto):
+    return onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type or onnx.TensorProto.FLOAT)
+
+
+def synthetic_feeds(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs the model's own tables make plausible, for data-free statistics.
+
+    Floats are standard normal (what normalised images and features look like on average);
+    integer inputs that index an embedding table get ids drawn over that table, and other
+    integer inputs (masks) are ones.
+    """
+    rng = np.random.default_rng([seed, 7])
+    tables = _embedding_rows(model)
+    feeds = {}
+    for info in graph_inputs(model):
+        dims = info.type.tensor_type.shape.dim
+        shape = [samples] + [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else SYNTHETIC_AXIS
+                             for d in list(dims)[1:]]
+        dtype = np.dtype(_numpy_type(info))
+        if dtype.kind == "f":
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu" and info.name in tables:
+            feeds[info.name] = rng.integers(0, tables[info.name], shape).astype(dtype)
+        else:
+            feeds[info.name] = np.ones(shape, dtype=dtype)
+    return feeds
+
+
+def _embedding_rows(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs used (directly or through a Cast) as Gather indices: the table's row count."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    alias = {i.name: i.name for i in graph_inputs(model)}
+    rows: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape") and node.input and node.input[0] in alias:
+            alias[node.output[0]] = alias[node.input[0]]
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in alias \
+                and node.input[0] in initializers:
+            table = initializers[node.input[0]]
+            if table.dims:
+                name = alias[node.input[1]]
+                rows[name] = min(rows.get(name, table.dims[0]), table.dims[0])
+    return rows
+
+
+def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = BATCH) -> Iterator[dict]:
+    """Feeds cut into batches the model accepts: its static batch size, else ``batch``."""
+    static = {d.dim_value for i in graph_inputs(model) for d in list(i.type.tensor_type.shape.dim)[:1]
+              if d.HasField("dim_value") and d.dim_value > 0}
+    size = min(static) if static else batch
+    total = len(next(iter(feeds.values())))
+    if total < size:
+        raise UsageError(f"--calib: {total} sample(s), but the model's batch size is {size}")
+    for start in range(0, total - size + 1, size):
+        yield {k: v[start:start + size] for k, v in feeds.items()}
+
+
+# collection ---------------------------------------------------------------------------------
+
+def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[Dim], source: str,
+            seed: int = 0, custom_ops: tuple[str, ...] = ()) -> Statistics:
+    """Run ``feeds`` through the model and sum each wanted tensor's rows along its channel axis."""
+    from .validate import session
+
+    start = time.perf_counter()
+    tensors = list(dict.fromkeys(d.tensor for d in wanted))
+    exposed = _exposing(model, tensors)
+    run = session(exposed, custom_ops=custom_ops)
+    rng = np.random.default_rng([seed, 11])
+    stats: dict[Dim, ChannelStats] = {}
+    samples = 0
+    for feed in batches(model, feeds):
+        values = dict(zip(tensors, run.run(tensors, feed)))
+        samples += len(next(iter(feed.values())))
+        for dim in wanted:
+            value = values[dim.tensor]
+            if value.ndim == 0 or not np.issubdtype(value.dtype, np.floating):
+                continue
+            rows = np.moveaxis(value, dim.axis, -1).reshape(-1, value.shape[dim.axis])
+            if len(rows) > MAX_ROWS_PER_BATCH:
+                rows = rows[np.sort(rng.choice(len(rows), MAX_ROWS_PER_BATCH, replace=False))]
+            entry = stats.get(dim)
+            if entry is None:
+                width = rows.shape[1]
+                entry = stats[dim] = ChannelStats(0, np.zeros(width), np.zeros(width),
+                                                  np.zeros((width, width)) if width <= MAX_GRAM_CHANNELS else None)
+            entry.add(rows)
+        del values
+    return Statistics(source, samples, time.perf_counter() - start, stats)
+
+
+def _exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """The model with ``tensors`` added as graph outputs (typed where shape inference knew them)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    present = {o.name for o in exposed.graph.output}
+    for name in tensors:
+        if name not in present:
+            info = known.get(name)
+            exposed.graph.output.append(info if info is not None else onnx.ValueInfoProto(name=name))
+    return exposed
+
