@@ -41,11 +41,13 @@ def augmented_hessian(second_moment: np.ndarray, mean: np.ndarray | None) -> np.
 
 
 def inverse(hessian: np.ndarray) -> np.ndarray:
-    try:
-        np.linalg.cholesky(hessian)  # damped E[x x^T] is positive definite unless the data is broken
-        return np.linalg.inv(hessian)
+    try:  # damped E[x x^T] is positive definite unless the data is broken (inf, NaN)
+        result = np.linalg.inv(hessian)
+        if np.isfinite(result).all():
+            return result
     except np.linalg.LinAlgError:
-        return np.linalg.pinv(hessian, hermitian=True)
+        pass
+    return np.linalg.pinv(np.nan_to_num(hessian), hermitian=True)
 
 
 @dataclass
@@ -58,6 +60,11 @@ class LayerState:
     hessian_inv: np.ndarray
     unit: np.ndarray
     energy: float  # E||W x||^2 of the dense layer: losses are relative to it
+
+    def __post_init__(self):
+        # the greedy pass only ranks; float32 halves its cost and ranks the same
+        self.weights = np.asarray(self.weights, dtype=np.float32)
+        self.hessian_inv = np.asarray(self.hessian_inv, dtype=np.float32)
 
     def saliency(self, units: int) -> np.ndarray:
         """Relative loss of removing each unit alone, summed over its channels."""
@@ -84,9 +91,12 @@ class LayerState:
             loss = float(w_q[:, 0] @ w_q[:, 0]) / pivot
         else:
             block = self.hessian_inv[np.ix_(q, q)]
-            pinv = np.linalg.pinv(block, hermitian=True)
-            solved = pinv @ self.hessian_inv[q, :]
-            loss = float(np.einsum("ij,ji->", w_q, pinv @ w_q.T))
+            try:
+                block_inv = np.linalg.inv(block)
+            except np.linalg.LinAlgError:
+                block_inv = np.linalg.pinv(block, hermitian=True)
+            solved = block_inv @ self.hessian_inv[q, :]
+            loss = float(np.einsum("ij,ji->", w_q, block_inv @ w_q.T))
         self.weights -= w_q @ solved
         self.hessian_inv -= self.hessian_inv[:, q] @ solved
         self.weights[:, q] = 0.0

@@ -12,6 +12,7 @@ from spa.cli import main
 from spa.errors import UsageError
 from spa.graph import ModelGraph
 from spa.groups import find_groups
+from spa.criteria import ScoreContext
 from spa.metrics import count
 from spa.search import (LATENCY_TOLERANCE, MAX_RATIO, ROUND_TO_CANDIDATES, Target, _next_ratio, pick_round_to,
                         reach_latency, reach_structural)
@@ -23,7 +24,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
 def candidates():
     prepared = _prepare(EXAMPLE, None)
     analysis = find_groups(prepared.graph, prepared.opset)
-    return _Candidates(prepared, analysis, _score(analysis, "l2", 0, None), False, count(prepared.graph))
+    scores = _score(analysis, "l2", ScoreContext(0), None)
+    return _Candidates(prepared, analysis, scores, False, count(prepared.graph), normalise=True)
 
 
 @pytest.mark.parametrize("ratio, round_to", [(0.25, 1), (0.5, 1), (0.4, 8)])
