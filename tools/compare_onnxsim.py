@@ -65,7 +65,8 @@ def main(argv=None) -> int:
             feeds = sample_inputs(dense)
             start = time.perf_counter()
             try:
-                result = spa.prune(path, ratio=args.ratio, check=False)
+                # magnitude against magnitude: onnxsim's apply_structured_pruning ranks by |W| too
+                result = spa.prune(path, ratio=args.ratio, criterion="l2", compensate=False, check=False)
                 ours, verdict = result.model, None
                 report = result.report
             except Exception as exc:
