@@ -103,8 +103,9 @@ def main() -> None:
               help="Calibration inputs: an .npz of named arrays, or a folder of .npy files.")
 @click.option("--calib-samples", type=int, default=128, show_default=True,
               help="Use at most this many calibration samples.")
-@click.option("--compensate/--no-compensate", default=True, show_default=True,
-              help="Refit the weights left in layers that lose input channels.")
+@click.option("--compensate/--no-compensate", default=None,
+              help="Refit the weights left in layers that lose input channels "
+                   "[default: on with --calib or a data-aware criterion, off for l1/l2/random without data].")
 @click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups, not per group.")
 @click.option("--round-to", default="1", show_default=True, metavar="N|auto",
               help="Keep channel counts at multiples of N; 'auto' times candidates and keeps the fastest.")

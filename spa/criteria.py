@@ -140,17 +140,25 @@ def _matrix(analysis: Analysis, layer: LinearLayer) -> tuple[np.ndarray, np.ndar
 
 
 def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats) -> LayerState:
-    """A layer ready for greedy OBS: weights (with the bias column), inverse Hessian, energy."""
-    matrix, bias = _matrix(analysis, layer)
-    if stats is None:  # no data at all: H = I, saliency is the column norm, no cross-channel update
-        hessian = np.eye(matrix.shape[1])
-        weights = matrix.copy()
-    else:
-        second = stats.second_moment if stats.second_moment is not None else np.diag(stats.squares / stats.count)
-        hessian = augmented_hessian(second, stats.mean if bias is not None else None)
-        weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix.copy()
-    energy = float(np.einsum("ij,ij->", weights @ hessian, weights))
-    return LayerState(weights, inverse(hessian), units.copy(), energy if energy > 0 else 1.0)
+    """A layer ready for greedy OBS: weights (with the bias column), inverse Hessian, energy.
+
+    The dense state is built once per layer and copied per group: a layer read by many groups
+    (a DenseNet block's concatenation feeds every later layer) inverts its Hessian once.
+    """
+    key = ("obs-layer", layer.weight_dim, id(stats))
+    if key not in analysis.cache:
+        matrix, bias = _matrix(analysis, layer)
+        if stats is None:  # no data at all: H = I, saliency is the column norm, no cross-channel update
+            hessian = np.eye(matrix.shape[1])
+            weights = matrix
+        else:
+            second = stats.second_moment if stats.second_moment is not None else np.diag(stats.squares / stats.count)
+            hessian = augmented_hessian(second, stats.mean if bias is not None else None)
+            weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
+        energy = float(np.einsum("ij,ij->", weights @ hessian, weights))
+        analysis.cache[key] = (weights.astype(np.float32), inverse(hessian), energy if energy > 0 else 1.0)
+    weights, hessian_inv, energy = analysis.cache[key]
+    return LayerState(weights.copy(), hessian_inv, units.copy(), energy)  # it copies the rows it keeps
 
 
 def _statistics_of(ctx: ScoreContext, layer: LinearLayer):

@@ -54,53 +54,59 @@ def inverse(hessian: np.ndarray) -> np.ndarray:
 class LayerState:
     """One layer during a greedy OBS pass. ``weights`` has one column per input channel, plus
     the bias column when the layer has a bias; ``unit`` maps each input channel to the group's
-    unit position (-1: not in this group, never removed here)."""
+    unit position (-1: not in this group, never removed here).
+
+    Only the rows of the inverse Hessian for this group's channels are kept and downdated: the
+    update and the saliencies read no others. A DenseNet layer reading 1,024 channels, 32 of
+    them this group's, costs 32 rows per step instead of 1,024."""
 
     weights: np.ndarray
-    hessian_inv: np.ndarray
+    hessian_inv: np.ndarray  # given whole; kept as the group's rows
     unit: np.ndarray
     energy: float  # E||W x||^2 of the dense layer: losses are relative to it
 
     def __post_init__(self):
         # the greedy pass only ranks; float32 halves its cost and ranks the same
         self.weights = np.asarray(self.weights, dtype=np.float32)
-        self.hessian_inv = np.asarray(self.hessian_inv, dtype=np.float32)
+        self.rows = np.flatnonzero(np.asarray(self.unit) >= 0)
+        self.hessian_inv = np.asarray(self.hessian_inv[self.rows], dtype=np.float32)
+        self.unit = np.asarray(self.unit)[self.rows]  # unit of each kept row; -1 once removed
 
     def saliency(self, units: int) -> np.ndarray:
         """Relative loss of removing each unit alone, summed over its channels."""
-        channels = len(self.unit)
-        diagonal = np.diag(self.hessian_inv)[:channels]
-        columns = np.einsum("ij,ij->j", self.weights[:, :channels], self.weights[:, :channels])
-        alive = diagonal > 0
+        diagonal = self.hessian_inv[np.arange(len(self.rows)), self.rows]
+        columns = np.einsum("ij,ij->j", self.weights[:, self.rows], self.weights[:, self.rows])
+        alive = (diagonal > 0) & (self.unit >= 0)
         per_channel = np.where(alive, columns / np.where(alive, diagonal, 1.0), 0.0)
-        mine = self.unit >= 0
-        return np.bincount(self.unit[mine], per_channel[mine], minlength=units) / self.energy
+        return np.bincount(self.unit[alive], per_channel[alive], minlength=units) / self.energy
 
     def remove(self, units: np.ndarray) -> float:
         """Remove the channels of ``units`` with the OBS update; return the relative loss."""
         gone = np.isin(self.unit, units)
-        q = np.flatnonzero(gone)
-        if not len(q):
+        local = np.flatnonzero(gone)
+        if not len(local):
             return 0.0
+        q = self.rows[local]
         w_q = self.weights[:, q]
+        h_q = self.hessian_inv[local]  # rows q of the inverse, over every column
         if len(q) == 1:  # the common case, a rank-1 update without a solve
-            pivot = self.hessian_inv[q[0], q[0]]
+            pivot = h_q[0, q[0]]
             if pivot <= 0:
                 return 0.0
-            solved = self.hessian_inv[q, :] / pivot
+            solved = h_q / pivot
             loss = float(w_q[:, 0] @ w_q[:, 0]) / pivot
         else:
-            block = self.hessian_inv[np.ix_(q, q)]
+            block = h_q[:, q]
             try:
                 block_inv = np.linalg.inv(block)
             except np.linalg.LinAlgError:
                 block_inv = np.linalg.pinv(block, hermitian=True)
-            solved = block_inv @ self.hessian_inv[q, :]
+            solved = block_inv @ h_q
             loss = float(np.einsum("ij,ji->", w_q, block_inv @ w_q.T))
         self.weights -= w_q @ solved
         self.hessian_inv -= self.hessian_inv[:, q] @ solved
         self.weights[:, q] = 0.0
-        self.hessian_inv[q, :] = 0.0
+        self.hessian_inv[local, :] = 0.0
         self.hessian_inv[:, q] = 0.0
         self.unit = np.where(gone, -1, self.unit)
         return max(loss, 0.0) / self.energy

@@ -32,6 +32,24 @@ def test_prune_zoo_model(zoo_model, name, exporter):
     assert [o.name for o in result.model.graph.output] == [o.name for o in dense.graph.output]
 
 
+OBSPA_CASES = [("resnet18", "legacy"), ("mobilenet_v3_small", "dynamo"), ("efficientnet_b0", "legacy"),
+               ("densenet121", "dynamo"), ("shufflenet_v2_x1_0", "legacy"), ("flatten_gemm", "dynamo"),
+               ("grouped_conv", "legacy"), ("c2f", "dynamo")]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,exporter", OBSPA_CASES, ids=[f"{e}-{n}" for n, e in OBSPA_CASES])
+def test_obspa_with_compensation_keeps_soft_equal_to_hard(zoo_model, name, exporter):
+    """The default path: synthetic statistics, greedy OBS, refitted weights. The soft model zeroes
+    the channels of the refitted weights, so it must still equal the cut one."""
+    result = spa.prune(zoo_model(name, exporter), ratio=0.4)
+    report = result.report
+    assert report.options["criterion"] == "obspa" and report.statistics["source"] == "synthetic"
+    assert report.compensation["layers"] > 0
+    assert report.compensation["mean_output_error"] <= report.compensation["uncompensated_error"]
+    assert report.validation.soft_equal is True and report.validation.io_match
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("name,exporter", [("resnet18", "legacy"), ("shufflenet_v2_x1_0", "dynamo"),
                                            ("densenet121", "legacy"), ("c2f", "legacy")])
