@@ -10,11 +10,13 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+import sympy
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import spa
 from builder import Graph, analysis_of, group_at, initializer, node_attr, prune_exact
+from spa.load import _integer_value
 from spa.rules import Dim, recurrent
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -244,6 +246,16 @@ def test_declared_hidden_size_must_agree_with_r():
     g.output(g.op("MatMul", [g.op("Squeeze", [y, g.const(np.array([1]))]), g.weight(5, 3)]))
     group = group_at(analysis_of(g.build()), r, 2)
     assert "declares hidden_size 5 but R has 6 columns" in group.frozen
+
+
+def test_quotients_of_symbolic_sizes_settle_to_numbers():
+    # onnxruntime's inference leaves a Reshape's -1 as floor((1024*T + 1024)/(T + 1)) (ddddocr)
+    w = sympy.Symbol("w", integer=True, positive=True)
+    t = sympy.floor(sympy.floor(w / 2 - sympy.Rational(1, 2)) / 2) + 1
+    assert _integer_value(sympy, sympy.floor((1024 * t) / t)) == 1024
+    assert _integer_value(sympy, sympy.floor((1024 * t + 1024) / (t + 1))) == 1024
+    assert _integer_value(sympy, 2 * t) is None  # a real symbolic size stays one
+    assert _integer_value(sympy, sympy.floor(w / 2)) is None
 
 
 # ------------------------------------------------------------------------------ torch exports
