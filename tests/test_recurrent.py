@@ -334,3 +334,12 @@ def test_torch_export_prunes_hidden_units(tmp_path, cell, exporter, options):
     else:
         assert hidden_after == [4] * len(hidden_before)  # 6 units, 30% of them gone
 
+def test_soft_vs_hard_error_is_relative_to_the_dense_output_too():
+    # silero at ratio 0.3: the pruned speech probability is 4e-4 where the dense one is 0.56, and
+    # a float32 sigmoid is good to ~6e-8 absolute: 1.5e-4 of the pruned value, 1e-7 of the dense one
+    from spa.validate import relative_error
+
+    soft, hard, dense = {"p": np.float32([4e-4])}, {"p": np.float32([4e-4 + 6e-8])}, {"p": np.float32([0.56])}
+    assert relative_error(soft, hard) > 1e-4
+    assert relative_error(soft, hard, dense=dense) < 1e-6
+    assert relative_error({"p": np.float32([0.5])}, {"p": np.float32([0.4])}, dense=dense) > 0.1
