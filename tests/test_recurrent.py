@@ -334,6 +334,34 @@ def test_torch_export_prunes_hidden_units(tmp_path, cell, exporter, options):
     else:
         assert hidden_after == [4] * len(hidden_before)  # 6 units, 30% of them gone
 
+
+# ------------------------------------------------------------------------------ real models
+
+@pytest.mark.parametrize("name", ["silero_vad_16k_sequence", "ddddocr_common"])
+def test_real_model_from_a_cached_wheel(name):
+    import prune_wheels
+
+    path = prune_wheels.cached_model(name)  # never downloads
+    if path is None:
+        pytest.skip("wheel not cached; `python tools/prune_wheels.py` fetches it")
+    dense = onnx.load(str(path))
+    analysis = analysis_of(dense)
+    lstm = next(n for n in dense.graph.node if n.op_type == "LSTM")
+    hidden, inputs = group_at(analysis, lstm.input[2], 2), group_at(analysis, lstm.input[1], 2)
+    assert inputs.prunable and inputs.exact  # the encoder's channels, read by W like a linear layer
+    result = prune_exact(path, 0.3)
+    assert result.report.validation.soft_equal is True
+    new_hidden = node_attr(result.model, "LSTM", "hidden_size")
+    if name == "silero_vad_16k_sequence":
+        # the caller passes h and c in and reads hn and cn back: their width is the interface
+        assert hidden.frozen == "h[2]: graph input" and new_hidden == 128
+    else:
+        # zero states from ConstantOfShape; the merged directions reach the Gemm over 1024 features
+        assert hidden.prunable and hidden.exact and new_hidden == 358
+        gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+        assert initializer(result.model, gemm.input[1]).shape == (8210, 2 * 358)
+
+
 def test_soft_vs_hard_error_is_relative_to_the_dense_output_too():
     # silero at ratio 0.3: the pruned speech probability is 4e-4 where the dense one is 0.56, and
     # a float32 sigmoid is good to ~6e-8 absolute: 1.5e-4 of the pruned value, 1e-7 of the dense one
