@@ -142,6 +142,8 @@ class _Recurrent(Rule):
     def soft_zero(self, node, dim, input_zero):
         if dim.tensor not in node.outputs:
             return None
+        if dim not in self._hidden_dims(node):
+            return False  # batch or time: nothing zeroes a whole slice of those
         per_direction = self._activations_at_zero(node)
         if per_direction is None:
             return False
