@@ -284,6 +284,15 @@ def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) ->
     node = graph.producer.get(dim.tensor)
     if node is None:
         return False
+    rule = rule_for(node)
+    if rule is not None:
+        def input_zero(tensor: str) -> bool | None:
+            dims = by_tensor.get(tensor)
+            return None if not dims else all(zero.get(d, False) for d in dims)
+
+        verdict = rule.soft_zero(node, dim, input_zero)
+        if verdict is not None:
+            return verdict
     inputs = [d for t in dict.fromkeys(node.inputs) if t and t != dim.tensor for d in by_tensor.get(t, [])]
     status = [zero.get(d, False) for d in inputs]
     if node.op_type in _MULTIPLICATIVE:

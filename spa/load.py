@@ -345,7 +345,44 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     while engine.run_:
         engine._infer_impl()
     engine._update_output_from_vi()
+    _settle_computed_sizes(engine)
     return engine.out_mp_
+
+
+def _settle_computed_sizes(engine) -> None:
+    """Write as numbers the computed sizes that simplify to one.
+
+    onnxruntime's inference gives a Reshape of [T, 1, 2, 512] to [0, 0, -1] the last axis
+    floor((1024*T + 1024)/(T + 1)) and does not cancel it (T is itself a floor expression);
+    left symbolic, the axis is unknown to the rules and its group freezes (ddddocr's LSTM head).
+    The expressions are the engine's own sympy objects: no model string is ever parsed.
+    """
+    import sympy
+
+    settled: dict[str, int | None] = {}
+    graph = engine.out_mp_.graph
+    for info in list(graph.value_info) + list(graph.output):
+        for dim in info.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_param"):
+                continue
+            text = dim.dim_param
+            if text not in settled:
+                settled[text] = _integer_value(sympy, engine.symbolic_dims_.get(text))
+            if settled[text] is not None:
+                dim.dim_value = settled[text]
+
+
+def _integer_value(sympy, expr) -> int | None:
+    # only quotients fail to cancel; simplify is slow on large expressions, which stay symbolic
+    if not isinstance(expr, sympy.Expr) or not expr.free_symbols or expr.count_ops() > 40:
+        return None
+    if not any(isinstance(node, sympy.Pow) and node.exp.is_negative for node in sympy.preorder_traversal(expr)):
+        return None
+    try:
+        value = sympy.simplify(expr)
+    except Exception:
+        return None
+    return int(value) if value.is_Integer and value > 0 else None
 
 
 def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -134,6 +134,15 @@ class Rule:
     def rewrite(self, node: Node, cut: CutContext) -> None:
         """Fix attributes and shape constants after channels were removed."""
 
+    def soft_zero(self, node: Node, dim: Dim, input_zero) -> bool | None:
+        """Is output ``dim`` of this op all zeros at the removed channels of the soft model?
+
+        ``input_zero(tensor)`` says the same of one input (None where the input has no
+        dimension in the group). None here leaves it to the generic judgement in ``groups``,
+        which knows element-wise, layout and multiplicative ops.
+        """
+        return None
+
 
 RULES: dict[tuple[str, str], Rule] = {}
 

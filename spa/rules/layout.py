@@ -1,8 +1,9 @@
 """Ops that move channels around without weights: concat, split, slice,
-gather, transpose, pixel shuffle, tile and expand."""
+gather, transpose, pixel shuffle, tile, expand and constant fills."""
 from __future__ import annotations
 
 import numpy as np
+from onnx import numpy_helper
 
 from .base import Dim, LinkSet, Rule, offset, pairs, register
 from .shapes import rewritable, static_value, trace_vector
@@ -318,3 +319,41 @@ class Expand(Rule):
             dim = Dim(y, position + lead)
             if entry.kind == "literal" and entry.value > 1 and cut.old_size(dim) != cut.new_size(dim):
                 cut.set_const_element(*entry.source, 1)  # 1 keeps whatever size the input has
+
+
+@register
+class ConstantOfShape(Rule):
+    """A fill (exporters build zero initial states of recurrent layers this way): no input
+    channel reaches its axes, so any index can go where its shape element is a literal to
+    rewrite, or the run-time size of another tensor's axis (``zeros_like``), which is then
+    coupled to it so that both shrink alike."""
+
+    ops = ("ConstantOfShape",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        if dim.tensor != node.outputs[0]:
+            links.freeze(dim, f"shape operand of ConstantOfShape '{node.name}'")
+            return links.out
+        entries = trace_vector(ctx.graph, node, 0)
+        reason = rewritable(entries, dim.axis)
+        if reason is None and entries[dim.axis].kind == "runtime":
+            source = entries[dim.axis].source
+            if len(source) == 2:
+                links.same(dim, Dim(*source))
+            else:
+                reason = "its size is computed at run time from other sizes"
+        if reason:
+            links.freeze(dim, f"ConstantOfShape '{node.name}' shape: {reason}")
+        return links.out
+
+    def rewrite(self, node, cut):
+        y = node.outputs[0]
+        for axis, entry in enumerate(trace_vector(cut.graph, node, 0) or ()):
+            dim = Dim(y, axis)
+            if entry.kind == "literal" and cut.old_size(dim) != cut.new_size(dim):
+                cut.set_const_element(*entry.source, cut.new_size(dim))
+
+    def soft_zero(self, node, dim, input_zero):
+        value = node.attr("value")  # absent: a float zero
+        return value is None or not np.any(numpy_helper.to_array(value))
