@@ -88,8 +88,11 @@ def external_bench(name: str) -> Bench:
 
 
 def params(path: Path) -> int:
-    model = onnx.load(path, load_external_data=False)
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16))
+    """Float parameters, in initializers and in Constant nodes (paddle2onnx keeps weights there)."""
+    model = onnx.load(path)
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in (1, 10, 11, 16))
 
 
 def run_spa(bench: Bench, criterion: str, ratio: float, compensate: bool, samples: int, out: Path):
@@ -176,6 +179,33 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[Row]) -> str:
+    """One line per model and ratio, one column per method and compensation setting."""
+    columns = list(dict.fromkeys((r.method, r.compensate) for r in rows if r.method != "dense"))
+    label = {None: "", False: " off", True: " on"}
+    head = "| model | ratio | params kept | dense | " + " | ".join(f"{m}{label[c]}" for m, c in columns) + " |"
+    lines = [head, "|" + "---|" * (4 + len(columns))]
+    dense = {r.model: r.metric for r in rows if r.method == "dense"}
+    for model, ratio in dict.fromkeys((r.model, r.ratio) for r in rows if r.method != "dense"):
+        here = {(r.method, r.compensate): r for r in rows if (r.model, r.ratio) == (model, ratio)}
+        kept = next((r.params_kept for (m, _), r in here.items() if m != "onnxsim-wanda"), float("nan"))
+        best = max((r.metric for r in here.values() if np.isfinite(r.metric) and r.method != "onnxsim-wanda"),
+                   default=None)
+        cells = []
+        for key in columns:
+            r = here.get(key)
+            if r is None or not np.isfinite(r.metric):
+                cells.append("-")
+                continue
+            text = f"{r.metric:.3f}"
+            if key[0] == "onnxsim-wanda" and abs(r.params_kept - kept) > 0.02:
+                text += f" ({r.params_kept:.0%} kept)"
+            cells.append(f"**{text}**" if r.metric == best else text)
+        lines.append(f"| {model} | {ratio:g} | {kept:.1%} | {dense.get(model, float('nan')):.3f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def claims(rows: list[Row]) -> list[str]:
     """Issue #4's claims, checked row by row: (held, total) per claim."""
     def metric(model, method, ratio, comp):
@@ -233,7 +263,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         rows = [Row(**r) for path in args.from_json for r in json.loads(path.read_text())]
-        print(markdown(rows) + "\n\nClaims:\n" + "\n".join(claims(rows)))
+        print(pivot(rows) + "\n\nClaims:\n" + "\n".join(claims(rows)))
         return 0
     unknown = [c for c in args.criteria if c not in CRITERIA]
     if unknown:
@@ -251,7 +281,7 @@ def main(argv=None) -> int:
     summary = claims(rows)
     print("\n".join(["", "Claims:"] + summary))
     if args.out:
-        args.out.write_text(markdown(rows) + "\n\nClaims:\n" + "\n".join(summary) + "\n")
+        args.out.write_text(pivot(rows) + "\n\n" + markdown(rows) + "\n\nClaims:\n" + "\n".join(summary) + "\n")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0
