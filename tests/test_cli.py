@@ -181,3 +181,40 @@ def test_analyze_lists_the_cost_of_every_node(example, tmp_path):
     assert sum(n["params"] for n in data["nodes"]) == data["params"]
     by_op = data["flops_by_op_type"]
     assert max(by_op, key=by_op.get) == "Conv" and "FLOPs by op: Conv" in result.output
+
+
+def test_calibration_data_feeds_the_criterion_and_the_refit(tmp_path):
+    model = ROOT / "models" / "mnist_cnn.onnx"
+    report = tmp_path / "report.json"
+    out = tmp_path / "pruned.onnx"
+    result = run("prune", model, "--criterion", "obs", "--calib", ROOT / "models" / "data" / "mnist_calib.npz",
+                 "--calib-samples", "64", "--ratio", "0.3", "-o", out, "--json", report, "--no-bench")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["statistics"]["source"] == "calibration" and data["statistics"]["samples"] == 64
+    assert data["compensation"]["layers"] > 0 and data["options"]["compensate"] is True
+    assert "statistics of" in result.output and "compensated:" in result.output
+
+
+def test_calibration_problems_are_usage_errors_and_write_nothing(example, tmp_path):
+    out = example.with_name("model.pruned.onnx")
+    result = run("prune", example, "--criterion", "activation")
+    assert result.exit_code == 2 and "--calib" in result.output and "Traceback" not in result.output
+    import numpy as np
+    np.savez(tmp_path / "wrong.npz", other=np.zeros((4, 3, 32, 32), np.float32))
+    result = run("prune", example, "--calib", tmp_path / "wrong.npz")
+    assert result.exit_code == 2 and "no array for input" in result.output
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert run("prune", example, "--calib", tmp_path / "junk.npz").exit_code == 2
+    assert run("prune", example, "--calib", tmp_path / "absent.npz").exit_code == 2
+    assert not out.exists()
+
+
+def test_magnitude_criteria_skip_the_refit_without_data_unless_asked(example, tmp_path):
+    report = tmp_path / "r.json"
+    assert run("prune", example, "--criterion", "l2", "--json", report, "--no-bench", "--force").exit_code == 0
+    assert json.loads(report.read_text())["compensation"] is None
+    assert run("prune", example, "--criterion", "l2", "--compensate", "--json", report, "--no-bench",
+               "--force").exit_code == 0
+    data = json.loads(report.read_text())
+    assert data["compensation"]["layers"] > 0 and data["statistics"]["source"] == "synthetic"
