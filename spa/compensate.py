@@ -18,7 +18,8 @@ from onnx import numpy_helper
 
 from .groups import Analysis
 from .layers import LayerIndex
-from .obs import augmented_hessian, least_squares
+from .criteria import layer_system
+from .obs import obs_update
 from .plan import Plan
 from .statistics import Statistics
 
@@ -58,24 +59,21 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
         if weight.dtype.kind != "f":
             result.skipped.append(f"{name}: weights are not floating point")
             continue
-        matrix = layer.matrix(weight.astype(np.float64))
-        bias_value = np.asarray(graph.const(layer.bias), np.float64) if layer.bias else None
-        kernel = len(matrix) // bias_value.size if bias_value is not None else 1
+        system = layer_system(analysis, layer, stats)
+        q = np.flatnonzero(gone)
+        refit, loss = obs_update(system.weights, system.hessian_inv, q)
+        channels = len(labels)
+        dropped = system.weights[:, q]
+        # the loss without refit: E||W_Q x_Q||^2, from the Hessian's Q block
         second = stats.second_moment if stats.second_moment is not None else np.diag(stats.squares / stats.count)
-        hessian = augmented_hessian(second, stats.mean if bias_value is not None else None)
-        weights = matrix if bias_value is None else np.hstack([matrix, layer.bias_rows(bias_value, kernel)[:, None]])
-        keep = np.flatnonzero(np.append(~gone, True) if bias_value is not None else ~gone)
-        refit = least_squares(weights, hessian, keep)
-        energy = max(float(np.einsum("ij,ij->", weights @ hessian, weights)), 1e-30)
-        masked = weights.copy()
-        masked[:, np.flatnonzero(gone)] = 0.0
-        errors.append(_error(weights - refit, hessian) / energy)
-        raw_errors.append(_error(weights - masked, hessian) / energy)
-        channels = matrix.shape[1]
+        raw = float(np.einsum("ij,jk,ik->", dropped, second[np.ix_(q, q)], dropped))
+        errors.append(loss / system.energy)
+        raw_errors.append(raw / system.energy)
         new_values[layer.weight] = layer.unmatrix(refit[:, :channels], weight.shape).astype(weight.dtype)
-        if bias_value is not None:
-            new_bias = refit[:, channels].reshape(-1, kernel).sum(axis=1)
-            new_values[layer.bias] = new_bias.reshape(bias_value.shape).astype(graph.const(layer.bias).dtype)
+        if system.has_bias:
+            bias = graph.const(layer.bias)
+            new_bias = refit[:, channels].reshape(-1, system.kernel).sum(axis=1)
+            new_values[layer.bias] = new_bias.reshape(bias.shape).astype(bias.dtype)
             result.biases += 1
         result.layers += 1
     if errors:

@@ -12,6 +12,7 @@ dense model. A group no such layer reads falls back to ``l2``, and says so.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -139,26 +140,41 @@ def _matrix(analysis: Analysis, layer: LinearLayer) -> tuple[np.ndarray, np.ndar
     return matrix, bias
 
 
-def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats) -> LayerState:
-    """A layer ready for greedy OBS: weights (with the bias column), inverse Hessian, energy.
+@dataclass
+class LayerSystem:
+    """A dense layer as OBS sees it: weights [rows, channels (+ bias column)], H^-1, E||W x||^2."""
 
-    The dense state is built once per layer and copied per group: a layer read by many groups
-    (a DenseNet block's concatenation feeds every later layer) inverts its Hessian once.
-    """
+    weights: np.ndarray
+    hessian_inv: np.ndarray
+    energy: float
+    kernel: int  # matrix rows per output (a Conv's kernel positions)
+    has_bias: bool
+
+
+def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
+    """Built once per layer and statistics, and shared by every group reading the layer (a
+    DenseNet concatenation feeds up to 24 layers) and by compensation."""
     key = ("obs-layer", layer.weight_dim, id(stats))
     if key not in analysis.cache:
         matrix, bias = _matrix(analysis, layer)
+        kernel = len(matrix) // np.size(analysis.graph.const(layer.bias)) if bias is not None else 1
         if stats is None:  # no data at all: H = I, saliency is the column norm, no cross-channel update
-            hessian = np.eye(matrix.shape[1])
-            weights = matrix
+            hessian, weights, bias = np.eye(matrix.shape[1]), matrix, None
         else:
             second = stats.second_moment if stats.second_moment is not None else np.diag(stats.squares / stats.count)
             hessian = augmented_hessian(second, stats.mean if bias is not None else None)
             weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
-        energy = float(np.einsum("ij,ij->", weights @ hessian, weights))
-        analysis.cache[key] = (weights.astype(np.float32), inverse(hessian), energy if energy > 0 else 1.0)
-    weights, hessian_inv, energy = analysis.cache[key]
-    return LayerState(weights.copy(), hessian_inv, units.copy(), energy)  # it copies the rows it keeps
+        weights32 = weights.astype(np.float32)
+        energy = float(np.einsum("ij,ij->", weights32 @ hessian.astype(np.float32), weights32, dtype=np.float64))
+        analysis.cache[key] = LayerSystem(weights, inverse(hessian), energy if energy > 0 else 1.0, kernel,
+                                          bias is not None)
+    return analysis.cache[key]
+
+
+def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats) -> LayerState:
+    """A layer ready for greedy OBS (it copies what it changes)."""
+    system = layer_system(analysis, layer, stats)
+    return LayerState(system.weights, system.hessian_inv, units.copy(), system.energy)
 
 
 def _statistics_of(ctx: ScoreContext, layer: LinearLayer):

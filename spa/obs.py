@@ -106,9 +106,10 @@ class LayerState:
         self.weights -= w_q @ solved
         self.hessian_inv -= self.hessian_inv[:, q] @ solved
         self.weights[:, q] = 0.0
-        self.hessian_inv[local, :] = 0.0
         self.hessian_inv[:, q] = 0.0
-        self.unit = np.where(gone, -1, self.unit)
+        # removed rows are never read again: dropping them makes later steps cheaper
+        alive = ~gone
+        self.hessian_inv, self.rows, self.unit = self.hessian_inv[alive], self.rows[alive], self.unit[alive]
         return max(loss, 0.0) / self.energy
 
 
@@ -136,6 +137,22 @@ def greedy_scores(layers: list[LayerState], units: int) -> np.ndarray:
         saliency = sum(layer.saliency(units) for layer in layers)
         scores[last] = total + saliency[last] + 1.0  # the unit that would go last
     return scores
+
+
+def obs_update(weights: np.ndarray, hessian_inv: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights with columns ``q`` removed and the rest updated (equal to ``least_squares`` over
+    the kept columns), and the loss E||dW x||^2, from the whole inverse in one |q|x|q| solve."""
+    block = hessian_inv[np.ix_(q, q)]
+    w_q = weights[:, q]
+    try:
+        solved = np.linalg.solve(block, hessian_inv[q, :])
+        loss = float(np.einsum("ij,ji->", w_q, np.linalg.solve(block, w_q.T)))
+    except np.linalg.LinAlgError:
+        pinv = np.linalg.pinv(block, hermitian=True)
+        solved, loss = pinv @ hessian_inv[q, :], float(np.einsum("ij,ji->", w_q, pinv @ w_q.T))
+    refit = weights - w_q @ solved
+    refit[:, q] = 0.0
+    return refit, max(loss, 0.0)
 
 
 def least_squares(weights: np.ndarray, hessian: np.ndarray, keep: np.ndarray) -> np.ndarray:

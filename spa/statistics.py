@@ -23,8 +23,11 @@ from .rules import Dim
 
 # a layer input wider than this keeps per-channel sums only (its full X^T X would not fit)
 MAX_GRAM_CHANNELS = 4096
-# rows (positions x samples) folded into the sums per batch and tensor: enough for stable
-# moments, and it bounds the cost of X^T X on large feature maps
+# rows (positions x samples) folded into each tensor's sums over the whole run: max(ROWS_PER_CHANNEL
+# x channels, MIN_ROWS). X^T X of C channels needs a few times C rows to be well estimated; a
+# 56x56 map gives 3,136 rows per sample, and summing all of them cost more than the rest of OBSPA
+ROWS_PER_CHANNEL = 32
+MIN_ROWS = 8192
 MAX_ROWS_PER_BATCH = 4096
 BATCH = 8
 # symbolic axes after the first (sequence length, image size) get this size in synthetic inputs
@@ -53,7 +56,7 @@ class ChannelStats:
         return None if self.gram is None else self.gram / max(self.count, 1)
 
     def add(self, rows: np.ndarray) -> None:
-        # one batch's products in float32 (fast BLAS; at most MAX_ROWS_PER_BATCH terms each),
+        # one batch's products in float32 (fast BLAS; a bounded number of rows each),
         # accumulated across batches in float64
         rows32 = rows.astype(np.float32, copy=False)
         self.count += rows.shape[0]
@@ -242,7 +245,8 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
     rng = np.random.default_rng([seed, 11])
     stats: dict[Dim, ChannelStats] = {}
     samples = 0
-    for feed in batches(model, feeds):
+    batch_list = list(batches(model, feeds))
+    for feed in batch_list:
         values = dict(zip(tensors, run.run(tensors, feed)))
         samples += len(next(iter(feed.values())))
         for dim in wanted:
@@ -250,8 +254,10 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
             if value.ndim == 0 or not np.issubdtype(value.dtype, np.floating):
                 continue
             rows = np.moveaxis(value, dim.axis, -1).reshape(-1, value.shape[dim.axis])
-            if len(rows) > MAX_ROWS_PER_BATCH:
-                rows = rows[np.sort(rng.choice(len(rows), MAX_ROWS_PER_BATCH, replace=False))]
+            budget = max(ROWS_PER_CHANNEL * rows.shape[1], MIN_ROWS)
+            cap = min(MAX_ROWS_PER_BATCH, -(-budget // len(batch_list)))
+            if len(rows) > cap:
+                rows = rows[np.sort(rng.choice(len(rows), cap, replace=False))]
             entry = stats.get(dim)
             if entry is None:
                 width = rows.shape[1]

@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from spa.errors import UsageError
-from spa.obs import LayerState, augmented_hessian, greedy_scores, inverse, least_squares
+from spa.obs import LayerState, augmented_hessian, greedy_scores, inverse, least_squares, obs_update
 from spa.rules import Dim
 from spa.statistics import collect, load_calibration, synthetic_feeds
 
@@ -41,6 +41,16 @@ def test_obs_removal_equals_least_squares_and_its_loss_is_the_true_error():
     # one more removal continues from the updated state, as if both were removed at once
     state.remove(np.array([0]))
     assert np.allclose(state.weights, least_squares(w, hessian, np.array([1, 3, 4, 5, 7])), atol=1e-8)
+
+
+def test_one_shot_obs_update_is_least_squares_and_reports_its_loss():
+    rng = np.random.default_rng(9)
+    x = _correlated(rng, 3000, 7)
+    w = rng.standard_normal((4, 7))
+    hessian = x.T @ x / len(x)
+    refit, loss = obs_update(w, inverse(hessian), np.array([1, 4, 5]))
+    assert np.allclose(refit, least_squares(w, hessian, np.array([0, 2, 3, 6])), atol=1e-8)
+    assert loss == pytest.approx(float(((x @ (w - refit).T) ** 2).sum(axis=1).mean()), rel=1e-6)
 
 
 def test_bias_column_takes_the_mean_contribution():
