@@ -211,3 +211,16 @@ def test_data_criteria_keep_the_channels_the_data_uses(tmp_path, criterion):
     l2 = spa.prune(path, 0.5, "l2", compensate=False, bench=False).model
     l2_w1 = {t.name: numpy_helper.to_array(t) for t in l2.graph.initializer}["w1"]
     assert not any(np.array_equal(l2_w1[:, j], w1[:, k]) for j in range(8) for k in live)  # magnitude errs
+
+
+def test_global_obspa_gives_groups_different_ratios_and_never_empties_one():
+    from pathlib import Path
+    model = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"
+    result = spa.prune(model, 0.5, "obs", calib=model.parent / "data" / "mnist_calib.npz", global_rank=True,
+                       bench=False)
+    pruned = [g for g in result.report.groups if g.frozen is None and g.channels > 1]
+    fractions = {round(g.removed / g.channels, 2) for g in pruned}
+    assert len(fractions) > 1  # relative OBS losses, compared as they are, differ per layer
+    assert all(g.removed < g.channels for g in pruned)
+    removed = sum(g.removed for g in pruned)
+    assert abs(removed - 0.5 * sum(g.channels for g in pruned)) <= len(pruned)
