@@ -65,7 +65,7 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
         channels = len(labels)
         dropped = system.weights[:, q]
         # the loss without refit: E||W_Q x_Q||^2, from the Hessian's Q block
-        second = stats.second_moment if stats.second_moment is not None else np.diag(stats.squares / stats.count)
+        second = stats.hessian_moment
         raw = float(np.einsum("ij,jk,ik->", dropped, second[np.ix_(q, q)], dropped))
         errors.append(loss / system.energy)
         raw_errors.append(raw / system.energy)

@@ -161,7 +161,7 @@ def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
         if stats is None:  # no data at all: H = I, saliency is the column norm, no cross-channel update
             hessian, weights, bias = np.eye(matrix.shape[1]), matrix, None
         else:
-            second = stats.second_moment if stats.second_moment is not None else np.diag(stats.squares / stats.count)
+            second = stats.hessian_moment
             hessian = augmented_hessian(second, stats.mean if bias is not None else None)
             weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
         weights32 = weights.astype(np.float32)

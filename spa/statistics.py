@@ -55,6 +55,12 @@ class ChannelStats:
     def second_moment(self) -> np.ndarray | None:
         return None if self.gram is None else self.gram / max(self.count, 1)
 
+    @property
+    def hessian_moment(self) -> np.ndarray:
+        """E[x x^T], or its diagonal where the channels were too many to keep X^T X."""
+        full = self.second_moment
+        return full if full is not None else np.diag(self.squares / max(self.count, 1))
+
     def add(self, rows: np.ndarray) -> None:
         # one batch's products in float32 (fast BLAS; a bounded number of rows each),
         # accumulated across batches in float64
