@@ -64,6 +64,11 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
             length = max(len(side) for side in sides)
             if all(len(side) in (1, length) for side in sides):
                 return [_combine(sides[0][k % len(sides[0])], sides[1][k % len(sides[1])]) for k in range(length)]
+    if op == "Slice":  # shape[-2:], shape[:-2]: the dynamo exporter's way of keeping some sizes
+        base = trace_vector(graph, producer, 0, depth + 1)
+        bounds = _slice_bounds(graph, producer)
+        if base is not None and bounds is not None:
+            return base[slice(*bounds)]
     if op == "Gather" and producer.attr("axis", 0) == 0:
         base = trace_vector(graph, producer, 0, depth + 1)
         picks = graph.const_ints(producer.inputs[1])
@@ -73,6 +78,19 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
 
 
 _ARITHMETIC = ("Div", "Mul", "Add", "Sub")
+
+
+def _slice_bounds(graph: ModelGraph, node: Node) -> tuple[int, int] | None:
+    """Start and stop of a unit-step Slice of a 1-D vector, where both are known before running."""
+    if node.attr("starts") is not None:  # before opset 10
+        starts, ends, axes, steps = node.attr("starts"), node.attr("ends"), node.attr("axes", [0]), [1]
+    else:
+        starts, ends = static_value(graph, node.input(1)), static_value(graph, node.input(2))
+        axes = static_value(graph, node.input(3)) if node.input(3) else [0]
+        steps = static_value(graph, node.input(4)) if node.input(4) else [1]
+    if starts is None or ends is None or len(starts) != 1 or axes not in ([0], [-1]) or steps != [1]:
+        return None
+    return int(starts[0]), int(ends[0])  # numpy clamps like ONNX for a unit step
 
 
 def _combine(a: Entry, b: Entry) -> Entry:
@@ -178,3 +196,70 @@ def _evaluate(graph: ModelGraph, tensor: str, depth: int):
             return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
                     "Div": lambda a, b: np.trunc(a / b)}[op](x, y)
     return None
+
+
+_FLOAT_TYPES = {1, 10, 11, 16}  # float, float16, double, bfloat16
+_VECTOR_OPS = ("Unsqueeze", "Squeeze", "Identity", "Reshape", "Flatten", "Cast", "Add", "Sub", "Mul", "Div", "Mod",
+               "Max", "Min", "Neg", "Abs")
+
+
+def size_read_as_value(graph: ModelGraph, shape_node: Node, axis: int) -> Node | None:
+    """The op that turns the size of ``axis`` into a number the model computes with, if any.
+
+    A size that only becomes another shape (a Reshape target, an Expand shape, a Slice
+    bound, a Range length) follows a cut by itself. One that becomes a float does not: the
+    attention scale 1/sqrt(head_dim) computed from Shape changes when head_dim shrinks, and the
+    pruned model would compute something else than the dense one.
+    """
+    start = shape_node.attr("start", 0) if shape_node.op_type == "Shape" else 0
+    rank = len(graph.shape(shape_node.inputs[0]) or ())
+    if shape_node.op_type == "Shape":
+        first = start % rank if rank and start < 0 else start
+        positions = {axis - first}
+    else:
+        positions = {0}  # Size: one number that every axis enters
+    todo = [(shape_node.outputs[0], frozenset(positions))]
+    seen = 0
+    while todo and seen < 64:
+        tensor, held = todo.pop()
+        seen += 1
+        if not held:
+            continue
+        for node in graph.consumers.get(tensor, []):
+            out = node.outputs[0] if node.outputs else ""
+            if graph.dtypes.get(out) in _FLOAT_TYPES or (node.op_type == "Cast" and node.attr("to") in _FLOAT_TYPES):
+                return node
+            moved = _positions_after(graph, node, tensor, held)
+            if moved:
+                todo.extend((o, moved) for o in node.outputs if o)
+    return None
+
+
+def _positions_after(graph: ModelGraph, node: Node, tensor: str, held: frozenset) -> frozenset:
+    """Where the held positions of ``tensor`` land in the output of ``node`` (empty: nowhere that matters)."""
+    op = node.op_type
+    if op == "Gather" and tensor == node.inputs[0]:
+        picks = graph.const_ints(node.inputs[1])
+        length = len(graph.shape(tensor) or ()) and graph.static_size(tensor, 0)
+        if picks is None or not length:
+            return held  # cannot tell which were picked: follow them all
+        return frozenset(k for k, p in enumerate(picks) if p % length in held)
+    if op == "Slice" and tensor == node.inputs[0]:
+        bounds = _slice_bounds(graph, node)
+        length = graph.static_size(tensor, 0)
+        if bounds is None or length is None:
+            return held
+        begin, end, _ = slice(*bounds).indices(length)
+        return frozenset(p - begin for p in held if begin <= p < end)
+    if op == "Concat":
+        offset = 0
+        for name in node.inputs:
+            if name == tensor:
+                return frozenset(p + offset for p in held)
+            size = graph.static_size(name, 0) if graph.shape(name) else 1
+            if size is None:
+                return held
+            offset += size
+    if op in _VECTOR_OPS or op == "Gather":
+        return held
+    return frozenset()  # a shape operand (Reshape, Expand, Slice bounds, Range...): follows the cut
