@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from .base import Dim, Freeze, LinkSet, Pending, Rule, pairs, register
+from .roundtrip import round_trip
 from .shapes import rewritable, segments, trace_vector
 
 
@@ -44,6 +45,13 @@ class ReshapeFamily(Rule):
             return links.out
         seg = self._segment(node, dim, ctx)
         if seg is None:
+            trip = round_trip(ctx.graph, node, dim.tensor) if node.op_type == "Reshape" else None
+            if trip is not None and trip.partner(dim) is not None:
+                links.same(dim, trip.partner(dim))
+                reason = trip.fixed_literal(dim)
+                if reason:
+                    links.freeze(dim, reason)
+                return links.out
             links.freeze(dim, f"{node.op_type} '{node.name}' mixes this axis with others of unknown size")
             return links.out
         (_, mine), (theirs_t, theirs) = seg
