@@ -199,8 +199,10 @@ def _evaluate(graph: ModelGraph, tensor: str, depth: int):
 
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # float, float16, double, bfloat16
-_VECTOR_OPS = ("Unsqueeze", "Squeeze", "Identity", "Reshape", "Flatten", "Cast", "Add", "Sub", "Mul", "Div", "Mod",
-               "Max", "Min", "Neg", "Abs")
+# inputs that take a vector as a shape, a bound or a count: a size there follows the cut
+_SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Slice": (1, 2, 3, 4),
+                   "Range": (0, 1, 2), "Resize": (1, 2, 3), "Upsample": (1,), "Split": (1,), "Pad": (1, 2, 3),
+                   "Unsqueeze": (1,), "Squeeze": (1,), "TopK": (1,), "OneHot": (1,), "Trilu": (1,)}
 
 
 def size_read_as_value(graph: ModelGraph, shape_node: Node, axis: int) -> Node | None:
@@ -211,46 +213,51 @@ def size_read_as_value(graph: ModelGraph, shape_node: Node, axis: int) -> Node |
     attention scale 1/sqrt(head_dim) computed from Shape changes when head_dim shrinks, and the
     pruned model would compute something else than the dense one.
     """
-    start = shape_node.attr("start", 0) if shape_node.op_type == "Shape" else 0
-    rank = len(graph.shape(shape_node.inputs[0]) or ())
     if shape_node.op_type == "Shape":
-        first = start % rank if rank and start < 0 else start
-        positions = {axis - first}
+        rank = len(graph.shape(shape_node.inputs[0]) or ())
+        start = shape_node.attr("start", 0)
+        held: frozenset | None = frozenset({axis - (start % rank if rank and start < 0 else start)})
     else:
-        positions = {0}  # Size: one number that every axis enters
-    todo = [(shape_node.outputs[0], frozenset(positions))]
+        held = None  # Size: one number that every axis enters
+    todo = [(shape_node.outputs[0], held)]
     seen = 0
     while todo and seen < 64:
         tensor, held = todo.pop()
         seen += 1
-        if not held:
+        if held is not None and not held:
             continue
         for node in graph.consumers.get(tensor, []):
+            slots = [k for k, name in enumerate(node.inputs) if name == tensor]
+            if all(k in _SHAPE_OPERANDS.get(node.op_type, ()) for k in slots):
+                continue
             out = node.outputs[0] if node.outputs else ""
             if graph.dtypes.get(out) in _FLOAT_TYPES or (node.op_type == "Cast" and node.attr("to") in _FLOAT_TYPES):
                 return node
             moved = _positions_after(graph, node, tensor, held)
-            if moved:
-                todo.extend((o, moved) for o in node.outputs if o)
+            todo.extend((o, moved) for o in node.outputs if o)
     return None
 
 
-def _positions_after(graph: ModelGraph, node: Node, tensor: str, held: frozenset) -> frozenset:
-    """Where the held positions of ``tensor`` land in the output of ``node`` (empty: nowhere that matters)."""
+_KEEP_POSITIONS = ("Unsqueeze", "Squeeze", "Identity", "Reshape", "Flatten", "Cast", "Add", "Sub", "Mul", "Div",
+                   "Mod", "Max", "Min", "Neg", "Abs")
+
+
+def _positions_after(graph: ModelGraph, node: Node, tensor: str, held: frozenset | None) -> frozenset | None:
+    """Where the held positions of a vector land in the output of ``node``. None is every
+    position: where it cannot be told, all are followed, so that a float further on is found."""
     op = node.op_type
-    if op == "Gather" and tensor == node.inputs[0]:
+    if held is None:
+        return None
+    length = graph.static_size(tensor, 0) if len(graph.shape(tensor) or ()) == 1 else None
+    if op == "Gather" and tensor == node.inputs[0] and length:
         picks = graph.const_ints(node.inputs[1])
-        length = len(graph.shape(tensor) or ()) and graph.static_size(tensor, 0)
-        if picks is None or not length:
-            return held  # cannot tell which were picked: follow them all
-        return frozenset(k for k, p in enumerate(picks) if p % length in held)
-    if op == "Slice" and tensor == node.inputs[0]:
+        if picks is not None:
+            return frozenset(k for k, p in enumerate(picks) if p % length in held)
+    if op == "Slice" and tensor == node.inputs[0] and length:
         bounds = _slice_bounds(graph, node)
-        length = graph.static_size(tensor, 0)
-        if bounds is None or length is None:
-            return held
-        begin, end, _ = slice(*bounds).indices(length)
-        return frozenset(p - begin for p in held if begin <= p < end)
+        if bounds is not None:
+            begin, end, _ = slice(*bounds).indices(length)
+            return frozenset(p - begin for p in held if begin <= p < end)
     if op == "Concat":
         offset = 0
         for name in node.inputs:
@@ -258,8 +265,6 @@ def _positions_after(graph: ModelGraph, node: Node, tensor: str, held: frozenset
                 return frozenset(p + offset for p in held)
             size = graph.static_size(name, 0) if graph.shape(name) else 1
             if size is None:
-                return held
+                return None
             offset += size
-    if op in _VECTOR_OPS or op == "Gather":
-        return held
-    return frozenset()  # a shape operand (Reshape, Expand, Slice bounds, Range...): follows the cut
+    return held if op in _KEEP_POSITIONS else None
