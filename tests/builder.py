@@ -54,9 +54,9 @@ class Graph:
         return model
 
 
-def analysis_of(model: onnx.ModelProto, approximate: bool = False):
+def analysis_of(model: onnx.ModelProto, approximate: bool = False, attention: str = "heads"):
     prepared = _prepare(model, None)
-    return find_groups(prepared.graph, prepared.opset, allow_approximate=approximate)
+    return find_groups(prepared.graph, prepared.opset, allow_approximate=approximate, attention=attention)
 
 
 def group_at(analysis, tensor: str, axis: int = 1):

@@ -8,8 +8,11 @@ Axes are paired into runs of equal size product (see ``segments``).
   [H*D] -> [H, D] for heads), or several merge into one: the channel is a
   product index, and only one factor can shrink while the others keep their
   size. Coupling every factor would collapse the product into one unit, so the
-  factor is chosen once the rest of the graph is known (``Pending``): the one
-  other ops already treat as a channel, else the largest.
+  factor is chosen once the rest of the graph is known (``Pending``). Around
+  attention (see ``attention.axis_role``) it is the head axis, so a unit is a
+  whole head (the contiguous block of its head_dim indices), or head_dim, so a
+  unit is one index in every head, as ``RuleContext.attention`` says. Elsewhere
+  it is the factor other ops already treat as a channel, else the largest.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import math
 
 import numpy as np
 
-from .base import Dim, Freeze, LinkSet, Pending, Rule, pairs, register
+from .attention import HEAD_DIM, HEADS, axis_role
+from .base import Dim, Freeze, HeadInfo, LinkSet, Pending, Rule, pairs, register
 from .roundtrip import round_trip
 from .shapes import rewritable, segments, trace_vector
 
@@ -68,8 +72,9 @@ class ReshapeFamily(Rule):
         """Link the one factor of a product that may shrink; freeze the other channel factors.
 
         The factor is chosen once per Reshape and product, so that every dimension asking
-        sees the same answer: the factor other ops already treat as a channel, else the
-        largest (a channel shuffle keeps its group count, attention keeps its head count).
+        sees the same answer: in attention the head axis or head_dim, elsewhere the factor
+        other ops already treat as a channel, else the largest (a channel shuffle keeps its
+        group count).
         """
         links = LinkSet(ctx)
         (mine_t, mine), (theirs_t, theirs) = self._segment(node, dim, ctx)
@@ -77,9 +82,7 @@ class ReshapeFamily(Rule):
             (theirs_t, theirs), (mine_t, mine))
         key = (node.name, multi_t, tuple(multi))
         if key not in ctx.choices:
-            known = [a for a in multi if Dim(multi_t, a) in ctx.known_dims]
-            sizes = {a: ctx.graph.shape(multi_t)[a] for a in multi}
-            ctx.choices[key] = max(known or multi, key=lambda a: (sizes[a], -a))
+            ctx.choices[key] = self._choose(node, multi_t, multi, ctx)
         chosen = ctx.choices[key]
         if dim.tensor == multi_t and dim.axis != chosen:
             links.freeze(dim, f"{node.op_type} '{node.name}' merges this axis with axis {chosen}, "
@@ -90,6 +93,20 @@ class ReshapeFamily(Rule):
         links.add(pairs(Dim(multi_t, chosen), Dim(single_t, single[0]), coordinate, np.arange(len(coordinate))))
         self._check_target(node, dim, chosen if multi_t == node.outputs[0] else single[0], links, ctx)
         return links.out
+
+    def _choose(self, node, multi_t, multi, ctx):
+        sizes = {a: ctx.graph.shape(multi_t)[a] for a in multi}
+        # a split feeding attention (or the merge after it) shrinks the unit the user asked for;
+        # the product is read forward from a split, backward from a merge
+        roles = {a: axis_role(ctx.graph, multi_t, a, forward=multi_t == node.outputs[0]) for a in multi}
+        heads = [a for a in multi if roles[a] == HEADS]
+        head_dim = [a for a in multi if roles[a] == HEAD_DIM]
+        if len(heads) == 1 and len(head_dim) == 1:
+            chosen = heads[0] if ctx.attention == HEADS else head_dim[0]
+            ctx.heads[Dim(multi_t, chosen)] = HeadInfo(ctx.attention, sizes[heads[0]], sizes[head_dim[0]])
+            return chosen
+        known = [a for a in multi if Dim(multi_t, a) in ctx.known_dims]
+        return max(known or multi, key=lambda a: (sizes[a], -a))
 
     def _check_target(self, node, dim, y_axis, links, ctx):
         """A Reshape's target must be rewritable at the output axis that changes."""
@@ -117,3 +134,4 @@ def _coordinate(sizes: list[int], which: int) -> np.ndarray:
     """For each flat index over ``sizes`` (row-major), its coordinate along axis ``which``."""
     inner = math.prod(sizes[which + 1:])
     return (np.arange(math.prod(sizes)) // inner) % sizes[which]
+
