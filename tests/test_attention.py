@@ -254,6 +254,43 @@ def test_bert_head_dim_mode(attention_model):
     check_other_sizes(onnx.load(str(path)), result.model)
 
 
+def test_onnxruntime_fused_bert(attention_model):
+    """Attention (QKV in one weight, num_heads attribute), SkipLayerNormalization, BiasGelu."""
+    path = attention_model("tiny_bert", "ort")
+    dense = onnx.load(str(path))
+    assert {n.op_type for n in dense.graph.node} >= {"Attention", "SkipLayerNormalization", "BiasGelu"}
+    result = spa.prune(path, ratio=0.5)
+    report = result.report
+    assert report.validation.ok and report.validation.soft_equal
+    assert sum(1 for g in report.groups if g.kind == "heads" and g.removed == 2) == 2
+    assert sum(1 for g in report.groups if g.removed == 64) == 2  # the FFN, through BiasGelu
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    for node in (n for n in result.model.graph.node if n.op_type == "Attention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["num_heads"] == 2
+        w = initializer(result.model, node.input[1])
+        assert w.shape == (64, 96) and initializer(result.model, node.input[2]).shape == (96,)
+        columns = kept_columns(dense_w[node.input[1]], w)
+        kept = [whole_heads([c - t * 64 for c in columns if t * 64 <= c < (t + 1) * 64], 16) for t in range(3)]
+        assert kept[0] == kept[1] == kept[2]
+    from spa.api import _prepare
+    from spa.metrics import count
+
+    before, after = (count(_prepare(m, None).graph).node_flops for m in (dense, result.model))
+    attention = [n.name for n in dense.graph.node if n.op_type == "Attention"]
+    assert all(after[name] < 0.6 * before[name] for name in attention)
+    check_other_sizes(dense, result.model)
+
+
+def test_onnxruntime_fused_bert_head_dim_keeps_the_scale(attention_model):
+    path = attention_model("tiny_bert", "ort")
+    result = spa.prune(path, ratio=0.25, attention="head_dim")
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    node = next(n for n in result.model.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_heads"] == 4 and attrs["scale"] == pytest.approx(0.25)  # 1/sqrt(16), the dense width's
+
+
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_vit_fused_in_proj_thirds_lose_the_same_heads(attention_model, exporter):
     path = attention_model("tiny_vit", exporter)
