@@ -20,7 +20,7 @@ E = 8  # width of the block's input
 
 
 def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic: bool = False, seq: int = 5,
-                    k_round_trip: bool = False, scale_from_shape: bool = False):
+                    k_round_trip: bool = False, scale_from_shape: bool = False, expanded_bias: bool = False):
     """x -> Q, K, V -> softmax(Q Kᵀ * s) V -> merge heads -> output projection -> y.
 
     ``dynamic``: batch and sequence are symbolic and the head-split targets are built at run
@@ -74,6 +74,9 @@ def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic
     else:
         scale = g.const(np.array(1 / np.sqrt(head_dim), np.float32))
     scores = g.op("Mul", [g.op("MatMul", [q, k]), scale])
+    if expanded_bias:  # one [S, S] bias, given at run time, written out for every head by an Expand
+        bias = g.op("Expand", [g.input("bias", [1, 1, seq, seq]), g.const(np.array([1, heads, seq, seq]))])
+        scores = g.op("Add", [scores, bias])
     context = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
     merged = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]), target(hidden)])
     g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(hidden, 6)]), g.weight(6)]))
@@ -135,6 +138,13 @@ def test_heads_go_whole_and_targets_follow(layout):
     if layout == "split":
         split = next(n for n in result.model.graph.node if n.op_type == "Split")
         assert initializer(result.model, split.input[1]).tolist() == [2 * head_dim] * 3
+
+
+def test_head_count_in_an_expand_shape_is_rewritten():
+    model = attention_block(4, 3, expanded_bias=True)
+    result = prune_exact(model, 0.5)
+    expand = next(n for n in result.model.graph.node if n.op_type == "Expand")
+    assert initializer(result.model, expand.input[1]).tolist() == [1, 2, 5, 5]
 
 
 def test_head_mapping_is_contiguous_blocks_not_strides():
