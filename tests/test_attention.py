@@ -20,7 +20,8 @@ E = 8  # width of the block's input
 
 
 def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic: bool = False, seq: int = 5,
-                    k_round_trip: bool = False, scale_from_shape: bool = False, expanded_bias: bool = False):
+                    k_round_trip: bool = False, scale_from_shape: bool = False, expanded_bias: bool = False,
+                    shared_target: bool = False):
     """x -> Q, K, V -> softmax(Q Kᵀ * s) V -> merge heads -> output projection -> y.
 
     ``dynamic``: batch and sequence are symbolic and the head-split targets are built at run
@@ -52,7 +53,8 @@ def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic
             parts = g.op("Split", [project(3 * hidden), g.const(np.array([hidden] * 3))], n_out=3, axis=2)
         else:
             parts = [project(hidden) for _ in range(3)]
-        split = [g.op("Reshape", [p, target(-1 if dynamic else heads, head_dim)]) for p in parts]
+        shared = target(-1 if dynamic else heads, head_dim) if shared_target else None
+        split = [g.op("Reshape", [p, shared or target(-1 if dynamic else heads, head_dim)]) for p in parts]
         q, v = (g.op("Transpose", [split[i]], perm=[0, 2, 1, 3]) for i in (0, 2))
         if k_round_trip:  # the dynamo exporter's Kᵀ: [B, H, S, D] -> [-1, S, D] -> [-1, D, S] -> [B, H, D, S]
             k = g.op("Transpose", [split[1]], perm=[0, 2, 1, 3])
@@ -214,6 +216,17 @@ def test_dynamic_targets_with_minus_one(layout, round_trip, mode):
                        if n.op_type == "Concat" and len(n.input) == 3 and n.input[2] in
                        {t.name for t in result.model.graph.initializer}]
     assert [12] in concat_literals
+
+
+def test_one_target_computation_for_q_k_and_v_keeps_their_head_dim_equal():
+    """The dynamo exporter computes [batch, seq, -1, D] once for Q, K and V: its literal D can only
+    take one value, so a global ranking that would give Q/K and V different widths must not."""
+    model = attention_block(4, 6, dynamic=True, shared_target=True)
+    w_q, w_k, w_v = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    analysis = analysis_of(model, attention="head_dim")
+    assert group_at(analysis, w_q, 1) is group_at(analysis, w_v, 1)
+    result = prune_exact(model, 0.5, attention="head_dim", global_rank=True)
+    check_other_sizes(model, result.model)
 
 
 def test_round_trip_links_kt_through_tensors_without_index_space():

@@ -100,6 +100,7 @@ class RuleContext:
         self.known_dims: set[Dim] = set()  # dims reached so far: settles ambiguous Reshape products
         self.choices: dict = {}  # Reshape product -> the factor that shrinks, fixed once chosen
         self.heads: dict[Dim, HeadInfo] = {}  # the axis that shrinks in each attention layer, for reports
+        self.memo: dict = {}  # what rules compute once per model (which Reshapes share a target literal)
 
     def rank(self, tensor: str) -> int | None:
         shape = self.graph.shape(tensor)

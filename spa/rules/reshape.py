@@ -109,12 +109,24 @@ class ReshapeFamily(Rule):
         return max(known or multi, key=lambda a: (sizes[a], -a))
 
     def _check_target(self, node, dim, y_axis, links, ctx):
-        """A Reshape's target must be rewritable at the output axis that changes."""
+        """A Reshape's target must be rewritable at the output axis that changes.
+
+        A literal inside a shape computation that several Reshapes read (the dynamo exporter
+        builds [batch, seq, -1, 64] once for Q, K and V) can hold one value only: the axes it
+        sizes in all of them are linked, so they keep the same size.
+        """
         if node.op_type != "Reshape":
             return
-        reason = rewritable(trace_vector(ctx.graph, node, 1), y_axis)
+        entries = trace_vector(ctx.graph, node, 1)
+        reason = rewritable(entries, y_axis)
         if reason:
             links.add(Freeze(dim, f"Reshape '{node.name}' target: {reason}"))
+            return
+        entry = entries[y_axis]
+        if entry.kind == "literal" and entry.value not in (-1, 0) and entry.source[0] != node.name:
+            for other, position in _literal_readers(ctx).get(entry.source, ()):
+                if other is not node:
+                    links.same(Dim(node.outputs[0], y_axis), Dim(other.outputs[0], position))
 
     def rewrite(self, node, cut):
         if node.op_type != "Reshape":
@@ -128,6 +140,19 @@ class ReshapeFamily(Rule):
             entry = entries[axis]
             if entry.kind == "literal" and entry.value not in (-1, 0):
                 cut.set_const_element(*entry.source, new)
+
+
+def _literal_readers(ctx) -> dict[tuple, list]:
+    """Where each literal of a computed Reshape target ends up: (Reshape, output axis) pairs."""
+    if "reshape literals" not in ctx.memo:
+        readers: dict[tuple, list] = {}
+        for node in ctx.graph.nodes:
+            if node.op_type == "Reshape":
+                for position, entry in enumerate(trace_vector(ctx.graph, node, 1) or ()):
+                    if entry.kind == "literal" and entry.source[0] != node.name:
+                        readers.setdefault(entry.source, []).append((node, position))
+        ctx.memo["reshape literals"] = readers
+    return ctx.memo["reshape literals"]
 
 
 def _coordinate(sizes: list[int], which: int) -> np.ndarray:
