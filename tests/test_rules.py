@@ -304,6 +304,27 @@ def test_channel_becomes_block_of_features_into_gemm(how):
     assert initializer(result.model, gemm_weight).shape == (5, 18)
 
 
+def test_flattening_symbolic_axes_keeps_the_trailing_channel():
+    # GPT-2's Conv1D: [batch, seq, C] -> [batch*seq, C] -> Gemm -> back to [batch, seq, C']
+    g = Graph()
+    x = g.input("x", ["batch", "seq", 8])
+    lead = g.op("Slice", [g.op("Shape", [x]), g.const(np.array([0])), g.const(np.array([2]))])
+
+    def conv1d(t, cin, cout):
+        flat = g.op("Reshape", [t, g.const(np.array([-1, cin]))])
+        y = g.op("Gemm", [flat, g.weight(cin, cout), g.weight(cout)])
+        return g.op("Reshape", [y, g.op("Concat", [lead, g.const(np.array([cout]))], axis=0)])
+
+    h = g.op("Relu", [conv1d(x, 8, 16)])
+    g.output(conv1d(h, 16, 8))
+    model = g.build()
+    group = group_at(analysis_of(model), h, 2)
+    assert group.size == 16 and group.prunable
+    result = prune_exact(model, 0.5)
+    gemm_weights = [initializer(result.model, n.input[1]) for n in result.model.graph.node if n.op_type == "Gemm"]
+    assert [w.shape for w in gemm_weights] == [(8, 8), (8, 8)]
+
+
 def test_squeeze_unsqueeze_pass_the_channel():
     g = Graph()
     x = g.input("x", [1, 3, 4, 4])

@@ -120,35 +120,50 @@ def segments(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
     """Pair runs of axes of equal size product (axes of size 1 carry nothing).
 
     ``[N, C, H, W] -> [N, C*H*W]`` gives ``[([0], [0]), ([1, 2, 3], [1])]``.
-    Symbolic axes pair only one-to-one; the first unmatched product stops the scan.
+    Symbolic axes pair one-to-one when both are names; where anything else stops the scan
+    (``[batch, seq, 768] -> [batch*seq, 768]``, GPT-2's Conv1D), the axes at the end are
+    paired from the right, since row-major order keeps a trailing block of equal size intact.
     """
     a = [(i, s) for i, s in enumerate(in_shape) if s != 1]
     b = [(j, s) for j, s in enumerate(out_shape) if s != 1]
+    result, i, j = _runs(a, b)
+    if i < len(a) and j < len(b):
+        tail, _, _ = _runs(a[i:][::-1], b[j:][::-1])
+        result += [(ins[::-1], outs[::-1]) for ins, outs in reversed(tail)]
+    return result
+
+
+def _runs(a, b):
+    """Runs of equal product from the start of ``a`` and ``b``, and how far they reach."""
     result = []
     i = j = 0
     while i < len(a) and j < len(b):
         (ia, sa), (jb, sb) = a[i], b[j]
         if not isinstance(sa, int) or not isinstance(sb, int):
-            if isinstance(sa, int) or isinstance(sb, int):
+            # two names in step stand for the same axis (batch, or onnx's unk__3 for it); an
+            # expression such as '4*batch' merges a static axis in and ends the run
+            if not (sa == sb or (isinstance(sa, str) and isinstance(sb, str) and sa.isidentifier()
+                                 and sb.isidentifier())):
                 break
-            result.append(([ia], [jb]))  # two symbolic axes in step: batch or sequence
+            result.append(([ia], [jb]))
             i, j = i + 1, j + 1
             continue
         ins, outs, pa, pb = [ia], [jb], sa, sb
-        i, j = i + 1, j + 1
+        ni, nj = i + 1, j + 1
         while pa != pb:
-            if pa < pb and i < len(a) and isinstance(a[i][1], int):
-                ins.append(a[i][0])
-                pa *= a[i][1]
-                i += 1
-            elif pb < pa and j < len(b) and isinstance(b[j][1], int):
-                outs.append(b[j][0])
-                pb *= b[j][1]
-                j += 1
+            if pa < pb and ni < len(a) and isinstance(a[ni][1], int):
+                ins.append(a[ni][0])
+                pa *= a[ni][1]
+                ni += 1
+            elif pb < pa and nj < len(b) and isinstance(b[nj][1], int):
+                outs.append(b[nj][0])
+                pb *= b[nj][1]
+                nj += 1
             else:
-                return result
+                return result, i, j
         result.append((ins, outs))
-    return result
+        i, j = ni, nj
+    return result, i, j
 
 
 def static_value(graph: ModelGraph, tensor: str, depth: int = 0) -> list[int] | None:
