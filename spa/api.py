@@ -24,6 +24,7 @@ from .layers import LayerIndex
 from .load import canonicalize, infer_shapes, load_model
 from .metrics import ModelStats, count
 from .plan import Plan, make_plan
+from .rules.base import ATTENTION_UNITS
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
 from .statistics import Statistics, collect, load_calibration, synthetic_feeds
@@ -44,11 +45,15 @@ class GroupReport:
     frozen: str | None
     layers: list[str]  # weighted ops whose weights this group slices, with the side
     dims: list[str]
+    kind: str | None = None  # "heads" or "head_dim": the units of an attention layer, as measured on the graph
+    heads: int | None = None
+    head_dim: int | None = None
 
     @classmethod
     def of(cls, analysis: Analysis, group: Group, removed: int) -> GroupReport:
+        head = group.attention
         return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group),
-                   [str(d) for d in group.dims])
+                   [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim)
 
 
 @dataclass
@@ -133,11 +138,15 @@ def _say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -
 
 
 def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tuple[str, ...] = (),
-            approximate: bool = False, progress: Progress | None = None) -> AnalysisReport:
-    """Find every coupled channel group of a model, and why each frozen one is frozen."""
+            approximate: bool = False, attention: str = "heads", progress: Progress | None = None) -> AnalysisReport:
+    """Find every coupled channel group of a model, and why each frozen one is frozen.
+
+    ``attention`` is the unit of attention layers: whole heads, or "head_dim" (one index of
+    head_dim in every head)."""
+    _check_attention(attention)
     prepared = _prepare(model_or_path, progress)
     _say(progress, "group")
-    analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate)
+    analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate, attention)
     stats = count(prepared.graph)
     groups = [GroupReport.of(analysis, g, 0) for g in analysis.groups]
     return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats)
@@ -149,7 +158,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
           target_params: float | None = None, target_latency: float | None = None,
           exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
           check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
-          custom_ops: tuple[str, ...] = (), progress: Progress | None = None) -> PruneResult:
+          custom_ops: tuple[str, ...] = (), attention: str = "heads", progress: Progress | None = None) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
 
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
@@ -157,6 +166,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     are counted on candidate cuts, latency is timed on the first of ``providers``.
     ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
     ``bench`` times dense and pruned on the CPU and on every provider named.
+    ``attention`` is the unit of attention layers: "heads" removes whole heads, "head_dim"
+    shrinks head_dim evenly in every head.
 
     Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
     ``calib_samples`` samples are used) feeds the data-driven criteria and compensation. Without
@@ -185,6 +196,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         raise UsageError(f"--round-to must be 'auto' or a whole number of at least 1, got {round_to}")
     if compensate is None:
         compensate = calib is not None or CRITERIA[criterion].data is not None
+    _check_attention(attention)
     target = _target(target_flops, target_params, target_latency)
     provider_names = resolve_providers(list(providers) or ["cpu"])
     timer = _Timer()
@@ -192,7 +204,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     graph, opset = prepared.graph, prepared.opset
     timer.lap("load")
     _say(progress, "group")
-    analysis = find_groups(graph, opset, tuple(exclude), approximate)
+    analysis = find_groups(graph, opset, tuple(exclude), approximate, attention)
     timer.lap("group")
     layers = LayerIndex(graph, analysis.labels)
     # nothing to rank or refit at ratio 0 (unless a target will pick another ratio)
@@ -246,7 +258,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         options={"ratio": ratio, "criterion": criterion, "calib": str(calib) if calib is not None else None,
                  "calib_samples": calib_samples, "compensate": compensate, "global": global_rank,
                  "round_to": round_to, "exclude": list(exclude), "soft": soft, "approximate": approximate,
-                 "seed": seed},
+                 "seed": seed, "attention": attention},
         groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
         flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
@@ -256,6 +268,11 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
     return PruneResult(infer_shapes(soft_model) if soft else hard, report, workdir)
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION_UNITS:
+        raise UsageError(f"attention units must be one of {', '.join(ATTENTION_UNITS)}, got '{attention}'")
 
 
 def _target(flops: float | None, params: float | None, latency: float | None) -> Target | None:

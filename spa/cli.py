@@ -116,6 +116,8 @@ def main() -> None:
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
 @click.option("--approximate", is_flag=True, help="Also prune groups where removal is not equal to zeroing.")
+@click.option("--attention", type=click.Choice(["heads", "head-dim"]), default="heads", show_default=True,
+              help="Attention units: remove whole heads, or shrink head_dim evenly in every head.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
@@ -137,7 +139,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def prune(model, output, ratio, criterion, calib, calib_samples, compensate, global_rank, round_to, target_flops, target_params, target_latency,
-          exclude, soft, approximate, seed, json_path, no_validate, bench, providers, threads, custom_ops,
+          exclude, soft, approximate, attention, seed, json_path, no_validate, bench, providers, threads, custom_ops,
           out_format, fp16, fp16_io, write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
 
@@ -155,7 +157,8 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, glo
                                target_latency=target_latency, exclude=tuple(exclude), soft=soft,
                                approximate=approximate, seed=seed, check=not no_validate,
                                bench=bench and not no_validate, providers=_provider_list(providers),
-                               threads=threads, custom_ops=tuple(custom_ops), progress=stages)
+                               threads=threads, custom_ops=tuple(custom_ops),
+                               attention=attention.replace("-", "_"), progress=stages)
             report = result.report.as_dict()
             nothing = result.report.groups_prunable == 0 and not write_unchanged
             checks = []
@@ -184,14 +187,17 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, glo
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--approximate", is_flag=True, help="Treat approximate groups as prunable.")
+@click.option("--attention", type=click.Choice(["heads", "head-dim"]), default="heads", show_default=True,
+              help="Attention units: whole heads, or one index of head_dim in every head.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the analysis as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every member dimension of every group.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def analyze(model, exclude, approximate, json_path, verbose, debug):
+def analyze(model, exclude, approximate, attention, json_path, verbose, debug):
     """List every coupled channel group of MODEL, and why frozen ones are frozen."""
 
     def action():
-        report = api_analyze(model, exclude=tuple(exclude), approximate=approximate)
+        report = api_analyze(model, exclude=tuple(exclude), approximate=approximate,
+                             attention=attention.replace("-", "_"))
         data = report.as_dict()
         if json_path:
             check_output_path(json_path, [model], True)
@@ -342,6 +348,12 @@ def _analysis_text(data: dict, verbose: bool) -> str:
               if data["flops"] and flops / data["flops"] >= 0.001]
     if shares:
         lines.append(f"  FLOPs by op: {', '.join(shares)} (--json lists every node)")
+    attention = [g for g in data["groups"] if g.get("kind")]
+    if attention:
+        lines.append(f"  attention: {len(attention)} groups whose units are {attention[0]['kind'].replace('_', ' ')}")
+        for g in attention:
+            lines.append(f"    group {g['id']:>4}: {g['heads']} heads x head_dim {g['head_dim']}, "
+                         f"{'prunable' if g['frozen'] is None else 'frozen'}")
     for g in data["groups"]:
         if g["channels"] <= 1 and not verbose:
             continue

@@ -20,6 +20,7 @@ import numpy as np
 
 from .graph import ModelGraph
 from .rules import Dim, Freeze, Link, Pending, RuleContext, Sink, rule_for
+from .rules.base import HeadInfo
 from .rules.elementwise import ZERO_PRESERVING
 
 # Rule bugs must surface in our tests, but never crash a user's run: there they freeze the dim.
@@ -34,6 +35,7 @@ class Group:
     frozen: str | None  # why this group may not shrink, or None
     exact: bool  # removal equals zeroing the group's parameters
     inexact_reason: str | None = None
+    attention: HeadInfo | None = None  # set when the units are an attention layer's heads or head_dim
 
     @property
     def size(self) -> int:
@@ -66,8 +68,10 @@ class Analysis:
 
 
 def find_groups(graph: ModelGraph, opset: int, exclude: tuple[str, ...] = (),
-                allow_approximate: bool = False) -> Analysis:
-    ctx = RuleContext(graph, opset)
+                allow_approximate: bool = False, attention: str = "heads") -> Analysis:
+    """``attention``: the unit of attention layers, whole heads ("heads") or one index of
+    head_dim in every head ("head_dim")."""
+    ctx = RuleContext(graph, opset, attention)
     walk = _Walk(graph, ctx, _excluded_tensors(graph, exclude))
     walk.run()
     return _assemble(graph, walk, allow_approximate)
@@ -246,7 +250,8 @@ def _assemble(graph: ModelGraph, walk: _Walk, allow_approximate: bool) -> Analys
         exact, why = _exactness(graph, members, units_arr, approximate, sinks_by_dim)
         if frozen is None and not exact and not allow_approximate:
             frozen = f"approximate group ({why}); enable with --approximate"
-        groups.append(Group(gid, members, units_arr, frozen, exact, why))
+        head = next((walk.ctx.heads[d] for d in members if d in walk.ctx.heads), None)
+        groups.append(Group(gid, members, units_arr, frozen, exact, why, head))
     return Analysis(graph, dict(walk.sizes), labels_of, groups, dict(walk.freezes), group_of_unit)
 
 

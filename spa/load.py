@@ -161,7 +161,7 @@ def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
 # whole groups. Deterministic ops only, and small tensors only: weights are never folded.
 _FOLDABLE = {"Add", "Sub", "Mul", "Div", "Equal", "Where", "ConstantOfShape", "Cast", "Concat", "Unsqueeze",
              "Squeeze", "Gather", "Slice", "Reshape", "Range", "Not", "And", "Or", "Less", "Greater",
-             "Neg", "Abs", "Max", "Min", "Expand", "Tile", "ReduceProd", "Floor", "Ceil"}
+             "Neg", "Abs", "Max", "Min", "Expand", "Tile", "ReduceProd", "Floor", "Ceil", "Mod"}
 _FOLD_LIMIT = 4096
 
 
@@ -248,6 +248,13 @@ def _held_elements(tensor: onnx.TensorProto) -> int | None:
         if len(values):
             return len(values)
     return None
+
+
+def _holds_data(tensor: onnx.TensorProto) -> bool:
+    if tensor.HasField("raw_data") or uses_external_data(tensor) or _numel(tensor) == 0:
+        return True
+    return any(len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
+                                                   "uint64_data", "string_data"))
 
 
 def _numel(tensor: onnx.TensorProto) -> int:
@@ -342,6 +349,9 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     engine = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
     engine._preprocess(model)
+    # the skeleton's weights have dims but no data: the engine would try to read them as values (a bias
+    # added to a MatMul) and give up on the whole model; as graph inputs their shapes still count
+    engine.initializers_ = {name: t for name, t in engine.initializers_.items() if _holds_data(t)}
     while engine.run_:
         engine._infer_impl()
     engine._update_output_from_vi()

@@ -49,14 +49,17 @@ class Graph:
 
     def build(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "test", self.inputs, self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(n.domain == "com.microsoft" for n in self.nodes):  # onnxruntime's contrib ops
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8
         return model
 
 
-def analysis_of(model: onnx.ModelProto, approximate: bool = False):
+def analysis_of(model: onnx.ModelProto, approximate: bool = False, attention: str = "heads"):
     prepared = _prepare(model, None)
-    return find_groups(prepared.graph, prepared.opset, allow_approximate=approximate)
+    return find_groups(prepared.graph, prepared.opset, allow_approximate=approximate, attention=attention)
 
 
 def group_at(analysis, tensor: str, axis: int = 1):

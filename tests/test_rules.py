@@ -306,6 +306,27 @@ def test_channel_becomes_block_of_features_into_gemm(how):
     assert initializer(result.model, gemm_weight).shape == (5, 18)
 
 
+def test_flattening_symbolic_axes_keeps_the_trailing_channel():
+    # GPT-2's Conv1D: [batch, seq, C] -> [batch*seq, C] -> Gemm -> back to [batch, seq, C']
+    g = Graph()
+    x = g.input("x", ["batch", "seq", 8])
+    lead = g.op("Slice", [g.op("Shape", [x]), g.const(np.array([0])), g.const(np.array([2]))])
+
+    def conv1d(t, cin, cout):
+        flat = g.op("Reshape", [t, g.const(np.array([-1, cin]))])
+        y = g.op("Gemm", [flat, g.weight(cin, cout), g.weight(cout)])
+        return g.op("Reshape", [y, g.op("Concat", [lead, g.const(np.array([cout]))], axis=0)])
+
+    h = g.op("Relu", [conv1d(x, 8, 16)])
+    g.output(conv1d(h, 16, 8))
+    model = g.build()
+    group = group_at(analysis_of(model), h, 2)
+    assert group.size == 16 and group.prunable
+    result = prune_exact(model, 0.5)
+    gemm_weights = [initializer(result.model, n.input[1]) for n in result.model.graph.node if n.op_type == "Gemm"]
+    assert [w.shape for w in gemm_weights] == [(8, 8), (8, 8)]
+
+
 def test_squeeze_unsqueeze_pass_the_channel():
     g = Graph()
     x = g.input("x", [1, 3, 4, 4])
@@ -416,6 +437,74 @@ def test_softmax_over_channels_freezes():
     assert "Softmax" in group.frozen
 
 
+@pytest.mark.parametrize("mode", ["heads", "head_dim"])
+def test_onnxruntime_attention_removes_heads_or_head_dim(mode):
+    # QKV in one weight [in, 3 * 12], three heads of 4; the head count lives in num_heads
+    g = Graph()
+    x = g.input("x", [1, 5, 8])
+    w = g.weight(8, 36)
+    a = g.op("Attention", [x, w, g.weight(36)], domain="com.microsoft", num_heads=3)
+    g.output(g.op("MatMul", [a, g.weight(12, 6)]))
+    model = g.build()
+    analysis = analysis_of(model, attention=mode)
+    if mode == "heads":
+        group = group_at(analysis, w, 1)
+        assert group.size == 3 and group.prunable and group.exact and group.attention.heads == 3
+        result = prune_exact(model, 0.34)
+        assert node_attr(result.model, "Attention", "num_heads") == 2
+        assert initializer(result.model, w).shape == (8, 24)
+        return
+    v = group_at(analysis, a, 2)  # the output positions carry V's head_dim
+    columns = {int(analysis.group_of_unit[u]) for u in analysis.labels[Dim(w, 1)]}
+    assert len(columns) == 2 and v.id in columns  # Q and K columns in one group, V's in the other
+    assert all(analysis.group(gid).size == 4 and analysis.group(gid).attention.kind == "head_dim" for gid in columns)
+    result = prune_exact(model, 0.5, attention=mode)
+    assert node_attr(result.model, "Attention", "num_heads") == 3
+    assert initializer(result.model, w).shape == (8, 18)
+    assert node_attr(result.model, "Attention", "scale") == pytest.approx(0.5)  # the dense 1/sqrt(4)
+
+
+def test_onnxruntime_attention_with_a_cache_keeps_its_heads():
+    g = Graph()
+    x = g.input("x", [1, 5, 8])
+    past = g.input("past", [2, 1, 3, 2, 4])
+    w = g.weight(8, 36)
+    a, _ = g.op("Attention", [x, w, g.weight(36), "", past], n_out=2, domain="com.microsoft", num_heads=3)
+    g.output(g.op("MatMul", [a, g.weight(12, 6)]))
+    assert "cache" in group_at(analysis_of(g.build()), w, 1).frozen
+
+
+@pytest.mark.parametrize("act", ["BiasGelu", "FastGelu"])
+def test_onnxruntime_ffn_and_skip_layer_norm(act):
+    g = Graph()
+    x = g.input("x", [1, 5, 8])
+    h = g.op(act, [g.op("MatMul", [x, g.weight(8, 16)]), g.weight(16)], domain="com.microsoft")
+    y = g.op("MatMul", [h, g.weight(16, 8)])
+    n = g.op("SkipLayerNormalization", [y, x, g.weight(8, low=0.5), g.weight(8), g.weight(8)],
+             domain="com.microsoft", epsilon=1e-5)
+    g.output(g.op("MatMul", [g.op("Relu", [n]), g.weight(8, 3)]))
+    model = g.build()
+    analysis = analysis_of(model)
+    ffn = group_at(analysis, h, 2)
+    assert ffn.size == 16 and ffn.prunable and ffn.exact
+    hidden = group_at(analysis, n, 2)
+    assert group_at(analysis, y, 2) is hidden and not hidden.exact  # normalised over these channels
+    result = prune_exact(model, 0.5)
+    assert result.report.params_after < result.report.params_before
+
+
+def test_onnxruntime_embed_layer_norm_is_the_hidden_channel():
+    g = Graph()
+    ids = g.input("ids", [1, 5], TensorProto.INT32)
+    word = g.weight(20, 8)
+    out, _ = g.op("EmbedLayerNormalization", [ids, "", word, g.weight(16, 8), "", g.weight(8, low=0.5), g.weight(8)],
+                  n_out=2, domain="com.microsoft", epsilon=1e-5)
+    g.output(g.op("MatMul", [out, g.weight(8, 3)]))
+    analysis = analysis_of(g.build(), approximate=True)
+    group = group_at(analysis, word, 1)
+    assert group is group_at(analysis, out, 2) and group.prunable and not group.exact
+
+
 def test_every_rule_is_exercised_here():
     """A new rule needs a test: this lists the ops no test above builds."""
     import inspect
@@ -434,7 +523,7 @@ def test_every_rule_is_exercised_here():
                "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool", "Upsample", "ReduceMax", "ReduceMin",
                "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp",
                "ArgMax", "ArgMin", "Size", "LayerNormalization", "SimplifiedLayerNormalization",
-               "RMSNormalization"}
+               "RMSNormalization", "SkipSimplifiedLayerNormalization", "BiasAdd"}
     # the families above share their rule (and its test) with a tested sibling
     assert set(untested) <= allowed, f"ops with a rule but no test: {sorted(set(untested) - allowed)}"
 

@@ -336,6 +336,88 @@ def _finish(tmp: Path, path: Path) -> None:
         data.unlink()
 
 
+# small random-weight transformers for attention-head tests: (model, exporter) pairs. "ort" is the
+# legacy export of an eager-attention BERT passed through onnxruntime's BERT fusions (Attention,
+# SkipLayerNormalization, BiasGelu). BERT has dynamic batch and sequence axes; ViT a static batch,
+# as torch's multi-head attention merges batch and heads into one axis.
+ATTENTION = (("tiny_bert", "legacy"), ("tiny_bert", "dynamo"), ("tiny_bert", "ort"), ("tiny_vit", "legacy"),
+             ("tiny_vit", "dynamo"))
+TINY_BERT = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128, "max_position_embeddings": 64,
+             "initializer_range": 0.2}  # ten times BERT's: attention far from uniform, so heads matter
+
+
+def export_attention(name: str, exporter: str, out_dir: Path) -> Path:
+    """Export one of ``ATTENTION`` (cached: an existing file is returned as is)."""
+    import torch
+
+    path = Path(out_dir) / "attention" / f"{name}-{exporter}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import_torchvision()  # before transformers, which imports it with the fake-op registration that fails here
+    torch.manual_seed(0)
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if name == "tiny_bert":
+            _export_bert(tmp, exporter)
+        else:
+            _export_vit(tmp, exporter)
+    _finish(tmp, path)
+    return path
+
+
+def _export_bert(tmp: Path, exporter: str) -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    eager = {"attn_implementation": "eager"} if exporter == "ort" else {}  # the fusions match eager attention
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = BertModel(BertConfig(**TINY_BERT, **eager))
+
+        def forward(self, input_ids, attention_mask):
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+            return out.last_hidden_state, out.pooler_output
+
+    model = Encoder().eval()
+    args = (torch.randint(0, TINY_BERT["vocab_size"], (2, 16)), torch.ones(2, 16, dtype=torch.int64))
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["last_hidden_state", "pooler_output"]}
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
+        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names,
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        return
+    axes = {n: {0: "batch", 1: "seq"} for n in names["input_names"] + names["output_names"][:1]}
+    axes[names["output_names"][1]] = {0: "batch"}
+    torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
+    if exporter == "ort":
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused = optimize_model(str(tmp), model_type="bert", num_heads=TINY_BERT["num_attention_heads"],
+                               hidden_size=TINY_BERT["hidden_size"], opt_level=0)
+        fused.save_model_to_file(str(tmp))
+
+
+def _export_vit(tmp: Path, exporter: str) -> None:
+    import torch
+
+    tv = import_torchvision()
+    model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                                        mlp_dim=128, num_classes=10).eval()
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.5)  # torchvision zeroes the head: every output would be 0
+    args = (torch.randn(1, 3, 32, 32),)
+    names = {"input_names": ["image"], "output_names": ["logits"]}
+    if exporter == "dynamo":
+        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names)
+    else:
+        torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, **names)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"models (default: all {len(ALL)})")

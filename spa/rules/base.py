@@ -75,15 +75,32 @@ class Pending:
 
 Outcome = Link | Freeze | Sink | Pending
 
+# what a unit of an attention layer is: a whole head, or one index of head_dim in every head
+ATTENTION_UNITS = ("heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """An attention layer as the graph shows it; ``kind`` says which of its axes shrinks."""
+
+    kind: str  # "heads" or "head_dim"
+    heads: int
+    head_dim: int
+
 
 class RuleContext:
     """What rules may ask about the model while grouping."""
 
-    def __init__(self, graph: ModelGraph, opset: int):
+    def __init__(self, graph: ModelGraph, opset: int, attention: str = "heads"):
+        if attention not in ATTENTION_UNITS:
+            raise ValueError(f"attention units must be one of {ATTENTION_UNITS}, got {attention!r}")
         self.graph = graph
         self.opset = opset
+        self.attention = attention
         self.known_dims: set[Dim] = set()  # dims reached so far: settles ambiguous Reshape products
         self.choices: dict = {}  # Reshape product -> the factor that shrinks, fixed once chosen
+        self.heads: dict[Dim, HeadInfo] = {}  # the axis that shrinks in each attention layer, for reports
+        self.memo: dict = {}  # what rules compute once per model (which Reshapes share a target literal)
 
     def rank(self, tensor: str) -> int | None:
         shape = self.graph.shape(tensor)

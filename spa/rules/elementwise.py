@@ -9,7 +9,7 @@ ZERO_PRESERVING = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "FastGelu", "Tanh", "Erf", "Neg", "Abs",
     "Sqrt", "HardSwish", "Mish", "Sin", "Sign", "Floor", "Ceil", "Round", "Identity", "Dropout", "Cast",
     "Softsign", "ThresholdedRelu", "Shrink", "Clip", "Mul", "Div", "Add", "Sub", "Max", "Min", "Where",
-    "Sum", "Mean", "Pow", "Atan", "Asin", "Sinh", "Tan", "Asinh", "Atanh",
+    "Sum", "Mean", "Pow", "Atan", "Asin", "Sinh", "Tan", "Asinh", "Atanh", "BiasGelu", "QuickGelu", "BiasAdd",
 }
 
 

@@ -299,11 +299,13 @@ class Expand(Rule):
             return links.out
         shift = ctx.rank(y) - ctx.rank(x)
         x_axis = dim.axis if dim.tensor == x else dim.axis - shift
-        if x_axis < 0 or ctx.size(Dim(x, x_axis)) != ctx.size(Dim(y, x_axis + shift)):
-            links.freeze(dim, f"Expand '{node.name}' broadcasts along this axis")
-            return links.out
         entries = trace_vector(ctx.graph, node, 1)
         position = x_axis + shift - (ctx.rank(y) - len(entries)) if entries else 0
+        if x_axis < 0 or ctx.size(Dim(x, x_axis)) != ctx.size(Dim(y, x_axis + shift)):
+            if dim.tensor == y and _literal(entries, position):
+                return links.out  # copies of one value (a mask expanded to every head): any of them can go
+            links.freeze(dim, f"Expand '{node.name}' broadcasts along this axis")
+            return links.out
         reason = rewritable(entries, position)
         if reason:
             links.freeze(dim, f"Expand '{node.name}' shape: {reason}")
@@ -315,10 +317,14 @@ class Expand(Rule):
         y = node.outputs[0]
         entries = trace_vector(cut.graph, node, 1)
         lead = len(cut.graph.shape(y)) - len(entries)
+        x_shape = cut.graph.shape(node.inputs[0])
         for position, entry in enumerate(entries):
             dim = Dim(y, position + lead)
             if entry.kind == "literal" and entry.value > 1 and cut.old_size(dim) != cut.new_size(dim):
-                cut.set_const_element(*entry.source, 1)  # 1 keeps whatever size the input has
+                x_axis = position + lead - (len(cut.graph.shape(y)) - len(x_shape))
+                broadcast = x_axis < 0 or x_shape[x_axis] == 1
+                # a broadcast axis takes its new size; elsewhere 1 keeps whatever size the input has
+                cut.set_const_element(*entry.source, cut.new_size(dim) if broadcast else 1)
 
 
 @register
@@ -357,3 +363,8 @@ class ConstantOfShape(Rule):
     def soft_zero(self, node, dim, input_zero):
         value = node.attr("value")  # absent: a float zero
         return value is None or not np.any(numpy_helper.to_array(value))
+
+
+def _literal(entries, position) -> bool:
+    return entries is not None and 0 <= position < len(entries) and entries[position].kind == "literal" and (
+        entries[position].value > 1)

@@ -8,8 +8,11 @@ Axes are paired into runs of equal size product (see ``segments``).
   [H*D] -> [H, D] for heads), or several merge into one: the channel is a
   product index, and only one factor can shrink while the others keep their
   size. Coupling every factor would collapse the product into one unit, so the
-  factor is chosen once the rest of the graph is known (``Pending``): the one
-  other ops already treat as a channel, else the largest.
+  factor is chosen once the rest of the graph is known (``Pending``). Around
+  attention (see ``attention.axis_role``) it is the head axis, so a unit is a
+  whole head (the contiguous block of its head_dim indices), or head_dim, so a
+  unit is one index in every head, as ``RuleContext.attention`` says. Elsewhere
+  it is the factor other ops already treat as a channel, else the largest.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import math
 
 import numpy as np
 
-from .base import Dim, Freeze, LinkSet, Pending, Rule, pairs, register
+from .attention import HEAD_DIM, HEADS, axis_role
+from .base import Dim, Freeze, HeadInfo, LinkSet, Pending, Rule, pairs, register
+from .roundtrip import round_trip
 from .shapes import rewritable, segments, trace_vector
 
 
@@ -44,6 +49,13 @@ class ReshapeFamily(Rule):
             return links.out
         seg = self._segment(node, dim, ctx)
         if seg is None:
+            trip = round_trip(ctx.graph, node, dim.tensor) if node.op_type == "Reshape" else None
+            if trip is not None and trip.partner(dim) is not None:
+                links.same(dim, trip.partner(dim))
+                reason = trip.fixed_literal(dim)
+                if reason:
+                    links.freeze(dim, reason)
+                return links.out
             links.freeze(dim, f"{node.op_type} '{node.name}' mixes this axis with others of unknown size")
             return links.out
         (_, mine), (theirs_t, theirs) = seg
@@ -60,8 +72,9 @@ class ReshapeFamily(Rule):
         """Link the one factor of a product that may shrink; freeze the other channel factors.
 
         The factor is chosen once per Reshape and product, so that every dimension asking
-        sees the same answer: the factor other ops already treat as a channel, else the
-        largest (a channel shuffle keeps its group count, attention keeps its head count).
+        sees the same answer: in attention the head axis or head_dim, elsewhere the factor
+        other ops already treat as a channel, else the largest (a channel shuffle keeps its
+        group count).
         """
         links = LinkSet(ctx)
         (mine_t, mine), (theirs_t, theirs) = self._segment(node, dim, ctx)
@@ -69,9 +82,7 @@ class ReshapeFamily(Rule):
             (theirs_t, theirs), (mine_t, mine))
         key = (node.name, multi_t, tuple(multi))
         if key not in ctx.choices:
-            known = [a for a in multi if Dim(multi_t, a) in ctx.known_dims]
-            sizes = {a: ctx.graph.shape(multi_t)[a] for a in multi}
-            ctx.choices[key] = max(known or multi, key=lambda a: (sizes[a], -a))
+            ctx.choices[key] = self._choose(node, multi_t, multi, ctx)
         chosen = ctx.choices[key]
         if dim.tensor == multi_t and dim.axis != chosen:
             links.freeze(dim, f"{node.op_type} '{node.name}' merges this axis with axis {chosen}, "
@@ -83,13 +94,39 @@ class ReshapeFamily(Rule):
         self._check_target(node, dim, chosen if multi_t == node.outputs[0] else single[0], links, ctx)
         return links.out
 
+    def _choose(self, node, multi_t, multi, ctx):
+        sizes = {a: ctx.graph.shape(multi_t)[a] for a in multi}
+        # a split feeding attention (or the merge after it) shrinks the unit the user asked for;
+        # the product is read forward from a split, backward from a merge
+        roles = {a: axis_role(ctx.graph, multi_t, a, forward=multi_t == node.outputs[0]) for a in multi}
+        heads = [a for a in multi if roles[a] == HEADS]
+        head_dim = [a for a in multi if roles[a] == HEAD_DIM]
+        if len(heads) == 1 and len(head_dim) == 1:
+            chosen = heads[0] if ctx.attention == HEADS else head_dim[0]
+            ctx.heads[Dim(multi_t, chosen)] = HeadInfo(ctx.attention, sizes[heads[0]], sizes[head_dim[0]])
+            return chosen
+        known = [a for a in multi if Dim(multi_t, a) in ctx.known_dims]
+        return max(known or multi, key=lambda a: (sizes[a], -a))
+
     def _check_target(self, node, dim, y_axis, links, ctx):
-        """A Reshape's target must be rewritable at the output axis that changes."""
+        """A Reshape's target must be rewritable at the output axis that changes.
+
+        A literal inside a shape computation that several Reshapes read (the dynamo exporter
+        builds [batch, seq, -1, 64] once for Q, K and V) can hold one value only: the axes it
+        sizes in all of them are linked, so they keep the same size.
+        """
         if node.op_type != "Reshape":
             return
-        reason = rewritable(trace_vector(ctx.graph, node, 1), y_axis)
+        entries = trace_vector(ctx.graph, node, 1)
+        reason = rewritable(entries, y_axis)
         if reason:
             links.add(Freeze(dim, f"Reshape '{node.name}' target: {reason}"))
+            return
+        entry = entries[y_axis]
+        if entry.kind == "literal" and entry.value not in (-1, 0) and entry.source[0] != node.name:
+            for other, position in _literal_readers(ctx).get(entry.source, ()):
+                if other is not node:
+                    links.same(Dim(node.outputs[0], y_axis), Dim(other.outputs[0], position))
 
     def rewrite(self, node, cut):
         if node.op_type != "Reshape":
@@ -105,7 +142,21 @@ class ReshapeFamily(Rule):
                 cut.set_const_element(*entry.source, new)
 
 
+def _literal_readers(ctx) -> dict[tuple, list]:
+    """Where each literal of a computed Reshape target ends up: (Reshape, output axis) pairs."""
+    if "reshape literals" not in ctx.memo:
+        readers: dict[tuple, list] = {}
+        for node in ctx.graph.nodes:
+            if node.op_type == "Reshape":
+                for position, entry in enumerate(trace_vector(ctx.graph, node, 1) or ()):
+                    if entry.kind == "literal" and entry.source[0] != node.name:
+                        readers.setdefault(entry.source, []).append((node, position))
+        ctx.memo["reshape literals"] = readers
+    return ctx.memo["reshape literals"]
+
+
 def _coordinate(sizes: list[int], which: int) -> np.ndarray:
     """For each flat index over ``sizes`` (row-major), its coordinate along axis ``which``."""
     inner = math.prod(sizes[which + 1:])
     return (np.arange(math.prod(sizes)) // inner) % sizes[which]
+

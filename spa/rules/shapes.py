@@ -64,6 +64,11 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
             length = max(len(side) for side in sides)
             if all(len(side) in (1, length) for side in sides):
                 return [_combine(sides[0][k % len(sides[0])], sides[1][k % len(sides[1])]) for k in range(length)]
+    if op == "Slice":  # shape[-2:], shape[:-2]: the dynamo exporter's way of keeping some sizes
+        base = trace_vector(graph, producer, 0, depth + 1)
+        bounds = _slice_bounds(graph, producer)
+        if base is not None and bounds is not None:
+            return base[slice(*bounds)]
     if op == "Gather" and producer.attr("axis", 0) == 0:
         base = trace_vector(graph, producer, 0, depth + 1)
         picks = graph.const_ints(producer.inputs[1])
@@ -73,6 +78,19 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
 
 
 _ARITHMETIC = ("Div", "Mul", "Add", "Sub")
+
+
+def _slice_bounds(graph: ModelGraph, node: Node) -> tuple[int, int] | None:
+    """Start and stop of a unit-step Slice of a 1-D vector, where both are known before running."""
+    if node.attr("starts") is not None:  # before opset 10
+        starts, ends, axes, steps = node.attr("starts"), node.attr("ends"), node.attr("axes", [0]), [1]
+    else:
+        starts, ends = static_value(graph, node.input(1)), static_value(graph, node.input(2))
+        axes = static_value(graph, node.input(3)) if node.input(3) else [0]
+        steps = static_value(graph, node.input(4)) if node.input(4) else [1]
+    if starts is None or ends is None or len(starts) != 1 or axes not in ([0], [-1]) or steps != [1]:
+        return None
+    return int(starts[0]), int(ends[0])  # numpy clamps like ONNX for a unit step
 
 
 def _combine(a: Entry, b: Entry) -> Entry:
@@ -102,35 +120,50 @@ def segments(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
     """Pair runs of axes of equal size product (axes of size 1 carry nothing).
 
     ``[N, C, H, W] -> [N, C*H*W]`` gives ``[([0], [0]), ([1, 2, 3], [1])]``.
-    Symbolic axes pair only one-to-one; the first unmatched product stops the scan.
+    Symbolic axes pair one-to-one when both are names; where anything else stops the scan
+    (``[batch, seq, 768] -> [batch*seq, 768]``, GPT-2's Conv1D), the axes at the end are
+    paired from the right, since row-major order keeps a trailing block of equal size intact.
     """
     a = [(i, s) for i, s in enumerate(in_shape) if s != 1]
     b = [(j, s) for j, s in enumerate(out_shape) if s != 1]
+    result, i, j = _runs(a, b)
+    if i < len(a) and j < len(b):
+        tail, _, _ = _runs(a[i:][::-1], b[j:][::-1])
+        result += [(ins[::-1], outs[::-1]) for ins, outs in reversed(tail)]
+    return result
+
+
+def _runs(a, b):
+    """Runs of equal product from the start of ``a`` and ``b``, and how far they reach."""
     result = []
     i = j = 0
     while i < len(a) and j < len(b):
         (ia, sa), (jb, sb) = a[i], b[j]
         if not isinstance(sa, int) or not isinstance(sb, int):
-            if isinstance(sa, int) or isinstance(sb, int):
+            # two names in step stand for the same axis (batch, or onnx's unk__3 for it); an
+            # expression such as '4*batch' merges a static axis in and ends the run
+            if not (sa == sb or (isinstance(sa, str) and isinstance(sb, str) and sa.isidentifier()
+                                 and sb.isidentifier())):
                 break
-            result.append(([ia], [jb]))  # two symbolic axes in step: batch or sequence
+            result.append(([ia], [jb]))
             i, j = i + 1, j + 1
             continue
         ins, outs, pa, pb = [ia], [jb], sa, sb
-        i, j = i + 1, j + 1
+        ni, nj = i + 1, j + 1
         while pa != pb:
-            if pa < pb and i < len(a) and isinstance(a[i][1], int):
-                ins.append(a[i][0])
-                pa *= a[i][1]
-                i += 1
-            elif pb < pa and j < len(b) and isinstance(b[j][1], int):
-                outs.append(b[j][0])
-                pb *= b[j][1]
-                j += 1
+            if pa < pb and ni < len(a) and isinstance(a[ni][1], int):
+                ins.append(a[ni][0])
+                pa *= a[ni][1]
+                ni += 1
+            elif pb < pa and nj < len(b) and isinstance(b[nj][1], int):
+                outs.append(b[nj][0])
+                pb *= b[nj][1]
+                nj += 1
             else:
-                return result
+                return result, i, j
         result.append((ins, outs))
-    return result
+        i, j = ni, nj
+    return result, i, j
 
 
 def static_value(graph: ModelGraph, tensor: str, depth: int = 0) -> list[int] | None:
@@ -178,3 +211,75 @@ def _evaluate(graph: ModelGraph, tensor: str, depth: int):
             return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
                     "Div": lambda a, b: np.trunc(a / b)}[op](x, y)
     return None
+
+
+_FLOAT_TYPES = {1, 10, 11, 16}  # float, float16, double, bfloat16
+# inputs that take a vector as a shape, a bound or a count: a size there follows the cut
+_SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Slice": (1, 2, 3, 4),
+                   "Range": (0, 1, 2), "Resize": (1, 2, 3), "Upsample": (1,), "Split": (1,), "Pad": (1, 2, 3),
+                   "Unsqueeze": (1,), "Squeeze": (1,), "TopK": (1,), "OneHot": (1,), "Trilu": (1,)}
+
+
+def size_read_as_value(graph: ModelGraph, shape_node: Node, axis: int) -> Node | None:
+    """The op that turns the size of ``axis`` into a number the model computes with, if any.
+
+    A size that only becomes another shape (a Reshape target, an Expand shape, a Slice
+    bound, a Range length) follows a cut by itself. One that becomes a float does not: the
+    attention scale 1/sqrt(head_dim) computed from Shape changes when head_dim shrinks, and the
+    pruned model would compute something else than the dense one.
+    """
+    if shape_node.op_type == "Shape":
+        rank = len(graph.shape(shape_node.inputs[0]) or ())
+        start = shape_node.attr("start", 0)
+        held: frozenset | None = frozenset({axis - (start % rank if rank and start < 0 else start)})
+    else:
+        held = None  # Size: one number that every axis enters
+    todo = [(shape_node.outputs[0], held)]
+    seen = 0
+    while todo and seen < 64:
+        tensor, held = todo.pop()
+        seen += 1
+        if held is not None and not held:
+            continue
+        for node in graph.consumers.get(tensor, []):
+            slots = [k for k, name in enumerate(node.inputs) if name == tensor]
+            if all(k in _SHAPE_OPERANDS.get(node.op_type, ()) for k in slots):
+                continue
+            out = node.outputs[0] if node.outputs else ""
+            if graph.dtypes.get(out) in _FLOAT_TYPES or (node.op_type == "Cast" and node.attr("to") in _FLOAT_TYPES):
+                return node
+            moved = _positions_after(graph, node, tensor, held)
+            todo.extend((o, moved) for o in node.outputs if o)
+    return None
+
+
+_KEEP_POSITIONS = ("Unsqueeze", "Squeeze", "Identity", "Reshape", "Flatten", "Cast", "Add", "Sub", "Mul", "Div",
+                   "Mod", "Max", "Min", "Neg", "Abs")
+
+
+def _positions_after(graph: ModelGraph, node: Node, tensor: str, held: frozenset | None) -> frozenset | None:
+    """Where the held positions of a vector land in the output of ``node``. None is every
+    position: where it cannot be told, all are followed, so that a float further on is found."""
+    op = node.op_type
+    if held is None:
+        return None
+    length = graph.static_size(tensor, 0) if len(graph.shape(tensor) or ()) == 1 else None
+    if op == "Gather" and tensor == node.inputs[0] and length:
+        picks = graph.const_ints(node.inputs[1])
+        if picks is not None:
+            return frozenset(k for k, p in enumerate(picks) if p % length in held)
+    if op == "Slice" and tensor == node.inputs[0] and length:
+        bounds = _slice_bounds(graph, node)
+        if bounds is not None:
+            begin, end, _ = slice(*bounds).indices(length)
+            return frozenset(p - begin for p in held if begin <= p < end)
+    if op == "Concat":
+        offset = 0
+        for name in node.inputs:
+            if name == tensor:
+                return frozenset(p + offset for p in held)
+            size = graph.static_size(name, 0) if graph.shape(name) else 1
+            if size is None:
+                return None
+            offset += size
+    return held if op in _KEEP_POSITIONS else None

@@ -2,8 +2,8 @@
 resizing and reductions (which may also reduce the channel axis away)."""
 from __future__ import annotations
 
-from .base import Dim, LinkSet, Rule, Sink, register
-from .shapes import rewritable, trace_vector
+from .base import Dim, Freeze, LinkSet, Rule, Sink, register
+from .shapes import rewritable, size_read_as_value, trace_vector
 
 
 @register
@@ -127,9 +127,14 @@ class Reduce(Rule):
 
 @register
 class ShapeOf(Rule):
-    """Reading a tensor's shape constrains nothing: the value follows the cut at run time."""
+    """Reading a tensor's shape constrains nothing while the value only becomes other shapes, which
+    follow the cut at run time; a size that becomes a float (an attention scale) must not change."""
 
     ops = ("Shape", "Size")
 
     def link(self, node, dim, ctx):
-        return []
+        reader = size_read_as_value(ctx.graph, node, dim.axis)
+        if reader is None:
+            return []
+        return [Freeze(dim, f"{node.op_type} '{node.name}' reads this size into a value "
+                            f"({reader.op_type} '{reader.name}')")]

@@ -1,0 +1,140 @@
+"""Telling the head axis from head_dim in the Reshapes around attention.
+
+A Reshape that splits [hidden] into [heads, head_dim] (or [3, heads, head_dim] for a fused
+QKV projection) does not say which factor is which, and a channel shuffle splits a channel
+axis the same way. The graph says it: the head axis travels to a *batch* axis of the MatMuls
+that multiply two activations (Q Kᵀ, then the scores times V), while head_dim is contracted
+there (Q, K) or stays the last axis of the result (V). ``axis_role`` follows one axis through
+the layout and element-wise ops in between, forward from a split or backward from the merge
+Reshape after scores times V.
+"""
+from __future__ import annotations
+
+from ..graph import ModelGraph, Node
+from .base import Dim
+from .elementwise import Broadcasting, Softmax, Unary
+from .roundtrip import round_trip
+from .shapes import segments
+
+HEADS, HEAD_DIM = "heads", "head_dim"
+
+_STEPS = 64  # tensors visited per question: attention blocks are a handful of ops deep
+_ELEMENTWISE = set(Unary.ops) | set(Broadcasting.ops)
+_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def axis_role(graph: ModelGraph, tensor: str, axis: int, forward: bool) -> str | None:
+    """HEADS, HEAD_DIM, or None when the axis reaches no activation-by-activation MatMul
+    (or reaches them in roles that disagree)."""
+    roles: set[str] = set()
+    seen: set[tuple[str, int]] = set()
+    todo = [(tensor, axis)]
+    while todo and len(seen) < _STEPS:
+        here = todo.pop()
+        if here in seen:
+            continue
+        seen.add(here)
+        name, a = here
+        if forward:
+            nodes = graph.consumers.get(name, [])
+        else:
+            nodes = [graph.producer[name]] if name in graph.producer else []
+        for node in nodes:
+            role, onward = _step(graph, node, name, a, forward)
+            if role:
+                roles.add(role)
+            todo.extend(onward)
+    return roles.pop() if len(roles) == 1 else None
+
+
+def _rank(graph: ModelGraph, tensor: str) -> int | None:
+    shape = graph.shape(tensor)
+    return None if shape is None else len(shape)
+
+
+def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
+    """(role found at this op, (tensor, axis) pairs to follow on)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None, []
+    if op == "MatMul":
+        return _matmul_role(graph, node, name, a, forward), []
+    if op == "Transpose":
+        rank = _rank(graph, node.inputs[0])
+        if rank is None:
+            return None, []
+        perm = list(node.attr("perm") or reversed(range(rank)))
+        if forward:
+            return None, [(node.outputs[0], perm.index(a))]
+        return None, [(node.inputs[0], perm[a])]
+    if op in _ELEMENTWISE or (op in Softmax.ops and not _normalised(graph, node, name, a)):
+        return None, _elementwise(graph, node, name, a, forward)
+    if op in _RESHAPES:
+        return None, _reshape(graph, node, name, a, forward)
+    if op == "Gather" and forward and name == node.inputs[0]:
+        axis = node.attr("axis", 0) % (_rank(graph, name) or 1)
+        index_rank = _rank(graph, node.inputs[1])
+        if a == axis or index_rank is None:
+            return None, []
+        return None, [(node.outputs[0], a if a < axis else a + index_rank - 1)]
+    if op == "Split" and forward and name == node.inputs[0]:
+        if a == node.attr("axis", 0) % (_rank(graph, name) or 1):
+            return None, []
+        return None, [(y, a) for y in node.outputs if y]
+    return None, []
+
+
+def _matmul_role(graph: ModelGraph, node: Node, name: str, a: int, forward: bool) -> str | None:
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    if graph.is_initializer(x) or graph.is_initializer(w):
+        return None  # a projection by a weight: not between two activations
+    rank = _rank(graph, name)
+    if rank is None or rank < 3:
+        return None
+    if a < rank - 2:
+        return HEADS
+    if forward:
+        contracted = a == rank - 1 if name == x else a == rank - 2
+        carried = name == w and a == rank - 1  # V's head_dim stays the output's last axis
+        return HEAD_DIM if contracted or carried else None
+    return HEAD_DIM if name == y and a == rank - 1 else None
+
+
+def _normalised(graph: ModelGraph, node: Node, name: str, a: int) -> bool:
+    rank = _rank(graph, name) or 1
+    return a == node.attr("axis", -1) % rank
+
+
+def _elementwise(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
+    y = node.outputs[0]
+    ry, rank = _rank(graph, y), _rank(graph, name)
+    if ry is None or rank is None:
+        return []
+    size = graph.static_size(name, a)
+    if forward:
+        out_axis = a + ry - rank
+        return [(y, out_axis)] if graph.static_size(y, out_axis) == size else []
+    onward = []
+    for x in node.inputs:
+        rx = _rank(graph, x) if x else None
+        if rx is None or graph.is_initializer(x) or a - (ry - rx) < 0:
+            continue
+        if graph.static_size(x, a - (ry - rx)) == size:
+            onward.append((x, a - (ry - rx)))
+    return onward
+
+
+def _reshape(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
+    x, y = node.inputs[0], node.outputs[0]
+    sx, sy = graph.shape(x), graph.shape(y)
+    if sx is None or sy is None or (forward and name != x):
+        return []
+    for ins, outs in segments(sx, sy):
+        if len(ins) == 1 and len(outs) == 1:
+            if forward and ins[0] == a:
+                return [(y, outs[0])]
+            if not forward and outs[0] == a:
+                return [(x, ins[0])]
+    trip = round_trip(graph, node, name) if node.op_type == "Reshape" else None
+    partner = trip.partner(Dim(name, a)) if trip else None
+    return [(partner.tensor, partner.axis)] if partner else []

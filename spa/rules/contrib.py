@@ -1,0 +1,214 @@
+"""onnxruntime's fused transformer ops (domain com.microsoft), as its optimizer writes them.
+
+``optimize_model(..., model_type="bert")`` folds a BERT layer into Attention (the Q, K and V
+projections in one [hidden, 3 * hidden] weight), SkipLayerNormalization (residual add, bias and
+LayerNorm) and BiasGelu/FastGelu (bias and activation). The head structure is in Attention's
+``num_heads``, not in the graph, so its rule builds the head units itself.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .attention import HEADS
+from .base import Dim, Freeze, HeadInfo, LinkSet, Rule, Sink, pairs, register
+from .elementwise import Broadcasting
+
+MS = "com.microsoft"
+
+
+@register
+class BiasActivation(Broadcasting):
+    """Element-wise with a bias broadcast along the channel axis: gelu(x + bias) and kin."""
+
+    ops = ("BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd")
+    domain = MS
+
+
+@register
+class SkipNorm(Rule):
+    """output = LayerNorm(input + skip + bias) * gamma + beta over the last axis; the sum itself
+    is exact, the normalised output is not (like LayerNormalization)."""
+
+    ops = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+    domain = MS
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, skip = node.inputs[0], node.inputs[1]
+        params = [p for p in node.inputs[2:] if p]  # gamma, beta and bias (no beta when simplified)
+        y, stats, total = node.outputs[0], [s for s in node.outputs[1:3] if s], _output(node, 3)
+        rank = ctx.rank(x)
+        if rank is None:
+            links.freeze(dim, f"rank unknown around {node.op_type} '{node.name}'")
+            return links.out
+        last = rank - 1
+        if dim.tensor in stats:
+            links.freeze(dim, f"statistics output of {node.op_type} '{node.name}'")
+            return links.out
+        if dim.tensor in params or dim.axis == last:
+            channel = Dim(x, last)
+            links.same(channel, Dim(skip, ctx.rank(skip) - 1))
+            for p in params:
+                links.same(channel, Dim(p, 0))
+            if total:
+                links.same(channel, Dim(total, last))
+            links.same(channel, Dim(y, last), exact=False)
+            return links.out
+        for other in [skip, y, total, *stats]:
+            if other and ctx.rank(other) == rank:
+                links.same(Dim(x, dim.axis), Dim(other, dim.axis))
+        return links.out
+
+
+@register
+class EmbedNorm(Rule):
+    """LayerNorm(word[ids] + position[pos] + segment[seg]) * gamma + beta: the tables' columns and
+    the output's last axis are one hidden channel, normalised (approximate)."""
+
+    ops = ("EmbedLayerNormalization",)
+    domain = MS
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        tables = [node.input(k) for k in (2, 3, 4) if node.input(k)]
+        params = [node.input(k) for k in (5, 6) if node.input(k)]
+        y, total = node.outputs[0], _output(node, 2)
+        on_hidden = (dim.tensor in tables and dim.axis == 1) or dim.tensor in params or (
+            dim.tensor in (y, total) and dim.axis == 2)
+        if not on_hidden:
+            links.freeze(dim, f"token or position axis of {node.op_type} '{node.name}'")
+            return links.out
+        channel = Dim(y, 2)
+        for table in tables:
+            links.same(channel, Dim(table, 1), exact=False)
+        for p in params:
+            links.same(channel, Dim(p, 0), exact=False)
+        if total:
+            links.same(channel, Dim(total, 2), exact=False)
+        return links.out
+
+
+@register
+class Attention(Rule):
+    """com.microsoft Attention: input [B, S, D_in] times weights [D_in, Wq + Wk + Wv] (Q, K, V
+    blocks side by side, each head a contiguous run of its block), plus bias, then attention per
+    head; the output [B, S, Wv] holds the heads' V widths side by side.
+
+    ``heads``: a unit is one head, its Q, K and V columns and its output block.
+    ``head_dim``: one unit per index d of the Q/K head width (Q and K columns d of every head),
+    and one per index of the V head width (V columns and output positions of every head).
+    """
+
+    ops = ("Attention",)
+    domain = MS
+
+    def seeds(self, node, ctx):
+        w = node.inputs[1]
+        return [Dim(w, 0), Dim(w, 1)] if ctx.graph.is_initializer(w) else []
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, w, bias, y = node.inputs[0], node.inputs[1], node.input(2), node.outputs[0]
+        if dim.tensor not in (x, w, bias, y):
+            links.freeze(dim, f"mask, cache or bias input of Attention '{node.name}'")
+            return links.out
+        rank = ctx.rank(x)
+        if rank is None or ctx.rank(y) != rank:
+            links.freeze(dim, f"rank unknown around Attention '{node.name}'")
+            return links.out
+        if dim.tensor in (x, y) and dim.axis < rank - 1:  # batch and sequence pass through
+            links.same(Dim(x, dim.axis), Dim(y, dim.axis))
+            return links.out
+        links.same(Dim(x, rank - 1), Dim(w, 0))
+        links.add(Sink((Dim(x, rank - 1), Dim(w, 0))))
+        if dim == Dim(x, rank - 1) or dim == Dim(w, 0):
+            return links.out
+        widths = _widths(node, ctx)
+        cols, out = Dim(w, 1), Dim(y, rank - 1)
+        if bias:
+            links.same(cols, Dim(bias, 0))
+        why = _unsupported(node, widths, ctx)
+        if why:
+            links.add(Freeze(cols, why))
+            links.add(Freeze(out, why))
+            return links.out
+        heads = int(node.attr("num_heads"))
+        wq, wk, wv = widths
+        dq, dv = wq // heads, wv // heads
+        q = np.arange(wq)
+        v = np.arange(wv)
+        v_cols, v_out = v + wq + wk, v
+        if ctx.attention == HEADS:
+            # every column of head h, in Q, K and V, joins output position h * dv: one unit per head
+            head_start = (q // dq) * dv
+            links.add(pairs(cols, out, np.concatenate([q, q + wq, v_cols]),
+                            np.concatenate([head_start, head_start, (v // dv) * dv])))
+            links.add(pairs(out, out, v_out, (v // dv) * dv))
+            ctx.heads[out] = HeadInfo(ctx.attention, heads, dq)
+        else:
+            # Q and K column d of every head are one unit; V column d of every head and its output positions another
+            links.add(pairs(cols, cols, np.concatenate([q, q + wq]), np.concatenate([q % dq, q % dq])))
+            links.add(pairs(cols, out, v_cols, v_out))
+            links.add(pairs(out, out, v_out, v_out % dv))
+            ctx.heads[Dim(w, 1)] = HeadInfo(ctx.attention, heads, dq)
+            ctx.heads[out] = HeadInfo(ctx.attention, heads, dv)
+        return links.out
+
+    def rewrite(self, node, cut):
+        w = node.inputs[1]
+        keep = cut.kept(Dim(w, 1))
+        if keep is None:
+            return
+        wq, wk, wv = _widths(node, cut)
+        heads = int(node.attr("num_heads"))
+        parts = [keep[(keep >= lo) & (keep < hi)] - lo for lo, hi in ((0, wq), (wq, wq + wk), (wq + wk, wq + wk + wv))]
+        new_heads, q_width = _head_layout(parts[0], wq // heads, heads)
+        _, v_width = _head_layout(parts[2], wv // heads, heads)
+        cut.set_attr(node, "num_heads", new_heads)
+        new = [len(p) for p in parts]
+        if node.attr("qkv_hidden_sizes") is not None or new[0] != new[2]:
+            cut.set_attr(node, "qkv_hidden_sizes", new)
+        if q_width != wq // heads and node.attr("scale") is None:
+            # the default scale is 1/sqrt(head width): keep the dense model's, not the pruned width's
+            cut.set_attr(node, "scale", float(1.0 / math.sqrt(wq // heads)))
+
+
+def _output(node, k: int) -> str:
+    return node.outputs[k] if len(node.outputs) > k else ""
+
+
+def _widths(node, ctx) -> tuple[int, int, int] | None:
+    sizes = node.attr("qkv_hidden_sizes")
+    if sizes:
+        return tuple(int(s) for s in sizes)
+    total = ctx.size(Dim(node.inputs[1], 1))
+    return None if total is None or total % 3 else (total // 3,) * 3
+
+
+def _unsupported(node, widths, ctx) -> str | None:
+    """Why the head layout of this Attention may not shrink, or None."""
+    name = f"Attention '{node.name}'"
+    heads = node.attr("num_heads")
+    if widths is None or not heads or widths[0] != widths[1] or any(w % heads for w in widths):
+        return f"{name}: Q/K/V widths do not divide into its heads"
+    if node.input(4) or node.input(5) or any(o for o in node.outputs[1:]):
+        return f"{name} has a key/value cache or a per-head attention bias"
+    if node.attr("do_rotary", 0) or node.attr("past_present_share_buffer", 0):
+        return f"{name} applies rotary embeddings or shares its cache buffer"
+    return None
+
+
+def _head_layout(kept: np.ndarray, width: int, heads: int) -> tuple[int, int]:
+    """(heads, head width) of the columns a cut keeps out of ``heads`` blocks of ``width``:
+    whole heads gone, or the same width left in every head."""
+    per_head = np.bincount(kept // width, minlength=heads)
+    present = per_head[per_head > 0]
+    if len(present) == 0 or np.any(present != present[0]):
+        raise ValueError(f"cut keeps uneven head widths {per_head.tolist()}")
+    if present[0] == width:
+        return len(present), width
+    if len(present) != heads:
+        raise ValueError("cut removes whole heads and head_dim at once")
+    return heads, int(present[0])

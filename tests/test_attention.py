@@ -1,0 +1,350 @@
+"""Attention heads: removed whole (the default) or head_dim shrunk evenly in every head.
+
+Hand-built attention blocks cover the layouts (separate Q/K/V projections, one fused projection
+split three ways, a fused projection reshaped to 5-D), static and dynamic reshape targets, and
+the reshape round trip the dynamo exporter uses for Kᵀ. Small random-weight BERT and ViT exports
+(tools/zoo.py) cover what real exporters and onnxruntime's fusions write. Every prune runs spa's
+validation, which compares the pruned model with the zeroed (soft) one at several sizes: a head
+mapped to the wrong indices fails there.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import spa
+from builder import Graph, analysis_of, group_at, initializer, prune_exact
+from spa.validate import run, sample_inputs
+
+E = 8  # width of the block's input
+
+
+def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic: bool = False, seq: int = 5,
+                    k_round_trip: bool = False, scale_from_shape: bool = False, expanded_bias: bool = False,
+                    shared_target: bool = False):
+    """x -> Q, K, V -> softmax(Q Kᵀ * s) V -> merge heads -> output projection -> y.
+
+    ``dynamic``: batch and sequence are symbolic and the head-split targets are built at run
+    time from Shape, with -1 for the head count; the merge target writes hidden as a literal.
+    """
+    g = Graph(opset=17)
+    hidden = heads * head_dim
+    x = g.input("x", ["batch", "seq", E] if dynamic else [1, seq, E])
+    if dynamic:
+        shape = g.op("Shape", [x])
+        b, s = (g.op("Unsqueeze", [g.op("Gather", [shape, g.const(np.array(i))], axis=0), g.const(np.array([0]))])
+                for i in (0, 1))
+
+    def target(*tail):
+        if dynamic:
+            return g.op("Concat", [b, s, g.const(np.array(tail, dtype=np.int64))], axis=0)
+        return g.const(np.array([1, seq, *tail], dtype=np.int64))
+
+    def project(width):
+        return g.op("Add", [g.op("MatMul", [x, g.weight(E, width)]), g.weight(width)])
+
+    if layout == "5d":  # [B, S, 3, H, D] -> [3, B, H, S, D], then pick Q, K and V
+        qkv = g.op("Reshape", [project(3 * hidden), target(3, heads, -1 if dynamic else head_dim)])
+        t = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
+        q, k, v = (g.op("Gather", [t, g.const(np.array(i))], axis=0) for i in range(3))
+        k = g.op("Transpose", [k], perm=[0, 1, 3, 2])
+    else:
+        if layout == "split":
+            parts = g.op("Split", [project(3 * hidden), g.const(np.array([hidden] * 3))], n_out=3, axis=2)
+        else:
+            parts = [project(hidden) for _ in range(3)]
+        shared = target(-1 if dynamic else heads, head_dim) if shared_target else None
+        split = [g.op("Reshape", [p, shared or target(-1 if dynamic else heads, head_dim)]) for p in parts]
+        q, v = (g.op("Transpose", [split[i]], perm=[0, 2, 1, 3]) for i in (0, 2))
+        if k_round_trip:  # the dynamo exporter's Kᵀ: [B, H, S, D] -> [-1, S, D] -> [-1, D, S] -> [B, H, D, S]
+            k = g.op("Transpose", [split[1]], perm=[0, 2, 1, 3])
+            kshape = g.op("Shape", [k])
+
+            def piece(lo, hi):
+                return g.op("Slice", [kshape, g.const(np.array([lo])), g.const(np.array([hi]))])
+
+            flat = g.op("Reshape", [k, g.op("Concat", [g.const(np.array([-1])), piece(-2, -1), piece(-1, 2**62)],
+                                             axis=0)])
+            k = g.op("Reshape", [g.op("Transpose", [flat], perm=[0, 2, 1]),
+                                 g.op("Concat", [piece(0, -2), piece(-1, 2**62), piece(-2, -1)], axis=0)])
+        else:
+            k = g.op("Transpose", [split[1]], perm=[0, 2, 3, 1])
+    if scale_from_shape:  # torch's scaled_dot_product_attention: 1/sqrt(q.size(-1)), computed at run time
+        size = g.op("Cast", [g.op("Slice", [g.op("Shape", [q]), g.const(np.array([-1])), g.const(np.array([2**62]))])],
+                    to=TensorProto.FLOAT)
+        scale = g.op("Div", [g.const(np.array([1.0], np.float32)), g.op("Sqrt", [size])])
+    else:
+        scale = g.const(np.array(1 / np.sqrt(head_dim), np.float32))
+    scores = g.op("Mul", [g.op("MatMul", [q, k]), scale])
+    if expanded_bias:  # one [S, S] bias, given at run time, written out for every head by an Expand
+        bias = g.op("Expand", [g.input("bias", [1, 1, seq, seq]), g.const(np.array([1, heads, seq, seq]))])
+        scores = g.op("Add", [scores, bias])
+    context = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+    merged = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]), target(hidden)])
+    g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(hidden, 6)]), g.weight(6)]))
+    return g.build()
+
+
+def weights(model, op="MatMul"):
+    """The weight of every op of type ``op``, in graph order."""
+    inits = {t.name for t in model.graph.initializer}
+    return [initializer(model, n.input[1]) for n in model.graph.node if n.op_type == op and n.input[1] in inits]
+
+
+def kept_columns(dense: np.ndarray, pruned: np.ndarray) -> list[int]:
+    """Which columns of the dense weight the pruned one kept (random weights: columns are unique)."""
+    return [next(j for j in range(dense.shape[1]) if np.array_equal(dense[:, j], col)) for col in pruned.T]
+
+
+def whole_heads(columns: list[int], head_dim: int) -> list[int]:
+    """The heads ``columns`` consist of, asserting each is a whole contiguous block."""
+    heads = sorted({c // head_dim for c in columns})
+    assert columns == [h * head_dim + d for h in heads for d in range(head_dim)], columns
+    return heads
+
+
+def reshape_targets(model) -> list[list[int]]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [inits[n.input[1]].tolist() for n in model.graph.node if n.op_type == "Reshape" and n.input[1] in inits]
+
+
+# ---------------------------------------------------------------- heads, hand-built
+
+
+@pytest.mark.parametrize("layout", ["separate", "split", "5d"])
+def test_heads_go_whole_and_targets_follow(layout):
+    heads, head_dim = 4, 6  # head_dim is the larger factor: a "largest factor" rule would pick it
+    model = attention_block(heads, head_dim, layout)
+    analysis = analysis_of(model)
+    w_q = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul")
+    group = group_at(analysis, w_q, 1)
+    assert group.prunable and group.exact and group.size == heads
+    assert (group.attention.kind, group.attention.heads, group.attention.head_dim) == ("heads", heads, head_dim)
+
+    result = prune_exact(model, 0.5, compensate=False)  # compensation would refit the rows compared below
+    dense_w, pruned_w = weights(model), weights(result.model)
+    hidden = heads * head_dim
+    if layout == "separate":
+        kept = [whole_heads(kept_columns(d, p), head_dim) for d, p in zip(dense_w[:3], pruned_w[:3])]
+        assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 2
+    else:  # one fused weight: its Q, K and V thirds lose the same heads
+        columns = kept_columns(dense_w[0], pruned_w[0])
+        thirds = [[c - t * hidden for c in columns if t * hidden <= c < (t + 1) * hidden] for t in range(3)]
+        kept = [whole_heads(third, head_dim) for third in thirds]
+        assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 2
+    out_rows = [r for r in range(hidden) if any(np.array_equal(dense_w[-1][r], row) for row in pruned_w[-1])]
+    assert whole_heads(out_rows, head_dim) == kept[0]  # the output projection loses the same heads' rows
+    targets = reshape_targets(result.model)
+    assert [1, 5, 2 * head_dim] in targets  # the merge
+    assert ([1, 5, 3, 2, head_dim] if layout == "5d" else [1, 5, 2, head_dim]) in targets
+    if layout == "split":
+        split = next(n for n in result.model.graph.node if n.op_type == "Split")
+        assert initializer(result.model, split.input[1]).tolist() == [2 * head_dim] * 3
+
+
+def test_head_count_in_an_expand_shape_is_rewritten():
+    model = attention_block(4, 3, expanded_bias=True)
+    result = prune_exact(model, 0.5)
+    expand = next(n for n in result.model.graph.node if n.op_type == "Expand")
+    assert initializer(result.model, expand.input[1]).tolist() == [1, 2, 5, 5]
+
+
+def test_head_mapping_is_contiguous_blocks_not_strides():
+    """Head h is indices [h*D, (h+1)*D), not h, h+H, h+2H...: the kept columns are whole blocks,
+    and the pruned model equals the zeroed one at every size validation tries."""
+    model = attention_block(3, 4)
+    w_q = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul")
+    analysis = analysis_of(model)
+    labels = analysis.labels[next(d for d in analysis.labels if d.tensor == w_q and d.axis == 1)]
+    assert labels.tolist() == np.repeat(labels[::4], 4).tolist() and len(set(labels.tolist())) == 3
+    result = prune_exact(model, 0.34)
+    whole_heads(kept_columns(weights(model)[0], weights(result.model)[0]), 4)
+
+
+def test_head_dim_mode_couples_q_with_k_and_keeps_v_apart():
+    heads, head_dim = 6, 4  # the head count is the larger factor this time
+    model = attention_block(heads, head_dim)
+    analysis = analysis_of(model, attention="head_dim")
+    w_q, w_k, w_v = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    qk, v = group_at(analysis, w_q, 1), group_at(analysis, w_v, 1)
+    assert qk is group_at(analysis, w_k, 1) and qk is not v
+    assert qk.size == v.size == head_dim and qk.attention.kind == v.attention.kind == "head_dim"
+    result = prune_exact(model, 0.5, attention="head_dim")
+    dense_w, pruned_w = weights(model), weights(result.model)
+    for d, p in zip(dense_w[:3], pruned_w[:3]):
+        columns = kept_columns(d, p)
+        per_head = [[c % head_dim for c in columns if c // head_dim == h] for h in range(heads)]
+        assert all(k == per_head[0] for k in per_head) and len(per_head[0]) == 2  # the same d in every head
+    assert [1, 5, heads, 2] in reshape_targets(result.model)
+
+
+def test_head_dim_read_as_a_float_stays():
+    """torch computes the scale from q.size(-1): shrinking head_dim would change it."""
+    model = attention_block(4, 6, scale_from_shape=True)
+    w_q = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul")
+    group = group_at(analysis_of(model, attention="head_dim"), w_q, 1)
+    assert "reads this size into a value" in group.frozen
+    assert group_at(analysis_of(model), w_q, 1).prunable  # the head count is not in the scale
+    prune_exact(model, 0.5)
+
+
+# ---------------------------------------------------------------- dynamic axes
+
+
+def check_other_sizes(dense, pruned, sizes=((3, 7), (2, 11))):
+    """The pruned model runs at batch/sequence sizes other than validation's, same output shapes."""
+    for batch, seq in sizes:
+        feeds = sample_inputs(dense, seed=batch, batch=batch, length=seq)
+        if "input_ids" in feeds:
+            feeds["input_ids"] = np.random.default_rng(batch).integers(0, 100, feeds["input_ids"].shape)
+        want, got = run(dense, feeds), run(pruned, feeds)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+
+
+@pytest.mark.parametrize("mode", ["heads", "head_dim"])
+@pytest.mark.parametrize("layout,round_trip", [("separate", False), ("separate", True), ("5d", False)])
+def test_dynamic_targets_with_minus_one(layout, round_trip, mode):
+    model = attention_block(4, 6, layout, dynamic=True, k_round_trip=round_trip)
+    w_q = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul")
+    group = group_at(analysis_of(model, attention=mode), w_q, 1)
+    assert group.prunable and group.attention.kind == mode
+    result = prune_exact(model, 0.5, attention=mode)
+    assert result.report.params_after < result.report.params_before
+    check_other_sizes(model, result.model)
+    # the merge writes hidden as a literal: rewritten (-1 and run-time sizes follow by themselves)
+    concat_literals = [initializer(result.model, n.input[2]).tolist() for n in result.model.graph.node
+                       if n.op_type == "Concat" and len(n.input) == 3 and n.input[2] in
+                       {t.name for t in result.model.graph.initializer}]
+    assert [12] in concat_literals
+
+
+def test_one_target_computation_for_q_k_and_v_keeps_their_head_dim_equal():
+    """The dynamo exporter computes [batch, seq, -1, D] once for Q, K and V: its literal D can only
+    take one value, so a global ranking that would give Q/K and V different widths must not."""
+    model = attention_block(4, 6, dynamic=True, shared_target=True)
+    w_q, w_k, w_v = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    analysis = analysis_of(model, attention="head_dim")
+    assert group_at(analysis, w_q, 1) is group_at(analysis, w_v, 1)
+    result = prune_exact(model, 0.5, attention="head_dim", global_rank=True)
+    check_other_sizes(model, result.model)
+
+
+def test_round_trip_links_kt_through_tensors_without_index_space():
+    model = attention_block(4, 6, dynamic=True, k_round_trip=True)
+    analysis = analysis_of(model)
+    w_q, w_k = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:2]
+    assert group_at(analysis, w_q, 1) is group_at(analysis, w_k, 1)
+
+
+# ---------------------------------------------------------------- exported models
+
+
+@pytest.fixture(scope="module")
+def attention_model():
+    import zoo
+    from conftest import zoo_dir
+
+    pytest.importorskip("transformers")
+    return lambda name, exporter: zoo.export_attention(name, exporter, zoo_dir())
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_bert_export_loses_whole_heads(attention_model, exporter):
+    path = attention_model("tiny_bert", exporter)
+    report = spa.analyze(path)
+    heads = [g for g in report.groups if g.kind == "heads"]
+    assert len(heads) == 2 and all(g.heads == 4 and g.head_dim == 16 and g.frozen is None for g in heads)
+    result = spa.prune(path, ratio=0.25)  # one head of four in each layer
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    dense = onnx.load(str(path))
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    projections = [n for n in result.model.graph.node if n.op_type == "MatMul" and n.input[1] in pruned_w
+                   and dense_w[n.input[1]].shape == (64, 64)]
+    shapes = sorted(pruned_w[n.input[1]].shape for n in projections)
+    assert shapes == [(48, 64)] * 2 + [(64, 48)] * 6  # Q, K, V lose one head's columns, the output its rows
+    for n in projections:
+        if pruned_w[n.input[1]].shape == (64, 48):
+            whole_heads(kept_columns(dense_w[n.input[1]], pruned_w[n.input[1]]), 16)
+    check_other_sizes(dense, result.model)
+
+
+def test_bert_head_dim_mode(attention_model):
+    path = attention_model("tiny_bert", "legacy")
+    result = spa.prune(path, ratio=0.25, attention="head_dim")
+    kinds = [g.kind for g in result.report.groups if g.removed]
+    assert kinds.count("head_dim") == 4  # Q/K and V in each of two layers
+    check_other_sizes(onnx.load(str(path)), result.model)
+
+
+def test_onnxruntime_fused_bert(attention_model):
+    """Attention (QKV in one weight, num_heads attribute), SkipLayerNormalization, BiasGelu."""
+    path = attention_model("tiny_bert", "ort")
+    dense = onnx.load(str(path))
+    assert {n.op_type for n in dense.graph.node} >= {"Attention", "SkipLayerNormalization", "BiasGelu"}
+    result = spa.prune(path, ratio=0.5)
+    report = result.report
+    assert report.validation.ok and report.validation.soft_equal
+    assert sum(1 for g in report.groups if g.kind == "heads" and g.removed == 2) == 2
+    assert sum(1 for g in report.groups if g.removed == 64) == 2  # the FFN, through BiasGelu
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    for node in (n for n in result.model.graph.node if n.op_type == "Attention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["num_heads"] == 2
+        w = initializer(result.model, node.input[1])
+        assert w.shape == (64, 96) and initializer(result.model, node.input[2]).shape == (96,)
+        columns = kept_columns(dense_w[node.input[1]], w)
+        kept = [whole_heads([c - t * 64 for c in columns if t * 64 <= c < (t + 1) * 64], 16) for t in range(3)]
+        assert kept[0] == kept[1] == kept[2]
+    from spa.api import _prepare
+    from spa.metrics import count
+
+    before, after = (count(_prepare(m, None).graph).node_flops for m in (dense, result.model))
+    attention = [n.name for n in dense.graph.node if n.op_type == "Attention"]
+    assert all(after[name] < 0.6 * before[name] for name in attention)
+    check_other_sizes(dense, result.model)
+
+
+def test_onnxruntime_fused_bert_head_dim_keeps_the_scale(attention_model):
+    path = attention_model("tiny_bert", "ort")
+    result = spa.prune(path, ratio=0.25, attention="head_dim")
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    node = next(n for n in result.model.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_heads"] == 4 and attrs["scale"] == pytest.approx(0.25)  # 1/sqrt(16), the dense width's
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_vit_fused_in_proj_thirds_lose_the_same_heads(attention_model, exporter):
+    path = attention_model("tiny_vit", exporter)
+    result = spa.prune(path, ratio=0.5)
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    dense = onnx.load(str(path), load_external_data=True)
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    fused = [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul" and n.input[1] in pruned_w
+             and dense_w[n.input[1]].shape == (64, 192)]
+    assert len(fused) == 2
+    for name in fused:
+        assert pruned_w[name].shape == (64, 96)
+        columns = kept_columns(dense_w[name], pruned_w[name])
+        kept = [whole_heads([c - t * 64 for c in columns if t * 64 <= c < (t + 1) * 64], 16) for t in range(3)]
+        assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 2
+
+
+def test_analyze_lists_heads_per_layer(attention_model, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from spa.cli import main
+
+    path = attention_model("tiny_bert", "legacy")
+    out = CliRunner().invoke(main, ["analyze", str(path), "--json", str(tmp_path / "a.json")])
+    assert out.exit_code == 0, out.output
+    assert "attention: 2 groups whose units are heads" in out.output
+    assert out.output.count("4 heads x head_dim 16, prunable") == 2
+    groups = json.loads((tmp_path / "a.json").read_text())["groups"]
+    assert sorted((g["kind"], g["heads"], g["head_dim"]) for g in groups if g["kind"]) == [("heads", 4, 16)] * 2
+    out = CliRunner().invoke(main, ["analyze", str(path), "--attention", "head-dim"])
+    assert "attention: 4 groups whose units are head dim" in out.output
