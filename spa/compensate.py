@@ -59,13 +59,24 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
         if weight.dtype.kind != "f":
             result.skipped.append(f"{name}: weights are not floating point")
             continue
+        if stats.gram is None:  # too wide for X^T X: move the removed channels' mean into the bias only
+            refit, bias_rows, loss, raw, energy = _diagonal_refit(
+                layer, weight, graph.const(layer.bias) if layer.bias else None, gone, stats)
+            errors.append(loss / energy)
+            raw_errors.append(raw / energy)
+            new_values[layer.weight] = refit
+            if bias_rows is not None:
+                new_values[layer.bias] = bias_rows
+                result.biases += 1
+            result.layers += 1
+            continue
         system = layer_system(analysis, layer, stats)
         q = np.flatnonzero(gone)
         refit, loss = obs_update(system.weights, system.hessian_inv, q)
         channels = len(labels)
         dropped = system.weights[:, q]
         # the loss without refit: E||W_Q x_Q||^2, from the Hessian's Q block
-        second = stats.hessian_moment
+        second = stats.second_moment
         raw = float(np.einsum("ij,jk,ik->", dropped, second[np.ix_(q, q)], dropped))
         errors.append(loss / system.energy)
         raw_errors.append(raw / system.energy)
@@ -84,6 +95,27 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
 
 def _error(delta: np.ndarray, hessian: np.ndarray) -> float:
     return float(np.einsum("ij,ij->", delta @ hessian, delta))
+
+
+def _diagonal_refit(layer, weight: np.ndarray, bias, gone: np.ndarray, stats):
+    """Uncorrelated channels: the kept weights stay, the removed ones' mean goes into the bias."""
+    matrix = layer.matrix(weight)
+    all_power = stats.squares / max(stats.count, 1)
+    energy = max(float(np.einsum("ij,ij->j", matrix, matrix, dtype=np.float64) @ all_power), 1e-30)
+    dropped = matrix[:, gone].astype(np.float64)
+    mean, power = stats.mean[gone], all_power[gone]
+    columns = np.einsum("ij,ij->j", dropped, dropped)
+    raw = float(columns @ power)
+    new_bias = None
+    loss = raw
+    if bias is not None:
+        kernel = len(matrix) // bias.size
+        shift = (dropped @ mean).reshape(-1, kernel).sum(axis=1)  # a Conv's kernel rows share the bias
+        new_bias = (np.asarray(bias, np.float64).reshape(-1) + shift).reshape(bias.shape).astype(bias.dtype)
+        loss = float(columns @ np.maximum(power - mean ** 2, 0.0))
+    refit = matrix.copy()
+    refit[:, gone] = 0
+    return layer.unmatrix(refit, weight.shape).astype(weight.dtype), new_bias, loss, raw, energy
 
 
 def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .groups import Analysis, Group
 from .layers import LayerIndex, LinearLayer
-from .obs import LayerState, augmented_hessian, greedy_scores, inverse
+from .obs import DiagonalLayerState, LayerState, augmented_hessian, greedy_scores, inverse
 from .rules import Dim
 from .statistics import Statistics
 
@@ -153,18 +153,14 @@ class LayerSystem:
 
 
 def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
-    """Built once per layer and statistics, and shared by every group reading the layer (a
+    """For statistics with X^T X (``stats.gram``). Built once per layer and statistics, and shared by every group reading the layer (a
     DenseNet concatenation feeds up to 24 layers) and by compensation."""
     key = ("obs-layer", layer.weight_dim, id(stats))
     if key not in analysis.cache:
         matrix, bias = _matrix(analysis, layer)
         kernel = len(matrix) // np.size(analysis.graph.const(layer.bias)) if bias is not None else 1
-        if stats is None:  # no data at all: H = I, saliency is the column norm, no cross-channel update
-            hessian, weights, bias = np.eye(matrix.shape[1]), matrix, None
-        else:
-            second = stats.hessian_moment
-            hessian = augmented_hessian(second, stats.mean if bias is not None else None)
-            weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
+        hessian = augmented_hessian(stats.second_moment, stats.mean if bias is not None else None)
+        weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
         weights32 = weights.astype(np.float32)
         energy = float(np.einsum("ij,ij->", weights32 @ hessian.astype(np.float32), weights32, dtype=np.float64))
         analysis.cache[key] = LayerSystem(weights, inverse(hessian), energy if energy > 0 else 1.0, kernel,
@@ -172,8 +168,18 @@ def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
     return analysis.cache[key]
 
 
-def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats) -> LayerState:
-    """A layer ready for greedy OBS (it copies what it changes)."""
+def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats) -> LayerState | DiagonalLayerState:
+    """A layer ready for greedy OBS (it copies what it changes). Without statistics, or for an
+    input too wide for X^T X (a VGG classifier reads 25,088 features), the diagonal form: a dense
+    25,088^2 Hessian would take 5 GB."""
+    if stats is None or stats.gram is None:
+        weight = np.asarray(analysis.graph.const(layer.weight))
+        matrix = layer.matrix(weight.astype(np.float32, copy=False))
+        columns = np.einsum("ij,ij->j", matrix, matrix, dtype=np.float64)
+        power = np.ones_like(columns) if stats is None else stats.squares / max(stats.count, 1)
+        loss = columns * power
+        total = float(loss.sum())
+        return DiagonalLayerState(loss, units.copy(), total if total > 0 else 1.0)
     system = layer_system(analysis, layer, stats)
     return LayerState(system.weights, system.hessian_inv, units.copy(), system.energy)
 

@@ -113,7 +113,28 @@ class LayerState:
         return max(loss, 0.0) / self.energy
 
 
-def greedy_scores(layers: list[LayerState], units: int) -> np.ndarray:
+@dataclass
+class DiagonalLayerState:
+    """A layer whose input is too wide for X^T X (or with no statistics at all): channels are
+    treated as uncorrelated, so removing one costs ||W[:, c]||^2 E[x_c^2] and moves nothing to
+    the others. The same interface as ``LayerState``, in memory linear in the width."""
+
+    column_loss: np.ndarray  # ||W[:, c]||^2 * E[x_c^2] per input channel
+    unit: np.ndarray
+    energy: float
+
+    def saliency(self, units: int) -> np.ndarray:
+        mine = self.unit >= 0
+        return np.bincount(self.unit[mine], self.column_loss[mine], minlength=units) / self.energy
+
+    def remove(self, units: np.ndarray) -> float:
+        gone = np.isin(self.unit, units)
+        loss = float(self.column_loss[gone].sum())
+        self.unit = np.where(gone, -1, self.unit)
+        return loss / self.energy
+
+
+def greedy_scores(layers: list, units: int) -> np.ndarray:
     """Scores from one greedy OBS pass: the cumulative relative loss at which each unit goes.
 
     Units removed earlier score lower, and a block's joint loss is at least any member's own

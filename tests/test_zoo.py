@@ -34,7 +34,7 @@ def test_prune_zoo_model(zoo_model, name, exporter):
 
 OBSPA_CASES = [("resnet18", "legacy"), ("mobilenet_v3_small", "dynamo"), ("efficientnet_b0", "legacy"),
                ("densenet121", "dynamo"), ("shufflenet_v2_x1_0", "legacy"), ("flatten_gemm", "dynamo"),
-               ("grouped_conv", "legacy"), ("c2f", "dynamo")]
+               ("grouped_conv", "legacy"), ("c2f", "dynamo"), ("alexnet", "legacy")]
 
 
 @pytest.mark.zoo
