@@ -30,7 +30,7 @@ from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_r
 from .statistics import Statistics, collect, load_calibration, synthetic_feeds
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
-from .validate import Validation, refuse_oversized, sample_inputs, validate
+from .validate import Validation, one_line, refuse_oversized, sample_inputs, validate
 
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
 Progress = Callable[[str, int, int], None]
@@ -372,18 +372,13 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
         except UsageError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"onnxruntime could not run the calibration data: {_first_line(exc)}") from None
+            raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
     try:
         refuse_oversized(model)
         return collect(model, synthetic_feeds(model, synthetic_samples, seed), wanted, "synthetic", seed,
                        custom_ops)
     except Exception:  # validation reports a model onnxruntime cannot run; scoring goes on without data
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _compensate(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, plan: Plan,

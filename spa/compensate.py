@@ -75,9 +75,8 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
         refit, loss = obs_update(system.weights, system.hessian_inv, q)
         channels = len(labels)
         dropped = system.weights[:, q]
-        # the loss without refit: E||W_Q x_Q||^2, from the Hessian's Q block
-        second = stats.second_moment
-        raw = float(np.einsum("ij,jk,ik->", dropped, second[np.ix_(q, q)], dropped))
+        # the loss without refit: E||W_Q x_Q||^2, from the second moment's Q block
+        raw = float(np.einsum("ij,jk,ik->", dropped, stats.second_moment[np.ix_(q, q)], dropped))
         errors.append(loss / system.energy)
         raw_errors.append(raw / system.energy)
         new_values[layer.weight] = layer.unmatrix(refit[:, :channels], weight.shape).astype(weight.dtype)
@@ -93,14 +92,10 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
     return _with_values(model, new_values), result
 
 
-def _error(delta: np.ndarray, hessian: np.ndarray) -> float:
-    return float(np.einsum("ij,ij->", delta @ hessian, delta))
-
-
 def _diagonal_refit(layer, weight: np.ndarray, bias, gone: np.ndarray, stats):
     """Uncorrelated channels: the kept weights stay, the removed ones' mean goes into the bias."""
     matrix = layer.matrix(weight)
-    all_power = stats.squares / max(stats.count, 1)
+    all_power = stats.mean_square
     energy = max(float(np.einsum("ij,ij->j", matrix, matrix, dtype=np.float64) @ all_power), 1e-30)
     dropped = matrix[:, gone].astype(np.float64)
     mean, power = stats.mean[gone], all_power[gone]

@@ -129,16 +129,16 @@ def _group_layers(analysis: Analysis, group: Group, ctx: ScoreContext) -> list[t
     return [(layer, lookup[analysis.labels[layer.weight_dim]]) for layer in ctx.layers.of_group(group.dims)]
 
 
-def _matrix(analysis: Analysis, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:
-    """The layer's weight as [rows, input channels] (float64), and its bias per row, if any."""
+def _matrix(analysis: Analysis, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The layer's weight as [rows, input channels] (float64), its bias per row if any, and the
+    number of rows per output (a Conv's kernel positions)."""
     graph = analysis.graph
-    weight = graph.const(layer.weight)
-    matrix = layer.matrix(np.asarray(weight, dtype=np.float64))
-    bias = None
-    if layer.bias is not None:
-        bias = layer.bias_rows(np.asarray(graph.const(layer.bias), dtype=np.float64),
-                               len(matrix) // int(np.prod(np.shape(graph.const(layer.bias)))))
-    return matrix, bias
+    matrix = layer.matrix(np.asarray(graph.const(layer.weight), dtype=np.float64))
+    if layer.bias is None:
+        return matrix, None, 1
+    bias = np.asarray(graph.const(layer.bias), dtype=np.float64)
+    kernel = len(matrix) // bias.size
+    return matrix, layer.bias_rows(bias, kernel), kernel
 
 
 @dataclass
@@ -153,12 +153,12 @@ class LayerSystem:
 
 
 def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
-    """For statistics with X^T X (``stats.gram``). Built once per layer and statistics, and shared by every group reading the layer (a
-    DenseNet concatenation feeds up to 24 layers) and by compensation."""
+    """For statistics with X^T X (``stats.gram``). Built once per layer and statistics, and shared
+    by every group reading the layer (a DenseNet concatenation feeds up to 24 layers) and by
+    compensation."""
     key = ("obs-layer", layer.weight_dim, id(stats))
     if key not in analysis.cache:
-        matrix, bias = _matrix(analysis, layer)
-        kernel = len(matrix) // np.size(analysis.graph.const(layer.bias)) if bias is not None else 1
+        matrix, bias, kernel = _matrix(analysis, layer)
         hessian = augmented_hessian(stats.second_moment, stats.mean if bias is not None else None)
         weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
         weights32 = weights.astype(np.float32)
@@ -176,7 +176,7 @@ def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats
         weight = np.asarray(analysis.graph.const(layer.weight))
         matrix = layer.matrix(weight.astype(np.float32, copy=False))
         columns = np.einsum("ij,ij->j", matrix, matrix, dtype=np.float64)
-        power = np.ones_like(columns) if stats is None else stats.squares / max(stats.count, 1)
+        power = np.ones_like(columns) if stats is None else stats.mean_square
         loss = columns * power
         total = float(loss.sum())
         return DiagonalLayerState(loss, units.copy(), total if total > 0 else 1.0)
@@ -220,7 +220,7 @@ def _per_channel(analysis: Analysis, group: Group, ctx: ScoreContext, channel_sc
         stats = _statistics_of(ctx, layer)
         if stats is None:
             continue
-        matrix, _ = _matrix(analysis, layer)
+        matrix, _, _ = _matrix(analysis, layer)
         per_channel = channel_score(matrix, stats)
         mine = units >= 0
         per_unit = np.bincount(units[mine], per_channel[mine], minlength=len(group.units))
@@ -238,7 +238,7 @@ def _per_channel(analysis: Analysis, group: Group, ctx: ScoreContext, channel_sc
 def activation(analysis: Analysis, group: Group, ctx: ScoreContext) -> np.ndarray:
     """Wanda-style: ||W[:, c]|| * ||X[c]|| over the layers reading the channel, mean-normalised."""
     return _per_channel(analysis, group, ctx, lambda m, s: np.sqrt(np.einsum("ij,ij->j", m, m))
-                        * np.sqrt(s.squares / max(s.count, 1)))
+                        * np.sqrt(s.mean_square))
 
 
 @criterion("fluctuation", data="calibration")

@@ -48,18 +48,17 @@ class ChannelStats:
         return self.total / max(self.count, 1)
 
     @property
+    def mean_square(self) -> np.ndarray:
+        """E[x^2] per channel: the diagonal of the second moment, kept however wide the input."""
+        return self.squares / max(self.count, 1)
+
+    @property
     def variance(self) -> np.ndarray:
-        return np.maximum(self.squares / max(self.count, 1) - self.mean ** 2, 0.0)
+        return np.maximum(self.mean_square - self.mean ** 2, 0.0)
 
     @property
     def second_moment(self) -> np.ndarray | None:
         return None if self.gram is None else self.gram / max(self.count, 1)
-
-    @property
-    def hessian_moment(self) -> np.ndarray:
-        """E[x x^T], or its diagonal where the channels were too many to keep X^T X."""
-        full = self.second_moment
-        return full if full is not None else np.diag(self.squares / max(self.count, 1))
 
     def add(self, rows: np.ndarray) -> None:
         # one batch's products in float32 (fast BLAS; a bounded number of rows each),
