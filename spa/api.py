@@ -27,7 +27,7 @@ from .plan import Plan, make_plan
 from .rules.base import ATTENTION_UNITS
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
-from .statistics import Statistics, collect, load_calibration, synthetic_feeds
+from .statistics import Statistics, collect, load_calibration, synthetic_feeds, synthetic_sample_count
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
 from .validate import Validation, one_line, refuse_oversized, sample_inputs, validate
@@ -154,7 +154,7 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
 
 def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "obspa", *,
           calib: str | os.PathLike | None = None, calib_samples: int = 128, compensate: bool | None = None,
-          synthetic_samples: int = 32, global_rank: bool = False, round_to: int | str = 1, target_flops: float | None = None,
+          synthetic_samples: int | None = None, global_rank: bool = False, round_to: int | str = 1, target_flops: float | None = None,
           target_params: float | None = None, target_latency: float | None = None,
           exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
           check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
@@ -172,7 +172,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
     ``calib_samples`` samples are used) feeds the data-driven criteria and compensation. Without
     it, ``obspa`` and compensation use ``synthetic_samples`` synthetic inputs run through the
-    dense model. ``compensate`` refits the weights left in every layer that loses input channels;
+    dense model (None: enough for every layer input's X^T X, within a compute budget). ``compensate`` refits the weights left in every layer that loses input channels;
     None (the default) means on with calibration data or a data-aware criterion (obspa ranks
     channels by what compensation can recover), off for magnitude criteria without data, where
     synthetic statistics were measured to mislead the refit (all-MiniLM-L6-v2, FFN only: l1 at ratio 0.3
@@ -190,8 +190,10 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         raise UsageError(f"unknown criterion '{criterion}' (choose from {', '.join(sorted(CRITERIA))})")
     if CRITERIA[criterion].data == "calibration" and calib is None:
         raise UsageError(f"--criterion {criterion} ranks channels by calibration data: give --calib FILE")
-    if calib_samples < 1 or synthetic_samples < 1:
+    if calib_samples < 1:
         raise UsageError("--calib-samples must be at least 1")
+    if synthetic_samples is not None and synthetic_samples < 1:
+        raise UsageError("synthetic_samples must be at least 1")
     if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
         raise UsageError(f"--round-to must be 'auto' or a whole number of at least 1, got {round_to}")
     if compensate is None:
@@ -350,7 +352,7 @@ class _Timer:
 
 
 def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, calib, calib_samples: int,
-                synthetic_samples: int, seed: int, custom_ops: tuple[str, ...],
+                synthetic_samples: int | None, seed: int, custom_ops: tuple[str, ...],
                 progress: Progress | None) -> Statistics | None:
     """Input statistics of every linear layer a prunable group feeds: from ``calib``, else synthetic.
 
@@ -375,6 +377,10 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
             raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
     try:
         refuse_oversized(model)
+        if synthetic_samples is None:
+            graph = analysis.graph
+            shapes = {d.tensor: graph.shape(d.tensor) for d in wanted}
+            synthetic_samples = synthetic_sample_count(model, wanted, shapes, count(graph).flops)
         return collect(model, synthetic_feeds(model, synthetic_samples, seed), wanted, "synthetic", seed,
                        custom_ops)
     except Exception:  # validation reports a model onnxruntime cannot run; scoring goes on without data
