@@ -45,15 +45,17 @@ class GroupReport:
     frozen: str | None
     layers: list[str]  # weighted ops whose weights this group slices, with the side
     dims: list[str]
-    kind: str | None = None  # "heads" or "head_dim": the units of an attention layer, as measured on the graph
-    heads: int | None = None
+    kind: str | None = None  # "heads", "head_dim" or "query_heads": the units of an attention layer, as measured
+    heads: int | None = None  # on the graph; heads counts query heads
     head_dim: int | None = None
+    kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by heads / kv_heads query heads
 
     @classmethod
     def of(cls, analysis: Analysis, group: Group, removed: int) -> GroupReport:
         head = group.attention
         return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group),
-                   [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim)
+                   [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim,
+                   head and head.kv_heads)
 
 
 @dataclass

@@ -348,3 +348,144 @@ def test_analyze_lists_heads_per_layer(attention_model, tmp_path):
     assert sorted((g["kind"], g["heads"], g["head_dim"]) for g in groups if g["kind"]) == [("heads", 4, 16)] * 2
     out = CliRunner().invoke(main, ["analyze", str(path), "--attention", "head-dim"])
     assert "attention: 4 groups whose units are head dim" in out.output
+
+
+# ---------------------------------------------------------------- grouped-query attention
+
+
+def gqa_block(heads: int, kv_heads: int, head_dim: int, legacy: bool = False, seq: int = 5):
+    """Grouped-query attention: K and V have ``kv_heads`` heads, each repeated for heads / kv_heads
+    query heads by repeat_kv (Unsqueeze, Expand, merge Reshape).
+
+    Two exporters' forms: literal shapes [1, kv, n_rep, S, D] and [1, H, S, D] (dynamo, static), or
+    (``legacy``) dynamic batch and sequence with the Expand shape built from Shape, guarded by
+    Where(shape == -1, 1, shape), and the merged head count computed as kv * n_rep at run time.
+    """
+    g = Graph(opset=17)
+    n_rep = heads // kv_heads
+    x = g.input("x", ["batch", "seq", E] if legacy else [1, seq, E])
+
+    def size(tensor, axis):
+        return g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [tensor]), g.const(np.array(axis))], axis=0),
+                                  g.const(np.array([0]))])
+
+    def vector(*parts):  # literals and run-time sizes, concatenated
+        return g.op("Concat", [p if isinstance(p, str) else g.const(np.array([p])) for p in parts], axis=0)
+
+    b, s = (size(x, 0), size(x, 1)) if legacy else (1, seq)
+
+    def split(width, count):
+        y = g.op("Add", [g.op("MatMul", [x, g.weight(E, width)]), g.weight(width)])
+        return g.op("Transpose", [g.op("Reshape", [y, vector(b, s, -1 if legacy else count, head_dim)])],
+                    perm=[0, 2, 1, 3])
+
+    def repeat(t):  # [B, kv, S, D] -> [B, H, S, D], each KV head n_rep times in a row
+        if legacy:
+            shape = vector(b, size(t, 1), n_rep, size(t, 2), size(t, 3))
+            ones = g.op("ConstantOfShape", [g.op("Shape", [shape])],
+                        value=numpy_helper.from_array(np.array([1], np.int64)))
+            guard = g.op("Equal", [shape, g.op("Mul", [ones, g.const(np.array(-1))])])
+            shape = g.op("Where", [guard, ones, shape])
+            merged = g.op("Mul", [g.op("Gather", [g.op("Shape", [t]), g.const(np.array(1))], axis=0),
+                                  g.const(np.array(n_rep))])
+            target = vector(b, g.op("Unsqueeze", [merged, g.const(np.array([0]))]), size(t, 2), size(t, 3))
+        else:
+            shape, target = vector(1, kv_heads, n_rep, seq, head_dim), vector(1, heads, seq, head_dim)
+        copies = g.op("Expand", [g.op("Unsqueeze", [t, g.const(np.array([2]))]), shape])
+        return g.op("Reshape", [copies, target])
+
+    q, k, v = split(heads * head_dim, heads), split(kv_heads * head_dim, kv_heads), split(kv_heads * head_dim,
+                                                                                           kv_heads)
+    k, v = repeat(k), repeat(v)
+    scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]),
+                          g.const(np.array(1 / np.sqrt(head_dim), np.float32))])
+    context = g.op("Transpose", [g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])], perm=[0, 2, 1, 3])
+    merged = g.op("Reshape", [context, vector(b, s, -1) if legacy else vector(1, seq, heads * head_dim)])
+    g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(heads * head_dim, 6)]), g.weight(6)]))
+    return g.build()
+
+
+def concat_literals(model) -> list[list[int]]:
+    """The literal pieces of every Concat that builds a shape, per Concat, in graph order."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [[int(inits[i][0]) for i in n.input if i in inits] for n in model.graph.node if n.op_type == "Concat"]
+
+
+def expand_shapes(model) -> list[list[int]]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [inits[n.input[1]].tolist() for n in model.graph.node if n.op_type == "Expand" and n.input[1] in inits]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_gqa_removes_a_kv_head_with_its_query_heads(legacy):
+    heads, kv_heads, head_dim = 6, 3, 4  # 2 query heads per KV head
+    model = gqa_block(heads, kv_heads, head_dim, legacy)
+    w_q, w_k, w_v = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    analysis = analysis_of(model)
+    group = group_at(analysis, w_q, 1)
+    assert group is group_at(analysis, w_k, 1) is group_at(analysis, w_v, 1)
+    assert group.prunable and group.exact and group.size == kv_heads
+    info = group.attention
+    assert (info.kind, info.heads, info.head_dim, info.kv_heads) == ("heads", heads, head_dim, kv_heads)
+    # unit of KV head g: its K/V columns and the columns of query heads 2g and 2g + 1
+    q_labels = analysis.labels[next(d for d in analysis.labels if d.tensor == w_q and d.axis == 1)]
+    k_labels = analysis.labels[next(d for d in analysis.labels if d.tensor == w_k and d.axis == 1)]
+    assert q_labels.tolist() == np.repeat(k_labels[::head_dim], 2 * head_dim).tolist()
+
+    result = prune_exact(model, 0.34, compensate=False)  # one KV group of three
+    dense_w, pruned_w = weights(model), weights(result.model)
+    kv_kept = whole_heads(kept_columns(dense_w[1], pruned_w[1]), head_dim)
+    assert len(kv_kept) == 2 and whole_heads(kept_columns(dense_w[2], pruned_w[2]), head_dim) == kv_kept
+    q_kept = whole_heads(kept_columns(dense_w[0], pruned_w[0]), head_dim)
+    assert q_kept == [2 * g + r for g in kv_kept for r in range(2)]
+    out_rows = [r for r in range(heads * head_dim) if any(np.array_equal(dense_w[-1][r], row) for row in pruned_w[-1])]
+    assert whole_heads(out_rows, head_dim) == q_kept
+    literals = concat_literals(result.model)
+    if legacy:  # the KV count and kv * n_rep are sizes at run time: only head_dim and n_rep are literals
+        assert [-1, head_dim] in literals and [2] in literals  # n_rep stays
+        check_other_sizes(model, result.model)
+    else:  # the Expand's KV count becomes 1 (the input's size), the merges count 4 query heads
+        assert expand_shapes(result.model) == [[1, 1, 2, 5, head_dim]] * 2
+        # Q split, K and V splits, the two repeat_kv merges, the output merge
+        assert reshape_targets(result.model) == [[1, 5, 4, head_dim]] + [[1, 5, 2, head_dim]] * 2 + [
+            [1, 4, 5, head_dim]] * 2 + [[1, 5, 4 * head_dim]]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_gqa_query_heads_mode_removes_the_same_query_head_in_every_group(legacy):
+    heads, kv_heads, head_dim = 6, 2, 4  # 3 query heads per KV head
+    model = gqa_block(heads, kv_heads, head_dim, legacy)
+    w_q, w_k = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:2]
+    analysis = analysis_of(model, attention="query_heads")
+    group = group_at(analysis, w_q, 1)
+    assert group.prunable and group.size == 3 and group.attention.kv_heads == kv_heads
+    assert group_at(analysis, w_k, 1).frozen  # K and V keep their heads
+
+    result = prune_exact(model, 0.34, attention="query_heads", compensate=False)
+    dense_w, pruned_w = weights(model), weights(result.model)
+    q_kept = whole_heads(kept_columns(dense_w[0], pruned_w[0]), head_dim)
+    assert len(q_kept) == 4 and [h - 3 for h in q_kept[2:]] == q_kept[:2]  # the same two in both groups
+    assert pruned_w[1].shape == dense_w[1].shape
+    literals = concat_literals(result.model)
+    if legacy:  # n_rep is a literal twice: in the Expand shape and in the run-time kv * n_rep
+        assert [2] in literals and 2 in {int(initializer(result.model, n.input[1])) for n in result.model.graph.node
+                                         if n.op_type == "Mul" and n.input[1] in
+                                         {t.name for t in result.model.graph.initializer}}
+        check_other_sizes(model, result.model)
+    else:  # the copies: 2 of 3 in each group; the merges count 4 query heads
+        assert expand_shapes(result.model) == [[1, 2, 2, 5, head_dim]] * 2
+        assert reshape_targets(result.model) == [[1, 5, 4, head_dim]] + [[1, 5, 2, head_dim]] * 2 + [
+            [1, 4, 5, head_dim]] * 2 + [[1, 5, 4 * head_dim]]
+
+
+def test_mqa_removes_query_heads_and_keeps_the_one_kv_head():
+    model = gqa_block(4, 1, 3, legacy=True)
+    w_q, w_k = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:2]
+    analysis = analysis_of(model)
+    group = group_at(analysis, w_q, 1)
+    assert group.prunable and group.size == 4 and group.attention.heads == 4
+    result = prune_exact(model, 0.5, compensate=False)
+    dense_w, pruned_w = weights(model), weights(result.model)
+    assert len(whole_heads(kept_columns(dense_w[0], pruned_w[0]), 3)) == 2
+    assert pruned_w[1].shape == dense_w[1].shape
+    check_other_sizes(model, result.model)
