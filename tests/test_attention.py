@@ -489,3 +489,88 @@ def test_mqa_removes_query_heads_and_keeps_the_one_kv_head():
     assert len(whole_heads(kept_columns(dense_w[0], pruned_w[0]), 3)) == 2
     assert pruned_w[1].shape == dense_w[1].shape
     check_other_sizes(model, result.model)
+
+
+def kept_rows(dense: np.ndarray, pruned: np.ndarray) -> list[int]:
+    return kept_columns(dense.T, pruned.T)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_llama_gqa_export_loses_whole_kv_groups(attention_model, exporter):
+    """8 query heads, 2 KV heads of head_dim 8: one unit is a KV head with its 4 query heads."""
+    path = attention_model("tiny_llama_gqa", exporter)
+    report = spa.analyze(path)
+    heads = [g for g in report.groups if g.kind == "heads"]
+    # the dynamo export builds every repeat_kv shape once for both layers: they lose the same KV head
+    assert len(heads) == (2 if exporter == "legacy" else 1)
+    assert all((g.heads, g.head_dim, g.kv_heads, g.channels, g.frozen) == (8, 8, 2, 2, None) for g in heads)
+    result = spa.prune(path, ratio=0.5, compensate=False)  # compensation would refit the rows compared below
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    dense = onnx.load(str(path))
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    projections = [n.input[1] for n in dense.graph.node if n.op_type == "MatMul" and n.input[1] in dense_w
+                   and dense_w[n.input[1]].shape in ((64, 64), (64, 16))]
+    q, k, v, o = (projections[i::4] for i in range(4))  # per layer: q, k, v, o
+    for layer in range(2):
+        assert pruned_w[k[layer]].shape == pruned_w[v[layer]].shape == (64, 8)
+        assert pruned_w[q[layer]].shape == (64, 32) and pruned_w[o[layer]].shape == (32, 64)
+        kv = whole_heads(kept_columns(dense_w[k[layer]], pruned_w[k[layer]]), 8)
+        assert whole_heads(kept_columns(dense_w[v[layer]], pruned_w[v[layer]]), 8) == kv
+        query = [4 * g + r for g in kv for r in range(4)]
+        assert whole_heads(kept_columns(dense_w[q[layer]], pruned_w[q[layer]]), 8) == query
+        assert whole_heads(kept_rows(dense_w[o[layer]], pruned_w[o[layer]]), 8) == query
+    if exporter == "dynamo":  # literal head counts: the Expand's KV count becomes 1, the merges count 4 heads
+        literals = concat_literals(result.model)
+        assert [1, 4, 8] in literals and [4, 8] in literals
+    check_other_sizes(dense, result.model)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_llama_gqa_query_heads_mode(attention_model, exporter):
+    path = attention_model("tiny_llama_gqa", exporter)
+    result = spa.prune(path, ratio=0.5, attention="query_heads")
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    removed = [g for g in result.report.groups if g.removed]
+    assert all(g.kind == "query_heads" and g.kv_heads == 2 and g.channels == 4 and g.removed == 2
+               for g in removed if g.kind)
+    dense = onnx.load(str(path))
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    for name, w in dense_w.items():
+        if w.shape == (64, 16):
+            assert pruned_w[name].shape == (64, 16)  # K and V keep both heads
+        elif w.shape == (64, 64) and pruned_w[name].shape == (64, 32):  # Q: the same 2 of 4 heads in each group
+            kept = whole_heads(kept_columns(w, pruned_w[name]), 8)
+            assert [h - 4 for h in kept[2:]] == kept[:2] and all(h < 4 for h in kept[:2])
+    check_other_sizes(dense, result.model)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_llama_mqa_export_loses_query_heads(attention_model, exporter):
+    """One KV head for all 8 query heads: it cannot go, so the unit is a query head."""
+    path = attention_model("tiny_llama_mqa", exporter)
+    result = spa.prune(path, ratio=0.5)
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    heads = [g for g in result.report.groups if g.kind == "heads"]
+    assert heads and all(g.channels == 8 and g.removed == 4 for g in heads)
+    dense = onnx.load(str(path))
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    shapes = sorted(pruned_w[n].shape for n, w in dense_w.items() if w.shape in ((64, 64), (64, 8)))
+    assert shapes == [(32, 64)] * 2 + [(64, 8)] * 4 + [(64, 32)] * 2  # o; K, V whole; Q
+    check_other_sizes(dense, result.model)
+
+
+def test_analyze_lists_kv_heads(attention_model):
+    from click.testing import CliRunner
+
+    from spa.cli import main
+
+    path = attention_model("tiny_llama_gqa", "legacy")
+    out = CliRunner().invoke(main, ["analyze", str(path)])
+    assert out.exit_code == 0, out.output
+    assert out.output.count("8 heads x head_dim 8 (2 KV heads, unit: a KV head with its 4 query heads), "
+                            "prunable") == 2
+    out = CliRunner().invoke(main, ["analyze", str(path), "--attention", "query-heads"])
+    assert out.output.count("unit: one query head in each of the 2 KV groups), prunable") == 2
