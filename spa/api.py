@@ -143,8 +143,9 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
             approximate: bool = False, attention: str = "heads", progress: Progress | None = None) -> AnalysisReport:
     """Find every coupled channel group of a model, and why each frozen one is frozen.
 
-    ``attention`` is the unit of attention layers: whole heads, or "head_dim" (one index of
-    head_dim in every head)."""
+    ``attention`` is the unit of attention layers: whole heads (grouped-query: a KV head with its
+    query heads), "head_dim" (one index of head_dim in every head), or "query_heads" (the same
+    query head in every KV group)."""
     _check_attention(attention)
     prepared = _prepare(model_or_path, progress)
     _say(progress, "group")
@@ -168,8 +169,9 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     are counted on candidate cuts, latency is timed on the first of ``providers``.
     ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
     ``bench`` times dense and pruned on the CPU and on every provider named.
-    ``attention`` is the unit of attention layers: "heads" removes whole heads, "head_dim"
-    shrinks head_dim evenly in every head.
+    ``attention`` is the unit of attention layers: "heads" removes whole heads (grouped-query:
+    a KV head with its query heads), "head_dim" shrinks head_dim evenly in every head,
+    "query_heads" removes query heads evenly in every KV group and keeps K and V.
 
     Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
     ``calib_samples`` samples are used) feeds the data-driven criteria and compensation. Without
