@@ -45,15 +45,17 @@ class GroupReport:
     frozen: str | None
     layers: list[str]  # weighted ops whose weights this group slices, with the side
     dims: list[str]
-    kind: str | None = None  # "heads" or "head_dim": the units of an attention layer, as measured on the graph
-    heads: int | None = None
+    kind: str | None = None  # "heads", "head_dim" or "query_heads": the units of an attention layer, as measured
+    heads: int | None = None  # on the graph; heads counts query heads
     head_dim: int | None = None
+    kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by heads / kv_heads query heads
 
     @classmethod
     def of(cls, analysis: Analysis, group: Group, removed: int) -> GroupReport:
         head = group.attention
         return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group),
-                   [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim)
+                   [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim,
+                   head and head.kv_heads)
 
 
 @dataclass
@@ -141,8 +143,9 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
             approximate: bool = False, attention: str = "heads", progress: Progress | None = None) -> AnalysisReport:
     """Find every coupled channel group of a model, and why each frozen one is frozen.
 
-    ``attention`` is the unit of attention layers: whole heads, or "head_dim" (one index of
-    head_dim in every head)."""
+    ``attention`` is the unit of attention layers: whole heads (grouped-query: a KV head with its
+    query heads), "head_dim" (one index of head_dim in every head), or "query_heads" (the same
+    query head in every KV group)."""
     _check_attention(attention)
     prepared = _prepare(model_or_path, progress)
     _say(progress, "group")
@@ -166,8 +169,9 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     are counted on candidate cuts, latency is timed on the first of ``providers``.
     ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
     ``bench`` times dense and pruned on the CPU and on every provider named.
-    ``attention`` is the unit of attention layers: "heads" removes whole heads, "head_dim"
-    shrinks head_dim evenly in every head.
+    ``attention`` is the unit of attention layers: "heads" removes whole heads (grouped-query:
+    a KV head with its query heads), "head_dim" shrinks head_dim evenly in every head,
+    "query_heads" removes query heads evenly in every KV group and keeps K and V.
 
     Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
     ``calib_samples`` samples are used) feeds the data-driven criteria and compensation. Without

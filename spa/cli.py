@@ -116,8 +116,11 @@ def main() -> None:
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
 @click.option("--approximate", is_flag=True, help="Also prune groups where removal is not equal to zeroing.")
-@click.option("--attention", type=click.Choice(["heads", "head-dim"]), default="heads", show_default=True,
-              help="Attention units: remove whole heads, or shrink head_dim evenly in every head.")
+@click.option("--attention", type=click.Choice(["heads", "head-dim", "query-heads"]), default="heads",
+              show_default=True,
+              help="Attention units: remove whole heads (grouped-query: a KV head with its query heads), "
+                   "shrink head_dim evenly in every head, or (grouped-query) remove query heads evenly "
+                   "in every KV group.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
@@ -187,8 +190,10 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, glo
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--approximate", is_flag=True, help="Treat approximate groups as prunable.")
-@click.option("--attention", type=click.Choice(["heads", "head-dim"]), default="heads", show_default=True,
-              help="Attention units: whole heads, or one index of head_dim in every head.")
+@click.option("--attention", type=click.Choice(["heads", "head-dim", "query-heads"]), default="heads",
+              show_default=True,
+              help="Attention units: whole heads (grouped-query: a KV head with its query heads), one index "
+                   "of head_dim in every head, or one query head in every KV group.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the analysis as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every member dimension of every group.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -352,7 +357,13 @@ def _analysis_text(data: dict, verbose: bool) -> str:
     if attention:
         lines.append(f"  attention: {len(attention)} groups whose units are {attention[0]['kind'].replace('_', ' ')}")
         for g in attention:
-            lines.append(f"    group {g['id']:>4}: {g['heads']} heads x head_dim {g['head_dim']}, "
+            shared = ""
+            if g.get("kv_heads"):
+                each = g["heads"] // g["kv_heads"]
+                unit = {"heads": f"a KV head with its {each} query heads",
+                        "query_heads": f"one query head in each of the {g['kv_heads']} KV groups"}.get(g["kind"])
+                shared = f" ({g['kv_heads']} KV heads{', unit: ' + unit if unit else ''})"
+            lines.append(f"    group {g['id']:>4}: {g['heads']} heads x head_dim {g['head_dim']}{shared}, "
                          f"{'prunable' if g['frozen'] is None else 'frozen'}")
     for g in data["groups"]:
         if g["channels"] <= 1 and not verbose:

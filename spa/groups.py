@@ -250,7 +250,9 @@ def _assemble(graph: ModelGraph, walk: _Walk, allow_approximate: bool) -> Analys
         exact, why = _exactness(graph, members, units_arr, approximate, sinks_by_dim)
         if frozen is None and not exact and not allow_approximate:
             frozen = f"approximate group ({why}); enable with --approximate"
-        head = next((walk.ctx.heads[d] for d in members if d in walk.ctx.heads), None)
+        infos = [walk.ctx.heads[d] for d in members if d in walk.ctx.heads]
+        # the repeat_kv merge knows the KV head count as well
+        head = next((i for i in infos if i.kv_heads), infos[0] if infos else None)
         groups.append(Group(gid, members, units_arr, frozen, exact, why, head))
     return Analysis(graph, dict(walk.sizes), labels_of, groups, dict(walk.freezes), group_of_unit)
 

@@ -348,3 +348,229 @@ def test_analyze_lists_heads_per_layer(attention_model, tmp_path):
     assert sorted((g["kind"], g["heads"], g["head_dim"]) for g in groups if g["kind"]) == [("heads", 4, 16)] * 2
     out = CliRunner().invoke(main, ["analyze", str(path), "--attention", "head-dim"])
     assert "attention: 4 groups whose units are head dim" in out.output
+
+
+# ---------------------------------------------------------------- grouped-query attention
+
+
+def gqa_block(heads: int, kv_heads: int, head_dim: int, legacy: bool = False, seq: int = 5):
+    """Grouped-query attention: K and V have ``kv_heads`` heads, each repeated for heads / kv_heads
+    query heads by repeat_kv (Unsqueeze, Expand, merge Reshape).
+
+    Two exporters' forms: literal shapes [1, kv, n_rep, S, D] and [1, H, S, D] (dynamo, static), or
+    (``legacy``) dynamic batch and sequence with the Expand shape built from Shape, guarded by
+    Where(shape == -1, 1, shape), and the merged head count computed as kv * n_rep at run time.
+    """
+    g = Graph(opset=17)
+    n_rep = heads // kv_heads
+    x = g.input("x", ["batch", "seq", E] if legacy else [1, seq, E])
+
+    def size(tensor, axis):
+        return g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [tensor]), g.const(np.array(axis))], axis=0),
+                                  g.const(np.array([0]))])
+
+    def vector(*parts):  # literals and run-time sizes, concatenated
+        return g.op("Concat", [p if isinstance(p, str) else g.const(np.array([p])) for p in parts], axis=0)
+
+    b, s = (size(x, 0), size(x, 1)) if legacy else (1, seq)
+
+    def split(width, count):
+        y = g.op("Add", [g.op("MatMul", [x, g.weight(E, width)]), g.weight(width)])
+        return g.op("Transpose", [g.op("Reshape", [y, vector(b, s, -1 if legacy else count, head_dim)])],
+                    perm=[0, 2, 1, 3])
+
+    def repeat(t):  # [B, kv, S, D] -> [B, H, S, D], each KV head n_rep times in a row
+        if legacy:
+            shape = vector(b, size(t, 1), n_rep, size(t, 2), size(t, 3))
+            ones = g.op("ConstantOfShape", [g.op("Shape", [shape])],
+                        value=numpy_helper.from_array(np.array([1], np.int64)))
+            guard = g.op("Equal", [shape, g.op("Mul", [ones, g.const(np.array(-1))])])
+            shape = g.op("Where", [guard, ones, shape])
+            merged = g.op("Mul", [g.op("Gather", [g.op("Shape", [t]), g.const(np.array(1))], axis=0),
+                                  g.const(np.array(n_rep))])
+            target = vector(b, g.op("Unsqueeze", [merged, g.const(np.array([0]))]), size(t, 2), size(t, 3))
+        else:
+            shape, target = vector(1, kv_heads, n_rep, seq, head_dim), vector(1, heads, seq, head_dim)
+        copies = g.op("Expand", [g.op("Unsqueeze", [t, g.const(np.array([2]))]), shape])
+        return g.op("Reshape", [copies, target])
+
+    q, k, v = split(heads * head_dim, heads), split(kv_heads * head_dim, kv_heads), split(kv_heads * head_dim,
+                                                                                           kv_heads)
+    k, v = repeat(k), repeat(v)
+    scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]),
+                          g.const(np.array(1 / np.sqrt(head_dim), np.float32))])
+    context = g.op("Transpose", [g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])], perm=[0, 2, 1, 3])
+    merged = g.op("Reshape", [context, vector(b, s, -1) if legacy else vector(1, seq, heads * head_dim)])
+    g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(heads * head_dim, 6)]), g.weight(6)]))
+    return g.build()
+
+
+def concat_literals(model) -> list[list[int]]:
+    """The literal pieces of every Concat that builds a shape, per Concat, in graph order."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [[int(inits[i][0]) for i in n.input if i in inits] for n in model.graph.node if n.op_type == "Concat"]
+
+
+def expand_shapes(model) -> list[list[int]]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [inits[n.input[1]].tolist() for n in model.graph.node if n.op_type == "Expand" and n.input[1] in inits]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_gqa_removes_a_kv_head_with_its_query_heads(legacy):
+    heads, kv_heads, head_dim = 6, 3, 4  # 2 query heads per KV head
+    model = gqa_block(heads, kv_heads, head_dim, legacy)
+    w_q, w_k, w_v = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    analysis = analysis_of(model)
+    group = group_at(analysis, w_q, 1)
+    assert group is group_at(analysis, w_k, 1) is group_at(analysis, w_v, 1)
+    assert group.prunable and group.exact and group.size == kv_heads
+    info = group.attention
+    assert (info.kind, info.heads, info.head_dim, info.kv_heads) == ("heads", heads, head_dim, kv_heads)
+    # unit of KV head g: its K/V columns and the columns of query heads 2g and 2g + 1
+    q_labels = analysis.labels[next(d for d in analysis.labels if d.tensor == w_q and d.axis == 1)]
+    k_labels = analysis.labels[next(d for d in analysis.labels if d.tensor == w_k and d.axis == 1)]
+    assert q_labels.tolist() == np.repeat(k_labels[::head_dim], 2 * head_dim).tolist()
+
+    result = prune_exact(model, 0.34, compensate=False)  # one KV group of three
+    dense_w, pruned_w = weights(model), weights(result.model)
+    kv_kept = whole_heads(kept_columns(dense_w[1], pruned_w[1]), head_dim)
+    assert len(kv_kept) == 2 and whole_heads(kept_columns(dense_w[2], pruned_w[2]), head_dim) == kv_kept
+    q_kept = whole_heads(kept_columns(dense_w[0], pruned_w[0]), head_dim)
+    assert q_kept == [2 * g + r for g in kv_kept for r in range(2)]
+    out_rows = [r for r in range(heads * head_dim) if any(np.array_equal(dense_w[-1][r], row) for row in pruned_w[-1])]
+    assert whole_heads(out_rows, head_dim) == q_kept
+    literals = concat_literals(result.model)
+    if legacy:  # the KV count and kv * n_rep are sizes at run time: only head_dim and n_rep are literals
+        assert [-1, head_dim] in literals and [2] in literals  # n_rep stays
+        check_other_sizes(model, result.model)
+    else:  # the Expand's KV count becomes 1 (the input's size), the merges count 4 query heads
+        assert expand_shapes(result.model) == [[1, 1, 2, 5, head_dim]] * 2
+        # Q split, K and V splits, the two repeat_kv merges, the output merge
+        assert reshape_targets(result.model) == [[1, 5, 4, head_dim]] + [[1, 5, 2, head_dim]] * 2 + [
+            [1, 4, 5, head_dim]] * 2 + [[1, 5, 4 * head_dim]]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_gqa_query_heads_mode_removes_the_same_query_head_in_every_group(legacy):
+    heads, kv_heads, head_dim = 6, 2, 4  # 3 query heads per KV head
+    model = gqa_block(heads, kv_heads, head_dim, legacy)
+    w_q, w_k = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:2]
+    analysis = analysis_of(model, attention="query_heads")
+    group = group_at(analysis, w_q, 1)
+    assert group.prunable and group.size == 3 and group.attention.kv_heads == kv_heads
+    assert group_at(analysis, w_k, 1).frozen  # K and V keep their heads
+
+    result = prune_exact(model, 0.34, attention="query_heads", compensate=False)
+    dense_w, pruned_w = weights(model), weights(result.model)
+    q_kept = whole_heads(kept_columns(dense_w[0], pruned_w[0]), head_dim)
+    assert len(q_kept) == 4 and [h - 3 for h in q_kept[2:]] == q_kept[:2]  # the same two in both groups
+    assert pruned_w[1].shape == dense_w[1].shape
+    literals = concat_literals(result.model)
+    if legacy:  # n_rep is a literal twice: in the Expand shape and in the run-time kv * n_rep
+        assert [2] in literals and 2 in {int(initializer(result.model, n.input[1])) for n in result.model.graph.node
+                                         if n.op_type == "Mul" and n.input[1] in
+                                         {t.name for t in result.model.graph.initializer}}
+        check_other_sizes(model, result.model)
+    else:  # the copies: 2 of 3 in each group; the merges count 4 query heads
+        assert expand_shapes(result.model) == [[1, 2, 2, 5, head_dim]] * 2
+        assert reshape_targets(result.model) == [[1, 5, 4, head_dim]] + [[1, 5, 2, head_dim]] * 2 + [
+            [1, 4, 5, head_dim]] * 2 + [[1, 5, 4 * head_dim]]
+
+
+def test_mqa_removes_query_heads_and_keeps_the_one_kv_head():
+    model = gqa_block(4, 1, 3, legacy=True)
+    w_q, w_k = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"][:2]
+    analysis = analysis_of(model)
+    group = group_at(analysis, w_q, 1)
+    assert group.prunable and group.size == 4 and group.attention.heads == 4
+    result = prune_exact(model, 0.5, compensate=False)
+    dense_w, pruned_w = weights(model), weights(result.model)
+    assert len(whole_heads(kept_columns(dense_w[0], pruned_w[0]), 3)) == 2
+    assert pruned_w[1].shape == dense_w[1].shape
+    check_other_sizes(model, result.model)
+
+
+def kept_rows(dense: np.ndarray, pruned: np.ndarray) -> list[int]:
+    return kept_columns(dense.T, pruned.T)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_llama_gqa_export_loses_whole_kv_groups(attention_model, exporter):
+    """8 query heads, 2 KV heads of head_dim 8: one unit is a KV head with its 4 query heads."""
+    path = attention_model("tiny_llama_gqa", exporter)
+    report = spa.analyze(path)
+    heads = [g for g in report.groups if g.kind == "heads"]
+    # the dynamo export builds every repeat_kv shape once for both layers: they lose the same KV head
+    assert len(heads) == (2 if exporter == "legacy" else 1)
+    assert all((g.heads, g.head_dim, g.kv_heads, g.channels, g.frozen) == (8, 8, 2, 2, None) for g in heads)
+    result = spa.prune(path, ratio=0.5, compensate=False)  # compensation would refit the rows compared below
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    dense = onnx.load(str(path))
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    projections = [n.input[1] for n in dense.graph.node if n.op_type == "MatMul" and n.input[1] in dense_w
+                   and dense_w[n.input[1]].shape in ((64, 64), (64, 16))]
+    q, k, v, o = (projections[i::4] for i in range(4))  # per layer: q, k, v, o
+    for layer in range(2):
+        assert pruned_w[k[layer]].shape == pruned_w[v[layer]].shape == (64, 8)
+        assert pruned_w[q[layer]].shape == (64, 32) and pruned_w[o[layer]].shape == (32, 64)
+        kv = whole_heads(kept_columns(dense_w[k[layer]], pruned_w[k[layer]]), 8)
+        assert whole_heads(kept_columns(dense_w[v[layer]], pruned_w[v[layer]]), 8) == kv
+        query = [4 * g + r for g in kv for r in range(4)]
+        assert whole_heads(kept_columns(dense_w[q[layer]], pruned_w[q[layer]]), 8) == query
+        assert whole_heads(kept_rows(dense_w[o[layer]], pruned_w[o[layer]]), 8) == query
+    if exporter == "dynamo":  # literal head counts: the Expand's KV count becomes 1, the merges count 4 heads
+        literals = concat_literals(result.model)
+        assert [1, 4, 8] in literals and [4, 8] in literals
+    check_other_sizes(dense, result.model)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_llama_gqa_query_heads_mode(attention_model, exporter):
+    path = attention_model("tiny_llama_gqa", exporter)
+    result = spa.prune(path, ratio=0.5, attention="query_heads")
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    removed = [g for g in result.report.groups if g.removed]
+    assert all(g.kind == "query_heads" and g.kv_heads == 2 and g.channels == 4 and g.removed == 2
+               for g in removed if g.kind)
+    dense = onnx.load(str(path))
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    for name, w in dense_w.items():
+        if w.shape == (64, 16):
+            assert pruned_w[name].shape == (64, 16)  # K and V keep both heads
+        elif w.shape == (64, 64) and pruned_w[name].shape == (64, 32):  # Q: the same 2 of 4 heads in each group
+            kept = whole_heads(kept_columns(w, pruned_w[name]), 8)
+            assert [h - 4 for h in kept[2:]] == kept[:2] and all(h < 4 for h in kept[:2])
+    check_other_sizes(dense, result.model)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_llama_mqa_export_loses_query_heads(attention_model, exporter):
+    """One KV head for all 8 query heads: it cannot go, so the unit is a query head."""
+    path = attention_model("tiny_llama_mqa", exporter)
+    result = spa.prune(path, ratio=0.5)
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    heads = [g for g in result.report.groups if g.kind == "heads"]
+    assert heads and all(g.channels == 8 and g.removed == 4 for g in heads)
+    dense = onnx.load(str(path))
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    shapes = sorted(pruned_w[n].shape for n, w in dense_w.items() if w.shape in ((64, 64), (64, 8)))
+    assert shapes == [(32, 64)] * 2 + [(64, 8)] * 4 + [(64, 32)] * 2  # o; K, V whole; Q
+    check_other_sizes(dense, result.model)
+
+
+def test_analyze_lists_kv_heads(attention_model):
+    from click.testing import CliRunner
+
+    from spa.cli import main
+
+    path = attention_model("tiny_llama_gqa", "legacy")
+    out = CliRunner().invoke(main, ["analyze", str(path)])
+    assert out.exit_code == 0, out.output
+    assert out.output.count("8 heads x head_dim 8 (2 KV heads, unit: a KV head with its 4 query heads), "
+                            "prunable") == 2
+    out = CliRunner().invoke(main, ["analyze", str(path), "--attention", "query-heads"])
+    assert out.output.count("unit: one query head in each of the 2 KV groups), prunable") == 2

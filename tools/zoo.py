@@ -341,10 +341,16 @@ def _finish(tmp: Path, path: Path) -> None:
 # SkipLayerNormalization, BiasGelu). BERT has dynamic batch and sequence axes; ViT a static batch,
 # as torch's multi-head attention merges batch and heads into one axis.
 ATTENTION = (("tiny_bert", "legacy"), ("tiny_bert", "dynamo"), ("tiny_bert", "ort"), ("tiny_vit", "legacy"),
-             ("tiny_vit", "dynamo"))
+             ("tiny_vit", "dynamo"), ("tiny_llama_gqa", "legacy"), ("tiny_llama_gqa", "dynamo"),
+             ("tiny_llama_mqa", "legacy"), ("tiny_llama_mqa", "dynamo"))
 TINY_BERT = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 128, "max_position_embeddings": 64,
              "initializer_range": 0.2}  # ten times BERT's: attention far from uniform, so heads matter
+# a Llama decoder (RoPE, RMSNorm, SwiGLU) with grouped-query attention: 8 query heads share 2 KV heads
+# (4 each) in "gqa", 1 KV head in "mqa"; repeat_kv expands K and V to every query head
+TINY_LLAMA = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+              "intermediate_size": 128, "max_position_embeddings": 64, "initializer_range": 0.2}
+KV_HEADS = {"tiny_llama_gqa": 2, "tiny_llama_mqa": 1}
 
 
 def export_attention(name: str, exporter: str, out_dir: Path) -> Path:
@@ -362,6 +368,8 @@ def export_attention(name: str, exporter: str, out_dir: Path) -> Path:
         warnings.simplefilter("ignore")
         if name == "tiny_bert":
             _export_bert(tmp, exporter)
+        elif name in KV_HEADS:
+            _export_llama(tmp, exporter, KV_HEADS[name])
         else:
             _export_vit(tmp, exporter)
     _finish(tmp, path)
@@ -400,6 +408,32 @@ def _export_bert(tmp: Path, exporter: str) -> None:
         fused = optimize_model(str(tmp), model_type="bert", num_heads=TINY_BERT["num_attention_heads"],
                                hidden_size=TINY_BERT["hidden_size"], opt_level=0)
         fused.save_model_to_file(str(tmp))
+
+
+def _export_llama(tmp: Path, exporter: str, kv_heads: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = LlamaConfig(**TINY_LLAMA, num_key_value_heads=kv_heads, attn_implementation="eager")
+            self.llama = LlamaModel(config)
+
+        def forward(self, input_ids, attention_mask):
+            return self.llama(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    model = Decoder().eval()
+    # the mask is explicit: without it the legacy exporter fails on aten::diff
+    args = (torch.randint(0, TINY_LLAMA["vocab_size"], (2, 16)), torch.ones(2, 16, dtype=torch.int64))
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["last_hidden_state"]}
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
+        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names,
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        return
+    axes = {n: {0: "batch", 1: "seq"} for n in names["input_names"] + names["output_names"]}
+    torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
 
 
 def _export_vit(tmp: Path, exporter: str) -> None:

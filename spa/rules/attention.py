@@ -7,8 +7,15 @@ that multiply two activations (Q Kᵀ, then the scores times V), while head_dim 
 there (Q, K) or stays the last axis of the result (V). ``axis_role`` follows one axis through
 the layout and element-wise ops in between, forward from a split or backward from the merge
 Reshape after scores times V.
+
+Grouped-query attention shares each K/V head among several query heads: ``repeat_kv``
+inserts an axis of size 1, Expands it to n_rep copies and merges [kv_heads, n_rep] into the
+query head axis (``repeat_kv`` below finds that merge). The KV head axis takes the role of
+the head axis it merges into.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ..graph import ModelGraph, Node
 from .base import Dim
@@ -16,7 +23,7 @@ from .elementwise import Broadcasting, Softmax, Unary
 from .roundtrip import round_trip
 from .shapes import segments
 
-HEADS, HEAD_DIM = "heads", "head_dim"
+HEADS, HEAD_DIM, QUERY_HEADS = "heads", "head_dim", "query_heads"
 
 _STEPS = 64  # tensors visited per question: attention blocks are a handful of ops deep
 _ELEMENTWISE = set(Unary.ops) | set(Broadcasting.ops)
@@ -71,6 +78,14 @@ def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
         return None, _elementwise(graph, node, name, a, forward)
     if op in _RESHAPES:
         return None, _reshape(graph, node, name, a, forward)
+    if op == "Expand" and name in (node.inputs[0], node.outputs[0]):
+        x, y = node.inputs[0], node.outputs[0]
+        shift = (_rank(graph, y) or 0) - (_rank(graph, x) or 0)
+        here, there = (x, y) if forward else (y, x)
+        b = a + shift if forward else a - shift
+        if b < 0 or name != here or graph.static_size(there, b) != graph.static_size(here, a):
+            return None, []  # a broadcast axis: copies, not the same channel
+        return None, [(there, b)]
     if op == "Gather" and forward and name == node.inputs[0]:
         axis = node.attr("axis", 0) % (_rank(graph, name) or 1)
         index_rank = _rank(graph, node.inputs[1])
@@ -129,6 +144,9 @@ def _reshape(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
     sx, sy = graph.shape(x), graph.shape(y)
     if sx is None or sy is None or (forward and name != x):
         return []
+    merge = repeat_kv(graph, node) if forward else None
+    if merge and a == merge.kv_axis:
+        return [(y, merge.heads_axis)]
     for ins, outs in segments(sx, sy):
         if len(ins) == 1 and len(outs) == 1:
             if forward and ins[0] == a:
@@ -138,3 +156,34 @@ def _reshape(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
     trip = round_trip(graph, node, name) if node.op_type == "Reshape" else None
     partner = trip.partner(Dim(name, a)) if trip else None
     return [(partner.tensor, partner.axis)] if partner else []
+
+
+@dataclass(frozen=True)
+class RepeatKV:
+    """A Reshape merging [kv_heads, n_rep] into the query head axis, after an Expand that
+    wrote n_rep copies of each K/V head (axes of the Reshape's input, and of its output)."""
+
+    kv_axis: int
+    rep_axis: int
+    heads_axis: int
+
+
+def repeat_kv(graph: ModelGraph, node: Node) -> RepeatKV | None:
+    if node.op_type != "Reshape":
+        return None
+    x, y = node.inputs[0], node.outputs[0]
+    expand = graph.producer.get(x)
+    if expand is None or expand.op_type != "Expand":
+        return None
+    sx, sy, source = graph.shape(x), graph.shape(y), graph.shape(expand.inputs[0])
+    if sx is None or sy is None or source is None:
+        return None
+    shift = len(sx) - len(source)
+    for ins, outs in segments(sx, sy):
+        if len(ins) != 2 or len(outs) != 1:
+            continue
+        for kv, rep in (ins, ins[::-1]):
+            # the copies come from an axis of size 1 in the Expand's input; the KV heads pass through
+            if (rep - shift < 0 or source[rep - shift] == 1) and kv - shift >= 0 and source[kv - shift] == sx[kv]:
+                return RepeatKV(kv, rep, outs[0])
+    return None

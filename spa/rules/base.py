@@ -75,17 +75,20 @@ class Pending:
 
 Outcome = Link | Freeze | Sink | Pending
 
-# what a unit of an attention layer is: a whole head, or one index of head_dim in every head
-ATTENTION_UNITS = ("heads", "head_dim")
+# what a unit of an attention layer is: a whole head (with grouped-query attention, a KV head
+# and the query heads sharing it), one index of head_dim in every head, or (grouped-query) the
+# same query head in every KV group, K and V kept
+ATTENTION_UNITS = ("heads", "head_dim", "query_heads")
 
 
 @dataclass(frozen=True)
 class HeadInfo:
     """An attention layer as the graph shows it; ``kind`` says which of its axes shrinks."""
 
-    kind: str  # "heads" or "head_dim"
-    heads: int
+    kind: str  # one of ATTENTION_UNITS
+    heads: int  # query heads
     head_dim: int
+    kv_heads: int | None = None  # set where K/V heads are shared by several query heads (repeat_kv)
 
 
 class RuleContext:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .attention import HEADS
+from .attention import HEAD_DIM
 from .base import Dim, Freeze, HeadInfo, LinkSet, Rule, Sink, pairs, register
 from .elementwise import Broadcasting
 
@@ -140,7 +140,7 @@ class Attention(Rule):
         q = np.arange(wq)
         v = np.arange(wv)
         v_cols, v_out = v + wq + wk, v
-        if ctx.attention == HEADS:
+        if ctx.attention != HEAD_DIM:  # without shared K/V heads, query heads are whole heads
             # every column of head h, in Q, K and V, joins output position h * dv: one unit per head
             head_start = (q // dq) * dv
             links.add(pairs(cols, out, np.concatenate([q, q + wq, v_cols]),

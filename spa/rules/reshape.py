@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .attention import HEAD_DIM, HEADS, axis_role
+from .attention import HEAD_DIM, HEADS, QUERY_HEADS, axis_role, repeat_kv
 from .base import Dim, Freeze, HeadInfo, LinkSet, Pending, Rule, pairs, register
 from .roundtrip import round_trip
 from .shapes import rewritable, segments, trace_vector
@@ -96,13 +96,22 @@ class ReshapeFamily(Rule):
 
     def _choose(self, node, multi_t, multi, ctx):
         sizes = {a: ctx.graph.shape(multi_t)[a] for a in multi}
+        merge = repeat_kv(ctx.graph, node) if multi_t == node.inputs[0] else None
+        if merge and sorted(multi) == sorted((merge.kv_axis, merge.rep_axis)):
+            # grouped-query attention: a KV head and its query heads go together, or with
+            # query_heads the same query head of every group goes and K, V stay
+            chosen = merge.rep_axis if ctx.attention == QUERY_HEADS else merge.kv_axis
+            heads = ctx.graph.static_size(node.outputs[0], merge.heads_axis)
+            head_dim = ctx.graph.static_size(node.outputs[0], -1)
+            ctx.heads[Dim(multi_t, chosen)] = HeadInfo(ctx.attention, heads, head_dim, sizes[merge.kv_axis])
+            return chosen
         # a split feeding attention (or the merge after it) shrinks the unit the user asked for;
         # the product is read forward from a split, backward from a merge
         roles = {a: axis_role(ctx.graph, multi_t, a, forward=multi_t == node.outputs[0]) for a in multi}
         heads = [a for a in multi if roles[a] == HEADS]
         head_dim = [a for a in multi if roles[a] == HEAD_DIM]
         if len(heads) == 1 and len(head_dim) == 1:
-            chosen = heads[0] if ctx.attention == HEADS else head_dim[0]
+            chosen = head_dim[0] if ctx.attention == HEAD_DIM else heads[0]
             ctx.heads[Dim(multi_t, chosen)] = HeadInfo(ctx.attention, sizes[heads[0]], sizes[head_dim[0]])
             return chosen
         known = [a for a in multi if Dim(multi_t, a) in ctx.known_dims]
@@ -140,6 +149,11 @@ class ReshapeFamily(Rule):
             entry = entries[axis]
             if entry.kind == "literal" and entry.value not in (-1, 0):
                 cut.set_const_element(*entry.source, new)
+            elif entry.product is not None:  # size * literal: the literal takes what the size leaves
+                (tensor, size_axis), factor = entry.product
+                size = cut.new_size(Dim(tensor, size_axis))
+                if size and new % size == 0 and new // size != factor.value:
+                    cut.set_const_element(*factor.source, new // size)
 
 
 def _literal_readers(ctx) -> dict[tuple, list]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import numpy_helper
 
 from ..graph import ModelGraph, Node
 
@@ -24,6 +25,9 @@ class Entry:
     # literal: (node name, input index, flat position) where the constant enters the chain
     # runtime: (tensor, axis) whose size this element is
     source: tuple | None = None
+    # a run-time size times a literal (the legacy exporter's kv_heads * n_rep in repeat_kv):
+    # ((tensor, axis), the literal's Entry), so a rewrite can keep the product right
+    product: tuple | None = None
 
 
 def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0) -> list[Entry] | None:
@@ -63,7 +67,13 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
         if all(sides) and any(e.kind == "runtime" for side in sides for e in side):
             length = max(len(side) for side in sides)
             if all(len(side) in (1, length) for side in sides):
-                return [_combine(sides[0][k % len(sides[0])], sides[1][k % len(sides[1])]) for k in range(length)]
+                return [_combine(sides[0][k % len(sides[0])], sides[1][k % len(sides[1])], op)
+                        for k in range(length)]
+    if op == "Where" and _minus_one_to_one(graph, producer):
+        # torch's expand(-1): sizes that are -1 become 1; run-time sizes and other literals stay
+        base = trace_vector(graph, producer, 2, depth + 1)
+        if base is not None and not any(e.kind == "literal" and e.value == -1 for e in base):
+            return base
     if op == "Slice":  # shape[-2:], shape[:-2]: the dynamo exporter's way of keeping some sizes
         base = trace_vector(graph, producer, 0, depth + 1)
         bounds = _slice_bounds(graph, producer)
@@ -93,10 +103,44 @@ def _slice_bounds(graph: ModelGraph, node: Node) -> tuple[int, int] | None:
     return int(starts[0]), int(ends[0])  # numpy clamps like ONNX for a unit step
 
 
-def _combine(a: Entry, b: Entry) -> Entry:
+def _combine(a: Entry, b: Entry, op: str) -> Entry:
     if "opaque" in (a.kind, b.kind):
         return Entry("opaque")
-    return Entry("runtime", None, ("derived",))
+    product = None
+    if op == "Mul":
+        size, factor = (a, b) if b.kind == "literal" else (b, a)
+        if size.kind == "runtime" and len(size.source) == 2 and factor.kind == "literal":
+            product = (size.source, factor)
+    return Entry("runtime", None, ("derived",), product)
+
+
+def _minus_one_to_one(graph: ModelGraph, node: Node) -> bool:
+    """Where(Equal(v, -1), 1, v): the legacy exporter's guard in front of an Expand shape."""
+    cond, ones, v = (node.input(k) for k in range(3))
+    equal = graph.producer.get(cond)
+    if equal is None or equal.op_type != "Equal" or v not in equal.inputs:
+        return False
+    other = equal.inputs[1] if equal.inputs[0] == v else equal.inputs[0]
+    return _filled(graph, ones) == 1 and _filled(graph, other) == -1
+
+
+def _filled(graph: ModelGraph, tensor: str) -> int | None:
+    """The one value every element of ``tensor`` holds, where the graph says it without running."""
+    const = graph.const(tensor)
+    if const is not None:
+        values = np.unique(const)
+        return int(values[0]) if len(values) == 1 and const.dtype.kind in "iu" else None
+    node = graph.producer.get(tensor)
+    if node is None:
+        return None
+    if node.op_type == "ConstantOfShape":
+        value = node.attr("value")
+        fill = numpy_helper.to_array(value).reshape(-1) if value is not None else np.zeros(1)
+        return int(fill[0]) if len(fill) == 1 and fill.dtype.kind in "iu" else None
+    if node.op_type == "Mul":
+        a, b = (_filled(graph, x) for x in node.inputs[:2])
+        return None if a is None or b is None else a * b
+    return None
 
 
 def _opaque(graph: ModelGraph, tensor: str) -> list[Entry] | None:
