@@ -8,7 +8,7 @@ import spa
 from spa.errors import UsageError
 from spa.obs import LayerState, augmented_hessian, greedy_scores, inverse, least_squares, obs_update
 from spa.rules import Dim
-from spa.statistics import collect, load_calibration, synthetic_feeds
+from spa.statistics import SYNTHETIC_SAMPLES, collect, load_calibration, synthetic_feeds, synthetic_sample_count
 
 
 def _correlated(rng, rows, channels):
@@ -142,6 +142,28 @@ def test_synthetic_token_ids_stay_inside_the_embedding_table():
     feeds = synthetic_feeds(helper.make_model(graph, ir_version=9), 4, seed=0)
     ids = feeds["ids"]
     assert ids.shape[0] == 4 and ids.min() >= 0 and ids.max() < 50 and len(np.unique(ids)) > 10
+
+
+def _image_model(batch="b"):
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, 32, 32])])
+    return helper.make_model(graph, ir_version=9)
+
+
+def test_synthetic_samples_cover_a_wide_classifier_input_within_the_compute_budget():
+    low, high = SYNTHETIC_SAMPLES
+    conv_input, fc_input = Dim("conv_in", 1), Dim("fc_in", 1)
+    shapes = {"conv_in": ["b", 16, 28, 28], "fc_in": ["b", 1568]}
+    # a 16-channel map has 784 rows per sample: the minimum does
+    assert synthetic_sample_count(_image_model(), [conv_input], shapes, 1e6) == low
+    # 1,568 features, one row per sample: as many samples as the cap allows
+    assert synthetic_sample_count(_image_model(), [conv_input, fc_input], shapes, 1e6) == high
+    # the same model costing ResNet-50's 8.2 GFLOPs per sample stays at the minimum
+    assert synthetic_sample_count(_image_model(), [fc_input], shapes, 8.2e9) == low
+    # a static batch of 4 runs four samples for the graph's FLOPs
+    between = synthetic_sample_count(_image_model(), [fc_input], shapes, 2e9)
+    assert between == synthetic_sample_count(_image_model(4), [fc_input], shapes, 4 * 2e9) and low < between < high
 
 
 # --- the pipeline ---------------------------------------------------------------------------
