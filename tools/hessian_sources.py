@@ -4,7 +4,8 @@
 
 Without data, obspa's Hessian (and the compensation that reuses it) comes from inputs spa makes
 up and runs through the dense model. This script prunes the trained models of ``models/`` with
-``obspa`` plus compensation, swapping only that source, and prints the held-out accuracy:
+``obspa``, without and with compensation, swapping only that source, and prints the held-out
+accuracy as "without / with":
 
 - identity: no statistics at all (H = I; spa then skips compensation, it has nothing to fit);
 - white N(0, 1) and white N(0, 0.25^2): independent pixels;
@@ -59,13 +60,13 @@ SOURCES = {
 }
 
 
-def run(bench, source, ratio: float, out: Path) -> float:
+def run(bench, source, ratio: float, compensate: bool, out: Path) -> float:
     if source is None:
         patch = mock.patch.object(spa.api, "_statistics", lambda *a, **k: None)
     else:
         patch = mock.patch.object(spa.api, "synthetic_feeds", _source(*source))
     with patch:
-        eval_accuracy.run_spa(bench, "obspa", ratio, True, 128, out)
+        eval_accuracy.run_spa(bench, "obspa", ratio, compensate, 128, out)
     return bench.evaluate(out)
 
 
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
         dense = [f"{benches[m].evaluate(benches[m].model):.3f}" for m, _ in columns]
         print("| dense | " + " | ".join(dense) + " |", flush=True)
         for label, source in SOURCES.items():
-            cells = [f"{run(benches[m], source, r, out):.3f}" for m, r in columns]
+            cells = [" / ".join("-" if source is None and comp else f"{run(benches[m], source, r, comp, out):.3f}"
+                                for comp in (False, True)) for m, r in columns]
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
