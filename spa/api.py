@@ -24,7 +24,7 @@ from .layers import LayerIndex
 from .load import canonicalize, infer_shapes, load_model
 from .metrics import ModelStats, count
 from .plan import Plan, make_plan
-from .rules.base import ATTENTION_UNITS
+from .rules.base import ATTENTION_UNITS, Dim
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
 from .statistics import Statistics, collect, load_calibration, synthetic_feeds, synthetic_sample_count
@@ -49,13 +49,14 @@ class GroupReport:
     heads: int | None = None  # on the graph; heads counts query heads
     head_dim: int | None = None
     kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by heads / kv_heads query heads
+    approximate: str | None = None  # why removal is not equal to zeroing (the norms over these channels)
 
     @classmethod
     def of(cls, analysis: Analysis, group: Group, removed: int) -> GroupReport:
         head = group.attention
         return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group),
                    [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim,
-                   head and head.kv_heads)
+                   head and head.kv_heads, group.inexact_reason)
 
 
 @dataclass
@@ -472,21 +473,35 @@ def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Pl
         soft = soft_model or apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
     if not exact_ids:
         hard_exact = soft = None
-    return validate(prepared.path if lazy else prepared.model, hard_source, soft, hard_exact,
-                    removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops)
+    validation = validate(prepared.path if lazy else prepared.model, hard_source, soft, hard_exact,
+                          removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops)
+    validation.approximate_groups = len(plan.removed) - len(exact_ids)
+    return validation
 
 
 def _layers(analysis: Analysis, group: Group) -> list[str]:
     graph = analysis.graph
     out = []
     for dim in analysis.param_dims(group):
-        for node in graph.consumers.get(dim.tensor, []):
+        for node, dim in _readers(graph, dim):
             index = node.inputs.index(dim.tensor)
             if node.op_type in ("Conv", "ConvTranspose", "Gemm") and index == 2:
                 continue  # a bias travels with its weight's output side
             side = _side(node.op_type, index, dim.axis, node)
             out.append(f"{node.op_type} '{node.name}'{side}")
     return list(dict.fromkeys(out))
+
+
+def _readers(graph: ModelGraph, dim: Dim):
+    """The ops reading a weight, seen through a Transpose (a tied lm head multiplies by the
+    embedding table transposed), each with the weight's axis as that op sees it."""
+    for node in graph.consumers.get(dim.tensor, []):
+        perm = node.attr("perm") if node.op_type == "Transpose" else None
+        if perm is not None and node.outputs[0] not in graph.outputs:
+            seen = Dim(node.outputs[0], list(perm).index(dim.axis))
+            yield from ((reader, seen) for reader in graph.consumers.get(seen.tensor, []))
+        else:
+            yield node, dim
 
 
 def _side(op: str, index: int, axis: int, node) -> str:

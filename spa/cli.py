@@ -299,6 +299,8 @@ def _summary(r: dict) -> str:
     if v["checker"] != "not run":
         soft = ("n/a" if v["soft_equal"] is None
                 else f"{'equal' if v['soft_equal'] else 'DIFFERENT'} (rel. err {v['soft_max_rel_error']:.1e})")
+        if v.get("approximate_groups"):
+            soft += f" on exact groups; {v['approximate_groups']} approximate not compared"
         lines.append(f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
                      f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}")
     lines.extend(_data_lines(r))
@@ -374,6 +376,8 @@ def _analysis_text(data: dict, verbose: bool) -> str:
         lines.append(f"  group {g['id']:>4}: {g['channels']:>5} ch  {state:<8} {kind:<11} {layers or '-'}")
         if g["frozen"]:
             lines.append(f"               why frozen: {g['frozen']}")
+        if g.get("approximate") and g["approximate"] not in (g["frozen"] or ""):
+            lines.append(f"               approximate: {g['approximate']}")
         if verbose:
             lines.append(f"               dims: {', '.join(g['dims'])}")
     hidden = sum(1 for g in data["groups"] if g["channels"] <= 1)

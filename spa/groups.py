@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -157,6 +157,8 @@ class _Walk:
 
     def _take(self, node, outcomes) -> None:
         for item in outcomes:
+            if isinstance(item, (Link, Sink)) and not item.exact and not item.what:
+                item = replace(item, what=f"{node.op_type} '{node.name}'")
             if isinstance(item, Link):
                 if self.ctx.size(item.a) is None or self.ctx.size(item.b) is None:
                     self._freeze(item.a, f"size unknown next to {node.op_type} '{node.name}'")
@@ -220,10 +222,12 @@ def _assemble(graph: ModelGraph, walk: _Walk, allow_approximate: bool) -> Analys
         if dim in labels_of:
             for unit in np.unique(labels_of[dim]):
                 frozen_reason.setdefault(int(unit), f"{dim}: {reason}")
-    approximate = np.zeros(unit_count, dtype=bool)
+    # what makes each approximate unit so: the norms over its channels
+    approximate: dict[int, list[str]] = defaultdict(list)
     for link in links:
         if not link.exact:
-            approximate[labels[global_index(link.a, link.a_index)]] = True
+            for unit in np.unique(labels[global_index(link.a, link.a_index)]).tolist():
+                approximate[unit].append(link.what)
 
     # units with the same set of dimensions form a group
     dim_ids = np.repeat(np.arange(len(dims), dtype=np.int64), [walk.sizes[d] for d in dims])
@@ -265,8 +269,10 @@ _LAYOUT = {"Concat", "Split", "Slice", "Gather", "Transpose", "Reshape", "Flatte
 
 
 def _exactness(graph, members, units, approximate, sinks_by_dim) -> tuple[bool, str | None]:
-    if approximate[units].any():
-        return False, "an op normalises or averages over these channels"
+    whats = [what for unit in units.tolist() for what in approximate.get(unit, ())]
+    whats += [sink.what for dim in members for sink in sinks_by_dim.get(dim, []) if not sink.exact]
+    if whats:
+        return False, _normalised_by(list(dict.fromkeys(whats)))
     member_set = set(members)
     by_tensor: dict[str, list[Dim]] = defaultdict(list)
     for dim in members:
@@ -277,11 +283,14 @@ def _exactness(graph, members, units, approximate, sinks_by_dim) -> tuple[bool, 
         zero[dim] = _soft_zero(graph, dim, by_tensor, zero)
     for dim in members:
         for sink in sinks_by_dim.get(dim, []):
-            if not sink.exact:
-                return False, "a reduction averages over these channels"
             if not any(d in member_set and zero.get(d, False) for d in sink.dims):
                 return False, f"a weightless reduction reads {dim}, which stays non-zero when soft-pruned"
     return True, None
+
+
+def _normalised_by(whats: list[str]) -> str:
+    named = ", ".join(whats[:3]) + (f" and {len(whats) - 3} more" if len(whats) > 3 else "")
+    return f"normalised or averaged over these channels by {named}: removal changes their statistics"
 
 
 def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) -> bool:

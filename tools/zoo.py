@@ -436,6 +436,95 @@ def _export_llama(tmp: Path, exporter: str, kv_heads: int) -> None:
     torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
 
 
+# small random-weight transformers whose output is not the hidden state, so the hidden (embedding)
+# dimension can shrink: a BERT classifier, and Llama language models with the output embedding tied to
+# the input one or not. Llama's RMSNorm is written out (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul) by
+# both exporters; BERT's LayerNorm is one op. Constant folding stores the lm head as its own transposed
+# copy of the table, untying it, so the tied legacy export is made without folding: its lm head is
+# MatMul(h, Transpose(table)) on the table the embedding Gather reads (every other linear layer reads
+# its weight through a Transpose too).
+HIDDEN = (("bert_classifier", "legacy"), ("bert_classifier", "dynamo"), ("llama_tied", "legacy"),
+          ("llama_tied", "dynamo"), ("llama_untied", "legacy"), ("llama_untied", "dynamo"))
+TINY_LM = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64,
+              "initializer_range": 0.2}
+
+
+def export_hidden(name: str, exporter: str, out_dir: Path) -> Path:
+    """Export one of ``HIDDEN`` (cached: an existing file is returned as is)."""
+    import torch
+
+    path = Path(out_dir) / "hidden" / f"{name}-{exporter}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import_torchvision()
+    torch.manual_seed(0)
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if name == "bert_classifier":
+            _export_bert_classifier(tmp, exporter)
+        else:
+            _export_language_model(tmp, exporter, tied=name == "llama_tied")
+    _finish(tmp, path)
+    return path
+
+
+def _export_text(model, tmp: Path, exporter: str, output: str, fold: bool = True) -> None:
+    """input_ids and attention_mask [batch, seq] in, one output [batch, ...] out."""
+    import torch
+
+    vocab = model.config.vocab_size
+    args = (torch.randint(0, vocab, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": [output]}
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
+        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names,
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        return
+    axes = {n: {0: "batch", 1: "seq"} for n in names["input_names"]}
+    axes[output] = {0: "batch", 1: "seq"} if output == "logits" and model.config.model_type == "llama" else {0: "batch"}
+    torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, dynamic_axes=axes,
+                      do_constant_folding=fold, **names)
+
+
+def _export_bert_classifier(tmp: Path, exporter: str) -> None:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=3))
+            self.config = self.bert.config
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    _export_text(Classifier().eval(), tmp, exporter, "logits")
+
+
+def _export_language_model(tmp: Path, exporter: str, tied: bool) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class LanguageModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llama = LlamaForCausalLM(LlamaConfig(**TINY_LM, tie_word_embeddings=tied, use_cache=False))
+            self.config = self.llama.config
+            with torch.no_grad():  # fresh RMSNorm weights are all ones: random ones make the scores differ
+                for module in self.llama.modules():
+                    if type(module).__name__.endswith("RMSNorm"):
+                        module.weight.uniform_(0.5, 1.5)
+
+        def forward(self, input_ids, attention_mask):
+            return self.llama(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    _export_text(LanguageModel().eval(), tmp, exporter, "logits", fold=not tied)
+
+
 def _export_vit(tmp: Path, exporter: str) -> None:
     import torch
 

@@ -46,6 +46,7 @@ class Link:
     a_index: np.ndarray
     b_index: np.ndarray
     exact: bool = True  # False where removal is not equal to zeroing (norms over channels)
+    what: str = ""  # for an inexact link, the op that makes it so (filled in from the node when empty)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Sink:
 
     dims: tuple[Dim, ...]
     exact: bool = True
+    what: str = ""  # for an inexact sink, what reduces (a norm written out, or the op)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class MatMul(Rule):
 
     def seeds(self, node, ctx):
         b = node.inputs[1]
-        if ctx.graph.is_initializer(b) and (ctx.rank(b) or 0) >= 2:
+        if _weight(ctx.graph, b) and (ctx.rank(b) or 0) >= 2:
             return [Dim(b, ctx.rank(b) - 2), Dim(b, ctx.rank(b) - 1)]
         return []
 
@@ -61,3 +61,12 @@ class MatMul(Rule):
             for axis in range(rank - 2):
                 links.same(Dim(name, axis), Dim(y, axis + ry - rank))
         return links.out
+
+
+def _weight(graph, tensor: str) -> bool:
+    """An initializer, or one read through a Transpose: a tied output embedding (the lm head
+    multiplying by the embedding table transposed) when the exporter did not fold it."""
+    producer = graph.producer.get(tensor)
+    if producer is not None and producer.op_type == "Transpose":
+        tensor = producer.inputs[0]
+    return graph.is_initializer(tensor)

@@ -3,6 +3,7 @@ resizing and reductions (which may also reduce the channel axis away)."""
 from __future__ import annotations
 
 from .base import Dim, Freeze, LinkSet, Rule, Sink, register
+from .decomposed import norm_name
 from .shapes import rewritable, size_read_as_value, trace_vector
 
 
@@ -119,7 +120,10 @@ class Reduce(Rule):
             y_axis = dim.axis if keepdims else dim.axis - sum(a < dim.axis for a in axes)
             links.same(dim, Dim(y, y_axis))
         elif node.op_type in _SUM_LIKE:
-            links.add(Sink((dim,), exact=_SUM_LIKE[node.op_type]))
+            what = ""
+            if node.op_type == "ReduceMean":
+                what = norm_name(ctx.graph, node) or f"ReduceMean '{node.name}'"
+            links.add(Sink((dim,), exact=_SUM_LIKE[node.op_type], what=what))
         else:
             links.freeze(dim, f"{node.op_type} '{node.name}' reduces over this axis")
         return links.out
