@@ -3,8 +3,8 @@ compensation work on.
 
 A layer here is an op computing ``y = W x + b`` over one channel axis of its
 activation input, with W (and b) initializers that belong to it alone: Conv
-with group 1, Gemm, and MatMul by a 2-D weight (optionally followed by an Add
-of a bias). Each is viewed as a matrix with one column per input channel (a
+with group 1, Gemm, and MatMul by a 2-D weight or its Transpose (optionally
+followed by an Add of a bias). Each is viewed as a matrix with one column per input channel (a
 Conv's kernel positions become extra rows), so one piece of maths serves all.
 """
 from __future__ import annotations
@@ -66,6 +66,8 @@ def _as_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
     if node.domain not in ("", "ai.onnx") or op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
         return None
     x, w = node.inputs[0], node.inputs[1]
+    if op == "MatMul" and not graph.is_initializer(w):
+        return _transposed_matmul(graph, node)
     if not x or graph.is_initializer(x) or not _owned(graph, w):
         return None
     w_shape = graph.shape(w)
@@ -87,6 +89,22 @@ def _as_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
     if len(w_shape) != 2 or not x_shape or len(x_shape) < 2:
         return None
     return LinearLayer(node, w, 0, Dim(x, len(x_shape) - 1), _matmul_bias(graph, node, w_shape[1]))
+
+
+def _transposed_matmul(graph: ModelGraph, node: Node) -> LinearLayer | None:
+    """MatMul(x, Transpose(W)) with W [out, in] its own: an export made without constant folding."""
+    x, wt = node.inputs[0], node.inputs[1]
+    transpose = graph.producer.get(wt)
+    if (transpose is None or transpose.op_type != "Transpose" or list(transpose.attr("perm") or [1, 0]) != [1, 0]
+            or len(graph.consumers.get(wt, [])) != 1 or graph.is_initializer(x)):
+        return None
+    w = transpose.inputs[0]
+    w_shape, x_shape = graph.shape(w), graph.shape(x)
+    if not _owned(graph, w) or not w_shape or len(w_shape) != 2 or any(not isinstance(s, int) for s in w_shape):
+        return None
+    if not x_shape or len(x_shape) < 2:
+        return None
+    return LinearLayer(node, w, 1, Dim(x, len(x_shape) - 1), _matmul_bias(graph, node, w_shape[0]))
 
 
 def _matmul_bias(graph: ModelGraph, node: Node, out: int) -> str | None:
