@@ -115,7 +115,9 @@ def main() -> None:
               help="Prune to this fraction of the dense latency, timed on the first of --providers.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
-@click.option("--approximate", is_flag=True, help="Also prune groups where removal is not equal to zeroing.")
+@click.option("--approximate", is_flag=True,
+              help="Also prune groups where removal is not equal to zeroing: channels a norm mixes, such as a "
+                   "transformer's hidden (embedding) dimension.")
 @click.option("--attention", type=click.Choice(["heads", "head-dim", "query-heads"]), default="heads",
               show_default=True,
               help="Attention units: remove whole heads (grouped-query: a KV head with its query heads), "
