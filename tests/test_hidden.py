@@ -141,3 +141,22 @@ def test_ppocr_rec_layer_norms_written_out():
     group = next(g for g in report.groups if g.approximate and "LayerNorm written out" in g.approximate)
     assert group.channels == 120 and "approximate group" in group.frozen
     assert group.approximate.count("written out") == 3 and "and 2 more" in group.approximate  # 5 norms
+
+
+def test_cli_names_the_norms_and_counts_the_approximate_group(hidden_model, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from spa.cli import main
+
+    path = hidden_model("llama_untied", "dynamo")
+    out = CliRunner().invoke(main, ["analyze", str(path), "--approximate", "--json", str(tmp_path / "a.json")])
+    assert out.exit_code == 0, out.output
+    assert "approximate: normalised or averaged over these channels by RMSNorm written out" in out.output
+    groups = json.loads((tmp_path / "a.json").read_text())["groups"]
+    hidden = [g for g in groups if g["approximate"] and g["frozen"] is None]
+    assert len(hidden) == 1 and hidden[0]["channels"] == 64 and "RMSNorm written out" in hidden[0]["approximate"]
+    out = CliRunner().invoke(main, ["prune", str(path), "--approximate", "--ratio", "0.3", "--no-bench",
+                                    "-o", str(tmp_path / "p.onnx")])
+    assert out.exit_code == 0, out.output
+    assert "on exact groups; 1 approximate not compared" in out.output
