@@ -489,6 +489,17 @@ def test_channel_mean_that_is_no_norm_keeps_the_plain_description():
     assert "ReduceMean 'channel_mean'" in group.inexact_reason and "written out" not in group.inexact_reason
 
 
+def test_centring_alone_is_no_norm():
+    g = Graph()
+    x = g.input("x", [1, 4, 6])
+    h = g.op("MatMul", [x, g.weight(6, 8)])
+    centred = g.op("Sub", [h, _reduce_mean(g, h, "mean")])
+    g.output(g.op("MatMul", [centred, g.weight(8, 3)]))
+    group = group_at(analysis_of(g.build()), h, 2)
+    assert not group.exact and "ReduceMean 'mean'" in group.inexact_reason
+    assert "written out" not in group.inexact_reason
+
+
 def test_tied_output_embedding_is_the_hidden_group():
     # ids -> table rows -> residual block -> RMSNorm -> logits = h @ table^T, the table shared
     g = Graph()

@@ -28,10 +28,9 @@ def norm_kind(graph, reduce) -> str | None:
     base = squared if squared is not None else source
     if not _comes_back(graph, reduce.outputs[0], base, squared is not None):
         return None
-    centred = _centred_by(graph, base)
-    if squared is None:
-        return "LayerNorm"  # the mean itself, subtracted from its input
-    return "LayerNorm" if centred is not None else "RMSNorm"
+    if squared is None:  # the mean itself, subtracted from its input: a norm if the difference is scaled
+        return "LayerNorm" if _scaled(graph, reduce) else None
+    return "LayerNorm" if _centred_by(graph, base) is not None else "RMSNorm"
 
 
 def norm_name(graph, reduce) -> str | None:
@@ -69,6 +68,19 @@ def _centred_by(graph, tensor: str):
     if mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] == x:
         return mean
     return None
+
+
+def _scaled(graph, mean) -> bool:
+    """Is some x - mean divided by the root of its own mean square (a variance ReduceMean)?"""
+    for sub in graph.consumers.get(mean.outputs[0], []):
+        if sub.op_type != "Sub":
+            continue
+        for square in graph.consumers.get(sub.outputs[0], []):
+            if _squared(graph, square.outputs[0]) == sub.outputs[0]:
+                for variance in graph.consumers.get(square.outputs[0], []):
+                    if variance.op_type == "ReduceMean" and norm_kind(graph, variance) == "LayerNorm":
+                        return True
+    return False
 
 
 def _comes_back(graph, statistic: str, base: str, squared: bool, depth: int = 6) -> bool:
