@@ -484,6 +484,9 @@ def _layers(analysis: Analysis, group: Group) -> list[str]:
     out = []
     for dim in analysis.param_dims(group):
         for node, dim in _readers(graph, dim):
+            if dim.tensor not in node.inputs:  # read only from inside one of its subgraphs
+                out.append(f"{node.op_type} '{node.name}' (inside a subgraph)")
+                continue
             index = node.inputs.index(dim.tensor)
             if node.op_type in ("Conv", "ConvTranspose", "Gemm") and index == 2:
                 continue  # a bias travels with its weight's output side

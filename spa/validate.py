@@ -53,7 +53,7 @@ def input_shapes(model: onnx.ModelProto, batch: int = 1, length: int | None = No
     initializers = {t.name for t in model.graph.initializer}
 
     def size(axis: int, d) -> int:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:  # paddle2onnx writes -1 for a free axis
             return d.dim_value
         return batch if axis == 0 or length is None else length
 
