@@ -142,7 +142,9 @@ def _export(name: str, exporter: str, path: Path) -> None:
     model, args, inputs, outputs = BUILDERS[name]("dynamo" if exporter == "dynamo" else "legacy")
     model.eval()
     tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    # no torch.no_grad(): under it torchvision takes the fused MHA fast path, which the legacy
+    # exporter cannot export
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             shapes = None
@@ -178,6 +180,22 @@ def _wheel_member(wheel_glob: str, member: str, dest: Path) -> Path:
     return dest
 
 
+def _pinned(path: Path, shape: list[int]) -> Path:
+    """A copy whose one input has a fixed shape. PP-OCR det declares [-1, 3, ?, ?] but only runs at
+    sides that are multiples of 32; validation gives free axes 1 (and 7), where it cannot run."""
+    import onnx
+
+    target = path.with_name(path.stem + "_" + "x".join(map(str, shape)) + ".onnx")
+    if not target.exists():
+        model = onnx.load(str(path))
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        for d, size in zip(dims, shape):
+            d.Clear()
+            d.dim_value = size
+        onnx.save(model, str(target))
+    return target
+
+
 def _found(path: Path, hint: str) -> Path:
     if not path.exists():
         raise NotBuilt(f"not built (run {hint})")
@@ -187,8 +205,8 @@ def _found(path: Path, hint: str) -> Path:
 RAPIDOCR = "accuracy/wheels/rapidocr_onnxruntime-1.4.4-*.whl"
 FOUND = {
     "all-MiniLM-L6-v2": lambda: _found(CACHE / "accuracy" / "all-MiniLM-L6-v2.onnx", "tools/accuracy_suites.py minilm"),
-    "ppocr_v4_det": lambda: _wheel_member(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                                          TABLE_DIR / "wheels" / "ch_PP-OCRv4_det_infer.onnx"),
+    "ppocr_v4_det": lambda: _pinned(_wheel_member(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                                                  TABLE_DIR / "wheels" / "ch_PP-OCRv4_det_infer.onnx"), [1, 3, 640, 640]),
     "ppocr_v4_rec": lambda: _wheel_member(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
                                           TABLE_DIR / "wheels" / "ch_PP-OCRv4_rec_infer.onnx"),
     "ppocr_v2_cls": lambda: _wheel_member(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
