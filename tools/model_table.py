@@ -73,8 +73,10 @@ def _is_linear_side(layer: str) -> bool:
 def _groups_summary(groups) -> dict:
     """Heads per layer (before -> after, head_dim) and the FFN / other channel groups pruned."""
     heads = [g for g in groups if g.kind == "heads"]
-    per_layer = [(g.heads or g.channels, g.head_dim, g.channels - g.removed if g.frozen is None else g.channels,
-                  g.frozen) for g in heads]
+    # a unit may hold several heads (a GQA group: the query heads of one kv head)
+    per_layer = [(g.heads or g.channels, g.head_dim,
+                  (g.heads or g.channels) - g.removed * ((g.heads or g.channels) // g.channels), g.frozen)
+                 for g in heads]
     # an FFN hidden group: one or two linears write it (up, or gate and up) and one reads it
     # (down); the hidden size has many readers (every q, k, v and up projection)
     def sides(g, side):

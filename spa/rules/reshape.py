@@ -132,6 +132,10 @@ class ReshapeFamily(Rule):
             links.add(Freeze(dim, f"Reshape '{node.name}' target: {reason}"))
             return
         entry = entries[y_axis]
+        if entry.kind == "runtime" and len(entry.source) == 2:
+            # a size read at run time from another tensor (torchvision's Swin reshapes the attention
+            # output to the C of its input) only follows the cut if that tensor's axis shrinks too
+            links.same(Dim(node.outputs[0], y_axis), Dim(*entry.source))
         if entry.kind == "literal" and entry.value not in (-1, 0) and entry.source[0] != node.name:
             for other, position in _literal_readers(ctx).get(entry.source, ()):
                 if other is not node:
