@@ -180,8 +180,10 @@ def _delta(before, after) -> str:
 def _sim_cells(sim: dict | None, spa_row: dict) -> str:
     if sim is None:
         return "| - | - | - |"
+    # FLOPs are counted on inferred shapes, which an invalid model does not have
+    flops = _delta(spa_row.get('flops_before'), sim.get('flops_after')) if sim["verdict"] == "valid" else "-"
     return (f"| {sim['verdict']} | {_delta(spa_row.get('params_before'), sim.get('params_after'))} / "
-            f"{_delta(spa_row.get('flops_before'), sim.get('flops_after'))} | {sim['seconds']:.0f} |")
+            f"{flops} | {sim['seconds']:.0f} |")
 
 
 HEADER = ("| model | exporter | params / FLOPs dense | spa | spa params / FLOPs | soft==hard err | heads per layer "
