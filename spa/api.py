@@ -519,6 +519,17 @@ def _side(op: str, index: int, axis: int, node) -> str:
     return ""
 
 
+def is_ffn(group: dict) -> bool:
+    """A feed-forward hidden group (``GroupReport`` as a dict): one or two linears write it (up,
+    or gate and up) and one reads it (down). The model width has many readers (every q, k, v
+    and up projection) and attention groups have a kind."""
+    def sides(side: str) -> int:
+        return sum(x.startswith(("MatMul", "Gemm")) and x.endswith(side) for x in group["layers"])
+
+    return (group.get("kind") is None and group["channels"] > 1 and sides(" in") == 1 and 1 <= sides(" out") <= 2
+            and not any(x.startswith("Conv") for x in group["layers"]))
+
+
 def output_path_for(path: Path, soft: bool, extension: str = ".onnx") -> Path:
     suffix = (".soft" if soft else ".pruned") + extension
     return path.with_name(path.name[: -len(".onnx")] + suffix if path.name.endswith(".onnx") else path.name + suffix)

@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .api import analyze as api_analyze
-from .api import output_path_for
+from .api import is_ffn, output_path_for
 from .api import prune as api_prune
 from .criteria import CRITERIA
 from .errors import EXIT_INTERNAL, SpaError, UsageError
@@ -369,6 +369,11 @@ def _analysis_text(data: dict, verbose: bool) -> str:
                 shared = f" ({g['kv_heads']} KV heads{', unit: ' + unit if unit else ''})"
             lines.append(f"    group {g['id']:>4}: {g['heads']} heads x head_dim {g['head_dim']}{shared}, "
                          f"{'prunable' if g['frozen'] is None else 'frozen'}")
+    ffn = [g for g in data["groups"] if is_ffn(g)]
+    if ffn:
+        lines.append(f"  feed-forward: {len(ffn)} hidden groups")
+        for g in ffn:
+            lines.append(f"    group {g['id']:>4}: {g['channels']} ch, {'prunable' if g['frozen'] is None else 'frozen'}")
     for g in data["groups"]:
         if g["channels"] <= 1 and not verbose:
             continue

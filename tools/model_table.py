@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import table_models  # noqa: E402
 from compare_onnxsim import check  # noqa: E402
+from spa.api import is_ffn  # noqa: E402
 from spa.validate import sample_inputs  # noqa: E402
 
 
@@ -66,10 +68,6 @@ def _stats(model):
         return None, None
 
 
-def _is_linear_side(layer: str) -> bool:
-    return layer.startswith(("MatMul", "Gemm")) and layer.endswith((" out", " in"))
-
-
 def _groups_summary(groups) -> dict:
     """Heads per layer (before -> after, head_dim) and the FFN / other channel groups pruned."""
     heads = [g for g in groups if g.kind == "heads"]
@@ -77,13 +75,7 @@ def _groups_summary(groups) -> dict:
     per_layer = [(g.heads or g.channels, g.head_dim,
                   (g.heads or g.channels) - g.removed * ((g.heads or g.channels) // g.channels), g.frozen)
                  for g in heads]
-    # an FFN hidden group: one or two linears write it (up, or gate and up) and one reads it
-    # (down); the hidden size has many readers (every q, k, v and up projection)
-    def sides(g, side):
-        return sum(_is_linear_side(x) and x.endswith(side) for x in g.layers)
-
-    ffn = [g for g in groups if g.kind is None and g.channels > 1 and sides(g, " in") == 1
-           and 1 <= sides(g, " out") <= 2 and not any(x.startswith(("Conv", "ConvTranspose")) for x in g.layers)]
+    ffn = [g for g in groups if is_ffn(asdict(g))]
     ffn_ids = {g.id for g in ffn}
     other = [g for g in groups if g.kind is None and g.id not in ffn_ids and g.frozen is None and g.channels > 1]
     return {
