@@ -200,6 +200,24 @@ def markdown(row: dict) -> str:
             + _sim_cells(row.get("onnxsim"), s) + _sim_cells(row.get("onnxsim_wanda"), s)[1:])
 
 
+def summary(rows: list[dict]) -> str:
+    built = [r for r in rows if "spa" in r]
+
+    def tally(key: str) -> str:
+        done = [r[key] for r in built if key in r]
+        valid = [x for x in done if x["verdict"] == "valid"]
+        if key == "spa":
+            smaller = [x for x in valid if x["params_after"] < x["params_before"]]
+        else:
+            before = {id(r[key]): r["spa"].get("params_before") for r in built if key in r}
+            smaller = [x for x in valid if x.get("params_after") and before[id(x)]
+                       and x["params_after"] < before[id(x)]]
+        return f"{key} {len(valid)}/{len(done)} valid ({len(smaller)} of them smaller)"
+
+    return "; ".join(tally(k) for k in ("spa", "onnxsim", "onnxsim_wanda")) + \
+        f"; {len(rows) - len(built)} models not built"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="model names (default: all); name:exporter picks one export")
@@ -207,12 +225,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the rows here (rows already there for other models are kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--no-onnxsim", action="store_true")
+    parser.add_argument("--render", action="store_true", help="print the table of the --json rows, run nothing")
     args = parser.parse_args(argv)
     wanted = [tuple(n.split(":")) if ":" in n else (n, None) for n in args.names]
     entries = [(n, e) for n, e in table_models.ENTRIES
                if not wanted or any(n == w and (we is None or e == we) for w, we in wanted)]
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
-    print(HEADER, flush=True)
+    if args.render:
+        entries = []
+    else:
+        print(HEADER, flush=True)
     for name, exporter in entries:
         row = measure(name, exporter, args.ratio, not args.no_onnxsim)
         rows = [r for r in rows if (r["model"], r["exporter"]) != (name, exporter)] + [row]
@@ -221,7 +243,8 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps(rows, indent=1, default=str))
     order = {key: i for i, key in enumerate(table_models.ENTRIES)}
     rows.sort(key=lambda r: order.get((r["model"], r["exporter"]), len(order)))
-    table = HEADER + "\n" + "\n".join(markdown(r) for r in rows) + "\n"
+    table = HEADER + "\n" + "\n".join(markdown(r) for r in rows) + "\n\n" + summary(rows) + "\n"
+    print(table if args.render else summary(rows))
     if args.out:
         args.out.write_text(table)
     return 0
