@@ -152,8 +152,18 @@ def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(kept)
     _unique_node_names(graph)
+    _clear_negative_dims(graph)
     _unshare_uniform_initializers(graph)
     return model
+
+
+def _clear_negative_dims(graph: onnx.GraphProto) -> None:
+    """paddle2onnx declares a free batch axis as dim_value -1; ONNX has no such size, and taken as
+    a number it would be read as a static axis of -1 elements. It becomes an unnamed free axis."""
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
 
 
 # shape arithmetic that exporters leave in the graph (ConstantOfShape -> Equal -> Where feeding an

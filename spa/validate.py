@@ -50,16 +50,34 @@ class Validation:
 MAX_INPUT_ELEMENTS = 2**28
 
 
+# free height and width of an image input (NCHW, 1-4 channels) when no length is asked for: a
+# detector's feature pyramid (PP-OCR det) adds maps downsampled 32x and upsampled back, which a
+# 1x1 image cannot do; 64 is a multiple of every stride in common use
+IMAGE_SIDE = 64
+
+
 def input_shapes(model: onnx.ModelProto, batch: int = 1, length: int | None = None) -> dict[str, list[int]]:
-    """Static axes as declared; symbolic ones get ``batch``, or ``length`` past the first axis when given."""
+    """Static axes as declared; symbolic ones get ``batch``, or ``length`` past the first axis when
+    given, or ``IMAGE_SIDE`` for the free height and width of an NCHW image."""
     initializers = {t.name for t in model.graph.initializer}
 
-    def size(axis: int, d) -> int:
-        if d.HasField("dim_value") and d.dim_value >= 0:  # paddle2onnx writes -1 for a free axis
-            return d.dim_value
-        return batch if axis == 0 or length is None else length
+    def shape(dims) -> list[int]:
+        # paddle2onnx writes dim_value -1 for a free axis
+        static = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in dims]
+        image = len(static) == 4 and static[1] is not None and static[1] <= 4
+        sizes = []
+        for axis, value in enumerate(static):
+            if value is not None:
+                sizes.append(value)
+            elif axis == 0:
+                sizes.append(batch)
+            elif length is not None:
+                sizes.append(length)
+            else:
+                sizes.append(IMAGE_SIDE if image and axis >= 2 else batch)
+        return sizes
 
-    return {info.name: [size(k, d) for k, d in enumerate(info.type.tensor_type.shape.dim)]
+    return {info.name: shape(info.type.tensor_type.shape.dim)
             for info in model.graph.input if info.name not in initializers}
 
 
@@ -156,7 +174,7 @@ def check(model: "Source", result: Validation) -> None:
 
 
 def _symbolic_inputs(model: onnx.ModelProto) -> bool:
-    return any(d.HasField("dim_param") or not d.HasField("dim_value")
+    return any(d.HasField("dim_param") or not d.HasField("dim_value") or d.dim_value < 0
                for i in model.graph.input for d in i.type.tensor_type.shape.dim)
 
 

@@ -26,6 +26,12 @@ MODELS = {
     "silero_vad_16k_sequence": ("silero-vad==6.2.3", "silero_vad-6.2.3-",
                                 "silero_vad/data/silero_vad_16k_sequence.onnx"),
     "ddddocr_common": ("ddddocr==1.6.1", "ddddocr-1.6.1-", "ddddocr/common.onnx"),
+    "ppocr_det": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-",
+                  "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+    "ppocr_cls": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-",
+                  "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "ppocr_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-",
+                  "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
 }
 
 
