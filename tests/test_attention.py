@@ -43,10 +43,15 @@ def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic
     def project(width):
         return g.op("Add", [g.op("MatMul", [x, g.weight(E, width)]), g.weight(width)])
 
-    if layout == "5d":  # [B, S, 3, H, D] -> [3, B, H, S, D], then pick Q, K and V
+    if layout in ("5d", "5d_slice"):  # [B, S, 3, H, D] -> [3, B, H, S, D], then pick Q, K and V
         qkv = g.op("Reshape", [project(3 * hidden), target(3, heads, -1 if dynamic else head_dim)])
         t = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
-        q, k, v = (g.op("Gather", [t, g.const(np.array(i))], axis=0) for i in range(3))
+        if layout == "5d":
+            q, k, v = (g.op("Gather", [t, g.const(np.array(i))], axis=0) for i in range(3))
+        else:  # paddle2onnx (PP-OCRv4 rec's SVTR): Slice one of the three, then Squeeze it away
+            q, k, v = (g.op("Squeeze", [g.op("Slice", [t, g.const(np.array([i])), g.const(np.array([i + 1])),
+                                                       g.const(np.array([0]))]), g.const(np.array([0]))])
+                       for i in range(3))
         k = g.op("Transpose", [k], perm=[0, 1, 3, 2])
     else:
         if layout == "split":
@@ -111,7 +116,7 @@ def reshape_targets(model) -> list[list[int]]:
 # ---------------------------------------------------------------- heads, hand-built
 
 
-@pytest.mark.parametrize("layout", ["separate", "split", "5d"])
+@pytest.mark.parametrize("layout", ["separate", "split", "5d", "5d_slice"])
 def test_heads_go_whole_and_targets_follow(layout):
     heads, head_dim = 4, 6  # head_dim is the larger factor: a "largest factor" rule would pick it
     model = attention_block(heads, head_dim, layout)
@@ -136,7 +141,7 @@ def test_heads_go_whole_and_targets_follow(layout):
     assert whole_heads(out_rows, head_dim) == kept[0]  # the output projection loses the same heads' rows
     targets = reshape_targets(result.model)
     assert [1, 5, 2 * head_dim] in targets  # the merge
-    assert ([1, 5, 3, 2, head_dim] if layout == "5d" else [1, 5, 2, head_dim]) in targets
+    assert ([1, 5, 3, 2, head_dim] if layout.startswith("5d") else [1, 5, 2, head_dim]) in targets
     if layout == "split":
         split = next(n for n in result.model.graph.node if n.op_type == "Split")
         assert initializer(result.model, split.input[1]).tolist() == [2 * head_dim] * 3

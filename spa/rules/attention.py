@@ -92,6 +92,14 @@ def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
         if a == axis or index_rank is None:
             return None, []
         return None, [(node.outputs[0], a if a < axis else a + index_rank - 1)]
+    if op == "Slice" and forward and name == node.inputs[0]:
+        # paddle2onnx picks Q, K and V out of a fused projection with Slice (then Squeeze)
+        # along the leading axis of 3; the other axes pass through unchanged
+        rank = _rank(graph, name)
+        axes = graph.const_ints(node.input(3)) if node.input(3) else list(range(rank or 0))
+        if rank is None or axes is None or a in [k % rank for k in axes]:
+            return None, []
+        return None, [(node.outputs[0], a)]
     if op == "Split" and forward and name == node.inputs[0]:
         if a == node.attr("axis", 0) % (_rank(graph, name) or 1):
             return None, []
