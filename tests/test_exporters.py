@@ -73,9 +73,9 @@ def test_keras_blocks_through_tf2onnx_prune_every_group(name):
 
 
 def test_channel_last_batchnorm_add_and_spatial_mean_follow_the_transpose():
-    # what tf2onnx writes without its optimisers: NHWC activations, Conv between two Transposes,
-    # a per-channel Mul/Add (a folded BatchNorm) on the last axis, and squeeze-excite as a
-    # ReduceMean over axes 1 and 2 and a Reshape to [N, 1, 1, C]
+    # the NHWC patterns of tf2onnx's graphs without its optimisers, isolated: Conv between two
+    # Transposes, a channel-last per-channel scale and bias (Mul, Add on the last axis), and
+    # squeeze-excite as a ReduceMean over axes 1 and 2 and a Reshape to [N, 1, 1, C]
     g = Graph()
     x = g.input("x", [1, 8, 8, 3])
     h = g.op("Transpose", [x], perm=[0, 3, 1, 2])

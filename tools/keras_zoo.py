@@ -38,7 +38,7 @@ SEED = 0
 REQUIREMENTS = ("tensorflow-cpu==2.15.1", "tf2onnx==1.16.1", "onnx==1.16.2", "numpy<2")
 APPLICATIONS = {"mobilenet_v2": "MobileNetV2", "resnet50": "ResNet50", "efficientnet_b0": "EfficientNetB0"}
 # "_nhwc": tf2onnx's graph optimisers off, so the graph stays NHWC as TensorFlow computes it: a
-# Transpose pair around every Conv, BatchNorm as channel-last Mul/Add, ReduceMean over axes 1 and 2
+# Transpose pair around every Conv, BatchNorm not folded, ReduceMean over axes 1 and 2
 MODELS = (*APPLICATIONS, "keras_patterns", *(f"{name}_nhwc" for name in (*APPLICATIONS, "keras_patterns")))
 PATTERNS_SIDE = 32
 
@@ -53,13 +53,14 @@ def cache_dir() -> Path:
 
 def venv_python() -> Path:
     """The venv's interpreter, creating the venv (a few minutes, ~1 GB) when it is missing."""
-    python = venv_dir() / "bin" / "python"
-    if python.exists():
+    python, ready = venv_dir() / "bin" / "python", venv_dir() / "spa-installed"
+    if ready.exists():
         return python
     print(f"creating {venv_dir()} with {' '.join(REQUIREMENTS)} (once; TensorFlow is kept out of "
           "spa's own environment because tf2onnx pins an older protobuf)", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(venv_dir())], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS], check=True)
+    ready.touch()  # an interrupted install is redone, not taken for a working one
     return python
 
 
@@ -71,7 +72,9 @@ def converted(name: str, side: int) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-        subprocess.run([str(venv_python()), __file__, "--convert", name, str(side), str(path)], check=True, env=env)
+        partial = path.with_suffix(".partial")
+        subprocess.run([str(venv_python()), __file__, "--convert", name, str(side), str(partial)], check=True, env=env)
+        partial.replace(path)  # a conversion cut short leaves nothing that looks cached
     return path
 
 
