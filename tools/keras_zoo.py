@@ -64,11 +64,19 @@ def venv_python() -> Path:
     return python
 
 
-def converted(name: str, side: int) -> Path:
-    """The cached ONNX file of ``name`` at ``side`` pixels, converting it first if needed."""
+DEFAULT_SIDE = 128
+
+
+def cached_path(name: str, side: int = DEFAULT_SIDE) -> Path:
+    """Where the converted ``name`` at ``side`` pixels is cached (it may not be there yet)."""
     if name.startswith("keras_patterns"):
         side = PATTERNS_SIDE
-    path = cache_dir() / f"{name}_{side}_opset{OPSET}_v{VERSION}.onnx"
+    return cache_dir() / f"{name}_{side}_opset{OPSET}_v{VERSION}.onnx"
+
+
+def converted(name: str, side: int = DEFAULT_SIDE) -> Path:
+    """The cached ONNX file of ``name`` at ``side`` pixels, converting it first if needed."""
+    path = cached_path(name, side)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
@@ -208,7 +216,7 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--side", type=int, default=128, help="input height and width (default 128)")
+    parser.add_argument("--side", type=int, default=DEFAULT_SIDE, help=f"input height and width (default {DEFAULT_SIDE})")
     parser.add_argument("--write", type=Path, help="folder to write the pruned models to")
     parser.add_argument("--test-data", action="store_true",
                         help=f"(re)write {TEST_DATA.relative_to(ROOT)}/keras_patterns{{,_nhwc}}.onnx")

@@ -17,6 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import keras_zoo  # noqa: E402
 import zoo  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "spa"
@@ -216,7 +217,7 @@ FOUND = {
         TABLE_DIR / "wheels" / "silero_vad_16k_sequence.onnx"),
     "ddddocr_common": lambda: _wheel_member("wheels/ddddocr-1.6.1-*.whl", "ddddocr/common.onnx",
                                             TABLE_DIR / "wheels" / "ddddocr_common.onnx"),
-    **{f"keras_{k}": (lambda k=k: _found(CACHE / "keras" / f"{k}.onnx", "tools/keras_zoo.py"))
+    **{f"keras_{k}": (lambda k=k: _found(keras_zoo.cached_path(k), f"tools/keras_zoo.py {k}"))
        for k in ("mobilenet_v2", "resnet50", "efficientnet_b0")},
 }
 
