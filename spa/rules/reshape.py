@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
 from .attention import HEAD_DIM, HEADS, QUERY_HEADS, axis_role, repeat_kv
 from .base import Dim, Freeze, HeadInfo, LinkSet, Pending, Rule, pairs, register
@@ -132,9 +133,11 @@ class ReshapeFamily(Rule):
             links.add(Freeze(dim, f"Reshape '{node.name}' target: {reason}"))
             return
         entry = entries[y_axis]
-        if entry.kind == "runtime" and len(entry.source) == 2:
+        if entry.kind == "runtime" and len(entry.source) == 2 and _runtime_slot(ctx.graph, node, y_axis) is None:
             # a size read at run time from another tensor (torchvision's Swin reshapes the attention
-            # output to the C of its input) only follows the cut if that tensor's axis shrinks too
+            # output to the C of its input) only follows the cut if that tensor's axis shrinks too.
+            # Where that size is a static number with a slot of its own, the cut writes the new size
+            # there instead (``rewrite``): the attention heads then prune while C stays
             links.same(Dim(node.outputs[0], y_axis), Dim(*entry.source))
         if entry.kind == "literal" and entry.value not in (-1, 0) and entry.source[0] != node.name:
             for other, position in _literal_readers(ctx).get(entry.source, ()):
@@ -153,11 +156,42 @@ class ReshapeFamily(Rule):
             entry = entries[axis]
             if entry.kind == "literal" and entry.value not in (-1, 0):
                 cut.set_const_element(*entry.source, new)
+            elif entry.kind == "runtime" and len(entry.source) == 2 and cut.new_size(Dim(*entry.source)) != new:
+                slot = _runtime_slot(cut.graph, node, axis)
+                if slot is not None:  # not linked to its source (``_check_target``): a literal takes its place
+                    concat, index = slot
+                    cut.set_input_const(concat, index, np.array([new], dtype=np.int64))
             elif entry.product is not None:  # size * literal: the literal takes what the size leaves
                 (tensor, size_axis), factor = entry.product
                 size = cut.new_size(Dim(tensor, size_axis))
                 if size and new % size == 0 and new // size != factor.value:
                     cut.set_const_element(*factor.source, new // size)
+
+
+def _runtime_slot(graph, node, position: int):
+    """(Concat, input index) that alone feeds element ``position`` of a Reshape's target, where
+    a literal may replace it: the element is the size of a static axis (so its value is known
+    before running and the cut can compute the new one), it enters the target as a one-element
+    int64 input of the Concat that builds it, and nothing but this Reshape reads that Concat.
+    None elsewhere: the size then stays read at run time and links to the axis it is read from.
+    """
+    entry = (trace_vector(graph, node, 1) or [None] * (position + 1))[position]
+    if entry is None or entry.kind != "runtime" or len(entry.source) != 2 or graph.static_size(*entry.source) is None:
+        return None
+    target = node.input(1)
+    concat, readers = graph.producer.get(target), graph.consumers.get(target, [])
+    if concat is None or concat.op_type != "Concat" or len(readers) != 1 or readers[0] is not node:
+        return None
+    start = 0
+    for index, piece in enumerate(concat.inputs):
+        shape = graph.shape(piece)
+        length = 1 if shape == () else graph.static_size(piece, 0) if shape and len(shape) == 1 else None
+        if length is None:
+            return None
+        if start <= position < start + length:
+            return (concat, index) if length == 1 and graph.dtypes.get(piece) == onnx.TensorProto.INT64 else None
+        start += length
+    return None
 
 
 def _literal_readers(ctx) -> dict[tuple, list]:
