@@ -244,6 +244,55 @@ def test_round_trip_links_kt_through_tensors_without_index_space():
 # ---------------------------------------------------------------- exported models
 
 
+def window_attention(heads: int, head_dim: int, shared_target: bool = False, seq: int = 5):
+    """torchvision's Swin as the legacy exporter writes it: the heads merge back to the width C
+    read at run time from the block's input (Shape(x)[2]), and the block adds its input back, so
+    C is the residual stream and never shrinks while the heads may. ``shared_target``: the same
+    target also reshapes x itself, so its C entry must keep its run-time value."""
+    g = Graph(opset=17)
+    width = heads * head_dim
+    x = g.input("x", [1, seq, width])
+    shape = g.op("Shape", [x])
+    target = g.op("Concat", [g.op("Unsqueeze", [g.op("Gather", [shape, g.const(np.array(i))], axis=0),
+                                                g.const(np.array([0]))]) for i in range(3)], axis=0)
+    if shared_target:
+        x_again = g.op("Reshape", [x, target])
+    q, k, v = (g.op("Transpose", [g.op("Reshape", [g.op("MatMul", [x, g.weight(width, width)]),
+                                                    g.const(np.array([1, seq, heads, head_dim]))])], perm=perm)
+               for perm in ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]))
+    scores = g.op("Mul", [g.op("MatMul", [q, k]), g.const(np.array(1 / np.sqrt(head_dim), np.float32))])
+    context = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+    merged = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]), target])
+    g.output(g.op("Add", [x_again if shared_target else x, g.op("MatMul", [merged, g.weight(width, width)])]))
+    return g.build()
+
+
+def test_merge_to_a_width_read_at_run_time_lets_heads_go():
+    """The merge's C is a static number: the cut writes the pruned width in its place, rather than
+    tying the heads to C (frozen: a graph input and output) as a run-time size would need."""
+    heads, head_dim = 4, 3
+    model = window_attention(heads, head_dim)
+    w_q = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul")
+    group = group_at(analysis_of(model), w_q, 1)
+    assert group.prunable and group.size == heads and group.attention.kind == "heads"
+    result = prune_exact(model, 0.5, criterion="l2", compensate=False)
+    assert len(whole_heads(kept_columns(weights(model)[0], weights(result.model)[0]), head_dim)) == 2
+    concat = next(n for n in result.model.graph.node if n.op_type == "Concat")
+    inits = {t.name for t in result.model.graph.initializer}
+    # batch and sequence are still read from x; C became the literal of the pruned width
+    assert [name in inits for name in concat.input] == [False, False, True]
+    assert initializer(result.model, concat.input[2]).tolist() == [2 * head_dim]
+
+
+def test_run_time_width_shared_with_another_reshape_keeps_the_heads():
+    """Where the target also reshapes x, a literal would change what that Reshape makes: the
+    size stays read at run time, which ties the heads to C, so they stay."""
+    model = window_attention(4, 3, shared_target=True)
+    w_q = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul")
+    assert group_at(analysis_of(model), w_q, 1).frozen
+    prune_exact(model, 0.5, criterion="l2", compensate=False)
+
+
 @pytest.fixture(scope="module")
 def attention_model():
     import zoo
