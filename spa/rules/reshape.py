@@ -133,7 +133,8 @@ class ReshapeFamily(Rule):
             links.add(Freeze(dim, f"Reshape '{node.name}' target: {reason}"))
             return
         entry = entries[y_axis]
-        if entry.kind == "runtime" and len(entry.source) == 2 and _runtime_slot(ctx.graph, node, y_axis) is None:
+        static = _runtime_slot(ctx.graph, node, entries, y_axis) is not None
+        if entry.kind == "runtime" and len(entry.source) == 2 and not static:
             # a size read at run time from another tensor (torchvision's Swin reshapes the attention
             # output to the C of its input) only follows the cut if that tensor's axis shrinks too.
             # Where that size is a static number with a slot of its own, the cut writes the new size
@@ -157,7 +158,7 @@ class ReshapeFamily(Rule):
             if entry.kind == "literal" and entry.value not in (-1, 0):
                 cut.set_const_element(*entry.source, new)
             elif entry.kind == "runtime" and len(entry.source) == 2 and cut.new_size(Dim(*entry.source)) != new:
-                slot = _runtime_slot(cut.graph, node, axis)
+                slot = _runtime_slot(cut.graph, node, entries, axis)
                 if slot is not None:  # not linked to its source (``_check_target``): a literal takes its place
                     concat, index = slot
                     cut.set_input_const(concat, index, np.array([new], dtype=np.int64))
@@ -168,15 +169,15 @@ class ReshapeFamily(Rule):
                     cut.set_const_element(*factor.source, new // size)
 
 
-def _runtime_slot(graph, node, position: int):
+def _runtime_slot(graph, node, entries: list, position: int):
     """(Concat, input index) that alone feeds element ``position`` of a Reshape's target, where
     a literal may replace it: the element is the size of a static axis (so its value is known
     before running and the cut can compute the new one), it enters the target as a one-element
     int64 input of the Concat that builds it, and nothing but this Reshape reads that Concat.
     None elsewhere: the size then stays read at run time and links to the axis it is read from.
     """
-    entry = (trace_vector(graph, node, 1) or [None] * (position + 1))[position]
-    if entry is None or entry.kind != "runtime" or len(entry.source) != 2 or graph.static_size(*entry.source) is None:
+    entry = entries[position]
+    if entry.kind != "runtime" or len(entry.source) != 2 or graph.static_size(*entry.source) is None:
         return None
     target = node.input(1)
     concat, readers = graph.producer.get(target), graph.consumers.get(target, [])
@@ -184,8 +185,7 @@ def _runtime_slot(graph, node, position: int):
         return None
     start = 0
     for index, piece in enumerate(concat.inputs):
-        shape = graph.shape(piece)
-        length = 1 if shape == () else graph.static_size(piece, 0) if shape and len(shape) == 1 else None
+        length = graph.static_size(piece, 0) if len(graph.shape(piece) or ()) == 1 else None
         if length is None:
             return None
         if start <= position < start + length:
