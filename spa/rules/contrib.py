@@ -2,8 +2,10 @@
 
 ``optimize_model(..., model_type="bert")`` folds a BERT layer into Attention (the Q, K and V
 projections in one [hidden, 3 * hidden] weight), SkipLayerNormalization (residual add, bias and
-LayerNorm) and BiasGelu/FastGelu (bias and activation). The head structure is in Attention's
-``num_heads``, not in the graph, so its rule builds the head units itself.
+LayerNorm) and BiasGelu/FastGelu (bias and activation); its LLM exports use MultiHeadAttention and
+GroupQueryAttention, whose Q, K and V come from separate projections. The head structure is in
+these ops' ``num_heads`` (and ``kv_num_heads``), not in the graph, so their rules build the head
+units themselves.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import math
 
 import numpy as np
 
-from .attention import HEAD_DIM
-from .base import Dim, Freeze, HeadInfo, LinkSet, Rule, Sink, pairs, register
+from .attention import HEAD_DIM, HEADS, QUERY_HEADS
+from .base import Dim, Freeze, HeadInfo, LinkSet, Rule, Sink, offset, pairs, register
 from .elementwise import Broadcasting
 
 MS = "com.microsoft"
@@ -212,3 +214,169 @@ def _head_layout(kept: np.ndarray, width: int, heads: int) -> tuple[int, int]:
     if len(present) != heads:
         raise ValueError("cut removes whole heads and head_dim at once")
     return heads, int(present[0])
+
+
+class _HeadsOp(Rule):
+    """Shared by MultiHeadAttention and GroupQueryAttention: Q [B, S, H * D], K [B, L, G * D] and
+    V [B, L, G * Dv] as separate inputs, each head a contiguous block of the last axis, G KV heads
+    each shared by H / G query heads (G = H without sharing); the output [B, S, H * Dv] holds the
+    heads side by side, and a cache [B, G, P, D] has the KV heads on axis 1.
+
+    ``heads``: a unit is one KV head with its query heads, their Q, K, V and output blocks and
+    their cache rows. ``head_dim`` (without shared heads): Q and K column d of every head are one
+    unit, V column d of every head and its output positions another. ``query_heads`` (with shared
+    heads): the same query head in every KV group, K, V and the cache kept. One KV head has no
+    choice to make: its unit is a query head.
+    """
+
+    domain = MS
+    caches = (), ()  # (past key and value input indices, present key and value output indices)
+
+    def kv_heads(self, node) -> int:
+        return int(node.attr("num_heads") or 0)
+
+    def bias(self, node) -> str:
+        return ""
+
+    def unsupported(self, node, ctx) -> str | None:
+        """Why this node's heads may not shrink (inputs or attributes the rule does not read)."""
+        return None
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        name = f"{node.op_type} '{node.name}'"
+        q, k, v, y = node.inputs[0], node.input(1), node.input(2), node.outputs[0]
+        bias = self.bias(node)
+        cache = [t for t in [*(node.input(i) for i in self.caches[0]), *(_output(node, i) for i in self.caches[1])] if t]
+        channels = [Dim(q, 2), Dim(k, 2), Dim(v, 2), Dim(y, 2)] + ([Dim(bias, 0)] if bias else [])
+        on_cache = dim.tensor in cache and dim.axis == 1
+        if dim not in channels and not on_cache:
+            links.freeze(dim, f"batch, sequence, mask or cache axis of {name}")
+            return links.out
+        heads, groups = int(node.attr("num_heads") or 0), self.kv_heads(node)
+        sizes = [ctx.size(d) for d in channels[:4]] if k and v else None
+        why = self.unsupported(node, ctx)
+        if why is None and (not k or not v or any(ctx.rank(t) != 3 for t in (q, k, v, y))):
+            why = f"{name} takes packed QKV or a K/V already split into heads"
+        elif why is None and (None in sizes or not heads or not groups or heads % groups
+                              or sizes[0] % heads or sizes[1] % groups or sizes[2] % groups or sizes[3] % heads
+                              or sizes[0] // heads != sizes[1] // groups or sizes[2] // groups != sizes[3] // heads):
+            why = f"{name}: Q/K/V widths do not divide into its heads"
+        mode = ctx.attention
+        if mode == HEADS and groups == 1 < heads:  # multi-query: no KV head to drop, a query head is the unit
+            mode = QUERY_HEADS
+        elif mode == QUERY_HEADS and groups == heads:  # nothing shared: query heads are whole heads
+            mode = HEADS
+        if why is None and mode == HEAD_DIM and (groups != heads or cache):
+            why = f"{name}: head_dim units with shared KV heads or a cache"
+        if why:
+            for d in channels + [Dim(t, 1) for t in cache]:
+                if d.tensor:
+                    links.freeze(d, why)
+            return links.out
+        wq, wk, wv, _ = sizes
+        dq, dv, rep = wq // heads, wv // groups, heads // groups
+        qc, kc, vc, oc = (np.arange(n) for n in sizes)
+        cq, ck, cv, out = channels[:4]
+        if bias:  # Q, K and V biases side by side, each added to its input
+            for part, lo, n in ((cq, 0, wq), (ck, wq, wk), (cv, wq + wk, wv)):
+                links.add(offset(Dim(bias, 0), part, n, 0, lo))
+        # Q·Kᵀ contracts every head's columns: a removed head must be zero in Q or K
+        links.add(Sink((cq, ck)))
+        if mode == HEADS:  # every column of KV head g joins the output position of its first query head
+            anchor = lambda group: group * rep * dv  # noqa: E731
+            links.add(pairs(cq, out, qc, anchor(qc // dq // rep)))
+            links.add(pairs(ck, out, kc, anchor(kc // dq)))
+            links.add(pairs(cv, out, vc, anchor(vc // dv)))
+            links.add(pairs(out, out, oc, anchor(oc // dv // rep)))
+            for t in cache:
+                n = ctx.size(Dim(t, 1))
+                if n != groups:
+                    links.freeze(Dim(t, 1), f"{name}: cache {t} does not hold its {groups} KV heads on axis 1")
+                    continue
+                links.add(pairs(Dim(t, 1), out, np.arange(n), anchor(np.arange(n))))
+        elif mode == QUERY_HEADS:  # query head r of every KV group is one unit
+            links.add(pairs(cq, out, qc, (qc // dq % rep) * dv))
+            links.add(pairs(out, out, oc, (oc // dv % rep) * dv))
+            for d in [ck, cv, *(Dim(t, 1) for t in cache)]:
+                links.freeze(d, f"{name}: K/V heads stay when query heads are the unit")
+        else:
+            links.add(pairs(cq, cq, qc, qc % dq))
+            links.add(pairs(ck, cq, kc, kc))
+            links.add(pairs(cv, out, vc, vc))
+            links.add(pairs(out, out, oc, oc % dv))
+            ctx.heads[cq] = HeadInfo(mode, heads, dq)
+        ctx.heads[out] = HeadInfo(mode, heads, dq if mode != HEAD_DIM else dv, groups if groups != heads else None)
+        return links.out
+
+    def soft_zero(self, node, dim, input_zero):
+        if dim != Dim(node.outputs[0], 2):
+            return None
+        # scores times V: a head whose V (and V bias) is zero writes zeros
+        parts = [input_zero(t) for t in (node.input(2), self.bias(node)) if t]
+        return bool(parts) and all(p is True for p in parts)
+
+    def rewrite(self, node, cut):
+        q, k = node.inputs[0], node.input(1)
+        keep_q, keep_k = cut.kept(Dim(q, 2)), cut.kept(Dim(k, 2))
+        if keep_q is None and keep_k is None:
+            return
+        heads, groups = int(node.attr("num_heads")), self.kv_heads(node)
+        dq = cut.old_size(Dim(q, 2)) // heads
+        new_heads, q_width = _head_layout(keep_q, dq, heads) if keep_q is not None else (heads, dq)
+        cut.set_attr(node, "num_heads", new_heads)
+        if groups != heads:
+            new_groups, _ = _head_layout(keep_k, dq, groups) if keep_k is not None else (groups, dq)
+            cut.set_attr(node, "kv_num_heads", new_groups)
+        if q_width != dq and node.attr("scale") is None:
+            cut.set_attr(node, "scale", float(1.0 / math.sqrt(dq)))  # the dense model's default
+
+
+@register
+class MultiHeadAttention(_HeadsOp):
+    """query, key, value, bias [Q | K | V], key_padding_mask, attention_bias [B, H or 1, S, L],
+    past_key/past_value [B, H, P, D]; outputs output, present_key/present_value, qk."""
+
+    ops = ("MultiHeadAttention",)
+    caches = (6, 7), (1, 2)
+
+    def bias(self, node):
+        return node.input(3)
+
+    def unsupported(self, node, ctx):
+        name = f"MultiHeadAttention '{node.name}'"
+        bias = node.input(5)
+        if bias and (ctx.rank(bias) != 4 or ctx.size(Dim(bias, 1)) != 1):
+            return f"{name} has a per-head attention bias"
+        if node.input(8) or node.input(9) or _output(node, 3):
+            return f"{name} reads a beam-search cache or writes its scores"
+        b = self.bias(node)
+        if b and not ctx.graph.is_initializer(b):
+            return f"{name} adds a computed bias"
+        return None
+
+
+@register
+class GroupQueryAttention(_HeadsOp):
+    """query, key, value, past_key/past_value [B, G, P, D], seqlens_k, total_sequence_length,
+    cos/sin caches (rotary, within a head), position_ids, attention_bias, head_sink and the
+    quantisation and norm inputs; outputs output, present_key/present_value, output_qk."""
+
+    ops = ("GroupQueryAttention",)
+    caches = (3, 4), (1, 2)
+
+    def kv_heads(self, node):
+        return int(node.attr("kv_num_heads") or 0)
+
+    def unsupported(self, node, ctx):
+        name = f"GroupQueryAttention '{node.name}'"
+        if ctx.attention == HEAD_DIM:  # its CPU kernel takes only head_dim a multiple of 8
+            return f"{name}: head_dim units (its kernels want head_dim a multiple of 8)"
+        bias = node.input(10)
+        if bias and (ctx.rank(bias) != 4 or ctx.size(Dim(bias, 1)) != 1):
+            return f"{name} has a per-head attention bias"
+        if any(node.input(i) for i in range(11, 16)) or _output(node, 3):
+            return f"{name} has head sinks, a quantised cache, Q/K norms or writes its scores"
+        if node.attr("kv_cache_bit_width", 0) or node.attr("k_quant_type") or node.attr("v_quant_type"):
+            return f"{name} quantises its cache"
+        return None
