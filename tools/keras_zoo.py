@@ -166,48 +166,31 @@ def _convert(name: str, side: int, out: str) -> None:
 
 # ---------------------------------------------------------------- pruning, in spa's environment
 
-def _count(n: float) -> str:
-    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.2f}k"
-
-
 def prune(name: str, path: Path, ratio: float, write: Path | None) -> dict:
     import spa
+    from prune_wheels import summarise  # spa's environment only, not the TF venv
 
     start = time.perf_counter()
     result = spa.prune(path, ratio=ratio, check=True)
     seconds = time.perf_counter() - start
-    r, v = result.report, result.report.validation
-    soft = "no exact group pruned" if v.soft_equal is None else f"{v.soft_max_rel_error:.1e}"
-    print(f"== {name} ({path})")
-    print(f"groups:  {r.groups_found} found, {r.groups_prunable} prunable, {r.groups_pruned} pruned")
-    print(f"params:  {_count(r.params_before)} -> {_count(r.params_after)} "
-          f"({100 * (r.params_after / r.params_before - 1):+.1f}%)")
-    print(f"FLOPs:   {_count(r.flops_before)} -> {_count(r.flops_after)} "
-          f"({100 * (r.flops_after / r.flops_before - 1):+.1f}%)")
-    print(f"valid:   {'yes' if v.ok else 'NO'}: checker {v.checker}, onnxruntime "
-          f"{'runs' if v.runs else 'fails'}, I/O {'same' if v.io_match else 'differ'}, soft==hard {soft}")
-    for problem in v.problems:
-        print(f"  problem: {problem}")
-    print(f"time:    {seconds:.1f} s")
+    v = result.report.validation
+    soft = "soft==hard " + ("no exact group pruned" if v.soft_equal is None else f"{v.soft_max_rel_error:.1e}")
+    row = summarise(name, path, result, seconds, soft)
+    if v.soft_equal is None:
+        row["soft"] = "no exact group pruned"
     if write is not None:
         import onnx
 
         write.mkdir(parents=True, exist_ok=True)
         onnx.save(result.model, str(write / f"{path.stem}.pruned.onnx"))
-    return {"model": name, "groups": f"{r.groups_found} ({r.groups_prunable}) {r.groups_pruned}",
-            "params": f"{_count(r.params_before)} -> {_count(r.params_after)}",
-            "flops": f"{_count(r.flops_before)} -> {_count(r.flops_after)}",
-            "valid": "yes" if v.ok else "NO", "soft": soft, "time": f"{seconds:.0f} s", "ok": v.ok}
+    return row
 
 
 def table(rows: list[dict], ratio: float, side: int) -> str:
-    lines = [f"ratio {ratio}, input {side}x{side} NHWC (keras_patterns {PATTERNS_SIDE}x{PATTERNS_SIDE}), "
-             f"tf2onnx 1.16.1 opset {OPSET}, random weights",
-             "", "| model | groups (prunable) pruned | params | FLOPs | valid | soft==hard | time |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['groups']} | {r['params']} | {r['flops']} | {r['valid']} | {r['soft']} "
-              f"| {r['time']} |" for r in rows]
-    return "\n".join(lines)
+    from prune_wheels import table_lines
+
+    return "\n".join([f"ratio {ratio}, input {side}x{side} NHWC (keras_patterns {PATTERNS_SIDE}x{PATTERNS_SIDE}), "
+                      f"tf2onnx 1.16.1 opset {OPSET}, random weights", ""] + table_lines(rows))
 
 
 def main() -> int:

@@ -80,11 +80,43 @@ def with_logits(model):
     return model
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.2f}k"
+def count(n: float) -> str:
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.2f}k"
 
 
-def report(name: str, path: Path, ratio: float, write: Path | None) -> bool:
+def summarise(name: str, path: Path, result, seconds: float, soft: str, details: list[str] = ()) -> dict:
+    """Print one pruned model's figures (``details`` after its group counts) and return its table
+    row; ``soft`` is the soft == hard text of the valid line. Shared with tools/keras_zoo.py."""
+    r, v = result.report, result.report.validation
+    print(f"== {name} ({path})")
+    print(f"groups:  {r.groups_found} found, {r.groups_prunable} prunable, {r.groups_pruned} pruned")
+    for line in details:
+        print(line)
+    print(f"params:  {count(r.params_before)} -> {count(r.params_after)} "
+          f"({100 * (r.params_after / r.params_before - 1):+.1f}%)")
+    print(f"FLOPs:   {count(r.flops_before)} -> {count(r.flops_after)} "
+          f"({100 * (r.flops_after / r.flops_before - 1):+.1f}%)")
+    print(f"valid:   {'yes' if v.ok else 'NO'}: checker {v.checker}, onnxruntime "
+          f"{'runs' if v.runs else 'fails'}, I/O {'same' if v.io_match else 'differ'}, {soft}")
+    for problem in v.problems:
+        print(f"  problem: {problem}")
+    print(f"time:    {seconds:.1f} s")
+    return {"model": name, "groups": f"{r.groups_found} ({r.groups_prunable}) {r.groups_pruned}",
+            "params": f"{count(r.params_before)} -> {count(r.params_after)}",
+            "flops": f"{count(r.flops_before)} -> {count(r.flops_after)}", "valid": "yes" if v.ok else "NO",
+            "soft": "-" if v.soft_equal is None else f"{v.soft_max_rel_error:.1e}",
+            "time": f"{seconds:.0f} s", "ok": v.ok}
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The markdown table of ``summarise`` rows."""
+    return ["| model | groups (prunable) pruned | params | FLOPs | valid | soft==hard | time |",
+            "|---|---|---|---|---|---|---|"] + [
+        f"| {r['model']} | {r['groups']} | {r['params']} | {r['flops']} | {r['valid']} | {r['soft']} | {r['time']} |"
+        for r in rows]
+
+
+def report(name: str, path: Path, ratio: float, write: Path | None) -> dict:
     import spa
 
     source = path
@@ -97,45 +129,29 @@ def report(name: str, path: Path, ratio: float, write: Path | None) -> bool:
     start = time.perf_counter()
     result = spa.prune(source, ratio=ratio, check=True)
     seconds = time.perf_counter() - start
-    r, v = result.report, result.report.validation
-    print(f"== {name} ({path})")
-    print(f"groups:  {r.groups_found} found, {r.groups_prunable} prunable, {r.groups_pruned} pruned")
+    v = result.report.validation
+    details = []
     for group in recurrent:
         state = "prunable" if group.frozen is None and group.channels > 1 else f"frozen: {group.frozen}"
-        print(f"  group {group.id}: {group.channels} ch {'exact' if group.exact else 'approximate'}, "
-              f"{', '.join(group.layers[:3])}{' ...' if len(group.layers) > 3 else ''}: {state}")
-    print(f"params:  {_count(r.params_before)} -> {_count(r.params_after)} "
-          f"({100 * (r.params_after / r.params_before - 1):+.1f}%)")
-    print(f"FLOPs:   {_count(r.flops_before)} -> {_count(r.flops_after)} "
-          f"({100 * (r.flops_after / r.flops_before - 1):+.1f}%)")
+        details.append(f"  group {group.id}: {group.channels} ch {'exact' if group.exact else 'approximate'}, "
+                       f"{', '.join(group.layers[:3])}{' ...' if len(group.layers) > 3 else ''}: {state}")
     soft = "no exact group pruned" if v.soft_equal is None else (
         f"soft==hard {'equal' if v.soft_equal else 'DIFFERENT'} (rel. err {v.soft_max_rel_error:.1e})")
-    print(f"valid:   {'yes' if v.ok else 'NO'}: checker {v.checker}, onnxruntime "
-          f"{'runs' if v.runs else 'fails'}, I/O {'same' if v.io_match else 'differ'}, {soft}")
-    for problem in v.problems:
-        print(f"  problem: {problem}")
-    print(f"time:    {seconds:.1f} s")
+    row = summarise(name, path, result, seconds, soft, details)
     if write is not None:
         import onnx
 
         write.mkdir(parents=True, exist_ok=True)
         onnx.save(result.model, str(write / f"{name}.pruned.onnx"))
-    return {"model": f"{MODELS[name][0]} `{Path(MODELS[name][2]).name}`",
-            "groups": f"{r.groups_found} ({r.groups_prunable}) {r.groups_pruned}",
-            "params": f"{_count(r.params_before)} -> {_count(r.params_after)}",
-            "flops": f"{_count(r.flops_before)} -> {_count(r.flops_after)}", "valid": "yes" if v.ok else "NO",
-            "soft": "-" if v.soft_equal is None else f"{v.soft_max_rel_error:.1e}" + (
-                " (logits)" if name in EXPOSE_LOGITS else ""),
-            "time": f"{seconds:.0f} s", "ok": v.ok}
+    row["model"] = f"{MODELS[name][0]} `{Path(MODELS[name][2]).name}`"
+    if name in EXPOSE_LOGITS and v.soft_equal is not None:
+        row["soft"] += " (logits)"
+    return row
 
 
 def table(rows: list[dict], ratio: float) -> str:
-    lines = [f"ratio {ratio}; FLOPs count free axes (batch, image sides, sequence) as 1", "",
-             "| model | groups (prunable) pruned | params | FLOPs | valid | soft==hard | time |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['groups']} | {r['params']} | {r['flops']} | {r['valid']} | {r['soft']} "
-              f"| {r['time']} |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join([f"ratio {ratio}; FLOPs count free axes (batch, image sides, sequence) as 1", ""]
+                     + table_lines(rows))
 
 
 def main() -> int:
