@@ -355,9 +355,21 @@ KV_HEADS = {"tiny_llama_gqa": 2, "tiny_llama_mqa": 1}
 
 def export_attention(name: str, exporter: str, out_dir: Path) -> Path:
     """Export one of ``ATTENTION`` (cached: an existing file is returned as is)."""
+    def build(tmp: Path) -> None:
+        if name == "tiny_bert":
+            _export_bert(tmp, exporter)
+        elif name in KV_HEADS:
+            _export_llama(tmp, exporter, KV_HEADS[name])
+        else:
+            _export_vit(tmp, exporter)
+
+    return _cached_transformer(Path(out_dir) / "attention" / f"{name}-{exporter}.onnx", build)
+
+
+def _cached_transformer(path: Path, build) -> Path:
+    """``path`` if it exists, else ``build(tmp)`` run quietly with seed 0 and moved there."""
     import torch
 
-    path = Path(out_dir) / "attention" / f"{name}-{exporter}.onnx"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,12 +378,7 @@ def export_attention(name: str, exporter: str, out_dir: Path) -> Path:
     tmp = path.with_suffix(".tmp.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        if name == "tiny_bert":
-            _export_bert(tmp, exporter)
-        elif name in KV_HEADS:
-            _export_llama(tmp, exporter, KV_HEADS[name])
-        else:
-            _export_vit(tmp, exporter)
+        build(tmp)
     _finish(tmp, path)
     return path
 
@@ -452,23 +459,13 @@ TINY_LM = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_at
 
 def export_hidden(name: str, exporter: str, out_dir: Path) -> Path:
     """Export one of ``HIDDEN`` (cached: an existing file is returned as is)."""
-    import torch
-
-    path = Path(out_dir) / "hidden" / f"{name}-{exporter}.onnx"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import_torchvision()
-    torch.manual_seed(0)
-    tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    def build(tmp: Path) -> None:
         if name == "bert_classifier":
             _export_bert_classifier(tmp, exporter)
         else:
             _export_language_model(tmp, exporter, tied=name == "llama_tied")
-    _finish(tmp, path)
-    return path
+
+    return _cached_transformer(Path(out_dir) / "hidden" / f"{name}-{exporter}.onnx", build)
 
 
 def _export_text(model, tmp: Path, exporter: str, output: str, fold: bool = True) -> None:
