@@ -214,15 +214,15 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     analysis = find_groups(graph, opset, tuple(exclude), approximate, attention)
     timer.lap("group")
     layers = LayerIndex(graph, analysis.labels)
+    before = count(graph)
     # nothing to rank or refit at ratio 0 (unless a target will pick another ratio)
     wants_data = (CRITERIA[criterion].data is not None or compensate) and (ratio > 0 or target is not None)
-    statistics = _statistics(prepared, analysis, layers, calib, calib_samples, synthetic_samples, seed,
-                             tuple(custom_ops), progress) if wants_data else None
+    statistics = _statistics(prepared, analysis, layers, calib, calib_samples, synthetic_samples, before.flops,
+                             seed, tuple(custom_ops), progress) if wants_data else None
     timer.lap("statistics")
     context = ScoreContext(seed, statistics, layers)
     scores = _score(analysis, criterion, context, progress)
     timer.lap("score")
-    before = count(graph)
     normalise = not CRITERIA[criterion].comparable
     candidates = _Candidates(prepared, analysis, scores, global_rank, before, normalise)
     rounding, outcome = None, None
@@ -357,7 +357,7 @@ class _Timer:
 
 
 def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, calib, calib_samples: int,
-                synthetic_samples: int | None, seed: int, custom_ops: tuple[str, ...],
+                synthetic_samples: int | None, dense_flops: int, seed: int, custom_ops: tuple[str, ...],
                 progress: Progress | None) -> Statistics | None:
     """Input statistics of every linear layer a prunable group feeds: from ``calib``, else synthetic.
 
@@ -383,9 +383,8 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
     try:
         refuse_oversized(model)
         if synthetic_samples is None:
-            graph = analysis.graph
-            shapes = {d.tensor: graph.shape(d.tensor) for d in wanted}
-            synthetic_samples = synthetic_sample_count(model, wanted, shapes, count(graph).flops)
+            shapes = {d.tensor: analysis.graph.shape(d.tensor) for d in wanted}
+            synthetic_samples = synthetic_sample_count(model, wanted, shapes, dense_flops)
         return collect(model, synthetic_feeds(model, synthetic_samples, seed), wanted, "synthetic", seed,
                        custom_ops)
     except Exception:  # validation reports a model onnxruntime cannot run; scoring goes on without data
