@@ -209,9 +209,7 @@ def synthetic_sample_count(model: onnx.ModelProto, wanted: list[Dim], shapes: di
     # symbolic axes count as 1 in the FLOPs of the graph; synthetic inputs make them SYNTHETIC_AXIS
     symbolic = max((sum(1 for d in list(i.type.tensor_type.shape.dim)[1:] if not d.HasField("dim_value"))
                     for i in graph_inputs(model)), default=0)
-    static = [d.dim_value for i in graph_inputs(model) for d in list(i.type.tensor_type.shape.dim)[:1]
-              if d.HasField("dim_value") and d.dim_value > 0]
-    cost = max(graph_flops / (min(static) if static else 1), 1.0) * SYNTHETIC_AXIS ** symbolic
+    cost = max(graph_flops / (_static_batch(model) or 1), 1.0) * SYNTHETIC_AXIS ** symbolic
     affordable = int(SYNTHETIC_FLOP_BUDGET // cost)
     return int(min(high, max(low, min(needed, affordable))))
 
@@ -256,11 +254,16 @@ def _embedding_rows(model: onnx.ModelProto) -> dict[str, int]:
     return rows
 
 
+def _static_batch(model: onnx.ModelProto) -> int | None:
+    """The smallest fixed first-axis size among the graph inputs, None when every one is free."""
+    static = [d.dim_value for i in graph_inputs(model) for d in list(i.type.tensor_type.shape.dim)[:1]
+              if d.HasField("dim_value") and d.dim_value > 0]
+    return min(static) if static else None
+
+
 def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = BATCH) -> Iterator[dict]:
     """Feeds cut into batches the model accepts: its static batch size, else ``batch``."""
-    static = {d.dim_value for i in graph_inputs(model) for d in list(i.type.tensor_type.shape.dim)[:1]
-              if d.HasField("dim_value") and d.dim_value > 0}
-    size = min(static) if static else batch
+    size = _static_batch(model) or batch
     total = len(next(iter(feeds.values())))
     if total < size:
         raise UsageError(f"--calib: {total} sample(s), but the model's batch size is {size}")
