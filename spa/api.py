@@ -27,7 +27,8 @@ from .plan import Plan, make_plan
 from .rules.base import ATTENTION_UNITS, Dim
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
-from .statistics import Statistics, collect, load_calibration, synthetic_feeds, synthetic_sample_count
+from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, synthetic_feeds,
+                         synthetic_sample_count)
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
 from .validate import Validation, one_line, refuse_oversized, sample_inputs, validate
@@ -385,8 +386,12 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
         if synthetic_samples is None:
             shapes = {d.tensor: analysis.graph.shape(d.tensor) for d in wanted}
             synthetic_samples = synthetic_sample_count(model, wanted, shapes, dense_flops)
-        return collect(model, synthetic_feeds(model, synthetic_samples, seed), wanted, "synthetic", seed,
-                       custom_ops)
+        prior, imbalance = choose_prior(model, wanted, prior_probe_samples(model, synthetic_samples), seed,
+                                        custom_ops)
+        statistics = collect(model, synthetic_feeds(model, synthetic_samples, seed, prior), wanted, "synthetic",
+                             seed, custom_ops)
+        statistics.prior, statistics.imbalance = prior.name, imbalance
+        return statistics
     except Exception:  # validation reports a model onnxruntime cannot run; scoring goes on without data
         return None
 

@@ -338,6 +338,14 @@ def _data_lines(r: dict) -> list[str]:
     if stats:
         lines.append(f"scored: {criterion}, statistics of {stats['tensors']} layer inputs from {stats['samples']} "
                      f"{stats['source']} samples ({stats['seconds']:.1f} s)")
+        if stats.get("input_prior"):
+            imbalance = stats["prior_imbalance"]
+            default = "smooth noise N(0,1)"
+            chosen = f"synthetic inputs: {stats['input_prior']}"
+            if imbalance and stats["input_prior"] != default:
+                chosen += (f" (channel imbalance {imbalance[stats['input_prior']]:.2f}, "
+                           f"against {imbalance[default]:.2f} for {default})")
+            lines.append("        " + chosen)
     elif criterion in ("obspa",):
         lines.append(f"scored: {criterion} with the identity Hessian (no statistics: the model was not run)")
     if r.get("fallback_groups"):

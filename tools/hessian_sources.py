@@ -9,14 +9,19 @@ accuracy as "without / with":
 
 - identity: no statistics at all (H = I; spa then skips compensation, it has nothing to fit);
 - white N(0, 1) and white N(0, 0.25^2): independent pixels;
-- 1/f, 1/f^2 (spa's default) and 1/f^3 noise: spatially smooth noise, standardised per sample.
+- 1/f, 1/f^2 and 1/f^3 noise: spatially smooth noise, standardised per sample;
+- fixed input priors (``statistics.PRIORS``) drawn from the 1/f^2 field: a smooth image in
+  [0, 1], ink strokes on a plain background;
+- chosen per model (spa's default): the prior with the most even channel energies
+  (``statistics.choose_prior``).
 
 Non-image inputs (the digits MLP's 64 features) get standard normal noise under every
-smooth-noise row, so only the white and identity rows differ there.
+smooth-noise and prior row, so only the white and identity rows differ there.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +40,7 @@ from spa import statistics  # noqa: E402
 
 def _source(kind: str, value: float):
     """A replacement for ``statistics.synthetic_feeds`` that draws image inputs another way."""
-    def feeds(model, samples, seed):
+    def feeds(model, samples, seed, prior=None):
         out = statistics.synthetic_feeds(model, samples, seed)
         rng = np.random.default_rng([seed, 11])
         for name, array in out.items():
@@ -50,22 +55,35 @@ def _source(kind: str, value: float):
     return feeds
 
 
+SMOOTH = statistics.SMOOTH_NOISE
+# label: (replacement feeds or None, the prior forced or None for spa's own choice); None: identity
 SOURCES = {
     "identity": None,
-    "white N(0,1)": ("white", 1.0),
-    "white N(0,0.25^2)": ("white", 0.25),
-    "1/f": ("smooth", 1.0),
-    "1/f^2 (default)": ("smooth", 2.0),
-    "1/f^3": ("smooth", 3.0),
+    "white N(0,1)": (_source("white", 1.0), SMOOTH),
+    "white N(0,0.25^2)": (_source("white", 0.25), SMOOTH),
+    "smooth noise, 1/f amplitude": (_source("smooth", 1.0), SMOOTH),
+    "smooth noise, 1/f^2 amplitude": (None, SMOOTH),
+    "smooth noise, 1/f^3 amplitude": (_source("smooth", 3.0), SMOOTH),
+    "1/f^2 as a smooth image in [0,1]": (None, statistics.InputPrior(0.0, 1.0)),
+    "1/f^2 as strokes, 25% ink 1 on 0": (None, statistics.InputPrior(0.0, 1.0, 0.25)),
+    "1/f^2 as strokes, 25% ink -1 on 1": (None, statistics.InputPrior(-1.0, 1.0, 0.25, ink_high=False)),
+    "prior chosen per model by channel balance (default)": (None, None),
 }
 
 
 def run(bench, source, ratio: float, compensate: bool, out: Path) -> float:
+    patches = []
     if source is None:
-        patch = mock.patch.object(spa.api, "_statistics", lambda *a, **k: None)
+        patches.append(mock.patch.object(spa.api, "_statistics", lambda *a, **k: None))
     else:
-        patch = mock.patch.object(spa.api, "synthetic_feeds", _source(*source))
-    with patch:
+        feeds, prior = source
+        if feeds is not None:
+            patches.append(mock.patch.object(spa.api, "synthetic_feeds", feeds))
+        if prior is not None:
+            patches.append(mock.patch.object(spa.api, "choose_prior", lambda *a, **k: (prior, {})))
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
         eval_accuracy.run_spa(bench, "obspa", ratio, compensate, 128, out)
     return bench.evaluate(out)
 
