@@ -178,7 +178,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
     ``calib_samples`` samples are used) feeds the data-driven criteria and compensation. Without
     it, ``obspa`` and compensation use ``synthetic_samples`` synthetic inputs run through the
-    dense model (None: enough for every layer input's X^T X, within a compute budget). ``compensate`` refits the weights left in every layer that loses input channels;
+    dense model (None: enough for every layer input's X^T X, within a compute budget), image inputs
+    drawn from the input prior ``statistics.choose_prior`` finds for the model. ``compensate`` refits the weights left in every layer that loses input channels;
     None (the default) means on with calibration data or a data-aware criterion (obspa ranks
     channels by what compensation can recover), off for magnitude criteria without data, where
     synthetic statistics were measured to mislead the refit (all-MiniLM-L6-v2, FFN only: l1 at ratio 0.3
