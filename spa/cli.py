@@ -19,6 +19,7 @@ from .api import analyze as api_analyze
 from .api import is_ffn, output_path_for
 from .api import prune as api_prune
 from .criteria import CRITERIA
+from .statistics import SMOOTH_NOISE
 from .errors import EXIT_INTERNAL, SpaError, UsageError
 from .export import Fp16RangeWarning, export
 from .io import check_output_path, write_bytes_atomic
@@ -340,7 +341,7 @@ def _data_lines(r: dict) -> list[str]:
                      f"{stats['source']} samples ({stats['seconds']:.1f} s)")
         if stats.get("input_prior"):
             imbalance = stats["prior_imbalance"]
-            default = "smooth noise N(0,1)"
+            default = SMOOTH_NOISE.name
             chosen = f"synthetic inputs: {stats['input_prior']}"
             if imbalance and stats["input_prior"] != default:
                 chosen += (f" (channel imbalance {imbalance[stats['input_prior']]:.2f}, "

@@ -247,20 +247,36 @@ def synthetic_feeds(model: onnx.ModelProto, samples: int, seed: int,
     statistics made compensation worse than none; smooth noise did not (see the README's
     accuracy section for the measurements).
     """
+    return _drawn(model, _noise_fields(model, samples, seed), prior)
+
+
+def _noise_fields(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """``synthetic_feeds`` before any prior: float inputs as float64 noise (smooth over image
+    axes), integer inputs already final."""
     rng = np.random.default_rng([seed, 7])
     tables = _embedding_rows(model)
-    feeds = {}
+    fields = {}
     for info in graph_inputs(model):
         shape = _input_shape(info, samples)
         dtype = np.dtype(_numpy_type(info))
         if dtype.kind == "f":
             spatial = _spatial_axes(shape)
-            noise = prior.draw(_smooth_noise(rng, shape, spatial)) if spatial else rng.standard_normal(shape)
-            feeds[info.name] = noise.astype(dtype)
+            fields[info.name] = _smooth_noise(rng, shape, spatial) if spatial else rng.standard_normal(shape)
         elif dtype.kind in "iu" and info.name in tables:
-            feeds[info.name] = rng.integers(0, tables[info.name], shape).astype(dtype)
+            fields[info.name] = rng.integers(0, tables[info.name], shape).astype(dtype)
         else:
-            feeds[info.name] = np.ones(shape, dtype=dtype)
+            fields[info.name] = np.ones(shape, dtype=dtype)
+    return fields
+
+
+def _drawn(model: onnx.ModelProto, fields: dict[str, np.ndarray], prior: InputPrior) -> dict[str, np.ndarray]:
+    """The feeds: image fields drawn through ``prior``, every input in its own type."""
+    feeds = {}
+    for info in graph_inputs(model):
+        value = fields[info.name]
+        if value.dtype.kind == "f" and _spatial_axes(list(value.shape)):
+            value = prior.draw(value)
+        feeds[info.name] = value.astype(_numpy_type(info), copy=False)
     return feeds
 
 
@@ -290,11 +306,12 @@ def choose_prior(model: onnx.ModelProto, wanted: list[Dim], samples: int, seed: 
     if not any(_spatial_axes(_input_shape(i, 1)) for i in graph_inputs(model)
                if np.dtype(_numpy_type(i)).kind == "f"):
         return SMOOTH_NOISE, {}
+    # the probe's own seed, so the chosen prior is not scored on the samples it then draws; one
+    # noise field serves every prior
+    fields = _noise_fields(model, samples, seed + 1)
     scores = {}
     for prior in PRIORS:
-        # the probe's own seed, so the chosen prior is not scored on the samples it then draws
-        probe = collect(model, synthetic_feeds(model, samples, seed + 1, prior), wanted, "synthetic", seed,
-                        custom_ops, gram=False)
+        probe = collect(model, _drawn(model, fields, prior), wanted, "synthetic", seed, custom_ops, gram=False)
         scores[prior.name] = probe.channel_imbalance()
     best = min(PRIORS, key=lambda p: scores[p.name])
     chosen = best if scores[best.name] < PRIOR_MARGIN * scores[SMOOTH_NOISE.name] else SMOOTH_NOISE
@@ -381,7 +398,8 @@ def _static_batch(model: onnx.ModelProto) -> int | None:
 
 
 def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = BATCH) -> Iterator[dict]:
-    """Feeds cut into batches the model accepts: its static batch size, else ``batch``."""
+    """Feeds cut into batches the model accepts: its static batch size, else ``batch`` (or all
+    the samples, when there are fewer)."""
     total = len(next(iter(feeds.values())))
     size = _static_batch(model) or min(batch, total)
     if total < size:
