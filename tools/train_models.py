@@ -76,7 +76,9 @@ def stratified_split(labels: np.ndarray, test_per_class, seed: int) -> tuple[np.
 
 
 def calib_indices(train: np.ndarray, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed + 1).choice(train, CALIB_SAMPLES, replace=False))
+    # left in draw order, not sorted: MNIST-5k is sorted by label, and sorted indices gave
+    # `--calib-samples 128` (the default) only the digits 0-4
+    return np.random.default_rng(seed + 1).choice(train, CALIB_SAMPLES, replace=False)
 
 
 def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
@@ -270,6 +272,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "models")
     parser.add_argument("--only", nargs="*", choices=sorted(MODELS), help="train just these models")
+    parser.add_argument("--splits-only", action="store_true",
+                        help="write the test and calibration splits, train nothing (they do not depend on training)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(THREADS)
@@ -286,6 +290,8 @@ def main(argv=None) -> int:
     for key, (source, loader, test_per_class) in DATASETS.items():
         x, y = loader()
         train_sets[key] = write_splits(key, x, y, test_per_class, data_dir)
+    if args.splits_only:
+        return 0
 
     for name in args.only or MODELS:
         key, cls, seed, epochs, batch, lr, augment = MODELS[name]
