@@ -323,7 +323,7 @@ def prior_probe_samples(model: onnx.ModelProto, synthetic_samples: int) -> int:
     samples, each within ``PRIOR_PROBE_SAMPLES``, rounded up to the model's static batch."""
     low, high = PRIOR_PROBE_SAMPLES
     per_prior = int(synthetic_samples * PRIOR_PROBE_SHARE // len(PRIORS))
-    batch = _static_batch(model) or 1
+    batch = static_batch(model) or 1
     return -(-min(high, max(low, per_prior)) // batch) * batch
 
 
@@ -345,7 +345,7 @@ def synthetic_sample_count(model: onnx.ModelProto, wanted: list[Dim], shapes: di
     # symbolic axes count as 1 in the FLOPs of the graph; synthetic inputs make them SYNTHETIC_AXIS
     symbolic = max((sum(1 for d in list(i.type.tensor_type.shape.dim)[1:] if not d.HasField("dim_value"))
                     for i in graph_inputs(model)), default=0)
-    cost = max(graph_flops / (_static_batch(model) or 1), 1.0) * SYNTHETIC_AXIS ** symbolic
+    cost = max(graph_flops / (static_batch(model) or 1), 1.0) * SYNTHETIC_AXIS ** symbolic
     affordable = int(SYNTHETIC_FLOP_BUDGET // cost)
     return int(min(high, max(low, min(needed, affordable))))
 
@@ -390,7 +390,7 @@ def _embedding_rows(model: onnx.ModelProto) -> dict[str, int]:
     return rows
 
 
-def _static_batch(model: onnx.ModelProto) -> int | None:
+def static_batch(model: onnx.ModelProto) -> int | None:
     """The smallest fixed first-axis size among the graph inputs, None when every one is free."""
     static = [d.dim_value for i in graph_inputs(model) for d in list(i.type.tensor_type.shape.dim)[:1]
               if d.HasField("dim_value") and d.dim_value > 0]
@@ -398,14 +398,16 @@ def _static_batch(model: onnx.ModelProto) -> int | None:
 
 
 def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = BATCH) -> Iterator[dict]:
-    """Feeds cut into batches the model accepts: its static batch size, else ``batch`` (or all
-    the samples, when there are fewer)."""
+    """Feeds cut into batches the model accepts: its static batch size (the samples left over
+    are dropped), else ``batch`` (the last batch takes the rest)."""
     total = len(next(iter(feeds.values())))
-    size = _static_batch(model) or min(batch, total)
+    static = static_batch(model)
+    size = static or min(batch, total)
     if total < size:
         raise UsageError(f"--calib: {total} sample(s), but the model's batch size is {size}")
-    for start in range(0, total - size + 1, size):
-        yield {k: v[start:start + size] for k, v in feeds.items()}
+    end = total - total % size if static else total
+    for start in range(0, end, size):
+        yield {k: v[start:min(start + size, end)] for k, v in feeds.items()}
 
 
 # collection ---------------------------------------------------------------------------------
