@@ -17,6 +17,7 @@ import onnx
 from .compensate import Compensation, compensate as refit
 from .criteria import CRITERIA, ScoreContext
 from .cut import apply_plan, soft_transform
+from . import fidelity
 from .errors import ModelLoadError, UsageError, ValidationError
 from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
@@ -27,8 +28,8 @@ from .plan import Plan, make_plan
 from .rules.base import ATTENTION_UNITS, Dim
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
-from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, synthetic_feeds,
-                         synthetic_sample_count)
+from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, static_batch,
+                         synthetic_feeds, synthetic_sample_count)
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
 from .validate import Validation, one_line, refuse_oversized, sample_inputs, validate
@@ -176,7 +177,9 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     "query_heads" removes query heads evenly in every KV group and keeps K and V.
 
     Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
-    ``calib_samples`` samples are used) feeds the data-driven criteria and compensation. Without
+    ``calib_samples`` samples are used) feeds the data-driven criteria and compensation; up to
+    ``fidelity.SAMPLES`` samples after those measure how far the pruned outputs moved from the dense
+    ones (``report.validation.fidelity``; on the samples used when none are left). Without
     it, ``obspa`` and compensation use ``synthetic_samples`` synthetic inputs run through the
     dense model (None: enough for every layer input's X^T X, within a compute budget), image inputs
     drawn from the input prior ``statistics.choose_prior`` finds for the model. ``compensate`` refits the weights left in every layer that loses input channels;
@@ -219,7 +222,9 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     before = count(graph)
     # nothing to rank or refit at ratio 0 (unless a target will pick another ratio)
     wants_data = (CRITERIA[criterion].data is not None or compensate) and (ratio > 0 or target is not None)
-    statistics = _statistics(prepared, analysis, layers, calib, calib_samples, synthetic_samples, before.flops,
+    calibration = _calibration(prepared, calib, calib_samples) if calib is not None else None
+    calib_feeds = {k: v[:calib_samples] for k, v in calibration.items()} if calibration else None
+    statistics = _statistics(prepared, analysis, layers, calib_feeds, synthetic_samples, before.flops,
                              seed, tuple(custom_ops), progress) if wants_data else None
     timer.lap("statistics")
     context = ScoreContext(seed, statistics, layers)
@@ -257,6 +262,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     if check:
         validation = _validate(prepared, weights, analysis, plan, hard, soft_model, seed, tuple(custom_ops),
                                progress, Path(workdir.name) if workdir else None)
+        if calibration:
+            validation.fidelity = _fidelity(prepared, hard, calibration, calib_samples, tuple(custom_ops))
         if bench:
             validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
                                             tuple(custom_ops))
@@ -358,10 +365,30 @@ class _Timer:
         self._last = now
 
 
-def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, calib, calib_samples: int,
+def _calibration(prepared: _Prepared, calib, calib_samples: int) -> dict[str, np.ndarray]:
+    """The calibration samples: the first ``calib_samples`` feed the statistics, the ones after
+    them (if any) measure the pruned model's fidelity."""
+    if is_lazy(prepared.model):
+        raise UsageError("--calib runs the model in memory; models with external data are not supported yet")
+    return load_calibration(calib, prepared.model, calib_samples + fidelity.SAMPLES)
+
+
+def _fidelity(prepared: _Prepared, hard: onnx.ModelProto, calibration: dict[str, np.ndarray], used: int,
+              custom_ops: tuple[str, ...]) -> fidelity.Fidelity | None:
+    feeds, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1)
+    try:
+        return fidelity.measure(prepared.model, hard, feeds, source, custom_ops)
+    except UsageError:  # fewer samples than the model's static batch: nothing to measure on
+        return None
+    except Exception as exc:  # the samples themselves do not fit the model (the statistics may not have run them)
+        raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
+
+
+def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, calib: dict[str, np.ndarray] | None,
                 synthetic_samples: int | None, dense_flops: int, seed: int, custom_ops: tuple[str, ...],
                 progress: Progress | None) -> Statistics | None:
-    """Input statistics of every linear layer a prunable group feeds: from ``calib``, else synthetic.
+    """Input statistics of every linear layer a prunable group feeds: from ``calib`` (named feeds),
+    else synthetic.
 
     None where the model cannot be run in memory (external data) or onnxruntime refuses it
     without calibration data: data-free criteria then use the identity Hessian.
@@ -373,11 +400,8 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
     _say(progress, "statistics")
     model = prepared.model
     if calib is not None:
-        if is_lazy(model):
-            raise UsageError("--calib runs the model in memory; models with external data are not supported yet")
-        feeds = load_calibration(calib, model, calib_samples)
         try:
-            return collect(model, feeds, wanted, "calibration", seed, custom_ops)
+            return collect(model, calib, wanted, "calibration", seed, custom_ops)
         except UsageError:
             raise
         except Exception as exc:

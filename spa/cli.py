@@ -306,6 +306,7 @@ def _summary(r: dict) -> str:
             soft += f" on exact groups; {v['approximate_groups']} approximate not compared"
         lines.append(f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
                      f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}")
+    lines.extend(_fidelity_lines(v.get("fidelity")))
     lines.extend(_data_lines(r))
     for pair in v["latency"]:
         where = pair["provider"].replace("ExecutionProvider", "")
@@ -330,6 +331,25 @@ def _summary(r: dict) -> str:
         lines.append("nothing to prune: every group is frozen (see `spa analyze`); no file written "
                      "(--write-unchanged writes a copy)")
     return "\n".join(lines)
+
+
+FIDELITY_LINES = 4  # outputs listed; the JSON report has every one
+
+
+def _fidelity_lines(fidelity: dict | None) -> list[str]:
+    if not fidelity or not fidelity["outputs"]:
+        return []
+    lines = [f"outputs vs dense on {fidelity['samples']} {fidelity['source']}:"]
+    if not fidelity["source"].startswith("held-out"):
+        lines[0] += " (optimistic: the refit fitted them; samples past --calib-samples are held out)"
+    for output in fidelity["outputs"][:FIDELITY_LINES]:
+        text = f"        {output['name']}: rel. error {output['relative_error']:.3f}, cosine {output['cosine']:.4f}"
+        if output["top1_agreement"] is not None:
+            text += f", top-1 agreement {output['top1_agreement']:.1%}"
+        lines.append(text)
+    if len(fidelity["outputs"]) > FIDELITY_LINES:
+        lines.append(f"        ... {len(fidelity['outputs']) - FIDELITY_LINES} more outputs in --json")
+    return lines
 
 
 def _data_lines(r: dict) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from .errors import ValidationError
+from .fidelity import Fidelity
 
 # soft == hard is checked to this relative error (issue 2: below 1e-4)
 SOFT_TOLERANCE = 1e-4
@@ -33,6 +34,8 @@ class Validation:
     dense_equal: bool | None = None  # only checked when nothing was removed
     # outputs whose soft == hard check was made on the input of their final squashing op (see SQUASHING)
     soft_compared_before: list[str] = field(default_factory=list)
+    # dense vs pruned outputs on calibration samples the statistics did not use (spa.fidelity)
+    fidelity: Fidelity | None = None
     latency: list[dict] = field(default_factory=list)  # dense vs pruned per provider (spa.bench.LatencyPair)
     problems: list[str] = field(default_factory=list)
 

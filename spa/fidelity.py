@@ -1,0 +1,107 @@
+"""How far pruning moved the model's outputs, measured on the user's own inputs.
+
+soft == hard proves the cut; it says nothing about what removing channels costs. Without
+retraining, that cost is the number a user needs before shipping, and spa can only measure it
+where it has real inputs: calibration samples. Synthetic inputs are no measure of it: the refit
+is fitted to their statistics, so on PP-OCRv4 rec at ratio 0.3 the outputs keep 91% top-1 agreement
+with the dense model on synthetic inputs and 74% on rendered text lines, where exact match is 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .statistics import batches
+
+# held-out calibration samples measured (beyond those the statistics used), at most
+SAMPLES = 256
+# outputs read as class scores, whose argmax is the prediction: their last axis is the class axis
+CLASS_SCORE_PRODUCERS = {"Softmax", "LogSoftmax"}
+LINEAR_HEADS = {"Gemm", "MatMul", "Add"}
+
+
+@dataclass
+class OutputFidelity:
+    name: str
+    relative_error: float  # ||pruned - dense|| / ||dense||, over every sample
+    cosine: float  # mean over samples of cos(dense, pruned), each sample's output flattened
+    top1_agreement: float | None = None  # class-score outputs only: argmax over the last axis agrees
+
+
+@dataclass
+class Fidelity:
+    source: str  # "held-out calibration samples", or "calibration samples the statistics used"
+    samples: int
+    outputs: list[OutputFidelity] = field(default_factory=list)
+
+
+def holdout(feeds: dict[str, np.ndarray], used: int, batch: int = 1) -> tuple[dict[str, np.ndarray], str]:
+    """The samples after the first ``used`` (up to SAMPLES; at least ``batch``, the model's static
+    batch size), else the first ones, with their source."""
+    total = len(next(iter(feeds.values())))
+    if total - used >= batch:
+        return {k: v[used:used + SAMPLES] for k, v in feeds.items()}, "held-out calibration samples"
+    return {k: v[:SAMPLES] for k, v in feeds.items()}, "calibration samples the statistics used"
+
+
+def measure(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str,
+            custom_ops: tuple[str, ...] = ()) -> Fidelity:
+    from .validate import session
+
+    dense_out = _outputs(session(dense, custom_ops=custom_ops), dense, feeds)
+    pruned_out = _outputs(session(pruned, custom_ops=custom_ops), dense, feeds)
+    scores = _class_score_outputs(dense)
+    result = Fidelity(source, len(next(iter(dense_out.values()))) if dense_out else 0)
+    for name, reference in dense_out.items():
+        got = pruned_out[name]
+        if not np.issubdtype(reference.dtype, np.floating) or reference.shape != got.shape or reference.size == 0:
+            continue
+        ref64, got64 = reference.astype(np.float64), got.astype(np.float64)
+        norm = float(np.linalg.norm(ref64))
+        error = float(np.linalg.norm(got64 - ref64)) / norm if norm else float(np.linalg.norm(got64) > 0)
+        result.outputs.append(OutputFidelity(name, error, _mean_cosine(ref64, got64),
+                                             _top1_agreement(ref64, got64) if name in scores else None))
+    return result
+
+
+def _outputs(run, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in run.get_outputs()]
+    parts = [run.run(names, feed) for feed in batches(model, feeds)]
+    # outputs without a leading sample axis (a scalar loss, a shape) are not compared
+    return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names) if parts and parts[0][k].ndim}
+
+
+def _mean_cosine(reference: np.ndarray, got: np.ndarray) -> float:
+    a, b = reference.reshape(len(reference), -1), got.reshape(len(got), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    cosines = np.where(norms > 0, np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0), both_zero * 1.0)
+    return float(cosines.mean())
+
+
+def _top1_agreement(reference: np.ndarray, got: np.ndarray) -> float | None:
+    if reference.ndim < 2 or reference.shape[-1] < 2:
+        return None
+    return float((reference.argmax(-1) == got.argmax(-1)).mean())
+
+
+def _class_score_outputs(model: onnx.ModelProto) -> set[str]:
+    """Outputs that hold class scores on their last axis: a softmax over it, or a [batch, classes]
+    linear head. Others (embeddings, feature maps, boxes) get no argmax agreement: it means nothing."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    default_axis = -1 if opset >= 13 else 1  # Softmax's axis default changed in opset 13
+    found = set()
+    for info in model.graph.output:
+        node = producers.get(info.name)
+        if node is None:
+            continue
+        rank = len(info.type.tensor_type.shape.dim) if info.type.tensor_type.HasField("shape") else None
+        axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), default_axis)
+        if node.op_type in CLASS_SCORE_PRODUCERS and (axis == -1 or (rank is not None and axis == rank - 1)):
+            found.add(info.name)
+        elif node.op_type in LINEAR_HEADS and rank == 2:
+            found.add(info.name)
+    return found
