@@ -296,7 +296,7 @@ def choose_prior(model: onnx.ModelProto, wanted: list[Dim], samples: int, seed: 
     unlike that data excite a few channels out of all proportion. On the trained MNIST CNNs the
     real test images measure 0.4-0.7, N(0, 1) smooth noise 1.3-1.7 and ink strokes on a black
     background 0.6-0.9; those strokes made obspa with compensation at ratio 0.3 go from 0.593 to
-    0.942 (residual CNN) and from 0.167 to 0.924 (depthwise/SE). Smooth noise stays unless another
+    0.942 (residual CNN) and from 0.167 to 0.905 (depthwise/SE). Smooth noise stays unless another
     prior measures ``PRIOR_MARGIN`` lower, so near ties keep the default. The priors are image
     priors: models without an image-shaped float input (token ids, feature vectors) have
     nothing to choose. On the digits MLP, which has no normalisation layers and reads 64 flat
