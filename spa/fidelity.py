@@ -67,16 +67,19 @@ def measure(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np
 
 
 def _outputs(run, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [o.name for o in run.get_outputs()]
-    parts = [run.run(names, feed) for feed in batches(model, feeds)]
+    from .validate import outputs_of
+
+    parts = [outputs_of(run, feed) for feed in batches(model, feeds)]
     # outputs without a leading sample axis (a scalar loss, a shape) are not compared
-    return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names) if parts and parts[0][k].ndim}
+    return {name: np.concatenate([p[name] for p in parts]) for name, first in (parts[0] if parts else {}).items()
+            if first.ndim}
 
 
 def _mean_cosine(reference: np.ndarray, got: np.ndarray) -> float:
     a, b = reference.reshape(len(reference), -1), got.reshape(len(got), -1)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    norms = norm_a * norm_b
+    both_zero = (norm_a == 0) & (norm_b == 0)
     cosines = np.where(norms > 0, np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0), both_zero * 1.0)
     return float(cosines.mean())
 
