@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .compensate import Compensation, compensate as refit
+from .compensate import Compensation, compensate as layerwise_refit
 from .criteria import CRITERIA, ScoreContext
 from .cut import apply_plan, soft_transform
 from . import fidelity
@@ -26,6 +26,7 @@ from .load import canonicalize, infer_shapes, load_model
 from .metrics import ModelStats, count
 from .plan import Plan, make_plan
 from .rules.base import ATTENTION_UNITS, Dim
+from .sequential import sequential_refit
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
 from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, static_batch,
@@ -34,6 +35,8 @@ from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
 from .validate import Validation, one_line, refuse_oversized, sample_inputs, validate
 
+# how compensation refits: see ``prune``
+REFITS = ("auto", "sequential", "layerwise")
 # progress(stage, done, total): called when a stage starts (0 of total) and as it advances
 Progress = Callable[[str, int, int], None]
 
@@ -164,7 +167,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
           target_params: float | None = None, target_latency: float | None = None,
           exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
           check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
-          custom_ops: tuple[str, ...] = (), attention: str = "heads", progress: Progress | None = None) -> PruneResult:
+          custom_ops: tuple[str, ...] = (), attention: str = "heads", refit: str = "auto",
+          progress: Progress | None = None) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
 
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
@@ -186,7 +190,10 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     None (the default) means on with calibration data or a data-aware criterion (obspa ranks
     channels by what compensation can recover), off for magnitude criteria without data, where
     synthetic statistics were measured to mislead the refit (all-MiniLM-L6-v2, FFN only: l1 at ratio 0.3
-    fell from 0.735 to 0.120 mean cosine with it).
+    fell from 0.735 to 0.120 mean cosine with it). ``refit`` is how: "layerwise" fits each layer to
+    the dense model's inputs, "sequential" then refits the layers in graph order on the inputs the
+    pruned model gives them (``spa.sequential``); "auto" is sequential with calibration data (when
+    held-out samples are left, whichever of the two moves them less) and layer-wise without.
 
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
@@ -208,6 +215,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         raise UsageError(f"--round-to must be 'auto' or a whole number of at least 1, got {round_to}")
     if compensate is None:
         compensate = calib is not None or CRITERIA[criterion].data is not None
+    if refit not in REFITS:
+        raise UsageError(f"unknown refit '{refit}' (choose from {', '.join(REFITS)})")
     _check_attention(attention)
     target = _target(target_flops, target_params, target_latency)
     provider_names = resolve_providers(list(providers) or ["cpu"])
@@ -249,6 +258,11 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     weights, compensation = prepared, None
     if compensate:
         weights, compensation = _compensate(prepared, analysis, layers, plan, statistics)
+        if plan.removed and statistics is not None and (refit == "sequential" or (refit == "auto" and calib_feeds)):
+            _say(progress, "refit")
+            weights = _sequential(prepared, weights, analysis, layers, plan, calib_feeds or statistics.feeds,
+                                  calibration if refit == "auto" else None, calib_samples, compensation, seed,
+                                  tuple(custom_ops))
         timer.lap("compensate")
     _say(progress, "cut")
     workdir = tempfile.TemporaryDirectory(prefix="spa-") if is_lazy(prepared.model) else None
@@ -274,7 +288,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         options={"ratio": ratio, "criterion": criterion, "calib": str(calib) if calib is not None else None,
                  "calib_samples": calib_samples, "compensate": compensate, "global": global_rank,
                  "round_to": round_to, "exclude": list(exclude), "soft": soft, "approximate": approximate,
-                 "seed": seed, "attention": attention},
+                 "seed": seed, "attention": attention, "refit": refit},
         groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
         flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
@@ -413,9 +427,9 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
             synthetic_samples = synthetic_sample_count(model, wanted, shapes, dense_flops)
         prior, imbalance = choose_prior(model, wanted, prior_probe_samples(model, synthetic_samples), seed,
                                         custom_ops)
-        statistics = collect(model, synthetic_feeds(model, synthetic_samples, seed, prior), wanted, "synthetic",
-                             seed, custom_ops)
-        statistics.prior, statistics.imbalance = prior.name, imbalance
+        feeds = synthetic_feeds(model, synthetic_samples, seed, prior)
+        statistics = collect(model, feeds, wanted, "synthetic", seed, custom_ops)
+        statistics.prior, statistics.imbalance, statistics.feeds = prior.name, imbalance, feeds
         return statistics
     except Exception:  # validation reports a model onnxruntime cannot run; scoring goes on without data
         return None
@@ -426,10 +440,35 @@ def _compensate(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, pla
     if statistics is None:
         why = "external data" if is_lazy(prepared.model) else "no statistics (onnxruntime could not run the model)"
         return prepared, Compensation(skipped=[f"all layers: {why}"] if plan.removed else [])
-    model, outcome = refit(prepared.model, analysis, layers, plan, statistics)
+    model, outcome = layerwise_refit(prepared.model, analysis, layers, plan, statistics)
     if model is prepared.model:
         return prepared, outcome
     return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path), outcome
+
+
+def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, layers: LayerIndex, plan: Plan,
+                feeds: dict[str, np.ndarray], calibration: dict[str, np.ndarray] | None, used: int,
+                compensation: Compensation, seed: int, custom_ops: tuple[str, ...]) -> _Prepared:
+    """The sequential refit of ``layerwise``; given ``calibration`` with samples past ``used``, it is
+    kept only if it moves those held-out outputs less than the layer-wise refit does."""
+    model, outcome = sequential_refit(prepared.model, layerwise.model, analysis, layers, plan, prepared.opset,
+                                      feeds, seed, custom_ops)
+    compensation.sequential = outcome.as_dict()
+    compensation.refit = "sequential"
+    held_out, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1) if calibration \
+        else (None, None)
+    if held_out is None or source != fidelity.HELD_OUT:
+        return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path)
+    errors = {}
+    for name, candidate in (("layerwise", layerwise.model), ("sequential", model)):
+        hard = infer_shapes(apply_plan(candidate, ModelGraph(candidate), analysis, plan, prepared.opset))
+        measured = fidelity.measure(prepared.model, hard, held_out, source, custom_ops)
+        errors[name] = float(np.mean([o.relative_error for o in measured.outputs])) if measured.outputs else 0.0
+    compensation.held_out_error = errors
+    if errors["sequential"] <= errors["layerwise"]:
+        return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path)
+    compensation.refit = "layerwise"
+    return layerwise
 
 
 def _score(analysis: Analysis, criterion: str, context: ScoreContext,

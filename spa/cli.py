@@ -108,6 +108,11 @@ def main() -> None:
 @click.option("--compensate/--no-compensate", default=None,
               help="Refit the weights left in layers that lose input channels "
                    "[default: on with --calib or a data-aware criterion, off for l1/l2/random without data].")
+@click.option("--refit", type=click.Choice(["auto", "sequential", "layerwise"]), default="auto", show_default=True,
+              help="How compensation refits: layerwise fits each layer to the dense model's inputs; sequential "
+                   "then refits the layers in graph order on the inputs the pruned model gives them; auto is "
+                   "sequential with --calib (the one that moves held-out samples less, when any are left) and "
+                   "layerwise without.")
 @click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups, not per group.")
 @click.option("--round-to", default="1", show_default=True, metavar="N|auto",
               help="Keep channel counts at multiples of N; 'auto' times candidates and keeps the fastest.")
@@ -145,7 +150,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def prune(model, output, ratio, criterion, calib, calib_samples, compensate, global_rank, round_to, target_flops, target_params, target_latency,
+def prune(model, output, ratio, criterion, calib, calib_samples, compensate, refit, global_rank, round_to, target_flops, target_params, target_latency,
           exclude, soft, approximate, attention, seed, json_path, no_validate, bench, providers, threads, custom_ops,
           out_format, fp16, fp16_io, write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
@@ -159,7 +164,7 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, glo
         stages = _Stages(quiet)
         try:
             result = api_prune(model, ratio, criterion, calib=calib, calib_samples=calib_samples,
-                               compensate=compensate, global_rank=global_rank, round_to=multiple,
+                               compensate=compensate, refit=refit, global_rank=global_rank, round_to=multiple,
                                target_flops=target_flops, target_params=target_params,
                                target_latency=target_latency, exclude=tuple(exclude), soft=soft,
                                approximate=approximate, seed=seed, check=not no_validate,
@@ -375,6 +380,16 @@ def _data_lines(r: dict) -> list[str]:
     if comp and comp["layers"]:
         lines.append(f"compensated: {comp['layers']} layers ({comp['biases']} biases); layer output error "
                      f"{comp['uncompensated_error']:.2e} -> {comp['mean_output_error']:.2e} on the statistics")
+    sequential = (comp or {}).get("sequential")
+    if sequential:
+        lines.append(f"        sequential refit: {sequential['layers']} layers in {sequential['passes']} passes over "
+                     f"{sequential['samples']} samples ({sequential['seconds']:.1f} s); output error on the pruned "
+                     f"model's inputs {sequential['layerwise_error']:.2e} layer-wise -> "
+                     f"{sequential['sequential_error']:.2e}")
+    held_out = (comp or {}).get("held_out_error")
+    if held_out:
+        lines.append(f"        kept the {comp['refit']} refit: held-out output error {held_out['layerwise']:.3f} "
+                     f"layer-wise, {held_out['sequential']:.3f} sequential")
     for why in (comp or {}).get("skipped", [])[:3]:
         lines.append(f"        not compensated: {why}")
     return lines

@@ -31,10 +31,14 @@ class Compensation:
     skipped: list[str] = field(default_factory=list)  # layers losing channels that were not, and why
     mean_output_error: float | None = None  # E||dy||^2 / E||y||^2 over refitted layers, from the statistics
     uncompensated_error: float | None = None  # the same without the refit
+    refit: str = "layerwise"  # or "sequential": then ``sequential`` says what it did (SequentialRefit)
+    sequential: dict | None = None
+    held_out_error: dict | None = None  # refit -> mean relative output error on held-out samples, when compared
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "biases": self.biases, "skipped": self.skipped,
-                "mean_output_error": self.mean_output_error, "uncompensated_error": self.uncompensated_error}
+                "mean_output_error": self.mean_output_error, "uncompensated_error": self.uncompensated_error,
+                "refit": self.refit, "sequential": self.sequential, "held_out_error": self.held_out_error}
 
 
 def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, plan: Plan,

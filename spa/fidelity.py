@@ -17,6 +17,7 @@ from .statistics import batches
 
 # held-out calibration samples measured (beyond those the statistics used), at most
 SAMPLES = 256
+HELD_OUT = "held-out calibration samples"
 # outputs read as class scores, whose argmax is the prediction: their last axis is the class axis
 CLASS_SCORE_PRODUCERS = {"Softmax", "LogSoftmax"}
 LINEAR_HEADS = {"Gemm", "MatMul", "Add"}
@@ -42,7 +43,7 @@ def holdout(feeds: dict[str, np.ndarray], used: int, batch: int = 1) -> tuple[di
     batch size), else the first ones, with their source."""
     total = len(next(iter(feeds.values())))
     if total - used >= batch:
-        return {k: v[used:used + SAMPLES] for k, v in feeds.items()}, "held-out calibration samples"
+        return {k: v[used:used + SAMPLES] for k, v in feeds.items()}, HELD_OUT
     return {k: v[:SAMPLES] for k, v in feeds.items()}, "calibration samples the statistics used"
 
 

@@ -87,6 +87,8 @@ class Statistics:
     # synthetic statistics: the input prior drawn from, and every candidate prior's channel imbalance
     prior: str | None = None
     imbalance: dict[str, float] = field(default_factory=dict)
+    # the inputs the sums came from, kept for refits that rerun them (``spa.sequential``)
+    feeds: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     def of(self, dim: Dim) -> ChannelStats | None:
         return self.channels.get(dim)
