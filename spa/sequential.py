@@ -41,6 +41,10 @@ from .plan import Plan
 from .statistics import MAX_GRAM_CHANNELS, MAX_ROWS_PER_BATCH, MIN_ROWS, ROWS_PER_CHANNEL, _exposing, batches
 
 
+# the dense model's input rows of every refitted layer are kept from one pass when they fit in this
+DENSE_CACHE_BYTES = 1 << 30
+
+
 @dataclass
 class SequentialRefit:
     layers: int  # layers refitted
@@ -66,7 +70,7 @@ class _Fit:
     keep: np.ndarray  # input channels that stay
     bias: bool
     pruned: np.ndarray  # sum x_p x_p^T over the kept channels (+ 1)
-    cross: np.ndarray  # sum x_d x_p^T
+    cross: np.ndarray  # sum x_d x_p^T over every channel (+ 1) and the kept ones
     dense: np.ndarray  # sum x_d x_d^T: for the error figures only
     count: int = 0
 
@@ -105,9 +109,10 @@ def sequential_refit(dense: onnx.ModelProto, weights: onnx.ModelProto, analysis:
     samples = len(next(iter(feeds.values())))
     outcome = SequentialRefit(0, 0, samples, 0.0)
     before, after = [], []
-    rng = np.random.default_rng([seed, 13])
+    rows = _Rows(feeds, dense, seed)
+    dense_cache = _dense_rows(dense, dense_graph, todo, rows, session, custom_ops)
     for wave in _waves(dense_graph, todo):
-        fits = _collect(dense, soft, wave, feeds, rng, session, custom_ops)
+        fits = _collect(dense, soft, dense_graph, wave, rows, dense_cache, session, custom_ops)
         outcome.passes += 1
         values: dict[str, np.ndarray] = {}
         for fit in fits:
@@ -132,48 +137,98 @@ def sequential_refit(dense: onnx.ModelProto, weights: onnx.ModelProto, analysis:
 
 def _waves(graph: ModelGraph, todo: list[tuple[LinearLayer, np.ndarray]]):
     """``todo`` (in graph order) cut into runs of layers none of which reads what another one's
-    refit changes: each run is refitted from one pass."""
-    wave: list[tuple[LinearLayer, np.ndarray]] = []
+    refit changes, each entry with its position in ``todo``: each run is refitted from one pass."""
+    wave: list[tuple[int, LinearLayer, np.ndarray]] = []
     downstream: set = set()
-    for layer, keep in todo:
+    for position, (layer, keep) in enumerate(todo):
         if wave and ("tensor", layer.activation.tensor) in downstream:
             yield wave
             wave, downstream = [], set()
-        wave.append((layer, keep))
+        wave.append((position, layer, keep))
         downstream |= nx.descendants(graph.nx, ("op", layer.node.name))
     if wave:
         yield wave
 
 
-def _collect(dense: onnx.ModelProto, soft: onnx.ModelProto, wave, feeds: dict[str, np.ndarray], rng,
+def _prefix(model: onnx.ModelProto, graph: ModelGraph, tensors: list[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``tensors``, with them as its outputs: onnxruntime runs
+    every node of a graph whatever is fetched, and early layers need only the first few."""
+    needed = set()
+    for name in tensors:
+        needed |= {key for kind, key in nx.ancestors(graph.nx, ("tensor", name)) if kind == "op"}
+    prefix = onnx.ModelProto()
+    prefix.CopyFrom(model)
+    nodes = [node for node in model.graph.node if node.name in needed]
+    del prefix.graph.node[:]
+    prefix.graph.node.extend(nodes)
+    del prefix.graph.output[:]
+    return _exposing(prefix, tensors)
+
+
+class _Rows:
+    """Which rows of each layer input enter the sums, the same for the dense and the pruned model
+    (the fit pairs them): at most the budget ``spa.statistics`` uses for X^T X."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], model: onnx.ModelProto, seed: int):
+        self.batches = list(batches(model, feeds))
+        self.seed = seed
+
+    def pick(self, position: int, batch: int, value: np.ndarray, axis: int) -> np.ndarray:
+        rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+        budget = max(ROWS_PER_CHANNEL * rows.shape[1], MIN_ROWS)
+        cap = min(MAX_ROWS_PER_BATCH, -(-budget // len(self.batches)))
+        if len(rows) <= cap:
+            return rows
+        rng = np.random.default_rng([self.seed, 13, position, batch])
+        return rows[np.sort(rng.choice(len(rows), cap, replace=False))]
+
+
+def _dense_rows(dense: onnx.ModelProto, graph: ModelGraph, todo, rows: _Rows, session, custom_ops):
+    """Every layer's dense input rows, from one pass, when they fit in DENSE_CACHE_BYTES (else None:
+    each pass then reruns the dense prefix)."""
+    size = 0
+    for layer, _ in todo:
+        shape = graph.shape(layer.activation.tensor)
+        channels = shape[layer.activation.axis] if shape else None
+        if not isinstance(channels, int):
+            return None
+        size += max(ROWS_PER_CHANNEL * channels, MIN_ROWS) * channels * 4
+    if size > DENSE_CACHE_BYTES:
+        return None
+    tensors = list(dict.fromkeys(layer.activation.tensor for layer, _ in todo))
+    run = session(_prefix(dense, graph, tensors), custom_ops=custom_ops)
+    cached: dict[int, list[np.ndarray]] = {position: [] for position in range(len(todo))}
+    for index, feed in enumerate(rows.batches):
+        values = dict(zip(tensors, run.run(tensors, feed)))
+        for position, (layer, _) in enumerate(todo):
+            cached[position].append(rows.pick(position, index, values[layer.activation.tensor], layer.activation.axis))
+    return cached
+
+
+def _collect(dense: onnx.ModelProto, soft: onnx.ModelProto, graph: ModelGraph, wave, rows: _Rows, dense_cache,
              session, custom_ops) -> list[_Fit]:
-    tensors = list(dict.fromkeys(layer.activation.tensor for layer, _ in wave))
-    dense_run = session(_exposing(dense, tensors), custom_ops=custom_ops)
-    pruned_run = session(_exposing(soft, tensors), custom_ops=custom_ops)
+    """The sums of one pass: the wave's inputs in the pruned model (and the dense one, unless cached)."""
+    tensors = list(dict.fromkeys(layer.activation.tensor for _, layer, _ in wave))
+    pruned_run = session(_prefix(soft, graph, tensors), custom_ops=custom_ops)
+    dense_run = None if dense_cache is not None else session(_prefix(dense, graph, tensors), custom_ops=custom_ops)
     fits = []
-    for layer, keep in wave:
+    for _, layer, keep in wave:
         width = len(keep) + (layer.bias is not None)
-        # the dense-side sums are sized on the first batch, which shows the input's width
-        fits.append(_Fit(layer, keep, layer.bias is not None, np.zeros((width, width)), None, None))
-    batch_list = list(batches(dense, feeds))
-    for feed in batch_list:
-        dense_values = dict(zip(tensors, dense_run.run(tensors, feed)))
+        dense_width = graph.shape(layer.weight)[layer.weight_axis] + (layer.bias is not None)
+        fits.append(_Fit(layer, keep, layer.bias is not None, np.zeros((width, width)),
+                         np.zeros((dense_width, width)), np.zeros((dense_width, dense_width))))
+    for index, feed in enumerate(rows.batches):
         pruned_values = dict(zip(tensors, pruned_run.run(tensors, feed)))
-        for fit in fits:
-            axis = fit.layer.activation.axis
-            x_d, x_p = dense_values[fit.layer.activation.tensor], pruned_values[fit.layer.activation.tensor]
-            if x_d.shape != x_p.shape or not np.issubdtype(x_d.dtype, np.floating):
+        dense_values = dict(zip(tensors, dense_run.run(tensors, feed))) if dense_run is not None else None
+        for fit, (position, layer, _) in zip(fits, wave):
+            axis, name = layer.activation.axis, layer.activation.tensor
+            if not np.issubdtype(pruned_values[name].dtype, np.floating):
                 continue
-            dense_rows = np.moveaxis(x_d, axis, -1).reshape(-1, x_d.shape[axis])
-            pruned_rows = np.moveaxis(x_p, axis, -1).reshape(-1, x_p.shape[axis])
-            cap = min(MAX_ROWS_PER_BATCH, -(-max(ROWS_PER_CHANNEL * dense_rows.shape[1], MIN_ROWS) // len(batch_list)))
-            if len(dense_rows) > cap:  # the same rows of both: the fit pairs them
-                chosen = np.sort(rng.choice(len(dense_rows), cap, replace=False))
-                dense_rows, pruned_rows = dense_rows[chosen], pruned_rows[chosen]
-            if fit.cross is None:
-                width = dense_rows.shape[1] + fit.bias
-                fit.cross, fit.dense = np.zeros((width, len(fit.pruned))), np.zeros((width, width))
-            fit.add(dense_rows, pruned_rows)
+            pruned_rows = rows.pick(position, index, pruned_values[name], axis)
+            dense_rows = (dense_cache[position][index] if dense_cache is not None
+                          else rows.pick(position, index, dense_values[name], axis))
+            if dense_rows.shape == pruned_rows.shape:
+                fit.add(dense_rows, pruned_rows)
     return fits
 
 
