@@ -38,7 +38,7 @@ from .groups import Analysis
 from .layers import LayerIndex, LinearLayer
 from .obs import DAMPING
 from .plan import Plan
-from .statistics import MAX_GRAM_CHANNELS, MAX_ROWS_PER_BATCH, MIN_ROWS, ROWS_PER_CHANNEL, _exposing, batches
+from .statistics import MAX_GRAM_CHANNELS, MIN_ROWS, ROWS_PER_CHANNEL, _exposing, batches, channel_rows
 
 
 # the dense model's input rows of every refitted layer are kept from one pass when they fit in this
@@ -174,13 +174,9 @@ class _Rows:
         self.seed = seed
 
     def pick(self, position: int, batch: int, value: np.ndarray, axis: int) -> np.ndarray:
-        rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
-        budget = max(ROWS_PER_CHANNEL * rows.shape[1], MIN_ROWS)
-        cap = min(MAX_ROWS_PER_BATCH, -(-budget // len(self.batches)))
-        if len(rows) <= cap:
-            return rows
+        # a generator per layer and batch: the pruned model's pass draws the dense pass's rows again
         rng = np.random.default_rng([self.seed, 13, position, batch])
-        return rows[np.sort(rng.choice(len(rows), cap, replace=False))]
+        return channel_rows(value, axis, len(self.batches), rng)
 
 
 def _dense_rows(dense: onnx.ModelProto, graph: ModelGraph, todo, rows: _Rows, session, custom_ops):

@@ -435,11 +435,7 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
             value = values[dim.tensor]
             if value.ndim == 0 or not np.issubdtype(value.dtype, np.floating):
                 continue
-            rows = np.moveaxis(value, dim.axis, -1).reshape(-1, value.shape[dim.axis])
-            budget = max(ROWS_PER_CHANNEL * rows.shape[1], MIN_ROWS)
-            cap = min(MAX_ROWS_PER_BATCH, -(-budget // len(batch_list)))
-            if len(rows) > cap:
-                rows = rows[np.sort(rng.choice(len(rows), cap, replace=False))]
+            rows = channel_rows(value, dim.axis, len(batch_list), rng)
             entry = stats.get(dim)
             if entry is None:
                 width = rows.shape[1]
@@ -448,6 +444,18 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
             entry.add(rows)
         del values
     return Statistics(source, samples, time.perf_counter() - start, stats)
+
+
+def channel_rows(value: np.ndarray, axis: int, batch_count: int, rng: np.random.Generator) -> np.ndarray:
+    """One batch's rows of ``value`` along its channel ``axis``, a random subset when there are more
+    than this batch's share of the budget (ROWS_PER_CHANNEL per channel, at least MIN_ROWS, over
+    ``batch_count`` batches)."""
+    rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+    budget = max(ROWS_PER_CHANNEL * rows.shape[1], MIN_ROWS)
+    cap = min(MAX_ROWS_PER_BATCH, -(-budget // batch_count))
+    if len(rows) > cap:
+        rows = rows[np.sort(rng.choice(len(rows), cap, replace=False))]
+    return rows
 
 
 def _exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
