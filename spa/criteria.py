@@ -129,18 +129,6 @@ def _group_layers(analysis: Analysis, group: Group, ctx: ScoreContext) -> list[t
     return [(layer, lookup[analysis.labels[layer.weight_dim]]) for layer in ctx.layers.of_group(group.dims)]
 
 
-def _matrix(analysis: Analysis, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """The layer's weight as [rows, input channels] (float64), its bias per row if any, and the
-    number of rows per output (a Conv's kernel positions)."""
-    graph = analysis.graph
-    matrix = layer.matrix(np.asarray(graph.const(layer.weight), dtype=np.float64))
-    if layer.bias is None:
-        return matrix, None, 1
-    bias = np.asarray(graph.const(layer.bias), dtype=np.float64)
-    kernel = len(matrix) // bias.size
-    return matrix, layer.bias_rows(bias, kernel), kernel
-
-
 @dataclass
 class LayerSystem:
     """A dense layer as OBS sees it: weights [rows, channels (+ bias column)], H^-1, E||W x||^2."""
@@ -158,7 +146,7 @@ def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
     compensation."""
     key = ("obs-layer", layer.weight_dim, id(stats))
     if key not in analysis.cache:
-        matrix, bias, kernel = _matrix(analysis, layer)
+        matrix, bias, kernel = layer.float_rows(analysis.graph.const)
         hessian = augmented_hessian(stats.second_moment, stats.mean if bias is not None else None)
         weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
         weights32 = weights.astype(np.float32)
@@ -220,7 +208,7 @@ def _per_channel(analysis: Analysis, group: Group, ctx: ScoreContext, channel_sc
         stats = _statistics_of(ctx, layer)
         if stats is None:
             continue
-        matrix, _, _ = _matrix(analysis, layer)
+        matrix, _, _ = layer.float_rows(analysis.graph.const)
         per_channel = channel_score(matrix, stats)
         mine = units >= 0
         per_unit = np.bincount(units[mine], per_channel[mine], minlength=len(group.units))

@@ -42,6 +42,17 @@ class LinearLayer:
             return np.moveaxis(matrix.reshape(moved), -1, 1)
         return matrix if self.weight_axis == 1 else matrix.T
 
+    def float_rows(self, const) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The weight as [rows, input channels] in float64, its bias per row if any, and the rows
+        per output (a Conv's kernel positions); ``const`` reads an initializer by name (the dense
+        graph's, or a refitted model's)."""
+        matrix = self.matrix(np.asarray(const(self.weight), dtype=np.float64))
+        if self.bias is None:
+            return matrix, None, 1
+        bias = np.asarray(const(self.bias), dtype=np.float64)
+        kernel = len(matrix) // bias.size
+        return matrix, self.bias_rows(bias, kernel), kernel
+
     def bias_rows(self, bias: np.ndarray, kernel: int) -> np.ndarray:
         """The bias per matrix row: a Conv's bias sits once per output, spread over its kernel rows."""
         flat = bias.reshape(-1)

@@ -230,13 +230,8 @@ def _collect(dense: onnx.ModelProto, soft: onnx.ModelProto, graph: ModelGraph, w
 
 def _augmented(layer: LinearLayer, const) -> tuple[np.ndarray, int]:
     """The layer as [rows, input channels (+ bias column)] in float64, and its rows per output."""
-    weight = np.asarray(const(layer.weight), dtype=np.float64)
-    matrix = layer.matrix(weight)
-    if layer.bias is None:
-        return matrix, 1
-    bias = np.asarray(const(layer.bias), dtype=np.float64)
-    kernel = len(matrix) // bias.size
-    return np.hstack([matrix, layer.bias_rows(bias, kernel)[:, None]]), kernel
+    matrix, bias, kernel = layer.float_rows(const)
+    return (np.hstack([matrix, bias[:, None]]) if bias is not None else matrix), kernel
 
 
 def _solve(target: np.ndarray, columns: np.ndarray, fit: _Fit) -> np.ndarray:
