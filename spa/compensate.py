@@ -122,7 +122,12 @@ def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for index, tensor in enumerate(out.graph.initializer):
-        if tensor.name in values:
-            out.graph.initializer[index].CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
+    replace_initializers(out, values)
     return out
+
+
+def replace_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Give the initializers named in ``values`` those values, in place."""
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name in values:
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
