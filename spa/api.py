@@ -455,18 +455,19 @@ def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, l
                                       feeds, seed, custom_ops)
     compensation.sequential = outcome.as_dict()
     compensation.refit = "sequential"
+    sequential = _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path)
     held_out, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1) if calibration \
         else (None, None)
     if held_out is None or source != fidelity.HELD_OUT:
-        return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path)
+        return sequential
     errors = {}
-    for name, candidate in (("layerwise", layerwise.model), ("sequential", model)):
-        hard = infer_shapes(apply_plan(candidate, ModelGraph(candidate), analysis, plan, prepared.opset))
+    for name, candidate in (("layerwise", layerwise), ("sequential", sequential)):
+        hard = infer_shapes(apply_plan(candidate.model, candidate.graph, analysis, plan, prepared.opset))
         measured = fidelity.measure(prepared.model, hard, held_out, source, custom_ops)
         errors[name] = float(np.mean([o.relative_error for o in measured.outputs])) if measured.outputs else 0.0
     compensation.held_out_error = errors
     if errors["sequential"] <= errors["layerwise"]:
-        return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path)
+        return sequential
     compensation.refit = "layerwise"
     return layerwise
 
