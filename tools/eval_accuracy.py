@@ -115,13 +115,16 @@ def params(path: Path) -> int:
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in (1, 10, 11, 16))
 
 
-def run_spa(bench: Bench, criterion: str, ratio: float, compensate: bool, samples: int, out: Path, seed: int = 0):
+def run_spa(bench: Bench, criterion: str, ratio: float, compensate: bool, samples: int, out: Path, seed: int = 0,
+            refit: str = "auto"):
     calib = None if criterion in DATA_FREE else bench.calib
     result = spa.prune(bench.model, ratio, criterion, calib=calib, calib_samples=samples, compensate=compensate,
-                       bench=False, seed=seed)
+                       bench=False, seed=seed, refit=refit)
     onnx.save(result.model, out)
     seconds = sum(v for k, v in result.report.seconds.items() if k not in ("validate",))
     note = "" if result.report.validation.soft_equal in (True, None) else "soft!=hard"
+    if compensate and refit != "auto":  # rows off spa's default say so
+        note = (note + " " if note else "") + f"--refit {refit}"
     return seconds, note
 
 
@@ -154,13 +157,13 @@ def run_onnxsim(bench: Bench, target_kept: float, samples: int, out: Path) -> tu
 
 
 def run_seeds(bench: Bench, criterion: str, ratio: float, compensate: bool, samples: int, out: Path,
-              seeds: int) -> tuple[float, float, float, str, float | None]:
+              seeds: int, refit: str = "auto") -> tuple[float, float, float, str, float | None]:
     """(metric, params kept, seconds, note, output error); ``random`` is the mean over ``seeds``
     draws, since one draw's accuracy on a small model swings by tens of points from seed to seed."""
     draws = seeds if criterion == "random" else 1
     metrics, errors, seconds, notes = [], [], 0.0, set()
     for seed in range(draws):
-        spent, note = run_spa(bench, criterion, ratio, compensate, samples, out, seed)
+        spent, note = run_spa(bench, criterion, ratio, compensate, samples, out, seed, refit)
         metrics.append(bench.evaluate(out))
         errors.append(bench.output_error(out))
         seconds += spent
@@ -172,7 +175,8 @@ def run_seeds(bench: Bench, criterion: str, ratio: float, compensate: bool, samp
     return float(np.mean(metrics)), params(out) / params(bench.model), seconds / draws, note, error
 
 
-def evaluate(bench: Bench, ratios, criteria, samples: int, with_onnxsim: bool, log, seeds: int = 3) -> list[Row]:
+def evaluate(bench: Bench, ratios, criteria, samples: int, with_onnxsim: bool, log, seeds: int = 3,
+             refit: str = "auto") -> list[Row]:
     dense_metric = bench.evaluate(bench.model)
     rows = [Row(bench.name, "dense", 0.0, None, 1.0, dense_metric, 0.0, 0.0)]
     log(rows[-1])
@@ -184,7 +188,7 @@ def evaluate(bench: Bench, ratios, criteria, samples: int, with_onnxsim: bool, l
                 for compensate in (False, True):
                     try:
                         metric, kept, seconds, note, error = run_seeds(bench, criterion, ratio, compensate, samples,
-                                                                       out, seeds)
+                                                                       out, seeds, refit)
                     except spa.SpaError as exc:
                         rows.append(Row(bench.name, criterion, ratio, compensate, float("nan"), float("nan"),
                                         float("nan"), 0.0, f"error: {exc}"))
@@ -315,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES)
     parser.add_argument("--random-seeds", type=int, default=3, help="draws averaged for the random criterion")
     parser.add_argument("--no-onnxsim", action="store_true")
+    parser.add_argument("--refit", choices=spa.api.REFITS, default="auto",
+                        help="spa's refit for the compensated rows (README rows: auto, spa's default)")
     parser.add_argument("--out", type=Path, help="write the markdown table (and the claims) here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--from-json", type=Path, nargs="*",
@@ -341,7 +347,7 @@ def main(argv=None) -> int:
             print(f"<!-- {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:100]}) -->", flush=True)
             continue
         rows += evaluate(bench, args.ratios, args.criteria, args.calib_samples, not args.no_onnxsim, log,
-                         args.random_seeds)
+                         args.random_seeds, args.refit)
     print("\n".join(["", "Claims:"] + claims(rows)))
     _write(rows, args.out, args.json)
     return 0
