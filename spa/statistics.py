@@ -446,12 +446,14 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
     return Statistics(source, samples, time.perf_counter() - start, stats)
 
 
-def channel_rows(value: np.ndarray, axis: int, batch_count: int, rng: np.random.Generator) -> np.ndarray:
+def channel_rows(value: np.ndarray, axis: int, batch_count: int, rng: np.random.Generator,
+                 width: int | None = None) -> np.ndarray:
     """One batch's rows of ``value`` along its channel ``axis``, a random subset when there are more
     than this batch's share of the budget (ROWS_PER_CHANNEL per channel, at least MIN_ROWS, over
-    ``batch_count`` batches)."""
+    ``batch_count`` batches). ``width`` sets the budget's channels instead of ``value``'s, so that
+    another tensor's rows at the same positions can be drawn with the same generator state."""
     rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
-    budget = max(ROWS_PER_CHANNEL * rows.shape[1], MIN_ROWS)
+    budget = max(ROWS_PER_CHANNEL * (width or rows.shape[1]), MIN_ROWS)
     cap = min(MAX_ROWS_PER_BATCH, -(-budget // batch_count))
     if len(rows) > cap:
         rows = rows[np.sort(rng.choice(len(rows), cap, replace=False))]

@@ -42,7 +42,7 @@ def _mlp_forward(model: onnx.ModelProto, x: np.ndarray, upto: str) -> np.ndarray
 
 
 def test_the_last_layer_is_the_least_squares_fit_on_the_pruned_models_own_inputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(sequential, "DAMPING", 1e-12)  # plain least squares, to compare with numpy's
+    monkeypatch.setattr(sequential, "RIDGES", (1e-12,))  # plain least squares, to compare with numpy's
     model = _three_layer_mlp()
     x = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
@@ -65,6 +65,99 @@ def test_the_last_layer_is_the_least_squares_fit_on_the_pruned_models_own_inputs
     assert np.allclose(got_w, solution[:-1], atol=1e-4) and np.allclose(got_b, solution[-1], atol=1e-4)
     figures = result.report.compensation["sequential"]
     assert figures["sequential_error"] < figures["layerwise_error"]
+
+
+def _residual_mlp() -> onnx.ModelProto:
+    """x -> h1 -> r (a residual stream) -> h2 -> o; the output is o + r. Pruning h1 moves r, so
+    the layer writing o sees its skip connection drift."""
+    g = Graph(seed=5)
+    x = g.input("x", ["n", 12])
+
+    def linear(value, cols, rows, name):
+        return g.op("Add", [g.op("MatMul", [value, g.weight(cols, rows)], name=name), g.weight(rows)])
+
+    h1 = g.op("Relu", [linear(x, 12, 20, "up1")])
+    r = linear(h1, 20, 10, "down1")
+    h2 = g.op("Relu", [linear(r, 10, 16, "up2")])
+    g.output(g.op("Add", [linear(h2, 16, 10, "down2"), r]))
+    return g.build()
+
+
+def _residual_forward(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every MatMul's input and the residual stream r, in numpy from the model's weights."""
+    const = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    linears = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            bias = next(n for n in model.graph.node if n.op_type == "Add" and node.output[0] in n.input)
+            linears[node.name] = (const[node.input[1]], const[next(i for i in bias.input if i in const)])
+    seen = {}
+
+    def apply(name, value):
+        seen[name] = value
+        w, b = linears[name]
+        return value @ w + b
+
+    r = apply("down1", np.maximum(apply("up1", x.astype(np.float64)), 0))
+    seen["out"] = apply("down2", np.maximum(apply("up2", r), 0)) + r
+    seen["r"] = r
+    return seen
+
+
+def test_a_layer_feeding_a_residual_add_also_takes_up_the_drift_of_its_skip_connection(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequential, "RIDGES", (1e-12,))
+    model = _residual_mlp()
+    x = np.random.default_rng(1).standard_normal((300, 12)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="sequential",
+                       bench=False)
+    assert result.report.compensation["sequential"]["layers"] == 2  # down1 and down2 lose input channels
+    dense, pruned = _residual_forward(model, x), _residual_forward(result.model, x)
+    down2 = next(n for n in model.graph.node if n.name == "down2")
+    w, b = initializer(model, down2.input[1]), initializer(model, _bias_of(model, down2))
+    # the pruned down2 plus the pruned skip should give the dense down2 plus the dense skip
+    wanted = dense["down2"] @ w + b + dense["r"] - pruned["r"]
+    design = np.hstack([pruned["down2"], np.ones((len(x), 1))])
+    solution = np.linalg.lstsq(design, wanted, rcond=None)[0]
+    node = next(n for n in result.model.graph.node if n.name == "down2")
+    got_w, got_b = initializer(result.model, node.input[1]), initializer(result.model, _bias_of(result.model, node))
+    assert got_w.shape == (12, 10)
+    assert np.allclose(got_w, solution[:-1], atol=1e-4) and np.allclose(got_b, solution[-1], atol=1e-4)
+    # without the drift term the fit is another one: the test tells them apart
+    plain = np.linalg.lstsq(design, dense["down2"] @ w + b, rcond=None)[0]
+    assert not np.allclose(got_w, plain[:-1], atol=1e-3)
+    assert np.abs(dense["out"] - pruned["out"]).mean() < np.abs(dense["out"] - _residual_forward(
+        spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="layerwise",
+                  bench=False).model, x)["out"]).mean()
+
+
+def _bias_of(model: onnx.ModelProto, matmul: onnx.NodeProto) -> str:
+    names = {t.name for t in model.graph.initializer}
+    add = next(n for n in model.graph.node if n.op_type == "Add" and matmul.output[0] in n.input)
+    return next(i for i in add.input if i in names)
+
+
+def _wide_mlp() -> onnx.ModelProto:
+    g = Graph(seed=7)
+    x = g.input("x", ["n", 16])
+    h1 = g.op("Relu", [g.op("Gemm", [x, g.weight(16, 96), g.weight(96)], name="fc1")])
+    h2 = g.op("Relu", [g.op("Gemm", [h1, g.weight(96, 96), g.weight(96)], name="fc2")])
+    g.output(g.op("Gemm", [h2, g.weight(96, 4), g.weight(4)], name="fc3"))
+    return g.build()
+
+
+def test_the_ridge_is_cross_validated_larger_when_rows_are_few(tmp_path):
+    """96 channels read by 48 rows cannot be fitted without a strong ridge; by 6,000 rows they can."""
+    x = np.random.default_rng(2).standard_normal((6000, 16)).astype(np.float32)
+    ridges = {}
+    for rows in (48, 6000):
+        np.savez(tmp_path / "calib.npz", x=x[:rows])
+        result = spa.prune(_wide_mlp(), 0.3, "obs", calib=tmp_path / "calib.npz", calib_samples=rows,
+                           refit="sequential", bench=False)
+        ridges[rows] = result.report.compensation["sequential"]["ridges"]
+        assert len(ridges[rows]) == 2 and set(ridges[rows]) <= set(sequential.RIDGES)
+    assert ridges[48][-1] > ridges[6000][-1]
+    assert ridges[6000][-1] <= 0.03
 
 
 def test_sequential_moves_held_out_outputs_less_than_layerwise_on_a_trained_cnn():
