@@ -255,19 +255,20 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         ratio = outcome.ratio if outcome else ratio
         timer.lap("search")
     plan = make_plan(analysis, scores, ratio, global_rank, round_to, normalise)
-    weights, compensation = prepared, None
+    weights, compensation, chosen = prepared, None, None
     if compensate:
         weights, compensation = _compensate(prepared, analysis, layers, plan, statistics)
         if plan.removed and statistics is not None and (refit == "sequential" or (refit == "auto" and calib_feeds)):
             _say(progress, "refit")
-            weights = _sequential(prepared, weights, analysis, layers, plan, calib_feeds or statistics.feeds,
-                                  calibration if refit == "auto" else None, calib_samples, compensation, seed,
-                                  tuple(custom_ops))
+            weights, chosen = _sequential(prepared, weights, analysis, layers, plan, calib_feeds or statistics.feeds,
+                                          calibration if refit == "auto" else None, calib_samples, compensation,
+                                          seed, tuple(custom_ops))
         timer.lap("compensate")
     _say(progress, "cut")
     workdir = tempfile.TemporaryDirectory(prefix="spa-") if is_lazy(prepared.model) else None
     spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
-    hard = infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset, spill=spill))
+    hard = chosen.hard if chosen else infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset,
+                                                              spill=spill))
     # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
     wanted = soft or (check and not is_lazy(prepared.model))
     soft_model = apply_plan(weights.model, weights.graph, analysis, plan, opset, soft=True) if wanted else None
@@ -277,7 +278,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         validation = _validate(prepared, weights, analysis, plan, hard, soft_model, seed, tuple(custom_ops),
                                progress, Path(workdir.name) if workdir else None)
         if calibration:
-            validation.fidelity = _fidelity(prepared, hard, calibration, calib_samples, tuple(custom_ops))
+            validation.fidelity = chosen.fidelity if chosen else _fidelity(prepared, hard, calibration,
+                                                                           calib_samples, tuple(custom_ops))
         if bench:
             validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
                                             tuple(custom_ops))
@@ -446,11 +448,20 @@ def _compensate(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, pla
     return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path), outcome
 
 
+@dataclass
+class _Chosen:
+    """The refit candidate ``--refit auto`` kept, already cut and measured on the held-out samples."""
+
+    hard: onnx.ModelProto
+    fidelity: fidelity.Fidelity
+
+
 def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, layers: LayerIndex, plan: Plan,
                 feeds: dict[str, np.ndarray], calibration: dict[str, np.ndarray] | None, used: int,
-                compensation: Compensation, seed: int, custom_ops: tuple[str, ...]) -> _Prepared:
+                compensation: Compensation, seed: int, custom_ops: tuple[str, ...]) -> tuple[_Prepared, _Chosen | None]:
     """The sequential refit of ``layerwise``; given ``calibration`` with samples past ``used``, it is
-    kept only if it moves those held-out outputs less than the layer-wise refit does."""
+    kept only if it moves those held-out outputs less than the layer-wise refit does, and the kept
+    candidate comes back cut and measured."""
     model, outcome = sequential_refit(prepared.model, layerwise.model, analysis, layers, plan, prepared.opset,
                                       feeds, seed, custom_ops)
     compensation.sequential = outcome.as_dict()
@@ -459,17 +470,18 @@ def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, l
     held_out, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1) if calibration \
         else (None, None)
     if held_out is None or source != fidelity.HELD_OUT:
-        return sequential
-    errors = {}
+        return sequential, None
+    candidates = {}
     for name, candidate in (("layerwise", layerwise), ("sequential", sequential)):
         hard = infer_shapes(apply_plan(candidate.model, candidate.graph, analysis, plan, prepared.opset))
-        measured = fidelity.measure(prepared.model, hard, held_out, source, custom_ops)
-        errors[name] = float(np.mean([o.relative_error for o in measured.outputs])) if measured.outputs else 0.0
+        candidates[name] = _Chosen(hard, fidelity.measure(prepared.model, hard, held_out, source, custom_ops))
+    errors = {name: float(np.mean([o.relative_error for o in c.fidelity.outputs])) if c.fidelity.outputs else 0.0
+              for name, c in candidates.items()}
     compensation.held_out_error = errors
     if errors["sequential"] <= errors["layerwise"]:
-        return sequential
+        return sequential, candidates["sequential"]
     compensation.refit = "layerwise"
-    return layerwise
+    return layerwise, candidates["layerwise"]
 
 
 def _score(analysis: Analysis, criterion: str, context: ScoreContext,
