@@ -46,7 +46,7 @@ from .groups import Analysis
 from .layers import LayerIndex, LinearLayer
 from .plan import Plan
 from .rules import Dim
-from .statistics import MAX_GRAM_CHANNELS, MIN_ROWS, ROWS_PER_CHANNEL, _exposing, batches, channel_rows
+from .statistics import MAX_GRAM_CHANNELS, MIN_ROWS, ROWS_PER_CHANNEL, exposing, batches, channel_rows
 
 
 # the dense model's input rows of every refitted layer are kept from one pass when they fit in this
@@ -208,7 +208,7 @@ def _prefix(model: onnx.ModelProto, graph: ModelGraph, tensors: list[str]) -> on
     del prefix.graph.node[:]
     prefix.graph.node.extend(nodes)
     del prefix.graph.output[:]
-    return _exposing(prefix, tensors)
+    return exposing(prefix, tensors)
 
 
 class _Rows:

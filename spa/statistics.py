@@ -422,7 +422,7 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
 
     start = time.perf_counter()
     tensors = list(dict.fromkeys(d.tensor for d in wanted))
-    exposed = _exposing(model, tensors)
+    exposed = exposing(model, tensors)
     run = session(exposed, custom_ops=custom_ops)
     rng = np.random.default_rng([seed, 11])
     stats: dict[Dim, ChannelStats] = {}
@@ -460,7 +460,7 @@ def channel_rows(value: np.ndarray, axis: int, batch_count: int, rng: np.random.
     return rows
 
 
-def _exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """The model with ``tensors`` added as graph outputs (typed where shape inference knew them)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
