@@ -1,0 +1,229 @@
+"""Why data-free pruning fails on the PP-OCRv4 recogniser: which use of the statistics breaks.
+
+    python tools/ocr_data_free.py [swap] [blend] [priors] [damping] [chars] [--ratios 0.2 0.3 0.5]
+
+``obspa`` uses synthetic statistics twice: to rank channels and to refit the kept weights. Each
+experiment prunes the recogniser with ``obspa`` and measures exact match on the rendered lines of
+``tools/accuracy_suites.py`` (the calibration lines are the "real" statistics):
+
+- swap: rank with one source of statistics and refit with the other (layer-wise, and sequential
+  for synthetic ranking with a real refit);
+- blend: the synthetic refit, each layer's weights blended between no refit and the full refit,
+  the blend (0, 1/4, ..., 1) chosen per layer by the output error on the real lines' second
+  moment: an oracle no data-free method has, to see whether a better-judged refit would do;
+- priors: each of spa's input priors forced in turn (``--mix 0,13`` draws equal shares from
+  several instead);
+- damping: the refit's synthetic Hessian damped by 0.1, 1 and 10 times its mean diagonal
+  instead of spa's 0.01 (the ranking keeps 0.01);
+- chars: character accuracy (1 - edit distance / characters) of random, l1 and obspa, with and
+  without compensation: what exact match cannot tell apart once every line has an error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import spa  # noqa: E402
+import spa.api as api  # noqa: E402
+import spa.statistics as statistics  # noqa: E402
+import accuracy_suites  # noqa: E402
+from spa.compensate import Compensation, replace_initializers  # noqa: E402
+import spa.obs as obs  # noqa: E402
+from spa.obs import augmented_hessian, inverse, obs_update  # noqa: E402
+
+CALIB_SAMPLES = 128
+BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class Bench:
+    def __init__(self, out: Path):
+        suite = accuracy_suites.ppocr_rec_suite()
+        self.model, self.calib, self.score, self.out = suite.model, suite.calib_file, suite.evaluate, out
+
+    def run(self, ratio: float, criterion: str = "obspa", **options) -> onnx.ModelProto:
+        return spa.prune(self.model, ratio, criterion, check=False, **options).model
+
+    def evaluate(self, model: onnx.ModelProto, score=None) -> float:
+        onnx.save(model, self.out)
+        return (score or self.score)(self.out)
+
+
+def _both_statistics(store: dict):
+    """api._statistics returning the real or the synthetic statistics as ``store['refit']`` says,
+    and scoring with ``store['rank']``: prune is called with --calib so both can be collected."""
+    collect = api._statistics
+    score = api._score
+
+    def statistics_of(prepared, analysis, layers, calib, *rest):
+        store["synthetic"] = collect(prepared, analysis, layers, None, *rest)
+        store["real"] = collect(prepared, analysis, layers, calib, *rest)
+        return store[store["refit"]]
+
+    def scores(analysis, criterion, context, progress):
+        context.statistics = store[store["rank"]]
+        return score(analysis, criterion, context, progress)
+
+    api._statistics, api._score = statistics_of, scores
+
+
+def swap(bench: Bench, ratios: list[float]) -> None:
+    store: dict = {}
+    _both_statistics(store)
+    for rank, refit, how in (("synthetic", "real", "layerwise"), ("synthetic", "real", "sequential"),
+                             ("real", "synthetic", "layerwise")):
+        store["rank"], store["refit"] = rank, refit
+        figures = [bench.evaluate(bench.run(r, calib=bench.calib, calib_samples=CALIB_SAMPLES, refit=how))
+                   for r in ratios]
+        print(f"rank {rank}, refit {refit} ({how}): " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
+
+
+def blend(bench: Bench, ratios: list[float]) -> None:
+    real_feeds = {}
+
+    def refit_blended(prepared, analysis, layers, plan, synthetic):
+        real = api._statistics(prepared, analysis, layers, real_feeds, None, 1, 0, (), None)
+        graph, values, chosen = analysis.graph, {}, []
+        for layer in layers.layers:
+            gone = np.isin(analysis.labels[layer.weight_dim], plan.removed_units)
+            s, r = synthetic.of(layer.activation), real.of(layer.activation)
+            if not gone.any() or s is None or s.gram is None or r is None:
+                continue
+            matrix, bias, kernel = layer.float_rows(graph.const)
+            weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
+            q = np.flatnonzero(gone)
+            full, _ = obs_update(weights, inverse(augmented_hessian(s.second_moment, s.mean if bias is not None
+                                                                    else None)), q)
+            none = weights.copy()
+            none[:, q] = 0
+            judge = augmented_hessian(r.second_moment, r.mean if bias is not None else None)
+
+            def error(candidate):
+                delta = weights - candidate
+                return float(np.einsum("ij,jk,ik->", delta, judge, delta))
+
+            share = min(BLENDS, key=lambda a: error(none + a * (full - none)))
+            chosen.append(share)
+            mixed = none + share * (full - none)
+            channels = matrix.shape[1]
+            weight = graph.const(layer.weight)
+            values[layer.weight] = layer.unmatrix(mixed[:, :channels], weight.shape).astype(weight.dtype)
+            if bias is not None:
+                old = graph.const(layer.bias)
+                values[layer.bias] = mixed[:, channels].reshape(-1, kernel).sum(axis=1).reshape(old.shape).astype(
+                    old.dtype)
+        model = onnx.ModelProto()
+        model.CopyFrom(prepared.model)
+        replace_initializers(model, values)
+        print(f"  blends chosen: {chosen}", flush=True)
+        return (api._Prepared(prepared.name, model, api.ModelGraph(model), prepared.opset, prepared.path),
+                Compensation(layers=len(values)))
+
+    calibration = np.load(bench.calib)
+    real_feeds.update({k: calibration[k][:CALIB_SAMPLES] for k in calibration.files})
+    api._compensate = refit_blended
+    figures = [bench.evaluate(bench.run(r, refit="layerwise")) for r in ratios]
+    print("synthetic refit, blend per layer judged on the real lines: " + " / ".join(f"{f:.3f}" for f in figures),
+          flush=True)
+
+
+def priors(bench: Bench, ratios: list[float], mix: list[int] | None) -> None:
+    def forced(indices):
+        def feeds(model, samples, seed, prior=statistics.SMOOTH_NOISE):
+            fields = statistics._noise_fields(model, samples, seed)
+            parts = np.array_split(np.arange(samples), len(indices))
+            drawn = [statistics._drawn(model, {k: v[part] for k, v in fields.items()}, statistics.PRIORS[i])
+                     for part, i in zip(parts, indices)]
+            return {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
+        return feeds
+
+    runs = [mix] if mix else [[i] for i in range(len(statistics.PRIORS))]
+    for indices in runs:
+        api.synthetic_feeds = forced(indices)
+        api.choose_prior = lambda *a, **k: (statistics.SMOOTH_NOISE, {})
+        figures = [bench.evaluate(bench.run(r)) for r in ratios]
+        names = " + ".join(statistics.PRIORS[i].name for i in indices)
+        print(f"{indices} {names}: " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
+
+
+def damping(bench: Bench, ratios: list[float]) -> None:
+    refit = api._compensate
+    level = {}
+
+    def damped(prepared, analysis, layers, plan, statistics):
+        # the layer systems the ranking built (and cached) used the default damping
+        for key in [k for k in analysis.cache if isinstance(k, tuple) and k[0] == "obs-layer"]:
+            del analysis.cache[key]
+        default, obs.DAMPING = obs.DAMPING, level["damping"]
+        try:
+            return refit(prepared, analysis, layers, plan, statistics)
+        finally:
+            obs.DAMPING = default
+
+    api._compensate = damped
+    for value in (0.1, 1.0, 10.0):
+        level["damping"] = value
+        figures = [bench.evaluate(bench.run(r)) for r in ratios]
+        print(f"refit damping {value:g}: " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
+
+
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def chars(bench: Bench, ratios: list[float]) -> None:
+    keys = accuracy_suites._rec_keys(bench.model)
+    words = accuracy_suites._words(accuracy_suites.lee_sentences(accuracy_suites.accuracy_dir()), set(keys[1:]))
+    texts, images = accuracy_suites._text_lines(words, accuracy_suites.OCR_EVAL, seed=0)
+
+    def accuracy(path: Path) -> float:
+        read = accuracy_suites.read_lines(accuracy_suites._session(path), images, keys)
+        wrong = sum(_edit_distance(r.strip(), t) for r, t in zip(read, texts))
+        return max(0.0, 1 - wrong / sum(len(t) for t in texts))
+
+    print(f"dense: {accuracy(bench.model):.3f}")
+    for ratio in ratios:
+        row = [f"{c} {'on' if comp else 'off'} {bench.evaluate(bench.run(ratio, c, compensate=comp), accuracy):.3f}"
+               for c in ("random", "l1", "obspa") for comp in (False, True)]
+        print(f"ratio {ratio}: " + ", ".join(row), flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiments", nargs="*", default=["swap", "blend", "priors", "damping", "chars"],
+                        choices=["swap", "blend", "priors", "damping", "chars"])
+    parser.add_argument("--ratios", nargs="*", type=float, default=None)
+    parser.add_argument("--mix", type=lambda text: [int(i) for i in text.split(",")], default=None,
+                        help="priors: draw equal shares from these PRIORS indices instead of one at a time")
+    parser.add_argument("--out", type=Path, default=Path("ocr_data_free.onnx"), help="scratch model file")
+    args = parser.parse_args(argv)
+    bench = Bench(args.out)
+    defaults = {"swap": [0.2, 0.3, 0.5], "blend": [0.1, 0.2, 0.3], "priors": [0.1, 0.2], "damping": [0.1, 0.2, 0.3],
+                "chars": [0.2, 0.3, 0.5]}
+    saved = (api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior)
+    for name in args.experiments:
+        print(f"## {name}", flush=True)
+        ratios = args.ratios or defaults[name]
+        if name == "priors":
+            priors(bench, ratios, args.mix)
+        else:
+            {"swap": swap, "blend": blend, "damping": damping, "chars": chars}[name](bench, ratios)
+        api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior = saved
+    args.out.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
