@@ -365,6 +365,8 @@ def _data_lines(r: dict) -> list[str]:
     if stats:
         lines.append(f"scored: {criterion}, statistics of {stats['tensors']} layer inputs from {stats['samples']} "
                      f"{stats['source']} samples ({stats['seconds']:.1f} s)")
+        if stats.get("padded_tokens"):
+            lines.append(f"        {stats['padded_tokens']} padded token positions (attention mask 0) left out")
         if stats.get("input_prior"):
             imbalance = stats["prior_imbalance"]
             default = SMOOTH_NOISE.name

@@ -46,7 +46,8 @@ from .groups import Analysis
 from .layers import LayerIndex, LinearLayer
 from .plan import Plan
 from .rules import Dim
-from .statistics import MAX_GRAM_CHANNELS, MIN_ROWS, ROWS_PER_CHANNEL, exposing, batches, channel_rows
+from .statistics import (MAX_GRAM_CHANNELS, MIN_ROWS, ROWS_PER_CHANNEL, batches, channel_rows, exposing,
+                         padding_masks, token_mask)
 
 
 # the dense model's input rows of every refitted layer are kept from one pass when they fit in this
@@ -218,13 +219,15 @@ class _Rows:
     def __init__(self, feeds: dict[str, np.ndarray], model: onnx.ModelProto, seed: int):
         self.batches = list(batches(model, feeds))
         self.seed = seed
+        masks = padding_masks(model)
+        self.tokens = [token_mask(feed, masks) for feed in self.batches]  # padded positions stay out
 
     def pick(self, position: int, batch: int, value: np.ndarray, axis: int, width: int | None = None) -> np.ndarray:
         """``width``: the layer input's channels, when ``value`` is another tensor (a skip connection)
         whose rows must sit at the same positions."""
         # a generator per layer and batch: the pruned model's pass draws the dense pass's rows again
         rng = np.random.default_rng([self.seed, 13, position, batch])
-        return channel_rows(value, axis, len(self.batches), rng, width)
+        return channel_rows(value, axis, len(self.batches), rng, width, self.tokens[batch])
 
 
 def _dense_rows(dense: onnx.ModelProto, graph: ModelGraph, todo, rows: _Rows, session, custom_ops):

@@ -89,13 +89,14 @@ class Statistics:
     imbalance: dict[str, float] = field(default_factory=dict)
     # the inputs the sums came from, kept for refits that rerun them (``spa.sequential``)
     feeds: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    padded_tokens: int = 0  # positions an attention mask marks as padding, left out of the sums
 
     def of(self, dim: Dim) -> ChannelStats | None:
         return self.channels.get(dim)
 
     def summary(self) -> dict:
         summary = {"source": self.source, "samples": self.samples, "tensors": len(self.channels),
-                   "seconds": round(self.seconds, 3)}
+                   "seconds": round(self.seconds, 3), "padded_tokens": self.padded_tokens}
         if self.prior is not None:
             summary["input_prior"] = self.prior
             summary["prior_imbalance"] = {name: round(value, 4) for name, value in self.imbalance.items()}
@@ -426,16 +427,19 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
     run = session(exposed, custom_ops=custom_ops)
     rng = np.random.default_rng([seed, 11])
     stats: dict[Dim, ChannelStats] = {}
-    samples = 0
+    samples = padded = 0
     batch_list = list(batches(model, feeds))
+    masks = padding_masks(model)
     for feed in batch_list:
         values = dict(zip(tensors, run.run(tensors, feed)))
         samples += len(next(iter(feed.values())))
+        tokens = token_mask(feed, masks)
+        padded += int((~tokens).sum()) if tokens is not None else 0
         for dim in wanted:
             value = values[dim.tensor]
             if value.ndim == 0 or not np.issubdtype(value.dtype, np.floating):
                 continue
-            rows = channel_rows(value, dim.axis, len(batch_list), rng)
+            rows = channel_rows(value, dim.axis, len(batch_list), rng, tokens=tokens)
             entry = stats.get(dim)
             if entry is None:
                 width = rows.shape[1]
@@ -443,21 +447,47 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
                                                   np.zeros((width, width)) if gram and width <= MAX_GRAM_CHANNELS else None)
             entry.add(rows)
         del values
-    return Statistics(source, samples, time.perf_counter() - start, stats)
+    return Statistics(source, samples, time.perf_counter() - start, stats, padded_tokens=padded)
 
 
 def channel_rows(value: np.ndarray, axis: int, batch_count: int, rng: np.random.Generator,
-                 width: int | None = None) -> np.ndarray:
+                 width: int | None = None, tokens: np.ndarray | None = None) -> np.ndarray:
     """One batch's rows of ``value`` along its channel ``axis``, a random subset when there are more
     than this batch's share of the budget (ROWS_PER_CHANNEL per channel, at least MIN_ROWS, over
     ``batch_count`` batches). ``width`` sets the budget's channels instead of ``value``'s, so that
-    another tensor's rows at the same positions can be drawn with the same generator state."""
+    another tensor's rows at the same positions can be drawn with the same generator state.
+    ``tokens`` ([batch, tokens] booleans, ``token_mask``) leaves out the padded positions of a
+    [batch, tokens, channels] value."""
     rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+    if tokens is not None and value.ndim == 3 and axis == 2 and value.shape[:2] == tokens.shape:
+        rows = rows[tokens.reshape(-1)]
     budget = max(ROWS_PER_CHANNEL * (width or rows.shape[1]), MIN_ROWS)
     cap = min(MAX_ROWS_PER_BATCH, -(-budget // batch_count))
     if len(rows) > cap:
         rows = rows[np.sort(rng.choice(len(rows), cap, replace=False))]
     return rows
+
+
+def padding_masks(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that can be attention masks: integer or boolean, [batch, tokens], indexing no
+    embedding table (token and token-type ids do)."""
+    tables = _embedding_rows(model)
+    return [i.name for i in graph_inputs(model) if np.dtype(_numpy_type(i)).kind in "iub"
+            and i.name not in tables and len(i.type.tensor_type.shape.dim) == 2]
+
+
+def token_mask(feed: dict[str, np.ndarray], masks: list[str]) -> np.ndarray | None:
+    """Which positions of a batch are real tokens, from the first of ``masks`` in ``feed`` that holds
+    only 0 and 1 and pads something; None when nothing is padded.
+
+    Why leave padding out: a calibration batch of sentences padded to one length is mostly padding
+    (all-MiniLM-L6-v2's 128 news sentences at 64 tokens: over half), and the model's output there
+    is never read, so fitting layers to it spends the refit on rows that do not matter."""
+    for name in masks:
+        value = feed.get(name)
+        if value is not None and value.ndim == 2 and np.isin(value, (0, 1)).all() and not value.all():
+            return value.astype(bool)
+    return None
 
 
 def exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:

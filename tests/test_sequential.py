@@ -210,3 +210,56 @@ def test_cli_reports_the_refit_and_rejects_an_unknown_one(tmp_path):
     bad = runner.invoke(main, ["prune", str(MODELS / "mnist_cnn.onnx"), "--refit", "greedy", "-o",
                                str(tmp_path / "q.onnx")])
     assert bad.exit_code == 2 and not (tmp_path / "q.onnx").exists()
+
+
+def _masked_encoder() -> onnx.ModelProto:
+    """Token embeddings, zeroed at padding by the attention mask, through two linears per token."""
+    g = Graph(seed=9)
+    ids = g.input("input_ids", ["n", 6], onnx.TensorProto.INT64)
+    mask = g.input("attention_mask", ["n", 6], onnx.TensorProto.INT64)
+    embedded = g.op("Gather", [g.weight(50, 10), ids])
+    scale = g.op("Unsqueeze", [g.op("Cast", [mask], to=onnx.TensorProto.FLOAT), g.const(np.array([-1]))])
+    tokens = g.op("Add", [g.op("Mul", [embedded, scale]), g.weight(10)])  # padding still carries the shift
+    hidden = g.op("Relu", [g.op("Add", [g.op("MatMul", [tokens, g.weight(10, 24)], name="up"), g.weight(24)])])
+    g.output(g.op("Add", [g.op("MatMul", [hidden, g.weight(24, 5)], name="down"), g.weight(5)]))
+    return g.build()
+
+
+def test_padded_positions_stay_out_of_the_statistics_and_the_refit(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequential, "RIDGES", (1e-12,))
+    model = _masked_encoder()
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 50, (300, 6))
+    lengths = rng.integers(2, 7, 300)
+    mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int64)
+    np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=mask)
+    result = spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="sequential",
+                       bench=False)
+    assert result.report.statistics["padded_tokens"] == int((mask == 0).sum()) > 0
+    # the refit of "down" is the least squares over the real tokens only
+
+    def hidden_and_out(m):
+        weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
+        nodes = {n.name: n for n in m.graph.node}
+        table = weights[next(n for n in m.graph.node if n.op_type == "Gather").input[0]]
+        shift = weights[next(i for n in m.graph.node if n.op_type == "Add" for i in n.input
+                             if i in weights and weights[i].shape == table.shape[1:])]
+        x = table[ids] * mask[..., None] + shift
+        up, down = nodes["up"], nodes["down"]
+        h = np.maximum(x @ weights[up.input[1]] + weights[_bias_of(m, up)], 0)
+        return h, h @ weights[down.input[1]] + weights[_bias_of(m, down)]
+
+    real = mask.astype(bool)
+    dense_hidden, dense_out = hidden_and_out(model)
+    pruned_hidden, _ = hidden_and_out(result.model)
+    design = np.hstack([pruned_hidden[real], np.ones((int(real.sum()), 1))])
+    solution = np.linalg.lstsq(design, dense_out[real], rcond=None)[0]
+    down = next(n for n in result.model.graph.node if n.name == "down")
+    got_w = initializer(result.model, down.input[1])
+    assert got_w.shape == (18, 5)
+    assert np.allclose(got_w, solution[:-1], atol=1e-4)
+    assert np.allclose(initializer(result.model, _bias_of(result.model, down)), solution[-1], atol=1e-4)
+    # over every position, padding included, the fit would be another one
+    everywhere = np.hstack([pruned_hidden.reshape(-1, 18), np.ones((ids.size, 1))])
+    assert not np.allclose(got_w, np.linalg.lstsq(everywhere, dense_out.reshape(-1, 5), rcond=None)[0][:-1],
+                           atol=1e-3)
