@@ -26,7 +26,7 @@ exposed and only running sums kept (as ``spa.statistics`` does); the dense input
 pass at the start, or, past DENSE_CACHE_BYTES, from the dense prefix beside each pass.
 
 Why it is not the default without data: fitted to synthetic inputs it follows them too closely
-(PP-OCRv4 rec at ratio 0.1: 0.750 exact match layer-wise, 0.255 sequential); with calibration
+(PP-OCRv4 rec at ratio 0.1: 0.750 exact match layer-wise, 0.075 sequential); with calibration
 data, ``--refit auto`` keeps it where held-out samples say it moved the outputs less (README,
 *Accuracy*).
 """
