@@ -77,18 +77,13 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
         system = layer_system(analysis, layer, stats)
         q = np.flatnonzero(gone)
         refit, loss = obs_update(system.weights, system.hessian_inv, q)
-        channels = len(labels)
         dropped = system.weights[:, q]
         # the loss without refit: E||W_Q x_Q||^2, from the second moment's Q block
         raw = float(np.einsum("ij,jk,ik->", dropped, stats.second_moment[np.ix_(q, q)], dropped))
         errors.append(loss / system.energy)
         raw_errors.append(raw / system.energy)
-        new_values[layer.weight] = layer.unmatrix(refit[:, :channels], weight.shape).astype(weight.dtype)
-        if system.has_bias:
-            bias = graph.const(layer.bias)
-            new_bias = refit[:, channels].reshape(-1, system.kernel).sum(axis=1)
-            new_values[layer.bias] = new_bias.reshape(bias.shape).astype(bias.dtype)
-            result.biases += 1
+        new_values.update(layer.tensors(refit, graph.const))
+        result.biases += system.has_bias
         result.layers += 1
     if errors:
         result.mean_output_error = float(np.mean(errors))

@@ -136,7 +136,6 @@ class LayerSystem:
     weights: np.ndarray
     hessian_inv: np.ndarray
     energy: float
-    kernel: int  # matrix rows per output (a Conv's kernel positions)
     has_bias: bool
 
 
@@ -146,13 +145,12 @@ def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
     compensation."""
     key = ("obs-layer", layer.weight_dim, id(stats))
     if key not in analysis.cache:
-        matrix, bias, kernel = layer.float_rows(analysis.graph.const)
-        hessian = augmented_hessian(stats.second_moment, stats.mean if bias is not None else None)
-        weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
+        weights = layer.augmented_rows(analysis.graph.const)
+        has_bias = layer.bias is not None
+        hessian = augmented_hessian(stats.second_moment, stats.mean if has_bias else None)
         weights32 = weights.astype(np.float32)
         energy = float(np.einsum("ij,ij->", weights32 @ hessian.astype(np.float32), weights32, dtype=np.float64))
-        analysis.cache[key] = LayerSystem(weights, inverse(hessian), energy if energy > 0 else 1.0, kernel,
-                                          bias is not None)
+        analysis.cache[key] = LayerSystem(weights, inverse(hessian), energy if energy > 0 else 1.0, has_bias)
     return analysis.cache[key]
 
 

@@ -53,6 +53,24 @@ class LinearLayer:
         kernel = len(matrix) // bias.size
         return matrix, self.bias_rows(bias, kernel), kernel
 
+    def augmented_rows(self, const) -> np.ndarray:
+        """``float_rows`` with the bias as a last column when the layer has one: the weight of the
+        constant input that OBS and the refits add to x."""
+        matrix, bias, _ = self.float_rows(const)
+        return np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
+
+    def tensors(self, rows: np.ndarray, const) -> dict[str, np.ndarray]:
+        """The inverse of ``augmented_rows``: the weight (and bias) initializers holding ``rows``, in
+        the shapes and dtypes ``const`` gives them."""
+        weight = np.asarray(const(self.weight))
+        channels = weight.shape[self.weight_axis]
+        values = {self.weight: self.unmatrix(rows[:, :channels], weight.shape).astype(weight.dtype)}
+        if self.bias is not None:
+            bias = np.asarray(const(self.bias))
+            per_output = rows[:, channels].reshape(-1, len(rows) // bias.size).sum(axis=1)  # a Conv's kernel rows
+            values[self.bias] = per_output.reshape(bias.shape).astype(bias.dtype)
+        return values
+
     def bias_rows(self, bias: np.ndarray, kernel: int) -> np.ndarray:
         """The bias per matrix row: a Conv's bias sits once per output, spread over its kernel rows."""
         flat = bias.reshape(-1)

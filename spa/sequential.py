@@ -164,15 +164,15 @@ def sequential_refit(dense: onnx.ModelProto, weights: onnx.ModelProto, analysis:
             if fit.count == 0:
                 continue
             layer = fit.layer
-            target, kernel = _augmented(layer, dense_graph.const)
+            target = layer.augmented_rows(dense_graph.const)
             columns = np.append(fit.keep, target.shape[1] - 1) if fit.bias else fit.keep
-            current, _ = _augmented(layer, layerwise.const)
+            current = layer.augmented_rows(layerwise.const)
             ridge = _choose_ridge(target, columns, fit)
             refit = _solve(target, columns, fit, ridge)
             outcome.ridges.append(ridge)
             before.append(_relative_error(current[:, columns], target, fit))
             after.append(_relative_error(refit, target, fit))
-            values.update(_as_tensors(dense_graph, layer, fit, refit, kernel))
+            values.update(_as_tensors(dense_graph, layer, fit, refit))
             outcome.layers += 1
         replace_initializers(out, values)
         replace_initializers(soft, {name: zeroed(name, value) for name, value in values.items()})
@@ -294,7 +294,7 @@ def _collect(dense: onnx.ModelProto, soft: onnx.ModelProto, graph: ModelGraph, w
     fits = []
     for position, layer, keep in wave:
         skip = skips[position]
-        outputs = graph.shape(skip.tensor)[skip.axis] if skip is not None else None
+        outputs = _width(graph, skip) if skip is not None else None
         folds = FOLDS if len(rows.batches) >= FOLDS and len(keep) <= CV_MAX_CHANNELS else 1
         fits.append(_Fit.empty(layer, keep, graph.shape(layer.weight)[layer.weight_axis], outputs, folds))
     for index, feed in enumerate(rows.batches):
@@ -323,19 +323,13 @@ def _collect(dense: onnx.ModelProto, soft: onnx.ModelProto, graph: ModelGraph, w
     return fits
 
 
-def _augmented(layer: LinearLayer, const) -> tuple[np.ndarray, int]:
-    """The layer as [rows, input channels (+ bias column)] in float64, and its rows per output."""
-    matrix, bias, kernel = layer.float_rows(const)
-    return (np.hstack([matrix, bias[:, None]]) if bias is not None else matrix), kernel
-
-
 def _solve(target: np.ndarray, columns: np.ndarray, fit: _Fit, ridge: float, folds=slice(None)) -> np.ndarray:
     """The ridge least-squares weights over the kept columns (+ bias), pulled towards the dense ones,
     from the sums of ``folds``; ``ridge`` is relative to the mean diagonal of the whole gram."""
     count = fit.counts[folds].sum()
     gram = fit.pruned[folds].sum(axis=0) / count
     channels = len(fit.keep)
-    diagonal = np.diag(fit.pruned.sum(axis=0))[:channels] / fit.count
+    diagonal = np.einsum("kii->i", fit.pruned)[:channels] / fit.count  # the whole gram's, whatever the folds
     scaled = ridge * (float(diagonal.mean()) if channels and diagonal.mean() > 0 else 1.0)
     gram[np.arange(channels), np.arange(channels)] += scaled  # not the bias entry
     prior = np.zeros((len(target), len(columns)))
@@ -375,18 +369,15 @@ def _relative_error(weights: np.ndarray, target: np.ndarray, fit: _Fit) -> float
              - 2 * float(np.einsum("ij,jk,ik->", weights, cross.T, target)) + energy)
     if fit.drift is not None:
         error += (-2 * float(np.einsum("ij,ij->", weights, fit.drift.sum(axis=0)))
-                  + 2 * float(np.einsum("ij,jk,ki->", target, fit.drift_dense, np.eye(len(target))))
+                  + 2 * float(np.einsum("ij,ji->", target, fit.drift_dense))
                   + fit.drift_energy)
     return max(error, 0.0) / energy if energy > 0 else 0.0
 
 
-def _as_tensors(graph: ModelGraph, layer: LinearLayer, fit: _Fit, refit: np.ndarray, kernel: int) -> dict:
-    weight = np.asarray(graph.const(layer.weight))
-    channels = len(fit.keep)
-    matrix = np.zeros((len(refit), weight.shape[layer.weight_axis]))
-    matrix[:, fit.keep] = refit[:, :channels]
-    values = {layer.weight: layer.unmatrix(matrix, weight.shape).astype(weight.dtype)}
+def _as_tensors(graph: ModelGraph, layer: LinearLayer, fit: _Fit, refit: np.ndarray) -> dict:
+    """The layer's initializers from the refit over the kept columns (+ bias): removed columns are zero."""
+    rows = np.zeros((len(refit), graph.shape(layer.weight)[layer.weight_axis] + fit.bias))
+    rows[:, fit.keep] = refit[:, :len(fit.keep)]
     if fit.bias:
-        bias = np.asarray(graph.const(layer.bias))
-        values[layer.bias] = refit[:, channels].reshape(-1, kernel).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
-    return values
+        rows[:, -1] = refit[:, -1]
+    return layer.tensors(rows, graph.const)

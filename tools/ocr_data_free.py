@@ -95,14 +95,13 @@ def blend(bench: Bench, ratios: list[float]) -> None:
             s, r = synthetic.of(layer.activation), real.of(layer.activation)
             if not gone.any() or s is None or s.gram is None or r is None:
                 continue
-            matrix, bias, kernel = layer.float_rows(graph.const)
-            weights = np.hstack([matrix, bias[:, None]]) if bias is not None else matrix
+            weights = layer.augmented_rows(graph.const)
+            has_bias = layer.bias is not None
             q = np.flatnonzero(gone)
-            full, _ = obs_update(weights, inverse(augmented_hessian(s.second_moment, s.mean if bias is not None
-                                                                    else None)), q)
+            full, _ = obs_update(weights, inverse(augmented_hessian(s.second_moment, s.mean if has_bias else None)), q)
             none = weights.copy()
             none[:, q] = 0
-            judge = augmented_hessian(r.second_moment, r.mean if bias is not None else None)
+            judge = augmented_hessian(r.second_moment, r.mean if has_bias else None)
 
             def error(candidate):
                 delta = weights - candidate
@@ -110,14 +109,7 @@ def blend(bench: Bench, ratios: list[float]) -> None:
 
             share = min(BLENDS, key=lambda a: error(none + a * (full - none)))
             chosen.append(share)
-            mixed = none + share * (full - none)
-            channels = matrix.shape[1]
-            weight = graph.const(layer.weight)
-            values[layer.weight] = layer.unmatrix(mixed[:, :channels], weight.shape).astype(weight.dtype)
-            if bias is not None:
-                old = graph.const(layer.bias)
-                values[layer.bias] = mixed[:, channels].reshape(-1, kernel).sum(axis=1).reshape(old.shape).astype(
-                    old.dtype)
+            values.update(layer.tensors(none + share * (full - none), graph.const))
         model = onnx.ModelProto()
         model.CopyFrom(prepared.model)
         replace_initializers(model, values)
