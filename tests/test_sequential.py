@@ -19,12 +19,15 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 MNIST_CALIB = MODELS / "data" / "mnist_calib.npz"  # 256 samples
 
 
-def _three_layer_mlp() -> onnx.ModelProto:
-    g = Graph(seed=3)
-    x = g.input("x", ["n", 12])
-    h1 = g.op("Relu", [g.op("Gemm", [x, g.weight(12, 20), g.weight(20)], name="fc1")])
-    h2 = g.op("Relu", [g.op("Gemm", [h1, g.weight(20, 16), g.weight(16)], name="fc2")])
-    g.output(g.op("Gemm", [h2, g.weight(16, 5), g.weight(5)], name="fc3"))
+def _mlp(widths: tuple[int, ...], seed: int) -> onnx.ModelProto:
+    """Gemm layers fc1, fc2, ... between ``widths``, a Relu after each but the last."""
+    g = Graph(seed=seed)
+    value = g.input("x", ["n", widths[0]])
+    for k, (cols, rows) in enumerate(zip(widths, widths[1:]), 1):
+        value = g.op("Gemm", [value, g.weight(cols, rows), g.weight(rows)], name=f"fc{k}")
+        if k < len(widths) - 1:
+            value = g.op("Relu", [value])
+    g.output(value)
     return g.build()
 
 
@@ -43,7 +46,7 @@ def _mlp_forward(model: onnx.ModelProto, x: np.ndarray, upto: str) -> np.ndarray
 
 def test_the_last_layer_is_the_least_squares_fit_on_the_pruned_models_own_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(sequential, "RIDGES", (1e-12,))  # plain least squares, to compare with numpy's
-    model = _three_layer_mlp()
+    model = _mlp((12, 20, 16, 5), seed=3)
     x = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     result = spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=200, refit="sequential",
@@ -137,22 +140,13 @@ def _bias_of(model: onnx.ModelProto, matmul: onnx.NodeProto) -> str:
     return next(i for i in add.input if i in names)
 
 
-def _wide_mlp() -> onnx.ModelProto:
-    g = Graph(seed=7)
-    x = g.input("x", ["n", 16])
-    h1 = g.op("Relu", [g.op("Gemm", [x, g.weight(16, 96), g.weight(96)], name="fc1")])
-    h2 = g.op("Relu", [g.op("Gemm", [h1, g.weight(96, 96), g.weight(96)], name="fc2")])
-    g.output(g.op("Gemm", [h2, g.weight(96, 4), g.weight(4)], name="fc3"))
-    return g.build()
-
-
 def test_the_ridge_is_cross_validated_larger_when_rows_are_few(tmp_path):
     """96 channels read by 48 rows cannot be fitted without a strong ridge; by 6,000 rows they can."""
     x = np.random.default_rng(2).standard_normal((6000, 16)).astype(np.float32)
     ridges = {}
     for rows in (48, 6000):
         np.savez(tmp_path / "calib.npz", x=x[:rows])
-        result = spa.prune(_wide_mlp(), 0.3, "obs", calib=tmp_path / "calib.npz", calib_samples=rows,
+        result = spa.prune(_mlp((16, 96, 96, 4), seed=7), 0.3, "obs", calib=tmp_path / "calib.npz", calib_samples=rows,
                            refit="sequential", bench=False)
         ridges[rows] = result.report.compensation["sequential"]["ridges"]
         assert len(ridges[rows]) == 2 and set(ridges[rows]) <= set(sequential.RIDGES)
