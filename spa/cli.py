@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .api import analyze as api_analyze
-from .api import is_ffn, output_path_for
+from .api import REFITS, is_ffn, output_path_for
 from .api import prune as api_prune
 from .criteria import CRITERIA
 from .statistics import SMOOTH_NOISE
@@ -108,7 +108,7 @@ def main() -> None:
 @click.option("--compensate/--no-compensate", default=None,
               help="Refit the weights left in layers that lose input channels "
                    "[default: on with --calib or a data-aware criterion, off for l1/l2/random without data].")
-@click.option("--refit", type=click.Choice(["auto", "sequential", "layerwise"]), default="auto", show_default=True,
+@click.option("--refit", type=click.Choice(REFITS), default="auto", show_default=True,
               help="How compensation refits: layerwise fits each layer to the dense model's inputs; sequential "
                    "then refits the layers in graph order on the inputs the pruned model gives them; auto is "
                    "sequential with --calib (the one that moves held-out samples less, when any are left) and "
