@@ -348,6 +348,8 @@ def _fidelity_lines(fidelity: dict | None) -> list[str]:
     lines = [f"outputs vs dense on {fidelity['samples']} {fidelity['source']}:"]
     if not fidelity["source"].startswith("held-out"):
         lines[0] += " (optimistic: the refit fitted them; samples past --calib-samples are held out)"
+    if fidelity.get("padded_positions"):
+        lines[0] += f" ({fidelity['padded_positions']} padded positions left out)"
     for output in fidelity["outputs"][:FIDELITY_LINES]:
         text = f"        {output['name']}: rel. error {output['relative_error']:.3f}, cosine {output['cosine']:.4f}"
         if output["top1_agreement"] is not None:

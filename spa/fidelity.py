@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .statistics import batches
+from .statistics import batches, padding_masks, token_mask
 
 # held-out calibration samples measured (beyond those the statistics used), at most
 SAMPLES = 256
@@ -25,8 +25,9 @@ LINEAR_HEADS = {"Gemm", "MatMul", "Add"}
 
 @dataclass
 class OutputFidelity:
+    # over every sample; [batch, tokens, ...] outputs leave the padded positions out of all three
     name: str
-    relative_error: float  # ||pruned - dense|| / ||dense||, over every sample
+    relative_error: float  # ||pruned - dense|| / ||dense||
     cosine: float  # mean over samples of cos(dense, pruned), each sample's output flattened
     top1_agreement: float | None = None  # class-score outputs only: argmax over the last axis agrees
 
@@ -36,6 +37,9 @@ class Fidelity:
     source: str  # "held-out calibration samples", or "calibration samples the statistics used"
     samples: int
     outputs: list[OutputFidelity] = field(default_factory=list)
+    # positions an attention mask marks as padding (see statistics.token_mask): nothing reads the
+    # model's outputs there, so they are left out of the figures
+    padded_positions: int = 0
 
 
 def holdout(feeds: dict[str, np.ndarray], used: int, batch: int = 1) -> tuple[dict[str, np.ndarray], str]:
@@ -54,16 +58,22 @@ def measure(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np
     dense_out = _outputs(session(dense, custom_ops=custom_ops), dense, feeds)
     pruned_out = _outputs(session(pruned, custom_ops=custom_ops), dense, feeds)
     scores = _class_score_outputs(dense)
-    result = Fidelity(source, len(next(iter(dense_out.values()))) if dense_out else 0)
+    tokens = token_mask(feeds, padding_masks(dense))
+    result = Fidelity(source, len(next(iter(dense_out.values()))) if dense_out else 0,
+                      padded_positions=int((~tokens).sum()) if tokens is not None else 0)
     for name, reference in dense_out.items():
         got = pruned_out[name]
         if not np.issubdtype(reference.dtype, np.floating) or reference.shape != got.shape or reference.size == 0:
             continue
         ref64, got64 = reference.astype(np.float64), got.astype(np.float64)
+        per_token = tokens is not None and ref64.shape[:2] == tokens.shape
+        if per_token:
+            kept = tokens.reshape(tokens.shape + (1,) * (ref64.ndim - 2))
+            ref64, got64 = ref64 * kept, got64 * kept
         norm = float(np.linalg.norm(ref64))
         error = float(np.linalg.norm(got64 - ref64)) / norm if norm else float(np.linalg.norm(got64) > 0)
-        result.outputs.append(OutputFidelity(name, error, _mean_cosine(ref64, got64),
-                                             _top1_agreement(ref64, got64) if name in scores else None))
+        top1 = _top1_agreement(ref64, got64, tokens if per_token else None) if name in scores else None
+        result.outputs.append(OutputFidelity(name, error, _mean_cosine(ref64, got64), top1))
     return result
 
 
@@ -85,10 +95,13 @@ def _mean_cosine(reference: np.ndarray, got: np.ndarray) -> float:
     return float(cosines.mean())
 
 
-def _top1_agreement(reference: np.ndarray, got: np.ndarray) -> float | None:
+def _top1_agreement(reference: np.ndarray, got: np.ndarray, tokens: np.ndarray | None = None) -> float | None:
     if reference.ndim < 2 or reference.shape[-1] < 2:
         return None
-    return float((reference.argmax(-1) == got.argmax(-1)).mean())
+    agree = reference.argmax(-1) == got.argmax(-1)
+    if tokens is not None and agree.ndim >= 2:
+        agree = agree[np.broadcast_to(tokens.reshape(tokens.shape + (1,) * (agree.ndim - 2)), agree.shape)]
+    return float(agree.mean()) if agree.size else None
 
 
 def _class_score_outputs(model: onnx.ModelProto) -> set[str]:

@@ -98,3 +98,49 @@ def test_calibration_data_the_model_cannot_run_is_an_error_even_when_only_fideli
     np.savez(tmp_path / "small.npz", input=np.zeros((20, 1, 14, 14), np.float32))  # 28x28 expected
     with pytest.raises(spa.ModelLoadError, match="could not run the calibration data"):
         spa.prune(MODELS / "mnist_cnn.onnx", 0.3, "l1", calib=tmp_path / "small.npz", compensate=False, bench=False)
+
+
+def _token_model(table: np.ndarray) -> onnx.ModelProto:
+    """ids, mask [batch, tokens] -> embedding + mask [batch, tokens, C] and its softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]),
+             helper.make_node("Cast", ["mask"], ["real"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["real", "last"], ["column"]),
+             helper.make_node("Add", ["rows", "column"], ["embedded"]),
+             helper.make_node("Softmax", ["embedded"], ["scores"], axis=-1)]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "tokens"]) for n in ("ids", "mask")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "tokens", table.shape[1]])
+               for n in ("embedded", "scores")]
+    graph = helper.make_graph(nodes, "tokens", inputs, outputs,
+                              [numpy_helper.from_array(table.astype(np.float32), "table"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "last")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_padded_positions_are_left_out_of_the_figures():
+    rng = np.random.default_rng(3)
+    dense_table = rng.standard_normal((20, 5))
+    pruned_table = dense_table + 0.1 * rng.standard_normal((20, 5))
+    pruned_table[0] = -10 * dense_table[0]  # id 0 pads: far off, another argmax, and never read
+    ids = rng.integers(1, 20, (6, 9))
+    mask = np.ones((6, 9), np.int64)
+    for row, length in enumerate((9, 7, 5, 3, 8, 2)):
+        mask[row, length:], ids[row, length:] = 0, 0
+    feeds = {"ids": ids, "mask": mask}
+    found = fidelity.measure(_token_model(dense_table), _token_model(pruned_table), feeds, "test")
+    assert found.padded_positions == int((mask == 0).sum())
+
+    real = mask.astype(bool)
+    dense = (dense_table[ids] + mask[..., None])[real]
+    pruned = (pruned_table[ids] + mask[..., None])[real]
+    embedded, scores = found.outputs
+    assert embedded.relative_error == pytest.approx(np.linalg.norm(pruned - dense) / np.linalg.norm(dense))
+    cosines = []
+    for row in range(6):
+        a = (dense_table[ids[row]] + 1)[real[row]].ravel()
+        b = (pruned_table[ids[row]] + 1)[real[row]].ravel()
+        cosines.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert embedded.cosine == pytest.approx(np.mean(cosines))
+    assert scores.top1_agreement == pytest.approx(float((dense.argmax(-1) == pruned.argmax(-1)).mean()))
+    # every position counted would move all three figures
+    assert not np.isclose(scores.top1_agreement, float(((dense_table[ids]).argmax(-1) == (pruned_table[ids]).argmax(-1)).mean()))
