@@ -1,6 +1,6 @@
 """Why data-free pruning fails on the PP-OCRv4 recogniser: which use of the statistics breaks.
 
-    python tools/ocr_data_free.py [swap] [blend] [priors] [damping] [chars] [--ratios 0.2 0.3 0.5]
+    python tools/ocr_data_free.py [swap] [blend] [priors] [damping] [chars] [inversion] [--ratios 0.2 0.3 0.5]
 
 ``obspa`` uses synthetic statistics twice: to rank channels and to refit the kept weights. Each
 experiment prunes the recogniser with ``obspa`` and measures exact match on the rendered lines of
@@ -15,6 +15,10 @@ experiment prunes the recogniser with ``obspa`` and measures exact match on the 
   several instead);
 - damping: the refit's synthetic Hessian damped by 0.1, 1 and 10 times its mean diagonal
   instead of spa's 0.01 (the ranking keeps 0.01);
+- inversion: model inversion (DeepInversion-style): spa's synthetic lines at the rendered lines'
+  geometry (48 x 320), then optimised by Adam so that every BatchNormalization's input matches
+  its running mean and variance, with a total-variation prior; ``obspa`` then takes them as its
+  synthetic statistics, layer-wise and sequential refit. Needs torch (``tools/onnx_torch.py``);
 - chars: character accuracy (1 - edit distance / characters) of random, l1 and obspa, with and
   without compensation: what exact match cannot tell apart once every line has an error.
 """
@@ -165,6 +169,66 @@ def damping(bench: Bench, ratios: list[float]) -> None:
         print(f"refit damping {value:g}: " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
 
 
+def _batchnorm_mismatch(batchnorm_inputs):
+    """Mean over BatchNormalizations of the squared mean error in running standard deviations plus
+    the squared log ratio of variances: 0 when a batch reproduces the training statistics."""
+    import torch
+    total = 0
+    for value, mean, variance in batchnorm_inputs.values():
+        axes = [0] + list(range(2, value.dim()))
+        total = total + ((value.mean(axes) - mean) ** 2 / (variance + 1e-5)).mean()
+        total = total + ((torch.log(value.var(axes) + 1e-5) - torch.log(variance + 1e-5)) ** 2).mean()
+    return total / len(batchnorm_inputs)
+
+
+def _total_variation(images):
+    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean())
+
+
+def inversion(bench: Bench, ratios: list[float], samples: int = 32, steps: int = 150,
+              smoothness: float = 1.0, rate: float = 0.05) -> None:
+    import torch
+    import onnx_torch
+    torch.manual_seed(0)
+    model = onnx.load(bench.model)
+    input_shape = statistics._input_shape
+
+    def line_shaped(info, count):
+        shape = input_shape(info, count)
+        return shape[:2] + [accuracy_suites.OCR_HEIGHT, accuracy_suites.OCR_WIDTH]
+
+    statistics._input_shape = line_shaped
+    try:
+        start = statistics.synthetic_feeds(model, samples, 0, statistics.InputPrior(-1.0, 1.0))["x"]
+    finally:
+        statistics._input_shape = input_shape
+    real = np.load(bench.calib)["x"][:samples]
+    # images kept in [-1, 1] (the lines' range) through tanh
+    logits = torch.atanh(torch.from_numpy(start).clamp(-0.999, 0.999)).requires_grad_(True)
+    optimiser = torch.optim.Adam([logits], lr=rate)
+    with torch.no_grad():
+        for name, images in (("real lines", real), ("start", start)):
+            _, batchnorm_inputs = onnx_torch.run(model, {"x": torch.from_numpy(images)})
+            print(f"  batchnorm mismatch, {name}: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}", flush=True)
+    for step in range(steps):
+        images = torch.tanh(logits)
+        _, batchnorm_inputs = onnx_torch.run(model, {"x": images})
+        loss = _batchnorm_mismatch(batchnorm_inputs) + smoothness * _total_variation(images)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    inverted = torch.tanh(logits).detach().numpy()
+    with torch.no_grad():
+        _, batchnorm_inputs = onnx_torch.run(model, {"x": torch.from_numpy(inverted)})
+    print(f"  batchnorm mismatch, inverted after {steps} steps: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}",
+          flush=True)
+    api.synthetic_feeds = lambda *args, **kwargs: {"x": inverted}
+    for how in ("layerwise", "sequential"):
+        figures = [bench.evaluate(bench.run(r, refit=how)) for r in ratios]
+        print(f"obspa on {samples} inverted lines ({how}): " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
+
+
 def _edit_distance(a: str, b: str) -> int:
     previous = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
@@ -195,7 +259,7 @@ def chars(bench: Bench, ratios: list[float]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments", nargs="*", default=["swap", "blend", "priors", "damping", "chars"],
-                        choices=["swap", "blend", "priors", "damping", "chars"])
+                        choices=["swap", "blend", "priors", "damping", "chars", "inversion"])
     parser.add_argument("--ratios", nargs="*", type=float, default=None)
     parser.add_argument("--mix", type=lambda text: [int(i) for i in text.split(",")], default=None,
                         help="priors: draw equal shares from these PRIORS indices instead of one at a time")
@@ -203,7 +267,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     bench = Bench(args.out)
     defaults = {"swap": [0.2, 0.3, 0.5], "blend": [0.1, 0.2, 0.3], "priors": [0.1, 0.2], "damping": [0.1, 0.2, 0.3],
-                "chars": [0.2, 0.3, 0.5]}
+                "chars": [0.2, 0.3, 0.5], "inversion": [0.1, 0.2, 0.3, 0.5]}
     saved = (api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior)
     for name in args.experiments:
         print(f"## {name}", flush=True)
@@ -211,7 +275,8 @@ def main(argv=None) -> int:
         if name == "priors":
             priors(bench, ratios, args.mix)
         else:
-            {"swap": swap, "blend": blend, "damping": damping, "chars": chars}[name](bench, ratios)
+            {"swap": swap, "blend": blend, "damping": damping, "chars": chars,
+             "inversion": inversion}[name](bench, ratios)
         api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior = saved
     args.out.unlink(missing_ok=True)
     return 0
