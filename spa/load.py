@@ -1,6 +1,8 @@
 """Stage 1: read an ONNX file into a canonical, shape-annotated ModelProto."""
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 
@@ -364,11 +366,65 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
                 inferred = symbolic
         except Exception:
             pass
+    _settle_reshape_splits(inferred)
     model.graph.value_info.extend(inferred.graph.value_info)
     for ours, theirs in zip(model.graph.output, inferred.graph.output):
         if not ours.type.tensor_type.HasField("shape") and theirs.type.tensor_type.HasField("shape"):
             ours.CopyFrom(theirs)
     return model
+
+
+def _settle_reshape_splits(model: onnx.ModelProto) -> None:
+    """Give a Reshape's one unknown output axis its size where the shared symbols cancel.
+
+    torch's dynamo export splits heads with the target [batch, seq, -1, head_dim], its batch and
+    seq read from another input's Shape; both inferences leave the -1 unknown ([batch, seq, 64] ->
+    [batch, seq, ?, 8]), the Reshape's axes cannot be paired, and the heads freeze. The input's
+    axes and the output's known ones are compared as products: symbols present on both sides
+    cancel, and what is left, all numbers, gives the unknown axis. Its symbol is replaced by the
+    number in every tensor, since inference gives one symbol one meaning.
+    """
+    graph = model.graph
+    infos = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    settled: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        source, target = infos.get(node.input[0]), infos.get(node.output[0])
+        if source is None or target is None or not source.type.tensor_type.HasField("shape") \
+                or not target.type.tensor_type.HasField("shape"):
+            continue
+        dims_in = [_dim_term(d, settled) for d in source.type.tensor_type.shape.dim]
+        dims_out = [_dim_term(d, settled) for d in target.type.tensor_type.shape.dim]
+        unknown = [k for k, d in enumerate(dims_out) if d is None or (isinstance(d, str) and d.startswith("unk__"))]
+        if len(unknown) != 1 or any(d is None for d in dims_in):
+            continue
+        known_out = [d for k, d in enumerate(dims_out) if k != unknown[0]]
+        symbols_in = sorted(d for d in dims_in if isinstance(d, str))
+        if symbols_in != sorted(d for d in known_out if isinstance(d, str)):
+            continue
+        numerator = math.prod(d for d in dims_in if isinstance(d, int))
+        denominator = math.prod(d for d in known_out if isinstance(d, int))
+        if denominator <= 0 or numerator % denominator:
+            continue
+        dim = target.type.tensor_type.shape.dim[unknown[0]]
+        if dim.HasField("dim_param"):
+            settled[dim.dim_param] = numerator // denominator
+        dim.dim_value = numerator // denominator
+    if settled:
+        for info in infos.values():
+            for dim in info.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param") and dim.dim_param in settled:
+                    dim.dim_value = settled[dim.dim_param]
+
+
+def _dim_term(dim, settled: dict[str, int]) -> int | str | None:
+    """A static size, a symbol, or None (unnamed and unknown)."""
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if dim.HasField("dim_param"):
+        return settled.get(dim.dim_param, dim.dim_param)
+    return None
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -173,3 +173,26 @@ def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
     feeds = sample_inputs(saved, batch=2)
     outputs = run(saved, feeds)
     assert [v.shape for v in outputs.values()] == [(2, 2, 6, 6), (2, 2, 6, 6)]
+
+
+def test_a_split_to_minus_one_with_sizes_read_from_another_input_is_settled(monkeypatch):
+    """torch's dynamo export: [batch, seq, 16] -> [batch, seq, -1, 4], batch and seq read from the
+    mask's Shape. The symbols cancel and the unknown axis is 4, so the heads can be paired.
+    onnxruntime's symbolic inference would settle this small graph itself, but it gives up on the
+    opset-23 graphs where it occurs (RotaryEmbedding, Attention): here it is left out."""
+    from onnx import TensorProto
+
+    import spa.load
+    monkeypatch.setattr(spa.load, "_symbolic_shapes", lambda model: None)
+
+    from spa.api import _prepare
+    g = Graph(opset=17)
+    x = g.input("x", ["batch", "seq", 8])
+    mask = g.input("mask", ["batch", "seq"], TensorProto.INT64)
+    shape = g.op("Shape", [mask])
+    target = g.op("Concat", [g.op("Slice", [shape, g.const(np.array([0])), g.const(np.array([2]))]),
+                             g.const(np.array([-1, 4]))], axis=0)
+    split = g.op("Reshape", [g.op("MatMul", [x, g.weight(8, 16)]), target])
+    g.output(g.op("ReduceSum", [split, g.const(np.array([3]))], keepdims=0))
+    prepared = _prepare(g.build(), None)
+    assert prepared.graph.shape(split) == ("batch", "seq", 4, 4)
