@@ -339,10 +339,13 @@ def _finish(tmp: Path, path: Path) -> None:
 # small random-weight transformers for attention-head tests: (model, exporter) pairs. "ort" is the
 # legacy export of an eager-attention BERT passed through onnxruntime's BERT fusions (Attention,
 # SkipLayerNormalization, BiasGelu). BERT has dynamic batch and sequence axes; ViT a static batch,
-# as torch's multi-head attention merges batch and heads into one axis.
+# as torch's multi-head attention merges batch and heads into one axis. "dynamo23" is the dynamo
+# export at opset 23 of a Llama on scaled_dot_product_attention: ONNX's Attention, RotaryEmbedding
+# and RMSNormalization ops instead of their decompositions.
 ATTENTION = (("tiny_bert", "legacy"), ("tiny_bert", "dynamo"), ("tiny_bert", "ort"), ("tiny_vit", "legacy"),
              ("tiny_vit", "dynamo"), ("tiny_llama_gqa", "legacy"), ("tiny_llama_gqa", "dynamo"),
-             ("tiny_llama_mqa", "legacy"), ("tiny_llama_mqa", "dynamo"))
+             ("tiny_llama_gqa", "dynamo23"), ("tiny_llama_mqa", "legacy"), ("tiny_llama_mqa", "dynamo"),
+             ("tiny_llama_mqa", "dynamo23"))
 TINY_BERT = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 128, "max_position_embeddings": 64,
              "initializer_range": 0.2}  # ten times BERT's: attention far from uniform, so heads matter
@@ -424,7 +427,9 @@ def _export_llama(tmp: Path, exporter: str, kv_heads: int) -> None:
     class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            config = LlamaConfig(**TINY_LLAMA, num_key_value_heads=kv_heads, attn_implementation="eager")
+            # dynamo23: scaled_dot_product_attention, which torch writes as ONNX Attention from opset 23
+            attention = "sdpa" if exporter == "dynamo23" else "eager"
+            config = LlamaConfig(**TINY_LLAMA, num_key_value_heads=kv_heads, attn_implementation=attention)
             self.llama = LlamaModel(config)
 
         def forward(self, input_ids, attention_mask):
@@ -434,9 +439,10 @@ def _export_llama(tmp: Path, exporter: str, kv_heads: int) -> None:
     # the mask is explicit: without it the legacy exporter fails on aten::diff
     args = (torch.randint(0, TINY_LLAMA["vocab_size"], (2, 16)), torch.ones(2, 16, dtype=torch.int64))
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["last_hidden_state"]}
-    if exporter == "dynamo":
+    if exporter in ("dynamo", "dynamo23"):
         batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
-        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names,
+        opset = {"opset_version": 23} if exporter == "dynamo23" else {}
+        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names, **opset,
                           dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
         return
     axes = {n: {0: "batch", 1: "seq"} for n in names["input_names"] + names["output_names"]}

@@ -4,7 +4,8 @@ A Reshape that splits [hidden] into [heads, head_dim] (or [3, heads, head_dim] f
 QKV projection) does not say which factor is which, and a channel shuffle splits a channel
 axis the same way. The graph says it: the head axis travels to a *batch* axis of the MatMuls
 that multiply two activations (Q Kᵀ, then the scores times V), while head_dim is contracted
-there (Q, K) or stays the last axis of the result (V). ``axis_role`` follows one axis through
+there (Q, K) or stays the last axis of the result (V). ONNX's own Attention op (opset 23) with
+[B, heads, S, head_dim] operands says it outright: axis 1 is the heads, axis 3 head_dim. ``axis_role`` follows one axis through
 the layout and element-wise ops in between, forward from a split or backward from the merge
 Reshape after scores times V.
 
@@ -66,6 +67,10 @@ def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
         return None, []
     if op == "MatMul":
         return _matmul_role(graph, node, name, a, forward), []
+    if op == "Attention" and _rank(graph, name) == 4:  # opset 23, heads split: [B, heads, S, head_dim]
+        return {1: HEADS, 3: HEAD_DIM}.get(a), []
+    if op == "RotaryEmbedding" and name in (node.inputs[0], node.outputs[0]):  # rotates within each head
+        return None, [(node.outputs[0] if forward else node.inputs[0], a)]
     if op == "Transpose":
         rank = _rank(graph, node.inputs[0])
         if rank is None:

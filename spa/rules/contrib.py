@@ -216,7 +216,7 @@ def _head_layout(kept: np.ndarray, width: int, heads: int) -> tuple[int, int]:
     return heads, int(present[0])
 
 
-class _HeadsOp(Rule):
+class HeadsAttention(Rule):
     """Shared by MultiHeadAttention and GroupQueryAttention: Q [B, S, H * D], K [B, L, G * D] and
     V [B, L, G * Dv] as separate inputs, each head a contiguous block of the last axis, G KV heads
     each shared by H / G query heads (G = H without sharing); the output [B, S, H * Dv] holds the
@@ -231,9 +231,13 @@ class _HeadsOp(Rule):
 
     domain = MS
     caches = (), ()  # (past key and value input indices, present key and value output indices)
+    heads_attr, kv_heads_attr = "num_heads", "kv_num_heads"
+
+    def heads(self, node) -> int:
+        return int(node.attr(self.heads_attr) or 0)
 
     def kv_heads(self, node) -> int:
-        return int(node.attr("num_heads") or 0)
+        return self.heads(node)
 
     def bias(self, node) -> str:
         return ""
@@ -253,7 +257,7 @@ class _HeadsOp(Rule):
         if dim not in channels and not on_cache:
             links.freeze(dim, f"batch, sequence, mask or cache axis of {name}")
             return links.out
-        heads, groups = int(node.attr("num_heads") or 0), self.kv_heads(node)
+        heads, groups = self.heads(node), self.kv_heads(node)
         sizes = [ctx.size(d) for d in channels[:4]] if k and v else None
         why = self.unsupported(node, ctx)
         if why is None and (not k or not v or any(ctx.rank(t) != 3 for t in (q, k, v, y))):
@@ -321,19 +325,19 @@ class _HeadsOp(Rule):
         keep_q, keep_k = cut.kept(Dim(q, 2)), cut.kept(Dim(k, 2))
         if keep_q is None and keep_k is None:
             return
-        heads, groups = int(node.attr("num_heads")), self.kv_heads(node)
+        heads, groups = self.heads(node), self.kv_heads(node)
         dq = cut.old_size(Dim(q, 2)) // heads
         new_heads, q_width = _head_layout(keep_q, dq, heads) if keep_q is not None else (heads, dq)
-        cut.set_attr(node, "num_heads", new_heads)
-        if groups != heads:
+        cut.set_attr(node, self.heads_attr, new_heads)
+        if groups != heads or node.attr(self.kv_heads_attr) is not None:
             new_groups, _ = _head_layout(keep_k, dq, groups) if keep_k is not None else (groups, dq)
-            cut.set_attr(node, "kv_num_heads", new_groups)
+            cut.set_attr(node, self.kv_heads_attr, new_groups)
         if q_width != dq and node.attr("scale") is None:
             cut.set_attr(node, "scale", float(1.0 / math.sqrt(dq)))  # the dense model's default
 
 
 @register
-class MultiHeadAttention(_HeadsOp):
+class MultiHeadAttention(HeadsAttention):
     """query, key, value, bias [Q | K | V], key_padding_mask, attention_bias [B, H or 1, S, L],
     past_key/past_value [B, H, P, D]; outputs output, present_key/present_value, qk."""
 
@@ -357,7 +361,7 @@ class MultiHeadAttention(_HeadsOp):
 
 
 @register
-class GroupQueryAttention(_HeadsOp):
+class GroupQueryAttention(HeadsAttention):
     """query, key, value, past_key/past_value [B, G, P, D], seqlens_k, total_sequence_length,
     cos/sin caches (rotary, within a head), position_ids, attention_bias, head_sink and the
     quantisation and norm inputs; outputs output, present_key/present_value, output_qk."""
@@ -366,7 +370,7 @@ class GroupQueryAttention(_HeadsOp):
     caches = (3, 4), (1, 2)
 
     def kv_heads(self, node):
-        return int(node.attr("kv_num_heads") or 0)
+        return int(node.attr(self.kv_heads_attr) or 0)
 
     def unsupported(self, node, ctx):
         name = f"GroupQueryAttention '{node.name}'"
