@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .attention import HEADS, QUERY_HEADS
+from .attention import HEAD_DIM, HEADS, QUERY_HEADS
 from .base import Dim, HeadInfo, LinkSet, Rule, Sink, pairs, register
 from .contrib import HeadsAttention, _output
 
@@ -93,7 +93,8 @@ class Attention(HeadsAttention):
             links.add(pairs(Dim(q, 1), Dim(k, 1), query, query // rep))
             for d in kv_axes[1:]:
                 links.same(Dim(k, 1), d)
-        ctx.heads[Dim(y, 1)] = HeadInfo(mode, heads, ctx.size(Dim(q, 3)) or 0, groups if groups != heads else None)
+        if mode != HEAD_DIM:  # with head_dim units the Reshapes around name the groups that shrink
+            ctx.heads[Dim(y, 1)] = HeadInfo(mode, heads, ctx.size(Dim(q, 3)) or 0, groups if groups != heads else None)
         return links.out
 
     def soft_zero(self, node, dim, input_zero):
