@@ -231,13 +231,14 @@ class HeadsAttention(Rule):
 
     domain = MS
     caches = (), ()  # (past key and value input indices, present key and value output indices)
-    heads_attr, kv_heads_attr = "num_heads", "kv_num_heads"
+    # the attributes holding the head counts; no KV attribute: K and V have as many heads as Q
+    heads_attr, kv_heads_attr = "num_heads", None
 
     def heads(self, node) -> int:
         return int(node.attr(self.heads_attr) or 0)
 
     def kv_heads(self, node) -> int:
-        return self.heads(node)
+        return int(node.attr(self.kv_heads_attr) or 0) if self.kv_heads_attr else self.heads(node)
 
     def bias(self, node) -> str:
         return ""
@@ -329,7 +330,7 @@ class HeadsAttention(Rule):
         dq = cut.old_size(Dim(q, 2)) // heads
         new_heads, q_width = _head_layout(keep_q, dq, heads) if keep_q is not None else (heads, dq)
         cut.set_attr(node, self.heads_attr, new_heads)
-        if groups != heads or node.attr(self.kv_heads_attr) is not None:
+        if self.kv_heads_attr:
             new_groups, _ = _head_layout(keep_k, dq, groups) if keep_k is not None else (groups, dq)
             cut.set_attr(node, self.kv_heads_attr, new_groups)
         if q_width != dq and node.attr("scale") is None:
@@ -368,9 +369,7 @@ class GroupQueryAttention(HeadsAttention):
 
     ops = ("GroupQueryAttention",)
     caches = (3, 4), (1, 2)
-
-    def kv_heads(self, node):
-        return int(node.attr(self.kv_heads_attr) or 0)
+    kv_heads_attr = "kv_num_heads"
 
     def unsupported(self, node, ctx):
         name = f"GroupQueryAttention '{node.name}'"

@@ -31,9 +31,6 @@ class Attention(HeadsAttention):
     caches = (4, 5), (1, 2)
     heads_attr, kv_heads_attr = "q_num_heads", "kv_num_heads"
 
-    def kv_heads(self, node) -> int:
-        return int(node.attr(self.kv_heads_attr) or 0)
-
     def unsupported(self, node, ctx):
         name = f"Attention '{node.name}'"
         mask = node.input(3)
