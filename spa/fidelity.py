@@ -100,7 +100,7 @@ def _top1_agreement(reference: np.ndarray, got: np.ndarray, tokens: np.ndarray |
         return None
     agree = reference.argmax(-1) == got.argmax(-1)
     if tokens is not None and agree.ndim >= 2:
-        agree = agree[np.broadcast_to(tokens.reshape(tokens.shape + (1,) * (agree.ndim - 2)), agree.shape)]
+        agree = agree[tokens]  # the real positions, each with the axes after [batch, tokens]
     return float(agree.mean()) if agree.size else None
 
 
