@@ -664,9 +664,10 @@ def _opset23(g: Graph) -> onnx.ModelProto:
     return model
 
 
-def _sdpa_split_heads(kv=2, cache=False):
+def _sdpa_split_heads(kv=2, cache=False, rotary=False):
     """torch's opset-23 export of scaled_dot_product_attention: each projection reshaped to
-    [1, 5, heads, 4] and transposed to [1, heads, 5, 4] into Attention; 4 query heads, ``kv`` KV heads."""
+    [1, 5, heads, 4] and transposed to [1, heads, 5, 4] into Attention; 4 query heads, ``kv`` KV heads.
+    ``rotary``: Q and K through RotaryEmbedding first, as the export of a Llama writes it."""
     g = Graph(opset=23)
     x = g.input("x", [1, 5, 8])
     wq, wk, wv = g.weight(8, 16), g.weight(8, 4 * kv), g.weight(8, 4 * kv)
@@ -676,6 +677,9 @@ def _sdpa_split_heads(kv=2, cache=False):
         return g.op("Transpose", [shaped], perm=[0, 2, 1, 3])
 
     inputs = [split(wq, 4), split(wk, kv), split(wv, kv)]
+    if rotary:
+        cos, sin = g.weight(1, 5, 2), g.weight(1, 5, 2)
+        inputs[:2] = [g.op("RotaryEmbedding", [t, cos, sin], num_heads=heads) for t, heads in zip(inputs, (4, kv))]
     if cache:  # a constant past [B, KV heads, P, D]
         inputs += ["", g.weight(1, kv, 2, 4), g.weight(1, kv, 2, 4)]
     outs = g.op("Attention", inputs, n_out=3 if cache else 1, is_causal=0)
@@ -739,21 +743,7 @@ def test_onnx_attention_per_head_mask_freezes():
 
 
 def test_rotary_embedding_passes_heads_and_keeps_head_dim():
-    """Q through RotaryEmbedding into Attention, as torch's opset-23 export of a Llama writes it."""
-    g = Graph(opset=23)
-    x = g.input("x", [1, 5, 8])
-    wq, wk, wv = g.weight(8, 16), g.weight(8, 16), g.weight(8, 16)
-
-    def split(w):
-        shaped = g.op("Reshape", [g.op("MatMul", [x, w]), g.const(np.array([1, 5, 4, 4], np.int64))])
-        return g.op("Transpose", [shaped], perm=[0, 2, 1, 3])
-
-    cos, sin = g.weight(1, 5, 2), g.weight(1, 5, 2)
-    q, k = (g.op("RotaryEmbedding", [split(w), cos, sin], num_heads=4) for w in (wq, wk))
-    y = g.op("Attention", [q, k, split(wv)])
-    merged = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.const(np.array([1, 5, 16], np.int64))])
-    g.output(g.op("MatMul", [merged, g.weight(16, 6)]))
-    model = _opset23(g)
+    model, wq, wk = _sdpa_split_heads(kv=4, rotary=True)
     group = group_at(analysis_of(model), wq, 1)
     assert group.size == 4 and group.prunable and group.exact
     result = prune_exact(model, 0.5)
