@@ -1,6 +1,7 @@
 """Why data-free pruning fails on the PP-OCRv4 recogniser: which use of the statistics breaks.
 
     python tools/ocr_data_free.py [swap] [blend] [priors] [damping] [chars] [inversion] [--ratios 0.2 0.3 0.5]
+                                  [--mix 0,4] [--reading 0.1] [--steps 150]
 
 ``obspa`` uses synthetic statistics twice: to rank channels and to refit the kept weights. Each
 experiment prunes the recogniser with ``obspa`` and measures exact match on the rendered lines of
@@ -18,7 +19,9 @@ experiment prunes the recogniser with ``obspa`` and measures exact match on the 
 - inversion: model inversion (DeepInversion-style): spa's synthetic lines at the rendered lines'
   geometry (48 x 320), then optimised by Adam so that every BatchNormalization's input matches
   its running mean and variance, with a total-variation prior; ``obspa`` then takes them as its
-  synthetic statistics, layer-wise and sequential refit. Needs torch (``tools/onnx_torch.py``);
+  synthetic statistics, layer-wise and sequential refit. ``--reading W`` adds DeepInversion's
+  class term: a CTC loss (weight W) pushing each line to read a random string over the model's
+  own charset. Needs torch (``tools/onnx_torch.py``);
 - chars: character accuracy (1 - edit distance / characters) of random, l1 and obspa, with and
   without compensation: what exact match cannot tell apart once every line has an error.
 """
@@ -186,8 +189,16 @@ def _total_variation(images):
             + (images[..., :, 1:] - images[..., :, :-1]).abs().mean())
 
 
+def _ctc_targets(model_path: Path, samples: int, generator: np.random.Generator):
+    """Random strings over the model's own charset (blank excluded): the text each inverted line is
+    pushed to read. Lengths 4-20 fit the 40 output steps with room for CTC's repeats."""
+    classes = len(accuracy_suites._rec_keys(model_path))
+    lengths = generator.integers(4, 21, samples)
+    return generator.integers(1, classes, int(lengths.sum())), lengths
+
+
 def inversion(bench: Bench, ratios: list[float], samples: int = 32, steps: int = 150,
-              smoothness: float = 1.0, rate: float = 0.05) -> None:
+              smoothness: float = 1.0, rate: float = 0.05, reading: float = 0.0) -> None:
     import torch
     import onnx_torch
     torch.manual_seed(0)
@@ -207,20 +218,30 @@ def inversion(bench: Bench, ratios: list[float], samples: int = 32, steps: int =
     # images kept in [-1, 1] (the lines' range) through tanh
     logits = torch.atanh(torch.from_numpy(start).clamp(-0.999, 0.999)).requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=rate)
+    if reading:
+        flat, lengths = _ctc_targets(Path(bench.model), samples, np.random.default_rng(0))
+        targets, target_lengths = torch.from_numpy(flat), torch.from_numpy(lengths)
     with torch.no_grad():
         for name, images in (("real lines", real), ("start", start)):
             _, batchnorm_inputs = onnx_torch.run(model, {"x": torch.from_numpy(images)})
             print(f"  batchnorm mismatch, {name}: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}", flush=True)
     for step in range(steps):
         images = torch.tanh(logits)
-        _, batchnorm_inputs = onnx_torch.run(model, {"x": images})
+        outputs, batchnorm_inputs = onnx_torch.run(model, {"x": images})
         loss = _batchnorm_mismatch(batchnorm_inputs) + smoothness * _total_variation(images)
+        if reading:
+            steps_out = torch.full((samples,), outputs[0].shape[1], dtype=torch.long)
+            loss = loss + reading * torch.nn.functional.ctc_loss(
+                torch.log(outputs[0].clamp_min(1e-12)).transpose(0, 1), targets, steps_out, target_lengths)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     inverted = torch.tanh(logits).detach().numpy()
     with torch.no_grad():
-        _, batchnorm_inputs = onnx_torch.run(model, {"x": torch.from_numpy(inverted)})
+        outputs, batchnorm_inputs = onnx_torch.run(model, {"x": torch.from_numpy(inverted)})
+    if reading:
+        confident = outputs[0].max(-1).values.mean().item()
+        print(f"  mean top probability per output step: {confident:.3f}", flush=True)
     print(f"  batchnorm mismatch, inverted after {steps} steps: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}",
           flush=True)
     api.synthetic_feeds = lambda *args, **kwargs: {"x": inverted}
@@ -263,6 +284,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", nargs="*", type=float, default=None)
     parser.add_argument("--mix", type=lambda text: [int(i) for i in text.split(",")], default=None,
                         help="priors: draw equal shares from these PRIORS indices instead of one at a time")
+    parser.add_argument("--reading", type=float, default=0.0,
+                        help="inversion: weight of a CTC loss pushing each line to read a random string")
+    parser.add_argument("--steps", type=int, default=150, help="inversion: Adam steps")
     parser.add_argument("--out", type=Path, default=Path("ocr_data_free.onnx"), help="scratch model file")
     args = parser.parse_args(argv)
     bench = Bench(args.out)
@@ -274,6 +298,8 @@ def main(argv=None) -> int:
         ratios = args.ratios or defaults[name]
         if name == "priors":
             priors(bench, ratios, args.mix)
+        elif name == "inversion":
+            inversion(bench, ratios, steps=args.steps, reading=args.reading)
         else:
             {"swap": swap, "blend": blend, "damping": damping, "chars": chars,
              "inversion": inversion}[name](bench, ratios)
