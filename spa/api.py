@@ -22,7 +22,7 @@ from .errors import ModelLoadError, UsageError, ValidationError
 from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
 from .layers import LayerIndex
-from .load import canonicalize, infer_shapes, load_model
+from .load import canonicalize, infer_shapes, load_model, with_input_sizes
 from .metrics import ModelStats, count
 from .plan import Plan, make_plan
 from .rules.base import ATTENTION_UNITS, Dim
@@ -33,7 +33,8 @@ from .statistics import (Statistics, choose_prior, collect, load_calibration, pr
                          synthetic_feeds, synthetic_sample_count)
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
-from .validate import Validation, one_line, refuse_oversized, sample_inputs, validate
+from .validate import (Validation, check_input_sizes, complete_sizes, counted_sizes, one_line, refuse_oversized,
+                       sample_inputs, unsized_axes, validate)
 
 # how compensation refits: see ``prune``
 REFITS = ("auto", "sequential", "layerwise")
@@ -72,6 +73,9 @@ class AnalysisReport:
     flops: int
     analysis: Analysis = field(repr=False, compare=False)
     stats: ModelStats | None = field(default=None, repr=False, compare=False)
+    flops_at: dict[str, list[int]] = field(default_factory=dict)  # input sizes the FLOPs are counted at
+    unsized_axes: list[str] = field(default_factory=list)  # free axes past the batch FLOPs count as 1
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the sizes the caller gave
 
     @property
     def prunable(self) -> list[GroupReport]:
@@ -79,7 +83,8 @@ class AnalysisReport:
 
     def as_dict(self) -> dict:
         costs = self.stats or ModelStats(self.params, self.flops)
-        return {"model": self.model, "params": self.params, "flops": self.flops,
+        return {"model": self.model, "params": self.params, "flops": self.flops, "flops_at": self.flops_at,
+                "unsized_axes": self.unsized_axes, "input_shapes": self.input_shapes,
                 "flops_by_op_type": costs.per_op_type(), "nodes": [asdict(n) for n in costs.nodes],
                 "groups_found": len(self.groups), "groups_prunable": len(self.prunable),
                 "groups": [asdict(g) for g in self.groups]}
@@ -104,6 +109,8 @@ class PruneReport:
     statistics: dict | None = None  # where layer-input statistics came from (Statistics.summary)
     compensation: dict | None = None  # what the weight refit did (Compensation.as_dict)
     fallback_groups: int = 0  # groups a data-aware criterion scored by l2: no linear layer reads them
+    flops_at: dict[str, list[int]] = field(default_factory=dict)  # input sizes the FLOPs are counted at
+    unsized_axes: list[str] = field(default_factory=list)  # free axes past the batch FLOPs count as 1
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -146,19 +153,31 @@ def _say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -
 
 
 def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tuple[str, ...] = (),
-            approximate: bool = False, attention: str = "heads", progress: Progress | None = None) -> AnalysisReport:
+            approximate: bool = False, attention: str = "heads", input_shapes: dict[str, list[int]] | None = None,
+            progress: Progress | None = None) -> AnalysisReport:
     """Find every coupled channel group of a model, and why each frozen one is frozen.
 
     ``attention`` is the unit of attention layers: whole heads (grouped-query: a KV head with its
     query heads), "head_dim" (one index of head_dim in every head), or "query_heads" (the same
-    query head in every KV group)."""
+    query head in every KV group). FLOPs are counted with the graph inputs at ``input_shapes``
+    (name -> sizes; inputs sharing a symbolic axis follow), free axes otherwise at 1."""
     _check_attention(attention)
     prepared = _prepare(model_or_path, progress)
+    check_input_sizes(prepared.model, input_shapes or {})
     _say(progress, "group")
     analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate, attention)
-    stats = count(prepared.graph)
+    stats = _count(prepared.model, prepared.graph, input_shapes)
     groups = [GroupReport.of(analysis, g, 0) for g in analysis.groups]
-    return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats)
+    return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats,
+                          counted_sizes(prepared.model, input_shapes), unsized_axes(prepared.model, input_shapes),
+                          dict(input_shapes or {}))
+
+
+def _count(model: onnx.ModelProto, graph: ModelGraph, sizes: dict[str, list[int]] | None) -> ModelStats:
+    """Params and FLOPs, the FLOPs with the inputs at ``sizes`` (free axes at 1 where none is given)."""
+    if not sizes:
+        return count(graph)
+    return count(ModelGraph(with_input_sizes(model, complete_sizes(model, sizes))))
 
 
 def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "obspa", *,
@@ -168,7 +187,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
           exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
           check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
           custom_ops: tuple[str, ...] = (), attention: str = "heads", refit: str = "auto",
-          progress: Progress | None = None) -> PruneResult:
+          input_shapes: dict[str, list[int]] | None = None, progress: Progress | None = None) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
 
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
@@ -176,6 +195,9 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     are counted on candidate cuts, latency is timed on the first of ``providers``.
     ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
     ``bench`` times dense and pruned on the CPU and on every provider named.
+    ``input_shapes`` (input name -> sizes; inputs sharing a symbolic axis follow) is the size
+    FLOPs are counted at (free axes otherwise count 1), validation also runs at and latency is
+    timed at; the statistics keep their own sizes.
     ``attention`` is the unit of attention layers: "heads" removes whole heads (grouped-query:
     a KV head with its query heads), "head_dim" shrinks head_dim evenly in every head,
     "query_heads" removes query heads evenly in every KV group and keeps K and V.
@@ -223,12 +245,14 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     timer = _Timer()
     prepared = _prepare(model_or_path, progress)
     graph, opset = prepared.graph, prepared.opset
+    sizes = complete_sizes(prepared.model, input_shapes)
+    check_input_sizes(prepared.model, sizes)
     timer.lap("load")
     _say(progress, "group")
     analysis = find_groups(graph, opset, tuple(exclude), approximate, attention)
     timer.lap("group")
     layers = LayerIndex(graph, analysis.labels)
-    before = count(graph)
+    before = _count(prepared.model, graph, sizes)
     # nothing to rank or refit at ratio 0 (unless a target will pick another ratio)
     wants_data = (CRITERIA[criterion].data is not None or compensate) and (ratio > 0 or target is not None)
     calibration = _calibration(prepared, calib, calib_samples) if calib is not None else None
@@ -240,7 +264,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     scores = _score(analysis, criterion, context, progress)
     timer.lap("score")
     normalise = not CRITERIA[criterion].comparable
-    candidates = _Candidates(prepared, analysis, scores, global_rank, before, normalise)
+    candidates = _Candidates(prepared, analysis, scores, global_rank, before, normalise, sizes)
     rounding, outcome = None, None
     if target is not None or round_to == "auto":
         _say(progress, "search")
@@ -276,27 +300,28 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     validation = Validation()
     if check:
         validation = _validate(prepared, weights, analysis, plan, hard, soft_model, seed, tuple(custom_ops),
-                               progress, Path(workdir.name) if workdir else None)
+                               progress, Path(workdir.name) if workdir else None, sizes)
         if calibration:
             validation.fidelity = chosen.fidelity if chosen else _fidelity(prepared, hard, calibration,
                                                                            calib_samples, tuple(custom_ops))
         if bench:
             validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
-                                            tuple(custom_ops))
+                                            tuple(custom_ops), sizes)
         timer.lap("validate")
-    after = count(ModelGraph(hard))
+    after = _count(hard, ModelGraph(hard), sizes)
     report = PruneReport(
         model=prepared.name,
         options={"ratio": ratio, "criterion": criterion, "calib": str(calib) if calib is not None else None,
                  "calib_samples": calib_samples, "compensate": compensate, "global": global_rank,
                  "round_to": round_to, "exclude": list(exclude), "soft": soft, "approximate": approximate,
-                 "seed": seed, "attention": attention, "refit": refit},
+                 "seed": seed, "attention": attention, "refit": refit, "input_shapes": sizes},
         groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
         flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
         groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups],
         target=outcome, round_to_auto=rounding, statistics=statistics.summary() if statistics else None,
-        compensation=compensation.as_dict() if compensation else None, fallback_groups=len(context.fallbacks))
+        compensation=compensation.as_dict() if compensation else None, fallback_groups=len(context.fallbacks),
+        flops_at=counted_sizes(prepared.model, sizes), unsized_axes=unsized_axes(prepared.model, sizes))
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
     return PruneResult(infer_shapes(soft_model) if soft else hard, report, workdir)
@@ -319,10 +344,11 @@ class _Candidates:
     """Candidate cuts of one scored model, for the searches of :mod:`spa.search`."""
 
     def __init__(self, prepared: _Prepared, analysis: Analysis, scores: dict[int, np.ndarray],
-                 global_rank: bool, dense: ModelStats, normalise: bool):
+                 global_rank: bool, dense: ModelStats, normalise: bool,
+                 sizes: dict[str, list[int]] | None = None):
         self.prepared, self.analysis, self.scores, self.global_rank, self.dense = (prepared, analysis, scores,
                                                                                    global_rank, dense)
-        self.normalise = normalise
+        self.normalise, self.sizes = normalise, sizes
 
     def plan(self, ratio: float, round_to: int) -> Plan:
         return make_plan(self.analysis, self.scores, ratio, self.global_rank, round_to, self.normalise)
@@ -335,7 +361,7 @@ class _Candidates:
         """The fraction of the dense FLOPs or params a candidate keeps, counted on a weightless cut."""
         p = self.prepared
         cut = apply_plan(p.model, p.graph, self.analysis, self.plan(ratio, round_to), p.opset, shapes_only=True)
-        stats = count(ModelGraph(infer_shapes(cut)))
+        stats = count(ModelGraph(with_input_sizes(cut, self.sizes) if self.sizes else infer_shapes(cut)))
         return getattr(stats, metric) / max(getattr(self.dense, metric), 1)
 
     def structural_guess(self, target: Target, round_to: int) -> float:
@@ -348,8 +374,8 @@ class _Candidates:
         if is_lazy(self.prepared.model):
             raise UsageError("--target-latency and --round-to auto time the model in memory; models with "
                              "external data are not supported by them yet")
-        return LatencyMeter(self.prepared.model, sample_inputs(self.prepared.model, seed), provider, threads,
-                            custom_ops)
+        return LatencyMeter(self.prepared.model, sample_inputs(self.prepared.model, seed, shapes=self.sizes),
+                            provider, threads, custom_ops)
 
     def reach(self, target: Target, round_to: int, meter: LatencyMeter | None) -> TargetOutcome:
         if target.metric != "latency":
@@ -361,11 +387,11 @@ class _Candidates:
 
 
 def _latencies(prepared: _Prepared, hard: onnx.ModelProto, validation: Validation, providers: list[str],
-               threads: int, seed: int, custom_ops: tuple[str, ...]) -> list[dict]:
+               threads: int, seed: int, custom_ops: tuple[str, ...], sizes: dict[str, list[int]]) -> list[dict]:
     """Dense vs pruned median latency on the CPU and every provider named."""
     if not validation.ok or is_lazy(prepared.model):  # two large sessions at once would double memory
         return []
-    feeds = sample_inputs(prepared.model, seed)
+    feeds = sample_inputs(prepared.model, seed, shapes=sizes)
     names = list(dict.fromkeys(["CPUExecutionProvider", *providers]))
     return [compare(prepared.model, hard, feeds, name, threads, custom_ops=custom_ops).as_dict() for name in names]
 
@@ -511,12 +537,12 @@ def _rescale_fallbacks(scores: dict[int, np.ndarray], fallbacks: list[int]) -> N
 
 def _validate(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model,
               seed: int, custom_ops: tuple[str, ...], progress: Progress | None,
-              workdir: Path | None) -> Validation:
+              workdir: Path | None, sizes: dict[str, list[int]]) -> Validation:
     dense, graph = prepared.model, prepared.graph
     refuse_oversized(dense)
     _say(progress, "validate")
     validation = _prove(prepared, weights, analysis, plan, hard, soft_model, seed,
-                        lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir)
+                        lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir, sizes)
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
     return validation
@@ -531,7 +557,7 @@ def _custom_op_hint(graph: ModelGraph, custom_ops) -> str:
 
 
 def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed,
-           step, custom_ops, workdir: Path | None) -> Validation:
+           step, custom_ops, workdir: Path | None, sizes: dict[str, list[int]]) -> Validation:
     """Validate in memory, or through files in ``workdir`` for models with external data.
 
     ``weights`` is the model the cut sliced (compensated, or the dense one): the soft reference
@@ -555,7 +581,8 @@ def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Pl
     if not exact_ids:
         hard_exact = soft = None
     validation = validate(prepared.path if lazy else prepared.model, hard_source, soft, hard_exact,
-                          removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops)
+                          removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops,
+                          sizes=sizes)
     validation.approximate_groups = len(plan.removed) - len(exact_ids)
     return validation
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelLoadError, UsageError
-from .validate import MAX_INPUT_ELEMENTS, sample_inputs
+from .validate import MAX_INPUT_ELEMENTS, check_input_sizes, complete_sizes, sample_inputs
 
 _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                      "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -84,7 +84,8 @@ def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
 
 def _feeds(model_path: Path, batch: int, shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
     proto = onnx.load(str(model_path), load_external_data=False)
-    feeds = sample_inputs(proto, seed, batch=batch, shapes=shapes)
+    check_input_sizes(proto, shapes)
+    feeds = sample_inputs(proto, seed, batch=batch, shapes=complete_sizes(proto, shapes))
     for name, value in feeds.items():
         if value.size > MAX_INPUT_ELEMENTS:
             raise UsageError(f"input '{name}' of shape {list(value.shape)} is too large to benchmark")

@@ -22,6 +22,8 @@ from .criteria import CRITERIA
 from .statistics import SMOOTH_NOISE
 from .errors import EXIT_INTERNAL, SpaError, UsageError
 from .export import Fp16RangeWarning, export
+from .bench import parse_shapes
+from .validate import format_sizes
 from .io import check_output_path, write_bytes_atomic
 
 
@@ -130,6 +132,9 @@ def main() -> None:
               help="Attention units: remove whole heads (grouped-query: a KV head with its query heads), "
                    "shrink head_dim evenly in every head, or (grouped-query) remove query heads evenly "
                    "in every KV group.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=AxBxC",
+              help="Sizes of an input with free axes: FLOPs are counted, validation also runs and latency is "
+                   "timed at them (inputs sharing a symbolic axis follow). Repeatable.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
@@ -151,12 +156,13 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def prune(model, output, ratio, criterion, calib, calib_samples, compensate, refit, global_rank, round_to, target_flops, target_params, target_latency,
-          exclude, soft, approximate, attention, seed, json_path, no_validate, bench, providers, threads, custom_ops,
+          exclude, soft, approximate, attention, input_shapes, seed, json_path, no_validate, bench, providers, threads, custom_ops,
           out_format, fp16, fp16_io, write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
 
     def action():
         multiple = _round_to(round_to)
+        sizes = parse_shapes(list(input_shapes))
         target = output or output_path_for(model, soft, "." + out_format)
         check_output_path(target, [model], force)
         if json_path:
@@ -170,7 +176,7 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
                                approximate=approximate, seed=seed, check=not no_validate,
                                bench=bench and not no_validate, providers=_provider_list(providers),
                                threads=threads, custom_ops=tuple(custom_ops),
-                               attention=attention.replace("-", "_"), progress=stages)
+                               attention=attention.replace("-", "_"), input_shapes=sizes, progress=stages)
             report = result.report.as_dict()
             nothing = result.report.groups_prunable == 0 and not write_unchanged
             checks = []
@@ -203,15 +209,18 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
               show_default=True,
               help="Attention units: whole heads (grouped-query: a KV head with its query heads), one index "
                    "of head_dim in every head, or one query head in every KV group.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=AxBxC",
+              help="Sizes of an input with free axes, to count FLOPs at (inputs sharing a symbolic axis follow). "
+                   "Repeatable.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the analysis as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every member dimension of every group.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def analyze(model, exclude, approximate, attention, json_path, verbose, debug):
+def analyze(model, exclude, approximate, attention, input_shapes, json_path, verbose, debug):
     """List every coupled channel group of MODEL, and why frozen ones are frozen."""
 
     def action():
         report = api_analyze(model, exclude=tuple(exclude), approximate=approximate,
-                             attention=attention.replace("-", "_"))
+                             attention=attention.replace("-", "_"), input_shapes=parse_shapes(list(input_shapes)))
         data = report.as_dict()
         if json_path:
             check_output_path(json_path, [model], True)
@@ -235,7 +244,7 @@ def analyze(model, exclude, approximate, attention, json_path, verbose, debug):
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bench_command(models, providers, threads, warmup, runs, batch, input_shapes, json_path, debug):
     """Latency of MODEL, or of DENSE and PRUNED measured alternately, on onnxruntime."""
-    from .bench import bench, parse_shapes, resolve_providers
+    from .bench import bench, resolve_providers
 
     def action():
         shapes = parse_shapes(list(input_shapes))
@@ -298,12 +307,21 @@ def _change(before: int, after: int) -> str:
     return f"{_human(before)} -> {_human(after)} ({pct:+.1f}%)"
 
 
+def _counted_at(r: dict) -> str:
+    """Where FLOPs depend on free axes, the sizes they were counted at."""
+    given = r["input_shapes"] if "input_shapes" in r else r["options"]["input_shapes"]
+    text = f" at {format_sizes(r['flops_at'])}" if r["unsized_axes"] or given else ""
+    if r["unsized_axes"]:
+        text += f" (free axes {', '.join(r['unsized_axes'])} counted as 1; --input-shape sets them)"
+    return text
+
+
 def _summary(r: dict) -> str:
     v = r["validation"]
     lines = [
         f"groups: {r['groups_found']} found, {r['groups_prunable']} prunable, {r['groups_pruned']} pruned",
         f"params: {_change(r['params_before'], r['params_after'])}",
-        f"FLOPs:  {_change(r['flops_before'], r['flops_after'])}",
+        f"FLOPs:  {_change(r['flops_before'], r['flops_after'])}{_counted_at(r)}",
     ]
     if v["checker"] != "not run":
         soft = ("n/a" if v["soft_equal"] is None
@@ -401,7 +419,7 @@ def _data_lines(r: dict) -> list[str]:
 
 def _analysis_text(data: dict, verbose: bool) -> str:
     lines = [f"{data['model']}: {data['groups_found']} groups, {data['groups_prunable']} prunable; "
-             f"params {_human(data['params'])}, FLOPs {_human(data['flops'])}"]
+             f"params {_human(data['params'])}, FLOPs {_human(data['flops'])}{_counted_at(data)}"]
     shares = [f"{op} {100 * flops / data['flops']:.1f}%" for op, flops in data["flops_by_op_type"].items()
               if data["flops"] and flops / data["flops"] >= 0.001]
     if shares:

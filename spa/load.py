@@ -373,6 +373,20 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def with_input_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A weightless copy of ``model`` whose inputs named in ``sizes`` have those sizes, every tensor's
+    shape inferred again: what FLOPs at a deployment size are counted on (free axes count 1)."""
+    skeleton = _without_weight_data(model)
+    for info in skeleton.graph.input:
+        if info.name in sizes:
+            for dim, size in zip(info.type.tensor_type.shape.dim, sizes[info.name]):
+                dim.Clear()
+                dim.dim_value = size
+    for info in skeleton.graph.output:  # inferred again from the new sizes, not kept symbolic
+        info.type.tensor_type.ClearField("shape")
+    return infer_shapes(skeleton)
+
+
 def _settle_reshape_splits(model: onnx.ModelProto) -> None:
     """Give a Reshape's one unknown output axis its size where the shared symbols cancel.
 

@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .errors import ValidationError
+from .errors import UsageError, ValidationError
 from .fidelity import Fidelity
+from .statistics import graph_inputs
 
 # soft == hard is checked to this relative error (issue 2: below 1e-4)
 SOFT_TOLERANCE = 1e-4
@@ -37,6 +38,7 @@ class Validation:
     # dense vs pruned outputs on calibration samples the statistics did not use (spa.fidelity)
     fidelity: Fidelity | None = None
     latency: list[dict] = field(default_factory=list)  # dense vs pruned per provider (spa.bench.LatencyPair)
+    sizes: list[dict[str, list[int]]] = field(default_factory=list)  # the input sizes the checks ran at
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -82,6 +84,65 @@ def input_shapes(model: onnx.ModelProto, batch: int = 1, length: int | None = No
 
     return {info.name: shape(info.type.tensor_type.shape.dim)
             for info in model.graph.input if info.name not in initializers}
+
+
+def check_input_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]]) -> None:
+    """Raise UsageError unless every ``--input-shape`` names a graph input, with its rank, its
+    fixed axes as declared and no more elements than validation allocates."""
+    declared = {info.name: info for info in graph_inputs(model)}
+    for name, shape in sizes.items():
+        if name not in declared:
+            raise UsageError(f"--input-shape names '{name}', which is not an input of the model "
+                             f"(inputs: {', '.join(declared) or 'none'})")
+        dims = declared[name].type.tensor_type.shape.dim
+        if len(shape) != len(dims):
+            raise UsageError(f"--input-shape {name}: {len(shape)} sizes given, the input has {len(dims)} axes")
+        for axis, (dim, size) in enumerate(zip(dims, shape)):
+            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
+                raise UsageError(f"--input-shape {name}: axis {axis} is fixed at {dim.dim_value} by the model, "
+                                 f"not {size}")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise UsageError(f"--input-shape {name}: {math.prod(shape)} elements is too large to run")
+
+
+def complete_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]] | None) -> dict[str, list[int]]:
+    """``sizes`` and, for the inputs not named, the sizes their free axes take through a symbol they
+    share with a named one (``attention_mask`` [batch, sequence] follows ``input_ids``); free axes
+    nothing settles stay out (callers fill them)."""
+    if not sizes:
+        return {}
+    symbols = {}
+    for info in graph_inputs(model):
+        for dim, size in zip(info.type.tensor_type.shape.dim, sizes.get(info.name, ())):
+            if dim.HasField("dim_param"):
+                symbols.setdefault(dim.dim_param, size)
+    complete = dict(sizes)
+    for info in graph_inputs(model):
+        dims = info.type.tensor_type.shape.dim
+        if info.name in complete or not any(d.HasField("dim_param") and d.dim_param in symbols for d in dims):
+            continue
+        complete[info.name] = [symbols.get(d.dim_param, 1) if d.HasField("dim_param")
+                               else d.dim_value if d.dim_value > 0 else 1 for d in dims]
+    return complete
+
+
+def unsized_axes(model: onnx.ModelProto, sizes: dict[str, list[int]] | None = None) -> list[str]:
+    """Free axes past the batch that FLOPs count as 1 because ``sizes`` (completed) leaves them
+    unset, as ``input[axis]``."""
+    given = complete_sizes(model, sizes)
+    return [f"{info.name}[{axis}]" for info in graph_inputs(model) if info.name not in given
+            for axis, dim in enumerate(info.type.tensor_type.shape.dim)
+            if axis > 0 and not (dim.HasField("dim_value") and dim.dim_value > 0)]
+
+
+def counted_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """The input sizes FLOPs are counted at: ``sizes`` (completed) where given, else as declared
+    with free axes at 1."""
+    return {**input_shapes(model, batch=1, length=1), **complete_sizes(model, sizes)}
+
+
+def format_sizes(sizes: dict[str, list[int]]) -> str:
+    return ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in sizes.items())
 
 
 def refuse_oversized(model: onnx.ModelProto) -> None:
@@ -189,9 +250,11 @@ def _proto(source: Source) -> onnx.ModelProto:
 
 
 def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Source | None,
-             removed_anything: bool, seed: int = 0, step=None, custom_ops: tuple[str, ...] = ()) -> Validation:
+             removed_anything: bool, seed: int = 0, step=None, custom_ops: tuple[str, ...] = (),
+             sizes: dict[str, list[int]] | None = None) -> Validation:
     """Checker, onnxruntime run, same I/O names and shapes (also at a second batch size where the
-    batch axis is symbolic, which catches sizes hard-coded by mistake), soft == hard, ratio 0 == dense.
+    batch axis is symbolic, which catches sizes hard-coded by mistake, and at the user's ``sizes``),
+    soft == hard, ratio 0 == dense.
 
     One onnxruntime session is alive at a time, so a large model is never held twice.
     ``step(done, total)`` is called as the checks advance.
@@ -208,6 +271,8 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
         # other sizes, where a size hard-coded by mistake fails: batch 2, then batch 3 with the other
         # free axes (sequence) at 7, where attention over several positions tells heads apart
         extra = [sample_inputs(dense_proto, seed + 1, batch=2), sample_inputs(dense_proto, seed + 2, batch=3, length=7)]
+    if sizes:
+        extra.append(sample_inputs(dense_proto, seed + 3, shapes=complete_sizes(dense_proto, sizes)))
     try:
         dense_out = _run_all(dense, feeds, custom_ops)
         result.dense_runs = True
@@ -216,9 +281,13 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
         result.problems.append(result.dense_error)
         return result
     for feed, out in zip(extra, _run_each(dense, extra, custom_ops)):
+        if out is None and sizes and feed is extra[-1]:
+            raise UsageError("the input model does not run at the --input-shape sizes "
+                             f"({format_sizes(complete_sizes(dense_proto, sizes))})")
         if out is not None:  # a size the dense model itself refuses (an image too small) is no test
             feeds.append(feed)
             dense_out.append(out)
+    result.sizes = [{name: list(value.shape) for name, value in feed.items()} for feed in feeds]
     step(2, total)
     try:
         pruned_out = _run_all(pruned, feeds, custom_ops)

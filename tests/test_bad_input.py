@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 
 import spa.io
@@ -97,6 +98,17 @@ def test_nothing_prunable_says_so_and_writes_only_if_asked(tmp_path):
     original = onnx.load(str(path))
     assert [onnx.numpy_helper.to_array(t).tolist() for t in written.graph.initializer] == [
         onnx.numpy_helper.to_array(t).tolist() for t in original.graph.initializer]
+
+
+@pytest.mark.parametrize("spec", ["y=1x3x8x8", "x=1x3x8", "x=1x3xA", "x=1x3x2x2"])
+def test_input_shapes_that_do_not_fit_the_model(tmp_path, spec):
+    # unknown input, wrong rank, not a size, and sizes the dense model cannot run (3x3, no padding)
+    g = Graph()
+    x = g.input("x", ["n", 3, "h", "w"])
+    h = g.op("Relu", [g.op("Conv", [x, g.weight(4, 3, 3, 3)])])
+    g.output(g.conv(h, 4, 2))
+    path, digest = save(g.build(), tmp_path)
+    assert_clean_failure(run("prune", path, "--no-bench", "--input-shape", spec), 2, tmp_path, path, digest)
 
 
 def test_disk_full_mid_write_leaves_nothing(tmp_path, monkeypatch):

@@ -7,7 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import spa
 from builder import Graph
+from click.testing import CliRunner
+from spa.cli import _change, main
+from spa.errors import UsageError
 from spa.api import _prepare
 from spa.graph import ModelGraph
 from spa.metrics import count
@@ -69,6 +73,99 @@ def test_symbolic_batch_counts_per_sample():
     x = g.input("x", ["batch", 6])
     g.output(g.op("Gemm", [x, g.weight(6, 4)]))
     assert stats(g.build()).flops == 2 * 6 * 4
+
+
+def _free_image_convs():
+    g = Graph()
+    x = g.input("x", ["n", 3, "h", "w"])
+    hidden = g.op("Relu", [g.conv(x, 3, 8)])  # 3x3, pads 1: maps as large as the input
+    g.output(g.conv(hidden, 8, 2))
+    return g.build()
+
+
+def _convs_flops(positions, hidden=8):
+    """positions: batch x height x width."""
+    first = 2 * hidden * 27 * positions + hidden * positions  # multiply-adds, bias
+    return first + hidden * positions + 2 * 2 * hidden * 9 * positions + 2 * positions  # relu, second conv
+
+
+def test_free_image_axes_count_1_unless_sizes_are_given():
+    model = _free_image_convs()
+    free = spa.analyze(model)
+    assert free.flops == _convs_flops(1)
+    assert free.flops_at == {"x": [1, 3, 1, 1]} and free.unsized_axes == ["x[2]", "x[3]"]
+    sized = spa.analyze(model, input_shapes={"x": [2, 3, 16, 12]})
+    assert sized.flops == _convs_flops(2 * 16 * 12)
+    assert sized.params == free.params and sized.unsized_axes == []
+    assert sized.flops_at == {"x": [2, 3, 16, 12]}
+
+
+def test_inputs_sharing_a_symbol_follow_the_given_sizes():
+    # scores = x x^T over the sequence, masked: quadratic in the sequence, which counting at 1 hides
+    g = Graph()
+    x = g.input("x", ["batch", "seq", 4])
+    mask = g.input("mask", ["batch", "seq"])
+    scores = g.op("MatMul", [x, g.op("Transpose", [x], perm=[0, 2, 1])])
+    g.output(g.op("Mul", [scores, g.op("Unsqueeze", [mask, g.const(np.array([1]))])]))
+    report = spa.analyze(g.build(), input_shapes={"x": [2, 5, 4]})
+    assert report.flops_at == {"x": [2, 5, 4], "mask": [2, 5]}
+    assert report.unsized_axes == []
+    matmul = next(n.flops for n in report.stats.nodes if n.op_type == "MatMul")
+    assert matmul == 2 * 2 * 5 * 5 * 4
+
+
+def test_prune_counts_validates_and_times_at_the_given_sizes():
+    result = spa.prune(_free_image_convs(), 0.5, "l1", input_shapes={"x": [1, 3, 20, 20]}, bench=True)
+    report = result.report
+    assert report.flops_before == _convs_flops(400)
+    assert report.flops_after == _convs_flops(400, hidden=4)
+    assert {"x": [1, 3, 20, 20]} in report.validation.sizes
+    assert report.validation.ok and report.options["input_shapes"] == {"x": [1, 3, 20, 20]}
+    assert report.validation.latency  # timed: the feeds were built at the given sizes
+
+
+def test_flops_target_is_met_at_the_given_sizes():
+    # a prunable FFN, linear in the sequence, beside scores quadratic in it: at 64 positions the
+    # FFN is a third of the FLOPs, at 1 nearly all, so the ratio meeting the target depends on it
+    g = Graph()
+    x = g.input("x", ["batch", "seq", 4])
+    hidden = g.op("Relu", [g.op("MatMul", [x, g.weight(4, 16)])])
+    g.output(g.op("MatMul", [hidden, g.weight(16, 4)]))
+    g.output(g.op("MatMul", [x, g.op("Transpose", [x], perm=[0, 2, 1])]))
+    report = spa.prune(g.build(), criterion="l1", target_flops=0.8, input_shapes={"x": [1, 64, 4]},
+                       check=False).report
+    assert report.flops_before == 64 * (2 * 4 * 16 + 16 + 2 * 16 * 4) + 2 * 64 * 64 * 4
+    assert 0.75 <= report.flops_after / report.flops_before <= 0.8
+    assert report.target.ratio > 0.5
+
+
+def test_cli_says_where_flops_were_counted(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_free_image_convs(), str(path))
+    free = CliRunner().invoke(main, ["analyze", str(path)])
+    assert "(free axes x[2], x[3] counted as 1; --input-shape sets them)" in free.output
+    sized = CliRunner().invoke(main, ["prune", str(path), "--ratio", "0.5", "--no-bench", "--input-shape", "x=1x3x20x20"])
+    assert sized.exit_code == 0, sized.output
+    assert f"FLOPs:  {_change(_convs_flops(400), _convs_flops(400, hidden=4))} at x=1x3x20x20" in sized.output
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"y": [1, 3, 8, 8]}, "--input-shape names 'y', which is not an input of the model (inputs: x)"),
+    ({"x": [1, 3, 8]}, "--input-shape x: 3 sizes given, the input has 4 axes"),
+    ({"x": [1, 4, 8, 8]}, "--input-shape x: axis 1 is fixed at 3 by the model, not 4"),
+])
+def test_sizes_that_do_not_fit_the_inputs_are_refused(sizes, message):
+    with pytest.raises(UsageError) as caught:
+        spa.analyze(_free_image_convs(), input_shapes=sizes)
+    assert str(caught.value) == message
+
+
+def test_sizes_the_dense_model_cannot_run_are_refused():
+    g = Graph()
+    x = g.input("x", ["n", 3, "h", "w"])
+    g.output(g.op("Conv", [x, g.weight(4, 3, 3, 3)]))  # no padding: 2x2 is too small
+    with pytest.raises(UsageError, match="does not run at the --input-shape sizes"):
+        spa.prune(g.build(), 0.5, "l1", input_shapes={"x": [1, 3, 2, 2]})
 
 
 def test_conv_transpose_counts_per_input_element():
