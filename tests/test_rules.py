@@ -710,13 +710,17 @@ def test_onnx_attention_split_heads(kv, cache, mode, units, q_width, kv_width):
         assert onnx.helper.get_attribute_value(scale[0]) == pytest.approx(0.5)
 
 
-def _sdpa_packed_heads(kv=2, mask_heads=0):
+def _sdpa_packed_heads(kv=2, mask_heads=0, rotary=False):
     """Attention on [1, 5, heads * 4] with q_num_heads=4 and kv_num_heads=``kv``; ``mask_heads``:
-    a float mask [1, mask_heads, 5, 5] (0: none)."""
+    a float mask [1, mask_heads, 5, 5] (0: none); ``rotary``: Q and K through RotaryEmbedding on
+    the packed heads."""
     g = Graph(opset=23)
     x = g.input("x", [1, 5, 8])
     wq, wk = g.weight(8, 16), g.weight(8, 4 * kv)
     q, k, v = g.op("MatMul", [x, wq]), g.op("MatMul", [x, wk]), g.op("MatMul", [x, g.weight(8, 4 * kv)])
+    if rotary:
+        cos, sin = g.weight(1, 5, 2), g.weight(1, 5, 2)
+        q, k = (g.op("RotaryEmbedding", [t, cos, sin], num_heads=heads) for t, heads in ((q, 4), (k, kv)))
     inputs = [q, k, v] + ([g.weight(1, mask_heads, 5, 5)] if mask_heads else [])
     a = g.op("Attention", inputs, q_num_heads=4, kv_num_heads=kv)
     g.output(g.op("MatMul", [a, g.weight(16, 6)]))
@@ -733,6 +737,67 @@ def test_onnx_attention_packed_heads_rewrites_the_head_counts(kv, mode, heads, k
     assert initializer(result.model, wq).shape == (8, 8)
     if mode == "head_dim":
         assert node_attr(result.model, "Attention", "scale") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kv, mode, heads, kv_heads", [(4, "heads", 2, 2), (2, "heads", 2, 1), (2, "query_heads", 2, 2)])
+def test_rotary_embedding_on_packed_heads_passes_whole_heads(kv, mode, heads, kv_heads):
+    model, wq, wk = _sdpa_packed_heads(kv, rotary=True)
+    result = prune_exact(model, 0.5, attention=mode)
+    assert [a.i for n in result.model.graph.node if n.op_type == "RotaryEmbedding"
+            for a in n.attribute if a.name == "num_heads"] == [heads, kv_heads]
+    assert initializer(result.model, wq).shape == (8, 8)
+    assert initializer(result.model, wk).shape == (8, 4 * kv_heads)
+    frozen = group_at(analysis_of(model, attention="head_dim"), wq, 1).frozen
+    assert "rotates pairs of head_dim" in frozen
+
+
+def _microsoft_rotary_attention(num_heads_attr: bool, width: int = 12):
+    """Q and K [1, 5, width] through com.microsoft RotaryEmbedding (cos/sin caches [8, 2]: heads of
+    4) into MultiHeadAttention with three heads; ``num_heads_attr``: the rotary op names its heads,
+    else onnxruntime reads the head width off the cache."""
+    g = Graph()
+    x = g.input("x", [1, 5, 8])
+    wq, wk = g.weight(8, width), g.weight(8, width)
+    positions = g.const(np.arange(5, dtype=np.int64).reshape(1, 5))
+    cos, sin = g.weight(8, 2), g.weight(8, 2)
+    heads = {"num_heads": width // 4} if num_heads_attr else {}
+    q, k = (g.op("RotaryEmbedding", [g.op("MatMul", [x, w]), positions, cos, sin], domain="com.microsoft", **heads)
+            for w in (wq, wk))
+    a = g.op("MultiHeadAttention", [q, k, g.op("MatMul", [x, g.weight(8, 12)])], domain="com.microsoft",
+             num_heads=3)
+    g.output(g.op("MatMul", [a, g.weight(12, 6)]))
+    return g.build(), wq
+
+
+@pytest.mark.parametrize("num_heads_attr", [True, False])
+def test_onnxruntime_rotary_embedding_passes_whole_heads(num_heads_attr):
+    model, wq = _microsoft_rotary_attention(num_heads_attr)
+    group = group_at(analysis_of(model), wq, 1)
+    assert group.size == 3 and group.prunable and group.exact
+    result = prune_exact(model, 0.34)
+    assert initializer(result.model, wq).shape == (8, 8)
+    assert node_attr(result.model, "MultiHeadAttention", "num_heads") == 2
+    if num_heads_attr:
+        assert node_attr(result.model, "RotaryEmbedding", "num_heads") == 2
+
+
+def test_rotary_embedding_keeps_heads_whole_without_an_attention_op():
+    # nothing downstream knows the heads: the rotation alone must keep each head's columns together
+    g = Graph()
+    x = g.input("x", [1, 5, 8])
+    w = g.weight(8, 12)
+    cos, sin = g.weight(8, 2), g.weight(8, 2)
+    positions = g.const(np.arange(5, dtype=np.int64).reshape(1, 5))
+    rotated = g.op("RotaryEmbedding", [g.op("MatMul", [x, w]), positions, cos, sin], domain="com.microsoft")
+    g.output(g.op("MatMul", [rotated, g.weight(12, 6)]))
+    model = g.build()
+    assert group_at(analysis_of(model), w, 1).size == 3
+    assert initializer(prune_exact(model, 0.34).model, w).shape == (8, 8)
+
+
+def test_rotary_embedding_width_not_in_heads_freezes():
+    model, wq = _microsoft_rotary_attention(False, width=10)  # 10 columns are not heads of 4
+    assert "does not divide into its heads" in group_at(analysis_of(model), wq, 1).frozen
 
 
 def test_onnx_attention_per_head_mask_freezes():

@@ -63,14 +63,14 @@ def _rank(graph: ModelGraph, tensor: str) -> int | None:
 def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
     """(role found at this op, (tensor, axis) pairs to follow on)."""
     op = node.op_type
+    if op == "RotaryEmbedding" and name in (node.inputs[0], node.outputs[0]):  # either domain: within each head
+        return None, [(node.outputs[0] if forward else node.inputs[0], a)]
     if node.domain not in ("", "ai.onnx"):
         return None, []
     if op == "MatMul":
         return _matmul_role(graph, node, name, a, forward), []
     if op == "Attention" and _rank(graph, name) == 4:  # opset 23, heads split: [B, heads, S, head_dim]
         return {1: HEADS, 3: HEAD_DIM}.get(a), []
-    if op == "RotaryEmbedding" and name in (node.inputs[0], node.outputs[0]):  # rotates within each head
-        return None, [(node.outputs[0] if forward else node.inputs[0], a)]
     if op == "Transpose":
         rank = _rank(graph, node.inputs[0])
         if rank is None:

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .attention import HEAD_DIM, HEADS, QUERY_HEADS
-from .base import Dim, HeadInfo, LinkSet, Rule, Sink, pairs, register
+from .base import Dim, HeadInfo, LinkSet, Sink, pairs, register
 from .contrib import HeadsAttention, _output
 
 
@@ -113,40 +113,3 @@ class Attention(HeadsAttention):
             kept = cut.kept(axis_of)
             if kept is not None and node.attr(attr) is not None:
                 cut.set_attr(node, attr, len(kept))
-
-
-@register
-class RotaryEmbedding(Rule):
-    """ONNX RotaryEmbedding (opset 23): X [B, heads, S, head_dim] (or [B, S, heads * head_dim] with
-    ``num_heads``), cos and sin caches, position ids. It rotates pairs of head_dim indices inside
-    each head, so heads pass through one for one and head_dim stays; the packed 3-D layout keeps
-    both (its heads are not an axis of their own)."""
-
-    ops = ("RotaryEmbedding",)
-
-    def link(self, node, dim, ctx):
-        links = LinkSet(ctx)
-        x, y = node.inputs[0], node.outputs[0]
-        name = f"RotaryEmbedding '{node.name}'"
-        if dim.tensor not in (x, y):
-            links.freeze(dim, f"cache or position input of {name}")
-            return links.out
-        rank = ctx.rank(x)
-        if rank != 4 or ctx.rank(y) != 4:
-            links.freeze(dim, f"{name} on packed heads [batch, seq, heads * head_dim]")
-            return links.out
-        if dim.axis == 3:
-            links.freeze(dim, f"{name} rotates pairs of head_dim indices")
-            return links.out
-        links.same(Dim(x, dim.axis), Dim(y, dim.axis))
-        return links.out
-
-    def soft_zero(self, node, dim, input_zero):
-        if dim != Dim(node.outputs[0], 1):
-            return None
-        return input_zero(node.inputs[0]) is True  # a rotation of zeros is zeros
-
-    def rewrite(self, node, cut):
-        kept = cut.kept(Dim(node.inputs[0], 1))
-        if kept is not None and node.attr("num_heads") is not None:
-            cut.set_attr(node, "num_heads", len(kept))
