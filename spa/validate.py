@@ -107,8 +107,8 @@ def check_input_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]]) -> No
 
 def complete_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]] | None) -> dict[str, list[int]]:
     """``sizes`` and, for the inputs not named, the sizes their free axes take through a symbol they
-    share with a named one (``attention_mask`` [batch, sequence] follows ``input_ids``); free axes
-    nothing settles stay out (callers fill them)."""
+    share with a named one (``attention_mask`` [batch, sequence] follows ``input_ids``), their other
+    free axes at 1. Inputs sharing no symbol stay out: callers size them as they would unasked."""
     if not sizes:
         return {}
     symbols = {}
