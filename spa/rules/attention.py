@@ -5,9 +5,9 @@ QKV projection) does not say which factor is which, and a channel shuffle splits
 axis the same way. The graph says it: the head axis travels to a *batch* axis of the MatMuls
 that multiply two activations (Q Kᵀ, then the scores times V), while head_dim is contracted
 there (Q, K) or stays the last axis of the result (V). ONNX's own Attention op (opset 23) with
-[B, heads, S, head_dim] operands says it outright: axis 1 is the heads, axis 3 head_dim. ``axis_role`` follows one axis through
-the layout and element-wise ops in between, forward from a split or backward from the merge
-Reshape after scores times V.
+[B, heads, S, head_dim] operands says it outright: axis 1 is the heads, axis 3 head_dim.
+``axis_role`` follows one axis through the layout and element-wise ops in between, forward from
+a split or backward from the merge Reshape after scores times V.
 
 Grouped-query attention shares each K/V head among several query heads: ``repeat_kv``
 inserts an axis of size 1, Expands it to n_rep copies and merges [kv_heads, n_rep] into the

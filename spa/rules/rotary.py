@@ -18,7 +18,6 @@ class RotaryEmbedding(Rule):
     """ONNX: X, cos_cache, sin_cache, position_ids; the packed layout needs ``num_heads``."""
 
     ops = ("RotaryEmbedding",)
-    cos_slot = 1
 
     def head_width(self, node, ctx) -> int | None:
         """head_dim of the packed layout, or None when the width does not divide into heads."""
@@ -35,10 +34,9 @@ class RotaryEmbedding(Rule):
             links.freeze(dim, f"cache or position input of {name}")
             return links.out
         rank = ctx.rank(x)
-        channels = rank - 1 if rank == 4 else 2  # head_dim, or the packed heads
         if rank not in (3, 4) or ctx.rank(y) != rank:
             links.freeze(dim, f"{name} on an input of rank {rank}")
-        elif dim.axis != channels:  # batch, heads (split layout) and sequence pass through
+        elif dim.axis != rank - 1:  # batch, heads (split layout) and sequence pass through
             links.same(Dim(x, dim.axis), Dim(y, dim.axis))
         elif rank == 4 or ctx.attention == HEAD_DIM:
             links.freeze(dim, f"{name} rotates pairs of head_dim indices")
@@ -58,15 +56,11 @@ class RotaryEmbedding(Rule):
         return input_zero(node.inputs[0]) is True
 
     def rewrite(self, node, cut):
-        x = node.inputs[0]
-        kept = cut.kept(Dim(x, 1)) if cut.rank(x) == 4 else cut.kept(Dim(x, 2))
-        heads = int(node.attr("num_heads") or 0)
-        if kept is None or not heads:
-            return
-        if cut.rank(x) == 4:
-            cut.set_attr(node, "num_heads", len(kept))
-        else:
-            cut.set_attr(node, "num_heads", len(kept) // (cut.old_size(Dim(x, 2)) // heads))
+        x, heads = node.inputs[0], int(node.attr("num_heads") or 0)
+        units = Dim(x, 1) if cut.rank(x) == 4 else Dim(x, 2)  # heads, or every column of the packed heads
+        kept = cut.kept(units)
+        if kept is not None and heads:
+            cut.set_attr(node, "num_heads", len(kept) * heads // cut.old_size(units))
 
 
 @register
@@ -75,12 +69,11 @@ class MicrosoftRotaryEmbedding(RotaryEmbedding):
     head width is twice the cache's last axis (onnxruntime's own reading)."""
 
     domain = MS
-    cos_slot = 2
 
     def head_width(self, node, ctx) -> int | None:
         if node.attr("num_heads") or node.attr("rotary_embedding_dim"):
             return super().head_width(node, ctx)
-        hidden, cos = ctx.size(Dim(node.inputs[0], 2)), node.input(self.cos_slot)
+        hidden, cos = ctx.size(Dim(node.inputs[0], 2)), node.input(2)
         half = ctx.size(Dim(cos, ctx.rank(cos) - 1)) if cos and ctx.rank(cos) else None
         if hidden is None or not half or hidden % (2 * half):
             return None
