@@ -743,12 +743,17 @@ def test_onnx_attention_packed_heads_rewrites_the_head_counts(kv, mode, heads, k
 def test_rotary_embedding_on_packed_heads_passes_whole_heads(kv, mode, heads, kv_heads):
     model, wq, wk = _sdpa_packed_heads(kv, rotary=True)
     result = prune_exact(model, 0.5, attention=mode)
-    assert [a.i for n in result.model.graph.node if n.op_type == "RotaryEmbedding"
-            for a in n.attribute if a.name == "num_heads"] == [heads, kv_heads]
+    assert [node_attr(result.model, "RotaryEmbedding", "num_heads", i) for i in (0, 1)] == [heads, kv_heads]
     assert initializer(result.model, wq).shape == (8, 8)
     assert initializer(result.model, wk).shape == (8, 4 * kv_heads)
     frozen = group_at(analysis_of(model, attention="head_dim"), wq, 1).frozen
     assert "rotates pairs of head_dim" in frozen
+
+
+def _microsoft_rotary(g: Graph, x: str, **attrs) -> str:
+    """com.microsoft RotaryEmbedding of ``x`` [1, 5, heads * 4]: positions 0-4, cos/sin caches [8, 2]."""
+    positions = g.const(np.arange(5, dtype=np.int64).reshape(1, 5))
+    return g.op("RotaryEmbedding", [x, positions, g.weight(8, 2), g.weight(8, 2)], domain="com.microsoft", **attrs)
 
 
 def _microsoft_rotary_attention(num_heads_attr: bool, width: int = 12):
@@ -758,11 +763,8 @@ def _microsoft_rotary_attention(num_heads_attr: bool, width: int = 12):
     g = Graph()
     x = g.input("x", [1, 5, 8])
     wq, wk = g.weight(8, width), g.weight(8, width)
-    positions = g.const(np.arange(5, dtype=np.int64).reshape(1, 5))
-    cos, sin = g.weight(8, 2), g.weight(8, 2)
     heads = {"num_heads": width // 4} if num_heads_attr else {}
-    q, k = (g.op("RotaryEmbedding", [g.op("MatMul", [x, w]), positions, cos, sin], domain="com.microsoft", **heads)
-            for w in (wq, wk))
+    q, k = (_microsoft_rotary(g, g.op("MatMul", [x, w]), **heads) for w in (wq, wk))
     a = g.op("MultiHeadAttention", [q, k, g.op("MatMul", [x, g.weight(8, 12)])], domain="com.microsoft",
              num_heads=3)
     g.output(g.op("MatMul", [a, g.weight(12, 6)]))
@@ -786,10 +788,7 @@ def test_rotary_embedding_keeps_heads_whole_without_an_attention_op():
     g = Graph()
     x = g.input("x", [1, 5, 8])
     w = g.weight(8, 12)
-    cos, sin = g.weight(8, 2), g.weight(8, 2)
-    positions = g.const(np.arange(5, dtype=np.int64).reshape(1, 5))
-    rotated = g.op("RotaryEmbedding", [g.op("MatMul", [x, w]), positions, cos, sin], domain="com.microsoft")
-    g.output(g.op("MatMul", [rotated, g.weight(12, 6)]))
+    g.output(g.op("MatMul", [_microsoft_rotary(g, g.op("MatMul", [x, w])), g.weight(12, 6)]))
     model = g.build()
     assert group_at(analysis_of(model), w, 1).size == 3
     assert initializer(prune_exact(model, 0.34).model, w).shape == (8, 8)
