@@ -301,8 +301,7 @@ def main(argv=None) -> int:
         elif name == "inversion":
             inversion(bench, ratios, steps=args.steps, reading=args.reading)
         else:
-            {"swap": swap, "blend": blend, "damping": damping, "chars": chars,
-             "inversion": inversion}[name](bench, ratios)
+            {"swap": swap, "blend": blend, "damping": damping, "chars": chars}[name](bench, ratios)
         api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior = saved
     args.out.unlink(missing_ok=True)
     return 0
