@@ -27,6 +27,7 @@ from .metrics import ModelStats, count
 from .plan import Plan, make_plan
 from .rules.base import ATTENTION_UNITS, Dim
 from .sequential import sequential_refit
+from .quantized import quantized_weight
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
 from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, static_batch,
@@ -605,12 +606,19 @@ def _layers(analysis: Analysis, group: Group) -> list[str]:
 
 def _readers(graph: ModelGraph, dim: Dim):
     """The ops reading a weight, seen through a Transpose (a tied lm head multiplies by the
-    embedding table transposed), each with the weight's axis as that op sees it."""
+    embedding table transposed) or the DequantizeLinear of a quantized weight, each with the
+    weight's axis as that op sees it."""
     for node in graph.consumers.get(dim.tensor, []):
         perm = node.attr("perm") if node.op_type == "Transpose" else None
-        if perm is not None and node.outputs[0] not in graph.outputs:
+        if node.outputs[0] in graph.outputs:
+            yield node, dim
+        elif perm is not None:
             seen = Dim(node.outputs[0], list(perm).index(dim.axis))
             yield from ((reader, seen) for reader in graph.consumers.get(seen.tensor, []))
+        elif node.op_type == "DequantizeLinear" and quantized_weight(graph, node.outputs[0]):
+            stored = quantized_weight(graph, node.outputs[0])  # its scale and zero point run along its axis
+            axis = dim.axis if dim.tensor == stored.data else stored.axis
+            yield from _readers(graph, Dim(node.outputs[0], axis))
         else:
             yield node, dim
 

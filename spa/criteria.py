@@ -20,6 +20,7 @@ import numpy as np
 from .groups import Analysis, Group
 from .layers import LayerIndex, LinearLayer
 from .obs import DiagonalLayerState, LayerState, augmented_hessian, greedy_scores, inverse
+from .quantized import quantized_weight
 from .rules import Dim
 from .statistics import Statistics
 
@@ -53,14 +54,27 @@ def criterion(name: str, data: str | None = None, comparable: bool = False):
 
 
 def weight_dims(analysis: Analysis, group: Group) -> list[Dim]:
+    """The group's weights, read where ops read them: a quantized weight by its dequantized value
+    (its integer data alone misranks channels with different scales)."""
     graph = analysis.graph
     dims = []
     for dim in analysis.param_dims(group):
+        stored = _dequantized_by(graph, dim.tensor)
+        if stored is not None:
+            dim = Dim(stored, dim.axis)
         uses = {(n.op_type, i) for n in graph.consumers.get(dim.tensor, []) for i, t in enumerate(n.inputs)
                 if t == dim.tensor}
         if uses & _WEIGHT_INPUTS:
             dims.append(dim)
     return dims
+
+
+def _dequantized_by(graph, tensor: str) -> str | None:
+    readers = graph.consumers.get(tensor, [])
+    if len(readers) != 1 or readers[0].op_type != "DequantizeLinear" or readers[0].input(0) != tensor:
+        return None
+    output = readers[0].outputs[0]
+    return output if quantized_weight(graph, output) is not None else None
 
 
 def _magnitude(analysis: Analysis, group: Group, power: int) -> np.ndarray:
@@ -89,7 +103,7 @@ def _per_index_power(analysis: Analysis, dim: Dim, power: int) -> np.ndarray | N
     cache = analysis.cache
     key = ("power", dim, power)
     if key not in cache:
-        values = analysis.graph.const(dim.tensor)
+        values = analysis.graph.weight(dim.tensor)
         if values.ndim == 0:
             cache[key] = None
         else:
@@ -145,7 +159,7 @@ def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
     compensation."""
     key = ("obs-layer", layer.weight_dim, id(stats))
     if key not in analysis.cache:
-        weights = layer.augmented_rows(analysis.graph.const)
+        weights = layer.augmented_rows(analysis.graph.weight)
         has_bias = layer.bias is not None
         hessian = augmented_hessian(stats.second_moment, stats.mean if has_bias else None)
         weights32 = weights.astype(np.float32)
@@ -159,7 +173,7 @@ def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats
     input too wide for X^T X (a VGG classifier reads 25,088 features), the diagonal form: a dense
     25,088^2 Hessian would take 5 GB."""
     if stats is None or stats.gram is None:
-        weight = np.asarray(analysis.graph.const(layer.weight))
+        weight = np.asarray(analysis.graph.weight(layer.weight))
         matrix = layer.matrix(weight.astype(np.float32, copy=False))
         columns = np.einsum("ij,ij->j", matrix, matrix, dtype=np.float64)
         power = np.ones_like(columns) if stats is None else stats.mean_square
@@ -206,7 +220,7 @@ def _per_channel(analysis: Analysis, group: Group, ctx: ScoreContext, channel_sc
         stats = _statistics_of(ctx, layer)
         if stats is None:
             continue
-        matrix, _, _ = layer.float_rows(analysis.graph.const)
+        matrix, _, _ = layer.float_rows(analysis.graph.weight)
         per_channel = channel_score(matrix, stats)
         mine = units >= 0
         per_unit = np.bincount(units[mine], per_channel[mine], minlength=len(group.units))

@@ -88,7 +88,19 @@ class CutContext(RuleContext):
 def soft_transform(graph: ModelGraph, analysis: Analysis, plan: Plan):
     """Zero the plan's slices tensor by tensor, for writing a soft model without holding it."""
     recipe = CutContext(graph, 0, analysis, plan).initializer_cuts()
-    return lambda name, value: _cut_array(value, recipe[name], soft=True) if name in recipe else value
+    fills = soft_fills(graph)
+    return lambda name, value: (_cut_array(value, recipe[name], soft=True, fill=fills.get(name, 0))
+                                if name in recipe else value)
+
+
+def soft_fills(graph: ModelGraph) -> dict[str, np.ndarray | None]:
+    """What the soft model writes where an initializer loses channels, when not zero (``Rule.soft_fills``)."""
+    fills: dict[str, np.ndarray | None] = {}
+    for node in graph.nodes:
+        rule = rule_for(node)
+        if rule is not None:
+            fills.update(rule.soft_fills(node, graph))
+    return fills
 
 
 def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, plan: Plan, opset: int,
@@ -103,13 +115,14 @@ def apply_plan(model: onnx.ModelProto, graph: ModelGraph, analysis: Analysis, pl
     out = shell(model)
     new_shapes: dict[str, tuple[int, ...]] = {}
     recipe = cut.initializer_cuts()
+    fills = soft_fills(graph) if soft else {}
     writer = TensorWriter(spill, absolute=True) if spill is not None else None
     try:
         for tensor in model.graph.initializer:
             if shapes_only and tensor.name in recipe and math.prod(tensor.dims) > _SMALL:
                 out.graph.initializer.append(_dims_only(tensor, recipe[tensor.name]))
             elif tensor.name in recipe:  # one tensor at a time: never two copies of the weights
-                value = _cut_array(graph.const(tensor.name), recipe[tensor.name], soft)
+                value = _cut_array(graph.const(tensor.name), recipe[tensor.name], soft, fills.get(tensor.name, 0))
                 new_shapes[tensor.name] = value.shape
                 out.graph.initializer.append(writer.add(tensor.name, tensor.data_type, value) if writer
                                              else numpy_helper.from_array(value, tensor.name))
@@ -143,14 +156,19 @@ def _dims_only(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> 
     return stub
 
 
-def _cut_array(value: np.ndarray, axes: list[tuple[int, np.ndarray]], soft: bool) -> np.ndarray:
+def _cut_array(value: np.ndarray, axes: list[tuple[int, np.ndarray]], soft: bool,
+               fill: np.ndarray | float | None = 0) -> np.ndarray:
+    """Slice ``value`` to the kept indices, or (``soft``) write ``fill`` over the others; a
+    ``fill`` of None leaves the soft value as it is."""
     for axis, keep in axes:
         if soft:
+            if fill is None:
+                return value
             drop = np.setdiff1d(np.arange(value.shape[axis]), keep)
             value = value.copy()
             index = [slice(None)] * value.ndim
             index[axis] = drop
-            value[tuple(index)] = 0
+            value[tuple(index)] = np.broadcast_to(np.asarray(fill, value.dtype), value.shape)[tuple(index)]
         else:
             value = np.take(value, keep, axis=axis)
     return np.ascontiguousarray(value)

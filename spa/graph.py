@@ -98,6 +98,16 @@ class ModelGraph:
             self._arrays[tensor] = value
         return value
 
+    def weight(self, tensor: str) -> np.ndarray | None:
+        """``const``, or the float value of a weight stored quantized (``spa.quantized``): what
+        criteria and compensation read."""
+        value = self.const(tensor)
+        if value is not None:
+            return value
+        from .quantized import dequantize, quantized_weight
+        stored = quantized_weight(self, tensor)
+        return None if stored is None else dequantize(self, stored)
+
     def const_ints(self, tensor: str) -> list[int] | None:
         value = self.const(tensor)
         return None if value is None else [int(v) for v in value.reshape(-1)]

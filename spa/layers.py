@@ -15,6 +15,7 @@ from functools import cached_property
 import numpy as np
 
 from .graph import ModelGraph, Node
+from .quantized import quantized_weight
 from .rules import Dim
 
 
@@ -29,6 +30,11 @@ class LinearLayer:
     @property
     def weight_dim(self) -> Dim:
         return Dim(self.weight, self.weight_axis)
+
+    @property
+    def output_axis(self) -> int:
+        """The weight axis of the layer's outputs."""
+        return 0 if self.node.op_type == "Conv" else 1 - self.weight_axis
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         """The weight as [rows, input channels]."""
@@ -87,7 +93,9 @@ def linear_layers(graph: ModelGraph) -> list[LinearLayer]:
 
 
 def _owned(graph: ModelGraph, tensor: str) -> bool:
-    return bool(tensor) and graph.is_initializer(tensor) and len(graph.consumers.get(tensor, [])) == 1
+    """A constant only this layer reads: an initializer, or one stored quantized."""
+    return (bool(tensor) and (graph.is_initializer(tensor) or quantized_weight(graph, tensor) is not None)
+            and len(graph.consumers.get(tensor, [])) == 1)
 
 
 def _as_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
@@ -95,7 +103,7 @@ def _as_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
     if node.domain not in ("", "ai.onnx") or op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
         return None
     x, w = node.inputs[0], node.inputs[1]
-    if op == "MatMul" and not graph.is_initializer(w):
+    if op == "MatMul" and not _owned(graph, w):
         return _transposed_matmul(graph, node)
     if not x or graph.is_initializer(x) or not _owned(graph, w):
         return None

@@ -854,6 +854,7 @@ def test_every_rule_is_exercised_here():
 
     source = inspect.getsource(sys.modules[__name__])
     source += (Path(__file__).parent / "test_recurrent.py").read_text()  # LSTM, GRU, RNN, ConstantOfShape
+    source += (Path(__file__).parent / "test_quantized.py").read_text()  # QuantizeLinear, DequantizeLinear
     untested = sorted(op for _, op in RULES if f'"{op}"' not in source)
     allowed = {"LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
                "Softsign", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos",

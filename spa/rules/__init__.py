@@ -5,7 +5,7 @@ Importing this package registers every rule. To support a new operator, add a
 and a unit test with a hand-built graph in ``tests/test_rules.py``.
 """
 from . import (contrib, conv, elementwise, layout, linear, norm, onnx_attention, recurrent,  # noqa: F401  (registration)
-               reshape, rotary, spatial)
+               quantize, reshape, rotary, spatial)
 from .base import RULES, Dim, Freeze, Link, Pending, Rule, RuleContext, Sink, register, rule_for
 
 __all__ = ["RULES", "Dim", "Freeze", "Link", "Pending", "Rule", "RuleContext", "Sink", "register", "rule_for"]

@@ -165,6 +165,11 @@ class Rule:
         """
         return None
 
+    def soft_fills(self, node: Node, graph: ModelGraph) -> dict[str, np.ndarray | None]:
+        """Initializers of this op whose removed slices the soft model must not set to zero: the
+        value to write there instead (broadcast to the tensor), or None to keep the dense values."""
+        return {}
+
 
 RULES: dict[tuple[str, str], Rule] = {}
 

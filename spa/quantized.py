@@ -1,0 +1,195 @@
+"""Weights stored quantized: ``DequantizeLinear(q, scale, zero_point)`` of initializers (the QDQ
+format onnxruntime's static quantizer and QAT exporters write).
+
+Criteria and compensation work on the float weight the graph computes from them, so they read
+it dequantized; a refit is written back quantized at the weight's zero point and scale, the
+scale grown where the refit would not fit (``Store``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEQUANTIZE_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    output: str  # the float tensor the DequantizeLinear makes: what layers see as their weight
+    data: str  # the integer initializer
+    scale: str
+    zero_point: str | None
+    axis: int | None  # the axis the scale runs along; None: one scale for the whole tensor
+
+
+@dataclass
+class Requantized:
+    tensors: int = 0
+    saturated: int = 0  # values of refits that fell outside the integer range and were clamped
+    values: int = 0
+    grown: int = 0  # scales grown so that a refit fits
+
+    def as_dict(self) -> dict:
+        return {"tensors": self.tensors, "saturated": self.saturated, "values": self.values, "grown": self.grown}
+
+
+def quantized_weight(graph, tensor: str) -> QuantizedWeight | None:
+    """``tensor`` as a dequantized integer initializer only it reads, or None."""
+    node = graph.producer.get(tensor)
+    if (node is None or node.op_type != "DequantizeLinear" or node.domain not in DEQUANTIZE_DOMAINS
+            or node.attr("block_size", 0)):
+        return None
+    data, scale, zero_point = node.input(0), node.input(1), node.input(2)
+    if not (graph.is_initializer(data) and graph.is_initializer(scale)) or len(graph.consumers.get(data, [])) != 1:
+        return None
+    if zero_point and not graph.is_initializer(zero_point):
+        return None
+    if np.dtype(_numpy_type(graph, data)).kind not in "iu":
+        return None
+    shape = graph.shape(data) or ()
+    scale_size = int(np.prod(graph.shape(scale) or ()))
+    if scale_size == 1 and len(graph.shape(scale) or ()) <= 1:
+        axis = None
+    elif len(graph.shape(scale)) == 1 and shape:
+        axis = node.attr("axis", 1) % len(shape)
+        if shape[axis] != scale_size:
+            return None
+    else:
+        return None
+    return QuantizedWeight(tensor, data, scale, zero_point or None, axis)
+
+
+def _numpy_type(graph, tensor: str):
+    from onnx import helper
+    return helper.tensor_dtype_to_np_dtype(graph.dtypes[tensor])
+
+
+def _broadcast(graph, weight: QuantizedWeight, name: str | None, ndim: int, default: float) -> np.ndarray:
+    if name is None:
+        return np.asarray(default)
+    value = np.asarray(graph.const(name))
+    if weight.axis is None:
+        return value.reshape(())
+    shape = [1] * ndim
+    shape[weight.axis] = value.size
+    return value.reshape(shape)
+
+
+def dequantize(graph, weight: QuantizedWeight) -> np.ndarray:
+    data = np.asarray(graph.const(weight.data))
+    scale = _broadcast(graph, weight, weight.scale, data.ndim, 1.0)
+    zero = _broadcast(graph, weight, weight.zero_point, data.ndim, 0)
+    return ((data.astype(np.float64) - zero.astype(np.float64)) * scale).astype(scale.dtype)
+
+
+def zero_fill(graph, weight: QuantizedWeight) -> np.ndarray:
+    """What a removed slice of the integer data holds in the soft model: its zero point, so it
+    dequantizes to zero whatever the scale."""
+    ndim = len(graph.shape(weight.data) or ())
+    return _broadcast(graph, weight, weight.zero_point, ndim, 0).astype(_numpy_type(graph, weight.data))
+
+
+def quantize(graph, weight: QuantizedWeight, value: np.ndarray, tally: Requantized | None = None,
+             scale: np.ndarray | None = None) -> np.ndarray:
+    """``value`` (the float weight) as ``weight``'s integer data, rounded half to even like
+    QuantizeLinear, clamped to the integer type's range; ``scale`` replaces the weight's own."""
+    dtype = np.dtype(_numpy_type(graph, weight.data))
+    steps = _steps(graph, weight, value.ndim, scale)
+    zero = _broadcast(graph, weight, weight.zero_point, value.ndim, 0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.where(steps != 0, np.rint(np.asarray(value, np.float64) / steps), 0.0) + zero
+    info = np.iinfo(dtype)
+    if tally is not None:
+        tally.tensors += 1
+        tally.values += levels.size
+        tally.saturated += int(np.count_nonzero((levels < info.min) | (levels > info.max)))
+    return np.clip(levels, info.min, info.max).astype(dtype)
+
+
+def _steps(graph, weight: QuantizedWeight, ndim: int, scale: np.ndarray | None) -> np.ndarray:
+    if scale is None:
+        return _broadcast(graph, weight, weight.scale, ndim, 1.0).astype(np.float64)
+    shape = [1] * ndim
+    if weight.axis is not None:
+        shape[weight.axis] = scale.size
+    return np.asarray(scale, np.float64).reshape(shape if weight.axis is not None else ())
+
+
+def growth(graph, weight: QuantizedWeight, value: np.ndarray) -> np.ndarray:
+    """How much each scale (one per index of the weight's axis, or one) must grow, at least 1, for
+    ``value`` to fit the integer range around its zero point."""
+    info = np.iinfo(np.dtype(_numpy_type(graph, weight.data)))
+    steps = _steps(graph, weight, value.ndim, None)
+    zero = _broadcast(graph, weight, weight.zero_point, value.ndim, 0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.where(steps > 0, np.asarray(value, np.float64) / steps, 0.0)
+        need = np.where(levels > 0, levels / (info.max - zero), np.where(levels < 0, levels / (info.min - zero), 0.0))
+    need = np.nan_to_num(need, nan=1.0, posinf=1.0)  # a zero point at the range's end: nothing to gain
+    if weight.axis is None:
+        return np.asarray(max(1.0, float(need.max(initial=1.0))))
+    other = tuple(a for a in range(value.ndim) if a != weight.axis)
+    return np.maximum(need.max(axis=other, initial=1.0), 1.0)
+
+
+@dataclass
+class Store:
+    """Writes refitted float weights where the model keeps them: as is for float initializers,
+    quantized into the integer initializer for dequantized ones.
+
+    A refit can outgrow the range its scale allows. Where the scale is the weight's own, it grows
+    just enough (per output channel when it is per channel), and a bias stored quantized at the
+    input's scale times the weight's grows with it: onnxruntime's fused integer kernels read the
+    bias at exactly that product. Elsewhere the values saturate, and ``tally`` counts them.
+    """
+
+    graph: object
+    layers: tuple = ()  # the LinearLayers whose refits are stored: a weight's bias follows its scale
+    tally: Requantized = field(default_factory=Requantized)
+
+    def __call__(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        graph = self.graph
+        bias_of = {layer.weight: layer for layer in self.layers}
+        stored: dict[str, np.ndarray] = {}
+        bias_growth: dict[str, np.ndarray] = {}
+        for name, value in values.items():
+            weight = quantized_weight(graph, name)
+            if weight is None:
+                stored.setdefault(name, value)
+                continue
+            if name in bias_growth:
+                continue
+            scale = None
+            layer = bias_of.get(name)
+            factor = growth(graph, weight, value)
+            if np.any(factor > 1) and self._may_grow(weight, layer, factor):
+                scale = np.asarray(graph.const(weight.scale), np.float64).reshape(-1) * factor.reshape(-1)
+                stored[weight.scale] = scale.astype(graph.const(weight.scale).dtype).reshape(
+                    graph.const(weight.scale).shape)
+                self.tally.grown += int(np.count_nonzero(factor > 1))
+                bias = quantized_weight(graph, layer.bias) if layer is not None and layer.bias else None
+                if bias is not None and layer.bias in values:
+                    bias_growth[layer.bias] = factor
+                    self._store_bias(bias, values[layer.bias], factor, stored)
+            stored[weight.data] = quantize(graph, weight, value, self.tally, scale)
+        return stored
+
+    def _may_grow(self, weight: QuantizedWeight, layer, factor: np.ndarray) -> bool:
+        graph = self.graph
+        if len(graph.consumers.get(weight.scale, [])) != 1:
+            return False  # shared: growing it would change another tensor
+        if layer is None or not layer.bias:
+            return True
+        bias = quantized_weight(graph, layer.bias)
+        if bias is None:
+            return True  # a float bias does not depend on the weight's scale
+        if len(graph.consumers.get(bias.scale, [])) != 1:
+            return False
+        per_output = weight.axis is not None and weight.axis == layer.output_axis
+        return factor.size == 1 or (per_output and int(np.prod(graph.shape(bias.scale) or (1,))) == factor.size)
+
+    def _store_bias(self, bias: QuantizedWeight, value: np.ndarray, factor: np.ndarray, stored: dict) -> None:
+        old = np.asarray(self.graph.const(bias.scale))
+        scale = old.astype(np.float64).reshape(-1) * factor.reshape(-1)
+        stored[bias.scale] = scale.astype(old.dtype).reshape(old.shape)
+        stored[bias.data] = quantize(self.graph, bias, value, self.tally, scale)

@@ -1,0 +1,221 @@
+"""Models already quantized to the QDQ format: weights stored as integers behind DequantizeLinear,
+activations passed through QuantizeLinear/DequantizeLinear pairs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+import spa
+from spa.cli import main
+from spa.graph import ModelGraph
+from spa.quantized import quantized_weight
+
+from builder import Graph, analysis_of, group_at, initializer, prune_exact
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, name: str, samples: np.ndarray):
+        self._feeds = iter([{name: samples[i:i + 1]} for i in range(len(samples))])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def _quantized(source: Path, target: Path, samples: np.ndarray, per_channel: bool = True,
+               weight_type=QuantType.QInt8) -> Path:
+    name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, weight_type=weight_type, activation_type=QuantType.QUInt8)
+    return target
+
+
+def _integer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    read = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.name in read and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+
+
+@pytest.mark.parametrize("per_channel,weight_type", [(True, QuantType.QInt8), (False, QuantType.QInt8),
+                                                     (True, QuantType.QUInt8)],
+                         ids=["per-channel-int8", "per-tensor-int8", "per-channel-uint8"])
+def test_qdq_model_prunes_as_its_float_model_does(tmp_path, per_channel, weight_type):
+    dense = MODELS / "mini_resnet.onnx"
+    samples = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    quantized = _quantized(dense, tmp_path / "q.onnx", samples, per_channel, weight_type)
+    float_groups = analysis_of(onnx.load(str(dense))).prunable_groups
+    groups = analysis_of(onnx.load(str(quantized))).prunable_groups
+    assert sorted(g.size for g in groups) == sorted(g.size for g in float_groups)
+
+    # uint8 weights have non-zero zero points: the soft model must fill removed slices with them
+    result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
+    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False)
+    assert result.report.params_after == reference.report.params_after < result.report.params_before
+    before, after = _integer_weights(onnx.load(str(quantized))), _integer_weights(result.model)
+    assert after.keys() == before.keys()
+    assert all(after[k].dtype == before[k].dtype for k in after)
+    assert sum(v.size for v in after.values()) < sum(v.size for v in before.values())
+
+
+def _dequantized_conv_pair(ints: np.ndarray, scales: np.ndarray, domain: str = "") -> onnx.ModelProto:
+    """x -> Conv(DQ(ints, scales per output channel)) -> Relu -> Conv(DQ(equal ints)) -> y."""
+    g = Graph(opset=17)
+    x = g.input("x", [1, 2, 6, 6])
+    channels = len(scales)
+    first = g.op("DequantizeLinear", [g.const(ints, "w1_q"), g.const(scales, "w1_scale"),
+                                      g.const(np.zeros(channels, np.int8), "w1_zero")], axis=0, domain=domain)
+    h = g.op("Relu", [g.op("Conv", [x, first], pads=[1, 1, 1, 1])])
+    second = g.op("DequantizeLinear", [g.const(np.full((3, channels, 1, 1), 50, np.int8), "w2_q"),
+                                       g.const(np.float32(0.02), "w2_scale"), g.const(np.int8(0), "w2_zero")],
+                  domain=domain)
+    g.output(g.op("Conv", [h, second]))
+    return g.build()
+
+
+@pytest.mark.parametrize("domain", ["", "com.microsoft"])
+def test_magnitude_reads_the_dequantized_weight(domain):
+    # the integers favour channels 0 and 2, their scales make them the smallest weights
+    ints = np.tile(np.array([100, 10, 100, 10], np.int8)[:, None, None, None], (1, 2, 3, 3))
+    scales = np.array([0.001, 0.5, 0.001, 0.5], np.float32)
+    model = _dequantized_conv_pair(ints, scales, domain)
+    graph = ModelGraph(model)
+    conv = next(n for n in graph.nodes if n.op_type == "Conv")
+    assert np.allclose(graph.weight(conv.inputs[1]), ints * scales[:, None, None, None])
+
+    result = prune_exact(model, ratio=0.5, criterion="l1", compensate=False, bench=False)
+    assert np.allclose(initializer(result.model, "w1_scale"), [0.5, 0.5])
+    assert initializer(result.model, "w1_q").shape == (2, 2, 3, 3)
+    assert initializer(result.model, "w2_q").shape == (3, 2, 1, 1)
+
+
+def test_analysis_names_the_layers_behind_dequantize():
+    ints = np.ones((4, 2, 3, 3), np.int8)
+    model = _dequantized_conv_pair(ints, np.ones(4, np.float32))
+    report = spa.analyze(model)
+    layers = [layer for group in report.groups if group.frozen is None for layer in group.layers]
+    assert layers and all(layer.startswith("Conv") for layer in layers), layers
+
+
+def test_refits_are_written_back_at_the_weights_scales(tmp_path):
+    """A trained MNIST CNN quantized with its own calibration images: obs keeps its accuracy at
+    ratio 0.3 only because the refit reaches the integer weights."""
+    with np.load(MODELS / "data" / "mnist_calib.npz") as calib:
+        samples = calib["input"]
+    with np.load(MODELS / "data" / "mnist_test.npz") as test:
+        images, labels = test["input"], test["label"]
+    quantized = _quantized(MODELS / "mnist_cnn.onnx", tmp_path / "q.onnx", samples[:64])
+    np.savez(tmp_path / "calib.npz", input=samples)
+
+    def accuracy(model: onnx.ModelProto) -> float:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return float((session.run(None, {"input": images})[0].argmax(1) == labels).mean())
+
+    runs = {compensate: prune_exact(str(quantized), ratio=0.3, criterion="obs", calib=str(tmp_path / "calib.npz"),
+                                    compensate=compensate, bench=False) for compensate in (False, True)}
+    assert accuracy(onnx.load(str(quantized))) > 0.97
+    assert accuracy(runs[True].model) > 0.97 > 0.6 > accuracy(runs[False].model)
+    comp = runs[True].report.compensation
+    requantized = (comp["sequential"] or {}).get("requantized") or comp["requantized"]
+    # every weight has a scale of its own here, so refits that outgrow it grow it instead of saturating
+    assert requantized["tensors"] > 0 and requantized["grown"] > 0 and requantized["saturated"] == 0
+    for name, value in _integer_weights(runs[True].model).items():
+        assert value.dtype == np.int8, name
+    _assert_bias_scales_follow(runs[True].model)
+
+
+def _assert_bias_scales_follow(model: onnx.ModelProto) -> None:
+    """onnxruntime's integer Conv reads an int32 bias at input scale times weight scale."""
+    graph = ModelGraph(model)
+    checked = 0
+    for node in graph.nodes:
+        if node.op_type != "Conv" or len(node.inputs) < 3:
+            continue
+        x, w, b = (graph.producer[t] for t in node.inputs[:3])
+        x_scale, w_scale, b_scale = (graph.const(n.inputs[1]) for n in (x, w, b))
+        assert np.allclose(b_scale, x_scale * w_scale, rtol=1e-6), node.name
+        checked += 1
+    assert checked >= 2
+
+
+def _fake_quantized_weights(opset: int = 17, **dq_attrs) -> onnx.ModelProto:
+    """Quantization-aware training's export: float weights through QuantizeLinear and
+    DequantizeLinear, one scale per output channel shared by both."""
+    g = Graph(opset=opset)
+    x = g.input("x", [1, 3, 6, 6])
+    scale, zero = g.const(np.full(8, 0.01, np.float32), "scale"), g.const(np.zeros(8, np.int8), "zero")
+    weight = g.op("QuantizeLinear", [g.weight(8, 3, 3, 3), scale, zero], axis=0)
+    h = g.op("Relu", [g.op("Conv", [x, g.op("DequantizeLinear", [weight, scale, zero], axis=0, **dq_attrs),
+                                     g.weight(8)], pads=[1, 1, 1, 1])])
+    g.output(g.op("Conv", [h, g.weight(4, 8, 1, 1)]))
+    return g.build()
+
+
+def test_fake_quantized_weights_prune_and_keep_quantize_scales_when_soft():
+    model = _fake_quantized_weights()
+    result = prune_exact(model, ratio=0.5, criterion="l2", bench=False)
+    assert initializer(result.model, "scale").shape == (4,)
+    assert initializer(result.model, "zero").shape == (4,)
+    soft = spa.prune(model, ratio=0.5, criterion="l2", soft=True, check=False).model
+    assert np.all(initializer(soft, "scale") == 0.01)  # QuantizeLinear divides by it
+
+
+def test_soft_model_zeroes_quantized_weights_at_their_zero_points(tmp_path):
+    samples = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    quantized = _quantized(MODELS / "mini_resnet.onnx", tmp_path / "q.onnx", samples, weight_type=QuantType.QUInt8)
+    hard = spa.prune(str(quantized), ratio=0.4, criterion="l1", compensate=False, check=False).model
+    soft = ModelGraph(spa.prune(str(quantized), ratio=0.4, criterion="l1", compensate=False, soft=True,
+                                check=False).model)
+    hard_shapes = {n.output[0]: None for n in hard.graph.node if n.op_type == "DequantizeLinear"}
+    checked = 0
+    for node in soft.nodes:
+        weight = node.outputs[0]
+        if weight not in hard_shapes or quantized_weight(soft, weight) is None or soft.weight(weight).ndim != 4:
+            continue
+        dense_in = soft.shape(weight)[1]
+        hard_in = initializer(hard, node.inputs[0]).shape[1]
+        zero_columns = int(np.all(soft.weight(weight) == 0, axis=(0, 2, 3)).sum())
+        assert zero_columns == dense_in - hard_in, weight  # uint8 zero points are 128, not 0
+        checked += dense_in > hard_in
+    assert checked >= 3
+
+
+def test_block_quantization_freezes_with_its_reason():
+    g = Graph(opset=21)
+    x = g.input("x", [1, 8])
+    weight = g.op("DequantizeLinear", [g.const(np.ones((8, 4), np.int8)), g.const(np.ones((2, 4), np.float32))],
+                  axis=0, block_size=4)
+    g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, g.weight(8, 8)])]), weight]))
+    analysis = analysis_of(g.build())
+    group = group_at(analysis, analysis.graph.nodes[1].outputs[0], 1)
+    assert not group.prunable
+    assert "block-quantized" in " ".join(analysis.frozen_dims.values())
+
+
+def test_cli_says_refits_were_requantized(tmp_path):
+    samples = np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    quantized = _quantized(MODELS / "mini_resnet.onnx", tmp_path / "q.onnx", samples)
+    out = CliRunner().invoke(main, ["prune", str(quantized), "--ratio", "0.3", "--no-bench"])
+    assert out.exit_code == 0, out.output
+    assert "quantized weights:" in out.output and "written back quantized" in out.output
+
+
+def test_dequantize_rule_links_per_axis_parameters():
+    g = Graph(opset=17)
+    x = g.input("x", [1, 4, 5, 5])
+    q = g.op("QuantizeLinear", [x, g.const(np.float32(0.1)), g.const(np.uint8(128))])
+    y = g.op("DequantizeLinear", [q, g.const(np.full(4, 0.1, np.float32), "s"), g.const(np.full(4, 128, np.uint8), "z")],
+             axis=1)
+    g.output(g.op("Conv", [g.op("Relu", [g.op("Conv", [y, g.weight(6, 4, 1, 1)])]), g.weight(2, 6, 1, 1)]))
+    analysis = analysis_of(g.build())
+    group = group_at(analysis, "s", 0)
+    assert {d.tensor for d in group.dims} >= {"s", "z", x, q, y}
+    assert not group.prunable  # the graph input's channels cannot shrink
+    assert helper.get_attribute_value(g.nodes[1].attribute[0]) == 1
