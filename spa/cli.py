@@ -412,6 +412,11 @@ def _data_lines(r: dict) -> list[str]:
     if held_out:
         lines.append(f"        kept the {comp['refit']} refit: held-out output error {held_out['layerwise']:.3f} "
                      f"layer-wise, {held_out['sequential']:.3f} sequential")
+    requantized = (sequential or {}).get("requantized") or (comp or {}).get("requantized")
+    if requantized:
+        lines.append(f"        quantized weights: {requantized['tensors']} refitted tensors written back quantized, "
+                     f"{requantized['grown']} scales grown to fit, {requantized['saturated']} of "
+                     f"{requantized['values']} values saturated")
     for why in (comp or {}).get("skipped", [])[:3]:
         lines.append(f"        not compensated: {why}")
     return lines

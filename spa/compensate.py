@@ -21,6 +21,7 @@ from .layers import LayerIndex
 from .criteria import layer_system
 from .obs import obs_update
 from .plan import Plan
+from .quantized import Store
 from .statistics import Statistics
 
 
@@ -34,11 +35,13 @@ class Compensation:
     refit: str = "layerwise"  # or "sequential": then ``sequential`` says what it did (SequentialRefit)
     sequential: dict | None = None
     held_out_error: dict | None = None  # refit -> mean relative output error on held-out samples, when compared
+    requantized: dict | None = None  # refits of quantized weights written back (Requantized.as_dict)
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "biases": self.biases, "skipped": self.skipped,
                 "mean_output_error": self.mean_output_error, "uncompensated_error": self.uncompensated_error,
-                "refit": self.refit, "sequential": self.sequential, "held_out_error": self.held_out_error}
+                "refit": self.refit, "sequential": self.sequential, "held_out_error": self.held_out_error,
+                "requantized": self.requantized}
 
 
 def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, plan: Plan,
@@ -59,13 +62,13 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
         if stats is None:
             result.skipped.append(f"{name}: no statistics for its input")
             continue
-        weight = np.asarray(graph.const(layer.weight))
+        weight = np.asarray(graph.weight(layer.weight))
         if weight.dtype.kind != "f":
             result.skipped.append(f"{name}: weights are not floating point")
             continue
         if stats.gram is None:  # too wide for X^T X: move the removed channels' mean into the bias only
             refit, bias_rows, loss, raw, energy = _diagonal_refit(
-                layer, weight, graph.const(layer.bias) if layer.bias else None, gone, stats)
+                layer, weight, graph.weight(layer.bias) if layer.bias else None, gone, stats)
             errors.append(loss / energy)
             raw_errors.append(raw / energy)
             new_values[layer.weight] = refit
@@ -82,13 +85,17 @@ def compensate(model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, p
         raw = float(np.einsum("ij,jk,ik->", dropped, stats.second_moment[np.ix_(q, q)], dropped))
         errors.append(loss / system.energy)
         raw_errors.append(raw / system.energy)
-        new_values.update(layer.tensors(refit, graph.const))
+        new_values.update(layer.tensors(refit, graph.weight))
         result.biases += system.has_bias
         result.layers += 1
     if errors:
         result.mean_output_error = float(np.mean(errors))
         result.uncompensated_error = float(np.mean(raw_errors))
-    return _with_values(model, new_values), result
+    store = Store(graph, tuple(layers.layers))
+    stored = store(new_values)
+    if store.tally.tensors:
+        result.requantized = store.tally.as_dict()
+    return _with_values(model, stored), result
 
 
 def _diagonal_refit(layer, weight: np.ndarray, bias, gone: np.ndarray, stats):

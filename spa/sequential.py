@@ -41,6 +41,7 @@ import onnx
 
 from .compensate import replace_initializers
 from .cut import apply_plan, soft_transform
+from .quantized import Store
 from .graph import ModelGraph
 from .groups import Analysis
 from .layers import LayerIndex, LinearLayer
@@ -71,11 +72,12 @@ class SequentialRefit:
     layerwise_error: float | None = None
     sequential_error: float | None = None
     ridges: list[float] = field(default_factory=list)  # the cross-validated ridge of each layer, in order
+    requantized: dict | None = None  # refits of quantized weights written back (Requantized.as_dict)
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "passes": self.passes, "samples": self.samples,
                 "seconds": round(self.seconds, 3), "layerwise_error": self.layerwise_error,
-                "sequential_error": self.sequential_error, "ridges": self.ridges}
+                "sequential_error": self.sequential_error, "ridges": self.ridges, "requantized": self.requantized}
 
 
 @dataclass
@@ -142,7 +144,7 @@ def sequential_refit(dense: onnx.ModelProto, weights: onnx.ModelProto, analysis:
     todo = [(layer, np.flatnonzero(~np.isin(analysis.labels[layer.weight_dim], removed))) for layer in layers.layers]
     todo = [(layer, keep) for layer, keep in todo
             if len(keep) < len(analysis.labels[layer.weight_dim]) and len(keep) + 1 <= MAX_GRAM_CHANNELS
-            and np.asarray(dense_graph.const(layer.weight)).dtype.kind == "f"]
+            and np.asarray(dense_graph.weight(layer.weight)).dtype.kind == "f"]
     order = {node.name: i for i, node in enumerate(dense_graph.nodes)}
     todo.sort(key=lambda item: order[item[0].node.name])
     out = onnx.ModelProto()
@@ -150,6 +152,7 @@ def sequential_refit(dense: onnx.ModelProto, weights: onnx.ModelProto, analysis:
     # each layer is refitted once, so ``weights`` keeps its layer-wise values for the error figures
     layerwise = ModelGraph(weights)
     zeroed = soft_transform(layerwise, analysis, plan)
+    store = Store(dense_graph, tuple(layer for layer, _ in todo))
     soft = apply_plan(weights, layerwise, analysis, plan, opset, soft=True)
     samples = len(next(iter(feeds.values())))
     outcome = SequentialRefit(0, 0, samples, 0.0)
@@ -164,9 +167,9 @@ def sequential_refit(dense: onnx.ModelProto, weights: onnx.ModelProto, analysis:
             if fit.count == 0:
                 continue
             layer = fit.layer
-            target = layer.augmented_rows(dense_graph.const)
+            target = layer.augmented_rows(dense_graph.weight)
             columns = np.append(fit.keep, target.shape[1] - 1) if fit.bias else fit.keep
-            current = layer.augmented_rows(layerwise.const)
+            current = layer.augmented_rows(layerwise.weight)
             ridge = _choose_ridge(target, columns, fit)
             refit = _solve(target, columns, fit, ridge)
             outcome.ridges.append(ridge)
@@ -174,10 +177,13 @@ def sequential_refit(dense: onnx.ModelProto, weights: onnx.ModelProto, analysis:
             after.append(_relative_error(refit, target, fit))
             values.update(_as_tensors(dense_graph, layer, fit, refit))
             outcome.layers += 1
+        values = store(values)
         replace_initializers(out, values)
         replace_initializers(soft, {name: zeroed(name, value) for name, value in values.items()})
     if before:
         outcome.layerwise_error, outcome.sequential_error = float(np.mean(before)), float(np.mean(after))
+    if store.tally.tensors:
+        outcome.requantized = store.tally.as_dict()
     outcome.seconds = time.perf_counter() - start
     return out, outcome
 
@@ -380,4 +386,4 @@ def _as_tensors(graph: ModelGraph, layer: LinearLayer, fit: _Fit, refit: np.ndar
     rows[:, fit.keep] = refit[:, :len(fit.keep)]
     if fit.bias:
         rows[:, -1] = refit[:, -1]
-    return layer.tensors(rows, graph.const)
+    return layer.tensors(rows, graph.weight)
