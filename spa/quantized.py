@@ -123,7 +123,7 @@ def growth(graph, weight: QuantizedWeight, value: np.ndarray) -> np.ndarray:
     steps = _steps(graph, weight, value.ndim, None)
     zero = _broadcast(graph, weight, weight.zero_point, value.ndim, 0).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        levels = np.where(steps > 0, np.asarray(value, np.float64) / steps, 0.0)
+        levels = np.where(steps != 0, np.asarray(value, np.float64) / steps, 0.0)
         need = np.where(levels > 0, levels / (info.max - zero), np.where(levels < 0, levels / (info.min - zero), 0.0))
     need = np.nan_to_num(need, nan=1.0, posinf=1.0)  # a zero point at the range's end: nothing to gain
     if weight.axis is None:
@@ -152,20 +152,22 @@ class Store:
         bias_of = {layer.weight: layer for layer in self.layers}
         stored: dict[str, np.ndarray] = {}
         bias_growth: dict[str, np.ndarray] = {}
-        for name, value in values.items():
+        # weights before biases: a weight's scale decides its bias's
+        for name in sorted(values, key=lambda n: n not in bias_of):
+            value = values[name]
             weight = quantized_weight(graph, name)
             if weight is None:
-                stored.setdefault(name, value)
+                stored[name] = value
                 continue
             if name in bias_growth:
                 continue
             scale = None
             layer = bias_of.get(name)
             factor = growth(graph, weight, value)
-            if np.any(factor > 1) and self._may_grow(weight, layer, factor):
-                scale = np.asarray(graph.const(weight.scale), np.float64).reshape(-1) * factor.reshape(-1)
-                stored[weight.scale] = scale.astype(graph.const(weight.scale).dtype).reshape(
-                    graph.const(weight.scale).shape)
+            if self._may_grow(weight, layer, factor):
+                # written even when nothing grows: the model being refitted may hold an earlier grown scale
+                scale = _scaled(graph.const(weight.scale), factor)
+                stored[weight.scale] = scale
                 self.tally.grown += int(np.count_nonzero(factor > 1))
                 bias = quantized_weight(graph, layer.bias) if layer is not None and layer.bias else None
                 if bias is not None and layer.bias in values:
@@ -189,7 +191,13 @@ class Store:
         return factor.size == 1 or (per_output and int(np.prod(graph.shape(bias.scale) or (1,))) == factor.size)
 
     def _store_bias(self, bias: QuantizedWeight, value: np.ndarray, factor: np.ndarray, stored: dict) -> None:
-        old = np.asarray(self.graph.const(bias.scale))
-        scale = old.astype(np.float64).reshape(-1) * factor.reshape(-1)
-        stored[bias.scale] = scale.astype(old.dtype).reshape(old.shape)
+        scale = _scaled(self.graph.const(bias.scale), factor)
+        stored[bias.scale] = scale
         stored[bias.data] = quantize(self.graph, bias, value, self.tally, scale)
+
+
+def _scaled(scale: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``scale`` times ``factor`` in the scale's own dtype and shape: quantizing against exactly
+    what the model will hold."""
+    scale = np.asarray(scale)
+    return (scale.astype(np.float64).reshape(-1) * factor.reshape(-1)).astype(scale.dtype).reshape(scale.shape)

@@ -219,3 +219,46 @@ def test_dequantize_rule_links_per_axis_parameters():
     assert {d.tensor for d in group.dims} >= {"s", "z", x, q, y}
     assert not group.prunable  # the graph input's channels cannot shrink
     assert helper.get_attribute_value(g.nodes[1].attribute[0]) == 1
+
+
+def test_four_bit_weights_freeze_instead_of_breaking_soft_equals_hard():
+    # the soft model cannot write a uint4 zero point: those channels stay (they used to fail validation)
+    def uint4(name, values):
+        return helper.make_tensor(name, onnx.TensorProto.UINT4, np.shape(values), np.ravel(values).tolist())
+    rng = np.random.default_rng(0)
+    inits = [uint4("w1_q", rng.integers(0, 16, (4, 2, 3, 3))), numpy_helper.from_array(np.float32(0.1), "w1_s"),
+             uint4("w1_z", 8), uint4("w2_q", rng.integers(0, 16, (3, 4, 1, 1))),
+             numpy_helper.from_array(np.float32(0.05), "w2_s"), uint4("w2_z", 8)]
+    nodes = [helper.make_node("DequantizeLinear", ["w1_q", "w1_s", "w1_z"], ["w1"]),
+             helper.make_node("Conv", ["x", "w1"], ["h0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("DequantizeLinear", ["w2_q", "w2_s", "w2_z"], ["w2"]),
+             helper.make_node("Conv", ["h", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "four_bit", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    analysis = analysis_of(model)
+    assert not analysis.prunable_groups
+    assert any("uint4 data is not supported" in why for why in analysis.frozen_dims.values())
+    result = spa.prune(model, ratio=0.5, criterion="l1", compensate=False)
+    assert result.report.validation.ok and result.report.params_after == result.report.params_before
+
+
+def test_stored_refit_replaces_an_earlier_grown_scale():
+    """The sequential refit writes into a model whose layer-wise refit already grew a scale: what
+    it stores must carry its own scale, or the integers are read at the wrong one."""
+    from spa.compensate import replace_initializers
+    from spa.layers import linear_layers
+    from spa.quantized import Store
+
+    ints = np.tile(np.array([100, 10, 100, 10], np.int8)[:, None, None, None], (1, 2, 3, 3))
+    dense = _dequantized_conv_pair(ints, np.full(4, 0.01, np.float32))
+    graph = analysis_of(dense).graph  # shapes inferred
+    layer = next(layer for layer in linear_layers(graph) if quantized_weight(graph, layer.weight).data == "w1_q")
+    grown = onnx.ModelProto()
+    grown.CopyFrom(dense)
+    replace_initializers(grown, {"w1_scale": np.full(4, 0.04, np.float32)})  # an earlier refit grew it 4x
+    refit = graph.weight(layer.weight) * 0.5  # fits the dense scale: nothing grows this time
+    replace_initializers(grown, Store(graph, (layer,))({layer.weight: refit}))
+    assert np.allclose(ModelGraph(grown).weight(layer.weight), refit, atol=0.005)

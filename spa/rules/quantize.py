@@ -2,16 +2,36 @@
 one value or one per index of ``axis`` (per-channel), and then shrink with that axis."""
 from __future__ import annotations
 
+from onnx import TensorProto
+
 from .base import Dim, LinkSet, Rule, register
 
 
+# the integer types whose zero point the soft model can write; 4-bit, 2-bit and float8 data freeze
+_INTEGERS = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32}
+_UNKNOWN = -1
+
+
 def _per_axis(node, ctx) -> int | None:
-    """The axis the scale runs along, or None for one scale over the whole tensor."""
+    """The axis the scale runs along, None for one scale over the whole tensor, or _UNKNOWN."""
     scale_shape = ctx.graph.shape(node.input(1))
     rank = ctx.rank(node.inputs[0])
-    if scale_shape is None or rank is None or (len(scale_shape) <= 1 and scale_shape in ((), (1,))):
+    if scale_shape is None or rank is None:
+        return _UNKNOWN
+    if scale_shape in ((), (1,)):
         return None
+    if len(scale_shape) != 1 or not rank:
+        return _UNKNOWN
     return node.attr("axis", 1) % rank
+
+
+def _integer_type(node, graph) -> int | None:
+    """The element type of the op's integer side: inferred, or its zero point's, or the default uint8."""
+    side = node.inputs[0] if node.op_type == "DequantizeLinear" else node.outputs[0]
+    known = graph.dtypes.get(side) or graph.dtypes.get(node.input(2))
+    if known is None and not node.input(2) and not node.attr("output_dtype"):
+        return TensorProto.UINT8
+    return known
 
 
 @register
@@ -28,7 +48,15 @@ class Dequantize(Rule):
             links.freeze(dim, f"{node.op_type} '{node.name}' is block-quantized (block_size "
                               f"{node.attr('block_size')})")
             return links.out
+        integers = _integer_type(node, ctx.graph)
+        if integers not in _INTEGERS:
+            name = TensorProto.DataType.Name(integers) if integers else "unknown"
+            links.freeze(dim, f"{node.op_type} '{node.name}': {name.lower()} data is not supported")
+            return links.out
         axis = _per_axis(node, ctx)
+        if axis == _UNKNOWN:
+            links.freeze(dim, f"{node.op_type} '{node.name}': the shape of its scale or input is unknown")
+            return links.out
         if dim.tensor in params:
             if axis is None or dim.axis != 0:
                 links.freeze(dim, f"{node.op_type} '{node.name}': unexpected shape of its scale")
@@ -42,7 +70,7 @@ class Dequantize(Rule):
 
     def soft_zero(self, node, dim, input_zero):
         # a removed channel is at its zero point (soft fill of the data, or Q of a zero): it maps to 0
-        return input_zero(node.inputs[0]) or bool(input_zero(node.input(1)))
+        return input_zero(node.inputs[0])
 
     def soft_fills(self, node, graph):
         from ..quantized import quantized_weight, zero_fill
