@@ -615,8 +615,8 @@ def _readers(graph: ModelGraph, dim: Dim):
         elif perm is not None:
             seen = Dim(node.outputs[0], list(perm).index(dim.axis))
             yield from ((reader, seen) for reader in graph.consumers.get(seen.tensor, []))
-        elif node.op_type == "DequantizeLinear" and quantized_weight(graph, node.outputs[0]):
-            stored = quantized_weight(graph, node.outputs[0])  # its scale and zero point run along its axis
+        elif node.op_type == "DequantizeLinear" and (stored := quantized_weight(graph, node.outputs[0])):
+            # its scale and zero point run along its axis
             axis = dim.axis if dim.tensor == stored.data else stored.axis
             yield from _readers(graph, Dim(node.outputs[0], axis))
         else:

@@ -13,6 +13,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from .quantized import dequantize, quantized_weight
 from .tensors import to_array
 
 Size = int | str | None  # int: static; str: symbolic (dim_param); None: unknown
@@ -104,7 +105,6 @@ class ModelGraph:
         value = self.const(tensor)
         if value is not None:
             return value
-        from .quantized import dequantize, quantized_weight
         stored = quantized_weight(self, tensor)
         return None if stored is None else dequantize(self, stored)
 

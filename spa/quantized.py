@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import helper
 
 DEQUANTIZE_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
@@ -47,33 +48,45 @@ def quantized_weight(graph, tensor: str) -> QuantizedWeight | None:
         return None
     if np.dtype(_numpy_type(graph, data)).kind not in "iu":
         return None
-    shape = graph.shape(data) or ()
-    scale_size = int(np.prod(graph.shape(scale) or ()))
-    if scale_size == 1 and len(graph.shape(scale) or ()) <= 1:
-        axis = None
-    elif len(graph.shape(scale)) == 1 and shape:
-        axis = node.attr("axis", 1) % len(shape)
-        if shape[axis] != scale_size:
-            return None
-    else:
+    axis = scale_axis(graph, node)
+    if axis == UNKNOWN_AXIS or (axis is not None and graph.shape(data)[axis] != graph.shape(scale)[0]):
         return None
     return QuantizedWeight(tensor, data, scale, zero_point or None, axis)
 
 
+UNKNOWN_AXIS = -1
+
+
+def scale_axis(graph, node) -> int | None:
+    """The axis a QuantizeLinear's or DequantizeLinear's scale runs along, None for one scale over
+    the whole tensor, or UNKNOWN_AXIS where the shapes do not say."""
+    scale_shape = graph.shape(node.input(1))
+    input_shape = graph.shape(node.inputs[0])
+    if scale_shape is None or input_shape is None:
+        return UNKNOWN_AXIS
+    if scale_shape in ((), (1,)):
+        return None
+    if len(scale_shape) != 1 or not input_shape:
+        return UNKNOWN_AXIS
+    return node.attr("axis", 1) % len(input_shape)
+
+
 def _numpy_type(graph, tensor: str):
-    from onnx import helper
     return helper.tensor_dtype_to_np_dtype(graph.dtypes[tensor])
 
 
-def _broadcast(graph, weight: QuantizedWeight, name: str | None, ndim: int, default: float) -> np.ndarray:
-    if name is None:
-        return np.asarray(default)
-    value = np.asarray(graph.const(name))
+def _along(weight: QuantizedWeight, value, ndim: int) -> np.ndarray:
+    """A scale or zero point shaped to broadcast against the weight."""
+    value = np.asarray(value)
     if weight.axis is None:
         return value.reshape(())
     shape = [1] * ndim
     shape[weight.axis] = value.size
     return value.reshape(shape)
+
+
+def _broadcast(graph, weight: QuantizedWeight, name: str | None, ndim: int, default: float) -> np.ndarray:
+    return np.asarray(default) if name is None else _along(weight, graph.const(name), ndim)
 
 
 def dequantize(graph, weight: QuantizedWeight) -> np.ndarray:
@@ -108,12 +121,7 @@ def quantize(graph, weight: QuantizedWeight, value: np.ndarray, tally: Requantiz
 
 
 def _steps(graph, weight: QuantizedWeight, ndim: int, scale: np.ndarray | None) -> np.ndarray:
-    if scale is None:
-        return _broadcast(graph, weight, weight.scale, ndim, 1.0).astype(np.float64)
-    shape = [1] * ndim
-    if weight.axis is not None:
-        shape[weight.axis] = scale.size
-    return np.asarray(scale, np.float64).reshape(shape if weight.axis is not None else ())
+    return _along(weight, graph.const(weight.scale) if scale is None else scale, ndim).astype(np.float64)
 
 
 def growth(graph, weight: QuantizedWeight, value: np.ndarray) -> np.ndarray:
@@ -151,7 +159,7 @@ class Store:
         graph = self.graph
         bias_of = {layer.weight: layer for layer in self.layers}
         stored: dict[str, np.ndarray] = {}
-        bias_growth: dict[str, np.ndarray] = {}
+        stored_biases: set[str] = set()
         # weights before biases: a weight's scale decides its bias's
         for name in sorted(values, key=lambda n: n not in bias_of):
             value = values[name]
@@ -159,7 +167,7 @@ class Store:
             if weight is None:
                 stored[name] = value
                 continue
-            if name in bias_growth:
+            if name in stored_biases:
                 continue
             scale = None
             layer = bias_of.get(name)
@@ -171,7 +179,7 @@ class Store:
                 self.tally.grown += int(np.count_nonzero(factor > 1))
                 bias = quantized_weight(graph, layer.bias) if layer is not None and layer.bias else None
                 if bias is not None and layer.bias in values:
-                    bias_growth[layer.bias] = factor
+                    stored_biases.add(layer.bias)
                     self._store_bias(bias, values[layer.bias], factor, stored)
             stored[weight.data] = quantize(graph, weight, value, self.tally, scale)
         return stored

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
+from ..quantized import UNKNOWN_AXIS, quantized_weight, scale_axis, zero_fill
 from .base import Dim, LinkSet, Rule, register
 
 
 # the integer types whose zero point the soft model can write; 4-bit, 2-bit and float8 data freeze
 _INTEGERS = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32}
-_UNKNOWN = -1
-
-
-def _per_axis(node, ctx) -> int | None:
-    """The axis the scale runs along, None for one scale over the whole tensor, or _UNKNOWN."""
-    scale_shape = ctx.graph.shape(node.input(1))
-    rank = ctx.rank(node.inputs[0])
-    if scale_shape is None or rank is None:
-        return _UNKNOWN
-    if scale_shape in ((), (1,)):
-        return None
-    if len(scale_shape) != 1 or not rank:
-        return _UNKNOWN
-    return node.attr("axis", 1) % rank
 
 
 def _integer_type(node, graph) -> int | None:
@@ -53,8 +40,8 @@ class Dequantize(Rule):
             name = TensorProto.DataType.Name(integers) if integers else "unknown"
             links.freeze(dim, f"{node.op_type} '{node.name}': {name.lower()} data is not supported")
             return links.out
-        axis = _per_axis(node, ctx)
-        if axis == _UNKNOWN:
+        axis = scale_axis(ctx.graph, node)
+        if axis == UNKNOWN_AXIS:
             links.freeze(dim, f"{node.op_type} '{node.name}': the shape of its scale or input is unknown")
             return links.out
         if dim.tensor in params:
@@ -73,7 +60,6 @@ class Dequantize(Rule):
         return input_zero(node.inputs[0])
 
     def soft_fills(self, node, graph):
-        from ..quantized import quantized_weight, zero_fill
         stored = quantized_weight(graph, node.outputs[0])
         return {} if stored is None else {stored.data: zero_fill(graph, stored)}
 
@@ -83,9 +69,6 @@ class Quantize(Dequantize):
     """y = saturate(round(x / scale) + zero_point)."""
 
     ops = ("QuantizeLinear",)
-
-    def soft_zero(self, node, dim, input_zero):
-        return input_zero(node.inputs[0])
 
     def soft_fills(self, node, graph):
         # zero scales would divide by zero; a removed channel already reads zero and lands on its zero point
