@@ -199,19 +199,37 @@ def _fold_small_constants(nodes: list, model: onnx.ModelProto, init_names: set[s
                           outputs: set[str]) -> list:
     graph = model.graph
     small = {t.name: t for t in graph.initializer if _numel(t) <= _FOLD_LIMIT and not uses_external_data(t)}
-    kept = []
+    kept, folded_inputs = [], set()
     for node in nodes:
         values = _folded(node, small, model.opset_import) if (node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx")
                                            and not set(node.output) & outputs) else None
         if values is None:
             kept.append(node)
             continue
+        folded_inputs.update(node.input)
         for name, value in zip(node.output, values):
             tensor = numpy_helper.from_array(np.asarray(value), name)
             graph.initializer.append(tensor)
             small[name] = tensor
             init_names.add(name)
+    # what only folded ops read is dead now, and would be written into the pruned model
+    dead = folded_inputs - _names_read(kept) - outputs - {i.name for i in graph.input}
+    if dead:
+        alive = [t for t in graph.initializer if t.name not in dead]
+        del graph.initializer[:]
+        graph.initializer.extend(alive)
     return kept
+
+
+def _names_read(nodes) -> set[str]:
+    """Every tensor name the nodes (and their subgraphs) read."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in _attr_graphs(attr):
+                names |= _names_read(sub.node) | {o.name for o in sub.output}
+    return names
 
 
 def _folded(node: onnx.NodeProto, small: dict[str, onnx.TensorProto], opsets) -> list | None:

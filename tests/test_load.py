@@ -60,6 +60,24 @@ def test_identity_routed_weights_are_unwrapped():
     prune_exact(model, 0.5)
 
 
+def test_folded_constants_leave_no_dead_initializers_behind():
+    """onnxruntime's quantize_dynamic adds each Conv bias through Reshape(bias, [1, C, 1, 1]);
+    folding it made a new initializer, and the original and its shape stayed in the pruned model,
+    unread (onnxruntime warns about each)."""
+    g = Graph()
+    x = g.input("x", [1, 3, 6, 6])
+    bias = g.op("Reshape", [g.weight(8), g.const(np.array([1, 8, 1, 1], np.int64), "bias_shape")])
+    h = g.op("Relu", [g.op("Add", [g.op("Conv", [x, g.weight(8, 3, 3, 3)], pads=[1, 1, 1, 1]), bias])])
+    g.output(g.conv(h, 8, 2))
+    model = g.build()
+    canonical = canonicalize(model)
+    read = {name for node in canonical.graph.node for name in node.input}
+    assert "bias_shape" not in {t.name for t in canonical.graph.initializer}
+    assert {t.name for t in canonical.graph.initializer} <= read
+    pruned = prune_exact(model, 0.5).model
+    assert {t.name for t in pruned.graph.initializer} <= {name for node in pruned.graph.node for name in node.input}
+
+
 def test_shared_all_zero_bias_does_not_couple_unrelated_convs():
     """Exporters deduplicate equal tensors: one zero bias can feed every conv of a network."""
     g = Graph()
