@@ -117,8 +117,19 @@ def _params_read(graph: ModelGraph, node: Node, seen: set[str]) -> int:
 def _is_weight(graph: ModelGraph, name: str, data_type: int) -> bool:
     if data_type in _FLOAT_TYPES:
         return _read_as_weight(graph, name)
-    return any(node.input(slot) == name for node in graph.consumers.get(name, ())
-               for slot in _QUANTISED_DATA.get(node.op_type, ()))
+    return _read_as_quantised_data(graph, name)
+
+
+def _read_as_quantised_data(graph: ModelGraph, name: str) -> bool:
+    """Integers some op dequantizes or multiplies as a weight, directly or after rows are
+    gathered or moved (quantize_dynamic gathers an int8 embedding table, then dequantizes)."""
+    for node in graph.consumers.get(name, ()):
+        if any(node.input(slot) == name for slot in _QUANTISED_DATA.get(node.op_type, ())):
+            return True
+        if (node.op_type in _DATA_MOVEMENT or node.op_type == "Gather") and node.input(0) == name \
+                and _read_as_quantised_data(graph, node.outputs[0]):
+            return True
+    return False
 
 
 def _read_as_weight(graph: ModelGraph, name: str) -> bool:

@@ -435,6 +435,15 @@ def test_params_count_a_shared_weight_once_and_int8_weights_but_not_their_scales
     assert [(n.op_type, n.params) for n in s.nodes if n.params] == [("MatMul", 64), ("DequantizeLinear", 24)]
 
 
+def test_an_int8_embedding_table_gathered_before_it_is_dequantized_is_params():
+    # quantize_dynamic's embeddings: Gather the int8 rows, then DequantizeLinear them
+    g = Graph()
+    ids = g.input("ids", [1, 5], onnx.TensorProto.INT64)
+    rows = g.op("Gather", [g.const(np.ones((50, 4), np.int8), "table"), ids])
+    g.output(g.op("DequantizeLinear", [rows, g.const(np.float32(0.1)), g.const(np.int8(0))]))
+    assert stats(g.build()).params == 50 * 4
+
+
 def test_weights_in_constant_nodes_are_params():
     g = Graph()
     x = g.input("x", [1, 4])
