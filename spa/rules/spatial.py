@@ -78,6 +78,8 @@ class Resize(Rule):
 
 # removing a channel from a sum drops its term, which is what zeroing does;
 # a mean also changes its divisor, so it is only approximately the same
+_ZERO_TO_ZERO = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                 "ReduceSumSquare"}
 _SUM_LIKE = {"ReduceSum": True, "ReduceL1": True, "ReduceL2": True, "ReduceSumSquare": True, "ReduceMean": False}
 
 
@@ -127,6 +129,11 @@ class Reduce(Rule):
         else:
             links.freeze(dim, f"{node.op_type} '{node.name}' reduces over this axis")
         return links.out
+
+    def soft_zero(self, node, dim, input_zero):
+        # a channel kept apart (reduced over other axes): all-zero in, zero out, except where the
+        # reduction of zeros is not zero (log of a sum, an index)
+        return input_zero(node.inputs[0]) if node.op_type in _ZERO_TO_ZERO else False
 
 
 @register
