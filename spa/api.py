@@ -624,13 +624,13 @@ def _readers(graph: ModelGraph, dim: Dim):
 
 
 def _side(op: str, index: int, axis: int, node) -> str:
-    if op in ("Conv",) and index == 1:
+    if op in ("Conv", "ConvInteger") and index == 1:
         return " out" if axis == 0 else " in"
     if op == "ConvTranspose" and index == 1:
         return " in" if axis == 0 else " out"
     if op == "Gemm" and index == 1:
         return " out" if (axis == 0) == bool(node.attr("transB", 0)) else " in"
-    if op == "MatMul" and index == 1:
+    if op in ("MatMul", "MatMulInteger") and index == 1:
         return " out" if axis == 1 else " in"
     return ""
 

@@ -31,7 +31,7 @@ CRITERIA: dict[str, Criterion] = {}
 _WEIGHT_INPUTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("Gemm", 0), ("MatMul", 1), ("MatMul", 0),
                   ("BatchNormalization", 1), ("InstanceNormalization", 1), ("GroupNormalization", 1),
                   ("LayerNormalization", 1), ("PRelu", 1), ("Mul", 1), ("Mul", 0), ("Gather", 0),
-                  ("Attention", 1)}
+                  ("Attention", 1), ("MatMulInteger", 1), ("ConvInteger", 1)}
 
 
 class ScoreContext:

@@ -102,11 +102,8 @@ class ModelGraph:
     def weight(self, tensor: str) -> np.ndarray | None:
         """``const``, or the float value of a weight stored quantized (``spa.quantized``): what
         criteria and compensation read."""
-        value = self.const(tensor)
-        if value is not None:
-            return value
-        stored = quantized_weight(self, tensor)
-        return None if stored is None else dequantize(self, stored)
+        stored = quantized_weight(self, tensor)  # first: an integer op's weight is an initializer too
+        return self.const(tensor) if stored is None else dequantize(self, stored)
 
     def const_ints(self, tensor: str) -> list[int] | None:
         value = self.const(tensor)

@@ -4,7 +4,9 @@ compensation work on.
 A layer here is an op computing ``y = W x + b`` over one channel axis of its
 activation input, with W (and b) initializers that belong to it alone: Conv
 with group 1, Gemm, and MatMul by a 2-D weight or its Transpose (optionally
-followed by an Add of a bias). Each is viewed as a matrix with one column per input channel (a
+followed by an Add of a bias), and their dynamically quantized forms (ConvInteger
+and MatMulInteger, seen from the float input before DynamicQuantizeLinear to the
+rescaled float output). Each is viewed as a matrix with one column per input channel (a
 Conv's kernel positions become extra rows), so one piece of maths serves all.
 """
 from __future__ import annotations
@@ -15,8 +17,11 @@ from functools import cached_property
 import numpy as np
 
 from .graph import ModelGraph, Node
-from .quantized import quantized_weight
+from .quantized import INTEGER_PRODUCTS, quantized_weight, rescaling
 from .rules import Dim
+
+
+_CONVOLUTIONS = ("Conv", "ConvInteger")
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,16 @@ class LinearLayer:
     @property
     def output_axis(self) -> int:
         """The weight axis of the layer's outputs."""
-        return 0 if self.node.op_type == "Conv" else 1 - self.weight_axis
+        return 0 if self.node.op_type in _CONVOLUTIONS else 1 - self.weight_axis
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         """The weight as [rows, input channels]."""
-        if self.node.op_type == "Conv":
+        if self.node.op_type in _CONVOLUTIONS:
             return np.moveaxis(weight, 1, -1).reshape(-1, weight.shape[1])
         return weight if self.weight_axis == 1 else weight.T
 
     def unmatrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        if self.node.op_type == "Conv":
+        if self.node.op_type in _CONVOLUTIONS:
             moved = (shape[0],) + tuple(shape[2:]) + (shape[1],)
             return np.moveaxis(matrix.reshape(moved), -1, 1)
         return matrix if self.weight_axis == 1 else matrix.T
@@ -100,6 +105,8 @@ def _owned(graph: ModelGraph, tensor: str) -> bool:
 
 def _as_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
     op = node.op_type
+    if op in INTEGER_PRODUCTS and node.domain in ("", "ai.onnx"):
+        return _integer_linear(graph, node)
     if node.domain not in ("", "ai.onnx") or op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
         return None
     x, w = node.inputs[0], node.inputs[1]
@@ -144,16 +151,43 @@ def _transposed_matmul(graph: ModelGraph, node: Node) -> LinearLayer | None:
     return LinearLayer(node, w, 1, Dim(x, len(x_shape) - 1), _matmul_bias(graph, node, w_shape[0]))
 
 
+def _integer_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
+    """A MatMulInteger or ConvInteger by its own weight on an activation DynamicQuantizeLinear
+    quantized: the float layer it computes, from the float activation to the rescaled output."""
+    w = node.inputs[1]
+    quantizer = graph.producer.get(node.inputs[0])
+    if quantizer is None or quantizer.op_type != "DynamicQuantizeLinear" or quantized_weight(graph, w) is None:
+        return None
+    x, w_shape = quantizer.inputs[0], graph.shape(w)
+    x_shape = graph.shape(x)
+    if not x_shape or len(x_shape) < 2 or any(not isinstance(s, int) for s in w_shape):
+        return None
+    output = rescaling(graph, node).outputs[0]
+    if node.op_type == "ConvInteger":
+        if node.attr("group", 1) != 1:
+            return None
+        return LinearLayer(node, w, 1, Dim(x, 1), _added_bias(graph, output, w_shape[0], 1))
+    return LinearLayer(node, w, 0, Dim(x, len(x_shape) - 1), _added_bias(graph, output, w_shape[1], -1))
+
+
 def _matmul_bias(graph: ModelGraph, node: Node, out: int) -> str | None:
-    after = graph.consumers.get(node.outputs[0], [])
+    return _added_bias(graph, node.outputs[0], out, -1)
+
+
+def _added_bias(graph: ModelGraph, output: str, out: int, axis: int) -> str | None:
+    """The initializer added to ``output`` with one value per index of its ``axis``, if any."""
+    after = graph.consumers.get(output, [])
     if len(after) != 1 or after[0].op_type != "Add":
         return None
-    other = [t for t in after[0].inputs if t != node.outputs[0]]
-    if len(other) == 1 and _owned(graph, other[0]) and _numel(graph, other[0]) == out:
-        shape = graph.shape(other[0]) or ()
-        if shape and shape[-1] == out:  # broadcast along the output axis, not some other one
-            return other[0]
-    return None
+    other = [t for t in after[0].inputs if t != output]
+    if len(other) != 1:
+        return None
+    bias, shape = other[0], graph.shape(other[0]) or ()
+    if not _owned(graph, bias) or _numel(graph, bias) != out or not shape:
+        return None
+    # broadcast along the output axis, not some other one
+    index = -1 if axis == -1 else len(shape) - len(graph.shape(output) or ()) + axis
+    return bias if -len(shape) <= index < len(shape) and shape[index] == out else None
 
 
 def _numel(graph: ModelGraph, tensor: str) -> int | None:

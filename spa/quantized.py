@@ -36,7 +36,12 @@ class Requantized:
 
 
 def quantized_weight(graph, tensor: str) -> QuantizedWeight | None:
-    """``tensor`` as a dequantized integer initializer only it reads, or None."""
+    """``tensor`` as a dequantized integer initializer only it reads, or as the integer weight of
+    a MatMulInteger or ConvInteger, or None."""
+    return _dequantized(graph, tensor) or _integer_operand(graph, tensor)
+
+
+def _dequantized(graph, tensor: str) -> QuantizedWeight | None:
     node = graph.producer.get(tensor)
     if (node is None or node.op_type != "DequantizeLinear" or node.domain not in DEQUANTIZE_DOMAINS
             or node.attr("block_size", 0)):
@@ -52,6 +57,88 @@ def quantized_weight(graph, tensor: str) -> QuantizedWeight | None:
     if axis == UNKNOWN_AXIS or (axis is not None and graph.shape(data)[axis] != graph.shape(scale)[0]):
         return None
     return QuantizedWeight(tensor, data, scale, zero_point or None, axis)
+
+
+# dynamic quantization's integer ops, and the axis of their weight that indexes output channels
+INTEGER_PRODUCTS = {"MatMulInteger": -1, "ConvInteger": 0}
+
+
+def _integer_operand(graph, tensor: str) -> QuantizedWeight | None:
+    """The integer weight of a MatMulInteger or ConvInteger, only it reads it. Its scale is not an
+    input of the op: the op's integer output is cast to float and multiplied by the activation's
+    scale times the weight's (``rescaling``), one value or one per output channel."""
+    readers = graph.consumers.get(tensor, [])
+    if len(readers) != 1 or not graph.is_initializer(tensor):
+        return None
+    node = readers[0]
+    if (node.op_type not in INTEGER_PRODUCTS or node.domain not in ("", "ai.onnx") or node.input(1) != tensor
+            or np.dtype(_numpy_type(graph, tensor)).kind not in "iu"):
+        return None
+    shape = graph.shape(tensor)
+    if not shape or (node.op_type == "MatMulInteger" and len(shape) != 2) or not isinstance(shape[0], int):
+        return None
+    out_axis = INTEGER_PRODUCTS[node.op_type] % len(shape)
+    channels = shape[out_axis]
+    zero_point = node.input(3) or None
+    rescale = rescaling(graph, node)
+    if rescale is None or (zero_point and not graph.is_initializer(zero_point)):
+        return None
+    scale = next((t for t in _factors(graph, rescale) if graph.is_initializer(t)), None)
+    output_rank = len(graph.shape(node.outputs[0]) or ())
+    output_axis = output_rank - 1 if node.op_type == "MatMulInteger" else 1
+    per_channel = [_per_output_scale(graph.shape(scale), output_rank, output_axis, channels) if scale else None,
+                   _per_output_zero_point(graph.shape(zero_point), channels) if zero_point else False]
+    if None in per_channel:
+        return None
+    return QuantizedWeight(tensor, tensor, scale, zero_point, out_axis if any(per_channel) else None)
+
+
+def rescaling(graph, node):
+    """The Mul that turns an integer op's output into float: Cast, then times a scale."""
+    cast = _sole_reader(graph, node.outputs[0])
+    if cast is None or cast.op_type != "Cast":
+        return None
+    mul = _sole_reader(graph, cast.outputs[0])
+    if mul is None or mul.op_type != "Mul" or len(mul.inputs) != 2:
+        return None
+    return mul
+
+
+def _factors(graph, rescale) -> list[str]:
+    """The scale factors of a rescaling Mul: its other input, or that input's own factors where it
+    is the activation's dynamic scale times the weight's."""
+    factor = next(t for t in rescale.inputs
+                  if graph.producer.get(t) is None or graph.producer[t].op_type != "Cast")
+    producer = graph.producer.get(factor)
+    if producer is not None and producer.op_type == "Mul" and len(graph.consumers.get(factor, [])) == 1:
+        return list(producer.inputs)
+    return [factor]
+
+
+def _sole_reader(graph, tensor: str):
+    readers = graph.consumers.get(tensor, [])
+    return readers[0] if len(readers) == 1 else None
+
+
+def _per_output_scale(shape, output_rank: int, output_axis: int, channels: int) -> bool | None:
+    """Is the scale one value (False) or one per output channel (True) as the rescaling Mul
+    broadcasts it against the output (shapes aligned from the right); None: neither."""
+    if shape is None or any(not isinstance(s, int) for s in shape):
+        return None
+    if int(np.prod(shape)) == 1:
+        return False
+    wide = [i for i, s in enumerate(shape) if s != 1]
+    on_channels = len(wide) == 1 and shape[wide[0]] == channels and output_rank - len(shape) + wide[0] == output_axis
+    return True if on_channels else None
+
+
+def _per_output_zero_point(shape, channels: int) -> bool | None:
+    """A zero point is an op input: one value, or (1-D) one per output channel."""
+    if shape is None or any(not isinstance(s, int) for s in shape):
+        return None
+    if int(np.prod(shape)) == 1:
+        return False
+    return True if tuple(shape) == (channels,) else None
 
 
 UNKNOWN_AXIS = -1
@@ -78,7 +165,7 @@ def _numpy_type(graph, tensor: str):
 def _along(weight: QuantizedWeight, value, ndim: int) -> np.ndarray:
     """A scale or zero point shaped to broadcast against the weight."""
     value = np.asarray(value)
-    if weight.axis is None:
+    if weight.axis is None or value.size == 1:  # one value (an integer op's scale may be, its zero point not)
         return value.reshape(())
     shape = [1] * ndim
     shape[weight.axis] = value.size
@@ -188,6 +275,8 @@ class Store:
         graph = self.graph
         if len(graph.consumers.get(weight.scale, [])) != 1:
             return False  # shared: growing it would change another tensor
+        if factor.size > 1 and int(np.prod(graph.shape(weight.scale) or (1,))) != factor.size:
+            return False  # one scale for channels with their own zero points
         if layer is None or not layer.bias:
             return True
         bias = quantized_weight(graph, layer.bias)

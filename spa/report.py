@@ -129,17 +129,17 @@ def _in_out_widths(graph: ModelGraph, node: Node) -> tuple[int | None, int | Non
     weight = node.input(1)
     shape = graph.shape(weight) if weight else None
     # a MatMul or Gemm of two activations (attention scores) is not a layer with channels
-    if not shape or (op in ("Gemm", "MatMul") and not graph.is_initializer(weight)):
+    if not shape or (op in ("Gemm", "MatMul", "MatMulInteger") and not graph.is_initializer(weight)):
         return None
     dims = [s if isinstance(s, int) else None for s in shape]
     group = node.attr("group", 1)
-    if op == "Conv" and len(dims) >= 3:
+    if op in ("Conv", "ConvInteger") and len(dims) >= 3:
         return _times(dims[1], group), dims[0]
     if op == "ConvTranspose" and len(dims) >= 3:
         return dims[0], _times(dims[1], group)
     if op == "Gemm" and len(dims) == 2:
         return (dims[1], dims[0]) if node.attr("transB", 0) else (dims[0], dims[1])
-    if op == "MatMul" and len(dims) >= 2:
+    if op in ("MatMul", "MatMulInteger") and len(dims) >= 2:
         return dims[-2], dims[-1]
     if op in _RECURRENT_GATES and len(dims) == 3:
         hidden = dims[1] // _RECURRENT_GATES[op] if dims[1] is not None else None

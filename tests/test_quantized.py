@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 import spa
 from spa.cli import main
@@ -262,3 +262,106 @@ def test_stored_refit_replaces_an_earlier_grown_scale():
     refit = graph.weight(layer.weight) * 0.5  # fits the dense scale: nothing grows this time
     replace_initializers(grown, Store(graph, (layer,))({layer.weight: refit}))
     assert np.allclose(ModelGraph(grown).weight(layer.weight), refit, atol=0.005)
+
+
+# ---------------------------------------------------------------- dynamic quantization (integer ops)
+
+def _dynamic(source: Path, target: Path, per_channel: bool = True, weight_type=QuantType.QInt8) -> Path:
+    quantize_dynamic(str(source), str(target), per_channel=per_channel, weight_type=weight_type)
+    return target
+
+
+def _integer_op_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    read = {n.input[1] for n in model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger")}
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in read}
+
+
+@pytest.mark.parametrize("per_channel,weight_type", [(True, QuantType.QInt8), (False, QuantType.QInt8),
+                                                     (True, QuantType.QUInt8)],
+                         ids=["per-channel-int8", "per-tensor-int8", "per-channel-uint8"])
+def test_dynamically_quantized_model_prunes_as_its_float_model_does(tmp_path, per_channel, weight_type):
+    # quantize_dynamic writes DynamicQuantizeLinear -> ConvInteger / MatMulInteger -> Cast -> Mul(scale)
+    dense = MODELS / "mini_resnet.onnx"
+    quantized = _dynamic(dense, tmp_path / "dyn.onnx", per_channel, weight_type)
+    ops = {n.op_type for n in onnx.load(str(quantized)).graph.node}
+    assert {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"} <= ops
+    float_groups = analysis_of(onnx.load(str(dense))).prunable_groups
+    groups = analysis_of(onnx.load(str(quantized))).prunable_groups
+    # the SE block reads the residual stream through ReduceMean and DynamicQuantizeLinear: still exact
+    assert sorted(g.size for g in groups) == sorted(g.size for g in float_groups)
+    assert all(g.exact for g in groups)
+
+    # uint8 weights have zero points of 128: the soft model fills removed slices with them
+    result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
+    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False)
+    float_sizes = sorted(t.size for t in (numpy_helper.to_array(i) for i in reference.model.graph.initializer)
+                         if t.ndim >= 2)
+    before, after = _integer_op_weights(onnx.load(str(quantized))), _integer_op_weights(result.model)
+    assert sorted(v.size for v in after.values()) == float_sizes
+    assert all(after[k].dtype == before[k].dtype for k in after)
+
+
+def test_integer_matmul_soft_model_fills_removed_rows_with_zero_points():
+    """x -> MatMul -> Relu -> DynamicQuantizeLinear -> MatMulInteger(uint8 weight, zero point 128
+    per column) -> Cast -> Mul(scale) -> y: removing hidden units is exact, and the soft model
+    keeps the zero points and writes them into the removed rows."""
+    g = Graph(opset=17)
+    x = g.input("x", [2, 6])
+    hidden = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])
+    q, scale, zero = g.op("DynamicQuantizeLinear", [hidden], n_out=3)
+    ints = np.random.default_rng(1).integers(0, 256, (8, 3)).astype(np.uint8)
+    product = g.op("MatMulInteger", [q, g.const(ints, "w_q"), zero, g.const(np.full(3, 128, np.uint8), "w_zero")])
+    rescale = g.op("Mul", [scale, g.const(np.array([0.01, 0.02, 0.03], np.float32), "w_scale")])
+    g.output(g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), rescale]))
+    model = g.build()
+    analysis = analysis_of(model)
+    group = group_at(analysis, hidden, 1)
+    assert group.prunable and group.exact
+
+    result = prune_exact(model, ratio=0.5, criterion="l1", compensate=False, bench=False)
+    assert initializer(result.model, "w_q").shape == (4, 3)
+    soft = spa.prune(model, ratio=0.5, criterion="l1", compensate=False, soft=True, check=False).model
+    assert np.all(initializer(soft, "w_zero") == 128)
+    assert int(np.all(initializer(soft, "w_q") == 128, axis=1).sum()) == 4
+
+
+def test_dynamic_quantization_of_a_channel_that_is_not_zero_is_approximate():
+    # Sigmoid(0) = 0.5: a soft-pruned channel still sets DynamicQuantizeLinear's range
+    g = Graph(opset=17)
+    x = g.input("x", [2, 6])
+    hidden = g.op("Sigmoid", [g.op("MatMul", [x, g.weight(6, 8)])])
+    q, scale, zero = g.op("DynamicQuantizeLinear", [hidden], n_out=3)
+    product = g.op("MatMulInteger", [q, g.const(np.ones((8, 3), np.int8)), zero])
+    g.output(g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), scale]))
+    group = group_at(analysis_of(g.build(), approximate=True), hidden, 1)
+    assert not group.exact and "stays non-zero" in group.inexact_reason
+
+
+def test_integer_conv_weights_read_dequantized_and_refit_at_their_scale(tmp_path):
+    """A trained MNIST CNN quantized dynamically: criteria read ConvInteger's and MatMulInteger's
+    weights times the scale in the Mul after them, and refits are written back into the integers."""
+    with np.load(MODELS / "data" / "mnist_calib.npz") as calib:
+        np.savez(tmp_path / "calib.npz", input=calib["input"])
+    with np.load(MODELS / "data" / "mnist_test.npz") as test:
+        images, labels = test["input"], test["label"]
+    quantized = _dynamic(MODELS / "mnist_cnn.onnx", tmp_path / "dyn.onnx")
+    graph = ModelGraph(onnx.load(str(quantized)))
+    dense = ModelGraph(onnx.load(str(MODELS / "mnist_cnn.onnx")))
+    conv = next(n for n in graph.nodes if n.op_type == "ConvInteger")
+    float_conv = next(n for n in dense.nodes if n.op_type == "Conv")
+    weight = graph.weight(conv.inputs[1])
+    assert weight.dtype == np.float32
+    assert np.abs(weight - dense.const(float_conv.inputs[1])).max() < 0.01 * np.abs(weight).max()
+
+    def accuracy(model: onnx.ModelProto) -> float:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return float((session.run(None, {"input": images})[0].argmax(1) == labels).mean())
+
+    runs = {compensate: prune_exact(str(quantized), ratio=0.3, criterion="obs", calib=str(tmp_path / "calib.npz"),
+                                    compensate=compensate, bench=False) for compensate in (False, True)}
+    assert accuracy(onnx.load(str(quantized))) > 0.97
+    assert accuracy(runs[True].model) > 0.97 > 0.6 > accuracy(runs[False].model)
+    comp = runs[True].report.compensation
+    requantized = (comp["sequential"] or {}).get("requantized") or comp["requantized"]
+    assert requantized["tensors"] > 0 and requantized["grown"] > 0 and requantized["saturated"] == 0
+    assert all(v.dtype == np.int8 for v in _integer_op_weights(runs[True].model).values())

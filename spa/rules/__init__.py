@@ -4,8 +4,8 @@ Importing this package registers every rule. To support a new operator, add a
 ``Rule`` subclass decorated with ``@register`` in the module of its family,
 and a unit test with a hand-built graph in ``tests/test_rules.py``.
 """
-from . import (contrib, conv, elementwise, layout, linear, norm, onnx_attention, recurrent,  # noqa: F401  (registration)
-               quantize, reshape, rotary, spatial)
+from . import (contrib, conv, elementwise, integer, layout, linear, norm, onnx_attention,  # noqa: F401  (registration)
+               quantize, recurrent, reshape, rotary, spatial)
 from .base import RULES, Dim, Freeze, Link, Pending, Rule, RuleContext, Sink, register, rule_for
 
 __all__ = ["RULES", "Dim", "Freeze", "Link", "Pending", "Rule", "RuleContext", "Sink", "register", "rule_for"]

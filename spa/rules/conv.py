@@ -17,13 +17,16 @@ from .base import Dim, LinkSet, Rule, Sink, pairs, register
 class _ConvBase(Rule):
     transposed = False
 
+    def bias(self, node) -> str:
+        return node.input(2)
+
     def seeds(self, node, ctx):
         return [Dim(node.inputs[0], 1), Dim(node.outputs[0], 1)]
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        b = node.input(2)
+        b = self.bias(node)
         w_shape = ctx.graph.shape(w)
         groups = int(node.attr("group", 1))
         if w_shape is None or not all(isinstance(s, int) for s in w_shape[:2]):
