@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from .layers import LayerIndex
 from .load import canonicalize, infer_shapes, load_model, with_input_sizes
 from .metrics import ModelStats, count
 from .plan import Plan, make_plan
-from .rules.base import ATTENTION_UNITS, Dim
+from .rules.base import ATTENTION_UNITS, Dim, rule_for
 from .sequential import sequential_refit
 from .quantized import quantized_weight
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
@@ -77,6 +78,7 @@ class AnalysisReport:
     flops_at: dict[str, list[int]] = field(default_factory=dict)  # input sizes the FLOPs are counted at
     unsized_axes: list[str] = field(default_factory=list)  # free axes past the batch FLOPs count as 1
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the sizes the caller gave
+    unruled_weights: dict[str, int] = field(default_factory=dict)  # op type -> nodes holding weights no rule reads
 
     @property
     def prunable(self) -> list[GroupReport]:
@@ -88,7 +90,7 @@ class AnalysisReport:
                 "unsized_axes": self.unsized_axes, "input_shapes": self.input_shapes,
                 "flops_by_op_type": costs.per_op_type(), "nodes": [asdict(n) for n in costs.nodes],
                 "groups_found": len(self.groups), "groups_prunable": len(self.prunable),
-                "groups": [asdict(g) for g in self.groups]}
+                "unruled_weights": self.unruled_weights, "groups": [asdict(g) for g in self.groups]}
 
 
 @dataclass
@@ -171,7 +173,21 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
     groups = [GroupReport.of(analysis, g, 0) for g in analysis.groups]
     return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats,
                           counted_sizes(prepared.model, input_shapes), unsized_axes(prepared.model, input_shapes),
-                          dict(input_shapes or {}))
+                          dict(input_shapes or {}), _unruled_weights(prepared.graph, stats))
+
+
+_BODIES = ("If", "Loop", "Scan")  # their params are their bodies' weights, which rules there read
+
+
+def _unruled_weights(graph: ModelGraph, stats: ModelStats) -> dict[str, int]:
+    """Op types with no rule that read weights, and how many such nodes: no group starts at them
+    and whatever they touch stays whole, so without this line a model of them reads as having
+    nothing to prune and no reason why (the QOperator format's QLinearConv, a custom op)."""
+    nodes = {node.name: node for node in graph.nodes}
+    unruled = Counter(cost.op_type for cost in stats.nodes
+                      if cost.params and cost.op_type not in _BODIES and cost.name in nodes
+                      and rule_for(nodes[cost.name]) is None)
+    return dict(unruled.most_common())
 
 
 def _count(model: onnx.ModelProto, graph: ModelGraph, sizes: dict[str, list[int]] | None) -> ModelStats:

@@ -429,6 +429,9 @@ def _analysis_text(data: dict, verbose: bool) -> str:
               if data["flops"] and flops / data["flops"] >= 0.001]
     if shares:
         lines.append(f"  FLOPs by op: {', '.join(shares)} (--json lists every node)")
+    if data.get("unruled_weights"):
+        named = ", ".join(f"{op} x{n}" for op, n in data["unruled_weights"].items())
+        lines.append(f"  weights left whole (spa has no rule for these ops): {named}")
     attention = [g for g in data["groups"] if g.get("kind")]
     if attention:
         lines.append(f"  attention: {len(attention)} groups whose units are {attention[0]['kind'].replace('_', ' ')}")

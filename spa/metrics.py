@@ -44,7 +44,7 @@ _FLOAT_TYPES = frozenset(getattr(onnx.TensorProto, name) for name in (
     "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name))
 # input slots whose tensor is a (quantised) weight whatever its element type
 _QUANTISED_DATA = {"DequantizeLinear": (0,), "QLinearConv": (3, 8), "ConvInteger": (1,),
-                   "QLinearMatMul": (0, 3), "MatMulInteger": (0, 1)}
+                   "QLinearMatMul": (0, 3), "MatMulInteger": (0, 1), "QGemm": (0, 3, 6)}
 # input slots that are never weights: scales and zero points describe a quantised tensor;
 # a recurrent op's initial state is data (exporters store zero states as initializers)
 _NOT_WEIGHTS = {"DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2), "QLinearConv": (1, 2, 4, 5, 6, 7),
@@ -137,6 +137,8 @@ def _read_as_weight(graph: ModelGraph, name: str) -> bool:
     when every use is a scale, a zero point or an initial state (such as the zero states the
     legacy torch exporter stores and Expands to the batch size)."""
     for node in graph.consumers.get(name, ()):
+        if node.op_type.startswith("QLinear") or node.op_type == "QGemm":
+            continue  # the quantized operator format's float inputs are all scales
         for slot, read in enumerate(node.inputs + node.implicit_inputs):
             if read != name or slot in _NOT_WEIGHTS.get(node.op_type, ()):
                 continue
