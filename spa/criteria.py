@@ -20,7 +20,7 @@ import numpy as np
 from .groups import Analysis, Group
 from .layers import LayerIndex, LinearLayer
 from .obs import DiagonalLayerState, LayerState, augmented_hessian, greedy_scores, inverse
-from .quantized import quantized_weight
+from .quantized import is_rescaling_factor, quantized_weight
 from .rules import Dim
 from .statistics import Statistics
 
@@ -64,7 +64,7 @@ def weight_dims(analysis: Analysis, group: Group) -> list[Dim]:
             dim = Dim(stored, dim.axis)
         uses = {(n.op_type, i) for n in graph.consumers.get(dim.tensor, []) for i, t in enumerate(n.inputs)
                 if t == dim.tensor}
-        if uses & _WEIGHT_INPUTS:
+        if uses & _WEIGHT_INPUTS and not is_rescaling_factor(graph, dim.tensor):
             dims.append(dim)
     return dims
 

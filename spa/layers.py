@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 
 from .graph import ModelGraph, Node
-from .quantized import INTEGER_PRODUCTS, quantized_weight, rescaling
+from .quantized import INTEGER_PRODUCTS, quantized_weight, rescaling, scale_factors
 from .rules import Dim
 
 
@@ -158,6 +158,8 @@ def _integer_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
     quantizer = graph.producer.get(node.inputs[0])
     if quantizer is None or quantizer.op_type != "DynamicQuantizeLinear" or quantized_weight(graph, w) is None:
         return None
+    if scale_factors(graph, node)[1] != quantizer.outputs[1]:
+        return None  # the output is not rescaled by this activation's scale: not W x in float
     x, w_shape = quantizer.inputs[0], graph.shape(w)
     x_shape = graph.shape(x)
     if not x_shape or len(x_shape) < 2 or any(not isinstance(s, int) for s in w_shape):

@@ -38,6 +38,7 @@ from functools import partial
 import onnx
 
 from .graph import ModelGraph, Node
+from .quantized import is_rescaling_factor
 
 _FLOAT_TYPES = frozenset(getattr(onnx.TensorProto, name) for name in (
     "FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
@@ -139,6 +140,8 @@ def _read_as_weight(graph: ModelGraph, name: str) -> bool:
     for node in graph.consumers.get(name, ()):
         if node.op_type.startswith("QLinear") or node.op_type == "QGemm":
             continue  # the quantized operator format's float inputs are all scales
+        if node.op_type == "Mul" and is_rescaling_factor(graph, name):
+            continue  # dynamic quantization's weight scale
         for slot, read in enumerate(node.inputs + node.implicit_inputs):
             if read != name or slot in _NOT_WEIGHTS.get(node.op_type, ()):
                 continue

@@ -80,13 +80,13 @@ def _integer_operand(graph, tensor: str) -> QuantizedWeight | None:
     out_axis = INTEGER_PRODUCTS[node.op_type] % len(shape)
     channels = shape[out_axis]
     zero_point = node.input(3) or None
-    rescale = rescaling(graph, node)
-    if rescale is None or (zero_point and not graph.is_initializer(zero_point)):
+    factors = scale_factors(graph, node)
+    if factors is None or (zero_point and not graph.is_initializer(zero_point)):
         return None
-    scale = next((t for t in _factors(graph, rescale) if graph.is_initializer(t)), None)
+    scale = factors[0]
     output_rank = len(graph.shape(node.outputs[0]) or ())
     output_axis = output_rank - 1 if node.op_type == "MatMulInteger" else 1
-    per_channel = [_per_output_scale(graph.shape(scale), output_rank, output_axis, channels) if scale else None,
+    per_channel = [_per_output_scale(graph.shape(scale), output_rank, output_axis, channels),
                    _per_output_zero_point(graph.shape(zero_point), channels) if zero_point else False]
     if None in per_channel:
         return None
@@ -104,15 +104,38 @@ def rescaling(graph, node):
     return mul
 
 
-def _factors(graph, rescale) -> list[str]:
-    """The scale factors of a rescaling Mul: its other input, or that input's own factors where it
-    is the activation's dynamic scale times the weight's."""
-    factor = next(t for t in rescale.inputs
-                  if graph.producer.get(t) is None or graph.producer[t].op_type != "Cast")
-    producer = graph.producer.get(factor)
-    if producer is not None and producer.op_type == "Mul" and len(graph.consumers.get(factor, [])) == 1:
-        return list(producer.inputs)
-    return [factor]
+def scale_factors(graph, node) -> tuple[str, str | None] | None:
+    """The weight's scale (an initializer) and the activation's (None when folded into it) that the
+    rescaling Mul multiplies an integer op's output by, or None where that is not clear: two
+    initializer factors could be either."""
+    rescale = rescaling(graph, node)
+    if rescale is None:
+        return None
+    cast_output = graph.consumers[node.outputs[0]][0].outputs[0]
+    factor = next((t for t in rescale.inputs if t != cast_output), None)
+    if factor is None:
+        return None
+    if graph.is_initializer(factor):
+        return factor, None
+    product = graph.producer.get(factor)
+    if product is None or product.op_type != "Mul" or len(graph.consumers.get(factor, [])) != 1:
+        return None
+    stored = [t for t in product.inputs if graph.is_initializer(t)]
+    others = [t for t in product.inputs if not graph.is_initializer(t)]
+    return (stored[0], others[0]) if len(stored) == 1 and len(others) == 1 else None
+
+
+def is_rescaling_factor(graph, tensor: str) -> bool:
+    """A weight scale an integer op's output is multiplied by: a quantization parameter, not a
+    weight of its own. Found from the scale forward: its Mul, or the rescaling Mul after it."""
+    for mul in graph.consumers.get(tensor, []):
+        for rescale in [mul] + list(graph.consumers.get(mul.outputs[0], [])):
+            for cast in (graph.producer.get(t) for t in rescale.inputs):
+                integer_op = graph.producer.get(cast.inputs[0]) if cast is not None and cast.op_type == "Cast" else None
+                if integer_op is not None and integer_op.op_type in INTEGER_PRODUCTS \
+                        and (scale_factors(graph, integer_op) or (None,))[0] == tensor:
+                    return True
+    return False
 
 
 def _sole_reader(graph, tensor: str):

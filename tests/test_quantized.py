@@ -14,6 +14,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 import spa
 from spa.cli import main
+from spa.criteria import weight_dims
 from spa.graph import ModelGraph
 from spa.quantized import quantized_weight
 
@@ -294,10 +295,16 @@ def test_dynamically_quantized_model_prunes_as_its_float_model_does(tmp_path, pe
     ops = {n.op_type for n in onnx.load(str(quantized)).graph.node}
     assert {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"} <= ops
     float_groups = analysis_of(onnx.load(str(dense))).prunable_groups
-    groups = analysis_of(onnx.load(str(quantized))).prunable_groups
+    analysis = analysis_of(onnx.load(str(quantized)))
+    groups = analysis.prunable_groups
+    # ranked by the dequantized weights alone: a per-column scale is not a weight of its own
+    ranked = {d.tensor for g in groups for d in weight_dims(analysis, g)}
+    assert ranked and not any(name.endswith("_scale") for name in ranked), ranked
     # the SE block reads the residual stream through ReduceMean and DynamicQuantizeLinear: still exact
     assert sorted(g.size for g in groups) == sorted(g.size for g in float_groups)
     assert all(g.exact for g in groups)
+    # the weights' scales, multiplied in after the integer product, are not params of their own
+    assert spa.analyze(str(quantized)).params == spa.analyze(str(dense)).params
 
     # uint8 weights have zero points of 128: the soft model fills removed slices with them
     result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
@@ -375,3 +382,46 @@ def test_quantized_operator_format_says_what_it_leaves_whole(tmp_path):
     out = CliRunner().invoke(main, ["analyze", str(target)])
     assert out.exit_code == 0
     assert "weights left whole (spa has no rule for these ops): QLinearConv x9, QGemm x2" in out.output
+
+
+def test_integer_matmul_by_a_constant_left_operand_fills_it_with_its_zero_point():
+    """A constant uint8 A (zero point 128) times a quantized activation: removing rows of A must
+    leave exactly what zeroing would, so the soft model writes 128 there, not 0. A weightless
+    sum over those rows makes any difference reach the output."""
+    g = Graph(opset=17)
+    x = g.input("x", [6, 5])
+    q, scale, zero = g.op("DynamicQuantizeLinear", [g.op("Relu", [g.op("MatMul", [x, g.weight(5, 5)])])], n_out=3)
+    left = g.const(np.random.default_rng(0).integers(0, 256, (4, 6)).astype(np.uint8), "left_q")
+    product = g.op("MatMulInteger", [left, q, g.const(np.uint8(128), "left_zero"), zero])
+    y = g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), g.op("Mul", [scale, g.const(np.float32(0.01))])])
+    g.output(g.op("MatMul", [g.op("Transpose", [g.op("Relu", [y])], perm=[1, 0]), g.weight(4, 3)]))
+    g.output(g.op("ReduceSum", [y, g.const(np.array([0], np.int64))], keepdims=0))
+    model = g.build()
+    assert group_at(analysis_of(model), y, 0).exact
+    result = prune_exact(model, ratio=0.5, criterion="l1", compensate=False, bench=False)
+    assert initializer(result.model, "left_q").shape == (2, 6)
+
+
+def test_a_weight_scale_is_read_only_where_the_rescaling_says_which_factor_it_is():
+    # the rescaling Mul's factor is a product of two constants: either could be the weight's scale
+    g = Graph(opset=17)
+    x = g.input("x", [2, 6])
+    q, _, zero = g.op("DynamicQuantizeLinear", [g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])], n_out=3)
+    product = g.op("MatMulInteger", [q, g.const(np.ones((8, 3), np.int8), "w_q"), zero])
+    factor = g.op("Mul", [g.const(np.float32(0.5)), g.const(np.array([0.1, 0.2, 0.3], np.float32))])
+    g.output(g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), factor]))
+    assert quantized_weight(ModelGraph(g.build()), "w_q") is None
+
+
+def test_a_rescaling_factor_cast_from_float16_prunes():
+    # the rescaling Mul's two inputs are both Cast outputs: the integer product's and the scale's
+    g = Graph(opset=17)
+    x = g.input("x", [2, 6])
+    hidden = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])
+    q, scale, zero = g.op("DynamicQuantizeLinear", [hidden], n_out=3)
+    product = g.op("MatMulInteger", [q, g.const(np.ones((8, 3), np.int8), "w_q"), zero])
+    scale16 = g.op("Mul", [g.op("Cast", [scale], to=onnx.TensorProto.FLOAT16), g.const(np.float16(0.01))])
+    g.output(g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT),
+                          g.op("Cast", [scale16], to=onnx.TensorProto.FLOAT)]))
+    result = prune_exact(g.build(), ratio=0.5, criterion="l1", compensate=False, bench=False)
+    assert initializer(result.model, "w_q").shape == (4, 3)

@@ -208,6 +208,21 @@ def test_soft_exactness_tracks_zero_preservation_into_weightless_sinks():
     assert not group.exact and "approximate" in group.frozen  # sigmoid(0) == 0.5 reaches the sum
 
 
+@pytest.mark.parametrize("pool,exact", [("ReduceMean", True), ("ReduceMax", True), ("ReduceLogSumExp", False)])
+def test_a_spatial_reduction_keeps_a_zero_channel_zero_for_a_weightless_sink(pool, exact):
+    # a zero channel's spatial mean or max is zero, its log-sum-exp is not (log of the pixel count)
+    g = Graph(opset=17)
+    x = g.input("x", [1, 3, 6, 6])
+    a = g.op("Relu", [g.conv(x, 3, 8)])
+    pooled = g.op(pool, [a], axes=[2, 3], keepdims=1)
+    s = g.op("ReduceSum", [pooled, g.const(np.array([1]))], keepdims=1)  # sums channels, no weight
+    g.output(g.op("Add", [g.conv(a, 8, 1), s]))
+    model = g.build()
+    assert group_at(analysis_of(model, approximate=True), a).exact == exact
+    if exact:
+        prune_exact(model, 0.5)
+
+
 def test_concat_on_channel_axis_keeps_offsets():
     g = Graph()
     x = g.input("x", [1, 3, 6, 6])

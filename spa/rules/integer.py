@@ -52,6 +52,24 @@ def _zero_point_fill(graph, weight: str, zero_point: str, channel_axis: int) -> 
     return {weight: value.reshape(shape if value.size > 1 else ()), zero_point: None}
 
 
+def _operand_fills(node, graph, weight_axis: int) -> dict:
+    """Zero-point fills for both operands: the weight, and a left operand that is a constant."""
+    fills = _zero_point_fill(graph, node.inputs[1], node.input(3), weight_axis)
+    left_rank = len(graph.shape(node.inputs[0]) or (0, 0))
+    fills.update(_zero_point_fill(graph, node.inputs[0], node.input(2), max(left_rank - 2, 0)))
+    return fills
+
+
+def _freeze_unknown_fills(links: LinkSet, node, what: str) -> None:
+    """A constant operand whose zero point is computed at run time: the soft model could not write
+    it into removed slices, and zero is not it."""
+    graph = links.ctx.graph
+    for operand, zero_point in ((node.inputs[0], node.input(2)), (node.inputs[1], node.input(3))):
+        if graph.is_initializer(operand) and zero_point and not graph.is_initializer(zero_point):
+            for axis in range(len(graph.shape(operand) or ())):
+                links.freeze(Dim(operand, axis), f"{what}: the zero point of {operand} is not a constant")
+
+
 def _per_channel_zero_point(links: LinkSet, zero_point: str, channels: Dim, what: str) -> None:
     """A zero point is one value, or one per index of ``channels``."""
     if not zero_point:
@@ -76,6 +94,7 @@ class MatMulInteger(MatMul):
         if ra is None or rb is None:
             return links.out
         what = f"MatMulInteger '{node.name}'"
+        _freeze_unknown_fills(links, node, what)
         _per_channel_zero_point(links, node.input(3), Dim(b, rb - 1), what)
         # a's zero point is one value, or one per row of A: rows are never channels, and K never has one
         a_zero = node.input(2)
@@ -88,8 +107,7 @@ class MatMulInteger(MatMul):
         return any(s for s in status if s is not None)
 
     def soft_fills(self, node, graph):
-        b = node.inputs[1]
-        return _zero_point_fill(graph, b, node.input(3), len(graph.shape(b) or (0, 0)) - 1)
+        return _operand_fills(node, graph, len(graph.shape(node.inputs[1]) or (0, 0)) - 1)
 
 
 @register
@@ -105,6 +123,7 @@ class ConvInteger(_ConvBase):
     def link(self, node, dim, ctx):
         links = LinkSet(ctx, list(super().link(node, dim, ctx)))
         what = f"ConvInteger '{node.name}'"
+        _freeze_unknown_fills(links, node, what)
         _per_channel_zero_point(links, node.input(3), Dim(node.outputs[0], 1), what)
         x_zero = node.input(2)
         if x_zero and (ctx.graph.shape(x_zero) is None or int(np.prod(ctx.graph.shape(x_zero))) != 1):
@@ -116,4 +135,4 @@ class ConvInteger(_ConvBase):
         return any(s for s in status if s is not None)
 
     def soft_fills(self, node, graph):
-        return _zero_point_fill(graph, node.inputs[1], node.input(3), 0)
+        return _operand_fills(node, graph, 0)
