@@ -88,6 +88,7 @@ class AnalysisReport:
         costs = self.stats or ModelStats(self.params, self.flops)
         return {"model": self.model, "params": self.params, "flops": self.flops, "flops_at": self.flops_at,
                 "unsized_axes": self.unsized_axes, "input_shapes": self.input_shapes,
+                "flops_uncounted": costs.uncounted(),
                 "flops_by_op_type": costs.per_op_type(), "nodes": [asdict(n) for n in costs.nodes],
                 "groups_found": len(self.groups), "groups_prunable": len(self.prunable),
                 "unruled_weights": self.unruled_weights, "groups": [asdict(g) for g in self.groups]}
@@ -114,6 +115,7 @@ class PruneReport:
     fallback_groups: int = 0  # groups a data-aware criterion scored by l2: no linear layer reads them
     flops_at: dict[str, list[int]] = field(default_factory=dict)  # input sizes the FLOPs are counted at
     unsized_axes: list[str] = field(default_factory=list)  # free axes past the batch FLOPs count as 1
+    flops_uncounted: dict[str, int] = field(default_factory=dict)  # op type -> nodes of unknown shape (dense)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -338,7 +340,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups],
         target=outcome, round_to_auto=rounding, statistics=statistics.summary() if statistics else None,
         compensation=compensation.as_dict() if compensation else None, fallback_groups=len(context.fallbacks),
-        flops_at=counted_sizes(prepared.model, sizes), unsized_axes=unsized_axes(prepared.model, sizes))
+        flops_at=counted_sizes(prepared.model, sizes), unsized_axes=unsized_axes(prepared.model, sizes),
+        flops_uncounted=before.uncounted())
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
     return PruneResult(infer_shapes(soft_model) if soft else hard, report, workdir)

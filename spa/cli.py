@@ -313,6 +313,9 @@ def _counted_at(r: dict) -> str:
     text = f" at {format_sizes(r['flops_at'])}" if r["unsized_axes"] or given else ""
     if r["unsized_axes"]:
         text += f" (free axes {', '.join(r['unsized_axes'])} counted as 1; --input-shape sets them)"
+    if r.get("flops_uncounted"):
+        named = ", ".join(f"{op} x{n}" for op, n in r["flops_uncounted"].items())
+        text += f" (not counted, output shapes unknown: {named})"
     return text
 
 

@@ -62,6 +62,7 @@ class NodeCost:
     op_type: str
     flops: int
     params: int  # parameter elements first read here (a shared tensor counts at its first reader)
+    unsized: bool = False  # an op that computes, counted 0 because its output shape is unknown
 
 
 @dataclass
@@ -73,6 +74,15 @@ class ModelStats:
 
     def as_dict(self) -> dict:
         return {"params": self.params, "flops": self.flops}
+
+    def uncounted(self) -> dict[str, int]:
+        """Op types (and how many nodes) whose FLOPs are missing from ``flops``: shape inference
+        did not reach their outputs (onnx knows no shapes for most com.microsoft ops)."""
+        totals: dict[str, int] = {}
+        for node in self.nodes:
+            if node.unsized:
+                totals[node.op_type] = totals.get(node.op_type, 0) + 1
+        return totals
 
     def per_op_type(self) -> dict[str, int]:
         """FLOPs per op type, costliest first (op types that compute nothing left out)."""
@@ -86,7 +96,8 @@ class ModelStats:
 def count(graph: ModelGraph) -> ModelStats:
     """Params and FLOPs of the graph, with each node's share."""
     seen: set[str] = set()
-    nodes = [cost for cost in (_node_cost(graph, node, seen) for node in graph.nodes) if cost.flops or cost.params]
+    nodes = [cost for cost in (_node_cost(graph, node, seen) for node in graph.nodes)
+             if cost.flops or cost.params or cost.unsized]
     return ModelStats(sum(n.params for n in nodes), sum(n.flops for n in nodes),
                       {n.name: n.flops for n in nodes if n.flops}, nodes)
 
@@ -100,6 +111,8 @@ def _node_cost(graph: ModelGraph, node: Node, seen: set[str]) -> NodeCost:
     else:
         cost = _COSTS.get((_domain(node), node.op_type))
         flops = cost(graph, node) if cost else 0
+        if cost and not flops and any(graph.shape(out) is None for out in node.outputs if out):
+            return NodeCost(node.name, node.op_type, 0, params, unsized=True)
     return NodeCost(node.name, node.op_type, flops, params)
 
 
@@ -270,14 +283,14 @@ def _conv_transpose(graph: ModelGraph, node: Node) -> int:
     return 2 * _numel(x) * _numel(w[1:]) + bias
 
 
-def _gemm(graph: ModelGraph, node: Node) -> int:
-    a, b = _in(graph, node, 0), _in(graph, node, 1)
+def _gemm(b_slot: int, bias_slot: int, graph: ModelGraph, node: Node) -> int:
+    a, b = _in(graph, node, 0), _in(graph, node, b_slot)
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return 0
     m, k = (a[1], a[0]) if node.attr("transA", 0) else a
     n = b[0] if node.attr("transB", 0) else b[1]
     outputs = _size(m) * _size(n)
-    return 2 * outputs * _size(k) + (outputs if node.input(2) else 0)
+    return 2 * outputs * _size(k) + (outputs if node.input(bias_slot) else 0)
 
 
 def _matmul(b_slot: int, graph: ModelGraph, node: Node) -> int:
@@ -322,7 +335,8 @@ _register("Conv")(partial(_conv, 1, 2))
 _register("QLinearConv")(partial(_conv, 3, 8))
 _register("ConvInteger")(partial(_conv, 1, None))
 _register("ConvTranspose")(_conv_transpose)
-_register("Gemm")(_gemm)
+_register("Gemm")(partial(_gemm, 1, 2))
+_register("QGemm", domains=("com.microsoft",))(partial(_gemm, 3, 6))
 _register("MatMul", "MatMulInteger")(partial(_matmul, 1))
 _register("QLinearMatMul")(partial(_matmul, 3))
 _register("Einsum")(_einsum)

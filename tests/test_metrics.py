@@ -444,6 +444,17 @@ def test_an_int8_embedding_table_gathered_before_it_is_dequantized_is_params():
     assert stats(g.build()).params == 50 * 4
 
 
+def test_qgemm_flops_are_its_gemm_flops():
+    g = Graph()
+    x = g.input("x", [3, 8], onnx.TensorProto.UINT8)
+    scale, zero = g.const(np.float32(0.1)), g.const(np.uint8(0))
+    g.output(g.op("QGemm", [x, scale, zero, g.const(np.ones((8, 5), np.int8)), scale, g.const(np.int8(0)),
+                            g.const(np.zeros(5, np.int32))], domain="com.microsoft"))
+    s = stats(g.build())
+    assert s.flops == 2 * 3 * 5 * 8 + 3 * 5
+    assert s.params == 8 * 5 + 5  # the int8 weight and the int32 bias, not the scales
+
+
 def test_weights_in_constant_nodes_are_params():
     g = Graph()
     x = g.input("x", [1, 4])
