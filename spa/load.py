@@ -198,7 +198,9 @@ _FOLD_LIMIT = 4096
 def _fold_small_constants(nodes: list, model: onnx.ModelProto, init_names: set[str],
                           outputs: set[str]) -> list:
     graph = model.graph
-    small = {t.name: t for t in graph.initializer if _numel(t) <= _FOLD_LIMIT and not uses_external_data(t)}
+    overridable = {i.name for i in graph.input}  # an initializer that is also an input is a default, not a constant
+    small = {t.name: t for t in graph.initializer
+             if _numel(t) <= _FOLD_LIMIT and not uses_external_data(t) and t.name not in overridable}
     kept, folded_inputs = [], set()
     for node in nodes:
         values = _folded(node, small, model.opset_import) if (node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx")

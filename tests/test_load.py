@@ -78,6 +78,20 @@ def test_folded_constants_leave_no_dead_initializers_behind():
     assert {t.name for t in pruned.graph.initializer} <= {name for node in pruned.graph.node for name in node.input}
 
 
+def test_an_initializer_that_is_also_an_input_is_not_folded():
+    """Such an initializer is a default the caller may override (onnxruntime treats it so):
+    folding ops that read it would freeze its default into the model."""
+    g = Graph()
+    x = g.input("x", [4])
+    g.output(g.op("Add", [x, g.op("Mul", [g.const(np.full(4, 2.0, np.float32), "d"),
+                                          g.const(np.full(4, 3.0, np.float32))])]))
+    model = g.build()
+    model.graph.input.append(helper.make_tensor_value_info("d", onnx.TensorProto.FLOAT, [4]))
+    canonical = canonicalize(model)
+    assert [n.op_type for n in canonical.graph.node] == ["Mul", "Add"]
+    assert "d" in {t.name for t in canonical.graph.initializer}
+
+
 def test_shared_all_zero_bias_does_not_couple_unrelated_convs():
     """Exporters deduplicate equal tensors: one zero bias can feed every conv of a network."""
     g = Graph()
