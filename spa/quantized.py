@@ -188,7 +188,7 @@ def _numpy_type(graph, tensor: str):
 def _along(weight: QuantizedWeight, value, ndim: int) -> np.ndarray:
     """A scale or zero point shaped to broadcast against the weight."""
     value = np.asarray(value)
-    if weight.axis is None or value.size == 1:  # one value (an integer op's scale may be, its zero point not)
+    if weight.axis is None or value.size == 1:  # an integer op's weight may pair one scale with per-channel zero points
         return value.reshape(())
     shape = [1] * ndim
     shape[weight.axis] = value.size
