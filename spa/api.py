@@ -24,7 +24,7 @@ from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
 from .layers import LayerIndex
 from .load import canonicalize, infer_shapes, load_model, with_input_sizes
-from .metrics import ModelStats, count
+from .metrics import ModelStats, bodies, count
 from .plan import Plan, make_plan
 from .rules.base import ATTENTION_UNITS, Dim, rule_for
 from .sequential import sequential_refit
@@ -178,16 +178,14 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
                           dict(input_shapes or {}), _unruled_weights(prepared.graph, stats))
 
 
-_BODIES = ("If", "Loop", "Scan")  # their params are their bodies' weights, which rules there read
-
-
 def _unruled_weights(graph: ModelGraph, stats: ModelStats) -> dict[str, int]:
     """Op types with no rule that read weights, and how many such nodes: no group starts at them
     and whatever they touch stays whole, so without this line a model of them reads as having
     nothing to prune and no reason why (the QOperator format's QLinearConv, a custom op)."""
     nodes = {node.name: node for node in graph.nodes}
+    # a node with bodies counts their weights, which the rules of the ops inside read
     unruled = Counter(cost.op_type for cost in stats.nodes
-                      if cost.params and cost.op_type not in _BODIES and cost.name in nodes
+                      if cost.params and cost.name in nodes and not bodies(nodes[cost.name])
                       and rule_for(nodes[cost.name]) is None)
     return dict(unruled.most_common())
 

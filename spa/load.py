@@ -215,7 +215,7 @@ def _fold_small_constants(nodes: list, model: onnx.ModelProto, init_names: set[s
             small[name] = tensor
             init_names.add(name)
     # what only folded ops read is dead now, and would be written into the pruned model
-    dead = folded_inputs - _names_read(kept) - outputs - {i.name for i in graph.input}
+    dead = folded_inputs - _names_read(kept) - outputs - overridable
     if dead:
         alive = [t for t in graph.initializer if t.name not in dead]
         del graph.initializer[:]

@@ -104,10 +104,10 @@ def count(graph: ModelGraph) -> ModelStats:
 
 def _node_cost(graph: ModelGraph, node: Node, seen: set[str]) -> NodeCost:
     params = _params_read(graph, node, seen)
-    bodies = [count(_body_scope(graph, body)) for body in _bodies(node)]
-    if bodies:
-        flops = _control_flow_flops(graph, node, [b.flops for b in bodies])
-        params += sum(b.params for b in bodies)
+    body_costs = [count(_body_scope(graph, body)) for body in bodies(node)]
+    if body_costs:
+        flops = _control_flow_flops(graph, node, [b.flops for b in body_costs])
+        params += sum(b.params for b in body_costs)
     else:
         cost = _COSTS.get((_domain(node), node.op_type))
         flops = cost(graph, node) if cost else 0
@@ -174,7 +174,8 @@ def _constant_params(graph: ModelGraph, node: Node) -> int:
 
 # ---------------------------------------------------------------- subgraphs
 
-def _bodies(node: Node) -> list[onnx.GraphProto]:
+def bodies(node: Node) -> list[onnx.GraphProto]:
+    """The subgraphs a node carries (If branches, Loop and Scan bodies, a custom op's graphs)."""
     return [g for value in node.attrs.values() if isinstance(value, list)
             for g in value if isinstance(g, onnx.GraphProto)]
 

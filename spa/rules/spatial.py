@@ -78,9 +78,10 @@ class Resize(Rule):
 
 # removing a channel from a sum drops its term, which is what zeroing does;
 # a mean also changes its divisor, so it is only approximately the same
+_SUM_LIKE = {"ReduceSum": True, "ReduceL1": True, "ReduceL2": True, "ReduceSumSquare": True, "ReduceMean": False}
+# reductions of all-zero values that are zero (not a log of a sum, not an index)
 _ZERO_TO_ZERO = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                  "ReduceSumSquare"}
-_SUM_LIKE = {"ReduceSum": True, "ReduceL1": True, "ReduceL2": True, "ReduceSumSquare": True, "ReduceMean": False}
 
 
 @register
