@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from .layers import LayerIndex
 from .load import canonicalize, infer_shapes, load_model, with_input_sizes
 from .metrics import ModelStats, bodies, count
 from .plan import Plan, make_plan
+from .qoperator import Expansion, expand
 from .rules.base import ATTENTION_UNITS, Dim, rule_for
 from .sequential import sequential_refit
 from .quantized import quantized_weight
@@ -138,6 +139,21 @@ class _Prepared:
     graph: ModelGraph
     opset: int
     path: Path | None  # the file it came from, if any
+    # quantized ops spa works on in their QDQ form (``spa.qoperator``); the pruned models go back
+    expansion: Expansion = field(default_factory=Expansion)
+    source: onnx.ModelProto | None = None  # the model as given, where ``model`` is its expanded form
+
+    @property
+    def dense(self) -> onnx.ModelProto:
+        """The dense model as given: what the pruned one is validated and timed against."""
+        return self.model if self.source is None else self.source
+
+    def written(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A model cut from ``model`` in the ops the input came in."""
+        return self.expansion.fuse(model)
+
+    def with_weights(self, model: onnx.ModelProto) -> _Prepared:
+        return replace(self, model=model, graph=ModelGraph(model))
 
 
 def _prepare(model_or_path, progress: Progress | None) -> _Prepared:
@@ -147,9 +163,15 @@ def _prepare(model_or_path, progress: Progress | None) -> _Prepared:
         name, path = str(model_or_path), Path(model_or_path)
         _say(progress, "load")
         model = load_model(model_or_path)
-    model = infer_shapes(canonicalize(model))
+    model = canonicalize(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    return _Prepared(name, model, ModelGraph(model), opset, path)
+    source, expansion = None, Expansion()
+    if not is_lazy(model):
+        expanded, expansion = expand(model, opset)
+        if expansion:
+            source, model = model, expanded
+    model = infer_shapes(model)
+    return _Prepared(name, model, ModelGraph(model), opset, path, expansion, source)
 
 
 def _say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -> None:
@@ -310,9 +332,12 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
     hard = chosen.hard if chosen else infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset,
                                                               spill=spill))
+    after = _count(hard, ModelGraph(hard), sizes)
+    hard = prepared.written(hard)
     # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
     wanted = soft or (check and not is_lazy(prepared.model))
-    soft_model = apply_plan(weights.model, weights.graph, analysis, plan, opset, soft=True) if wanted else None
+    soft_model = prepared.written(apply_plan(weights.model, weights.graph, analysis, plan, opset, soft=True)) \
+        if wanted else None
     timer.lap("cut")
     validation = Validation()
     if check:
@@ -325,7 +350,6 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
             validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
                                             tuple(custom_ops), sizes)
         timer.lap("validate")
-    after = _count(hard, ModelGraph(hard), sizes)
     report = PruneReport(
         model=prepared.name,
         options={"ratio": ratio, "criterion": criterion, "calib": str(calib) if calib is not None else None,
@@ -373,7 +397,7 @@ class _Candidates:
 
     def hard(self, ratio: float, round_to: int) -> onnx.ModelProto:
         p = self.prepared
-        return apply_plan(p.model, p.graph, self.analysis, self.plan(ratio, round_to), p.opset)
+        return p.written(apply_plan(p.model, p.graph, self.analysis, self.plan(ratio, round_to), p.opset))
 
     def kept(self, metric: str, ratio: float, round_to: int) -> float:
         """The fraction of the dense FLOPs or params a candidate keeps, counted on a weightless cut."""
@@ -392,7 +416,7 @@ class _Candidates:
         if is_lazy(self.prepared.model):
             raise UsageError("--target-latency and --round-to auto time the model in memory; models with "
                              "external data are not supported by them yet")
-        return LatencyMeter(self.prepared.model, sample_inputs(self.prepared.model, seed, shapes=self.sizes),
+        return LatencyMeter(self.prepared.dense, sample_inputs(self.prepared.dense, seed, shapes=self.sizes),
                             provider, threads, custom_ops)
 
     def reach(self, target: Target, round_to: int, meter: LatencyMeter | None) -> TargetOutcome:
@@ -409,9 +433,9 @@ def _latencies(prepared: _Prepared, hard: onnx.ModelProto, validation: Validatio
     """Dense vs pruned median latency on the CPU and every provider named."""
     if not validation.ok or is_lazy(prepared.model):  # two large sessions at once would double memory
         return []
-    feeds = sample_inputs(prepared.model, seed, shapes=sizes)
+    feeds = sample_inputs(prepared.dense, seed, shapes=sizes)
     names = list(dict.fromkeys(["CPUExecutionProvider", *providers]))
-    return [compare(prepared.model, hard, feeds, name, threads, custom_ops=custom_ops).as_dict() for name in names]
+    return [compare(prepared.dense, hard, feeds, name, threads, custom_ops=custom_ops).as_dict() for name in names]
 
 
 class _Timer:
@@ -437,7 +461,7 @@ def _fidelity(prepared: _Prepared, hard: onnx.ModelProto, calibration: dict[str,
               custom_ops: tuple[str, ...]) -> fidelity.Fidelity | None:
     feeds, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1)
     try:
-        return fidelity.measure(prepared.model, hard, feeds, source, custom_ops)
+        return fidelity.measure(prepared.dense, hard, feeds, source, custom_ops)
     except UsageError:  # fewer samples than the model's static batch: nothing to measure on
         return None
     except Exception as exc:  # the samples themselves do not fit the model (the statistics may not have run them)
@@ -489,7 +513,7 @@ def _compensate(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, pla
     model, outcome = layerwise_refit(prepared.model, analysis, layers, plan, statistics)
     if model is prepared.model:
         return prepared, outcome
-    return _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path), outcome
+    return prepared.with_weights(model), outcome
 
 
 @dataclass
@@ -510,7 +534,7 @@ def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, l
                                       feeds, seed, custom_ops)
     compensation.sequential = outcome.as_dict()
     compensation.refit = "sequential"
-    sequential = _Prepared(prepared.name, model, ModelGraph(model), prepared.opset, prepared.path)
+    sequential = prepared.with_weights(model)
     held_out, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1) if calibration \
         else (None, None)
     if held_out is None or source != fidelity.HELD_OUT:
@@ -589,16 +613,16 @@ def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Pl
     if len(exact_ids) < len(plan.removed):  # compare only what is meant to be equal: the exact groups' cut
         exact_plan, soft_model = plan.restricted_to(exact_ids), None
         spill = workdir / "exact.onnx.data" if lazy else None
-        hard_exact = infer_shapes(apply_plan(dense, graph, analysis, exact_plan, opset, spill=spill))
+        hard_exact = prepared.written(infer_shapes(apply_plan(dense, graph, analysis, exact_plan, opset, spill=spill)))
         if lazy:
             hard_exact = write_beside_data(hard_exact, workdir, "exact.onnx")
     if lazy:
         soft = write_external(dense, workdir, "soft.onnx", soft_transform(graph, analysis, exact_plan))
     else:
-        soft = soft_model or apply_plan(dense, graph, analysis, exact_plan, opset, soft=True)
+        soft = soft_model or prepared.written(apply_plan(dense, graph, analysis, exact_plan, opset, soft=True))
     if not exact_ids:
         hard_exact = soft = None
-    validation = validate(prepared.path if lazy else prepared.model, hard_source, soft, hard_exact,
+    validation = validate(prepared.path if lazy else prepared.dense, hard_source, soft, hard_exact,
                           removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops,
                           sizes=sizes)
     validation.approximate_groups = len(plan.removed) - len(exact_ids)

@@ -557,3 +557,21 @@ def test_torch_lstm_and_mlp_match_counts_from_the_modules(tmp_path):
                   + 2 * second.in_features * second.out_features + second.out_features)
     assert s.flops == lstm + mlp
     assert s.params == sum(p.numel() for p in net.parameters())
+
+
+def test_ops_past_an_op_shape_inference_does_not_know_are_named_not_counted_as_zero(tmp_path):
+    """A Conv reading the output of an unknown op has no output shape: its FLOPs cannot be counted,
+    and both the report and the CLI say so rather than counting 0 in silence."""
+    g = Graph()
+    x = g.input("x", [1, 3, 8, 8])
+    mystery = g.op("Mystery", [g.conv(x, 3, 4)], domain="com.example")
+    g.output(g.conv(mystery, 4, 2))
+    model = g.build()
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    report = spa.analyze(str(path))
+    assert report.stats.uncounted() == {"Conv": 1}
+    assert report.flops == 2 * (4 * 8 * 8) * (3 * 9) + 4 * 8 * 8  # the first Conv only
+    out = CliRunner().invoke(main, ["analyze", str(path)])
+    assert out.exit_code == 0 and "(not counted, output shapes unknown: Conv x1)" in out.output

@@ -368,25 +368,6 @@ def test_integer_conv_weights_read_dequantized_and_refit_at_their_scale(tmp_path
     assert all(v.dtype == np.int8 for v in _integer_op_weights(refitted).values())
 
 
-def test_quantized_operator_format_says_what_it_leaves_whole(tmp_path):
-    """QLinearConv and QGemm have no rule: no group starts there, and the analysis names them
-    instead of reporting a model with nothing to prune and no reason. Their integer weights are
-    still params (the float model's count), and their float inputs, all scales, are not."""
-    samples = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    source, target = MODELS / "mini_resnet.onnx", tmp_path / "qop.onnx"
-    quantize_static(str(source), str(target), _Batches("image", samples), quant_format=QuantFormat.QOperator,
-                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    report = spa.analyze(str(target))
-    assert report.unruled_weights == {"QLinearConv": 9, "QGemm": 2}
-    assert report.params == spa.analyze(str(source)).params
-    out = CliRunner().invoke(main, ["analyze", str(target)])
-    assert out.exit_code == 0
-    assert "weights left whole (spa has no rule for these ops): QLinearConv x9, QGemm x2" in out.output
-    # onnx infers no shapes past the com.microsoft QLinear ops: the FLOPs say what they leave out
-    assert report.stats.uncounted()["QLinearConv"] >= 1 and report.flops < spa.analyze(str(source)).flops
-    assert "not counted, output shapes unknown: QLinearConv x" in out.output
-
-
 def test_integer_matmul_by_a_constant_left_operand_fills_it_with_its_zero_point():
     """A constant uint8 A (zero point 128) times a quantized activation: removing rows of A must
     leave exactly what zeroing would, so the soft model writes 128 there, not 0. A weightless

@@ -5,7 +5,9 @@ quantizer's QDQ format on the model's own calibration split (int8 weights and ui
 behind QuantizeLinear/DequantizeLinear), and ``dynamic``, ``quantize_dynamic`` (int8 weights read
 by ConvInteger/MatMulInteger, activations quantized at run time by DynamicQuantizeLinear). Then spa
 prunes it at ratios 0.2 / 0.3 / 0.5 with ``l1``, ``obspa`` (no data) and ``obs`` (the calibration
-split), each with and without compensation; the table gives test accuracy against the float and
+split), each with and without compensation; ``qoperator``, the static quantizer's operator format
+(QLinearConv, QGemm, QLinearAdd... with their scales as inputs), which spa prunes in its QDQ form
+and writes back as it came; the table gives test accuracy against the float and
 the int8 dense models, and how the refits were written back. ``--latency MODEL.onnx`` also
 quantizes a float model (QDQ: with random calibration inputs) and times it dense and pruned
 (``spa bench``'s alternating runs, 1 thread).
@@ -13,8 +15,8 @@ quantizes a float model (QDQ: with random calibration inputs) and times it dense
 ``--minilm`` adds all-MiniLM-L6-v2 with its real weights, quantized dynamically (metric: mean cosine
 of sentence embeddings to the float model's, as in ``eval_accuracy.py``).
 
-    python tools/quantized_models.py [--models mnist_cnn mnist_rescnn mnist_dwse] [--formats qdq dynamic]
-                                     [--minilm] [--latency resnet50.onnx ...] [--latency-format qdq dynamic]
+    python tools/quantized_models.py [--models mnist_cnn mnist_rescnn mnist_dwse] [--formats qdq dynamic qoperator]
+                                     [--minilm] [--latency resnet50.onnx ...] [--latency-format qdq dynamic qoperator]
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from spa.bench import bench
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # accuracy_suites, beside this file
+FORMATS = ("qdq", "dynamic", "qoperator")
 RUNS = (("l1", False, False), ("obspa", False, False), ("obspa", True, False), ("obs", False, True), ("obs", True, True))
 
 
@@ -53,7 +56,8 @@ def quantize(source: Path, target: Path, samples: np.ndarray, kind: str = "qdq")
         quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8)
         return target
     name = onnx.load(str(source), load_external_data=False).graph.input[0].name
-    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=QuantFormat.QDQ,
+    layout = QuantFormat.QOperator if kind == "qoperator" else QuantFormat.QDQ
+    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=layout,
                     per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     return target
 
@@ -153,11 +157,11 @@ def latency_rows(source: Path, kind: str, work: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["mnist_cnn", "mnist_rescnn", "mnist_dwse"])
-    parser.add_argument("--formats", nargs="+", choices=["qdq", "dynamic"], default=["qdq", "dynamic"])
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--minilm", action="store_true",
                         help="also all-MiniLM-L6-v2, quantized dynamically (tools/accuracy_suites.py builds it)")
     parser.add_argument("--latency", type=Path, nargs="*", default=[], help="float ONNX models to quantize and time")
-    parser.add_argument("--latency-format", choices=["qdq", "dynamic"], nargs="+", default=["qdq"])
+    parser.add_argument("--latency-format", choices=FORMATS, nargs="+", default=["qdq"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
