@@ -61,9 +61,9 @@ class GroupReport:
     approximate: str | None = None  # why removal is not equal to zeroing (the norms over these channels)
 
     @classmethod
-    def of(cls, analysis: Analysis, group: Group, removed: int) -> GroupReport:
+    def of(cls, analysis: Analysis, group: Group, removed: int, op_types: dict[str, str]) -> GroupReport:
         head = group.attention
-        return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group),
+        return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group, op_types),
                    [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim,
                    head and head.kv_heads, group.inexact_reason)
 
@@ -193,8 +193,8 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
     check_input_sizes(prepared.model, input_shapes or {})
     _say(progress, "group")
     analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate, attention)
-    stats = _count(prepared.model, prepared.graph, input_shapes)
-    groups = [GroupReport.of(analysis, g, 0) for g in analysis.groups]
+    stats = _count(prepared, prepared.model, prepared.graph, input_shapes)
+    groups = [GroupReport.of(analysis, g, 0, prepared.expansion.op_types) for g in analysis.groups]
     return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats,
                           counted_sizes(prepared.model, input_shapes), unsized_axes(prepared.model, input_shapes),
                           dict(input_shapes or {}), _unruled_weights(prepared.graph, stats))
@@ -212,11 +212,14 @@ def _unruled_weights(graph: ModelGraph, stats: ModelStats) -> dict[str, int]:
     return dict(unruled.most_common())
 
 
-def _count(model: onnx.ModelProto, graph: ModelGraph, sizes: dict[str, list[int]] | None) -> ModelStats:
-    """Params and FLOPs, the FLOPs with the inputs at ``sizes`` (free axes at 1 where none is given)."""
-    if not sizes:
-        return count(graph)
-    return count(ModelGraph(with_input_sizes(model, complete_sizes(model, sizes))))
+def _count(prepared: _Prepared, model: onnx.ModelProto, graph: ModelGraph,
+           sizes: dict[str, list[int]] | None) -> ModelStats:
+    """Params and FLOPs, the FLOPs with the inputs at ``sizes`` (free axes at 1 where none is given);
+    each op under the type it has in the model as given."""
+    stats = count(ModelGraph(with_input_sizes(model, complete_sizes(model, sizes)))) if sizes else count(graph)
+    op_types = prepared.expansion.op_types
+    stats.nodes = [replace(node, op_type=op_types.get(node.name, node.op_type)) for node in stats.nodes]
+    return stats
 
 
 def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "obspa", *,
@@ -291,7 +294,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     analysis = find_groups(graph, opset, tuple(exclude), approximate, attention)
     timer.lap("group")
     layers = LayerIndex(graph, analysis.labels)
-    before = _count(prepared.model, graph, sizes)
+    before = _count(prepared, prepared.model, graph, sizes)
     # nothing to rank or refit at ratio 0 (unless a target will pick another ratio)
     wants_data = (CRITERIA[criterion].data is not None or compensate) and (ratio > 0 or target is not None)
     calibration = _calibration(prepared, calib, calib_samples) if calib is not None else None
@@ -332,7 +335,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
     hard = chosen.hard if chosen else infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset,
                                                               spill=spill))
-    after = _count(hard, ModelGraph(hard), sizes)
+    after = _count(prepared, hard, ModelGraph(hard), sizes)
     hard = prepared.written(hard)
     # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
     wanted = soft or (check and not is_lazy(prepared.model))
@@ -359,7 +362,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
         flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
-        groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ()))) for g in analysis.groups],
+        groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ())), prepared.expansion.op_types)
+                for g in analysis.groups],
         target=outcome, round_to_auto=rounding, statistics=statistics.summary() if statistics else None,
         compensation=compensation.as_dict() if compensation else None, fallback_groups=len(context.fallbacks),
         flops_at=counted_sizes(prepared.model, sizes), unsized_axes=unsized_axes(prepared.model, sizes),
@@ -629,19 +633,20 @@ def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Pl
     return validation
 
 
-def _layers(analysis: Analysis, group: Group) -> list[str]:
+def _layers(analysis: Analysis, group: Group, op_types: dict[str, str]) -> list[str]:
+    """The weighted ops a group slices, named by their type in the model as given."""
     graph = analysis.graph
     out = []
     for dim in analysis.param_dims(group):
         for node, dim in _readers(graph, dim):
             if dim.tensor not in node.inputs:  # read only from inside one of its subgraphs
-                out.append(f"{node.op_type} '{node.name}' (inside a subgraph)")
+                out.append(f"{op_types.get(node.name, node.op_type)} '{node.name}' (inside a subgraph)")
                 continue
             index = node.inputs.index(dim.tensor)
             if node.op_type in ("Conv", "ConvTranspose", "Gemm") and index == 2:
                 continue  # a bias travels with its weight's output side
             side = _side(node.op_type, index, dim.axis, node)
-            out.append(f"{node.op_type} '{node.name}'{side}")
+            out.append(f"{op_types.get(node.name, node.op_type)} '{node.name}'{side}")
     return list(dict.fromkeys(out))
 
 
@@ -681,10 +686,11 @@ def is_ffn(group: dict) -> bool:
     or gate and up) and one reads it (down). The model width has many readers (every q, k, v
     and up projection) and attention groups have a kind."""
     def sides(side: str) -> int:
-        return sum(x.startswith(("MatMul", "Gemm")) and x.endswith(side) for x in group["layers"])
+        return sum(x.startswith(("MatMul", "Gemm", "QGemm", "QLinearMatMul")) and x.endswith(side)
+                   for x in group["layers"])
 
     return (group.get("kind") is None and group["channels"] > 1 and sides(" in") == 1 and 1 <= sides(" out") <= 2
-            and not any(x.startswith("Conv") for x in group["layers"]))
+            and not any(x.startswith(("Conv", "QLinearConv")) for x in group["layers"]))
 
 
 def output_path_for(path: Path, soft: bool, extension: str = ".onnx") -> Path:

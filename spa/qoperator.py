@@ -63,6 +63,11 @@ class Expansion:
     def __bool__(self) -> bool:
         return bool(self.originals)
 
+    @property
+    def op_types(self) -> dict[str, str]:
+        """Each float op's name -> the quantized op it stands for: what reports call it."""
+        return {name: node.op_type for name, node in self.originals.items()}
+
     def fuse(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """``model`` (an expanded graph, pruned or not) with each quantized op back in place of its
         float form, taking the float op's attributes as the cut left them."""

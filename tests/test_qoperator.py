@@ -105,6 +105,12 @@ def test_qoperator_model_prunes_as_its_float_model_does_and_keeps_its_ops(tmp_pa
     groups = analysis_of(onnx.load(str(quantized))).prunable_groups
     assert sorted(g.size for g in groups) == sorted(g.size for g in analysis_of(onnx.load(str(dense))).prunable_groups)
 
+    # reports name the ops the model has, not their float forms
+    report = spa.analyze(str(quantized))
+    assert "QLinearConv '/stem/stem.0/Conv_quant' out" in report.groups[1].layers
+    assert {"QLinearConv", "QGemm"} <= set(report.stats.per_op_type()) and "Conv" not in report.stats.per_op_type()
+    assert "feed-forward: 1 hidden groups" in CliRunner().invoke(main, ["analyze", str(quantized)]).output
+
     result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
     reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False)
     assert result.report.params_after == reference.report.params_after < result.report.params_before
