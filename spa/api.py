@@ -546,7 +546,8 @@ def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, l
     candidates = {}
     for name, candidate in (("layerwise", layerwise), ("sequential", sequential)):
         hard = infer_shapes(apply_plan(candidate.model, candidate.graph, analysis, plan, prepared.opset))
-        candidates[name] = _Chosen(hard, fidelity.measure(prepared.model, hard, held_out, source, custom_ops))
+        candidates[name] = _Chosen(hard, fidelity.measure(prepared.dense, prepared.written(hard), held_out, source,
+                                                          custom_ops))
     errors = {name: float(np.mean([o.relative_error for o in c.fidelity.outputs])) if c.fidelity.outputs else 0.0
               for name, c in candidates.items()}
     compensation.held_out_error = errors

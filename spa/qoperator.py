@@ -9,6 +9,7 @@ Conv's ``group``), so fusing puts each original op back with those attributes.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +59,9 @@ class Expansion:
 
     originals: dict[str, onnx.NodeProto] = field(default_factory=dict)  # float op's name -> the quantized op
     added_nodes: set[str] = field(default_factory=set)  # the DequantizeLinear and QuantizeLinear it added
-    added_tensors: set[str] = field(default_factory=set)  # their outputs, and the bias scales it computed
+    added_tensors: set[str] = field(default_factory=set)  # their outputs, and the constants it computed
+    # (bias, its computed scale, a's scale, b's scale) of each op with an int32 bias
+    biases: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.originals)
@@ -94,9 +97,35 @@ class Expansion:
             nodes.append(restored)
         del graph.node[:]
         graph.node.extend(nodes)
+        self._rescale_biases(graph)
         _drop(graph.initializer, self.added_tensors)
         _drop(graph.value_info, self.added_tensors)
         return fused
+
+
+    def _rescale_biases(self, graph: onnx.GraphProto) -> None:
+        """The fused ops read their bias at a's scale times b's as the model now holds them. A refit
+        grows b's scale and the bias's computed scale with it; should the two part all the same
+        (a bias the refit did not see), the bias is requantized to mean what it meant."""
+        tensors = {t.name: t for t in graph.initializer}
+        for bias, bias_scale, a_scale, b_scale in self.biases:
+            held = numpy_helper.to_array(tensors[bias_scale]).reshape(-1)
+            read = _bias_scale(numpy_helper.to_array(tensors[a_scale]), numpy_helper.to_array(tensors[b_scale]))
+            if np.array_equal(held, np.broadcast_to(read.reshape(-1), held.shape)):
+                continue
+            values = numpy_helper.to_array(tensors[bias])
+            info = np.iinfo(np.int32)
+            held, read = np.broadcast_arrays(held.astype(np.float64), read.reshape(-1).astype(np.float64))
+            # a soft model's removed channels hold zero scales: nothing to read there
+            ratio = np.divide(held, read, out=np.ones_like(held), where=(read != 0) & (held != 0))
+            rescaled = np.rint(values.astype(np.float64).reshape(-1) * ratio.reshape(-1))
+            tensors[bias].CopyFrom(numpy_helper.from_array(
+                np.clip(rescaled, info.min, info.max).astype(np.int32).reshape(values.shape), bias))
+
+
+def _bias_scale(a_scale: np.ndarray, b_scale: np.ndarray) -> np.ndarray:
+    """The scale the integer kernels read an int32 bias at, in the scales' own float type."""
+    return (a_scale.reshape(()) * b_scale.reshape(-1)).astype(b_scale.dtype)
 
 
 def _drop(container, names: set[str]) -> None:
@@ -115,17 +144,20 @@ def expand(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, Expansi
     touches like any op without a rule."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
+    readers = Counter(name for node in graph.node for name in node.input)
     names = _NameSource({t.name for t in graph.initializer} | {i.name for i in graph.input}
                         | {o for n in graph.node for o in n.output} | {n.name for n in graph.node})
     expansion = Expansion()
     rewritten, new_initializers = [], []
     for node in graph.node:
         form = FORMS.get((_domain(node), node.op_type))
-        written = _float_form(node, form, initializers, names, opset) if form else None
+        written = _float_form(node, form, initializers, readers, names, opset) if form else None
         if written is None:
             rewritten.append(node)
             continue
-        nodes, tensors = written
+        nodes, tensors, bias = written
+        if bias is not None:
+            expansion.biases.append(bias)
         expansion.originals[node.name] = node
         expansion.added_nodes.update(n.name for n in nodes if n.name != node.name)
         expansion.added_tensors.update(o for n in nodes for o in n.output if o not in node.output)
@@ -156,18 +188,18 @@ class _NameSource:
         return name
 
 
-def _float_form(node, form: Form, initializers, names: _NameSource, opset: int):
-    """The DequantizeLinear, float op and QuantizeLinear ``node`` stands for, and the bias scale
-    tensor they need; None where ``node`` is not exactly that."""
-    inputs = list(node.input)
+def _float_form(node, form: Form, initializers, readers: Counter, names: _NameSource, opset: int):
+    """The DequantizeLinear, float op and QuantizeLinear ``node`` stands for, the constants they
+    need, and its bias's record for ``Expansion.biases``; None where ``node`` is not exactly that."""
+    inputs = list(node.input) + [""] * (max(max(o) for o in form.operands) + 4)  # absent optional inputs
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if any(name not in form.attributes and (name not in _NEUTRAL or value != _NEUTRAL[name])
            for name, value in attrs.items()):
         return None
-    operands = _operand_positions(form, len(inputs))
+    operands = _operand_positions(form, len(node.input))
     if operands is None or any(inputs[d] == "" or inputs[s] == "" for d, s, _ in operands):
         return None
-    requantized = form.output is not None and len(inputs) > form.output[0] and bool(inputs[form.output[0]])
+    requantized = form.output is not None and bool(inputs[form.output[0]])
     if form.output is not None and not requantized and node.op_type != "QGemm":  # QGemm may give floats
         return None
     nodes, tensors, float_inputs = [], [], []
@@ -176,29 +208,78 @@ def _float_form(node, form: Form, initializers, names: _NameSource, opset: int):
         axis = _weight_axis(node, k, inputs[data], inputs[scale], initializers)
         if axis is False or (axis is not None and opset < 13):  # DequantizeLinear's axis came in opset 13
             return None
-        dq_inputs = [inputs[data], inputs[scale]] + ([inputs[zero]] if len(inputs) > zero and inputs[zero] else [])
+        zero_point = _zero_point(inputs[zero], inputs[scale], initializers, names, tensors)
+        if zero_point is None:
+            return None
         out = names(f"{inputs[data]}_dequantized")
         attributes = {} if axis is None else {"axis": axis}
-        nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [out], names(f"{stem}/dequantize_{k}"),
-                                      **attributes))
+        nodes.append(helper.make_node("DequantizeLinear", [inputs[data], inputs[scale]] + zero_point, [out],
+                                      names(f"{stem}/dequantize_{k}"), **attributes))
         float_inputs.append(out)
-    if form.bias is not None and len(inputs) > form.bias and inputs[form.bias]:
-        bias = _bias_dequantized(node, form, inputs, initializers, names, stem)
+    bias_record = None
+    if form.bias is not None and inputs[form.bias]:
+        bias = _bias_dequantized(node, form, inputs, initializers, readers, names, stem)
         if bias is None:
             return None
         bias_node, bias_scale = bias
         nodes.append(bias_node)
         tensors.append(bias_scale)
         float_inputs.append(bias_node.output[0])
+        (_, a_scale, _), (_, b_scale, _) = operands
+        bias_record = (inputs[form.bias], bias_scale.name, inputs[a_scale], inputs[b_scale])
     result = names(f"{node.output[0]}_float") if requantized else node.output[0]
-    nodes.append(helper.make_node(form.float_op, float_inputs, [result], node.name,
-                                  **{k: v for k, v in attrs.items() if k in form.attributes}))
+    float_op = helper.make_node(form.float_op, float_inputs, [result], node.name)
+    float_op.attribute.extend(a for a in node.attribute if a.name in form.attributes)
+    nodes.append(float_op)
     if requantized:
         scale, zero = form.output
-        q_inputs = [inputs[scale]] + ([inputs[zero]] if len(inputs) > zero and inputs[zero] else [])
-        nodes.append(helper.make_node("QuantizeLinear", [result] + q_inputs, [node.output[0]],
+        zero_point = _output_zero_point(inputs[zero], operands[0], inputs, initializers, names, tensors)
+        if zero_point is None:
+            return None
+        nodes.append(helper.make_node("QuantizeLinear", [result, inputs[scale], zero_point], [node.output[0]],
                                       names(f"{stem}/quantize")))
-    return nodes, tensors
+    return nodes, tensors, bias_record
+
+
+def _size(tensor) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
+def _zero_point(zero: str, scale: str, initializers, names: _NameSource, tensors: list) -> list[str] | None:
+    """The zero point a DequantizeLinear takes for an operand: as given, or one value spread to
+    one per channel where the scale has one per channel (the ops allow that, DequantizeLinear not);
+    None where it cannot be written (one scale, a zero point per channel)."""
+    scales = _size(initializers[scale]) if scale in initializers else 1
+    if not zero:
+        return []
+    if zero not in initializers:
+        return [zero] if scales == 1 else None
+    zeros = _size(initializers[zero])
+    if zeros == scales:
+        return [zero]
+    if zeros != 1:
+        return None
+    value = numpy_helper.to_array(initializers[zero]).reshape(())
+    spread = numpy_helper.from_array(np.full(scales, value, value.dtype), names(f"{zero}_per_channel"))
+    tensors.append(spread)
+    return [spread.name]
+
+
+def _output_zero_point(zero: str, first, inputs, initializers, names: _NameSource, tensors: list) -> str | None:
+    """The output's zero point, or a zero of the first operand's type where the op leaves it out
+    (0 in that type, which QuantizeLinear without one would write as uint8 whatever the type)."""
+    if zero:
+        return zero
+    _, _, first_zero = first
+    typed = initializers.get(inputs[first_zero]) or initializers.get(inputs[first[0]])
+    if typed is None:
+        return None
+    dtype = helper.tensor_dtype_to_np_dtype(typed.data_type)
+    if np.dtype(dtype).kind not in "iu":
+        return None
+    tensor = numpy_helper.from_array(np.zeros((), dtype), names("zero_point"))
+    tensors.append(tensor)
+    return tensor.name
 
 
 def _operand_positions(form: Form, count: int):
@@ -233,17 +314,19 @@ def _weight_axis(node, k: int, data: str, scale: str, initializers) -> int | Non
     return axis if weight.dims[axis] == size else False
 
 
-def _bias_dequantized(node, form: Form, inputs, initializers, names: _NameSource, stem: str):
+def _bias_dequantized(node, form: Form, inputs, initializers, readers: Counter, names: _NameSource, stem: str):
     """DequantizeLinear of the int32 bias at a_scale * b_scale: the scale the integer kernels read it
-    at, computed as a tensor of its own."""
-    (_, a_scale, _), (_, b_scale, _) = form.operands
-    bias, a, b = (initializers.get(inputs[i]) for i in (form.bias, a_scale, b_scale))
-    if bias is None or a is None or b is None or bias.data_type != TensorProto.INT32:
+    at, computed as a tensor of its own. Only a bias with one value per output that no other op
+    reads: a refit keeps such a bias at that product, anything else could drift from it."""
+    (_, a_scale, _), (weight, b_scale, _) = form.operands
+    bias, a, b, w = (initializers.get(inputs[i]) for i in (form.bias, a_scale, b_scale, weight))
+    if bias is None or a is None or b is None or w is None or bias.data_type != TensorProto.INT32:
         return None
-    a_value, b_value = numpy_helper.to_array(a), numpy_helper.to_array(b)
-    product = (a_value.reshape(()) * b_value.reshape(-1)).astype(b_value.dtype)
-    channels = int(np.prod(bias.dims)) if bias.dims else 1
-    if product.size not in (1, channels) or len(bias.dims) > 1:
+    outputs = w.dims[1] if node.op_type == "QGemm" and not _attr(node, "transB", 0) else w.dims[0]
+    if readers[inputs[form.bias]] != 1 or len(bias.dims) != 1 or bias.dims[0] != outputs:
+        return None
+    product = _bias_scale(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    if product.size not in (1, outputs):
         return None
     scale = numpy_helper.from_array(product.reshape(()) if product.size == 1 else product,
                                     names(f"{inputs[form.bias]}_scale"))

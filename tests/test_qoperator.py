@@ -167,3 +167,56 @@ def test_a_quantized_op_spa_cannot_read_exactly_is_named_and_left_whole(tmp_path
     assert result.report.groups_pruned >= 4  # all but the groups the QGemm reads or writes
     kept = next(n for n in result.model.graph.node if n.op_type == "QGemm")
     assert ("alpha", 0.5) in _attributes(kept).items()
+
+
+def test_an_int8_op_without_its_output_zero_point_stays_int8(tmp_path):
+    """The contrib ops' output zero point is optional, 0 in the input's type; QuantizeLinear without
+    one would write uint8, and the written model would not run."""
+    samples = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    onnx.save(_every_form(), str(tmp_path / "f.onnx"))
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), _Batches("x", samples),
+                    quant_format=QuantFormat.QOperator, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True})
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    add = next(n for n in model.graph.node if n.op_type == "QLinearAdd")
+    zero = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[add.input[7]]
+    assert zero.dtype == np.int8 and int(zero) == 0
+    del add.input[7]
+    result = prune_exact(model, ratio=0.3, criterion="l1", bench=False)
+    assert result.report.groups_pruned >= 2
+    assert len(next(n for n in result.model.graph.node if n.op_type == "QLinearAdd").input) == 7
+
+
+def test_a_per_channel_scale_with_one_zero_point_prunes(tmp_path):
+    """QLinearConv allows a per-channel weight scale beside one zero point; DequantizeLinear wants
+    one per channel, so it gets the value spread out, and the model its own zero point back."""
+    with np.load(MODELS / "data" / "mnist_calib.npz") as calib:
+        samples = calib["input"][:16]
+    model = onnx.load(str(_qoperator(MODELS / "mnist_cnn.onnx", tmp_path / "q.onnx", samples)))
+    scalar = numpy_helper.from_array(np.int8(0), "one_zero_point")
+    model.graph.initializer.append(scalar)
+    for node in model.graph.node:
+        if node.op_type == "QLinearConv":
+            node.input[5] = scalar.name
+    assert len(analysis_of(model).prunable_groups) == len(analysis_of(onnx.load(str(MODELS / "mnist_cnn.onnx"))).prunable_groups)
+    result = prune_exact(model, ratio=0.3, criterion="l1", bench=False)
+    assert result.report.groups_pruned == 4
+    assert all(n.input[5] == scalar.name for n in result.model.graph.node if n.op_type == "QLinearConv")
+
+
+def test_fusing_requantizes_a_bias_whose_weight_scale_moved_alone(tmp_path):
+    """The fused op reads its bias at input scale times weight scale. Should a weight scale change
+    without the bias's own (a bias no refit saw), the bias is rewritten to keep its value."""
+    with np.load(MODELS / "data" / "mnist_calib.npz") as calib:
+        samples = calib["input"][:16]
+    model = canonicalize(onnx.load(str(_qoperator(MODELS / "mnist_cnn.onnx", tmp_path / "q.onnx", samples))))
+    expanded, expansion = expand(model, 17)
+    bias, _, _, weight_scale = expansion.biases[0]
+    tensors = {t.name: t for t in expanded.graph.initializer}
+    before = numpy_helper.to_array(tensors[bias]).astype(np.float64)
+    tensors[weight_scale].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensors[weight_scale]) * 2,
+                                                           weight_scale))
+    fused = {t.name: numpy_helper.to_array(t) for t in expansion.fuse(expanded).graph.initializer}
+    assert np.abs(fused[bias] * 2.0 - before).max() <= 1.0 and np.abs(before).max() > 10
+    untouched = {t.name: numpy_helper.to_array(t) for t in expansion.fuse(expand(model, 17)[0]).graph.initializer}
+    assert np.array_equal(untouched[bias], numpy_helper.to_array(tensors[bias]))
