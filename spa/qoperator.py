@@ -102,23 +102,22 @@ class Expansion:
         _drop(graph.value_info, self.added_tensors)
         return fused
 
-
     def _rescale_biases(self, graph: onnx.GraphProto) -> None:
         """The fused ops read their bias at a's scale times b's as the model now holds them. A refit
         grows b's scale and the bias's computed scale with it; should the two part all the same
         (a bias the refit did not see), the bias is requantized to mean what it meant."""
         tensors = {t.name: t for t in graph.initializer}
         for bias, bias_scale, a_scale, b_scale in self.biases:
-            held = numpy_helper.to_array(tensors[bias_scale]).reshape(-1)
             read = _bias_scale(numpy_helper.to_array(tensors[a_scale]), numpy_helper.to_array(tensors[b_scale]))
-            if np.array_equal(held, np.broadcast_to(read.reshape(-1), held.shape)):
+            held, read = np.broadcast_arrays(numpy_helper.to_array(tensors[bias_scale]).reshape(-1).astype(np.float64),
+                                             read.astype(np.float64))
+            if np.array_equal(held, read):
                 continue
             values = numpy_helper.to_array(tensors[bias])
             info = np.iinfo(np.int32)
-            held, read = np.broadcast_arrays(held.astype(np.float64), read.reshape(-1).astype(np.float64))
             # a soft model's removed channels hold zero scales: nothing to read there
             ratio = np.divide(held, read, out=np.ones_like(held), where=(read != 0) & (held != 0))
-            rescaled = np.rint(values.astype(np.float64).reshape(-1) * ratio.reshape(-1))
+            rescaled = np.rint(values.astype(np.float64).reshape(-1) * ratio)
             tensors[bias].CopyFrom(numpy_helper.from_array(
                 np.clip(rescaled, info.min, info.max).astype(np.int32).reshape(values.shape), bias))
 
@@ -191,7 +190,8 @@ class _NameSource:
 def _float_form(node, form: Form, initializers, readers: Counter, names: _NameSource, opset: int):
     """The DequantizeLinear, float op and QuantizeLinear ``node`` stands for, the constants they
     need, and its bias's record for ``Expansion.biases``; None where ``node`` is not exactly that."""
-    inputs = list(node.input) + [""] * (max(max(o) for o in form.operands) + 4)  # absent optional inputs
+    named = [*sum(form.operands, ()), *(form.output or ()), form.bias or 0]
+    inputs = list(node.input) + [""] * (max(named) + 1)  # optional inputs left out read as absent
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if any(name not in form.attributes and (name not in _NEUTRAL or value != _NEUTRAL[name])
            for name, value in attrs.items()):
@@ -297,21 +297,25 @@ def _weight_axis(node, k: int, data: str, scale: str, initializers) -> int | Non
     tensor = initializers.get(scale)
     if tensor is None:
         return None  # a computed scale: one value, as the ops require of activations
-    size = int(np.prod(tensor.dims)) if tensor.dims else 1
+    size = _size(tensor)
     if size == 1:
         return None
     weight = initializers.get(data)
     if k != 1 or weight is None or len(tensor.dims) != 1:
         return False
+    axis = _output_axis(node, weight)
+    return axis if axis is not None and weight.dims[axis] == size else False
+
+
+def _output_axis(node, weight) -> int | None:
+    """The axis of a product's weight that indexes its outputs."""
     if node.op_type == "QLinearConv":
-        axis = 0
-    elif node.op_type == "QGemm":
-        axis = 0 if _attr(node, "transB", 0) else 1
-    elif node.op_type == "QLinearMatMul" and len(weight.dims) == 2:
-        axis = 1
-    else:
-        return False
-    return axis if weight.dims[axis] == size else False
+        return 0
+    if node.op_type == "QGemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    if node.op_type == "QLinearMatMul" and len(weight.dims) == 2:
+        return 1
+    return None
 
 
 def _bias_dequantized(node, form: Form, inputs, initializers, readers: Counter, names: _NameSource, stem: str):
@@ -322,7 +326,7 @@ def _bias_dequantized(node, form: Form, inputs, initializers, readers: Counter, 
     bias, a, b, w = (initializers.get(inputs[i]) for i in (form.bias, a_scale, b_scale, weight))
     if bias is None or a is None or b is None or w is None or bias.data_type != TensorProto.INT32:
         return None
-    outputs = w.dims[1] if node.op_type == "QGemm" and not _attr(node, "transB", 0) else w.dims[0]
+    outputs = w.dims[_output_axis(node, w)]
     if readers[inputs[form.bias]] != 1 or len(bias.dims) != 1 or bias.dims[0] != outputs:
         return None
     product = _bias_scale(numpy_helper.to_array(a), numpy_helper.to_array(b))

@@ -19,25 +19,25 @@ from spa.load import canonicalize
 from spa.qoperator import FORMS, _domain, expand
 
 from builder import Graph, analysis_of, prune_exact
-from test_quantized import MODELS, _Batches, _obs_keeps_mnist_accuracy_only_with_refits
+from test_quantized import MODELS, _Batches, _obs_keeps_mnist_accuracy_only_with_refits, _quantized
 
 
 def _qoperator(source: Path | onnx.ModelProto, target: Path, samples: np.ndarray, per_channel: bool = True) -> Path:
     if isinstance(source, onnx.ModelProto):
         onnx.save(source, str(target.with_suffix(".float.onnx")))
         source = target.with_suffix(".float.onnx")
-    name = onnx.load(str(source)).graph.input[0].name
-    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=QuantFormat.QOperator,
-                    per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    return target
+    return _quantized(source, target, samples, per_channel, layout=QuantFormat.QOperator)
 
 
-def _run(model: onnx.ModelProto, feeds: dict, optimize: bool = True) -> np.ndarray:
+def _session(model: onnx.ModelProto, optimize: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if not optimize:  # onnxruntime would fuse the QDQ form back into the integer kernels
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(model: onnx.ModelProto, feeds: dict, optimize: bool = True) -> np.ndarray:
+    return _session(model, optimize).run(None, feeds)[0]
 
 
 def _outputs(model: onnx.ModelProto, feeds: dict, names: list[str], optimize: bool = True) -> dict:
@@ -45,10 +45,7 @@ def _outputs(model: onnx.ModelProto, feeds: dict, names: list[str], optimize: bo
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     exposed.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _session(exposed, optimize)
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 

@@ -32,9 +32,9 @@ class _Batches(CalibrationDataReader):
 
 
 def _quantized(source: Path, target: Path, samples: np.ndarray, per_channel: bool = True,
-               weight_type=QuantType.QInt8) -> Path:
+               weight_type=QuantType.QInt8, layout=QuantFormat.QDQ) -> Path:
     name = onnx.load(str(source), load_external_data=False).graph.input[0].name
-    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=QuantFormat.QDQ,
+    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=layout,
                     per_channel=per_channel, weight_type=weight_type, activation_type=QuantType.QUInt8)
     return target
 
