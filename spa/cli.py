@@ -28,7 +28,7 @@ from .io import check_output_path, write_bytes_atomic
 
 
 class _Stages:
-    """A progress bar on stderr for the running stage, drawn once it has taken over a second.
+    """A progress bar on stderr for the running stage, shown once a stage has taken over a second.
 
     Only on a terminal: pipelines (stderr not a TTY) and --quiet get clean logs.
     """
@@ -36,6 +36,7 @@ class _Stages:
     def __init__(self, quiet: bool):
         self.enabled = not quiet and sys.stderr.isatty()
         self.stage, self.since = None, time.perf_counter()
+        self.bar, self.task = None, None
 
     def __call__(self, stage: str, done: int = 0, total: int = 1) -> None:
         if not self.enabled:
@@ -43,16 +44,30 @@ class _Stages:
         now = time.perf_counter()
         if stage != self.stage:
             self.stage, self.since = stage, now
-        if now - self.since < 1.0:
+            if self.bar is not None:
+                self.bar.remove_task(self.task)
+                self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
             return
-        width = 24
-        filled = int(width * done / max(total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        click.echo(f"\r\033[Kspa: {stage:<9}[{bar}] {done}/{total} {now - self.since:5.1f}s", err=True, nl=False)
+        if self.bar is None:
+            if now - self.since < 1.0:  # quick stages would only flicker
+                return
+            self.bar = _progress_bar()
+            self.bar.start()
+            self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
+        self.bar.update(self.task, total=max(total, 1), completed=done)
 
     def finish(self) -> None:
-        if self.enabled:
-            click.echo("\r\033[K", err=True, nl=False)
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _progress_bar():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("spa: {task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
 
 
 def _run(debug: bool, action) -> None:
