@@ -1,6 +1,7 @@
 """The examples in README.md and docs/ run, so that none can silently go stale.
 
-- every ```python block runs; the blocks of one page share a namespace, in page order;
+- every ```python block runs in a fresh interpreter; the blocks of one page share a namespace,
+  in page order;
 - every ```console line `$ spa ...` runs through the CLI and must exit 0 (its output, which
   holds timings, is not compared);
 - the generated result tables match the rows in tools/results/*.json;
@@ -13,6 +14,8 @@ marked with `<!-- skip-test: why -->` on the line before it; the reason is requi
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
 import shlex
 import shutil
@@ -91,16 +94,25 @@ PYTHON_PAGES = _pages_with(_is_python)
 CONSOLE_PAGES = _pages_with(_is_spa_console)
 
 
+# runs a page's blocks in order in one namespace; tracebacks name the page and line of each block
+RUNNER = """
+import json, sys
+namespace = {"__name__": "__main__"}
+for where, code in json.load(open(sys.argv[1])):
+    exec(compile(code, where, "exec"), namespace)
+"""
+
+
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=_ids(PYTHON_PAGES))
 def test_python_examples_run(page, workdir):
-    namespace = {"__name__": "__docs__"}
-    for block in blocks(page):
-        if not _is_python(block) or block.skip:
-            continue
-        try:
-            exec(compile(block.code, block.where, "exec"), namespace)
-        except Exception as exc:
-            raise AssertionError(f"the example at {block.where} fails: {type(exc).__name__}: {exc}") from exc
+    # a fresh interpreter, as a reader has: in this one, modules other tests imported would hide
+    # an example that forgets an import (`import spa` alone does not load spa.export)
+    code = [(b.where, b.code) for b in blocks(page) if _is_python(b) and not b.skip]
+    (workdir / "blocks.json").write_text(json.dumps(code))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", RUNNER, "blocks.json"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"an example of {page.relative_to(ROOT)} fails:\n{done.stderr[-4000:]}"
 
 
 @pytest.mark.parametrize("page", CONSOLE_PAGES, ids=_ids(CONSOLE_PAGES))
