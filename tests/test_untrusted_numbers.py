@@ -1,0 +1,202 @@
+"""Untrusted numbers and runaway runs: non-finite calibration data, weights and outputs; models
+that never stop; calibration files that are FIFOs or archives that decompress past the budget."""
+import hashlib
+import os
+import subprocess
+import sys
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import spa
+import spa.calibration
+from builder import Graph
+from spa.cli import main
+from spa.errors import UsageError
+from spa.statistics import load_calibration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_failure(result, code: int, folder: Path, input_path: Path, digest: str):
+    assert result.exit_code == code, result.output
+    assert result.output.startswith("spa: error:") and result.output.count("\n") == 1, result.output
+    assert not [p.name for p in folder.iterdir() if "pruned" in p.name or p.name.startswith(".")]
+    assert hashlib.sha256(input_path.read_bytes()).hexdigest() == digest
+
+
+def save(model: onnx.ModelProto, folder: Path, name: str = "m.onnx") -> tuple[Path, str]:
+    path = folder / name
+    onnx.save(model, str(path))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mlp(extra_output: str | None = None) -> onnx.ModelProto:
+    """x [N, 6] -> Gemm -> Relu -> Gemm -> y: one prunable group of 16 channels."""
+    g = Graph()
+    x = g.input("x", ["N", 6])
+    h = g.op("Relu", [g.op("Gemm", [x, g.weight(6, 16), g.weight(16)])])
+    g.output(g.op("Gemm", [h, g.weight(16, 4), g.weight(4)]))
+    if extra_output == "log":  # NaN wherever the sample input is negative
+        g.output(g.op("Log", [x]))
+    return g.build()
+
+
+# --- calibration data ------------------------------------------------------------------------
+
+def test_nan_in_calibration_data_is_refused_naming_array_and_sample(tmp_path):
+    path, digest = save(mlp(), tmp_path)
+    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    x[17, 3] = np.nan
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = run("prune", path, "--calib", tmp_path / "calib.npz", "--no-bench")
+    assert_clean_failure(result, 2, tmp_path, path, digest)
+    assert "'x'" in result.output and "sample 17" in result.output and "NaN" in result.output
+
+
+def test_values_that_overflow_the_inputs_type_are_refused(tmp_path):
+    x = np.zeros((5, 6))
+    x[2, 0] = 1e300  # finite in float64, inf in the model's float32
+    np.savez(tmp_path / "calib.npz", x=x)
+    with pytest.raises(UsageError, match="'x' holds NaN or inf in sample 2"):
+        load_calibration(tmp_path / "calib.npz", mlp(), 10)
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+
+
+def _spa(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    # a subprocess: a regression would block forever, and the timeout turns that into a failure
+    return subprocess.run([sys.executable, "-m", "spa", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@needs_fifo
+def test_a_fifo_named_like_an_array_in_a_calibration_folder_is_refused_without_blocking(tmp_path):
+    path, digest = save(mlp(), tmp_path)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    os.mkfifo(folder / "x.npy")  # nobody ever writes to it: opening it for reading would block
+    result = _spa("prune", path, "--calib", folder, "--no-bench")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("spa: error:") and result.stderr.count("\n") == 1
+    assert "not a regular file" in result.stderr and "x.npy" in result.stderr
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+@needs_fifo
+def test_a_fifo_given_as_the_calibration_archive_is_refused_without_blocking(tmp_path):
+    path, _ = save(mlp(), tmp_path)
+    os.mkfifo(tmp_path / "calib.npz")
+    result = _spa("prune", path, "--calib", tmp_path / "calib.npz", "--no-bench")
+    assert result.returncode == 2 and "not a regular file" in result.stderr, result.stderr
+
+
+def test_a_device_is_never_read_as_calibration_data(tmp_path):
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "x.npy").symlink_to("/dev/zero")  # endless: reading it would never finish
+    with pytest.raises(UsageError, match="not a regular file"):
+        load_calibration(folder, mlp(), 8)
+
+
+def _declare_size(archive: Path, size: int) -> None:
+    """Rewrite the uncompressed size the zip directory and local header declare for every member,
+    leaving the data alone: what a zip bomb's directory says, without writing gigabytes."""
+    data = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):
+        start = data.find(signature)
+        while start >= 0:
+            data[start + offset:start + offset + 4] = size.to_bytes(4, "little")
+            start = data.find(signature, start + 4)
+    archive.write_bytes(bytes(data))
+
+
+def test_an_archive_declaring_2_gib_is_refused_from_its_directory(tmp_path):
+    path, digest = save(mlp(), tmp_path)
+    archive = tmp_path / "calib.npz"
+    np.savez_compressed(archive, x=np.zeros((64, 6), np.float32))
+    _declare_size(archive, (2 << 30) + 128)
+    result = run("prune", path, "--calib", archive, "--no-bench")
+    assert_clean_failure(result, 2, tmp_path, path, digest)
+    assert "2.0 GiB" in result.output and "1.0 GiB" in result.output and "budget" in result.output
+
+
+def test_an_archive_over_the_budget_is_refused_and_one_within_it_read(tmp_path, monkeypatch):
+    archive = tmp_path / "calib.npz"
+    np.savez_compressed(archive, x=np.zeros((4096, 6), np.float32))  # 96 KiB of zeros, compressed to little
+    assert load_calibration(archive, mlp(), 8)["x"].shape == (8, 6)
+    monkeypatch.setattr(spa.calibration, "ARCHIVE_BUDGET", 64 << 10)
+    with pytest.raises(UsageError, match=r"decompresses to 96\.\d KiB, over the 64\.0 KiB"):
+        load_calibration(archive, mlp(), 8)
+
+
+@pytest.mark.parametrize("form", ["npz", "npz-compressed", "npy-folder"])
+def test_only_the_samples_used_are_read(tmp_path, form):
+    x = np.zeros((65536, 256), np.float32)  # 64 MiB
+    x[:8] = np.arange(8 * 256, dtype=np.float32).reshape(8, 256)
+    g = Graph()
+    g.output(g.op("Relu", [g.input("x", ["N", 256])]))
+    if form == "npy-folder":
+        source = tmp_path / "calib"
+        source.mkdir()
+        np.save(source / "x.npy", x)
+    else:
+        source = tmp_path / "calib.npz"
+        (np.savez_compressed if form == "npz-compressed" else np.savez)(source, x=x)
+    del x
+    tracemalloc.start()
+    try:
+        loaded = load_calibration(source, g.build(), 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(loaded["x"], np.arange(8 * 256, dtype=np.float32).reshape(8, 256))
+    assert peak < 4 << 20, peak  # a whole array read would be 64 MiB
+
+
+def test_a_folder_of_sample_files_is_read_only_as_far_as_needed(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for k in range(4):
+        np.save(folder / f"s{k}.npy", np.full((6,), k, np.float32))
+    (folder / "s9.npy").write_bytes(b"not an array")  # after the samples used: never opened
+    loaded = load_calibration(folder, mlp(), 3)["x"]
+    assert loaded.shape == (3, 6) and loaded[:, 0].tolist() == [0, 1, 2]
+    with pytest.raises(UsageError, match="s9.npy"):
+        load_calibration(folder, mlp(), 10)
+
+
+def test_a_truncated_array_is_a_usage_error(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.ones((10, 6), np.float32))
+    data = (folder / "x.npy").read_bytes()
+    (folder / "x.npy").write_bytes(data[:-40])
+    assert load_calibration(folder, mlp(), 8)["x"].shape == (8, 6)  # the samples used are whole
+    with pytest.raises(UsageError, match="truncated"):
+        load_calibration(folder, mlp(), 10)
+    # a header declaring 8 TiB per sample allocates nothing it cannot fill
+    with open(folder / "x.npy", "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (4, 2**41)})
+    with pytest.raises(UsageError, match="truncated"):
+        load_calibration(folder, mlp(), 2)
+
+
+def test_object_arrays_are_refused(tmp_path):
+    archive = tmp_path / "calib.npz"
+    with zipfile.ZipFile(archive, "w") as handle, handle.open("x.npy", "w") as member:
+        np.lib.format.write_array(member, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UsageError, match="not numbers"):
+        load_calibration(archive, mlp(), 8)
