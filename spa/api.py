@@ -36,8 +36,8 @@ from .statistics import (Statistics, choose_prior, collect, load_calibration, pr
                          synthetic_feeds, synthetic_sample_count)
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
-from .validate import (Validation, check_input_sizes, complete_sizes, counted_sizes, one_line, refuse_oversized,
-                       sample_inputs, unsized_axes, validate)
+from .validate import (Validation, check_input_sizes, complete_sizes, counted_sizes, nonfinite_weights, one_line,
+                       refuse_oversized, sample_inputs, unsized_axes, validate)
 
 # how compensation refits: see ``prune``
 REFITS = ("auto", "sequential", "layerwise")
@@ -349,6 +349,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         if calibration:
             validation.fidelity = chosen.fidelity if chosen else _fidelity(prepared, hard, calibration,
                                                                            calib_samples, tuple(custom_ops))
+            validation.problems += fidelity.nonfinite_problems(validation.fidelity)
         if bench:
             validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
                                             tuple(custom_ops), sizes)
@@ -592,6 +593,11 @@ def _validate(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan:
                         lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir, sizes)
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
+    validation.nonfinite_weights = nonfinite_weights(hard, prepared.dense)
+    if validation.nonfinite_weights:
+        validation.problems.append(f"pruned weights hold NaN or inf: {', '.join(validation.nonfinite_weights[:5])}"
+                                   + (f" and {len(validation.nonfinite_weights) - 5} more"
+                                      if len(validation.nonfinite_weights) > 5 else ""))
     return validation
 
 

@@ -331,6 +331,9 @@ def _summary(r: dict) -> str:
                 else f"{'equal' if v['soft_equal'] else 'DIFFERENT'} (rel. err {v['soft_max_rel_error']:.1e})")
         if v.get("approximate_groups"):
             soft += f" on exact groups; {v['approximate_groups']} approximate not compared"
+        if v.get("dense_nonfinite"):
+            soft += (f" where finite (the input model's {', '.join(v['dense_nonfinite'])} holds NaN or inf on "
+                     f"the sample inputs)")
         lines.append(f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
                      f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}")
     lines.extend(_fidelity_lines(v.get("fidelity")))

@@ -20,8 +20,8 @@ import onnx
 from .errors import OutputError, UsageError, ValidationError
 from .io import save_model
 from .tensors import is_lazy, to_array, write_external
-from .validate import (BENIGN_CHECKER_ERROR, one_line, outputs_of, refuse_oversized, relative_error,
-                       same_shapes, sample_inputs, session)
+from .validate import (BENIGN_CHECKER_ERROR, newly_nonfinite, one_line, outputs_of, refuse_oversized,
+                       relative_error, same_shapes, sample_inputs, session)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -264,11 +264,13 @@ def _declared_io(model: onnx.ModelProto) -> tuple:
 def _compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], result: ExportCheck) -> None:
     if not same_shapes(reference, outputs):
         return  # already reported as an I/O mismatch; values of different shapes do not compare
-    if not all(np.isfinite(v).all() for v in outputs.values() if np.issubdtype(v.dtype, np.floating)):
-        result.problems.append(f"{result.target} outputs contain inf or NaN")
+    broken = newly_nonfinite(reference, outputs)
+    if broken:
+        result.problems.append(f"{result.target} outputs contain inf or NaN where the reference's are finite "
+                               f"({', '.join(broken)})")
         return
     result.max_rel_error = relative_error(reference, outputs)
-    if result.max_rel_error > result.tolerance:
+    if not result.max_rel_error <= result.tolerance:  # NaN included
         clamped = f"; clamped: {', '.join(result.clamped)}" if result.clamped else ""
         result.problems.append(f"outputs differ from the float32 model (rel. error {result.max_rel_error:.2e} "
                                f"> {result.tolerance:.0e}){clamped}")

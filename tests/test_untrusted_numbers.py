@@ -1,6 +1,7 @@
 """Untrusted numbers and runaway runs: non-finite calibration data, weights and outputs; models
 that never stop; calibration files that are FIFOs or archives that decompress past the budget."""
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -12,13 +13,18 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 import spa
+import spa.api
 import spa.calibration
 from builder import Graph
 from spa.cli import main
 from spa.errors import UsageError
+from spa.export import ExportCheck, _compare
+from spa.fidelity import measure, nonfinite_problems
 from spa.statistics import load_calibration
+from spa.validate import relative_error, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,3 +206,93 @@ def test_object_arrays_are_refused(tmp_path):
         np.lib.format.write_array(member, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UsageError, match="not numbers"):
         load_calibration(archive, mlp(), 8)
+
+
+# --- weights and outputs ---------------------------------------------------------------------
+
+def _poisoning_refit(monkeypatch):
+    """The layer-wise refit, with NaN written into every weight it refits: a refit gone wrong."""
+    real = spa.api.layerwise_refit
+
+    def poisoned(model, *args):
+        refitted, outcome = real(model, *args)
+        before = {t.name: t for t in model.graph.initializer}
+        for tensor in refitted.graph.initializer:
+            if tensor.name in before and tensor.raw_data != before[tensor.name].raw_data:
+                values = numpy_helper.to_array(tensor).copy()
+                values.flat[0] = np.nan
+                tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+        return refitted, outcome
+
+    monkeypatch.setattr(spa.api, "layerwise_refit", poisoned)
+
+
+def test_nan_weights_fail_validation(tmp_path, monkeypatch):
+    _poisoning_refit(monkeypatch)
+    path, digest = save(mlp(), tmp_path)
+    result = run("prune", path, "--ratio", "0.5", "--no-bench")
+    assert_clean_failure(result, 4, tmp_path, path, digest)
+    assert "weights hold NaN or inf" in result.output
+    assert "outputs NaN or inf where the input model's outputs are finite" in result.output
+    assert "hard-pruned outputs differ from soft-pruned ones (rel. error inf)" in result.output
+
+
+def test_a_nan_error_is_never_equal():
+    finite, nan = {"y": np.array([1.0, 2.0])}, {"y": np.array([1.0, np.nan])}
+    assert relative_error(finite, nan) == math.inf and relative_error(nan, finite) == math.inf
+    # the same NaN in both agrees only where the dense model has it too
+    assert relative_error(nan, nan) == 0.0
+    assert relative_error(nan, nan, dense=finite) == math.inf
+    assert relative_error(nan, nan, dense=nan) == 0.0
+    assert relative_error({"y": np.array([np.inf])}, {"y": np.array([-np.inf])}) == math.inf
+
+
+def test_soft_and_hard_both_nan_are_not_reported_equal(tmp_path):
+    dense = mlp()
+    broken = onnx.ModelProto()
+    broken.CopyFrom(dense)
+    weight = broken.graph.initializer[2]  # the second Gemm's weight: every output reads it
+    values = numpy_helper.to_array(weight).copy()
+    values[0, 0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    result = validate(dense, broken, broken, broken, removed_anything=True)
+    assert result.soft_equal is False and result.soft_max_rel_error == math.inf
+    assert any("NaN or inf where the input model's outputs are finite" in p for p in result.problems)
+    assert not result.ok
+
+
+def test_the_input_models_own_nan_outputs_are_reported_not_hidden(tmp_path):
+    path, _ = save(mlp(extra_output="log"), tmp_path)
+    result = run("prune", path, "--ratio", "0.5", "--no-bench", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    valid = next(line for line in result.output.splitlines() if line.startswith("valid:"))
+    assert "soft==hard equal" in valid and "holds NaN or inf on the sample inputs" in valid
+    import json
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["dense_nonfinite"] == [mlp(extra_output="log").graph.output[1].name]
+
+
+def test_float16_and_ort_checks_fail_on_new_nan():
+    reference = {"y": np.array([[1.0, np.nan, 3.0]], np.float32)}
+    same_nan = {"y": np.array([[1.0, np.nan, 3.0]], np.float32)}
+    moved_nan = {"y": np.array([[np.nan, 2.0, 3.0]], np.float32)}
+    ok, bad = ExportCheck("ORT", 1e-5), ExportCheck("ORT", 1e-5)
+    _compare(reference, same_nan, ok)
+    _compare(reference, moved_nan, bad)
+    assert ok.ok and ok.max_rel_error == 0.0
+    assert not bad.ok and "inf or NaN" in bad.problems[0]
+
+
+def test_fidelity_flags_outputs_that_turn_nan_on_calibration_data():
+    dense = mlp()
+    broken = onnx.ModelProto()
+    broken.CopyFrom(dense)
+    weight = broken.graph.initializer[2]
+    values = numpy_helper.to_array(weight).copy()
+    values[:, 1] = np.nan  # output column 1 only
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    feeds = {"x": np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)}
+    fidelity = measure(dense, broken, feeds, "held-out calibration samples")
+    assert fidelity.outputs[0].nonfinite == 16 and fidelity.outputs[0].relative_error == math.inf
+    assert "NaN or inf on held-out calibration samples" in nonfinite_problems(fidelity)[0]
+    assert nonfinite_problems(measure(dense, dense, feeds, "held-out calibration samples")) == []
