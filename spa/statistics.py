@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from . import runlimit
 from .calibration import archive_members, first_nonfinite, open_regular, stored_array
 from .errors import UsageError
 from .rules import Dim
@@ -469,7 +470,7 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
     batch_list = list(batches(model, feeds))
     masks = padding_masks(model)
     for feed in batch_list:
-        values = dict(zip(tensors, run.run(tensors, feed)))
+        values = dict(zip(tensors, runlimit.run(run, tensors, feed)))
         samples += len(next(iter(feed.values())))
         tokens = token_mask(feed, masks)
         padded += int((~tokens).sum()) if tokens is not None else 0

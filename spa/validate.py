@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from . import runlimit
 from .errors import UsageError, ValidationError
 from .fidelity import Fidelity
 from .statistics import graph_inputs
@@ -350,6 +351,8 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
     try:
         dense_out = _run_all(dense, feeds, custom_ops)
         result.dense_runs = True
+    except runlimit.RunTimeout:
+        raise
     except Exception as exc:
         result.dense_error = f"onnxruntime cannot run the input model: {one_line(exc)}"
         result.problems.append(result.dense_error)
@@ -366,6 +369,8 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
     try:
         pruned_out = _run_all(pruned, feeds, custom_ops)
         result.runs = True
+    except runlimit.RunTimeout:
+        raise
     except Exception as exc:
         result.problems.append(f"onnxruntime cannot run the pruned model: {one_line(exc)}")
         return result
@@ -459,6 +464,8 @@ def _run_each(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, n
     for feed in feeds:
         try:
             outputs.append(outputs_of(sess, feed))
+        except runlimit.RunTimeout:
+            raise
         except Exception:
             outputs.append(None)
     del sess
@@ -467,7 +474,7 @@ def _run_each(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, n
 
 def outputs_of(sess, feeds) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return dict(zip(names, runlimit.run(sess, names, feeds)))
 
 
 def same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:

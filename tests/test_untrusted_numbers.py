@@ -19,6 +19,7 @@ import spa
 import spa.api
 import spa.calibration
 from builder import Graph
+from spa import runlimit
 from spa.cli import main
 from spa.errors import UsageError
 from spa.export import ExportCheck, _compare
@@ -296,3 +297,78 @@ def test_fidelity_flags_outputs_that_turn_nan_on_calibration_data():
     assert fidelity.outputs[0].nonfinite == 16 and fidelity.outputs[0].relative_error == math.inf
     assert "NaN or inf on held-out calibration samples" in nonfinite_problems(fidelity)[0]
     assert nonfinite_problems(measure(dense, dense, feeds, "held-out calibration samples")) == []
+
+
+# --- time limits -----------------------------------------------------------------------------
+
+def looping(prunable: bool = False, trips: int = 2**62) -> onnx.ModelProto:
+    """x [1, 6] -> Loop (``trips`` times: add 1) -> y; with ``prunable``, a Gemm -> Relu -> Gemm after
+    it, whose statistics need the loop's result. A 2^62-trip model is well under 1 kB."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 6])],
+        [numpy_helper.from_array(np.ones((1, 6), np.float32), "one")])
+    g = Graph()
+    x = g.input("x", [1, 6])
+    looped = g.op("Loop", [g.const(np.array(trips, np.int64)), g.const(np.array(True)), x], body=body)
+    if prunable:
+        looped = g.op("Gemm", [g.op("Relu", [g.op("Gemm", [looped, g.weight(6, 16), g.weight(16)])]),
+                               g.weight(16, 4), g.weight(4)])
+    g.output(looped)
+    return g.build()
+
+
+def test_the_run_limit_stops_a_loop_of_2_62_trips():
+    import onnxruntime as ort
+
+    model = looping()
+    assert len(model.SerializeToString()) < 1024
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def limited_run():
+        runlimit.set_timeout(0.5)
+        runlimit.set_stage("a test")
+        return runlimit.run(sess, None, {"x": np.zeros((1, 6), np.float32)})
+
+    with pytest.raises(runlimit.RunTimeout, match="a test: a run of the model took longer than 0.5 s"):
+        runlimit.own_context(limited_run)()
+    short = ort.InferenceSession(looping(trips=3).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert runlimit.run(short, None, {"x": np.zeros((1, 6), np.float32)})[0].tolist() == [[3.0] * 6]
+
+
+def test_a_model_that_never_stops_fails_validation_cleanly(tmp_path):
+    path, digest = save(looping(), tmp_path)
+    result = run("prune", path, "--run-timeout", "1")
+    assert_clean_failure(result, 3, tmp_path, path, digest)
+    assert result.output.startswith("spa: error: validate: a run of the model took longer than 1 s")
+
+
+def test_a_model_that_never_stops_is_stopped_in_the_statistics(tmp_path):
+    path, digest = save(looping(prunable=True), tmp_path)
+    result = run("prune", path, "--run-timeout", "1")
+    assert_clean_failure(result, 3, tmp_path, path, digest)
+    assert result.output.startswith("spa: error: statistics: a run of the model took longer than 1 s")
+
+
+def test_the_python_api_takes_the_same_limit(tmp_path):
+    with pytest.raises(runlimit.RunTimeout, match="statistics"):
+        spa.prune(looping(prunable=True), 0.5, run_timeout=0.5)
+    with pytest.raises(UsageError, match="--run-timeout"):
+        spa.prune(mlp(), 0.5, run_timeout=-1)
+
+
+def test_bench_is_limited_too(tmp_path):
+    path, _ = save(looping(), tmp_path)
+    result = run("bench", path, "--run-timeout", "0.5")
+    assert result.exit_code == 3 and result.output.startswith("spa: error: bench: a run of the model")
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_bad_run_timeout_is_a_usage_error(tmp_path, value):
+    path, digest = save(mlp(), tmp_path)
+    assert_clean_failure(run("prune", path, "--run-timeout", value), 2, tmp_path, path, digest)
