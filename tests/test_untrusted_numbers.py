@@ -372,3 +372,14 @@ def test_bench_is_limited_too(tmp_path):
 def test_a_bad_run_timeout_is_a_usage_error(tmp_path, value):
     path, digest = save(mlp(), tmp_path)
     assert_clean_failure(run("prune", path, "--run-timeout", value), 2, tmp_path, path, digest)
+
+
+@pytest.mark.parametrize("conversion", ["fp16", "ort"])
+def test_export_checks_are_limited_too(tmp_path, conversion):
+    from spa.export import export
+
+    target = tmp_path / ("m.ort" if conversion == "ort" else "m.onnx")
+    stage = "ORT check" if conversion == "ort" else "float16 check"
+    with pytest.raises(runlimit.RunTimeout, match=stage):
+        export(looping(), target, ort_format=conversion == "ort", fp16=conversion == "fp16", run_timeout=0.5)
+    assert list(tmp_path.iterdir()) == []
