@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import spa
 import spa.api
 import spa.calibration
+import spa.statistics
 from builder import Graph
 from spa import runlimit
 from spa.cli import main
@@ -236,6 +237,19 @@ def test_nan_weights_fail_validation(tmp_path, monkeypatch):
     assert "weights hold NaN or inf" in result.output
     assert "outputs NaN or inf where the input model's outputs are finite" in result.output
     assert "hard-pruned outputs differ from soft-pruned ones (rel. error inf)" in result.output
+
+
+def test_nan_calibration_data_that_slipped_past_the_loader_fails_validation(tmp_path, monkeypatch):
+    """The reported case behind the loader's check: one NaN sample made every refitted weight NaN,
+    and soft==hard read 'equal (rel. err 0.0e+00)'. Validation alone must catch it too."""
+    monkeypatch.setattr(spa.statistics, "first_nonfinite", lambda array: None)
+    path, digest = save(mlp(), tmp_path)
+    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    x[17, 3] = np.nan
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = run("prune", path, "--calib", tmp_path / "calib.npz", "--no-bench")
+    assert_clean_failure(result, 4, tmp_path, path, digest)
+    assert "weights hold NaN or inf" in result.output and "equal" not in result.output
 
 
 def test_a_nan_error_is_never_equal():
