@@ -30,14 +30,15 @@ from .qoperator import Expansion, expand
 from .rules.base import ATTENTION_UNITS, Dim, rule_for
 from .sequential import sequential_refit
 from .quantized import quantized_weight
+from .runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
 from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
                      reach_structural)
 from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, static_batch,
                          synthetic_feeds, synthetic_sample_count)
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
-from .validate import (Validation, check_input_sizes, complete_sizes, counted_sizes, one_line, refuse_oversized,
-                       sample_inputs, unsized_axes, validate)
+from .validate import (Validation, check_input_sizes, complete_sizes, counted_sizes, nonfinite_weights, one_line,
+                       refuse_oversized, sample_inputs, unsized_axes, validate)
 
 # how compensation refits: see ``prune``
 REFITS = ("auto", "sequential", "layerwise")
@@ -175,6 +176,7 @@ def _prepare(model_or_path, progress: Progress | None) -> _Prepared:
 
 
 def _say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -> None:
+    set_stage(stage)  # what a run of the model that outlasts --run-timeout was doing
     if progress is not None:
         progress(stage, done, total)
 
@@ -222,6 +224,7 @@ def _count(prepared: _Prepared, model: onnx.ModelProto, graph: ModelGraph,
     return stats
 
 
+@own_context
 def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "obspa", *,
           calib: str | os.PathLike | None = None, calib_samples: int = 128, compensate: bool | None = None,
           synthetic_samples: int | None = None, global_rank: bool = False, round_to: int | str = 1, target_flops: float | None = None,
@@ -229,7 +232,8 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
           exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
           check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
           custom_ops: tuple[str, ...] = (), attention: str = "heads", refit: str = "auto",
-          input_shapes: dict[str, list[int]] | None = None, progress: Progress | None = None) -> PruneResult:
+          input_shapes: dict[str, list[int]] | None = None, progress: Progress | None = None,
+          run_timeout: float = RUN_TIMEOUT) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
 
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
@@ -259,6 +263,9 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     pruned model gives them (``spa.sequential``); "auto" is sequential with calibration data (when
     held-out samples are left, whichever of the two moves them less) and layer-wise without.
 
+    Every run of the model (statistics, searches, refit, validation, fidelity, latency) stops after
+    ``run_timeout`` seconds (0: no limit) and raises ``spa.runlimit.RunTimeout``, a ``ModelLoadError``.
+
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
     input (including a model onnxruntime cannot run) and ``ValidationError``
@@ -273,6 +280,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         raise UsageError(f"--criterion {criterion} ranks channels by calibration data: give --calib FILE")
     if calib_samples < 1:
         raise UsageError("--calib-samples must be at least 1")
+    set_timeout(run_timeout)
     if synthetic_samples is not None and synthetic_samples < 1:
         raise UsageError("synthetic_samples must be at least 1")
     if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
@@ -347,9 +355,12 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         validation = _validate(prepared, weights, analysis, plan, hard, soft_model, seed, tuple(custom_ops),
                                progress, Path(workdir.name) if workdir else None, sizes)
         if calibration:
+            _say(progress, "fidelity")
             validation.fidelity = chosen.fidelity if chosen else _fidelity(prepared, hard, calibration,
                                                                            calib_samples, tuple(custom_ops))
+            validation.problems += fidelity.nonfinite_problems(validation.fidelity)
         if bench:
+            _say(progress, "latency")
             validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
                                             tuple(custom_ops), sizes)
         timer.lap("validate")
@@ -468,6 +479,8 @@ def _fidelity(prepared: _Prepared, hard: onnx.ModelProto, calibration: dict[str,
         return fidelity.measure(prepared.dense, hard, feeds, source, custom_ops)
     except UsageError:  # fewer samples than the model's static batch: nothing to measure on
         return None
+    except RunTimeout:
+        raise
     except Exception as exc:  # the samples themselves do not fit the model (the statistics may not have run them)
         raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
 
@@ -490,7 +503,7 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
     if calib is not None:
         try:
             return collect(model, calib, wanted, "calibration", seed, custom_ops)
-        except UsageError:
+        except (UsageError, RunTimeout):
             raise
         except Exception as exc:
             raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
@@ -505,6 +518,8 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
         statistics = collect(model, feeds, wanted, "synthetic", seed, custom_ops)
         statistics.prior, statistics.imbalance, statistics.feeds = prior.name, imbalance, feeds
         return statistics
+    except RunTimeout:  # validation would only wait as long again
+        raise
     except Exception:  # validation reports a model onnxruntime cannot run; scoring goes on without data
         return None
 
@@ -592,6 +607,11 @@ def _validate(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan:
                         lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir, sizes)
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
+    validation.nonfinite_weights = nonfinite_weights(hard, prepared.dense)
+    if validation.nonfinite_weights:
+        validation.problems.append(f"pruned weights hold NaN or inf: {', '.join(validation.nonfinite_weights[:5])}"
+                                   + (f" and {len(validation.nonfinite_weights) - 5} more"
+                                      if len(validation.nonfinite_weights) > 5 else ""))
     return validation
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import runlimit
 from .errors import ModelLoadError, UsageError
 from .validate import MAX_INPUT_ELEMENTS, check_input_sizes, complete_sizes, sample_inputs
 
@@ -117,14 +118,18 @@ def timing_session(source: onnx.ModelProto | Path, provider: str = "CPUExecution
                              f"{str(exc).strip().splitlines()[0][:200]}") from exc
 
 
+@runlimit.own_context
 def bench(models: list[str | os.PathLike], provider: str = "CPUExecutionProvider", threads: int = 0,
           warmup: int = 5, runs: int = 50, batch: int = 1, shapes: dict[str, list[int]] | None = None,
-          seed: int = 0) -> BenchResult:
-    """Median and p90 latency of one model, or of two (dense, pruned) measured alternately."""
+          seed: int = 0, run_timeout: float = runlimit.RUN_TIMEOUT) -> BenchResult:
+    """Median and p90 latency of one model, or of two (dense, pruned) measured alternately; a run
+    that takes longer than ``run_timeout`` seconds (0: no limit) raises ``RunTimeout``."""
     if not 1 <= len(models) <= 2:
         raise UsageError("bench takes one model, or two to compare")
     if runs < 1 or warmup < 0 or batch < 1 or threads < 0:
         raise UsageError("--runs and --batch must be at least 1, --warmup and --threads at least 0")
+    runlimit.set_timeout(run_timeout)
+    runlimit.set_stage("bench")
     paths = [Path(m) for m in models]
     for path in paths:
         if not path.is_file():
@@ -147,13 +152,14 @@ def alternate(sessions, feeds, warmup: int, runs: int) -> list[list[float]]:
     """Milliseconds per run of each session, the sessions taking turns (A B A B)."""
     for sess in sessions:
         for _ in range(warmup):
-            sess.run(None, feeds)
+            runlimit.run(sess, None, feeds)
     samples: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
         for k, sess in enumerate(sessions):
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            samples[k].append((time.perf_counter() - start) * 1000)
+            with runlimit.limited() as options:
+                start = time.perf_counter()
+                sess.run(None, feeds, options)
+                samples[k].append((time.perf_counter() - start) * 1000)
     return samples
 
 

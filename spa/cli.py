@@ -22,6 +22,7 @@ from .criteria import CRITERIA
 from .statistics import SMOOTH_NOISE
 from .errors import EXIT_INTERNAL, SpaError, UsageError
 from .export import Fp16RangeWarning, export
+from .runlimit import RUN_TIMEOUT
 from .bench import parse_shapes
 from .validate import format_sizes
 from .io import check_output_path, write_bytes_atomic
@@ -161,6 +162,9 @@ def main() -> None:
               help="Intra-op threads for timing (0: onnxruntime's default).")
 @click.option("--custom-ops", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="onnxruntime custom-op library to load for validation (never loaded otherwise).")
+@click.option("--run-timeout", type=float, default=RUN_TIMEOUT, show_default=True, metavar="SECONDS",
+              help="Stop with exit 3 when one run of the model (statistics, search, validation, latency) takes "
+                   "longer than this; 0: no limit.")
 @click.option("--format", "out_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="Output format: ONNX, or onnxruntime's ORT format for mobile.")
 @click.option("--fp16", is_flag=True, help="Convert the pruned model to float16 (validated against float32).")
@@ -172,7 +176,7 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def prune(model, output, ratio, criterion, calib, calib_samples, compensate, refit, global_rank, round_to, target_flops, target_params, target_latency,
           exclude, soft, approximate, attention, input_shapes, seed, json_path, no_validate, bench, providers, threads, custom_ops,
-          out_format, fp16, fp16_io, write_unchanged, force, quiet, debug):
+          run_timeout, out_format, fp16, fp16_io, write_unchanged, force, quiet, debug):
     """Prune MODEL and write a smaller, validated model."""
 
     def action():
@@ -191,7 +195,8 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
                                approximate=approximate, seed=seed, check=not no_validate,
                                bench=bench and not no_validate, providers=_provider_list(providers),
                                threads=threads, custom_ops=tuple(custom_ops),
-                               attention=attention.replace("-", "_"), input_shapes=sizes, progress=stages)
+                               attention=attention.replace("-", "_"), input_shapes=sizes, progress=stages,
+                               run_timeout=run_timeout)
             report = result.report.as_dict()
             nothing = result.report.groups_prunable == 0 and not write_unchanged
             checks = []
@@ -200,7 +205,7 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", Fp16RangeWarning)
                     checks = export(result.model, target, ort_format=out_format == "ort", fp16=fp16,
-                                    fp16_io=fp16_io, seed=seed, check=not no_validate)
+                                    fp16_io=fp16_io, seed=seed, check=not no_validate, run_timeout=run_timeout)
                 for warning in caught:
                     if not quiet:
                         click.echo(f"spa: warning: {warning.message}", err=True)
@@ -255,15 +260,17 @@ def analyze(model, exclude, approximate, attention, input_shapes, json_path, ver
 @click.option("--batch", type=int, default=1, show_default=True, help="Size of symbolic (dynamic) axes.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=AxBxC",
               help="Full shape of one input (for dynamic axes other than batch).")
+@click.option("--run-timeout", type=float, default=RUN_TIMEOUT, show_default=True, metavar="SECONDS",
+              help="Stop with exit 3 when one run of a model takes longer than this; 0: no limit.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench_command(models, providers, threads, warmup, runs, batch, input_shapes, json_path, debug):
+def bench_command(models, providers, threads, warmup, runs, batch, input_shapes, run_timeout, json_path, debug):
     """Latency of MODEL, or of DENSE and PRUNED measured alternately, on onnxruntime."""
     from .bench import bench, resolve_providers
 
     def action():
         shapes = parse_shapes(list(input_shapes))
-        results = [bench(list(models), provider, threads, warmup, runs, batch, shapes)
+        results = [bench(list(models), provider, threads, warmup, runs, batch, shapes, run_timeout=run_timeout)
                    for provider in resolve_providers(list(_provider_list(providers)))]
         if json_path:
             check_output_path(json_path, list(models), True)
@@ -346,6 +353,9 @@ def _summary(r: dict) -> str:
                 else f"{'equal' if v['soft_equal'] else 'DIFFERENT'} (rel. err {v['soft_max_rel_error']:.1e})")
         if v.get("approximate_groups"):
             soft += f" on exact groups; {v['approximate_groups']} approximate not compared"
+        if v.get("dense_nonfinite"):
+            soft += (f" where finite (the input model's {', '.join(v['dense_nonfinite'])} holds NaN or inf on "
+                     f"the sample inputs)")
         lines.append(f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
                      f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}")
     lines.extend(_fidelity_lines(v.get("fidelity")))

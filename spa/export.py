@@ -19,9 +19,10 @@ import onnx
 
 from .errors import OutputError, UsageError, ValidationError
 from .io import save_model
+from .runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
 from .tensors import is_lazy, to_array, write_external
-from .validate import (BENIGN_CHECKER_ERROR, one_line, outputs_of, refuse_oversized, relative_error,
-                       same_shapes, sample_inputs, session)
+from .validate import (BENIGN_CHECKER_ERROR, newly_nonfinite, one_line, outputs_of, refuse_oversized,
+                       relative_error, same_shapes, sample_inputs, session)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -190,12 +191,16 @@ def validate_fp16(fp32_model: onnx.ModelProto, fp16_model: onnx.ModelProto, seed
     watched = _float16_activations(fp16_model)
     try:
         reference, finite_in_fp32 = _run_watching(fp32_model, feeds, watched)
+    except RunTimeout:
+        raise
     except Exception as exc:  # onnxruntime raises several unrelated types
         result.problems.append(f"onnxruntime cannot run the float32 model: {one_line(exc)}")
         return result
     try:
         outputs, finite_in_fp16 = _run_watching(fp16_model, feeds, watched)
         result.runs = True
+    except RunTimeout:
+        raise
     except Exception as exc:
         result.problems.append(f"onnxruntime cannot run the float16 model: {one_line(exc)}")
         return result
@@ -264,11 +269,13 @@ def _declared_io(model: onnx.ModelProto) -> tuple:
 def _compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], result: ExportCheck) -> None:
     if not same_shapes(reference, outputs):
         return  # already reported as an I/O mismatch; values of different shapes do not compare
-    if not all(np.isfinite(v).all() for v in outputs.values() if np.issubdtype(v.dtype, np.floating)):
-        result.problems.append(f"{result.target} outputs contain inf or NaN")
+    broken = newly_nonfinite(reference, outputs)
+    if broken:
+        result.problems.append(f"{result.target} outputs contain inf or NaN where the reference's are finite "
+                               f"({', '.join(broken)})")
         return
     result.max_rel_error = relative_error(reference, outputs)
-    if result.max_rel_error > result.tolerance:
+    if not result.max_rel_error <= result.tolerance:  # NaN included
         clamped = f"; clamped: {', '.join(result.clamped)}" if result.clamped else ""
         result.problems.append(f"outputs differ from the float32 model (rel. error {result.max_rel_error:.2e} "
                                f"> {result.tolerance:.0e}){clamped}")
@@ -361,6 +368,8 @@ def validate_ort(model: Source, ort_path: Path, seed: int = 0) -> ExportCheck:
         onnx_session = session(model)
         reference, onnx_io = outputs_of(onnx_session, feeds), _session_io(onnx_session)
         del onnx_session  # one session of a large model at a time
+    except RunTimeout:
+        raise
     except Exception as exc:
         result.problems.append(f"onnxruntime cannot run the .onnx model: {one_line(exc)}")
         return result
@@ -371,6 +380,8 @@ def validate_ort(model: Source, ort_path: Path, seed: int = 0) -> ExportCheck:
         ort_session = ort.InferenceSession(str(ort_path), options, providers=["CPUExecutionProvider"])
         outputs = outputs_of(ort_session, feeds)
         result.runs = True
+    except RunTimeout:
+        raise
     except Exception as exc:
         result.problems.append(f"onnxruntime cannot run the ORT file: {one_line(exc)}")
         return result
@@ -386,25 +397,31 @@ def _session_io(sess) -> tuple:
             [(o.name, o.type, o.shape) for o in sess.get_outputs()])
 
 
+@own_context
 def export(model: onnx.ModelProto, target: str | os.PathLike, *, ort_format: bool = False, fp16: bool = False,
-           fp16_io: str = "float32", seed: int = 0, check: bool = True) -> list[ExportCheck]:
+           fp16_io: str = "float32", seed: int = 0, check: bool = True,
+           run_timeout: float = RUN_TIMEOUT) -> list[ExportCheck]:
     """Convert a (validated) pruned model as asked, validate each conversion, and write it
     atomically to ``target``: ``.onnx`` (external data beside it when large) or ORT format.
 
     Returns the checks that ran, in order; raises ``ValidationError`` when one fails (nothing is
-    written then) and ``OutputError`` when writing fails.
+    written then) and ``OutputError`` when writing fails. Each run of a check stops after
+    ``run_timeout`` seconds (0: no limit) with ``spa.runlimit.RunTimeout``.
     """
     target = Path(target)
     if fp16_io not in FP16_IO:
         raise UsageError(f"--fp16-io must be one of {', '.join(FP16_IO)}, got '{fp16_io}'")
+    set_timeout(run_timeout)
     checks = []
     if fp16:
+        set_stage("float16 check")
         converted = to_fp16(model, keep_io_float32=fp16_io == "float32")
         if check:
             checks.append(validate_fp16(model, converted, seed))
             checks[-1].raise_if_failed()
         model = converted
     if ort_format:
+        set_stage("ORT check")
         ort_check = to_ort(model, target, seed, check)
         checks += [ort_check] if ort_check else []
     else:

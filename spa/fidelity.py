@@ -8,6 +8,7 @@ with the dense model on synthetic inputs and 74% on rendered text lines, where e
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,9 @@ class OutputFidelity:
     relative_error: float  # ||pruned - dense|| / ||dense||
     cosine: float  # mean over samples of cos(dense, pruned), each sample's output flattened
     top1_agreement: float | None = None  # class-score outputs only: argmax over the last axis agrees
+    # values that are NaN or inf where the dense output is finite (the error is then infinite);
+    # where the dense output itself is not finite, the figures leave the position out
+    nonfinite: int = 0
 
 
 @dataclass
@@ -69,12 +73,28 @@ def measure(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np
         per_token = tokens is not None and ref64.shape[:2] == tokens.shape
         if per_token:
             kept = tokens.reshape(tokens.shape + (1,) * (ref64.ndim - 2))
-            ref64, got64 = ref64 * kept, got64 * kept
+            ref64, got64 = np.where(kept, ref64, 0.0), np.where(kept, got64, 0.0)
+        nonfinite = int((~np.isfinite(got64) & np.isfinite(ref64)).sum())
+        unmeasured = ~np.isfinite(ref64)  # the dense model's own NaN or inf: nothing to measure against
+        if unmeasured.any():
+            ref64, got64 = np.where(unmeasured, 0.0, ref64), np.where(unmeasured, 0.0, got64)
+        if nonfinite:
+            result.outputs.append(OutputFidelity(name, math.inf, math.nan, None, nonfinite))
+            continue
         norm = float(np.linalg.norm(ref64))
         error = float(np.linalg.norm(got64 - ref64)) / norm if norm else float(np.linalg.norm(got64) > 0)
         top1 = _top1_agreement(ref64, got64, tokens if per_token else None) if name in scores else None
         result.outputs.append(OutputFidelity(name, error, _mean_cosine(ref64, got64), top1))
     return result
+
+
+def nonfinite_problems(fidelity: Fidelity | None) -> list[str]:
+    """Validation problems: outputs the pruned model turns to NaN or inf on the user's own inputs."""
+    broken = [f"{o.name} ({o.nonfinite} values)" for o in (fidelity.outputs if fidelity else []) if o.nonfinite]
+    if not broken:
+        return []
+    return [f"the pruned model outputs NaN or inf on {fidelity.source} where the input model's outputs are "
+            f"finite: {', '.join(broken)}"]
 
 
 def _outputs(run, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

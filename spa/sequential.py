@@ -39,6 +39,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from . import runlimit
 from .compensate import replace_initializers
 from .cut import apply_plan, soft_transform
 from .quantized import Store
@@ -257,7 +258,7 @@ def _dense_rows(dense: onnx.ModelProto, graph: ModelGraph, todo, rows: _Rows, se
     run = session(_prefix(dense, graph, tensors), custom_ops=custom_ops)
     cached: dict[tuple[int, str], list[np.ndarray]] = {key: [] for key in wanted}
     for index, feed in enumerate(rows.batches):
-        values = dict(zip(tensors, run.run(tensors, feed)))
+        values = dict(zip(tensors, runlimit.run(run, tensors, feed)))
         for (position, kind), (dim, width) in wanted.items():
             cached[(position, kind)].append(rows.pick(position, index, values[dim.tensor], dim.axis, width))
     return cached
@@ -304,8 +305,8 @@ def _collect(dense: onnx.ModelProto, soft: onnx.ModelProto, graph: ModelGraph, w
         folds = FOLDS if len(rows.batches) >= FOLDS and len(keep) <= CV_MAX_CHANNELS else 1
         fits.append(_Fit.empty(layer, keep, graph.shape(layer.weight)[layer.weight_axis], outputs, folds))
     for index, feed in enumerate(rows.batches):
-        pruned_values = dict(zip(tensors, pruned_run.run(tensors, feed)))
-        dense_values = dict(zip(tensors, dense_run.run(tensors, feed))) if dense_run is not None else None
+        pruned_values = dict(zip(tensors, runlimit.run(pruned_run, tensors, feed)))
+        dense_values = dict(zip(tensors, runlimit.run(dense_run, tensors, feed))) if dense_run is not None else None
 
         def dense_rows(position: int, kind: str, dim: Dim, width: int) -> np.ndarray:
             if dense_cache is not None:

@@ -10,7 +10,10 @@ number of samples.
 """
 from __future__ import annotations
 
+import os
+import stat
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +21,8 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from . import runlimit
+from .calibration import archive_members, first_nonfinite, open_regular, stored_array
 from .errors import UsageError
 from .rules import Dim
 
@@ -122,61 +127,95 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def load_calibration(path: str | Path, model: onnx.ModelProto, samples: int) -> dict[str, np.ndarray]:
-    """Named input arrays with a leading sample axis, from an .npz or a folder of .npy files.
+    """Named input arrays with a leading sample axis, from an .npz or a folder of .npy files: at
+    most the first ``samples`` of each, and only those are read (``spa.calibration`` says how
+    untrusted files are read).
 
     A folder holds ``<input name>.npy`` per input; a single-input model may instead take any
-    number of .npy files, each one sample or a batch of samples, read in name order.
+    number of .npy files, each one sample or a batch of samples, read in name order. Values that
+    are not finite are refused: one NaN turns the statistics, and every weight refitted from
+    them, into NaN.
     """
     path = Path(path)
     inputs = graph_inputs(model)
-    names = [i.name for i in inputs]
-    if path.is_dir():
-        files = sorted(path.glob("*.npy"))
-        if not files:
-            raise UsageError(f"--calib {path}: the folder holds no .npy files")
-        by_name = {f.stem: f for f in files}
-        if all(n in by_name for n in names):
-            arrays = {n: _read_npy(by_name[n]) for n in names}
-        elif len(names) == 1:
-            rank = len(inputs[0].type.tensor_type.shape.dim)
-            parts = [_read_npy(f) for f in files]
-            arrays = {names[0]: np.concatenate([p if p.ndim == rank else p[None] for p in parts])}
-        else:
-            raise UsageError(f"--calib {path}: a model with inputs {', '.join(names)} needs one .npy "
-                             f"file per input, named after it")
-    elif path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {k: archive[k] for k in archive.files}
-        except Exception as exc:
-            raise UsageError(f"--calib {path}: not a readable .npz file ({type(exc).__name__})") from None
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise UsageError(f"--calib {path}: no array for input(s) {', '.join(missing)} "
-                             f"(it has {', '.join(sorted(arrays)) or 'none'})")
-    else:
-        raise UsageError(f"--calib {path}: no such file or folder")
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in inputs}
+    try:
+        folder = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise UsageError(f"--calib {path}: no such file or folder") from None
+    except OSError as exc:
+        raise UsageError(f"--calib {path}: cannot read it ({exc.strerror or exc})") from None
+    arrays, counts = _from_folder(path, ranks, samples) if folder else _from_archive(path, ranks, samples)
+    if len(set(counts.values())) != 1:
+        raise UsageError(f"--calib: the arrays hold different sample counts ({sorted(set(counts.values()))})")
     feeds = {}
     for info in inputs:
-        array = arrays[info.name]
-        rank = len(info.type.tensor_type.shape.dim)
-        if array.ndim == rank - 1:  # one sample
-            array = array[None]
-        if array.ndim != rank:
-            raise UsageError(f"--calib: input '{info.name}' has rank {rank}, the array has shape "
-                             f"{list(array.shape)}")
-        feeds[info.name] = array.astype(_numpy_type(info), copy=False)
-    counts = {len(a) for a in feeds.values()}
-    if len(counts) != 1:
-        raise UsageError(f"--calib: the arrays hold different sample counts ({sorted(counts)})")
-    return {k: v[:samples] for k, v in feeds.items()}
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # what overflows is refused just below
+                array = arrays[info.name].astype(_numpy_type(info), copy=False)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UsageError(f"--calib {path}: array '{info.name}' does not convert to the input's type "
+                             f"({type(exc).__name__})") from None
+        bad = first_nonfinite(array)
+        if bad is not None:
+            raise UsageError(f"--calib {path}: array '{info.name}' holds NaN or inf in sample {bad} "
+                             f"(counting from 0)")
+        feeds[info.name] = array
+    return feeds
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _from_folder(path: Path, ranks: dict[str, int], samples: int) -> tuple[dict, dict]:
+    """The arrays of a folder of .npy files, and how many samples each input's files hold."""
+    files = sorted(path.glob("*.npy"))
+    if not files:
+        raise UsageError(f"--calib {path}: the folder holds no .npy files")
+    by_name = {f.stem: f for f in files}
+    names = list(ranks)
+    if all(n in by_name for n in names):
+        arrays, counts = {}, {}
+        for name in names:
+            with open_regular(by_name[name]) as handle:
+                stored = stored_array(handle, str(by_name[name]), os.fstat(handle.fileno()).st_size)
+                counts[name], arrays[name] = stored.samples(ranks[name]), stored.read(ranks[name], samples)
+        return arrays, counts
+    if len(names) != 1:
+        raise UsageError(f"--calib {path}: a model with inputs {', '.join(names)} needs one .npy "
+                         f"file per input, named after it")
+    name = names[0]
+    parts, total = [], 0
+    for file in files:
+        if total >= samples:  # the files after the samples used are never opened
+            break
+        with open_regular(file) as handle:
+            part = stored_array(handle, str(file), os.fstat(handle.fileno()).st_size).read(ranks[name],
+                                                                                         samples - total)
+        parts.append(part)
+        total += len(part)
+    if len({p.shape[1:] for p in parts}) > 1:
+        raise UsageError(f"--calib {path}: the .npy files hold samples of different shapes "
+                         f"({sorted({tuple(p.shape[1:]) for p in parts})})")
+    return {name: np.concatenate(parts)}, {name: total}
+
+
+def _from_archive(path: Path, ranks: dict[str, int], samples: int) -> tuple[dict, dict]:
+    """The arrays of an .npz archive, and how many samples each holds."""
     try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise UsageError(f"--calib: {path} is not a readable .npy file ({type(exc).__name__})") from None
+        with open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
+            members = archive_members(archive, path)
+            missing = [n for n in ranks if n not in members]
+            if missing:
+                raise UsageError(f"--calib {path}: no array for input(s) {', '.join(missing)} "
+                                 f"(it has {', '.join(sorted(members)) or 'none'})")
+            arrays, counts = {}, {}
+            for name, rank in ranks.items():
+                with archive.open(members[name]) as stream:
+                    stored = stored_array(stream, f"{path} (array '{name}')", members[name].file_size)
+                    counts[name], arrays[name] = stored.samples(rank), stored.read(rank, samples)
+            return arrays, counts
+    except UsageError:
+        raise
+    except Exception as exc:  # zipfile and zlib raise several unrelated types for a damaged archive
+        raise UsageError(f"--calib {path}: not a readable .npz file ({type(exc).__name__})") from None
 
 
 def _numpy_type(info: onnx.ValueInfoProto):
@@ -431,7 +470,7 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[D
     batch_list = list(batches(model, feeds))
     masks = padding_masks(model)
     for feed in batch_list:
-        values = dict(zip(tensors, run.run(tensors, feed)))
+        values = dict(zip(tensors, runlimit.run(run, tensors, feed)))
         samples += len(next(iter(feed.values())))
         tokens = token_mask(feed, masks)
         padded += int((~tokens).sum()) if tokens is not None else 0

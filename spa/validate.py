@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from . import runlimit
 from .errors import UsageError, ValidationError
 from .fidelity import Fidelity
 from .statistics import graph_inputs
@@ -39,6 +40,9 @@ class Validation:
     fidelity: Fidelity | None = None
     latency: list[dict] = field(default_factory=list)  # dense vs pruned per provider (spa.bench.LatencyPair)
     sizes: list[dict[str, list[int]]] = field(default_factory=list)  # the input sizes the checks ran at
+    # float outputs of the input model holding NaN or inf on the sample inputs: compared where finite
+    dense_nonfinite: list[str] = field(default_factory=list)
+    nonfinite_weights: list[str] = field(default_factory=list)  # pruned weights holding NaN or inf
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -209,16 +213,87 @@ def relative_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray
     ``dense`` (the unpruned model's outputs) also sets the scale: pruning can shrink an output
     towards zero (silero's speech probability falls from 0.56 to 4e-4 at ratio 0.3), and a
     sigmoid's float32 result is only good to about 6e-8 absolute, which is no sign of a wrong cut.
+
+    A NaN or inf agrees only with the same value at the same place in ``other`` (and in ``dense``,
+    when given); anywhere else the error is infinite. A plain difference would be NaN there, which
+    ``max()`` drops when it comes second and every ``error > tolerance`` check reads as a pass.
     """
     worst = 0.0
     for name, ref in reference.items():
         ref64, got64 = np.asarray(ref, np.float64), np.asarray(other[name], np.float64)
+        dense64 = np.asarray(dense[name], np.float64) if dense is not None and name in dense \
+            and np.size(dense[name]) else None
+        finite = np.isfinite(ref64) & np.isfinite(got64) if ref64.shape == got64.shape else None
+        if finite is None:
+            if not (np.isfinite(ref64).all() and np.isfinite(got64).all()):
+                return math.inf
+        elif not finite.all():
+            if not _same_values(ref64, got64, ~finite) or (dense64 is not None and (
+                    dense64.shape != ref64.shape or not _same_values(ref64, dense64, ~finite))):
+                return math.inf
+            ref64, got64 = ref64[finite], got64[finite]
+        if dense64 is not None:
+            dense64 = dense64[np.isfinite(dense64)]
         scale = float(np.abs(ref64).max()) if ref64.size else 0.0
-        if dense is not None and name in dense and np.size(dense[name]):
-            scale = max(scale, float(np.abs(np.asarray(dense[name], np.float64)).max()))
+        if dense64 is not None and dense64.size:
+            scale = max(scale, float(np.abs(dense64).max()))
         diff = float(np.abs(ref64 - got64).max()) if ref64.size else 0.0
         worst = max(worst, diff / (scale + 1e-8))
     return worst
+
+
+def _same_values(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> bool:
+    return bool(np.array_equal(a[where], b[where], equal_nan=True))
+
+
+def nonfinite_outputs(outputs: dict[str, np.ndarray]) -> list[str]:
+    """Float outputs holding NaN or inf."""
+    return [name for name, value in outputs.items()
+            if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all()]
+
+
+def newly_nonfinite(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> list[str]:
+    """Float outputs holding NaN or inf where the reference's same output is finite."""
+    found = []
+    for name in nonfinite_outputs(outputs):
+        value, ref = np.asarray(outputs[name]), reference.get(name)
+        if ref is None or np.shape(ref) != value.shape:
+            found.append(name)
+        elif (~np.isfinite(value) & np.isfinite(np.asarray(ref, np.float64))).any():
+            found.append(name)
+    return found
+
+
+def nonfinite_weights(pruned: onnx.ModelProto, dense: onnx.ModelProto) -> list[str]:
+    """Float initializers of ``pruned`` (subgraphs included) holding NaN or inf that the dense
+    model's tensor of that name does not hold: a refit gone wrong. Constants the input already
+    had (a -inf attention mask) are its own business."""
+    dense_tensors = {t.name: t for t in _initializers(dense.graph)}
+    found = []
+    for tensor in _initializers(pruned.graph):
+        if tensor.data_type in _CHECKED_FLOATS and not _all_finite(tensor):
+            original = dense_tensors.get(tensor.name)
+            if original is None or _all_finite(original):
+                found.append(tensor.name)
+    return found
+
+
+_CHECKED_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+
+
+def _initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _initializers(sub)
+
+
+def _all_finite(tensor: onnx.TensorProto, chunk: int = 1 << 24) -> bool:
+    from .tensors import to_array
+
+    values = to_array(tensor).reshape(-1)  # a memory map for external data: checked in pieces
+    return all(np.isfinite(values[start:start + chunk]).all() for start in range(0, values.size, chunk))
 
 
 # outputs declared without a shape are common and harmless: onnxruntime runs them
@@ -276,6 +351,8 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
     try:
         dense_out = _run_all(dense, feeds, custom_ops)
         result.dense_runs = True
+    except runlimit.RunTimeout:
+        raise
     except Exception as exc:
         result.dense_error = f"onnxruntime cannot run the input model: {one_line(exc)}"
         result.problems.append(result.dense_error)
@@ -292,10 +369,17 @@ def validate(dense: Source, pruned: Source, soft: Source | None, hard_exact: Sou
     try:
         pruned_out = _run_all(pruned, feeds, custom_ops)
         result.runs = True
+    except runlimit.RunTimeout:
+        raise
     except Exception as exc:
         result.problems.append(f"onnxruntime cannot run the pruned model: {one_line(exc)}")
         return result
     step(3, total)
+    result.dense_nonfinite = list(dict.fromkeys(n for out in dense_out for n in nonfinite_outputs(out)))
+    broken = list(dict.fromkeys(n for d, p in zip(dense_out, pruned_out) for n in newly_nonfinite(d, p)))
+    if broken:
+        result.problems.append(f"the pruned model outputs NaN or inf where the input model's outputs are finite "
+                               f"({', '.join(broken)})")
     same_inputs = [i.name for i in dense_proto.graph.input] == [i.name for i in _proto(pruned).graph.input]
     result.io_match = same_inputs and all(same_shapes(d, p) for d, p in zip(dense_out, pruned_out))
     if not result.io_match:
@@ -331,8 +415,9 @@ def _soft_hard_error(soft: Source, hard: Source, feeds, soft_out, hard_out, dens
     """The worst soft/hard error over outputs, and the outputs checked before their squashing op."""
     errors = {name: max(relative_error({name: s[name]}, {name: h[name]}, dense={name: d[name]})
                         for s, h, d in zip(soft_out, hard_out, dense_out)) for name in soft_out[0]}
-    bad = [name for name, err in errors.items() if err >= SOFT_TOLERANCE]
-    if not bad or not isinstance(soft, onnx.ModelProto) or not isinstance(hard, onnx.ModelProto):
+    bad = [name for name, err in errors.items() if not err < SOFT_TOLERANCE]
+    # an infinite error is a NaN or inf the dense model does not have: no squashing op's rounding
+    if not bad or any(math.isinf(errors[name]) for name in bad) or not isinstance(soft, onnx.ModelProto) or not isinstance(hard, onnx.ModelProto):
         return max(errors.values(), default=0.0), []
     producers = {o: n for n in soft.graph.node for o in n.output}
     hard_tensors = {o for n in hard.graph.node for o in n.output}
@@ -348,6 +433,8 @@ def _soft_hard_error(soft: Source, hard: Source, feeds, soft_out, hard_out, dens
     inner = {tensor: types.get(name, onnx.TensorProto.FLOAT) for name, tensor in before.items()}
     soft_in = _run_all(_with_outputs(soft, inner), feeds, custom_ops)
     hard_in = _run_all(_with_outputs(hard, inner), feeds, custom_ops)
+    if any(nonfinite_outputs(out) for out in soft_in + hard_in):  # agreement on NaN proves nothing
+        return max(errors.values()), []
     for name, tensor in before.items():
         errors[name] = max(relative_error({tensor: s[tensor]}, {tensor: h[tensor]}) for s, h in zip(soft_in, hard_in))
     return max(errors.values()), list(before)
@@ -377,6 +464,8 @@ def _run_each(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, n
     for feed in feeds:
         try:
             outputs.append(outputs_of(sess, feed))
+        except runlimit.RunTimeout:
+            raise
         except Exception:
             outputs.append(None)
     del sess
@@ -385,7 +474,7 @@ def _run_each(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, n
 
 def outputs_of(sess, feeds) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return dict(zip(names, runlimit.run(sess, names, feeds)))
 
 
 def same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
