@@ -425,7 +425,8 @@ class _Candidates:
         """The ratio meeting a FLOPs or params target; for latency, the ratio keeping that share of
         FLOPs, the usual first guess (latency seldom falls faster than FLOPs)."""
         metric = "flops" if target.metric == "latency" else target.metric
-        return reach_structural(metric, target.fraction, lambda r: self.kept(metric, r, round_to)).ratio
+        return reach_structural(metric, target.fraction, lambda r: self.kept(metric, r, round_to),
+                                out_of_reach_ok=True).ratio
 
     def meter(self, provider: str, threads: int, custom_ops: tuple[str, ...], seed: int) -> LatencyMeter:
         if is_lazy(self.prepared.model):

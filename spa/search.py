@@ -67,11 +67,14 @@ class RoundToOutcome:
     median_ms: dict[int, float]  # multiple -> median latency of the model pruned with it
 
 
-def reach_structural(metric: str, goal: float, measure: Callable[[float], float]) -> TargetOutcome:
+def reach_structural(metric: str, goal: float, measure: Callable[[float], float],
+                     out_of_reach_ok: bool = False) -> TargetOutcome:
     """The smallest ratio whose model keeps at most ``goal`` of the dense FLOPs or params.
 
     Both only fall as the ratio grows (every group's keep count is monotone), so bisection
-    finds it; plans are discrete, so ratios 1e-3 apart give the same model.
+    finds it; plans are discrete, so ratios 1e-3 apart give the same model. With
+    ``out_of_reach_ok`` an unreachable goal answers the largest ratio, unmet, instead of
+    raising: a first guess for another target has no goal of its own to report.
     """
     probes: list[Probe] = []
 
@@ -82,6 +85,8 @@ def reach_structural(metric: str, goal: float, measure: Callable[[float], float]
     if goal >= 1:
         return TargetOutcome(metric, goal, 0.0, 1.0, True, probes=probes)
     floor = probe(MAX_RATIO)
+    if floor > goal and out_of_reach_ok:
+        return TargetOutcome(metric, goal, MAX_RATIO, floor, False, probes=probes)
     if floor > goal:
         raise UsageError(f"--target-{metric} {goal:g} is out of reach: pruning every prunable group by "
                          f"{MAX_RATIO:.0%} keeps {floor:.1%} of the {metric} (frozen groups keep the rest; "

@@ -65,6 +65,17 @@ def test_structural_search_refuses_what_frozen_groups_keep():
         reach_structural("flops", 0.2, lambda ratio: 0.5 + 0.5 * (1 - ratio))
 
 
+def test_latency_target_out_of_flops_reach_searches_latency_instead_of_naming_flops(tmp_path):
+    # the FLOPs share a latency target starts from can be past what the rounding allows; that is a
+    # first guess, not the user's target, so the latency search goes on from the largest ratio
+    result = CliRunner().invoke(main, ["prune", str(EXAMPLE), "-o", str(tmp_path / "p.onnx"), "--target-latency",
+                                       "0.05", "--round-to", "16", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    assert "--target-flops" not in result.output
+    assert result.exit_code == 0, result.output
+    target = json.loads((tmp_path / "r.json").read_text())["target"]
+    assert target["metric"] == "latency" and not target["met"] and target["probes"][0]["ratio"] == MAX_RATIO
+
+
 @pytest.mark.parametrize("goal", [0.3, 0.6, 0.85])
 def test_latency_search_lands_within_tolerance_on_a_noisy_curve(goal):
     rng = np.random.default_rng(1)
