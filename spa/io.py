@@ -140,7 +140,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         refuse_special(path)  # again: the path may have changed since the run began
-        os.replace(tmp, path)
+        with deferred():  # once in place, the file is complete: a signal waits until after
+            os.replace(tmp, path)
+            tmp = None
     except OSError as exc:
         if tmp is not None:
             remove_quietly(tmp)
@@ -173,8 +175,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, data_path: str |
         write_external(model, staging, path.name, data_name=data_name)  # streams tensor by tensor
         refuse_special(parent / data_name)
         refuse_special(path)
-        os.replace(staging / data_name, parent / data_name)
-        os.replace(staging / path.name, path)
+        with deferred():  # the two renames put the output in place together, or not at all
+            os.replace(staging / data_name, parent / data_name)
+            os.replace(staging / path.name, path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
