@@ -1,6 +1,7 @@
 """Writing files so that a failure never leaves a partial output behind."""
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tempfile
@@ -85,11 +86,24 @@ def protected_files(paths: list[Path]) -> list[Path]:
 
 def _referenced_files(path: Path) -> list[Path]:
     try:
-        if not path.is_file() or not _mentions_external_data(path):
-            return []
+        info = path.stat()
+    except (OSError, ValueError):
+        return []
+    if not stat.S_ISREG(info.st_mode):  # never open a FIFO or a device to look inside
+        return []
+    # relative to the folder of the name given, as the loader reads them, even through a symlink
+    return list(_references_of(str(path), info.st_size, info.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)  # each output check asks again; parse a large model once
+def _references_of(path: str, size: int, mtime_ns: int) -> tuple[Path, ...]:
+    path = Path(path)
+    try:
+        if not _mentions_external_data(path):
+            return ()
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not a model: loading it reports that in its own words
-        return []
+        return ()
     from .load import external_tensors
     from .tensors import external_entries
 
@@ -100,7 +114,7 @@ def _referenced_files(path: Path) -> list[Path]:
             files.append((path.parent / location).resolve())
         except (OSError, ValueError):
             pass
-    return files
+    return tuple(files)
 
 
 def _mentions_external_data(path: Path, chunk: int = 16 << 20) -> bool:

@@ -95,12 +95,14 @@ def _checked_range(tensor: onnx.TensorProto, base_dir: Path, root: Path) -> tupl
     """The file, offset and length a tensor's external data entry names, once they pass the rules."""
     entries = external_entries(tensor)
     location = entries.get("location", "")
+    if not location:
+        raise ModelLoadError(f"tensor '{tensor.name}' keeps its data in an external file but names none")
     try:
         target = (base_dir / location).resolve()  # resolves symlinks too
-        escapes = not location or Path(location).is_absolute() or not target.is_relative_to(root)
-    except (OSError, ValueError):  # a NUL byte, a name too long for the file system, a symlink loop
-        escapes = True
-    if escapes:
+    except (OSError, ValueError):  # a NUL byte, a symlink loop
+        raise ModelLoadError(f"external data location of tensor '{tensor.name}' is not a usable file name "
+                             f"('{_shown(location)}')") from None
+    if Path(location).is_absolute() or not target.is_relative_to(root):
         raise ModelLoadError(f"external data of tensor '{tensor.name}' points outside the model's folder "
                              f"('{_shown(location)}'); refusing to read it")
     try:

@@ -409,3 +409,30 @@ def test_signals_leave_nothing_behind(tmp_path, signum, moment):
     assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert list(out.iterdir()) == []
     assert [p.name for p in scratch.iterdir() if p.name not in ONNXRUNTIME_OWN] == []
+
+
+@pytest.mark.parametrize("entry, value, message", [
+    ("location", "w\0.bin", "not a usable file name"),
+    ("location", "w" * 5000, "not found"),
+    ("location", "", "names none"),
+    ("offset", "1.5", "not a whole number"),
+    ("length", "many", "not a whole number"),
+    ("offset", "-4096", "at offset -4096"),
+])
+@pytest.mark.parametrize("where", ["main graph", "subgraph"])
+def test_malformed_external_data_entries_are_load_errors(tmp_path, entry, value, message, where):
+    path = tmp_path / "m.onnx"
+    save_external(if_model(), path, "m.data")
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = next(t for t in _every_tensor(model.graph)
+                  if t.external_data and (t.name == "then_w") == (where == "subgraph"))
+    for item in tensor.external_data:
+        if item.key == entry:
+            item.value = value
+    if entry not in {e.key for e in tensor.external_data}:
+        item = tensor.external_data.add()
+        item.key, item.value = entry, value
+    onnx.save(model, str(path))
+    result = run("prune", path, "--no-bench", "--no-validate")
+    one_line_error(result, 3)
+    assert message in result.output
