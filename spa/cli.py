@@ -25,6 +25,7 @@ from .errors import EXIT_INTERNAL, SpaError, UsageError
 from .export import Fp16RangeWarning, export
 from .bench import parse_shapes
 from .validate import format_sizes
+from .tensors import is_lazy
 from .io import check_output_path, output_data_path, protected_files, write_bytes_atomic
 from . import signals
 
@@ -202,7 +203,7 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
         data_path = None
         if out_format == "onnx" and len(protected_files([model])) > 1:  # weights will be written beside it
             data_path = output_data_path(target, protected_files(reads))
-            check_output_path(data_path, [*reads, target], force)
+            check_output_path(data_path, reads, force)  # a previous output's data is fair game with --force
         _check_json_path(json_path, [*reads, target, *([data_path] if data_path else [])], force)
         stages = _Stages(quiet)
         try:
@@ -230,6 +231,9 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
             stages.finish()
         report["export"] = [c.as_dict() for c in checks]
         report["output"] = None if nothing else str(target)
+        # where the weights went, when they sit beside the model: a name other than <output>.data
+        # when that one is a file the input reads
+        report["output_data"] = str(data_path) if data_path and not nothing and is_lazy(result.model) else None
         if json_path:
             _write_json(json_path, report)
         if not quiet:
@@ -390,7 +394,10 @@ def _summary(r: dict) -> str:
     for check in r["export"]:
         lines.append(f"{check['target']}: {check['summary']}")
     if r["output"]:
-        lines.append(f"wrote {r['output']}")
+        data = r.get("output_data")
+        beside = f" (weights in {data}: {Path(r['output']).name}.data is the input's)" \
+            if data and Path(data).name != f"{Path(r['output']).name}.data" else ""
+        lines.append(f"wrote {r['output']}{beside}")
     else:
         lines.append("nothing to prune: every group is frozen (see `spa analyze`); no file written "
                      "(--write-unchanged writes a copy)")

@@ -119,8 +119,9 @@ def test_default_output_never_takes_the_input_data_file_name(tmp_path):
     path = tmp_path / "m.onnx"
     save_external(conv_model(), path, "m.pruned.onnx.data")
     before = digest(tmp_path / "m.pruned.onnx.data")
-    result = run("prune", path, "--no-bench", "-q")
+    result = run("prune", path, "--no-bench")
     assert result.exit_code == 0, result.output
+    assert "weights in" in result.output and "m.pruned.onnx.1.data" in result.output
     assert digest(tmp_path / "m.pruned.onnx.data") == before
     out = onnx.load(str(tmp_path / "m.pruned.onnx"), load_external_data=False)
     assert external_locations(out) == {"m.pruned.onnx.1.data"}
@@ -167,6 +168,10 @@ def test_json_follows_the_output_rules(tmp_path):
     assert digest(tmp_path / "m.data") == data_before
     assert run("prune", path, "--json", report, "--force", "--no-bench", "-q").exit_code == 0
     assert json.loads(report.read_text())["output"].endswith("m.pruned.onnx")
+    # a previous output and its weights are replaced with --force, and only with it
+    one_line_error(run("prune", path, "--no-bench"), 5)
+    assert run("prune", path, "--force", "--no-bench", "-q").exit_code == 0
+    assert digest(tmp_path / "m.data") == data_before
 
 
 def test_json_to_standard_output(tmp_path):
