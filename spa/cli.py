@@ -59,7 +59,11 @@ class _Stages:
 
 
 def _run(debug: bool, action) -> None:
-    signals.install()
+    with signals.handled():
+        _report_failures(debug, action)
+
+
+def _report_failures(debug: bool, action) -> None:
     try:
         try:
             action()

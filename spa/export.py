@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .errors import OutputError, UsageError, ValidationError
-from .io import save_model
+from .io import refuse_special, save_model
 from .signals import deferred, remove_quietly
 from .tensors import is_lazy, to_array, write_external
 from .validate import (BENIGN_CHECKER_ERROR, one_line, outputs_of, refuse_oversized, relative_error,
@@ -300,7 +300,9 @@ def to_ort(model: Source, out_path: Path, seed: int = 0, check: bool = True) -> 
         if result is not None:
             result.raise_if_failed()
         _fsync(staged)
-        os.replace(staged, out_path)
+        refuse_special(out_path)  # again: the path may have changed since the run began
+        with deferred():  # once in place, the file is complete: a signal waits until after
+            os.replace(staged, out_path)
         return result
     except OSError as exc:
         raise OutputError(f"{out_path}: cannot write ({exc.strerror or exc})") from exc

@@ -2,7 +2,7 @@
 
 SIGTERM (what ``timeout``, docker and CI send) and SIGHUP would otherwise kill the process
 on the spot, skipping every ``finally`` and leaving temporary files and scratch folders
-behind. :func:`install` makes them raise :class:`Terminated`, a ``KeyboardInterrupt``, so
+behind. :func:`handled` makes them raise :class:`Terminated`, a ``KeyboardInterrupt``, so
 they unwind through exactly the cleanup that SIGINT does; the command then exits with
 ``128 + signal number`` (130, 143, 129), the status a shell reports for a signal.
 
@@ -39,14 +39,25 @@ _raised = False
 _held = 0
 
 
-def install() -> None:
-    """Route the termination signals to :class:`Terminated` (main thread only; a signal that
-    is ignored on entry, as ``nohup`` and background jobs arrange, stays ignored)."""
+@contextmanager
+def handled():
+    """Route the termination signals to :class:`Terminated` inside the block (main thread only;
+    a signal that is ignored on entry, as ``nohup`` and background jobs arrange, stays ignored).
+    The previous handlers come back afterwards."""
+    global _received, _raised
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
+    _received, _raised = None, False
+    previous = {}
     for signum in HANDLED:
         if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _on_signal)
+            previous[signum] = signal.signal(signum, _on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _on_signal(signum, frame) -> None:
