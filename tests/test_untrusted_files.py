@@ -423,7 +423,7 @@ def test_signals_leave_nothing_behind(tmp_path, signum, moment):
     ("offset", "1.5", "not a whole number"),
     ("length", "many", "not a whole number"),
     ("offset", "-4096", "at offset -4096"),
-])
+], ids=["NUL byte", "5000 characters", "empty location", "fractional offset", "word length", "negative offset"])
 @pytest.mark.parametrize("where", ["main graph", "subgraph"])
 def test_malformed_external_data_entries_are_load_errors(tmp_path, entry, value, message, where):
     path = tmp_path / "m.onnx"
