@@ -5,7 +5,6 @@ The whole pipeline, in order: load -> graph -> groups -> score -> plan -> cut ->
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +34,7 @@ from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_r
                      reach_structural)
 from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, static_batch,
                          synthetic_feeds, synthetic_sample_count)
+from .signals import ScratchDirectory
 from .tensors import is_lazy, write_beside_data, write_external
 from .bench import compare, resolve_providers
 from .validate import (Validation, check_input_sizes, complete_sizes, counted_sizes, nonfinite_weights, one_line,
@@ -130,7 +130,7 @@ class PruneResult:
     model: onnx.ModelProto
     report: PruneReport
     # for models with external data, the cut tensors live in this folder (removed with the result)
-    workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
+    workdir: ScratchDirectory | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -339,7 +339,7 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
                                           seed, tuple(custom_ops))
         timer.lap("compensate")
     _say(progress, "cut")
-    workdir = tempfile.TemporaryDirectory(prefix="spa-") if is_lazy(prepared.model) else None
+    workdir = ScratchDirectory() if is_lazy(prepared.model) else None
     spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
     hard = chosen.hard if chosen else infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset,
                                                               spill=spill))

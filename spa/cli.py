@@ -7,6 +7,7 @@ Exit codes: 0 ok; 1 internal error (a bug: please report it); 2 bad usage;
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import warnings
 import time
@@ -25,7 +26,9 @@ from .export import Fp16RangeWarning, export
 from .runlimit import RUN_TIMEOUT
 from .bench import parse_shapes
 from .validate import format_sizes
-from .io import check_output_path, write_bytes_atomic
+from .tensors import is_lazy
+from .io import check_output_path, output_data_path, protected_files, write_bytes_atomic
+from . import signals
 
 
 class _Stages:
@@ -72,16 +75,28 @@ def _progress_bar():
 
 
 def _run(debug: bool, action) -> None:
+    with signals.handled():
+        _report_failures(debug, action)
+
+
+def _report_failures(debug: bool, action) -> None:
     try:
-        action()
+        try:
+            action()
+        finally:
+            signals.remove_scratch()
+        if signals.received():  # it came while a cleanup held it back
+            raise signals.Terminated(signals.received())
     except SpaError as exc:
         if debug:
             raise
         click.echo(f"spa: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("spa: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # SIGINT, SIGTERM or SIGHUP: the shell's status for that signal
+        signum = getattr(exc, "signum", signal.SIGINT)
+        click.echo("spa: interrupted" if signum == signal.SIGINT else
+                   f"spa: stopped by {signal.Signals(signum).name}", err=True)
+        sys.exit(128 + signum)
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             raise
@@ -103,7 +118,30 @@ def _provider_list(text: str) -> tuple[str, ...]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    if _to_stdout(path):
+        click.echo(text, nl=False)
+    else:
+        write_bytes_atomic(path, text.encode())
+
+
+def _to_stdout(json_path: Path | None) -> bool:
+    return json_path is not None and str(json_path) == "-"
+
+
+def _check_json_path(json_path: Path | None, reads: list[Path], force: bool) -> None:
+    if json_path is not None and not _to_stdout(json_path):
+        check_output_path(json_path, reads, force)
+
+
+def _files_read(model: Path, calib: Path | None, custom_ops) -> list[Path]:
+    """What a prune run reads besides the model's own data files: never a place to write."""
+    files = [model, *map(Path, custom_ops)]
+    if calib is not None:
+        files.append(calib)
+        if calib.is_dir():
+            files.extend(p for p in calib.iterdir())
+    return files
 
 
 @click.group()
@@ -183,9 +221,13 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
         multiple = _round_to(round_to)
         sizes = parse_shapes(list(input_shapes))
         target = output or output_path_for(model, soft, "." + out_format)
-        check_output_path(target, [model], force)
-        if json_path:
-            check_output_path(json_path, [model, target], True)
+        reads = _files_read(model, calib, custom_ops)
+        check_output_path(target, reads, force)
+        data_path = None
+        if out_format == "onnx" and len(protected_files([model])) > 1:  # weights will be written beside it
+            data_path = output_data_path(target, protected_files(reads))
+            check_output_path(data_path, reads, force)  # a previous output's data is fair game with --force
+        _check_json_path(json_path, [*reads, target, *([data_path] if data_path else [])], force)
         stages = _Stages(quiet)
         try:
             result = api_prune(model, ratio, criterion, calib=calib, calib_samples=calib_samples,
@@ -205,7 +247,8 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", Fp16RangeWarning)
                     checks = export(result.model, target, ort_format=out_format == "ort", fp16=fp16,
-                                    fp16_io=fp16_io, seed=seed, check=not no_validate, run_timeout=run_timeout)
+                                    fp16_io=fp16_io, seed=seed, check=not no_validate, run_timeout=run_timeout,
+                                    data_path=data_path)
                 for warning in caught:
                     if not quiet:
                         click.echo(f"spa: warning: {warning.message}", err=True)
@@ -213,10 +256,13 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
             stages.finish()
         report["export"] = [c.as_dict() for c in checks]
         report["output"] = None if nothing else str(target)
+        # where the weights went, when they sit beside the model: a name other than <output>.data
+        # when that one is a file the input reads
+        report["output_data"] = str(data_path) if data_path and not nothing and is_lazy(result.model) else None
         if json_path:
             _write_json(json_path, report)
         if not quiet:
-            click.echo(_summary(report))
+            click.echo(_summary(report), err=_to_stdout(json_path))  # standard output carries the JSON
 
     _run(debug, action)
 
@@ -243,9 +289,9 @@ def analyze(model, exclude, approximate, attention, input_shapes, json_path, ver
                              attention=attention.replace("-", "_"), input_shapes=parse_shapes(list(input_shapes)))
         data = report.as_dict()
         if json_path:
-            check_output_path(json_path, [model], True)
+            _check_json_path(json_path, [model], True)
             _write_json(json_path, data)
-        click.echo(_analysis_text(data, verbose))
+        click.echo(_analysis_text(data, verbose), err=_to_stdout(json_path))
 
     _run(debug, action)
 
@@ -273,10 +319,10 @@ def bench_command(models, providers, threads, warmup, runs, batch, input_shapes,
         results = [bench(list(models), provider, threads, warmup, runs, batch, shapes, run_timeout=run_timeout)
                    for provider in resolve_providers(list(_provider_list(providers)))]
         if json_path:
-            check_output_path(json_path, list(models), True)
+            _check_json_path(json_path, list(models), True)
             _write_json(json_path, {"models": [str(m) for m in models],
                                     "results": [r.as_dict() for r in results]})
-        click.echo(_bench_table(results))
+        click.echo(_bench_table(results), err=_to_stdout(json_path))
 
     _run(debug, action)
 
@@ -378,7 +424,10 @@ def _summary(r: dict) -> str:
     for check in r["export"]:
         lines.append(f"{check['target']}: {check['summary']}")
     if r["output"]:
-        lines.append(f"wrote {r['output']}")
+        data = r.get("output_data")
+        beside = f" (weights in {data}: {Path(r['output']).name}.data is the input's)" \
+            if data and Path(data).name != f"{Path(r['output']).name}.data" else ""
+        lines.append(f"wrote {r['output']}{beside}")
     else:
         lines.append("nothing to prune: every group is frozen (see `spa analyze`); no file written "
                      "(--write-unchanged writes a copy)")

@@ -7,7 +7,6 @@ session saving its optimised graph as a flatbuffer), with that tool's settings f
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -18,8 +17,9 @@ import numpy as np
 import onnx
 
 from .errors import OutputError, UsageError, ValidationError
-from .io import save_model
+from .io import refuse_special, save_model
 from .runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
+from .signals import deferred, remove_quietly
 from .tensors import is_lazy, to_array, write_external
 from .validate import (BENIGN_CHECKER_ERROR, newly_nonfinite, one_line, outputs_of, refuse_oversized,
                        relative_error, same_shapes, sample_inputs, session)
@@ -294,8 +294,10 @@ def to_ort(model: Source, out_path: Path, seed: int = 0, check: bool = True) -> 
     data end up inside the one ORT file.
     """
     out_path = Path(out_path)
-    staging = _staging_dir(out_path)
+    staging = None
     try:
+        with deferred():  # a signal here would leave the folder unrecorded
+            staging = _staging_dir(out_path)
         source = model
         if isinstance(model, onnx.ModelProto) and is_lazy(model):  # onnxruntime reads its weights from files
             source = write_external(model, staging, "source.onnx")
@@ -305,12 +307,15 @@ def to_ort(model: Source, out_path: Path, seed: int = 0, check: bool = True) -> 
         if result is not None:
             result.raise_if_failed()
         _fsync(staged)
-        os.replace(staged, out_path)
+        refuse_special(out_path)  # again: the path may have changed since the run began
+        with deferred():  # once in place, the file is complete: a signal waits until after
+            os.replace(staged, out_path)
         return result
     except OSError as exc:
         raise OutputError(f"{out_path}: cannot write ({exc.strerror or exc})") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            remove_quietly(staging)
 
 
 def _staging_dir(out_path: Path) -> Path:
@@ -400,9 +405,10 @@ def _session_io(sess) -> tuple:
 @own_context
 def export(model: onnx.ModelProto, target: str | os.PathLike, *, ort_format: bool = False, fp16: bool = False,
            fp16_io: str = "float32", seed: int = 0, check: bool = True,
-           run_timeout: float = RUN_TIMEOUT) -> list[ExportCheck]:
+           run_timeout: float = RUN_TIMEOUT, data_path: str | os.PathLike | None = None) -> list[ExportCheck]:
     """Convert a (validated) pruned model as asked, validate each conversion, and write it
-    atomically to ``target``: ``.onnx`` (external data beside it when large) or ORT format.
+    atomically to ``target``: ``.onnx`` (external data beside it when large, in ``data_path``
+    if given) or ORT format.
 
     Returns the checks that ran, in order; raises ``ValidationError`` when one fails (nothing is
     written then) and ``OutputError`` when writing fails. Each run of a check stops after
@@ -425,5 +431,5 @@ def export(model: onnx.ModelProto, target: str | os.PathLike, *, ort_format: boo
         ort_check = to_ort(model, target, seed, check)
         checks += [ort_check] if ort_check else []
     else:
-        save_model(model, target)
+        save_model(model, target, data_path)
     return checks

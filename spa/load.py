@@ -3,15 +3,24 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
 from .errors import ModelLoadError
-from .tensors import ITEM_SIZE, LAZY_BYTES, external_entries, is_lazy, to_array
+from .tensors import (
+    ITEM_SIZE,
+    LAZY_BYTES,
+    external_entries,
+    is_lazy,
+    read_external,
+    remember_file,
+    to_array,
+)
 from .validate import BENIGN_CHECKER_ERROR
 
 
@@ -57,47 +66,107 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Check every external reference, then load the data, or for large models leave it on disk.
 
     A reference must stay inside the model's folder (no ``..``, absolute paths or symlinks
-    out of it) and its byte range must fit the file and match the tensor's declared size.
+    out of it), name a regular file, and its byte range must fit the file and match the
+    tensor's declared size. The rule covers every tensor in the model: initializers and
+    Constant values of the main graph and of every If/Loop/Scan body, however deep.
+    Only the main graph's initializers stay on disk (lazily read by spa.tensors); the rest
+    are read now, so nothing spa later writes can still refer to a file it did not check.
     """
-    tensors = [t for t in _all_initializers(model) if uses_external_data(t)]
-    if not tensors:
+    weights = [t for t in model.graph.initializer if uses_external_data(t)]
+    others = [t for t in nested_tensors(model.graph) if uses_external_data(t)]
+    if not weights and not others:
         return
     root = base_dir.resolve()
-    total = 0
-    for tensor in tensors:
-        entries = external_entries(tensor)
-        location = entries.get("location", "")
-        target = (base_dir / location).resolve()  # resolves symlinks too
-        if Path(location).is_absolute() or not target.is_relative_to(root):
-            raise ModelLoadError(f"external data of tensor '{tensor.name}' points outside the model's folder "
-                                 f"('{location}'); refusing to read it")
-        if not target.is_file():
-            raise ModelLoadError(f"external data file '{location}' of tensor '{tensor.name}' not found")
-        expected = _numel(tensor) * ITEM_SIZE.get(tensor.data_type, 0)
-        length = int(entries.get("length", expected))
-        offset = int(entries.get("offset", 0))
-        if expected and (length != expected or offset < 0 or offset + length > target.stat().st_size):
-            raise ModelLoadError(f"tensor '{tensor.name}' declares {expected} bytes but its external data "
-                                 f"holds {length} at offset {offset} of a {target.stat().st_size}-byte file")
-        total += length
-    if total >= LAZY_BYTES:
-        for tensor in tensors:  # memory-mapped on demand by spa.tensors, never loaded whole
+    ranges = [_checked_range(tensor, base_dir, root) for tensor in weights + others]
+    lazy = len(weights) if sum(length for _, _, length in ranges) >= LAZY_BYTES else 0
+    for k, (tensor, (target, offset, length)) in enumerate(zip(weights + others, ranges)):
+        if k < lazy:  # memory stays free: spa.tensors reads it when needed
             for entry in tensor.external_data:
                 if entry.key == "location":
-                    entry.value = str((base_dir / entry.value).resolve())
-        return
+                    entry.value = str(target)
+            continue
+        data = read_external(target, offset, length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = bytes(data)
+
+
+def _checked_range(tensor: onnx.TensorProto, base_dir: Path, root: Path) -> tuple[Path, int, int]:
+    """The file, offset and length a tensor's external data entry names, once they pass the rules."""
+    entries = external_entries(tensor)
+    location = entries.get("location", "")
+    if not location:
+        raise ModelLoadError(f"tensor '{tensor.name}' keeps its data in an external file but names none")
     try:
-        load_external_data_for_model(model, str(base_dir))
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read external data: {_first_line(exc)}") from exc
+        target = (base_dir / location).resolve()  # resolves symlinks too
+    except (OSError, ValueError):  # a NUL byte, a symlink loop
+        raise ModelLoadError(f"external data location of tensor '{tensor.name}' is not a usable file name "
+                             f"('{_shown(location)}')") from None
+    if Path(location).is_absolute() or not target.is_relative_to(root):
+        raise ModelLoadError(f"external data of tensor '{tensor.name}' points outside the model's folder "
+                             f"('{_shown(location)}'); refusing to read it")
+    try:
+        info = target.stat()
+    except (OSError, ValueError):
+        raise ModelLoadError(f"external data file '{_shown(location)}' of tensor '{tensor.name}' not found") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block forever, a device never ends
+        raise ModelLoadError(f"external data file '{_shown(location)}' of tensor '{tensor.name}' "
+                             f"is not a regular file")
+    remember_file(target, info)
+    expected = _numel(tensor) * ITEM_SIZE.get(tensor.data_type, 0)
+    try:
+        offset = int(entries.get("offset", 0))
+        length = int(entries["length"]) if "length" in entries else (expected or info.st_size - offset)
+    except ValueError:
+        raise ModelLoadError(f"tensor '{tensor.name}' has an external data offset or length that is not a "
+                             f"whole number") from None
+    if expected and length != expected:
+        raise ModelLoadError(f"tensor '{tensor.name}' declares {expected} bytes but its external data "
+                             f"holds {length} at offset {offset} of a {info.st_size}-byte file")
+    if offset < 0 or length < 0 or offset + length > info.st_size:
+        raise ModelLoadError(f"tensor '{tensor.name}' reads {length} bytes at offset {offset} of its "
+                             f"{info.st_size}-byte external data file '{_shown(location)}'")
+    return target, offset, length
 
 
-def _all_initializers(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
+def _shown(location: str, limit: int = 80) -> str:
+    """A location as it can be printed on one line: control characters escaped, long ones cut."""
+    text = location.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def external_tensors(model: onnx.ModelProto):
+    """Every tensor in the model that keeps its data in a file: main graph and subgraphs."""
+    return (t for t in all_tensors(model.graph) if uses_external_data(t))
+
+
+def all_tensors(graph: onnx.GraphProto):
+    """Initializers, sparse initializers and attribute tensors of ``graph`` and, recursively, of the
+    graphs its nodes' attributes hold (If branches, Loop and Scan bodies)."""
+    yield from graph.initializer
+    yield from nested_tensors(graph)
+
+
+def nested_tensors(graph: onnx.GraphProto):
+    """``all_tensors`` but the graph's own initializers."""
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
+            if attr.HasField("t"):
                 yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sparse in attr.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
+            if attr.HasField("g"):  # whatever the declared type: a runtime may still read it
+                yield from all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from all_tensors(sub)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,12 +3,13 @@
 Models with external data (at least ``LAZY_BYTES`` of it; by default any) load *lazily*:
 their tensors keep an ``external_data`` reference, rewritten to the absolute
 path of a file that was checked to sit inside the model's folder. Values are
-then memory-mapped on demand and never held, and models are written back one
+then read on demand and never held, and models are written back one
 tensor at a time, so peak memory stays near the size of what the cut creates.
 """
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -36,16 +37,64 @@ def is_lazy(model: onnx.ModelProto) -> bool:
 
 
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's value: a read-only memory map for lazy external data, else an array."""
+    """The tensor's value: read from disk on demand for lazy external data, else an array."""
     if not uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
     entries = external_entries(tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     shape = tuple(int(d) for d in tensor.dims)
-    if not np.prod(shape, dtype=np.int64):
+    count = int(np.prod(shape, dtype=np.int64))
+    if not count:
         return np.zeros(shape, dtype=dtype)
-    return np.memmap(entries["location"], dtype=dtype, mode="r", offset=int(entries.get("offset", 0)),
-                     shape=shape)
+    data = read_external(Path(entries["location"]), int(entries.get("offset", 0)), count * np.dtype(dtype).itemsize)
+    value = np.frombuffer(data, dtype=dtype).reshape(shape)
+    value.flags.writeable = False  # as the read-only memory maps it replaced were: callers copy to change
+    return value
+
+
+# The identity (device, inode, size, mtime) of each external data file when its references were
+# checked. Data is read, never memory-mapped: a mapped file that shrinks under the reader kills it
+# with SIGBUS, which no Python code can catch, while a read just comes back short. Comparing the
+# identity before and after each read turns a file that was replaced, truncated or rewritten
+# under spa into one clear load error.
+_IDENTITIES: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def remember_file(path: Path, info: os.stat_result) -> None:
+    _IDENTITIES[str(path)] = _identity(info)
+
+
+def read_external(path: Path, offset: int, length: int) -> bytearray:
+    """``length`` bytes at ``offset`` of an external data file, or ``ModelLoadError`` when the file
+    is not the one that was checked any more or holds fewer bytes."""
+    from .errors import ModelLoadError
+
+    changed = ModelLoadError(f"{path}: changed while spa was reading it (rerun once it is complete)")
+    try:
+        # non-blocking: a FIFO swapped in for the file must not hang the open
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            expected = _IDENTITIES.get(str(path))
+            if not stat.S_ISREG(info.st_mode) or (expected is not None and _identity(info) != expected):
+                raise changed
+            data = bytearray(length)
+            view, done = memoryview(data), 0
+            handle.seek(offset)
+            while done < length:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise ModelLoadError(f"{path}: ends {length - done} bytes short of what the model reads "
+                                         f"(truncated while spa was reading it?)")
+                done += got
+            if expected is not None and _identity(os.fstat(handle.fileno())) != expected:
+                raise changed
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read external data ({exc.strerror or exc})") from exc
+    return data
 
 
 def shell(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -105,14 +154,16 @@ class TensorWriter:
         self.handle.close()
 
 
-def write_external(model: onnx.ModelProto, folder: Path, name: str, transform: Transform | None = None) -> Path:
-    """Write ``folder/name`` and ``folder/name.data``, streaming one tensor at a time.
+def write_external(model: onnx.ModelProto, folder: Path, name: str, transform: Transform | None = None,
+                   data_name: str | None = None) -> Path:
+    """Write ``folder/name`` and ``folder/<data_name>`` (``name.data`` by default), streaming one
+    tensor at a time.
 
     ``transform(name, array)`` may change each initializer on the way (soft pruning
     zeroes slices this way without materialising a second copy of the model).
     """
     out = shell(model)
-    writer = TensorWriter(Path(folder) / f"{name}.data")
+    writer = TensorWriter(Path(folder) / (data_name or f"{name}.data"))
     try:
         for tensor in model.graph.initializer:
             value = to_array(tensor)
