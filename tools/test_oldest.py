@@ -20,8 +20,10 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+from packaging.version import Version
+
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("onnx", "onnxruntime", "numpy", "networkx", "click", "sympy")
+CORE = ("onnx", "onnxruntime", "numpy", "networkx", "click", "sympy", "rich")
 # The test tools themselves need newer releases of these, so the suite cannot run at their floors;
 # they are left to the resolver and printed. spa uses only long-stable parts of their APIs.
 HELD_BY_TEST_TOOLS = {"click": "huggingface-hub (through transformers) needs click>=8.4.2",
@@ -74,7 +76,8 @@ def main() -> int:
         capture_output=True, text=True, check=True)
     installed = report.stdout.strip()
     print(f"oldest supported environment: {installed}", flush=True)
-    wrong = [p for p in installed.split() if p.split("==")[0] in pins and p.split("==")[1] != pins[p.split("==")[0]]]
+    got = dict(pair.split("==") for pair in installed.split())
+    wrong = [f"{name}=={got[name]}" for name in pins if name in got and Version(got[name]) != Version(pins[name])]
     if wrong:
         print(f"not at their floors: {' '.join(wrong)}", file=sys.stderr)
         return 2
