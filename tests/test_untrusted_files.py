@@ -367,6 +367,13 @@ def _wide_model(path: Path) -> None:
     save_external(g.build(), path, "wide.data")
 
 
+def _default_signal_handling() -> None:
+    """spa keeps a signal ignored that was ignored when it started (nohup), and a shell starts
+    background jobs with SIGINT ignored: the child under test starts with default handling."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _wait_for(predicate, process, limit=240.0) -> bool:
     start = time.monotonic()
     while time.monotonic() - start < limit and process.poll() is None:
@@ -396,7 +403,8 @@ def test_signals_leave_nothing_behind(tmp_path, signum, moment):
     scratch = Path(env["TMPDIR"])
     process = subprocess.Popen([sys.executable, "-m", "spa", "prune", str(path), "-o", str(out / "p.onnx"),
                                 "--no-bench", "--criterion", "l2"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_signal_handling)
     try:
         if moment == "scratch":  # the cut copied the weights into $TMPDIR/spa-*; validation is running
             seen = _wait_for(lambda: any(p.name.startswith("spa-") for p in scratch.iterdir()), process)
