@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .checker import checker_complaint
 from .errors import OutputError, UsageError, ValidationError
 from .io import save_model
 from .tensors import is_lazy, to_array, write_external
-from .validate import (BENIGN_CHECKER_ERROR, one_line, outputs_of, refuse_oversized, relative_error,
+from .validate import (one_line, outputs_of, refuse_oversized, relative_error,
                        same_shapes, sample_inputs, session)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -212,15 +213,10 @@ def validate_fp16(fp32_model: onnx.ModelProto, fp16_model: onnx.ModelProto, seed
 
 
 def _onnx_check(model: onnx.ModelProto, result: ExportCheck) -> None:
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        result.checker = "checker ok"
-    except Exception as exc:  # the checker raises several unrelated types
-        if BENIGN_CHECKER_ERROR in str(exc):
-            result.checker = "checker ok (an output declares no shape)"
-            return
-        result.checker = "checker failed"
-        result.problems.append(f"onnx checker: {one_line(exc)}")
+    complaint = checker_complaint(model, full_check=True)
+    result.checker = "checker ok" if complaint is None else "checker failed"
+    if complaint is not None:
+        result.problems.append(f"onnx checker: {complaint}")
 
 
 def _float16_activations(fp16_model: onnx.ModelProto) -> set[str]:

@@ -15,6 +15,7 @@ _EXTERNAL_THRESHOLD = 1_800_000_000
 
 
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
+    _check_name_length(output)
     resolved = output.resolve()
     if any(resolved == p.resolve() for p in inputs):
         raise OutputError(f"{output}: refusing to overwrite the input model")
@@ -30,6 +31,22 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
             pass
     except OSError as exc:
         raise OutputError(f"{parent}: not writable ({exc.strerror or exc})") from exc
+
+
+# the atomic write's temporary name beside the output: "." + name + "." + 8 random + ".tmp"
+_TEMP_NAME_EXTRA = 14
+
+
+def _check_name_length(output: Path) -> None:
+    """A name the filesystem cannot hold (often derived from a long input name, as
+    ``NAME.pruned.onnx``) fails here with one line, not as an error from deep in a write."""
+    try:
+        limit = os.pathconf(output.parent if str(output.parent) else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(output.name)) + _TEMP_NAME_EXTRA > limit:
+        raise OutputError(f"{str(output)[:60]}...: file name too long for this filesystem "
+                          f"({len(os.fsencode(output.name))} bytes; choose a shorter output name)")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -20,10 +20,34 @@ from onnx.external_data_helper import uses_external_data
 LAZY_BYTES = int(os.environ.get("SPA_LAZY_BYTES", 0))
 INLINE_LIMIT = 1024  # tensors smaller than this many bytes stay inside the .onnx file
 
-ITEM_SIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
-             onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
-             onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT8: 1,
-             onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1}
+# types stored several to a byte (low bits first), by bits per element; getattr: older onnx lacks some
+PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+               (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2),
+                ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, name)}
+
+
+def data_bytes(data_type: int, count: int) -> int | None:
+    """Bytes that ``count`` elements of ``data_type`` take in raw_data or an external file
+    (4-bit values two to a byte); None for types without a binary form (strings, undefined)."""
+    if data_type in PACKED_BITS:
+        return -(-count * PACKED_BITS[data_type] // 8)
+    if data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return None
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):  # a type number this onnx does not know
+        return None
+
+
+def value_count(data_type: int, count: int) -> int:
+    """Entries that ``count`` elements of ``data_type`` take in the typed fields (int32_data...):
+    4-bit values two to an entry, 2-bit four, complex numbers two entries each."""
+    bits = PACKED_BITS.get(data_type)
+    if bits in (2, 4):
+        return -(-count * bits // 8)
+    if data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        return 2 * count
+    return count
 
 
 def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
