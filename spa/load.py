@@ -61,6 +61,7 @@ def _repeated(field) -> bool:
 def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     """Refuse malformed models up front: a corrupt file must fail here with one clear line,
     not deep inside a rule. Unknown op domains pass (they freeze their dims later)."""
+    _check_other_external_data(model, path.parent)
     complaint = checker_complaint(model)
     if complaint:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({complaint})")
@@ -68,6 +69,26 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
         problem = _data_problem(tensor)
         if problem:
             raise ModelLoadError(f"{path}: tensor '{_printable(tensor.name)}' {problem}")
+
+
+def _check_other_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """External data that _load_external_data left as the file says (subgraph tensors) must still
+    be a file inside the model's folder: the checker, which used to look, is shown a copy without
+    external data (it would look from the current directory)."""
+    root = base_dir.resolve()
+    main = len(model.graph.initializer)  # yielded first; their locations are absolute once loaded lazily
+    for k, tensor in enumerate(_every_tensor(model.graph)):
+        if k < main or not uses_external_data(tensor):
+            continue
+        problem = _entry_problem(tensor, external_entries(tensor))
+        location = external_entries(tensor).get("location", "")
+        if problem is None and (not location or Path(location).is_absolute()
+                                or not (base_dir / location).resolve().is_relative_to(root)):
+            problem = f"its location '{_printable(location)}' points outside the model's folder"
+        if problem is None and not (base_dir / location).is_file():
+            problem = f"file '{_printable(location)}' not found"
+        if problem:
+            raise ModelLoadError(f"external data of tensor '{_printable(tensor.name)}': {problem}")
 
 
 def _every_tensor(graph: onnx.GraphProto):

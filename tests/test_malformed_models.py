@@ -264,3 +264,35 @@ def test_a_bench_batch_that_is_not_a_whole_number_is_a_usage_error(tmp_path):
 def test_a_negative_seed_is_a_usage_error(tmp_path):
     path, digest = save(two_convs(), tmp_path)
     assert_clean_failure(run("prune", path, "--seed", "-1"), 2, tmp_path, path, digest)
+
+
+def _if_with_external_weight(tmp_path, location):
+    g = Graph()
+    x = g.input("x", [1, 3, 4, 4])
+    h = g.op("Relu", [g.conv(x, 3, 4)])
+    weight = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w_inner")
+    (tmp_path / "inner.bin").write_bytes(numpy_helper.to_array(weight).tobytes())
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "64")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    branch = helper.make_graph([helper.make_node("Conv", [h, "w_inner"], ["y_in"])], "branch", [],
+                               [helper.make_tensor_value_info("y_in", TensorProto.FLOAT, None)], [weight])
+    y = g.op("If", [g.const(np.array(True))], then_branch=branch, else_branch=branch)
+    g.output(y)
+    return g.build()
+
+
+@pytest.mark.parametrize("location", ["/etc/hostname", "../inner.bin", "missing.bin"])
+def test_subgraph_external_data_outside_the_folder_or_missing_is_refused(tmp_path, location):
+    # the checker used to look for these files; it is now shown a copy without external data
+    folder = tmp_path / "model"
+    folder.mkdir()
+    refused(folder, _if_with_external_weight(folder, location), command="analyze")
+
+
+def test_subgraph_external_data_inside_the_folder_loads(tmp_path):
+    path, _ = save(_if_with_external_weight(tmp_path, "inner.bin"), tmp_path)
+    result = run("analyze", path)
+    assert result.exit_code == 0, result.output
