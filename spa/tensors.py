@@ -68,6 +68,12 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.dims)
     if not np.prod(shape, dtype=np.int64):
         return np.zeros(shape, dtype=dtype)
+    if tensor.data_type in PACKED_BITS:  # several values to a byte: unpacked (a copy), as onnx does
+        packed = np.memmap(entries["location"], dtype=np.uint8, mode="r", offset=int(entries.get("offset", 0)),
+                           shape=(data_bytes(tensor.data_type, int(np.prod(shape))),))
+        inline = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=shape,
+                                  raw_data=packed.tobytes())
+        return numpy_helper.to_array(inline)
     return np.memmap(entries["location"], dtype=dtype, mode="r", offset=int(entries.get("offset", 0)),
                      shape=shape)
 
@@ -115,12 +121,18 @@ class TensorWriter:
         padding = -self.handle.tell() % 4096  # page-aligned, so readers can map tensors directly
         self.handle.write(b"\0" * padding)
         offset = self.handle.tell()
-        _write_array(self.handle, value)
+        if data_type in PACKED_BITS:  # numpy holds one value a byte; the file holds them packed
+            packed = numpy_helper.from_array(np.asarray(value), name).raw_data
+            self.handle.write(packed)
+            length = len(packed)
+        else:
+            _write_array(self.handle, value)
+            length = value.nbytes
         stub = onnx.TensorProto()
         stub.name, stub.data_type = name, data_type
         stub.dims.extend(value.shape)
         stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, entry in (("location", self.location), ("offset", str(offset)), ("length", str(value.nbytes))):
+        for key, entry in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
             item = stub.external_data.add()
             item.key, item.value = key, entry
         return stub
