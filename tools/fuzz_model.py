@@ -475,11 +475,42 @@ def _run_subprocess(args: list[str], tmpdir: Path, timeout: float) -> Outcome:
     env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "spa", *args]
     try:
+        # the limit is inherited from this process (see _memory_limit)
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT),
                               errors="replace")
         return Outcome(command, done.returncode, done.stdout + done.stderr)
     except subprocess.TimeoutExpired:
         return Outcome(command, None, "timed out")
+
+
+@contextlib.contextmanager
+def _memory_limit(gib: float | None):
+    """Cap the address space, so that a mutant asking for more memory than the machine has (an input
+    declared 1000003 pixels high, run for validation) fails to allocate instead of waking the
+    kernel's OOM killer, which takes down the fuzzer and whatever else runs beside it."""
+    if not gib:
+        yield
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _address_space() + int(gib * 2**30)  # on top of what is mapped already (libraries, arenas)
+    limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _address_space() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -547,7 +578,8 @@ def save_finding(findings: Path, index: int, m: Mutant, outcomes: list[Outcome],
 
 
 def fuzz(seconds: float, seed: int, max_cases: int | None = None, timeout: float = 60, in_process: bool = True,
-         findings: Path | None = None, verbose: bool = False) -> tuple[int, list[tuple[list[str], Path | None]], dict]:
+         findings: Path | None = None, verbose: bool = False, skip: int = 0,
+         memory_gib: float | None = 8) -> tuple[int, list[tuple[list[str], Path | None]], dict]:
     """Mutate and run until the time or case budget is spent. Returns (cases, findings, exit counts)."""
     rng = random.Random(seed)
     seeds = seed_models()
@@ -557,13 +589,17 @@ def fuzz(seconds: float, seed: int, max_cases: int | None = None, timeout: float
     exits: dict = {}
     cases = 0
     deadline = time.monotonic() + seconds
-    with tempfile.TemporaryDirectory(prefix="spa-fuzz-") as scratch, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="spa-fuzz-") as scratch, warnings.catch_warnings(), \
+            _memory_limit(memory_gib):
         warnings.simplefilter("ignore")
         work = Path(scratch)
         while time.monotonic() < deadline and (max_cases is None or cases < max_cases):
             name, model = rng.choice(seeds)
             m = mutate(model, rng)
             options = rng.choice(OPTION_SETS)
+            if cases < skip:  # the same mutants as a full run, to reach one case again
+                cases += 1
+                continue
             outcomes, problems = run_case(m, work, min(timeout, max(deadline - time.monotonic(), 5) + 30),
                                           options, in_process)
             cases += 1
@@ -590,12 +626,14 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=60, help="per command, in seconds")
     parser.add_argument("--subprocess", action="store_true", help="run each case as its own process")
     parser.add_argument("--findings", default="fuzz-findings", help="folder for reproducers")
+    parser.add_argument("--memory-gib", type=float, default=8, help="address space a case may add, in GiB (0: no cap)")
+    parser.add_argument("--skip", type=int, default=0, help="generate but do not run the first N cases")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     with contextlib.suppress(FileExistsError):
         Path(args.findings).mkdir(parents=True)
     cases, found, exits = fuzz(args.seconds, args.seed, args.max_cases, args.timeout, not args.subprocess,
-                               Path(args.findings), args.verbose)
+                               Path(args.findings), args.verbose, args.skip, args.memory_gib)
     for lines, saved in found:
         print("FINDING " + "\n    ".join(lines) + (f"\n    reproducer: {saved}" if saved else ""))
     print(f"{cases} cases, exit statuses {dict(sorted(exits.items(), key=str))}, {len(found)} distinct findings")
