@@ -394,7 +394,11 @@ def mutate(seed: onnx.ModelProto, rng: random.Random) -> Mutant:
     model.CopyFrom(seed)
     m = Mutant(model)
     for _ in range(rng.choice([1, 1, 1, 2, 3])):
-        rng.choice(MUTATIONS)(m, rng)
+        mutation = rng.choice(MUTATIONS)
+        try:
+            mutation(m, rng)
+        except Exception:  # an earlier edit left nothing this one can apply to (a constant cut short)
+            m.what.append(f"{mutation.__name__} not applicable")
     return m
 
 
