@@ -22,7 +22,7 @@ from .errors import ModelLoadError, UsageError, ValidationError
 from .graph import ModelGraph
 from .groups import Analysis, Group, find_groups
 from .layers import LayerIndex
-from .load import canonicalize, infer_shapes, load_model, with_input_sizes
+from .load import canonicalize, check_sizes, infer_shapes, load_model, with_input_sizes
 from .metrics import ModelStats, bodies, count
 from .plan import Plan, make_plan
 from .qoperator import Expansion, expand
@@ -172,6 +172,7 @@ def _prepare(model_or_path, progress: Progress | None) -> _Prepared:
         if expansion:
             source, model = model, expanded
     model = infer_shapes(model)
+    check_sizes(model)
     return _Prepared(name, model, ModelGraph(model), opset, path, expansion, source)
 
 

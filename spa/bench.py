@@ -6,6 +6,7 @@ noise (frequency changes, other load) hits both alike.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import onnx
 
 from . import runlimit
 from .errors import ModelLoadError, UsageError
-from .validate import MAX_INPUT_ELEMENTS, check_input_sizes, complete_sizes, sample_inputs
+from .validate import MAX_INPUT_ELEMENTS, check_input_sizes, complete_sizes, input_shapes, sample_inputs
 
 _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                      "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -86,11 +87,12 @@ def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
 def _feeds(model_path: Path, batch: int, shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
     proto = onnx.load(str(model_path), load_external_data=False)
     check_input_sizes(proto, shapes)
-    feeds = sample_inputs(proto, seed, batch=batch, shapes=complete_sizes(proto, shapes))
-    for name, value in feeds.items():
-        if value.size > MAX_INPUT_ELEMENTS:
-            raise UsageError(f"input '{name}' of shape {list(value.shape)} is too large to benchmark")
-    return feeds
+    sizes = complete_sizes(proto, shapes)
+    # refused before anything is allocated: --batch 1000000000 would ask numpy for terabytes
+    for name, shape in {**input_shapes(proto, batch), **sizes}.items():
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise UsageError(f"input '{name}' of shape {shape} is too large to benchmark (--batch {batch})")
+    return sample_inputs(proto, seed, batch=batch, shapes=sizes)
 
 
 def timing_session(source: onnx.ModelProto | Path, provider: str = "CPUExecutionProvider", threads: int = 0,

@@ -189,7 +189,8 @@ def main() -> None:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=AxBxC",
               help="Sizes of an input with free axes: FLOPs are counted, validation also runs and latency is "
                    "timed at them (inputs sharing a symbolic axis follow). Repeatable.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random choices (synthetic inputs, the random criterion); 0 or more.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
 @click.option("--bench/--no-bench", default=True, show_default=True,
@@ -218,6 +219,8 @@ def prune(model, output, ratio, criterion, calib, calib_samples, compensate, ref
     """Prune MODEL and write a smaller, validated model."""
 
     def action():
+        if seed < 0:
+            raise UsageError(f"--seed must be 0 or more, got {seed}")
         multiple = _round_to(round_to)
         sizes = parse_shapes(list(input_shapes))
         target = output or output_path_for(model, soft, "." + out_format)

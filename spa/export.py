@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .checker import checker_complaint
 from .errors import OutputError, UsageError, ValidationError
 from .io import refuse_special, save_model
 from .runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
 from .signals import deferred, remove_quietly
 from .tensors import is_lazy, to_array, write_external
-from .validate import (BENIGN_CHECKER_ERROR, newly_nonfinite, one_line, outputs_of, refuse_oversized,
+from .validate import (newly_nonfinite, one_line, outputs_of, refuse_oversized,
                        relative_error, same_shapes, sample_inputs, session)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -217,15 +218,10 @@ def validate_fp16(fp32_model: onnx.ModelProto, fp16_model: onnx.ModelProto, seed
 
 
 def _onnx_check(model: onnx.ModelProto, result: ExportCheck) -> None:
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        result.checker = "checker ok"
-    except Exception as exc:  # the checker raises several unrelated types
-        if BENIGN_CHECKER_ERROR in str(exc):
-            result.checker = "checker ok (an output declares no shape)"
-            return
-        result.checker = "checker failed"
-        result.problems.append(f"onnx checker: {one_line(exc)}")
+    complaint = checker_complaint(model, full_check=True)
+    result.checker = "checker ok" if complaint is None else "checker failed"
+    if complaint is not None:
+        result.problems.append(f"onnx checker: {complaint}")
 
 
 def _float16_activations(fp16_model: onnx.ModelProto) -> set[str]:

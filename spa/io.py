@@ -19,6 +19,7 @@ _EXTERNAL_THRESHOLD = 1_800_000_000
 
 
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
+    _check_name_length(output)
     """Refuse, before any work, an output that would replace a file the run reads, something
     that is not a regular file, or (without ``force``) an existing file.
 
@@ -140,6 +141,22 @@ def output_data_path(output: Path, protected: list[Path]) -> Path:
         candidate = output.with_name(f"{output.name}.{n}.data")
         n += 1
     return candidate
+
+
+# the atomic write's temporary name beside the output: "." + name + "." + 8 random + ".tmp"
+_TEMP_NAME_EXTRA = 14
+
+
+def _check_name_length(output: Path) -> None:
+    """A name the filesystem cannot hold (often derived from a long input name, as
+    ``NAME.pruned.onnx``) fails here with one line, not as an error from deep in a write."""
+    try:
+        limit = os.pathconf(output.parent if str(output.parent) else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(output.name)) + _TEMP_NAME_EXTRA > limit:
+        raise OutputError(f"{str(output)[:60]}...: file name too long for this filesystem "
+                          f"({len(os.fsencode(output.name))} bytes; choose a shorter output name)")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

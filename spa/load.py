@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -12,16 +13,17 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from .errors import ModelLoadError
+from .checker import checker_complaint
 from .tensors import (
-    ITEM_SIZE,
+    data_bytes,
     LAZY_BYTES,
     external_entries,
     is_lazy,
     read_external,
     remember_file,
     to_array,
+    value_count,
 )
-from .validate import BENIGN_CHECKER_ERROR
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -39,27 +41,76 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (empty graph)")
+    if not _text_is_utf8(model):
+        raise ModelLoadError(f"{path}: not a valid ONNX model (a name or other text is not valid UTF-8)")
     _load_external_data(model, path.parent)
     _check_structure(model, path)
     return model
 
 
+def _text_is_utf8(message) -> bool:
+    """Whether every string field decodes: protobuf hands undecodable ones back as bytes, which
+    then fail far from here (sorting names, writing reports)."""
+    if isinstance(message, onnx.TensorProto):  # its data fields are bytes and numbers, and large
+        return (isinstance(message.name, str) and isinstance(message.doc_string, str)
+                and all(_text_is_utf8(e) for e in message.external_data))
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            if not all(isinstance(v, str) for v in (value if _repeated(field) else (value,))):
+                return False
+        elif field.type == field.TYPE_MESSAGE:
+            if not all(_text_is_utf8(m) for m in (value if _repeated(field) else (value,))):
+                return False
+    return True
+
+
+def _repeated(field) -> bool:
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
 def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     """Refuse malformed models up front: a corrupt file must fail here with one clear line,
     not deep inside a rule. Unknown op domains pass (they freeze their dims later)."""
-    try:
-        if is_lazy(model) or model.ByteSize() >= 2**31 - 2**20:
-            onnx.checker.check_model(str(path))  # reads the file; external data stays on disk
-        else:
-            onnx.checker.check_model(model)
-    except Exception as exc:
-        if BENIGN_CHECKER_ERROR not in str(exc):
-            raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
-    for tensor in model.graph.initializer:
-        declared = _numel(tensor)
-        held = _held_elements(tensor)
-        if held is not None and held != declared:
-            raise ModelLoadError(f"{path}: tensor '{tensor.name}' declares {declared} elements but holds {held}")
+    complaint = checker_complaint(model)
+    if complaint:
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({complaint})")
+    for tensor in all_tensors(model.graph):
+        problem = _data_problem(tensor)
+        if problem:
+            raise ModelLoadError(f"{path}: tensor '{_printable(tensor.name)}' {problem}")
+
+
+def _data_problem(tensor: onnx.TensorProto) -> str | None:
+    """Why the tensor's data cannot be the shape it declares, or None.
+
+    The checker counts which fields hold values, not how many values they hold; onnxruntime and
+    numpy then fail on the size with errors that name neither the tensor nor the file.
+    """
+    if any(d < 0 for d in tensor.dims):
+        return f"has a negative dimension {list(tensor.dims)}"
+    count = _numel(tensor)
+    if uses_external_data(tensor):
+        return None  # sized against its file by _load_external_data
+    if tensor.data_type == onnx.TensorProto.STRING:
+        held, expected, unit = len(tensor.string_data), count, "strings"
+    elif tensor.HasField("raw_data"):
+        expected = data_bytes(tensor.data_type, count)
+        if expected is None:
+            return f"has data type {tensor.data_type}, which spa cannot read"
+        held, unit = len(tensor.raw_data), "bytes"
+    else:
+        held = sum(len(getattr(tensor, f)) for f in _VALUE_FIELDS)
+        expected, unit = value_count(tensor.data_type, count), "values"
+    if held != expected:
+        return f"declares {count} elements ({expected} {unit}) but holds {held} {unit}"
+    return None
+
+
+_VALUE_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _printable(name: str) -> str:
+    return name if len(name) <= 80 else name[:77] + "..."
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -94,6 +145,9 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
 def _checked_range(tensor: onnx.TensorProto, base_dir: Path, root: Path) -> tuple[Path, int, int]:
     """The file, offset and length a tensor's external data entry names, once they pass the rules."""
     entries = external_entries(tensor)
+    problem = _entry_problem(tensor, entries)
+    if problem:
+        raise ModelLoadError(f"external data of tensor '{_printable(tensor.name)}': {problem}")
     location = entries.get("location", "")
     if not location:
         raise ModelLoadError(f"tensor '{tensor.name}' keeps its data in an external file but names none")
@@ -113,7 +167,7 @@ def _checked_range(tensor: onnx.TensorProto, base_dir: Path, root: Path) -> tupl
         raise ModelLoadError(f"external data file '{_shown(location)}' of tensor '{tensor.name}' "
                              f"is not a regular file")
     remember_file(target, info)
-    expected = _numel(tensor) * ITEM_SIZE.get(tensor.data_type, 0)
+    expected = data_bytes(tensor.data_type, _numel(tensor)) or 0
     try:
         offset = int(entries.get("offset", 0))
         length = int(entries["length"]) if "length" in entries else (expected or info.st_size - offset)
@@ -127,6 +181,28 @@ def _checked_range(tensor: onnx.TensorProto, base_dir: Path, root: Path) -> tupl
         raise ModelLoadError(f"tensor '{tensor.name}' reads {length} bytes at offset {offset} of its "
                              f"{info.st_size}-byte external data file '{_shown(location)}'")
     return target, offset, length
+
+
+def _entry_problem(tensor: onnx.TensorProto, entries: dict[str, str]) -> str | None:
+    """What makes the entry unreadable before any file is looked at, or None."""
+    if any(d < 0 for d in tensor.dims):
+        return f"the tensor has a negative dimension {list(tensor.dims)}"
+    if data_bytes(tensor.data_type, 0) is None:
+        return f"data type {tensor.data_type} cannot be stored as external data"
+    for key in ("offset", "length"):
+        value = entries.get(key)
+        if value is not None and not re.fullmatch(r"[0-9]{1,19}", value):
+            return f"{key} '{_printable(value)}' is not a whole number of bytes"
+    location = entries.get("location", "")
+    if "\0" in location:
+        return "its location contains a NUL byte"
+    if len(location.encode(errors="surrogateescape")) > _PATH_MAX or \
+            any(len(part.encode(errors="surrogateescape")) > _NAME_MAX for part in location.split("/")):
+        return f"its location is too long to be a file name ({len(location)} characters)"
+    return None
+
+
+_PATH_MAX, _NAME_MAX = 4096, 255  # Linux's limits: longer names cannot be opened, only fail oddly
 
 
 def _shown(location: str, limit: int = 80) -> str:
@@ -357,18 +433,6 @@ def _unshare_uniform_initializers(graph: onnx.GraphProto) -> None:
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
-def _held_elements(tensor: onnx.TensorProto) -> int | None:
-    """How many elements the tensor's data actually holds (None where it cannot be told cheaply)."""
-    if tensor.HasField("raw_data"):
-        size = ITEM_SIZE.get(tensor.data_type)
-        return len(tensor.raw_data) // size if size and len(tensor.raw_data) % size == 0 else None
-    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        values = getattr(tensor, field)
-        if len(values):
-            return len(values)
-    return None
-
-
 def _holds_data(tensor: onnx.TensorProto) -> bool:
     if tensor.HasField("raw_data") or uses_external_data(tensor) or _numel(tensor) == 0:
         return True
@@ -460,6 +524,53 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         if not ours.type.tensor_type.HasField("shape") and theirs.type.tensor_type.HasField("shape"):
             ours.CopyFrom(theirs)
     return model
+
+
+# no machine holds more: such sizes come from a corrupt or hostile model, and the rules would
+# allocate an index per channel
+_AXIS_LIMIT, _ELEMENT_LIMIT = 2**31 - 1, 2**40
+
+
+def check_sizes(model: onnx.ModelProto) -> None:
+    """Refuse inferred sizes that no model that runs can have (negative, or beyond any memory),
+    and convolutions whose channels do not divide into their groups, before the rules rely on them."""
+    graph = model.graph
+    shapes = {}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = info.type.tensor_type.shape.dim
+        static = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        for axis, size in enumerate(static):
+            if size is not None and not 0 <= size <= _AXIS_LIMIT:
+                raise ModelLoadError(f"tensor '{_printable(info.name)}' has size {size} on axis {axis}, which no "
+                                     f"model that runs can have")
+        if None not in static and math.prod(static) > _ELEMENT_LIMIT:
+            raise ModelLoadError(f"tensor '{_printable(info.name)}' would hold {math.prod(static)} elements, "
+                                 f"more than any machine can")
+        shapes[info.name] = static
+    shapes.update({t.name: list(t.dims) for t in graph.initializer})
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and node.domain in ("", "ai.onnx") and len(node.input) > 1:
+            _check_groups(node, shapes)
+
+
+def _check_groups(node: onnx.NodeProto, shapes: dict[str, list]) -> None:
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    what = f"{node.op_type} '{_printable(node.name)}'"
+    if group < 1:
+        raise ModelLoadError(f"{what} has group {group}")
+    x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if not w or len(w) < 2 or w[0] is None:
+        return
+    channels = x[1] if x and len(x) > 1 else None
+    if node.op_type == "Conv":
+        if w[0] % group:
+            raise ModelLoadError(f"{what}: its {w[0]} output channels are not a multiple of group {group}")
+        if channels is not None and w[1] is not None and channels != w[1] * group:
+            raise ModelLoadError(f"{what}: its input has {channels} channels, its weight expects "
+                                 f"{w[1]} x group {group}")
+    elif w[0] % group or (channels is not None and channels != w[0]):
+        raise ModelLoadError(f"{what}: its weight's {w[0]} input channels do not match its input "
+                             f"({channels} channels) in group {group}")
 
 
 def with_input_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]]) -> onnx.ModelProto:

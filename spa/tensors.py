@@ -21,10 +21,34 @@ from onnx.external_data_helper import uses_external_data
 LAZY_BYTES = int(os.environ.get("SPA_LAZY_BYTES", 0))
 INLINE_LIMIT = 1024  # tensors smaller than this many bytes stay inside the .onnx file
 
-ITEM_SIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
-             onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
-             onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT8: 1,
-             onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1}
+# types stored several to a byte (low bits first), by bits per element; getattr: older onnx lacks some
+PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+               (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2),
+                ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, name)}
+
+
+def data_bytes(data_type: int, count: int) -> int | None:
+    """Bytes that ``count`` elements of ``data_type`` take in raw_data or an external file
+    (4-bit values two to a byte); None for types without a binary form (strings, undefined)."""
+    if data_type in PACKED_BITS:
+        return -(-count * PACKED_BITS[data_type] // 8)
+    if data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return None
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):  # a type number this onnx does not know
+        return None
+
+
+def value_count(data_type: int, count: int) -> int:
+    """Entries that ``count`` elements of ``data_type`` take in the typed fields (int32_data...):
+    4-bit values two to an entry, 2-bit four, complex numbers two entries each."""
+    bits = PACKED_BITS.get(data_type)
+    if bits in (2, 4):
+        return -(-count * bits // 8)
+    if data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        return 2 * count
+    return count
 
 
 def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -46,7 +70,14 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     if not count:
         return np.zeros(shape, dtype=dtype)
-    data = read_external(Path(entries["location"]), int(entries.get("offset", 0)), count * np.dtype(dtype).itemsize)
+    offset = int(entries.get("offset", 0))
+    if tensor.data_type in PACKED_BITS:  # several values to a byte: unpacked, as onnx does
+        packed = read_external(Path(entries["location"]), offset, data_bytes(tensor.data_type, count))
+        inline = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=shape, raw_data=bytes(packed))
+        value = numpy_helper.to_array(inline)
+        value.flags.writeable = False
+        return value
+    data = read_external(Path(entries["location"]), offset, count * np.dtype(dtype).itemsize)
     value = np.frombuffer(data, dtype=dtype).reshape(shape)
     value.flags.writeable = False  # as the read-only memory maps it replaced were: callers copy to change
     return value
@@ -140,12 +171,18 @@ class TensorWriter:
         padding = -self.handle.tell() % 4096  # page-aligned, so readers can map tensors directly
         self.handle.write(b"\0" * padding)
         offset = self.handle.tell()
-        _write_array(self.handle, value)
+        if data_type in PACKED_BITS:  # numpy holds one value a byte; the file holds them packed
+            packed = numpy_helper.from_array(np.asarray(value), name).raw_data
+            self.handle.write(packed)
+            length = len(packed)
+        else:
+            _write_array(self.handle, value)
+            length = value.nbytes
         stub = onnx.TensorProto()
         stub.name, stub.data_type = name, data_type
         stub.dims.extend(value.shape)
         stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, entry in (("location", self.location), ("offset", str(offset)), ("length", str(value.nbytes))):
+        for key, entry in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
             item = stub.external_data.add()
             item.key, item.value = key, entry
         return stub

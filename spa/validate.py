@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from . import runlimit
+from .checker import checker_complaint
 from .errors import UsageError, ValidationError
 from .fidelity import Fidelity
 from .statistics import graph_inputs
@@ -296,20 +297,24 @@ def _all_finite(tensor: onnx.TensorProto, chunk: int = 1 << 24) -> bool:
     return all(np.isfinite(values[start:start + chunk]).all() for start in range(0, values.size, chunk))
 
 
-# outputs declared without a shape are common and harmless: onnxruntime runs them
-BENIGN_CHECKER_ERROR = "Field 'shape' of 'type' is required"
-
-
 def check(model: "Source", result: Validation) -> None:
+    # outputs declared without a shape are common and harmless (onnxruntime runs them); nothing else is
+    complaint = checker_complaint(model, full_check=True) if isinstance(model, onnx.ModelProto) else _file_complaint(model)
+    result.checker = "ok" if complaint is None else complaint
+    if complaint is not None:
+        result.problems.append(f"onnx checker: {complaint}")
+
+
+def _file_complaint(path: Path) -> str | None:
+    """The checker reads a model with external data from its file, finding the data beside it;
+    an output without a shape stops it early, so the model is then checked again without it."""
     try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
-        result.checker = "ok"
+        onnx.checker.check_model(str(path), full_check=True)
+        return None
     except Exception as exc:  # the checker raises several unrelated types
-        if BENIGN_CHECKER_ERROR in str(exc):
-            result.checker = "ok (an output declares no shape)"
-            return
-        result.checker = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        result.problems.append(f"onnx checker: {result.checker}")
+        if "Field 'shape' of 'type' is required" not in str(exc):
+            return one_line(exc)
+    return checker_complaint(onnx.load(str(path), load_external_data=False))
 
 
 def _symbolic_inputs(model: onnx.ModelProto) -> bool:

@@ -425,12 +425,12 @@ def test_signals_leave_nothing_behind(tmp_path, signum, moment):
 
 
 @pytest.mark.parametrize("entry, value, message", [
-    ("location", "w\0.bin", "not a usable file name"),
-    ("location", "w" * 5000, "not found"),
+    ("location", "w\0.bin", "contains a NUL byte"),
+    ("location", "w" * 5000, "too long to be a file name"),
     ("location", "", "names none"),
     ("offset", "1.5", "not a whole number"),
     ("length", "many", "not a whole number"),
-    ("offset", "-4096", "at offset -4096"),
+    ("offset", "-4096", "'-4096' is not a whole number of bytes"),
 ], ids=["NUL byte", "5000 characters", "empty location", "fractional offset", "word length", "negative offset"])
 @pytest.mark.parametrize("where", ["main graph", "subgraph"])
 def test_malformed_external_data_entries_are_load_errors(tmp_path, entry, value, message, where):
