@@ -17,7 +17,7 @@ After a cut, ``rewrite`` fixes the attributes and shape constants of the op
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import numpy as np
 
@@ -26,8 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..graph import ModelGraph, Node
 
 
-@dataclass(frozen=True, order=True)
-class Dim:
+class Dim(NamedTuple):
     """One axis of one tensor."""
 
     tensor: str
