@@ -1,7 +1,7 @@
 """How analysis time and memory grow with the size of the graph.
 
-    python tools/bench_scale.py [--cases chain,fanin-sum,fanin-adds] [--sizes ...] [--json]
-                                [--timeout 300] [--max-rss-gb 6]
+    python tools/bench_scale.py [--cases chain,fanin-sum,...] [--sizes ...] [--json [PATH]]
+                                [--timeout 300] [--max-rss-gb 6] [--root CHECKOUT]
 
 Generates weight-light graphs and runs ``spa.analyze`` on each in a fresh process, so the
 peak resident memory printed belongs to that case alone:
@@ -12,12 +12,15 @@ peak resident memory printed belongs to that case alone:
   of N dimensions;
 * ``fanin-sum``: one input, N MatMul branches, one Sum node of N inputs, a MatMul after it
   (so the summed channels form one prunable group), 100 / 1,000 / 5,000 branches;
-* ``fanin-adds``: the same branches summed by a chain of N - 1 Adds.
+* ``fanin-adds``: the same branches summed by a chain of N - 1 Adds;
+* ``fanin-concat``: the same branches concatenated, then one MatMul.
 
 Each row gives the CPU time of each stage of ``analyze`` (load, canonicalize, shape inference,
 grouping, counting) and of the whole, its growth over the size before ("x prev"), the wall
 time, the peak RSS and its growth over the RSS after imports, and the groups found. CPU time,
-not wall time, is what the ratio compares: on a shared machine it is the steadier of the two. ``--json`` also writes tools/results/bench_scale.json. A case past
+not wall time, is what the ratio compares: on a shared machine it is the steadier of the two.
+``--json`` also writes the figures to tools/results/bench_scale.json (or PATH); ``--root``
+measures the spa of another checkout, for figures before and after a change. A case past
 ``--timeout`` seconds or ``--max-rss-gb`` is stopped and reported as such. The target: ten times
 the nodes or branches costs at most twelve times the time, and 5,000 branches analyse in
 under 10 s.
@@ -41,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tools" / "results" / "bench_scale.json"
 SIZES = {"chain": (1_000, 10_000, 100_000), "conv-chain": (1_000, 10_000, 100_000),
          "long-group": (1_000, 10_000, 100_000),
-         "fanin-sum": (100, 1_000, 5_000), "fanin-adds": (100, 1_000, 5_000)}
-DEFAULT_CASES = ("chain", "fanin-sum", "fanin-adds")
+         "fanin-sum": (100, 1_000, 5_000), "fanin-adds": (100, 1_000, 5_000),
+         "fanin-concat": (100, 1_000, 5_000)}
+DEFAULT_CASES = tuple(SIZES)
 WIDTH = 4
 
 
@@ -100,30 +104,32 @@ def long_group(n: int) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])])
 
 
-def fanin(n: int, one_sum: bool) -> onnx.ModelProto:
-    """One input read by n MatMul branches whose outputs are summed, then one MatMul."""
+def fanin(n: int, combine: str) -> onnx.ModelProto:
+    """One input read by n MatMul branches whose outputs are combined, then one MatMul."""
     rng = np.random.default_rng(0)
     nodes, inits, branches = [], [], []
     for k in range(n):
         inits.append(_weight(rng, f"w{k}", WIDTH, WIDTH))
         nodes.append(helper.make_node("MatMul", ["x", f"w{k}"], [f"m{k}"], name=f"branch{k}"))
         branches.append(f"m{k}")
-    if one_sum:
-        nodes.append(helper.make_node("Sum", branches, ["s"], name="sum"))
+    if combine in ("Sum", "Concat"):
+        nodes.append(helper.make_node(combine, branches, ["s"], name="combine",
+                                      **({"axis": 1} if combine == "Concat" else {})))
         total = "s"
     else:
         total = branches[0]
         for k, branch in enumerate(branches[1:]):
             nodes.append(helper.make_node("Add", [total, branch], [f"s{k}"], name=f"add{k}"))
             total = f"s{k}"
-    inits.append(_weight(rng, "head", WIDTH, WIDTH))
+    inits.append(_weight(rng, "head", WIDTH * (n if combine == "Concat" else 1), WIDTH))
     nodes.append(helper.make_node("MatMul", [total, "head"], ["y"], name="head"))
     return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])])
 
 
-BUILDERS = {"chain": chain, "conv-chain": conv_chain, "long-group": long_group, "fanin-sum": lambda n: fanin(n, True),
-            "fanin-adds": lambda n: fanin(n, False)}
+BUILDERS = {"chain": chain, "conv-chain": conv_chain, "long-group": long_group,
+            "fanin-sum": lambda n: fanin(n, "Sum"), "fanin-adds": lambda n: fanin(n, "Adds"),
+            "fanin-concat": lambda n: fanin(n, "Concat")}
 
 # Run in the child: time each stage of the real ``analyze`` by wrapping what it calls.
 _CHILD = r"""
@@ -191,14 +197,15 @@ def main(argv=None) -> int:
     parser.add_argument("--max-rss-gb", type=float, default=6, help="resident memory cap per case (default 6)")
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="checkout whose spa is measured (default: this one), to compare two versions")
-    parser.add_argument("--json", action="store_true", help=f"also write {RESULTS.relative_to(ROOT)}")
+    parser.add_argument("--json", nargs="?", const=RESULTS, type=Path, metavar="PATH",
+                        help=f"also write the figures as JSON (default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in BUILDERS]
     if unknown:
         parser.error(f"unknown case {unknown[0]!r}; one of {', '.join(BUILDERS)}")
     rows = []
-    header = (f"{'case':<11} {'size':>7} {'file kB':>8} {'load':>6} {'canon':>6} {'shapes':>6} {'group':>6} "
+    header = (f"{'case':<12} {'size':>7} {'file kB':>8} {'load':>6} {'canon':>6} {'shapes':>6} {'group':>6} "
               f"{'count':>6} {'cpu s':>7} {'x prev':>6} {'wall s':>7} {'peak MB':>8} {'+MB':>7} {'groups':>7}")
     print(header)
     print("-" * len(header))
@@ -215,23 +222,23 @@ def main(argv=None) -> int:
                 path.unlink()
                 kb = row["file_bytes"] / 1024
                 if "stopped" in result:
-                    print(f"{case:<11} {size:>7} {kb:>8.0f}  stopped after {result.get('seconds', 0):.0f} s: "
+                    print(f"{case:<12} {size:>7} {kb:>8.0f}  stopped after {result.get('seconds', 0):.0f} s: "
                           f"{result['stopped']}")
                     previous = None
                     continue
                 st = result["stages"]
                 ratio = f"{result['cpu_seconds'] / previous:.1f}" if previous else ""
                 previous = result["cpu_seconds"]
-                print(f"{case:<11} {size:>7} {kb:>8.0f} " + " ".join(f"{st.get(s, 0):>6.2f}" for s in (
-                    "load", "canonicalize", "shapes", "group", "count"))
-                    + f" {result['cpu_seconds']:>7.2f} {ratio:>6} {result['seconds']:>7.2f} {result['peak_rss'] / 2**20:>8.0f} "
-                    f"{(result['peak_rss'] - result['rss_before']) / 2**20:>7.0f} {result['groups']:>7}",
-                    flush=True)
+                stages = " ".join(f"{st.get(s, 0):>6.2f}" for s in ("load", "canonicalize", "shapes", "group", "count"))
+                print(f"{case:<12} {size:>7} {kb:>8.0f} {stages} {result['cpu_seconds']:>7.2f} {ratio:>6} "
+                      f"{result['seconds']:>7.2f} {result['peak_rss'] / 2**20:>8.0f} "
+                      f"{(result['peak_rss'] - result['rss_before']) / 2**20:>7.0f} {result['groups']:>7}", flush=True)
     if args.json:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"python": sys.version.split()[0], "onnx": onnx.__version__,
-                                       "cpus": os.cpu_count(), "rows": rows}, indent=1) + "\n")
-        print(f"wrote {RESULTS.relative_to(ROOT)}")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"root": str(args.root), "python": sys.version.split()[0],
+                                         "onnx": onnx.__version__, "cpus": os.cpu_count(), "rows": rows},
+                                        indent=1) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
