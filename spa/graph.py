@@ -37,6 +37,12 @@ class Node:
     def attr(self, name: str, default=None):
         return self.attrs.get(name, default)
 
+    @cached_property
+    def input_names(self) -> frozenset[str]:
+        """The tensors it reads as inputs, absent optional ones left out: a set to ask of an op
+        with thousands of inputs."""
+        return frozenset(name for name in self.inputs if name)
+
     def input(self, i: int) -> str:
         """The i-th input name, or '' when the optional input is absent."""
         return self.inputs[i] if i < len(self.inputs) else ""

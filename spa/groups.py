@@ -321,7 +321,14 @@ def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) ->
         verdict = rule.soft_zero(node, dim, input_zero)
         if verdict is not None:
             return verdict
-    inputs = [d for t in dict.fromkeys(node.inputs) if t and t != dim.tensor for d in by_tensor.get(t, [])]
+    # the member inputs, from whichever side is smaller: an op of N inputs is in up to N groups
+    # (a Concat of N branches), a group of M members has up to M producers of few inputs each
+    named = node.input_names
+    if len(by_tensor) < len(named):
+        tensors = [t for t in by_tensor if t in named and t != dim.tensor]
+    else:
+        tensors = [t for t in dict.fromkeys(node.inputs) if t and t != dim.tensor and t in by_tensor]
+    inputs = [d for t in tensors for d in by_tensor[t]]
     status = [zero.get(d, False) for d in inputs]
     if node.op_type in _MULTIPLICATIVE:
         return any(status)
@@ -333,6 +340,8 @@ def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) ->
         if node.op_type in ("Add", "Sub", "Sum", "Mean", "Max", "Min", "Where"):
             # an input outside the group (a scalar offset, another branch) adds a non-zero value
             covered = {d.tensor for d in inputs}
+            if len(covered) == len(named):
+                return True  # every input is a member: no stray
             strays = [t for t in node.inputs if t and t not in covered]
             return all(graph.is_initializer(t) and not _nonzero_const(graph, t) for t in strays)
         return True

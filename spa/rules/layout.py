@@ -30,9 +30,10 @@ class Concat(Rule):
             return links.out
         key = ("concat sizes", node.index)
         if key not in ctx.memo:  # read once: each of N inputs asks
-            ctx.memo[key] = [ctx.size(Dim(x, axis)) for x in node.inputs]
+            sizes = [ctx.size(Dim(x, axis)) for x in node.inputs]
+            ctx.memo[key] = None if any(s is None for s in sizes) else sizes
         sizes = ctx.memo[key]
-        if any(s is None for s in sizes):
+        if sizes is None:
             links.freeze(dim, f"Concat '{node.name}' has an input of unknown size")
             return links.out
         if links.answered(node):
