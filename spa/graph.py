@@ -43,6 +43,11 @@ class Node:
         with thousands of inputs."""
         return frozenset(name for name in self.inputs if name)
 
+    @cached_property
+    def output_names(self) -> frozenset[str]:
+        """The tensors it writes, as a set (a Split may have thousands)."""
+        return frozenset(name for name in self.outputs if name)
+
     def input(self, i: int) -> str:
         """The i-th input name, or '' when the optional input is absent."""
         return self.inputs[i] if i < len(self.inputs) else ""
@@ -77,6 +82,11 @@ class ModelGraph:
             self.shapes[name] = tuple(int(d) for d in tensor.dims)
             self.dtypes[name] = tensor.data_type
         self._arrays: dict[str, np.ndarray] = {}
+
+    @cached_property
+    def output_names(self) -> frozenset[str]:
+        """``outputs`` as a set, for membership tests on graphs with thousands of outputs."""
+        return frozenset(self.outputs)
 
     def shape(self, tensor: str) -> tuple[Size, ...] | None:
         return self.shapes.get(tensor)

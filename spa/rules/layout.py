@@ -2,6 +2,8 @@
 gather, transpose, pixel shuffle, tile, expand and constant fills."""
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 from onnx import numpy_helper
 
@@ -10,6 +12,7 @@ from .shapes import rewritable, static_value, trace_vector
 
 
 def _others_same_axis(links: LinkSet, node, dim: Dim, tensors) -> None:
+    """``tensors`` is lazy: with N of them, the N - 1 asks that are already coupled cost nothing."""
     key = ("coupled", node.index, dim.axis)
     if not links.coupled(dim, key):
         links.same_all(dim, [Dim(name, dim.axis) for name in tensors if name and name != dim.tensor], key)
@@ -26,7 +29,7 @@ class Concat(Rule):
         y = node.outputs[0]
         axis = node.attr("axis") % ctx.rank(y)
         if dim.axis != axis:
-            _others_same_axis(links, node, dim, list(node.inputs) + [y])
+            _others_same_axis(links, node, dim, chain(node.inputs, [y]))
             return links.out
         key = ("concat sizes", node.index)
         if key not in ctx.memo:  # read once: each of N inputs asks
@@ -64,11 +67,11 @@ class Split(Rule):
         links = LinkSet(ctx)
         x = node.inputs[0]
         axis = node.attr("axis", 0) % ctx.rank(x)
-        if dim.tensor not in (x, *node.outputs):
+        if dim.tensor != x and dim.tensor not in node.output_names:
             links.freeze(dim, f"split sizes of Split '{node.name}'")
             return links.out
         if dim.axis != axis:
-            _others_same_axis(links, node, dim, [x, *node.outputs])
+            _others_same_axis(links, node, dim, chain([x], node.outputs))
             return links.out
         key = ("split sizes", node.index)
         if key not in ctx.memo:  # read once: each of N outputs asks
