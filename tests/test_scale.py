@@ -82,6 +82,20 @@ def test_concatenated_branches_keep_their_own_blocks():
         assert {Dim(branch, 1), Dim(weight, 1), Dim(total, 1)} <= set(group.dims)
 
 
+def test_split_parts_are_one_group_each():
+    n = 40
+    model = _fan_out(n)
+    analysis = analysis_of(model)
+    split = next(node for node in model.graph.node if node.op_type == "Split")
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+    whole, weights = split.input[0], [node.input[1] for node in matmuls[1:]]
+    groups = [group_at(analysis, part) for part in split.output]
+    assert len({g.id for g in groups}) == n
+    for group, part, weight in zip(groups, split.output, weights):
+        assert group.size == WIDTH and group.prunable and group.exact
+        assert {Dim(part, 1), Dim(weight, 0), Dim(whole, 1), Dim(matmuls[0].input[1], 1)} <= set(group.dims)
+
+
 @pytest.mark.parametrize("build", [lambda n: _fan_in(n, "Sum")[0], lambda n: _fan_in(n, "Concat")[0],
                                    _fan_out], ids=["Sum", "Concat", "Split"])
 def test_links_grow_linearly_with_the_branches(build):
