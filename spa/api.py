@@ -679,7 +679,7 @@ def _readers(graph: ModelGraph, dim: Dim):
     weight's axis as that op sees it."""
     for node in graph.consumers.get(dim.tensor, []):
         perm = node.attr("perm") if node.op_type == "Transpose" else None
-        if node.outputs[0] in graph.outputs:
+        if node.outputs[0] in graph.output_names:
             yield node, dim
         elif perm is not None:
             seen = Dim(node.outputs[0], list(perm).index(dim.axis))

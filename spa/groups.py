@@ -201,6 +201,19 @@ def connected_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unique(labels, return_inverse=True)[1]
 
 
+def _global_pairs(links: list[Link], start_of: dict[Dim, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Every link's index pairs in the one index space: offsets added in one pass, not per link."""
+    if not links:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lengths = np.fromiter((len(k.a_index) for k in links), np.int64, len(links))
+    ends = []
+    for side in ("a", "b"):
+        starts = np.fromiter((start_of[getattr(k, side)] for k in links), np.int64, len(links))
+        index = np.concatenate([getattr(k, side + "_index") for k in links]).astype(np.int64, copy=False)
+        ends.append(index + np.repeat(starts, lengths))
+    return ends[0], ends[1]
+
+
 def _assemble(graph: ModelGraph, walk: _Walk, allow_approximate: bool) -> Analysis:
     dims = list(walk.sizes)
     starts = np.cumsum([0] + [walk.sizes[d] for d in dims])
@@ -211,8 +224,7 @@ def _assemble(graph: ModelGraph, walk: _Walk, allow_approximate: bool) -> Analys
         return start_of[dim] + index
 
     links = [link for link in walk.links if link.a in start_of and link.b in start_of]
-    a = np.concatenate([global_index(k.a, k.a_index) for k in links]) if links else np.zeros(0, np.int64)
-    b = np.concatenate([global_index(k.b, k.b_index) for k in links]) if links else np.zeros(0, np.int64)
+    a, b = _global_pairs(links, start_of)
     labels = connected_labels(total, a, b)
     unit_count = int(labels.max()) + 1 if total else 0
     labels_of = {d: labels[start_of[d]:start_of[d] + walk.sizes[d]] for d in dims}
@@ -309,7 +321,14 @@ def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) ->
         verdict = rule.soft_zero(node, dim, input_zero)
         if verdict is not None:
             return verdict
-    inputs = [d for t in dict.fromkeys(node.inputs) if t and t != dim.tensor for d in by_tensor.get(t, [])]
+    # the member inputs, from whichever side is smaller: an op of N inputs is in up to N groups
+    # (a Concat of N branches), a group of M members has up to M producers of few inputs each
+    named = node.input_names
+    if len(by_tensor) < len(named):
+        tensors = [t for t in by_tensor if t in named and t != dim.tensor]
+    else:
+        tensors = [t for t in dict.fromkeys(node.inputs) if t and t != dim.tensor and t in by_tensor]
+    inputs = [d for t in tensors for d in by_tensor[t]]
     status = [zero.get(d, False) for d in inputs]
     if node.op_type in _MULTIPLICATIVE:
         return any(status)
@@ -321,6 +340,8 @@ def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) ->
         if node.op_type in ("Add", "Sub", "Sum", "Mean", "Max", "Min", "Where"):
             # an input outside the group (a scalar offset, another branch) adds a non-zero value
             covered = {d.tensor for d in inputs}
+            if len(covered) == len(named):
+                return True  # every input is a member: no stray
             strays = [t for t in node.inputs if t and t not in covered]
             return all(graph.is_initializer(t) and not _nonzero_const(graph, t) for t in strays)
         return True

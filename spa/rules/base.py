@@ -17,7 +17,7 @@ After a cut, ``rewrite`` fixes the attributes and shape constants of the op
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import numpy as np
 
@@ -26,8 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..graph import ModelGraph, Node
 
 
-@dataclass(frozen=True, order=True)
-class Dim:
+class Dim(NamedTuple):
     """One axis of one tensor."""
 
     tensor: str
@@ -212,6 +211,40 @@ class LinkSet:
             return
         # both sides: the one asked about may be either, and an uncoupled partner must not shrink alone
         self.out.extend((Freeze(a, reason), Freeze(b, reason)))
+
+    def same_all(self, dim: Dim, others, key) -> None:
+        """``same(dim, other)`` for each of ``others``: the members of one class of dims that an
+        N-ary op (Sum, Concat, Split) couples index for index, ``key`` naming the class.
+
+        Asked in turn about each of N members, a pairwise answer is N squared links. Once one
+        answer coupled its asker to every member without a freeze, any later answer only repeats
+        links between dims already connected and already queued: ``coupled`` says which askers
+        may skip it (before building ``others``, which alone is N per asker).
+        """
+        start = len(self.out)
+        for other in others:
+            self.same(dim, other)
+        added = self.out[start:]
+        if key not in self.ctx.memo and not any(isinstance(item, Freeze) for item in added):
+            self.ctx.memo[key] = {dim} | {item.b for item in added}
+
+    def answered(self, node: Node) -> bool:
+        """Has the node already given the answer that follows, and marks it given.
+
+        For the part of a rule that answers with the whole op's coupling whichever of its dims
+        asked (a MatMul's, a Conv's): asked again by another dim, it would only repeat links
+        and sinks the walk already holds, between dims already queued.
+        """
+        key = ("answered", node.index)
+        if key in self.ctx.memo:
+            return True
+        self.ctx.memo[key] = True
+        return False
+
+    def coupled(self, dim: Dim, key) -> bool:
+        """Did an earlier ``same_all`` of class ``key`` couple ``dim`` to all its members?"""
+        linked = self.ctx.memo.get(key)
+        return linked is not None and dim in linked
 
     def add(self, item: Outcome) -> None:
         self.out.append(item)

@@ -49,6 +49,8 @@ class _ConvBase(Rule):
         if dim.tensor == b and b:
             links.same(Dim(b, 0), y_c)
             return links.out
+        if links.answered(node):
+            return links.out
         cin_g, cout_g = cin // groups, cout // groups
         if groups > 1 and cin_g == 1:  # depthwise, possibly with a channel multiplier
             block = np.repeat(np.arange(cin), cout_g)

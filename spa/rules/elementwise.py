@@ -56,14 +56,18 @@ class Broadcasting(Rule):
         if size is not None and size == 1 and ctx.size(out_dim) not in (1, None):
             links.freeze(dim, "broadcast along this axis")
             return links.out
-        links.same(dim, out_dim)
+        key = ("coupled", node.index, out_axis)
+        if links.coupled(dim, key):
+            return links.out
+        others = [out_dim]
         for name in node.inputs:
             other_rank = ctx.rank(name) if name else None
             if other_rank is None or name == dim.tensor:
                 continue
             axis = out_axis - (out_rank - other_rank)
             if axis >= 0:
-                links.same(dim, Dim(name, axis))
+                others.append(Dim(name, axis))
+        links.same_all(dim, others, key)
         return links.out
 
 

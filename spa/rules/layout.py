@@ -2,6 +2,8 @@
 gather, transpose, pixel shuffle, tile, expand and constant fills."""
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 from onnx import numpy_helper
 
@@ -9,10 +11,11 @@ from .base import Dim, LinkSet, Rule, offset, pairs, register
 from .shapes import rewritable, static_value, trace_vector
 
 
-def _others_same_axis(links: LinkSet, dim: Dim, tensors) -> None:
-    for name in tensors:
-        if name and name != dim.tensor:
-            links.same(dim, Dim(name, dim.axis))
+def _others_same_axis(links: LinkSet, node, dim: Dim, tensors) -> None:
+    """``tensors`` is lazy: with N of them, the N - 1 asks that are already coupled cost nothing."""
+    key = ("coupled", node.index, dim.axis)
+    if not links.coupled(dim, key):
+        links.same_all(dim, [Dim(name, dim.axis) for name in tensors if name and name != dim.tensor], key)
 
 
 @register
@@ -26,11 +29,17 @@ class Concat(Rule):
         y = node.outputs[0]
         axis = node.attr("axis") % ctx.rank(y)
         if dim.axis != axis:
-            _others_same_axis(links, dim, list(node.inputs) + [y])
+            _others_same_axis(links, node, dim, chain(node.inputs, [y]))
             return links.out
-        sizes = [ctx.size(Dim(x, axis)) for x in node.inputs]
-        if any(s is None for s in sizes):
+        key = ("concat sizes", node.index)
+        if key not in ctx.memo:  # read once: each of N inputs asks
+            sizes = [ctx.size(Dim(x, axis)) for x in node.inputs]
+            ctx.memo[key] = None if any(s is None for s in sizes) else sizes
+        sizes = ctx.memo[key]
+        if sizes is None:
             links.freeze(dim, f"Concat '{node.name}' has an input of unknown size")
+            return links.out
+        if links.answered(node):
             return links.out
         start = 0
         for x, size in zip(node.inputs, sizes):
@@ -58,16 +67,21 @@ class Split(Rule):
         links = LinkSet(ctx)
         x = node.inputs[0]
         axis = node.attr("axis", 0) % ctx.rank(x)
-        if dim.tensor not in (x, *node.outputs):
+        if dim.tensor != x and dim.tensor not in node.output_names:
             links.freeze(dim, f"split sizes of Split '{node.name}'")
             return links.out
         if dim.axis != axis:
-            _others_same_axis(links, dim, [x, *node.outputs])
+            _others_same_axis(links, node, dim, chain([x], node.outputs))
             return links.out
-        total = ctx.size(Dim(x, axis))
-        sizes = _split_sizes(node, ctx, total) if total else None
+        key = ("split sizes", node.index)
+        if key not in ctx.memo:  # read once: each of N outputs asks
+            total = ctx.size(Dim(x, axis))
+            ctx.memo[key] = _split_sizes(node, ctx, total) if total else None
+        sizes = ctx.memo[key]
         if sizes is None:
             links.freeze(dim, f"Split '{node.name}' sizes are not constant")
+            return links.out
+        if links.answered(node):
             return links.out
         start = 0
         for y, size in zip(node.outputs, sizes):

@@ -19,6 +19,8 @@ class Gemm(Rule):
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
+        if links.answered(node):
+            return links.out
         a, b, y, c = node.inputs[0], node.inputs[1], node.outputs[0], node.input(2)
         a_m, a_k, b_k, b_n = self._axes(node)
         links.same(Dim(a, a_k), Dim(b, b_k))
@@ -52,6 +54,8 @@ class MatMul(Rule):
             return links.out
         if ra < 2 or rb < 2:
             links.freeze(dim, f"MatMul '{node.name}' with a 1-D operand")
+            return links.out
+        if links.answered(node):
             return links.out
         links.same(Dim(a, ra - 1), Dim(b, rb - 2))
         links.add(Sink((Dim(a, ra - 1), Dim(b, rb - 2))))

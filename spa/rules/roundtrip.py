@@ -87,7 +87,7 @@ def _chain(graph, node, forward: bool, limit: int = 8) -> list[Node] | None:
     tensor = node.outputs[0] if forward else node.inputs[0]
     while len(chain) <= limit:
         readers = [c for c in graph.consumers.get(tensor, []) if c.op_type != "Shape"]
-        if tensor in graph.outputs or len(readers) != 1:
+        if tensor in graph.output_names or len(readers) != 1:
             return None
         if forward:
             step = readers[0]
