@@ -121,14 +121,17 @@ def test_batchwise_layout_checked_on_the_onnx_reference():
     # onnxruntime refuses layout=1 ("Batchwise recurrent operations are not supported"),
     # so hard and soft are compared on onnx's reference implementation
     model, t = recurrent_model("LSTM", direction="bidirectional", layout=1, peepholes=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+    try:
+        dense_out = ReferenceEvaluator(model).run(None, feeds)[0]
+    except NotImplementedError as exc:  # older onnx releases' reference LSTM is one-directional
+        pytest.skip(f"the installed onnx's reference evaluator cannot run this LSTM: {exc}")
     analysis = analysis_of(model)
     assert group_at(analysis, t["r"], 2) is group_at(analysis, t["y"], 3)
     assert group_at(analysis, t["seq"], 2) is group_at(analysis, t["w"], 2)
     hard = spa.prune(model, ratio=0.5, check=False).model
     soft = spa.prune(model, ratio=0.5, check=False, soft=True).model
     assert node_attr(hard, "LSTM", "hidden_size") == 3
-    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
-    dense_out = ReferenceEvaluator(model).run(None, feeds)[0]
     hard_out, soft_out = (ReferenceEvaluator(m).run(None, feeds)[0] for m in (hard, soft))
     np.testing.assert_allclose(hard_out, soft_out, rtol=1e-5, atol=1e-5)
     assert not np.allclose(hard_out, dense_out, atol=1e-3)
