@@ -74,6 +74,13 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     complaint = checker_complaint(model)
     if complaint:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({complaint})")
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        # spa reads ops through onnx's schemas; an onnxruntime newer than onnx may run the model,
+        # but what a newer op version means is then unknown to spa and to onnx's shape inference
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelLoadError(f"{path}: uses opset {opset.version}, newer than the installed onnx knows "
+                                 f"({newest}); upgrade onnx to prune it")
     for tensor in all_tensors(model.graph):
         problem = _data_problem(tensor)
         if problem:
