@@ -1,14 +1,29 @@
 """spa: structured pruning of ONNX graphs.
 
-    import spa
-    result = spa.prune("model.onnx", ratio=0.4)
-    onnx.save(result.model, "model.pruned.onnx")
+import spa
+result = spa.prune("model.onnx", ratio=0.4)
+onnx.save(result.model, "model.pruned.onnx")
 """
+
 __version__ = "0.1.0"
 
-from .api import AnalysisReport, PruneReport, PruneResult, analyze, prune  # noqa: E402
-from .errors import ModelLoadError, OutputError, SpaError, UsageError, ValidationError  # noqa: E402
-from .report import Report, build_report, render_html  # noqa: E402
+from spa.api import AnalysisReport, PruneReport, PruneResult, analyze, prune  # noqa: E402
+from spa.core.errors import ModelLoadError, OutputError, SpaError, UsageError, ValidationError  # noqa: E402
+from spa.reporting.report import Report, build_report, render_html  # noqa: E402
 
-__all__ = ["analyze", "prune", "build_report", "render_html", "AnalysisReport", "PruneReport", "PruneResult",
-           "Report", "SpaError", "UsageError", "ModelLoadError", "ValidationError", "OutputError", "__version__"]
+__all__ = [
+    "analyze",
+    "prune",
+    "build_report",
+    "render_html",
+    "AnalysisReport",
+    "PruneReport",
+    "PruneResult",
+    "Report",
+    "SpaError",
+    "UsageError",
+    "ModelLoadError",
+    "ValidationError",
+    "OutputError",
+    "__version__",
+]

@@ -1,3 +1,3 @@
-from .cli import main
+from spa.cli.commands import main
 
 main()

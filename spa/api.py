@@ -2,43 +2,70 @@
 
 The whole pipeline, in order: load -> graph -> groups -> score -> plan -> cut -> validate.
 """
+
 from __future__ import annotations
 
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 
-from .compensate import Compensation, compensate as layerwise_refit
-from .criteria import CRITERIA, ScoreContext
-from .cut import apply_plan, soft_transform
-from . import fidelity
-from .errors import ModelLoadError, UsageError, ValidationError
-from .graph import ModelGraph
-from .groups import Analysis, Group, find_groups
-from .layers import LayerIndex
-from .load import canonicalize, check_sizes, infer_shapes, load_model, with_input_sizes
-from .metrics import ModelStats, bodies, count
-from .plan import Plan, make_plan
-from .qoperator import Expansion, expand
-from .rules.base import ATTENTION_UNITS, Dim, rule_for
-from .sequential import sequential_refit
-from .quantized import quantized_weight
-from .runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
-from .search import (LatencyMeter, RoundToOutcome, Target, TargetOutcome, pick_round_to, reach_latency,
-                     reach_structural)
-from .statistics import (Statistics, choose_prior, collect, load_calibration, prior_probe_samples, static_batch,
-                         synthetic_feeds, synthetic_sample_count)
-from .signals import ScratchDirectory
-from .tensors import is_lazy, write_beside_data, write_external
-from .bench import compare, resolve_providers
-from .validate import (Validation, check_input_sizes, complete_sizes, counted_sizes, nonfinite_weights, one_line,
-                       refuse_oversized, sample_inputs, unsized_axes, validate)
+from spa.analysis.groups import Analysis, Group, find_groups
+from spa.analysis.layers import LayerIndex
+from spa.core.errors import ModelLoadError, UsageError, ValidationError
+from spa.core.graph import ModelGraph
+from spa.core.runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
+from spa.core.signals import ScratchDirectory
+from spa.core.tensors import is_lazy, write_beside_data, write_external
+from spa.formats.load import canonicalize, check_sizes, infer_shapes, load_model, with_input_sizes
+from spa.formats.qoperator import Expansion, expand
+from spa.formats.quantized import quantized_weight
+from spa.ops.base import ATTENTION_UNITS, Dim, rule_for
+from spa.planning.plan import Plan, make_plan
+from spa.planning.search import (
+    LatencyMeter,
+    RoundToOutcome,
+    Target,
+    TargetOutcome,
+    pick_round_to,
+    reach_latency,
+    reach_structural,
+)
+from spa.reporting.metrics import ModelStats, bodies, count
+from spa.scoring.criteria import CRITERIA, ScoreContext
+from spa.scoring.statistics import (
+    Statistics,
+    choose_prior,
+    collect,
+    load_calibration,
+    prior_probe_samples,
+    static_batch,
+    synthetic_feeds,
+    synthetic_sample_count,
+)
+from spa.transforms.compensate import Compensation
+from spa.transforms.compensate import compensate as layerwise_refit
+from spa.transforms.cut import apply_plan, soft_transform
+from spa.transforms.sequential import sequential_refit
+from spa.verify import fidelity
+from spa.verify.bench import compare, resolve_providers
+from spa.verify.validate import (
+    Validation,
+    check_input_sizes,
+    complete_sizes,
+    counted_sizes,
+    nonfinite_weights,
+    one_line,
+    refuse_oversized,
+    sample_inputs,
+    unsized_axes,
+    validate,
+)
 
 # how compensation refits: see ``prune``
 REFITS = ("auto", "sequential", "layerwise")
@@ -64,9 +91,20 @@ class GroupReport:
     @classmethod
     def of(cls, analysis: Analysis, group: Group, removed: int, op_types: dict[str, str]) -> GroupReport:
         head = group.attention
-        return cls(group.id, group.size, removed, group.exact, group.frozen, _layers(analysis, group, op_types),
-                   [str(d) for d in group.dims], head and head.kind, head and head.heads, head and head.head_dim,
-                   head and head.kv_heads, group.inexact_reason)
+        return cls(
+            group.id,
+            group.size,
+            removed,
+            group.exact,
+            group.frozen,
+            _layers(analysis, group, op_types),
+            [str(d) for d in group.dims],
+            head and head.kind,
+            head and head.heads,
+            head and head.head_dim,
+            head and head.kv_heads,
+            group.inexact_reason,
+        )
 
 
 @dataclass
@@ -88,12 +126,21 @@ class AnalysisReport:
 
     def as_dict(self) -> dict:
         costs = self.stats or ModelStats(self.params, self.flops)
-        return {"model": self.model, "params": self.params, "flops": self.flops, "flops_at": self.flops_at,
-                "unsized_axes": self.unsized_axes, "input_shapes": self.input_shapes,
-                "flops_uncounted": costs.uncounted(),
-                "flops_by_op_type": costs.per_op_type(), "nodes": [asdict(n) for n in costs.nodes],
-                "groups_found": len(self.groups), "groups_prunable": len(self.prunable),
-                "unruled_weights": self.unruled_weights, "groups": [asdict(g) for g in self.groups]}
+        return {
+            "model": self.model,
+            "params": self.params,
+            "flops": self.flops,
+            "flops_at": self.flops_at,
+            "unsized_axes": self.unsized_axes,
+            "input_shapes": self.input_shapes,
+            "flops_uncounted": costs.uncounted(),
+            "flops_by_op_type": costs.per_op_type(),
+            "nodes": [asdict(n) for n in costs.nodes],
+            "groups_found": len(self.groups),
+            "groups_prunable": len(self.prunable),
+            "unruled_weights": self.unruled_weights,
+            "groups": [asdict(g) for g in self.groups],
+        }
 
 
 @dataclass
@@ -140,7 +187,7 @@ class _Prepared:
     graph: ModelGraph
     opset: int
     path: Path | None  # the file it came from, if any
-    # quantized ops spa works on in their QDQ form (``spa.qoperator``); the pruned models go back
+    # quantized ops spa works on in their QDQ form (``spa.formats.qoperator``); the pruned models go back
     expansion: Expansion = field(default_factory=Expansion)
     source: onnx.ModelProto | None = None  # the model as given, where ``model`` is its expanded form
 
@@ -182,9 +229,15 @@ def _say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -
         progress(stage, done, total)
 
 
-def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tuple[str, ...] = (),
-            approximate: bool = False, attention: str = "heads", input_shapes: dict[str, list[int]] | None = None,
-            progress: Progress | None = None) -> AnalysisReport:
+def analyze(
+    model_or_path: str | os.PathLike | onnx.ModelProto,
+    *,
+    exclude: tuple[str, ...] = (),
+    approximate: bool = False,
+    attention: str = "heads",
+    input_shapes: dict[str, list[int]] | None = None,
+    progress: Progress | None = None,
+) -> AnalysisReport:
     """Find every coupled channel group of a model, and why each frozen one is frozen.
 
     ``attention`` is the unit of attention layers: whole heads (grouped-query: a KV head with its
@@ -198,9 +251,18 @@ def analyze(model_or_path: str | os.PathLike | onnx.ModelProto, *, exclude: tupl
     analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate, attention)
     stats = _count(prepared, prepared.model, prepared.graph, input_shapes)
     groups = [GroupReport.of(analysis, g, 0, prepared.expansion.op_types) for g in analysis.groups]
-    return AnalysisReport(prepared.name, groups, stats.params, stats.flops, analysis, stats,
-                          counted_sizes(prepared.model, input_shapes), unsized_axes(prepared.model, input_shapes),
-                          dict(input_shapes or {}), _unruled_weights(prepared.graph, stats))
+    return AnalysisReport(
+        prepared.name,
+        groups,
+        stats.params,
+        stats.flops,
+        analysis,
+        stats,
+        counted_sizes(prepared.model, input_shapes),
+        unsized_axes(prepared.model, input_shapes),
+        dict(input_shapes or {}),
+        _unruled_weights(prepared.graph, stats),
+    )
 
 
 def _unruled_weights(graph: ModelGraph, stats: ModelStats) -> dict[str, int]:
@@ -209,14 +271,17 @@ def _unruled_weights(graph: ModelGraph, stats: ModelStats) -> dict[str, int]:
     nothing to prune and no reason why (the QOperator format's QLinearConv, a custom op)."""
     nodes = {node.name: node for node in graph.nodes}
     # a node with bodies counts their weights, which the rules of the ops inside read
-    unruled = Counter(cost.op_type for cost in stats.nodes
-                      if cost.params and cost.name in nodes and not bodies(nodes[cost.name])
-                      and rule_for(nodes[cost.name]) is None)
+    unruled = Counter(
+        cost.op_type
+        for cost in stats.nodes
+        if cost.params and cost.name in nodes and not bodies(nodes[cost.name]) and rule_for(nodes[cost.name]) is None
+    )
     return dict(unruled.most_common())
 
 
-def _count(prepared: _Prepared, model: onnx.ModelProto, graph: ModelGraph,
-           sizes: dict[str, list[int]] | None) -> ModelStats:
+def _count(
+    prepared: _Prepared, model: onnx.ModelProto, graph: ModelGraph, sizes: dict[str, list[int]] | None
+) -> ModelStats:
     """Params and FLOPs, the FLOPs with the inputs at ``sizes`` (free axes at 1 where none is given);
     each op under the type it has in the model as given."""
     stats = count(ModelGraph(with_input_sizes(model, complete_sizes(model, sizes)))) if sizes else count(graph)
@@ -226,15 +291,35 @@ def _count(prepared: _Prepared, model: onnx.ModelProto, graph: ModelGraph,
 
 
 @own_context
-def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3, criterion: str = "obspa", *,
-          calib: str | os.PathLike | None = None, calib_samples: int = 128, compensate: bool | None = None,
-          synthetic_samples: int | None = None, global_rank: bool = False, round_to: int | str = 1, target_flops: float | None = None,
-          target_params: float | None = None, target_latency: float | None = None,
-          exclude: tuple[str, ...] = (), soft: bool = False, approximate: bool = False, seed: int = 0,
-          check: bool = True, bench: bool = False, providers: tuple[str, ...] = ("cpu",), threads: int = 0,
-          custom_ops: tuple[str, ...] = (), attention: str = "heads", refit: str = "auto",
-          input_shapes: dict[str, list[int]] | None = None, progress: Progress | None = None,
-          run_timeout: float = RUN_TIMEOUT) -> PruneResult:
+def prune(
+    model_or_path: str | os.PathLike | onnx.ModelProto,
+    ratio: float = 0.3,
+    criterion: str = "obspa",
+    *,
+    calib: str | os.PathLike | None = None,
+    calib_samples: int = 128,
+    compensate: bool | None = None,
+    synthetic_samples: int | None = None,
+    global_rank: bool = False,
+    round_to: int | str = 1,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    target_latency: float | None = None,
+    exclude: tuple[str, ...] = (),
+    soft: bool = False,
+    approximate: bool = False,
+    seed: int = 0,
+    check: bool = True,
+    bench: bool = False,
+    providers: tuple[str, ...] = ("cpu",),
+    threads: int = 0,
+    custom_ops: tuple[str, ...] = (),
+    attention: str = "heads",
+    refit: str = "auto",
+    input_shapes: dict[str, list[int]] | None = None,
+    progress: Progress | None = None,
+    run_timeout: float = RUN_TIMEOUT,
+) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
 
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
@@ -261,11 +346,11 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     synthetic statistics were measured to mislead the refit (all-MiniLM-L6-v2, FFN only: l1 at ratio 0.3
     fell from 0.735 to 0.120 mean cosine with it). ``refit`` is how: "layerwise" fits each layer to
     the dense model's inputs, "sequential" then refits the layers in graph order on the inputs the
-    pruned model gives them (``spa.sequential``); "auto" is sequential with calibration data (when
+    pruned model gives them (``spa.transforms.sequential``); "auto" is sequential with calibration data (when
     held-out samples are left, whichever of the two moves them less) and layer-wise without.
 
     Every run of the model (statistics, searches, refit, validation, fidelity, latency) stops after
-    ``run_timeout`` seconds (0: no limit) and raises ``spa.runlimit.RunTimeout``, a ``ModelLoadError``.
+    ``run_timeout`` seconds (0: no limit) and raises ``spa.core.runlimit.RunTimeout``, a ``ModelLoadError``.
 
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
@@ -308,8 +393,13 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
     wants_data = (CRITERIA[criterion].data is not None or compensate) and (ratio > 0 or target is not None)
     calibration = _calibration(prepared, calib, calib_samples) if calib is not None else None
     calib_feeds = {k: v[:calib_samples] for k, v in calibration.items()} if calibration else None
-    statistics = _statistics(prepared, analysis, layers, calib_feeds, synthetic_samples, before.flops,
-                             seed, tuple(custom_ops), progress) if wants_data else None
+    statistics = (
+        _statistics(
+            prepared, analysis, layers, calib_feeds, synthetic_samples, before.flops, seed, tuple(custom_ops), progress
+        )
+        if wants_data
+        else None
+    )
     timer.lap("statistics")
     context = ScoreContext(seed, statistics, layers)
     scores = _score(analysis, criterion, context, progress)
@@ -335,51 +425,103 @@ def prune(model_or_path: str | os.PathLike | onnx.ModelProto, ratio: float = 0.3
         weights, compensation = _compensate(prepared, analysis, layers, plan, statistics)
         if plan.removed and statistics is not None and (refit == "sequential" or (refit == "auto" and calib_feeds)):
             _say(progress, "refit")
-            weights, chosen = _sequential(prepared, weights, analysis, layers, plan, calib_feeds or statistics.feeds,
-                                          calibration if refit == "auto" else None, calib_samples, compensation,
-                                          seed, tuple(custom_ops))
+            weights, chosen = _sequential(
+                prepared,
+                weights,
+                analysis,
+                layers,
+                plan,
+                calib_feeds or statistics.feeds,
+                calibration if refit == "auto" else None,
+                calib_samples,
+                compensation,
+                seed,
+                tuple(custom_ops),
+            )
         timer.lap("compensate")
     _say(progress, "cut")
     workdir = ScratchDirectory() if is_lazy(prepared.model) else None
     spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
-    hard = chosen.hard if chosen else infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset,
-                                                              spill=spill))
+    hard = (
+        chosen.hard
+        if chosen
+        else infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset, spill=spill))
+    )
     after = _count(prepared, hard, ModelGraph(hard), sizes)
     hard = prepared.written(hard)
     # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
     wanted = soft or (check and not is_lazy(prepared.model))
-    soft_model = prepared.written(apply_plan(weights.model, weights.graph, analysis, plan, opset, soft=True)) \
-        if wanted else None
+    soft_model = (
+        prepared.written(apply_plan(weights.model, weights.graph, analysis, plan, opset, soft=True)) if wanted else None
+    )
     timer.lap("cut")
     validation = Validation()
     if check:
-        validation = _validate(prepared, weights, analysis, plan, hard, soft_model, seed, tuple(custom_ops),
-                               progress, Path(workdir.name) if workdir else None, sizes)
+        validation = _validate(
+            prepared,
+            weights,
+            analysis,
+            plan,
+            hard,
+            soft_model,
+            seed,
+            tuple(custom_ops),
+            progress,
+            Path(workdir.name) if workdir else None,
+            sizes,
+        )
         if calibration:
             _say(progress, "fidelity")
-            validation.fidelity = chosen.fidelity if chosen else _fidelity(prepared, hard, calibration,
-                                                                           calib_samples, tuple(custom_ops))
+            validation.fidelity = (
+                chosen.fidelity if chosen else _fidelity(prepared, hard, calibration, calib_samples, tuple(custom_ops))
+            )
             validation.problems += fidelity.nonfinite_problems(validation.fidelity)
         if bench:
             _say(progress, "latency")
-            validation.latency = _latencies(prepared, hard, validation, provider_names, threads, seed,
-                                            tuple(custom_ops), sizes)
+            validation.latency = _latencies(
+                prepared, hard, validation, provider_names, threads, seed, tuple(custom_ops), sizes
+            )
         timer.lap("validate")
     report = PruneReport(
         model=prepared.name,
-        options={"ratio": ratio, "criterion": criterion, "calib": str(calib) if calib is not None else None,
-                 "calib_samples": calib_samples, "compensate": compensate, "global": global_rank,
-                 "round_to": round_to, "exclude": list(exclude), "soft": soft, "approximate": approximate,
-                 "seed": seed, "attention": attention, "refit": refit, "input_shapes": sizes},
-        groups_found=len(analysis.groups), groups_prunable=len(analysis.prunable_groups),
-        groups_pruned=len(plan.removed), params_before=before.params, params_after=after.params,
-        flops_before=before.flops, flops_after=after.flops, validation=validation, seconds=timer.seconds,
-        groups=[GroupReport.of(analysis, g, len(plan.removed.get(g.id, ())), prepared.expansion.op_types)
-                for g in analysis.groups],
-        target=outcome, round_to_auto=rounding, statistics=statistics.summary() if statistics else None,
-        compensation=compensation.as_dict() if compensation else None, fallback_groups=len(context.fallbacks),
-        flops_at=counted_sizes(prepared.model, sizes), unsized_axes=unsized_axes(prepared.model, sizes),
-        flops_uncounted=before.uncounted())
+        options={
+            "ratio": ratio,
+            "criterion": criterion,
+            "calib": str(calib) if calib is not None else None,
+            "calib_samples": calib_samples,
+            "compensate": compensate,
+            "global": global_rank,
+            "round_to": round_to,
+            "exclude": list(exclude),
+            "soft": soft,
+            "approximate": approximate,
+            "seed": seed,
+            "attention": attention,
+            "refit": refit,
+            "input_shapes": sizes,
+        },
+        groups_found=len(analysis.groups),
+        groups_prunable=len(analysis.prunable_groups),
+        groups_pruned=len(plan.removed),
+        params_before=before.params,
+        params_after=after.params,
+        flops_before=before.flops,
+        flops_after=after.flops,
+        validation=validation,
+        seconds=timer.seconds,
+        groups=[
+            GroupReport.of(analysis, g, len(plan.removed.get(g.id, ())), prepared.expansion.op_types)
+            for g in analysis.groups
+        ],
+        target=outcome,
+        round_to_auto=rounding,
+        statistics=statistics.summary() if statistics else None,
+        compensation=compensation.as_dict() if compensation else None,
+        fallback_groups=len(context.fallbacks),
+        flops_at=counted_sizes(prepared.model, sizes),
+        unsized_axes=unsized_axes(prepared.model, sizes),
+        flops_uncounted=before.uncounted(),
+    )
     if check and not validation.ok:
         raise ValidationError("pruned model failed validation: " + "; ".join(validation.problems))
     return PruneResult(infer_shapes(soft_model) if soft else hard, report, workdir)
@@ -391,21 +533,36 @@ def _check_attention(attention: str) -> None:
 
 
 def _target(flops: float | None, params: float | None, latency: float | None) -> Target | None:
-    given = [Target(metric, value) for metric, value in (("flops", flops), ("params", params),
-                                                          ("latency", latency)) if value is not None]
+    given = [
+        Target(metric, value)
+        for metric, value in (("flops", flops), ("params", params), ("latency", latency))
+        if value is not None
+    ]
     if len(given) > 1:
         raise UsageError("give one target at a time (--target-flops, --target-params or --target-latency)")
     return given[0] if given else None
 
 
 class _Candidates:
-    """Candidate cuts of one scored model, for the searches of :mod:`spa.search`."""
+    """Candidate cuts of one scored model, for the searches of :mod:`spa.planning.search`."""
 
-    def __init__(self, prepared: _Prepared, analysis: Analysis, scores: dict[int, np.ndarray],
-                 global_rank: bool, dense: ModelStats, normalise: bool,
-                 sizes: dict[str, list[int]] | None = None):
-        self.prepared, self.analysis, self.scores, self.global_rank, self.dense = (prepared, analysis, scores,
-                                                                                   global_rank, dense)
+    def __init__(
+        self,
+        prepared: _Prepared,
+        analysis: Analysis,
+        scores: dict[int, np.ndarray],
+        global_rank: bool,
+        dense: ModelStats,
+        normalise: bool,
+        sizes: dict[str, list[int]] | None = None,
+    ):
+        self.prepared, self.analysis, self.scores, self.global_rank, self.dense = (
+            prepared,
+            analysis,
+            scores,
+            global_rank,
+            dense,
+        )
         self.normalise, self.sizes = normalise, sizes
 
     def plan(self, ratio: float, round_to: int) -> Plan:
@@ -426,27 +583,41 @@ class _Candidates:
         """The ratio meeting a FLOPs or params target; for latency, the ratio keeping that share of
         FLOPs, the usual first guess (latency seldom falls faster than FLOPs)."""
         metric = "flops" if target.metric == "latency" else target.metric
-        return reach_structural(metric, target.fraction, lambda r: self.kept(metric, r, round_to),
-                                out_of_reach_ok=True).ratio
+        return reach_structural(
+            metric, target.fraction, lambda r: self.kept(metric, r, round_to), out_of_reach_ok=True
+        ).ratio
 
     def meter(self, provider: str, threads: int, custom_ops: tuple[str, ...], seed: int) -> LatencyMeter:
         if is_lazy(self.prepared.model):
-            raise UsageError("--target-latency and --round-to auto time the model in memory; models with "
-                             "external data are not supported by them yet")
-        return LatencyMeter(self.prepared.dense, sample_inputs(self.prepared.dense, seed, shapes=self.sizes),
-                            provider, threads, custom_ops)
+            raise UsageError(
+                "--target-latency and --round-to auto time the model in memory; models with "
+                "external data are not supported by them yet"
+            )
+        return LatencyMeter(
+            self.prepared.dense,
+            sample_inputs(self.prepared.dense, seed, shapes=self.sizes),
+            provider,
+            threads,
+            custom_ops,
+        )
 
     def reach(self, target: Target, round_to: int, meter: LatencyMeter | None) -> TargetOutcome:
         if target.metric != "latency":
-            return reach_structural(target.metric, target.fraction,
-                                    lambda r: self.kept(target.metric, r, round_to))
+            return reach_structural(target.metric, target.fraction, lambda r: self.kept(target.metric, r, round_to))
         guess = self.structural_guess(target, round_to)
-        return reach_latency(target.fraction, lambda r: meter.fraction(self.hard(r, round_to)), guess,
-                             meter.provider)
+        return reach_latency(target.fraction, lambda r: meter.fraction(self.hard(r, round_to)), guess, meter.provider)
 
 
-def _latencies(prepared: _Prepared, hard: onnx.ModelProto, validation: Validation, providers: list[str],
-               threads: int, seed: int, custom_ops: tuple[str, ...], sizes: dict[str, list[int]]) -> list[dict]:
+def _latencies(
+    prepared: _Prepared,
+    hard: onnx.ModelProto,
+    validation: Validation,
+    providers: list[str],
+    threads: int,
+    seed: int,
+    custom_ops: tuple[str, ...],
+    sizes: dict[str, list[int]],
+) -> list[dict]:
     """Dense vs pruned median latency on the CPU and every provider named."""
     if not validation.ok or is_lazy(prepared.model):  # two large sessions at once would double memory
         return []
@@ -474,8 +645,13 @@ def _calibration(prepared: _Prepared, calib, calib_samples: int) -> dict[str, np
     return load_calibration(calib, prepared.model, calib_samples + fidelity.SAMPLES)
 
 
-def _fidelity(prepared: _Prepared, hard: onnx.ModelProto, calibration: dict[str, np.ndarray], used: int,
-              custom_ops: tuple[str, ...]) -> fidelity.Fidelity | None:
+def _fidelity(
+    prepared: _Prepared,
+    hard: onnx.ModelProto,
+    calibration: dict[str, np.ndarray],
+    used: int,
+    custom_ops: tuple[str, ...],
+) -> fidelity.Fidelity | None:
     feeds, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1)
     try:
         return fidelity.measure(prepared.dense, hard, feeds, source, custom_ops)
@@ -487,17 +663,26 @@ def _fidelity(prepared: _Prepared, hard: onnx.ModelProto, calibration: dict[str,
         raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
 
 
-def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, calib: dict[str, np.ndarray] | None,
-                synthetic_samples: int | None, dense_flops: int, seed: int, custom_ops: tuple[str, ...],
-                progress: Progress | None) -> Statistics | None:
+def _statistics(
+    prepared: _Prepared,
+    analysis: Analysis,
+    layers: LayerIndex,
+    calib: dict[str, np.ndarray] | None,
+    synthetic_samples: int | None,
+    dense_flops: int,
+    seed: int,
+    custom_ops: tuple[str, ...],
+    progress: Progress | None,
+) -> Statistics | None:
     """Input statistics of every linear layer a prunable group feeds: from ``calib`` (named feeds),
     else synthetic.
 
     None where the model cannot be run in memory (external data) or onnxruntime refuses it
     without calibration data: data-free criteria then use the identity Hessian.
     """
-    wanted = list(dict.fromkeys(layer.activation for group in analysis.prunable_groups
-                                for layer in layers.of_group(group.dims)))
+    wanted = list(
+        dict.fromkeys(layer.activation for group in analysis.prunable_groups for layer in layers.of_group(group.dims))
+    )
     if calib is None and (is_lazy(prepared.model) or not wanted):
         return None
     _say(progress, "statistics")
@@ -514,8 +699,7 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
         if synthetic_samples is None:
             shapes = {d.tensor: analysis.graph.shape(d.tensor) for d in wanted}
             synthetic_samples = synthetic_sample_count(model, wanted, shapes, dense_flops)
-        prior, imbalance = choose_prior(model, wanted, prior_probe_samples(model, synthetic_samples), seed,
-                                        custom_ops)
+        prior, imbalance = choose_prior(model, wanted, prior_probe_samples(model, synthetic_samples), seed, custom_ops)
         feeds = synthetic_feeds(model, synthetic_samples, seed, prior)
         statistics = collect(model, feeds, wanted, "synthetic", seed, custom_ops)
         statistics.prior, statistics.imbalance, statistics.feeds = prior.name, imbalance, feeds
@@ -526,8 +710,9 @@ def _statistics(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, cal
         return None
 
 
-def _compensate(prepared: _Prepared, analysis: Analysis, layers: LayerIndex, plan: Plan,
-                statistics: Statistics | None) -> tuple[_Prepared, Compensation]:
+def _compensate(
+    prepared: _Prepared, analysis: Analysis, layers: LayerIndex, plan: Plan, statistics: Statistics | None
+) -> tuple[_Prepared, Compensation]:
     if statistics is None:
         why = "external data" if is_lazy(prepared.model) else "no statistics (onnxruntime could not run the model)"
         return prepared, Compensation(skipped=[f"all layers: {why}"] if plan.removed else [])
@@ -545,28 +730,43 @@ class _Chosen:
     fidelity: fidelity.Fidelity
 
 
-def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, layers: LayerIndex, plan: Plan,
-                feeds: dict[str, np.ndarray], calibration: dict[str, np.ndarray] | None, used: int,
-                compensation: Compensation, seed: int, custom_ops: tuple[str, ...]) -> tuple[_Prepared, _Chosen | None]:
+def _sequential(
+    prepared: _Prepared,
+    layerwise: _Prepared,
+    analysis: Analysis,
+    layers: LayerIndex,
+    plan: Plan,
+    feeds: dict[str, np.ndarray],
+    calibration: dict[str, np.ndarray] | None,
+    used: int,
+    compensation: Compensation,
+    seed: int,
+    custom_ops: tuple[str, ...],
+) -> tuple[_Prepared, _Chosen | None]:
     """The sequential refit of ``layerwise``; given ``calibration`` with samples past ``used``, it is
     kept only if it moves those held-out outputs less than the layer-wise refit does, and the kept
     candidate comes back cut and measured."""
-    model, outcome = sequential_refit(prepared.model, layerwise.model, analysis, layers, plan, prepared.opset,
-                                      feeds, seed, custom_ops)
+    model, outcome = sequential_refit(
+        prepared.model, layerwise.model, analysis, layers, plan, prepared.opset, feeds, seed, custom_ops
+    )
     compensation.sequential = outcome.as_dict()
     compensation.refit = "sequential"
     sequential = prepared.with_weights(model)
-    held_out, source = fidelity.holdout(calibration, used, static_batch(prepared.model) or 1) if calibration \
-        else (None, None)
+    held_out, source = (
+        fidelity.holdout(calibration, used, static_batch(prepared.model) or 1) if calibration else (None, None)
+    )
     if held_out is None or source != fidelity.HELD_OUT:
         return sequential, None
     candidates = {}
     for name, candidate in (("layerwise", layerwise), ("sequential", sequential)):
         hard = infer_shapes(apply_plan(candidate.model, candidate.graph, analysis, plan, prepared.opset))
-        candidates[name] = _Chosen(hard, fidelity.measure(prepared.dense, prepared.written(hard), held_out, source,
-                                                          custom_ops))
-    errors = {name: float(np.mean([o.relative_error for o in c.fidelity.outputs])) if c.fidelity.outputs else 0.0
-              for name, c in candidates.items()}
+        candidates[name] = _Chosen(
+            hard, fidelity.measure(prepared.dense, prepared.written(hard), held_out, source, custom_ops)
+        )
+    errors = {
+        name: float(np.mean([o.relative_error for o in c.fidelity.outputs])) if c.fidelity.outputs else 0.0
+        for name, c in candidates.items()
+    }
     compensation.held_out_error = errors
     if errors["sequential"] <= errors["layerwise"]:
         return sequential, candidates["sequential"]
@@ -574,8 +774,9 @@ def _sequential(prepared: _Prepared, layerwise: _Prepared, analysis: Analysis, l
     return layerwise, candidates["layerwise"]
 
 
-def _score(analysis: Analysis, criterion: str, context: ScoreContext,
-           progress: Progress | None) -> dict[int, np.ndarray]:
+def _score(
+    analysis: Analysis, criterion: str, context: ScoreContext, progress: Progress | None
+) -> dict[int, np.ndarray]:
     prunable = analysis.prunable_groups
     scores = {}
     for k, group in enumerate(prunable):
@@ -599,34 +800,66 @@ def _rescale_fallbacks(scores: dict[int, np.ndarray], fallbacks: list[int]) -> N
             scores[gid] = scores[gid] / mean * level
 
 
-def _validate(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model,
-              seed: int, custom_ops: tuple[str, ...], progress: Progress | None,
-              workdir: Path | None, sizes: dict[str, list[int]]) -> Validation:
+def _validate(
+    prepared: _Prepared,
+    weights: _Prepared,
+    analysis: Analysis,
+    plan: Plan,
+    hard,
+    soft_model,
+    seed: int,
+    custom_ops: tuple[str, ...],
+    progress: Progress | None,
+    workdir: Path | None,
+    sizes: dict[str, list[int]],
+) -> Validation:
     dense, graph = prepared.model, prepared.graph
     refuse_oversized(dense)
     _say(progress, "validate")
-    validation = _prove(prepared, weights, analysis, plan, hard, soft_model, seed,
-                        lambda done, total: _say(progress, "validate", done, total), custom_ops, workdir, sizes)
+    validation = _prove(
+        prepared,
+        weights,
+        analysis,
+        plan,
+        hard,
+        soft_model,
+        seed,
+        lambda done, total: _say(progress, "validate", done, total),
+        custom_ops,
+        workdir,
+        sizes,
+    )
     if not validation.dense_runs:
         raise ModelLoadError(validation.dense_error + _custom_op_hint(graph, custom_ops))
     validation.nonfinite_weights = nonfinite_weights(hard, prepared.dense)
     if validation.nonfinite_weights:
-        validation.problems.append(f"pruned weights hold NaN or inf: {', '.join(validation.nonfinite_weights[:5])}"
-                                   + (f" and {len(validation.nonfinite_weights) - 5} more"
-                                      if len(validation.nonfinite_weights) > 5 else ""))
+        validation.problems.append(
+            f"pruned weights hold NaN or inf: {', '.join(validation.nonfinite_weights[:5])}"
+            + (f" and {len(validation.nonfinite_weights) - 5} more" if len(validation.nonfinite_weights) > 5 else "")
+        )
     return validation
 
 
 def _custom_op_hint(graph: ModelGraph, custom_ops) -> str:
     domains = sorted({n.domain for n in graph.nodes if n.domain not in ("", "ai.onnx", "com.microsoft")})
     if domains and not custom_ops:
-        return (f" (ops from domain {', '.join(domains)}: spa loads no custom-op library unless given "
-                f"--custom-ops)")
+        return f" (ops from domain {', '.join(domains)}: spa loads no custom-op library unless given --custom-ops)"
     return ""
 
 
-def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Plan, hard, soft_model, seed,
-           step, custom_ops, workdir: Path | None, sizes: dict[str, list[int]]) -> Validation:
+def _prove(
+    prepared: _Prepared,
+    weights: _Prepared,
+    analysis: Analysis,
+    plan: Plan,
+    hard,
+    soft_model,
+    seed,
+    step,
+    custom_ops,
+    workdir: Path | None,
+    sizes: dict[str, list[int]],
+) -> Validation:
     """Validate in memory, or through files in ``workdir`` for models with external data.
 
     ``weights`` is the model the cut sliced (compensated, or the dense one): the soft reference
@@ -649,9 +882,17 @@ def _prove(prepared: _Prepared, weights: _Prepared, analysis: Analysis, plan: Pl
         soft = soft_model or prepared.written(apply_plan(dense, graph, analysis, exact_plan, opset, soft=True))
     if not exact_ids:
         hard_exact = soft = None
-    validation = validate(prepared.path if lazy else prepared.dense, hard_source, soft, hard_exact,
-                          removed_anything=bool(plan.removed), seed=seed, step=step, custom_ops=custom_ops,
-                          sizes=sizes)
+    validation = validate(
+        prepared.path if lazy else prepared.dense,
+        hard_source,
+        soft,
+        hard_exact,
+        removed_anything=bool(plan.removed),
+        seed=seed,
+        step=step,
+        custom_ops=custom_ops,
+        sizes=sizes,
+    )
     validation.approximate_groups = len(plan.removed) - len(exact_ids)
     return validation
 
@@ -708,12 +949,19 @@ def is_ffn(group: dict) -> bool:
     """A feed-forward hidden group (``GroupReport`` as a dict): one or two linears write it (up,
     or gate and up) and one reads it (down). The model width has many readers (every q, k, v
     and up projection) and attention groups have a kind."""
-    def sides(side: str) -> int:
-        return sum(x.startswith(("MatMul", "Gemm", "QGemm", "QLinearMatMul")) and x.endswith(side)
-                   for x in group["layers"])
 
-    return (group.get("kind") is None and group["channels"] > 1 and sides(" in") == 1 and 1 <= sides(" out") <= 2
-            and not any(x.startswith(("Conv", "QLinearConv")) for x in group["layers"]))
+    def sides(side: str) -> int:
+        return sum(
+            x.startswith(("MatMul", "Gemm", "QGemm", "QLinearMatMul")) and x.endswith(side) for x in group["layers"]
+        )
+
+    return (
+        group.get("kind") is None
+        and group["channels"] > 1
+        and sides(" in") == 1
+        and 1 <= sides(" out") <= 2
+        and not any(x.startswith(("Conv", "QLinearConv")) for x in group["layers"])
+    )
 
 
 def output_path_for(path: Path, soft: bool, extension: str = ".onnx") -> Path:

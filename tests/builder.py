@@ -1,4 +1,5 @@
 """A tiny graph builder for hand-written rule tests."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,9 +9,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
+from spa.analysis.groups import find_groups
 from spa.api import _prepare
-from spa.groups import find_groups
-from spa.rules import Dim
+from spa.ops.registry import Dim
 
 
 class Graph:
@@ -35,8 +36,9 @@ class Graph:
     def op(self, op_type: str, inputs, n_out: int = 1, domain: str = "", name: str | None = None, **attrs):
         k = next(self._ids)
         outs = [f"{op_type.lower()}{k}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name or f"{op_type}_{k}",
-                                           domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), outs, name=name or f"{op_type}_{k}", domain=domain, **attrs)
+        )
         return outs[0] if n_out == 1 else outs
 
     def conv(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, rank: int = 2, bias: bool = True):

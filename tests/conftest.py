@@ -23,4 +23,5 @@ def zoo_dir() -> Path:
 def zoo_model():
     def get(name: str, exporter: str) -> Path:
         return zoo.export(name, exporter, zoo_dir())
+
     return get

@@ -7,21 +7,30 @@ the reshape round trip the dynamo exporter uses for Kᵀ. Small random-weight BE
 validation, which compares the pruned model with the zeroed (soft) one at several sizes: a head
 mapped to the wrong indices fails there.
 """
+
 import numpy as np
 import onnx
 import pytest
+from builder import Graph, analysis_of, group_at, initializer, prune_exact
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from builder import Graph, analysis_of, group_at, initializer, prune_exact
-from spa.validate import run, sample_inputs
+from spa.verify.validate import run, sample_inputs
 
 E = 8  # width of the block's input
 
 
-def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic: bool = False, seq: int = 5,
-                    k_round_trip: bool = False, scale_from_shape: bool = False, expanded_bias: bool = False,
-                    shared_target: bool = False):
+def attention_block(
+    heads: int,
+    head_dim: int,
+    layout: str = "separate",
+    dynamic: bool = False,
+    seq: int = 5,
+    k_round_trip: bool = False,
+    scale_from_shape: bool = False,
+    expanded_bias: bool = False,
+    shared_target: bool = False,
+):
     """x -> Q, K, V -> softmax(Q Kᵀ * s) V -> merge heads -> output projection -> y.
 
     ``dynamic``: batch and sequence are symbolic and the head-split targets are built at run
@@ -32,8 +41,10 @@ def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic
     x = g.input("x", ["batch", "seq", E] if dynamic else [1, seq, E])
     if dynamic:
         shape = g.op("Shape", [x])
-        b, s = (g.op("Unsqueeze", [g.op("Gather", [shape, g.const(np.array(i))], axis=0), g.const(np.array([0]))])
-                for i in (0, 1))
+        b, s = (
+            g.op("Unsqueeze", [g.op("Gather", [shape, g.const(np.array(i))], axis=0), g.const(np.array([0]))])
+            for i in (0, 1)
+        )
 
     def target(*tail):
         if dynamic:
@@ -49,9 +60,16 @@ def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic
         if layout == "5d":
             q, k, v = (g.op("Gather", [t, g.const(np.array(i))], axis=0) for i in range(3))
         else:  # paddle2onnx (PP-OCRv4 rec's SVTR): Slice one of the three, then Squeeze it away
-            q, k, v = (g.op("Squeeze", [g.op("Slice", [t, g.const(np.array([i])), g.const(np.array([i + 1])),
-                                                       g.const(np.array([0]))]), g.const(np.array([0]))])
-                       for i in range(3))
+            q, k, v = (
+                g.op(
+                    "Squeeze",
+                    [
+                        g.op("Slice", [t, g.const(np.array([i])), g.const(np.array([i + 1])), g.const(np.array([0]))]),
+                        g.const(np.array([0])),
+                    ],
+                )
+                for i in range(3)
+            )
         k = g.op("Transpose", [k], perm=[0, 1, 3, 2])
     else:
         if layout == "split":
@@ -68,15 +86,24 @@ def attention_block(heads: int, head_dim: int, layout: str = "separate", dynamic
             def piece(lo, hi):
                 return g.op("Slice", [kshape, g.const(np.array([lo])), g.const(np.array([hi]))])
 
-            flat = g.op("Reshape", [k, g.op("Concat", [g.const(np.array([-1])), piece(-2, -1), piece(-1, 2**62)],
-                                             axis=0)])
-            k = g.op("Reshape", [g.op("Transpose", [flat], perm=[0, 2, 1]),
-                                 g.op("Concat", [piece(0, -2), piece(-1, 2**62), piece(-2, -1)], axis=0)])
+            flat = g.op(
+                "Reshape", [k, g.op("Concat", [g.const(np.array([-1])), piece(-2, -1), piece(-1, 2**62)], axis=0)]
+            )
+            k = g.op(
+                "Reshape",
+                [
+                    g.op("Transpose", [flat], perm=[0, 2, 1]),
+                    g.op("Concat", [piece(0, -2), piece(-1, 2**62), piece(-2, -1)], axis=0),
+                ],
+            )
         else:
             k = g.op("Transpose", [split[1]], perm=[0, 2, 3, 1])
     if scale_from_shape:  # torch's scaled_dot_product_attention: 1/sqrt(q.size(-1)), computed at run time
-        size = g.op("Cast", [g.op("Slice", [g.op("Shape", [q]), g.const(np.array([-1])), g.const(np.array([2**62]))])],
-                    to=TensorProto.FLOAT)
+        size = g.op(
+            "Cast",
+            [g.op("Slice", [g.op("Shape", [q]), g.const(np.array([-1])), g.const(np.array([2**62]))])],
+            to=TensorProto.FLOAT,
+        )
         scale = g.op("Div", [g.const(np.array([1.0], np.float32)), g.op("Sqrt", [size])])
     else:
         scale = g.const(np.array(1 / np.sqrt(head_dim), np.float32))
@@ -217,9 +244,13 @@ def test_dynamic_targets_with_minus_one(layout, round_trip, mode):
     assert result.report.params_after < result.report.params_before
     check_other_sizes(model, result.model)
     # the merge writes hidden as a literal: rewritten (-1 and run-time sizes follow by themselves)
-    concat_literals = [initializer(result.model, n.input[2]).tolist() for n in result.model.graph.node
-                       if n.op_type == "Concat" and len(n.input) == 3 and n.input[2] in
-                       {t.name for t in result.model.graph.initializer}]
+    concat_literals = [
+        initializer(result.model, n.input[2]).tolist()
+        for n in result.model.graph.node
+        if n.op_type == "Concat"
+        and len(n.input) == 3
+        and n.input[2] in {t.name for t in result.model.graph.initializer}
+    ]
     assert [12] in concat_literals
 
 
@@ -253,13 +284,29 @@ def window_attention(heads: int, head_dim: int, shared_target: bool = False, seq
     width = heads * head_dim
     x = g.input("x", [1, seq, width])
     shape = g.op("Shape", [x])
-    target = g.op("Concat", [g.op("Unsqueeze", [g.op("Gather", [shape, g.const(np.array(i))], axis=0),
-                                                g.const(np.array([0]))]) for i in range(3)], axis=0)
+    target = g.op(
+        "Concat",
+        [
+            g.op("Unsqueeze", [g.op("Gather", [shape, g.const(np.array(i))], axis=0), g.const(np.array([0]))])
+            for i in range(3)
+        ],
+        axis=0,
+    )
     if shared_target:
         x_again = g.op("Reshape", [x, target])
-    q, k, v = (g.op("Transpose", [g.op("Reshape", [g.op("MatMul", [x, g.weight(width, width)]),
-                                                    g.const(np.array([1, seq, heads, head_dim]))])], perm=perm)
-               for perm in ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]))
+    q, k, v = (
+        g.op(
+            "Transpose",
+            [
+                g.op(
+                    "Reshape",
+                    [g.op("MatMul", [x, g.weight(width, width)]), g.const(np.array([1, seq, heads, head_dim]))],
+                )
+            ],
+            perm=perm,
+        )
+        for perm in ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])
+    )
     scores = g.op("Mul", [g.op("MatMul", [q, k]), g.const(np.array(1 / np.sqrt(head_dim), np.float32))])
     context = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
     merged = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]), target])
@@ -313,8 +360,11 @@ def test_bert_export_loses_whole_heads(attention_model, exporter):
     dense = onnx.load(str(path))
     dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
     pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
-    projections = [n for n in result.model.graph.node if n.op_type == "MatMul" and n.input[1] in pruned_w
-                   and dense_w[n.input[1]].shape == (64, 64)]
+    projections = [
+        n
+        for n in result.model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in pruned_w and dense_w[n.input[1]].shape == (64, 64)
+    ]
     shapes = sorted(pruned_w[n.input[1]].shape for n in projections)
     assert shapes == [(48, 64)] * 2 + [(64, 48)] * 6  # Q, K, V lose one head's columns, the output its rows
     for n in projections:
@@ -351,7 +401,7 @@ def test_onnxruntime_fused_bert(attention_model):
         kept = [whole_heads([c - t * 64 for c in columns if t * 64 <= c < (t + 1) * 64], 16) for t in range(3)]
         assert kept[0] == kept[1] == kept[2]
     from spa.api import _prepare
-    from spa.metrics import count
+    from spa.reporting.metrics import count
 
     before, after = (count(_prepare(m, None).graph).node_flops for m in (dense, result.model))
     attention = [n.name for n in dense.graph.node if n.op_type == "Attention"]
@@ -376,8 +426,11 @@ def test_vit_fused_in_proj_thirds_lose_the_same_heads(attention_model, exporter)
     dense = onnx.load(str(path), load_external_data=True)
     dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
     pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
-    fused = [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul" and n.input[1] in pruned_w
-             and dense_w[n.input[1]].shape == (64, 192)]
+    fused = [
+        n.input[1]
+        for n in result.model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in pruned_w and dense_w[n.input[1]].shape == (64, 192)
+    ]
     assert len(fused) == 2
     for name in fused:
         assert pruned_w[name].shape == (64, 96)
@@ -391,7 +444,7 @@ def test_analyze_lists_heads_per_layer(attention_model, tmp_path):
 
     from click.testing import CliRunner
 
-    from spa.cli import main
+    from spa.cli.commands import main
 
     path = attention_model("tiny_bert", "legacy")
     out = CliRunner().invoke(main, ["analyze", str(path), "--json", str(tmp_path / "a.json")])
@@ -420,8 +473,10 @@ def gqa_block(heads: int, kv_heads: int, head_dim: int, legacy: bool = False, se
     x = g.input("x", ["batch", "seq", E] if legacy else [1, seq, E])
 
     def size(tensor, axis):
-        return g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [tensor]), g.const(np.array(axis))], axis=0),
-                                  g.const(np.array([0]))])
+        return g.op(
+            "Unsqueeze",
+            [g.op("Gather", [g.op("Shape", [tensor]), g.const(np.array(axis))], axis=0), g.const(np.array([0]))],
+        )
 
     def vector(*parts):  # literals and run-time sizes, concatenated
         return g.op("Concat", [p if isinstance(p, str) else g.const(np.array([p])) for p in parts], axis=0)
@@ -430,29 +485,36 @@ def gqa_block(heads: int, kv_heads: int, head_dim: int, legacy: bool = False, se
 
     def split(width, count):
         y = g.op("Add", [g.op("MatMul", [x, g.weight(E, width)]), g.weight(width)])
-        return g.op("Transpose", [g.op("Reshape", [y, vector(b, s, -1 if legacy else count, head_dim)])],
-                    perm=[0, 2, 1, 3])
+        return g.op(
+            "Transpose", [g.op("Reshape", [y, vector(b, s, -1 if legacy else count, head_dim)])], perm=[0, 2, 1, 3]
+        )
 
     def repeat(t):  # [B, kv, S, D] -> [B, H, S, D], each KV head n_rep times in a row
         if legacy:
             shape = vector(b, size(t, 1), n_rep, size(t, 2), size(t, 3))
-            ones = g.op("ConstantOfShape", [g.op("Shape", [shape])],
-                        value=numpy_helper.from_array(np.array([1], np.int64)))
+            ones = g.op(
+                "ConstantOfShape", [g.op("Shape", [shape])], value=numpy_helper.from_array(np.array([1], np.int64))
+            )
             guard = g.op("Equal", [shape, g.op("Mul", [ones, g.const(np.array(-1))])])
             shape = g.op("Where", [guard, ones, shape])
-            merged = g.op("Mul", [g.op("Gather", [g.op("Shape", [t]), g.const(np.array(1))], axis=0),
-                                  g.const(np.array(n_rep))])
+            merged = g.op(
+                "Mul", [g.op("Gather", [g.op("Shape", [t]), g.const(np.array(1))], axis=0), g.const(np.array(n_rep))]
+            )
             target = vector(b, g.op("Unsqueeze", [merged, g.const(np.array([0]))]), size(t, 2), size(t, 3))
         else:
             shape, target = vector(1, kv_heads, n_rep, seq, head_dim), vector(1, heads, seq, head_dim)
         copies = g.op("Expand", [g.op("Unsqueeze", [t, g.const(np.array([2]))]), shape])
         return g.op("Reshape", [copies, target])
 
-    q, k, v = split(heads * head_dim, heads), split(kv_heads * head_dim, kv_heads), split(kv_heads * head_dim,
-                                                                                           kv_heads)
+    q, k, v = split(heads * head_dim, heads), split(kv_heads * head_dim, kv_heads), split(kv_heads * head_dim, kv_heads)
     k, v = repeat(k), repeat(v)
-    scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]),
-                          g.const(np.array(1 / np.sqrt(head_dim), np.float32))])
+    scores = g.op(
+        "Mul",
+        [
+            g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]),
+            g.const(np.array(1 / np.sqrt(head_dim), np.float32)),
+        ],
+    )
     context = g.op("Transpose", [g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])], perm=[0, 2, 1, 3])
     merged = g.op("Reshape", [context, vector(b, s, -1) if legacy else vector(1, seq, heads * head_dim)])
     g.output(g.op("Add", [g.op("MatMul", [merged, g.weight(heads * head_dim, 6)]), g.weight(6)]))
@@ -502,7 +564,8 @@ def test_gqa_removes_a_kv_head_with_its_query_heads(legacy):
         assert expand_shapes(result.model) == [[1, 1, 2, 5, head_dim]] * 2
         # Q split, K and V splits, the two repeat_kv merges, the output merge
         assert reshape_targets(result.model) == [[1, 5, 4, head_dim]] + [[1, 5, 2, head_dim]] * 2 + [
-            [1, 4, 5, head_dim]] * 2 + [[1, 5, 4 * head_dim]]
+            [1, 4, 5, head_dim]
+        ] * 2 + [[1, 5, 4 * head_dim]]
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -522,14 +585,17 @@ def test_gqa_query_heads_mode_removes_the_same_query_head_in_every_group(legacy)
     assert pruned_w[1].shape == dense_w[1].shape
     literals = concat_literals(result.model)
     if legacy:  # n_rep is a literal twice: in the Expand shape and in the run-time kv * n_rep
-        assert [2] in literals and 2 in {int(initializer(result.model, n.input[1])) for n in result.model.graph.node
-                                         if n.op_type == "Mul" and n.input[1] in
-                                         {t.name for t in result.model.graph.initializer}}
+        assert [2] in literals and 2 in {
+            int(initializer(result.model, n.input[1]))
+            for n in result.model.graph.node
+            if n.op_type == "Mul" and n.input[1] in {t.name for t in result.model.graph.initializer}
+        }
         check_other_sizes(model, result.model)
     else:  # the copies: 2 of 3 in each group; the merges count 4 query heads
         assert expand_shapes(result.model) == [[1, 2, 2, 5, head_dim]] * 2
         assert reshape_targets(result.model) == [[1, 5, 4, head_dim]] + [[1, 5, 2, head_dim]] * 2 + [
-            [1, 4, 5, head_dim]] * 2 + [[1, 5, 4 * head_dim]]
+            [1, 4, 5, head_dim]
+        ] * 2 + [[1, 5, 4 * head_dim]]
 
 
 def test_mqa_removes_query_heads_and_keeps_the_one_kv_head():
@@ -569,8 +635,11 @@ def test_llama_gqa_export_loses_whole_kv_groups(attention_model, exporter):
     dense = onnx.load(str(path))
     dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
     pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
-    projections = [n.input[1] for n in dense.graph.node if n.op_type == "MatMul" and n.input[1] in dense_w
-                   and dense_w[n.input[1]].shape in ((64, 64), (64, 16))]
+    projections = [
+        n.input[1]
+        for n in dense.graph.node
+        if n.op_type == "MatMul" and n.input[1] in dense_w and dense_w[n.input[1]].shape in ((64, 64), (64, 16))
+    ]
     q, k, v, o = (projections[i::4] for i in range(4))  # per layer: q, k, v, o
     for layer in range(2):
         assert pruned_w[k[layer]].shape == pruned_w[v[layer]].shape == (64, 8)
@@ -592,8 +661,9 @@ def test_llama_gqa_query_heads_mode(attention_model, exporter):
     result = spa.prune(path, ratio=0.5, attention="query_heads")
     assert result.report.validation.ok and result.report.validation.soft_equal
     removed = [g for g in result.report.groups if g.removed]
-    assert all(g.kind == "query_heads" and g.kv_heads == 2 and g.channels == 4 and g.removed == 2
-               for g in removed if g.kind)
+    assert all(
+        g.kind == "query_heads" and g.kv_heads == 2 and g.channels == 4 and g.removed == 2 for g in removed if g.kind
+    )
     dense = onnx.load(str(path))
     dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
     pruned_w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
@@ -625,12 +695,11 @@ def test_llama_mqa_export_loses_query_heads(attention_model, exporter):
 def test_analyze_lists_kv_heads(attention_model):
     from click.testing import CliRunner
 
-    from spa.cli import main
+    from spa.cli.commands import main
 
     path = attention_model("tiny_llama_gqa", "legacy")
     out = CliRunner().invoke(main, ["analyze", str(path)])
     assert out.exit_code == 0, out.output
-    assert out.output.count("8 heads x head_dim 8 (2 KV heads, unit: a KV head with its 4 query heads), "
-                            "prunable") == 2
+    assert out.output.count("8 heads x head_dim 8 (2 KV heads, unit: a KV head with its 4 query heads), prunable") == 2
     out = CliRunner().invoke(main, ["analyze", str(path), "--attention", "query-heads"])
     assert out.output.count("unit: one query head in each of the 2 KV groups), prunable") == 2

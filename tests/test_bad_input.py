@@ -1,5 +1,6 @@
 """The bad-input catalogue: each case gets one line, its documented exit code, no partial
 output, and an untouched input."""
+
 import errno
 import hashlib
 import os
@@ -9,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builder import Graph
 from click.testing import CliRunner
 
-import spa.io
-from builder import Graph
-from spa.cli import main
+import spa.formats.files
+from spa.cli.commands import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
 
@@ -118,7 +119,8 @@ def test_nothing_prunable_says_so_and_writes_only_if_asked(tmp_path):
     written = onnx.load(str(tmp_path / "m.pruned.onnx"))
     original = onnx.load(str(path))
     assert [onnx.numpy_helper.to_array(t).tolist() for t in written.graph.initializer] == [
-        onnx.numpy_helper.to_array(t).tolist() for t in original.graph.initializer]
+        onnx.numpy_helper.to_array(t).tolist() for t in original.graph.initializer
+    ]
 
 
 @pytest.mark.parametrize("spec", ["y=1x3x8x8", "x=1x3x8", "x=1x3xA", "x=1x3x2x2"])
@@ -152,7 +154,7 @@ def test_disk_full_mid_write_leaves_nothing(tmp_path, monkeypatch):
             self.handle.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spa.io.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    monkeypatch.setattr(spa.formats.files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
     result = run("prune", path, "--no-bench")
     assert_clean_failure(result, 5, tmp_path, path, digest)
     assert "No space left" in result.output

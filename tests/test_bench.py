@@ -1,4 +1,5 @@
 """spa bench: alternating dense/pruned latency on onnxruntime providers."""
+
 import json
 from pathlib import Path
 
@@ -6,8 +7,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from spa.bench import bench
-from spa.cli import main
+from spa.cli.commands import main
+from spa.verify.bench import bench
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
 
@@ -21,8 +22,10 @@ def pruned(tmp_path_factory) -> Path:
 
 def test_pair_reports_median_p90_throughput_and_speedup(pruned, tmp_path):
     report = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", str(EXAMPLE), str(pruned), "--runs", "10", "--warmup", "2",
-                                       "--threads", "1", "--json", str(report)])
+    result = CliRunner().invoke(
+        main,
+        ["bench", str(EXAMPLE), str(pruned), "--runs", "10", "--warmup", "2", "--threads", "1", "--json", str(report)],
+    )
     assert result.exit_code == 0, result.output
     assert "| CPUExecutionProvider | 1 | 1 | dense |" in result.output and "speedup" in result.output
     data = json.loads(report.read_text())["results"][0]
@@ -39,15 +42,15 @@ def test_input_shape_sets_dynamic_axes():
     assert timing.throughput == pytest.approx(4000 / timing.median_ms)
 
 
-@pytest.mark.parametrize("args", [["--providers", "no-such-provider"], ["--input-shape", "image=2xA"],
-                                  ["--runs", "0"]])
+@pytest.mark.parametrize("args", [["--providers", "no-such-provider"], ["--input-shape", "image=2xA"], ["--runs", "0"]])
 def test_bad_options_are_usage_errors(args):
     result = CliRunner().invoke(main, ["bench", str(EXAMPLE), *args])
     assert result.exit_code == 2 and result.output.startswith("spa: error:")
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
-                    reason="onnxruntime-gpu is not installed")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="onnxruntime-gpu is not installed"
+)
 def test_cuda_provider(pruned):
     result = bench([EXAMPLE, pruned], provider="CUDAExecutionProvider", runs=10)
     assert result.provider == "CUDAExecutionProvider" and result.speedup > 0
@@ -59,8 +62,9 @@ def test_prune_refuses_a_provider_that_is_not_installed(tmp_path):
     assert result.exit_code == 2 and "no-such" in result.output and not out.exists()
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
-                    reason="onnxruntime-gpu is not installed")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="onnxruntime-gpu is not installed"
+)
 def test_prune_times_on_cuda_besides_the_cpu():
     import spa
 

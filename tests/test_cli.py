@@ -1,4 +1,5 @@
 """The command line as a pipeline sees it: outputs, exit codes, JSON, determinism."""
+
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from spa.cli import main
+from spa.cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "models" / "mini_resnet.onnx"
@@ -44,7 +45,8 @@ def test_prune_writes_next_to_input_and_prints_summary(example):
     pruned = onnx.load(str(out))
     onnx.checker.check_model(pruned, full_check=True)
     assert sum(t.ByteSize() for t in pruned.graph.initializer) < 0.5 * sum(
-        t.ByteSize() for t in onnx.load(str(example)).graph.initializer)
+        t.ByteSize() for t in onnx.load(str(example)).graph.initializer
+    )
 
 
 def test_json_report_matches_the_model(example, tmp_path):
@@ -65,7 +67,8 @@ def test_soft_keeps_shapes(example):
     soft = onnx.load(str(example.with_name("model.soft.onnx")))
     dense = onnx.load(str(example))
     assert {t.name: list(t.dims) for t in soft.graph.initializer} == {
-        t.name: list(t.dims) for t in dense.graph.initializer}
+        t.name: list(t.dims) for t in dense.graph.initializer
+    }
 
 
 def test_existing_output_is_refused_without_force(example):
@@ -82,8 +85,9 @@ def test_output_equal_to_input_is_refused(example):
     assert result.exit_code == 5 and "input" in result.output
 
 
-@pytest.mark.parametrize("content,kind", [(b"", "empty"), (b"not an onnx file at all", "garbage"),
-                                          (None, "missing"), ("dir", "directory")])
+@pytest.mark.parametrize(
+    "content,kind", [(b"", "empty"), (b"not an onnx file at all", "garbage"), (None, "missing"), ("dir", "directory")]
+)
 def test_bad_input_gets_one_line_and_exit_3(tmp_path, content, kind):
     path = tmp_path / "bad.onnx"
     if content == "dir":
@@ -129,7 +133,8 @@ def test_exclude_protects_matching_nodes(example):
     plain = json.loads(_analysis_json(example))
     excluded = json.loads(_analysis_json(example, "--exclude", "/se_*"))
     assert len([g for g in excluded["groups"] if g["frozen"] is None]) < len(
-        [g for g in plain["groups"] if g["frozen"] is None])
+        [g for g in plain["groups"] if g["frozen"] is None]
+    )
     assert any("excluded by --exclude /se_*" in (g["frozen"] or "") for g in excluded["groups"])
 
 
@@ -139,15 +144,32 @@ def _analysis_json(example, *extra) -> str:
     return out.read_text()
 
 
-@pytest.mark.parametrize("options", [[], ["--global", "--criterion", "l1"], ["--round-to", "8"],
-                                     ["--criterion", "random", "--seed", "3"]])
+@pytest.mark.parametrize(
+    "options", [[], ["--global", "--criterion", "l1"], ["--round-to", "8"], ["--criterion", "random", "--seed", "3"]]
+)
 def test_output_is_byte_identical_across_runs_and_hash_seeds(example, tmp_path, options):
     digests = set()
     for k, hash_seed in enumerate(["0", "12345"]):
         out = tmp_path / f"out{k}.onnx"
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-        subprocess.run([sys.executable, "-m", "spa", "prune", str(example), "-o", str(out), "--ratio", "0.4",
-                        "-q", "--no-validate", *options], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "spa",
+                "prune",
+                str(example),
+                "-o",
+                str(out),
+                "--ratio",
+                "0.4",
+                "-q",
+                "--no-validate",
+                *options,
+            ],
+            check=True,
+            env=env,
+        )
         digests.add(_digest(out))
     assert len(digests) == 1
 
@@ -156,8 +178,11 @@ def test_round_to_keeps_multiples(example, tmp_path):
     out = tmp_path / "r.onnx"
     assert run("prune", example, "-o", out, "--ratio", "0.3", "--round-to", "8", "--no-bench").exit_code == 0
     model = onnx.load(str(out))
-    conv_outs = [next(t for t in model.graph.initializer if t.name == n.input[1]).dims[0]
-                 for n in model.graph.node if n.op_type == "Conv"]
+    conv_outs = [
+        next(t for t in model.graph.initializer if t.name == n.input[1]).dims[0]
+        for n in model.graph.node
+        if n.op_type == "Conv"
+    ]
     assert all(c % 8 == 0 for c in conv_outs if c not in (3, 10)), conv_outs
 
 
@@ -187,8 +212,23 @@ def test_calibration_data_feeds_the_criterion_and_the_refit(tmp_path):
     model = ROOT / "models" / "mnist_cnn.onnx"
     report = tmp_path / "report.json"
     out = tmp_path / "pruned.onnx"
-    result = run("prune", model, "--criterion", "obs", "--calib", ROOT / "models" / "data" / "mnist_calib.npz",
-                 "--calib-samples", "64", "--ratio", "0.3", "-o", out, "--json", report, "--no-bench")
+    result = run(
+        "prune",
+        model,
+        "--criterion",
+        "obs",
+        "--calib",
+        ROOT / "models" / "data" / "mnist_calib.npz",
+        "--calib-samples",
+        "64",
+        "--ratio",
+        "0.3",
+        "-o",
+        out,
+        "--json",
+        report,
+        "--no-bench",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["statistics"]["source"] == "calibration" and data["statistics"]["samples"] == 64
@@ -201,6 +241,7 @@ def test_calibration_problems_are_usage_errors_and_write_nothing(example, tmp_pa
     result = run("prune", example, "--criterion", "activation")
     assert result.exit_code == 2 and "--calib" in result.output and "Traceback" not in result.output
     import numpy as np
+
     np.savez(tmp_path / "wrong.npz", other=np.zeros((4, 3, 32, 32), np.float32))
     result = run("prune", example, "--calib", tmp_path / "wrong.npz")
     assert result.exit_code == 2 and "no array for input" in result.output
@@ -214,7 +255,9 @@ def test_magnitude_criteria_skip_the_refit_without_data_unless_asked(example, tm
     report = tmp_path / "r.json"
     assert run("prune", example, "--criterion", "l2", "--json", report, "--no-bench", "--force").exit_code == 0
     assert json.loads(report.read_text())["compensation"] is None
-    assert run("prune", example, "--criterion", "l2", "--compensate", "--json", report, "--no-bench",
-               "--force").exit_code == 0
+    assert (
+        run("prune", example, "--criterion", "l2", "--compensate", "--json", report, "--no-bench", "--force").exit_code
+        == 0
+    )
     data = json.loads(report.read_text())
     assert data["compensation"]["layers"] > 0 and data["statistics"]["source"] == "synthetic"

@@ -4,14 +4,15 @@ Each model has two conv paths from the same input: one whose channels a control-
 (explicitly, or implicitly from inside a body), and a free conv -> conv path beside it that must
 still shrink. Pruning runs with validation on (checker, onnxruntime, I/O, soft == hard).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from builder import Graph, analysis_of, group_at, initializer, prune_exact
 from onnx import TensorProto, helper, numpy_helper
 
-from builder import Graph, analysis_of, group_at, initializer, prune_exact
-from spa.validate import run, sample_inputs
+from spa.verify.validate import run, sample_inputs
 
 SHAPE = [1, 3, 8, 8]
 
@@ -43,8 +44,10 @@ def _if_model(branch_weight: bool = False) -> tuple[onnx.ModelProto, str, str]:
     then_nodes = [helper.make_node("Mul", [r, "then_scale"], ["then_out"])]
     if branch_weight:
         w_free = g.nodes[-1].input[1]  # the weight of the free path's second conv
-        then_nodes += [helper.make_node("ReduceSum", [w_free], ["w_sum"], keepdims=0),
-                       helper.make_node("Add", ["then_out", "w_sum"], ["then_y"])]
+        then_nodes += [
+            helper.make_node("ReduceSum", [w_free], ["w_sum"], keepdims=0),
+            helper.make_node("Add", ["then_out", "w_sum"], ["then_y"]),
+        ]
     else:
         then_nodes += [helper.make_node("Identity", ["then_out"], ["then_y"])]
     shift = numpy_helper.from_array(np.full((1, 8, 1, 1), 0.25, np.float32), "else_shift")
@@ -52,9 +55,16 @@ def _if_model(branch_weight: bool = False) -> tuple[onnx.ModelProto, str, str]:
     # must rename the branch's read too
     alias = g.op("Identity", [g.const(np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8, 1, 1))])
     then_branch = _body("then", then_nodes, [], [_value("then_y")], [scale])
-    else_branch = _body("else", [helper.make_node("Sub", [r, "else_shift"], ["shifted"]),
-                                 helper.make_node("Mul", ["shifted", alias], ["else_y"])], [], [_value("else_y")],
-                        [shift])
+    else_branch = _body(
+        "else",
+        [
+            helper.make_node("Sub", [r, "else_shift"], ["shifted"]),
+            helper.make_node("Mul", ["shifted", alias], ["else_y"]),
+        ],
+        [],
+        [_value("else_y")],
+        [shift],
+    )
     y = g.op("If", [cond], then_branch=then_branch, else_branch=else_branch, name="if")
     out = g.op("Add", [g.conv(y, 8, 4, k=1), free])
     g.output(out)
@@ -70,12 +80,17 @@ def _loop_model() -> tuple[onnx.ModelProto, str, str, str]:
     s = g.op("Sigmoid", [g.conv(x, 3, 8)])
     hidden, free = _free_path(g, x)
     one = numpy_helper.from_array(np.ones((1, 8, 1, 1), np.float32), "body_one")
-    body = _body("loop_body", [
-        helper.make_node("Mul", ["v_in", s], ["scaled"]),
-        helper.make_node("Add", ["scaled", "body_one"], ["v_out"]),
-        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-    ], [_value("i", TensorProto.INT64, []), _value("cond_in", TensorProto.BOOL, []), _value("v_in")],
-        [_value("cond_out", TensorProto.BOOL, []), _value("v_out")], [one])
+    body = _body(
+        "loop_body",
+        [
+            helper.make_node("Mul", ["v_in", s], ["scaled"]),
+            helper.make_node("Add", ["scaled", "body_one"], ["v_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        [_value("i", TensorProto.INT64, []), _value("cond_in", TensorProto.BOOL, []), _value("v_in")],
+        [_value("cond_out", TensorProto.BOOL, []), _value("v_out")],
+        [one],
+    )
     trips, keep_going = g.const(np.array(3, np.int64)), g.const(np.array(True))
     v = g.op("Loop", [trips, keep_going, r], body=body, name="loop")
     out = g.op("Add", [g.conv(v, 8, 4, k=1), free])
@@ -92,15 +107,20 @@ def _scan_model() -> tuple[onnx.ModelProto, str, str, str]:
     s_conv = g.op("Sigmoid", [g.conv(x, 3, 8)])
     s = g.op("ReduceMean", [s_conv], axes=[2], keepdims=0)  # [1, 8, 8]: one weight per channel and column
     hidden, free = _free_path(g, x)
-    body = _body("scan_body", [
-        helper.make_node("Mul", ["row", s], ["scaled"]),
-        helper.make_node("Add", ["acc_in", "scaled"], ["acc_out"]),
-        helper.make_node("Identity", ["scaled"], ["row_out"]),
-    ], [_value("acc_in", shape=[1, 8, 8]), _value("row", shape=[1, 8, 8])],
-        [_value("acc_out", shape=[1, 8, 8]), _value("row_out", shape=[1, 8, 8])])
+    body = _body(
+        "scan_body",
+        [
+            helper.make_node("Mul", ["row", s], ["scaled"]),
+            helper.make_node("Add", ["acc_in", "scaled"], ["acc_out"]),
+            helper.make_node("Identity", ["scaled"], ["row_out"]),
+        ],
+        [_value("acc_in", shape=[1, 8, 8]), _value("row", shape=[1, 8, 8])],
+        [_value("acc_out", shape=[1, 8, 8]), _value("row_out", shape=[1, 8, 8])],
+    )
     acc0 = g.const(np.zeros((1, 8, 8), np.float32))
-    acc, rows = g.op("Scan", [acc0, r], n_out=2, body=body, num_scan_inputs=1, scan_input_axes=[2],
-                     scan_output_axes=[2], name="scan")
+    acc, rows = g.op(
+        "Scan", [acc0, r], n_out=2, body=body, num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2], name="scan"
+    )
     mixed = g.op("Add", [rows, g.op("Unsqueeze", [acc, g.const(np.array([2], np.int64))])])
     out = g.op("Add", [g.conv(mixed, 8, 4, k=1), free])
     g.output(out)
@@ -124,8 +144,12 @@ def _assert_prunes_validly(model: onnx.ModelProto, hidden: str, frozen_weights: 
     v = result.report.validation
     assert v.checker == "ok" and v.runs and v.io_match and v.soft_equal, v
     pruned = result.model
-    free_w = next(n.input[1] for n in model.graph.node if n.op_type == "Conv" and n.output[0] in
-                  {p.input[0] for p in model.graph.node if p.op_type == "Relu" and p.output[0] == hidden})
+    free_w = next(
+        n.input[1]
+        for n in model.graph.node
+        if n.op_type == "Conv"
+        and n.output[0] in {p.input[0] for p in model.graph.node if p.op_type == "Relu" and p.output[0] == hidden}
+    )
     assert initializer(pruned, free_w).shape[0] == 6  # 12 -> 6 channels
     for name in frozen_weights:
         assert initializer(pruned, name).shape == initializer(model, name).shape

@@ -11,6 +11,7 @@ Each page runs in a fresh folder holding a copy of models/, so examples read the
 models by their relative paths and write wherever they like. A block that cannot run here is
 marked with `<!-- skip-test: why -->` on the line before it; the reason is required.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import render_results  # tools/ is on sys.path (conftest)
 from click.testing import CliRunner
 
-import render_results  # tools/ is on sys.path (conftest)
-from spa.cli import main
+from spa.cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
@@ -57,13 +58,20 @@ def blocks(page: Path) -> list[Block]:
     text = page.read_text()
     found = []
     for match in FENCE.finditer(text):
-        before = text[:match.start()].rstrip()
-        marker = SKIP.search(before[before.rfind("\n") + 1:]) if before else None
+        before = text[: match.start()].rstrip()
+        marker = SKIP.search(before[before.rfind("\n") + 1 :]) if before else None
         if marker is not None and not marker["why"].strip():
             raise AssertionError(f"{page}: a skip-test marker must say why the block cannot run")
-        code = "\n".join(line[len(match["indent"]):] for line in match["code"].splitlines())
-        found.append(Block(page, text.count("\n", 0, match.start()) + 1, match["lang"], code,
-                           marker["why"].strip() if marker else None))
+        code = "\n".join(line[len(match["indent"]) :] for line in match["code"].splitlines())
+        found.append(
+            Block(
+                page,
+                text.count("\n", 0, match.start()) + 1,
+                match["lang"],
+                code,
+                marker["why"].strip() if marker else None,
+            )
+        )
     return found
 
 
@@ -106,12 +114,13 @@ for where, code in json.load(open(sys.argv[1])):
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=_ids(PYTHON_PAGES))
 def test_python_examples_run(page, workdir):
     # a fresh interpreter, as a reader has: in this one, modules other tests imported would hide
-    # an example that forgets an import (`import spa` alone does not load spa.export)
+    # an example that forgets an import (`import spa` alone does not load spa.formats.export)
     code = [(b.where, b.code) for b in blocks(page) if _is_python(b) and not b.skip]
     (workdir / "blocks.json").write_text(json.dumps(code))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", RUNNER, "blocks.json"], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, "blocks.json"], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, f"an example of {page.relative_to(ROOT)} fails:\n{done.stderr[-4000:]}"
 
 
@@ -124,16 +133,18 @@ def test_cli_examples_exit_0(page, workdir):
             # a reader copies every line of an example: a console block holds spa commands only
             assert command.split()[0] == "spa", f"{block.where}: '{command}' is not a spa command"
             result = CliRunner().invoke(main, shlex.split(command)[1:])
-            assert result.exit_code == 0, f"{block.where}: `{command}` exited {result.exit_code}:\n" \
-                f"{result.output}{result.exception!r}"
+            assert result.exit_code == 0, (
+                f"{block.where}: `{command}` exited {result.exit_code}:\n{result.output}{result.exception!r}"
+            )
 
 
 def test_every_example_is_run_or_says_why_not():
     shell = [b for p in PAGES for b in blocks(p) if b.lang in SHELL and b.commands()]
     for block in shell:
         # `$ ` marks a command to run; other commands (pip, python tools/...) go in blocks without it
-        assert _is_spa_console(block) and block.lang == "console", \
+        assert _is_spa_console(block) and block.lang == "console", (
             f"{block.where}: a block of `$ ` commands must be a ```console block of spa commands"
+        )
     langs = {b.lang for p in PAGES for b in blocks(p)}
     # a block in another language would be neither run nor flagged
     assert langs <= {"python", "console", "bash", "text", "yaml", "json"}, langs
@@ -145,8 +156,11 @@ def test_generated_results_are_up_to_date(tmp_path):
     docs = tmp_path / "docs"
     shutil.copytree(ROOT / "docs", docs)
     render_results.render(docs)
-    stale = [str(p.relative_to(docs)) for p in sorted(docs.rglob("*.md"))
-             if p.read_text() != (ROOT / "docs" / p.relative_to(docs)).read_text()]
+    stale = [
+        str(p.relative_to(docs))
+        for p in sorted(docs.rglob("*.md"))
+        if p.read_text() != (ROOT / "docs" / p.relative_to(docs)).read_text()
+    ]
     assert not stale, f"run `python tools/render_results.py`: {stale} differ from tools/results/*.json"
     assert "<!-- generated: accuracy-table -->" in (docs / "results" / "accuracy.md").read_text()
 
@@ -154,6 +168,11 @@ def test_generated_results_are_up_to_date(tmp_path):
 def test_docs_build_strictly(tmp_path):
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.skip("mkdocs and mkdocs-material are not installed (pip install '.[docs]')")
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]

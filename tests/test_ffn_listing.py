@@ -1,10 +1,12 @@
 """``spa analyze`` lists feed-forward hidden groups: plain (up -> act -> down) and gated (SwiGLU)."""
+
 from __future__ import annotations
 
-import spa
 from builder import Graph
+
+import spa
 from spa.api import is_ffn
-from spa.cli import _analysis_text
+from spa.cli.commands import _analysis_text
 
 
 def _block(gated: bool):

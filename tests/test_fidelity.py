@@ -1,4 +1,5 @@
 """Fidelity: dense vs pruned outputs on calibration samples the statistics did not use."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builder import Graph
 from click.testing import CliRunner
 
 import spa
 from spa import fidelity
-from spa.cli import main
-from spa.validate import session
-
-from builder import Graph
+from spa.cli.commands import main
+from spa.verify.validate import session
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MNIST_CALIB = MODELS / "data" / "mnist_calib.npz"  # 256 samples
@@ -53,9 +53,14 @@ def test_nothing_removed_means_outputs_equal_and_no_data_means_no_figure():
 
 
 def test_fidelity_ranks_a_data_criterion_above_random_removal():
-    errors = {criterion: spa.prune(MODELS / "mnist_rescnn.onnx", 0.5, criterion, calib=MNIST_CALIB, bench=False,
-                                   compensate=False).report.validation.fidelity.outputs[0].relative_error
-              for criterion in ("obs", "random")}
+    errors = {
+        criterion: spa.prune(
+            MODELS / "mnist_rescnn.onnx", 0.5, criterion, calib=MNIST_CALIB, bench=False, compensate=False
+        )
+        .report.validation.fidelity.outputs[0]
+        .relative_error
+        for criterion in ("obs", "random")
+    }
     assert errors["obs"] < errors["random"]
 
 
@@ -67,8 +72,9 @@ def test_a_static_batch_larger_than_the_left_over_samples_uses_the_statistics_on
     assert source == "held-out calibration samples" and held["x"][:, 0].tolist() == [8, 9]
 
 
-@pytest.mark.parametrize("head,axis,expected", [("Softmax", -1, True), ("Softmax", 1, False),
-                                                ("LogSoftmax", 2, True), ("Relu", None, False)])
+@pytest.mark.parametrize(
+    "head,axis,expected", [("Softmax", -1, True), ("Softmax", 1, False), ("LogSoftmax", 2, True), ("Relu", None, False)]
+)
 def test_argmax_agreement_only_for_class_scores(head, axis, expected):
     g = Graph()
     x = g.input("x", [2, 5, 4])
@@ -76,8 +82,9 @@ def test_argmax_agreement_only_for_class_scores(head, axis, expected):
     y = g.op(head, [g.op("MatMul", [x, g.weight(4, 6)])], **attrs)
     g.output(y)
     model = g.build()
-    model.graph.output[0].type.tensor_type.shape.dim.extend([onnx.TensorShapeProto.Dimension(dim_value=d)
-                                                             for d in (2, 5, 6)])
+    model.graph.output[0].type.tensor_type.shape.dim.extend(
+        [onnx.TensorShapeProto.Dimension(dim_value=d) for d in (2, 5, 6)]
+    )
     assert (y in fidelity._class_score_outputs(model)) == expected
     measured = fidelity.measure(model, model, {"x": np.ones((2, 5, 4), np.float32)}, "test")
     assert (measured.outputs[0].top1_agreement is not None) == expected
@@ -85,8 +92,22 @@ def test_argmax_agreement_only_for_class_scores(head, axis, expected):
 
 def test_cli_prints_and_reports_fidelity(tmp_path):
     out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["prune", str(MODELS / "mnist_cnn.onnx"), "--ratio", "0.3", "--calib",
-                                       str(MNIST_CALIB), "-o", str(out), "--json", str(report), "--no-bench"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            str(MODELS / "mnist_cnn.onnx"),
+            "--ratio",
+            "0.3",
+            "--calib",
+            str(MNIST_CALIB),
+            "-o",
+            str(out),
+            "--json",
+            str(report),
+            "--no-bench",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "outputs vs dense on 128 held-out calibration samples:" in result.output
     saved = json.loads(report.read_text())["validation"]["fidelity"]
@@ -103,17 +124,29 @@ def test_calibration_data_the_model_cannot_run_is_an_error_even_when_only_fideli
 def _token_model(table: np.ndarray) -> onnx.ModelProto:
     """ids, mask [batch, tokens] -> embedding + mask [batch, tokens, C] and its softmax."""
     from onnx import TensorProto, helper, numpy_helper
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]),
-             helper.make_node("Cast", ["mask"], ["real"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["real", "last"], ["column"]),
-             helper.make_node("Add", ["rows", "column"], ["embedded"]),
-             helper.make_node("Softmax", ["embedded"], ["scores"], axis=-1)]
+
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["rows"]),
+        helper.make_node("Cast", ["mask"], ["real"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["real", "last"], ["column"]),
+        helper.make_node("Add", ["rows", "column"], ["embedded"]),
+        helper.make_node("Softmax", ["embedded"], ["scores"], axis=-1),
+    ]
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "tokens"]) for n in ("ids", "mask")]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "tokens", table.shape[1]])
-               for n in ("embedded", "scores")]
-    graph = helper.make_graph(nodes, "tokens", inputs, outputs,
-                              [numpy_helper.from_array(table.astype(np.float32), "table"),
-                               numpy_helper.from_array(np.array([-1], np.int64), "last")])
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "tokens", table.shape[1]])
+        for n in ("embedded", "scores")
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        inputs,
+        outputs,
+        [
+            numpy_helper.from_array(table.astype(np.float32), "table"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -143,4 +176,6 @@ def test_padded_positions_are_left_out_of_the_figures():
     assert embedded.cosine == pytest.approx(np.mean(cosines))
     assert scores.top1_agreement == pytest.approx(float((dense.argmax(-1) == pruned.argmax(-1)).mean()))
     # every position counted would move all three figures
-    assert not np.isclose(scores.top1_agreement, float(((dense_table[ids]).argmax(-1) == (pruned_table[ids]).argmax(-1)).mean()))
+    assert not np.isclose(
+        scores.top1_agreement, float(((dense_table[ids]).argmax(-1) == (pruned_table[ids]).argmax(-1)).mean())
+    )

@@ -1,4 +1,5 @@
 """Corrupted real models never escape as anything but spa's own errors."""
+
 from pathlib import Path
 
 import fuzz_bytes

@@ -1,5 +1,6 @@
 """Structurally mutated models (types, dims, attributes, names, external data, topology) never
 give an internal error, a traceback, a hang, leftovers or a changed input."""
+
 import fuzz_model
 
 

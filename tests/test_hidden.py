@@ -6,17 +6,18 @@ the lm head (tied to the embedding table or not) shrink together. Norms mix the 
 group is approximate: frozen unless ``approximate=True``, and frozen anyway where the hidden state
 is a graph output.
 """
+
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-import spa
 from builder import group_at, initializer
 from conftest import zoo, zoo_dir
-from spa.rules import Dim
+
+import spa
+from spa.ops.registry import Dim
 
 pytest.importorskip("transformers")
 
@@ -36,8 +37,10 @@ def initializers(model) -> dict[str, tuple]:
 
 def run(model, seed=0, batch=2, seq=7) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    feeds = {"input_ids": rng.integers(0, 100, (batch, seq)).astype(np.int64),
-             "attention_mask": np.ones((batch, seq), np.int64)}
+    feeds = {
+        "input_ids": rng.integers(0, 100, (batch, seq)).astype(np.int64),
+        "attention_mask": np.ones((batch, seq), np.int64),
+    }
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
 
@@ -60,8 +63,11 @@ def check_pruned(path: Path, table: str, hidden: int = 64):
 
 
 def weights_2d(graph, op="MatMul") -> list[str]:
-    return [n.inputs[1] for n in graph.nodes
-            if n.op_type == op and graph.is_initializer(n.inputs[1]) and len(graph.shape(n.inputs[1])) == 2]
+    return [
+        n.inputs[1]
+        for n in graph.nodes
+        if n.op_type == op and graph.is_initializer(n.inputs[1]) and len(graph.shape(n.inputs[1])) == 2
+    ]
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
@@ -110,8 +116,13 @@ def test_llama_hidden_group_with_rmsnorm_written_out(hidden_model, exporter, tie
         assert "graph output" in group_at(analysis, table, 0).frozen  # the vocabulary stays: logits
     else:  # folded into the head's own [hidden, vocab] copy
         assert producer is None and graph.shape(head.inputs[1]) == (64, 100)
-    norm_weights = [t for n in graph.nodes if n.op_type == "Mul" for t in n.inputs
-                    if graph.is_initializer(t) and graph.shape(t) == (64,)]
+    norm_weights = [
+        t
+        for n in graph.nodes
+        if n.op_type == "Mul"
+        for t in n.inputs
+        if graph.is_initializer(t) and graph.shape(t) == (64,)
+    ]
     assert len(norm_weights) == 5 and all(Dim(t, 0) in dims for t in norm_weights)
     check_pruned(path, table)
 
@@ -147,7 +158,8 @@ def test_cli_names_the_norms_and_counts_the_approximate_group(hidden_model, tmp_
     import json
 
     from click.testing import CliRunner
-    from spa.cli import main
+
+    from spa.cli.commands import main
 
     path = hidden_model("llama_untied", "dynamo")
     out = CliRunner().invoke(main, ["analyze", str(path), "--approximate", "--json", str(tmp_path / "a.json")])
@@ -156,7 +168,8 @@ def test_cli_names_the_norms_and_counts_the_approximate_group(hidden_model, tmp_
     groups = json.loads((tmp_path / "a.json").read_text())["groups"]
     hidden = [g for g in groups if g["approximate"] and g["frozen"] is None]
     assert len(hidden) == 1 and hidden[0]["channels"] == 64 and "RMSNorm written out" in hidden[0]["approximate"]
-    out = CliRunner().invoke(main, ["prune", str(path), "--approximate", "--ratio", "0.3", "--no-bench",
-                                    "-o", str(tmp_path / "p.onnx")])
+    out = CliRunner().invoke(
+        main, ["prune", str(path), "--approximate", "--ratio", "0.3", "--no-bench", "-o", str(tmp_path / "p.onnx")]
+    )
     assert out.exit_code == 0, out.output
     assert "on exact groups; 1 approximate not compared" in out.output

@@ -1,12 +1,13 @@
 """Loading: external data, weights in Constant nodes, Identity-routed and deduplicated weights."""
+
 import numpy as np
 import onnx
 import pytest
+from builder import Graph, analysis_of, group_at, prune_exact
 from onnx import helper, numpy_helper
 
 import spa
-from builder import Graph, analysis_of, group_at, prune_exact
-from spa.load import canonicalize, load_model
+from spa.formats.load import canonicalize, load_model
 
 
 def _two_conv_model():
@@ -20,8 +21,14 @@ def _two_conv_model():
 def test_external_data_is_loaded_and_pruned(tmp_path):
     model, _ = _two_conv_model()
     path = tmp_path / "ext.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.onnx.data").exists()
     result = spa.prune(path, ratio=0.5)
     assert result.report.validation.ok and result.report.params_after < result.report.params_before
@@ -83,8 +90,9 @@ def test_an_initializer_that_is_also_an_input_is_not_folded():
     folding ops that read it would freeze its default into the model."""
     g = Graph()
     x = g.input("x", [4])
-    g.output(g.op("Add", [x, g.op("Mul", [g.const(np.full(4, 2.0, np.float32), "d"),
-                                          g.const(np.full(4, 3.0, np.float32))])]))
+    g.output(
+        g.op("Add", [x, g.op("Mul", [g.const(np.full(4, 2.0, np.float32), "d"), g.const(np.full(4, 3.0, np.float32))])])
+    )
     model = g.build()
     model.graph.input.append(helper.make_tensor_value_info("d", onnx.TensorProto.FLOAT, [4]))
     canonical = canonicalize(model)
@@ -123,7 +131,8 @@ def test_symbolic_batch_survives_pruning():
     result = prune_exact(model, 0.5)
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch"
-    from spa.validate import run, sample_inputs
+    from spa.verify.validate import run, sample_inputs
+
     for batch in (1, 3):
         feeds = sample_inputs(result.model, batch=batch)
         assert next(iter(run(result.model, feeds).values())).shape[0] == batch
@@ -142,8 +151,9 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path):
     model, _ = _two_conv_model()
     inner = tmp_path / "inner"
     inner.mkdir()
-    onnx.save(model, str(tmp_path / "outside.onnx"), save_as_external_data=True, location="secret.data",
-              size_threshold=0)
+    onnx.save(
+        model, str(tmp_path / "outside.onnx"), save_as_external_data=True, location="secret.data", size_threshold=0
+    )
     for location in ("../secret.data", str(tmp_path / "secret.data")):
         victim = onnx.load(str(tmp_path / "outside.onnx"), load_external_data=False)
         for tensor in victim.graph.initializer:
@@ -179,11 +189,11 @@ def test_external_data_shorter_than_declared_is_refused(tmp_path):
 
 
 def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
-    """Above spa.tensors.LAZY_BYTES, weights are memory-mapped and written back tensor by tensor."""
-    import spa.load
-    import spa.io
-    from spa.tensors import is_lazy
-    from spa.validate import run, sample_inputs
+    """Above spa.core.tensors.LAZY_BYTES, weights are memory-mapped and written back tensor by tensor."""
+    import spa.formats.files
+    import spa.formats.load
+    from spa.core.tensors import is_lazy
+    from spa.verify.validate import run, sample_inputs
 
     g = Graph()
     x = g.input("x", ["batch", 3, 6, 6])
@@ -192,13 +202,13 @@ def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
     g.output(g.conv(x, 3, 2, k=7))  # input and output both frozen: this weight is never cut
     path = tmp_path / "big.onnx"
     onnx.save(g.build(), str(path), save_as_external_data=True, location="big.onnx.data", size_threshold=0)
-    monkeypatch.setattr(spa.load, "LAZY_BYTES", 1)
+    monkeypatch.setattr(spa.formats.load, "LAZY_BYTES", 1)
     loaded = load_model(path)
     assert is_lazy(loaded) and not any(t.raw_data for t in loaded.graph.initializer if t.external_data)
     result = spa.prune(path, ratio=0.5)  # validation runs through files in a temporary folder
     assert result.report.validation.ok and result.report.validation.soft_equal
     out = tmp_path / "out.onnx"
-    spa.io.save_model(result.model, out)
+    spa.formats.files.save_model(result.model, out)
     assert (tmp_path / "out.onnx.data").exists()
     onnx.checker.check_model(str(out), full_check=True)
     saved = onnx.load(str(out))
@@ -214,16 +224,21 @@ def test_a_split_to_minus_one_with_sizes_read_from_another_input_is_settled(monk
     opset-23 graphs where it occurs (RotaryEmbedding, Attention): here it is left out."""
     from onnx import TensorProto
 
-    import spa.load
-    monkeypatch.setattr(spa.load, "_symbolic_shapes", lambda model: None)
+    import spa.formats.load
+
+    monkeypatch.setattr(spa.formats.load, "_symbolic_shapes", lambda model: None)
 
     from spa.api import _prepare
+
     g = Graph(opset=17)
     x = g.input("x", ["batch", "seq", 8])
     mask = g.input("mask", ["batch", "seq"], TensorProto.INT64)
     shape = g.op("Shape", [mask])
-    target = g.op("Concat", [g.op("Slice", [shape, g.const(np.array([0])), g.const(np.array([2]))]),
-                             g.const(np.array([-1, 4]))], axis=0)
+    target = g.op(
+        "Concat",
+        [g.op("Slice", [shape, g.const(np.array([0])), g.const(np.array([2]))]), g.const(np.array([-1, 4]))],
+        axis=0,
+    )
     split = g.op("Reshape", [g.op("MatMul", [x, g.weight(8, 16)]), target])
     g.output(g.op("ReduceSum", [split, g.const(np.array([3]))], keepdims=0))
     prepared = _prepare(g.build(), None)

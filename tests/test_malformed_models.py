@@ -1,16 +1,17 @@
 """Malformed models are refused at load with one line and exit 3, never an internal error (1)
 or a validation failure (4); valid models with unusual element types load."""
+
 import copy
 
 import numpy as np
 import onnx
 import pytest
+from builder import Graph
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-
-from builder import Graph
-from spa.cli import main
 from test_bad_input import assert_clean_failure, save
+
+from spa.cli.commands import main
 
 
 def run(*args):
@@ -68,8 +69,9 @@ def _undefined_type(model):
     model.graph.initializer[0].data_type = TensorProto.UNDEFINED
 
 
-@pytest.mark.parametrize("spoil", [_nodes_out_of_order, _duplicate_initializer, _tensor_without_data,
-                                   _no_opset_import, _undefined_type])
+@pytest.mark.parametrize(
+    "spoil", [_nodes_out_of_order, _duplicate_initializer, _tensor_without_data, _no_opset_import, _undefined_type]
+)
 def test_what_the_checker_refuses_behind_a_shapeless_output_is_refused(tmp_path, spoil):
     # the checker stops at its first complaint, and outputs come first: the shapeless output must
     # not hide the rest
@@ -79,7 +81,7 @@ def test_what_the_checker_refuses_behind_a_shapeless_output_is_refused(tmp_path,
 
 
 def test_the_checker_complaint_sees_past_shapeless_outputs():
-    from spa.checker import checker_complaint
+    from spa.formats.checker import checker_complaint
 
     model = two_convs()
     assert checker_complaint(model, full_check=True) is None
@@ -90,7 +92,7 @@ def test_the_checker_complaint_sees_past_shapeless_outputs():
 
 
 def test_the_full_check_still_compares_a_shapeless_outputs_type():
-    from spa.checker import checker_complaint
+    from spa.formats.checker import checker_complaint
 
     model = two_convs()
     model.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64  # Conv gives float
@@ -113,17 +115,35 @@ def _set_entry(key, value):
                 return
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
+
     return edit
 
 
-@pytest.mark.parametrize("edit", [_set_entry("offset", "abc"), _set_entry("length", "1e3"),
-                                  _set_entry("offset", "-4"), _set_entry("length", "4.0"),
-                                  _set_entry("location", "m\0.data"), _set_entry("location", "d/" * 2500),
-                                  _set_entry("location", "x" * 300),
-                                  lambda t: setattr(t, "data_type", TensorProto.UNDEFINED),
-                                  lambda t: setattr(t, "data_type", TensorProto.UINT4)],
-                         ids=["offset-word", "length-float-text", "offset-negative", "length-decimal", "nul",
-                              "5000-chars", "300-char-name", "undefined-type", "wrong-type-size"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set_entry("offset", "abc"),
+        _set_entry("length", "1e3"),
+        _set_entry("offset", "-4"),
+        _set_entry("length", "4.0"),
+        _set_entry("location", "m\0.data"),
+        _set_entry("location", "d/" * 2500),
+        _set_entry("location", "x" * 300),
+        lambda t: setattr(t, "data_type", TensorProto.UNDEFINED),
+        lambda t: setattr(t, "data_type", TensorProto.UINT4),
+    ],
+    ids=[
+        "offset-word",
+        "length-float-text",
+        "offset-negative",
+        "length-decimal",
+        "nul",
+        "5000-chars",
+        "300-char-name",
+        "undefined-type",
+        "wrong-type-size",
+    ],
+)
 def test_malformed_external_data_entries_are_refused(tmp_path, edit):
     refused(tmp_path, _with_external_data(tmp_path, edit))
 
@@ -132,8 +152,10 @@ def _quantized_conv(data_type, values):
     """A Conv whose weight is dequantized from ``data_type``, and a float Conv after it."""
     g = Graph(opset=21)
     x = g.input("x", [1, 3, 4, 4])
-    g.inits += [helper.make_tensor("wq", data_type, values.shape, values.ravel().tolist()),
-                numpy_helper.from_array(np.float32(0.1), "ws")]
+    g.inits += [
+        helper.make_tensor("wq", data_type, values.shape, values.ravel().tolist()),
+        numpy_helper.from_array(np.float32(0.1), "ws"),
+    ]
     w = g.op("DequantizeLinear", ["wq", "ws"])
     h = g.op("Relu", [g.op("Conv", [x, w], pads=[1] * 4)])
     h = g.op("Relu", [g.conv(h, values.shape[0], 6)])
@@ -185,7 +207,7 @@ def test_4bit_and_float8_tensors_with_short_data_are_refused(tmp_path, data_type
 
 
 def test_every_element_type_has_its_stored_size():
-    from spa.tensors import data_bytes
+    from spa.core.tensors import data_bytes
 
     # onnx's own packing is the reference: 4-bit two to a byte, 2-bit four, 6-bit four in three
     skipped = {TensorProto.UNDEFINED, TensorProto.STRING}
@@ -277,8 +299,13 @@ def _if_with_external_weight(tmp_path, location):
     for key, value in (("location", location), ("offset", "0"), ("length", "64")):
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
-    branch = helper.make_graph([helper.make_node("Conv", [h, "w_inner"], ["y_in"])], "branch", [],
-                               [helper.make_tensor_value_info("y_in", TensorProto.FLOAT, None)], [weight])
+    branch = helper.make_graph(
+        [helper.make_node("Conv", [h, "w_inner"], ["y_in"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("y_in", TensorProto.FLOAT, None)],
+        [weight],
+    )
     y = g.op("If", [g.const(np.array(True))], then_branch=branch, else_branch=branch)
     g.output(y)
     return g.build()

@@ -1,20 +1,21 @@
 """Params and FLOPs against counts worked out by hand.
 
-A multiply-add is 2 FLOPs; symbolic axes count as 1 (see spa/metrics.py for every constant).
+A multiply-add is 2 FLOPs; symbolic axes count as 1 (see spa/reporting/metrics.py for every constant).
 """
+
 import numpy as np
 import onnx
 import pytest
+from builder import Graph
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from builder import Graph
-from click.testing import CliRunner
-from spa.cli import _change, main
-from spa.errors import UsageError
 from spa.api import _prepare
-from spa.graph import ModelGraph
-from spa.metrics import count
+from spa.cli.commands import _change, main
+from spa.core.errors import UsageError
+from spa.core.graph import ModelGraph
+from spa.reporting.metrics import count
 
 
 def stats(model):
@@ -55,8 +56,11 @@ def test_conv_gemm_matmul_counts():
 def test_grouped_conv_with_stride_dilation_and_pads_uses_the_inferred_output():
     g = Graph()
     x = g.input("x", [1, 8, 15, 15])
-    g.output(g.op("Conv", [x, g.weight(6, 4, 3, 3), g.weight(6)], group=2, strides=[2, 2], dilations=[2, 2],
-                  pads=[1, 1, 1, 1]))
+    g.output(
+        g.op(
+            "Conv", [x, g.weight(6, 4, 3, 3), g.weight(6)], group=2, strides=[2, 2], dilations=[2, 2], pads=[1, 1, 1, 1]
+        )
+    )
     out = (15 + 2 - 2 * (3 - 1) - 1) // 2 + 1  # 7
     assert stats(g.build()).flops == 2 * (6 * out * out) * (4 * 3 * 3) + 6 * out * out
 
@@ -132,8 +136,7 @@ def test_flops_target_is_met_at_the_given_sizes():
     hidden = g.op("Relu", [g.op("MatMul", [x, g.weight(4, 16)])])
     g.output(g.op("MatMul", [hidden, g.weight(16, 4)]))
     g.output(g.op("MatMul", [x, g.op("Transpose", [x], perm=[0, 2, 1])]))
-    report = spa.prune(g.build(), criterion="l1", target_flops=0.8, input_shapes={"x": [1, 64, 4]},
-                       check=False).report
+    report = spa.prune(g.build(), criterion="l1", target_flops=0.8, input_shapes={"x": [1, 64, 4]}, check=False).report
     assert report.flops_before == 64 * (2 * 4 * 16 + 16 + 2 * 16 * 4) + 2 * 64 * 64 * 4
     assert 0.75 <= report.flops_after / report.flops_before <= 0.8
     assert report.target.ratio > 0.5
@@ -144,16 +147,21 @@ def test_cli_says_where_flops_were_counted(tmp_path):
     onnx.save(_free_image_convs(), str(path))
     free = CliRunner().invoke(main, ["analyze", str(path)])
     assert "(free axes x[2], x[3] counted as 1; --input-shape sets them)" in free.output
-    sized = CliRunner().invoke(main, ["prune", str(path), "--ratio", "0.5", "--no-bench", "--input-shape", "x=1x3x20x20"])
+    sized = CliRunner().invoke(
+        main, ["prune", str(path), "--ratio", "0.5", "--no-bench", "--input-shape", "x=1x3x20x20"]
+    )
     assert sized.exit_code == 0, sized.output
     assert f"FLOPs:  {_change(_convs_flops(400), _convs_flops(400, hidden=4))} at x=1x3x20x20" in sized.output
 
 
-@pytest.mark.parametrize("sizes, message", [
-    ({"y": [1, 3, 8, 8]}, "--input-shape names 'y', which is not an input of the model (inputs: x)"),
-    ({"x": [1, 3, 8]}, "--input-shape x: 3 sizes given, the input has 4 axes"),
-    ({"x": [1, 4, 8, 8]}, "--input-shape x: axis 1 is fixed at 3 by the model, not 4"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ({"y": [1, 3, 8, 8]}, "--input-shape names 'y', which is not an input of the model (inputs: x)"),
+        ({"x": [1, 3, 8]}, "--input-shape x: 3 sizes given, the input has 4 axes"),
+        ({"x": [1, 4, 8, 8]}, "--input-shape x: axis 1 is fixed at 3 by the model, not 4"),
+    ],
+)
 def test_sizes_that_do_not_fit_the_inputs_are_refused(sizes, message):
     with pytest.raises(UsageError) as caught:
         spa.analyze(_free_image_convs(), input_shapes=sizes)
@@ -269,8 +277,14 @@ def test_contrib_attention_includes_input_projection():
     b, s, hidden, heads = 2, 8, 16, 4
     g = Graph()
     x = g.input("x", [b, s, hidden])
-    g.output(g.op("Attention", [x, g.weight(hidden, 3 * hidden), g.weight(3 * hidden)], domain="com.microsoft",
-                  num_heads=heads))
+    g.output(
+        g.op(
+            "Attention",
+            [x, g.weight(hidden, 3 * hidden), g.weight(3 * hidden)],
+            domain="com.microsoft",
+            num_heads=heads,
+        )
+    )
     projection = 2 * b * s * hidden * 3 * hidden + b * s * 3 * hidden
     assert stats(contrib(g)).flops == projection + _scores(b, heads, s, s, hidden, hidden)
 
@@ -278,8 +292,15 @@ def test_contrib_attention_includes_input_projection():
 def test_contrib_attention_with_qkv_hidden_sizes_and_symbolic_axes():
     g = Graph()
     x = g.input("x", ["batch", "seq", 16])
-    g.output(g.op("Attention", [x, g.weight(16, 16 + 16 + 8), g.weight(16 + 16 + 8)], domain="com.microsoft",
-                  num_heads=2, qkv_hidden_sizes=[16, 16, 8]))
+    g.output(
+        g.op(
+            "Attention",
+            [x, g.weight(16, 16 + 16 + 8), g.weight(16 + 16 + 8)],
+            domain="com.microsoft",
+            num_heads=2,
+            qkv_hidden_sizes=[16, 16, 8],
+        )
+    )
     projection = 2 * 1 * 1 * 16 * (16 + 16 + 8) + 1 * 1 * (16 + 16 + 8)
     assert stats(contrib(g)).flops == projection + _scores(1, 2, 1, 1, 16, 8)
 
@@ -315,8 +336,17 @@ def test_contrib_group_query_attention_with_cache_and_rotary():
     total = g.input("total", [], TensorProto.INT32)
     cos = g.input("cos", [past + s, head // 2])
     sin = g.input("sin", [past + s, head // 2])
-    g.output(g.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin], n_out=3,
-                  domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=1)[0])
+    g.output(
+        g.op(
+            "GroupQueryAttention",
+            [q, k, v, past_k, past_v, seqlens, total, cos, sin],
+            n_out=3,
+            domain="com.microsoft",
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            do_rotary=1,
+        )[0]
+    )
     rotary = 3 * b * s * (heads * head + kv_heads * head)
     # each query head reads its group's K/V head: as many full heads as queries
     assert stats(contrib(g)).flops == rotary + _scores(b, heads, s, s + past, heads * head, heads * head)
@@ -328,29 +358,40 @@ def test_contrib_group_query_attention_packed_qkv():
     qkv = g.input("qkv", [b, s, (heads + 2 * kv_heads) * head])
     seqlens = g.input("seqlens_k", [b], TensorProto.INT32)
     total = g.input("total", [], TensorProto.INT32)
-    g.output(g.op("GroupQueryAttention", [qkv, "", "", "", "", seqlens, total], n_out=3, domain="com.microsoft",
-                  num_heads=heads, kv_num_heads=kv_heads)[0])
+    g.output(
+        g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", "", "", seqlens, total],
+            n_out=3,
+            domain="com.microsoft",
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+        )[0]
+    )
     assert stats(contrib(g)).flops == _scores(b, heads, s, s, heads * head, heads * head)
 
 
 N = 2 * 5 * 16  # elements of the [2, 5, 16] tensors below
 
 
-@pytest.mark.parametrize("op, domain, extra_inputs, attrs, per_element", [
-    ("LayerNormalization", "", [[16], [16]], {"axis": -1}, 5 + 1 + 1),  # moments, scale, shift
-    ("LayerNormalization", "", [[16]], {"axis": -1}, 5 + 1),
-    ("BatchNormalization", "", [[5], [5], [5], [5]], {}, 2),
-    ("InstanceNormalization", "", [[5], [5]], {}, 5 + 2),
-    ("Softmax", "", [], {"axis": -1}, 5),
-    ("Gelu", "", [], {}, 5),
-    ("Gelu", "", [], {"approximate": "tanh"}, 9),
-    ("SimplifiedLayerNormalization", "", [[16]], {"axis": -1}, 3 + 1),
-    ("SkipLayerNormalization", "com.microsoft", [[2, 5, 16], [16], [16], [16]], {}, 1 + 5 + 1 + 1 + 1),
-    ("SkipSimplifiedLayerNormalization", "com.microsoft", [[2, 5, 16], [16]], {}, 1 + 3 + 1),
-    ("FastGelu", "com.microsoft", [[16]], {}, 9 + 1),
-    ("BiasGelu", "com.microsoft", [[16]], {}, 1 + 5),
-    ("Gelu", "com.microsoft", [], {}, 5),
-])
+@pytest.mark.parametrize(
+    "op, domain, extra_inputs, attrs, per_element",
+    [
+        ("LayerNormalization", "", [[16], [16]], {"axis": -1}, 5 + 1 + 1),  # moments, scale, shift
+        ("LayerNormalization", "", [[16]], {"axis": -1}, 5 + 1),
+        ("BatchNormalization", "", [[5], [5], [5], [5]], {}, 2),
+        ("InstanceNormalization", "", [[5], [5]], {}, 5 + 2),
+        ("Softmax", "", [], {"axis": -1}, 5),
+        ("Gelu", "", [], {}, 5),
+        ("Gelu", "", [], {"approximate": "tanh"}, 9),
+        ("SimplifiedLayerNormalization", "", [[16]], {"axis": -1}, 3 + 1),
+        ("SkipLayerNormalization", "com.microsoft", [[2, 5, 16], [16], [16], [16]], {}, 1 + 5 + 1 + 1 + 1),
+        ("SkipSimplifiedLayerNormalization", "com.microsoft", [[2, 5, 16], [16]], {}, 1 + 3 + 1),
+        ("FastGelu", "com.microsoft", [[16]], {}, 9 + 1),
+        ("BiasGelu", "com.microsoft", [[16]], {}, 1 + 5),
+        ("Gelu", "com.microsoft", [], {}, 5),
+    ],
+)
 def test_per_element_constants(op, domain, extra_inputs, attrs, per_element):
     g = Graph(opset=20)
     x = g.input("x", [2, 5, 16])
@@ -448,8 +489,21 @@ def test_qgemm_flops_are_its_gemm_flops():
     g = Graph()
     x = g.input("x", [3, 8], onnx.TensorProto.UINT8)
     scale, zero = g.const(np.float32(0.1)), g.const(np.uint8(0))
-    g.output(g.op("QGemm", [x, scale, zero, g.const(np.ones((8, 5), np.int8)), scale, g.const(np.int8(0)),
-                            g.const(np.zeros(5, np.int32))], domain="com.microsoft"))
+    g.output(
+        g.op(
+            "QGemm",
+            [
+                x,
+                scale,
+                zero,
+                g.const(np.ones((8, 5), np.int8)),
+                scale,
+                g.const(np.int8(0)),
+                g.const(np.zeros(5, np.int32)),
+            ],
+            domain="com.microsoft",
+        )
+    )
     s = stats(g.build())
     assert s.flops == 2 * 3 * 5 * 8 + 3 * 5
     assert s.params == 8 * 5 + 5  # the int8 weight and the int32 bias, not the scales
@@ -464,8 +518,9 @@ def test_weights_in_constant_nodes_are_params():
 
 
 def _body(nodes, outputs, inputs=()):
-    return helper.make_graph(nodes, "body", list(inputs), [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
-                                                           for o in outputs])
+    return helper.make_graph(
+        nodes, "body", list(inputs), [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    )
 
 
 def _with_body_shapes(model):
@@ -494,15 +549,27 @@ def test_loop_counts_its_body_once_and_scan_once_per_step():
     w = g.weight(4, 4)
     state = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 4])
     row = helper.make_tensor_value_info("r", TensorProto.FLOAT, [4])
-    scan_body = _body([helper.make_node("MatMul", ["h", w], ["hw"]), helper.make_node("Add", ["hw", "r"], ["h2"]),
-                       helper.make_node("Identity", ["h2"], ["out"])], ["h2", "out"], [state, row])
+    scan_body = _body(
+        [
+            helper.make_node("MatMul", ["h", w], ["hw"]),
+            helper.make_node("Add", ["hw", "r"], ["h2"]),
+            helper.make_node("Identity", ["h2"], ["out"]),
+        ],
+        ["h2", "out"],
+        [state, row],
+    )
     h0 = g.input("h0", [1, 4])
     g.output(g.op("Scan", [h0, x], n_out=2, body=scan_body, num_scan_inputs=1)[0])
-    loop_inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                   helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-                   helper.make_tensor_value_info("v", TensorProto.FLOAT, [6, 4])]
-    loop_body = _body([helper.make_node("Identity", ["cond"], ["cond_out"]),
-                       helper.make_node("MatMul", ["v", w], ["v2"])], ["cond_out", "v2"], loop_inputs)
+    loop_inputs = [
+        helper.make_tensor_value_info("i", TensorProto.INT64, []),
+        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, [6, 4]),
+    ]
+    loop_body = _body(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("MatMul", ["v", w], ["v2"])],
+        ["cond_out", "v2"],
+        loop_inputs,
+    )
     loop_body.output[0].type.tensor_type.elem_type = TensorProto.BOOL
     g.output(g.op("Loop", [g.const(np.int64(3)), g.const(np.bool_(True)), x], body=loop_body))
     s = stats(_with_body_shapes(g.build()))
@@ -552,9 +619,13 @@ def test_torch_lstm_and_mlp_match_counts_from_the_modules(tmp_path):
         lstm += per_step * seq * batch * 2
     rows = seq * batch  # the MLP maps every [seq, batch] position
     first, second = net.mlp[0], net.mlp[2]
-    mlp = rows * (2 * first.in_features * first.out_features + first.out_features  # MatMul + bias
-                  + first.out_features  # ReLU
-                  + 2 * second.in_features * second.out_features + second.out_features)
+    mlp = rows * (
+        2 * first.in_features * first.out_features
+        + first.out_features  # MatMul + bias
+        + first.out_features  # ReLU
+        + 2 * second.in_features * second.out_features
+        + second.out_features
+    )
     assert s.flops == lstm + mlp
     assert s.params == sum(p.numel() for p in net.parameters())
 

@@ -1,4 +1,5 @@
 """The OBS maths, the statistics collector and compensation, against plain numpy."""
+
 from pathlib import Path
 
 import numpy as np
@@ -7,11 +8,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa.errors import UsageError
-from spa.obs import LayerState, augmented_hessian, greedy_scores, inverse, least_squares, obs_update
-from spa.rules import Dim
-from spa.statistics import (PRIORS, SMOOTH_NOISE, SYNTHETIC_SAMPLES, InputPrior, choose_prior, collect,
-                            load_calibration, synthetic_feeds, synthetic_sample_count)
+from spa.core.errors import UsageError
+from spa.ops.registry import Dim
+from spa.scoring.obs import LayerState, augmented_hessian, greedy_scores, inverse, least_squares, obs_update
+from spa.scoring.statistics import (
+    PRIORS,
+    SMOOTH_NOISE,
+    SYNTHETIC_SAMPLES,
+    InputPrior,
+    choose_prior,
+    collect,
+    load_calibration,
+    synthetic_feeds,
+    synthetic_sample_count,
+)
 
 
 def _correlated(rng, rows, channels):
@@ -40,7 +50,7 @@ def test_obs_removal_equals_least_squares_and_its_loss_is_the_true_error():
     keep = np.array([0, 1, 3, 4, 5, 7])
     assert np.allclose(state.weights, least_squares(w, hessian, keep), atol=1e-8)
     error = x @ (w - state.weights).T
-    assert loss == pytest.approx(float((error ** 2).sum(axis=1).mean()), rel=1e-6)
+    assert loss == pytest.approx(float((error**2).sum(axis=1).mean()), rel=1e-6)
     # one more removal continues from the updated state, as if both were removed at once
     state.remove(np.array([0]))
     assert np.allclose(state.weights, least_squares(w, hessian, np.array([1, 3, 4, 5, 7])), atol=1e-8)
@@ -89,17 +99,25 @@ def test_identity_hessian_ranks_by_column_norm():
 
 # --- statistics and calibration files ---------------------------------------------------------
 
+
 def _mlp(path=None):
     rng = np.random.default_rng(4)
     w1 = numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32), "w1")
     b1 = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b1")
     w2 = numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "w2")
     b2 = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b2")
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2")]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w1, b1, w2, b2])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [w1, b1, w2, b2],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     if path is not None:
         onnx.save(model, path)
@@ -139,18 +157,25 @@ def test_calibration_from_npz_and_from_npy_folders(tmp_path):
 
 def test_synthetic_token_ids_stay_inside_the_embedding_table():
     table = numpy_helper.from_array(np.zeros((50, 4), np.float32), "table")
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"], name="emb")], "g",
-                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["b", "s", 4])], [table])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="emb")],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["b", "s", 4])],
+        [table],
+    )
     feeds = synthetic_feeds(helper.make_model(graph, ir_version=9), 4, seed=0)
     ids = feeds["ids"]
     assert ids.shape[0] == 4 and ids.min() >= 0 and ids.max() < 50 and len(np.unique(ids)) > 10
 
 
 def _image_model(batch="b"):
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 32, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, 32, 32])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, 32, 32])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -205,7 +230,8 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
     test = np.load(root / "models" / "data" / "mnist_test.npz")
 
     def accuracy(pruned):
-        from spa.validate import session
+        from spa.verify.validate import session
+
         logits = session(pruned).run(None, {"input": test["input"]})[0]
         return float((logits.argmax(axis=1) == test["label"]).mean())
 
@@ -223,11 +249,13 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
 
 # --- the pipeline ---------------------------------------------------------------------------
 
+
 def _output_error(path, pruned, x):
-    from spa.validate import session
+    from spa.verify.validate import session
+
     dense = session(onnx.load(path)).run(None, {"x": x})[0]
     out = session(pruned).run(None, {"x": x})[0]
-    return float(np.mean((dense - out) ** 2) / np.mean(dense ** 2))
+    return float(np.mean((dense - out) ** 2) / np.mean(dense**2))
 
 
 def test_compensation_brings_the_pruned_output_closer_to_the_dense_one(tmp_path):
@@ -292,9 +320,11 @@ def test_data_criteria_keep_the_channels_the_data_uses(tmp_path, criterion):
 
 def test_global_obspa_gives_groups_different_ratios_and_never_empties_one():
     from pathlib import Path
+
     model = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn.onnx"
-    result = spa.prune(model, 0.5, "obs", calib=model.parent / "data" / "mnist_calib.npz", global_rank=True,
-                       bench=False)
+    result = spa.prune(
+        model, 0.5, "obs", calib=model.parent / "data" / "mnist_calib.npz", global_rank=True, bench=False
+    )
     pruned = [g for g in result.report.groups if g.frozen is None and g.channels > 1]
     fractions = {round(g.removed / g.channels, 2) for g in pruned}
     assert len(fractions) > 1  # relative OBS losses, compared as they are, differ per layer

@@ -1,5 +1,6 @@
 """tools/onnx_torch.py, the torch evaluator behind ``ocr_data_free.py inversion``: it must compute
 what onnxruntime computes, or the inversion optimises a different model."""
+
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +36,28 @@ def test_shipped_models_match_onnxruntime(name):
 def _batchnorm_model(mean: np.ndarray, variance: np.ndarray) -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
-    tensors = [weight] + [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
-                          (("scale", rng.uniform(0.5, 2, 4)), ("bias", rng.standard_normal(4)),
-                           ("mean", mean), ("variance", variance))]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "variance"], ["b"], name="bn"),
-             helper.make_node("Relu", ["b"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["y"])]
-    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 1, 1])], tensors)
+    tensors = [weight] + [
+        numpy_helper.from_array(v.astype(np.float32), n)
+        for n, v in (
+            ("scale", rng.uniform(0.5, 2, 4)),
+            ("bias", rng.standard_normal(4)),
+            ("mean", mean),
+            ("variance", variance),
+        )
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "variance"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 1, 1])],
+        tensors,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -64,8 +78,12 @@ def test_batchnorm_inputs_and_gradients_reach_the_input():
 
 def test_an_operator_without_a_rule_is_named():
     node = helper.make_node("Erf", ["x"], ["y"])
-    graph = helper.make_graph([node], "erf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [node],
+        "erf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(NotImplementedError, match="Erf"):
         onnx_torch.run(model, {"x": torch.zeros(2)})

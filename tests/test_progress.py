@@ -1,8 +1,9 @@
 """The CLI's stage progress: drawn on a terminal once a stage runs past a second, never in logs."""
+
 import io
 import sys
 
-import spa.cli as cli
+import spa.cli.commands as cli
 
 
 class _Terminal(io.StringIO):

@@ -1,5 +1,6 @@
 """Models in onnxruntime's quantized operator format (QLinearConv, QGemm, QLinearAdd...): spa prunes
 them in the QDQ form they stand for and writes them back in their own ops."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -9,17 +10,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builder import Graph, analysis_of, prune_exact
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from test_quantized import MODELS, _Batches, _obs_keeps_mnist_accuracy_only_with_refits, _quantized
 
 import spa
-from spa.cli import main
-from spa.load import canonicalize
-from spa.qoperator import FORMS, _domain, expand
-
-from builder import Graph, analysis_of, prune_exact
-from test_quantized import MODELS, _Batches, _obs_keeps_mnist_accuracy_only_with_refits, _quantized
+from spa.cli.commands import main
+from spa.formats.load import canonicalize
+from spa.formats.qoperator import FORMS, _domain, expand
 
 
 def _qoperator(source: Path | onnx.ModelProto, target: Path, samples: np.ndarray, per_channel: bool = True) -> Path:
@@ -72,8 +72,18 @@ def test_every_form_reads_as_the_qdq_graph_it_stands_for_and_fuses_back_unchange
     samples = np.random.default_rng(0).standard_normal((8, 1, 3, 8, 8)).astype(np.float32)
     quantized = canonicalize(onnx.load(str(_qoperator(_every_form(), tmp_path / "q.onnx", samples[:, 0]))))
     ops = Counter(n.op_type for n in quantized.graph.node)
-    assert {"QLinearConv", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearMul", "QLinearAdd", "QLinearConcat",
-            "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearMatMul", "QGemm"} <= set(ops)
+    assert {
+        "QLinearConv",
+        "QLinearLeakyRelu",
+        "QLinearSigmoid",
+        "QLinearMul",
+        "QLinearAdd",
+        "QLinearConcat",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearMatMul",
+        "QGemm",
+    } <= set(ops)
     expanded, expansion = expand(quantized, 17)
     onnx.checker.check_model(expanded)
     assert not {n.op_type for n in expanded.graph.node} & {op for _, op in FORMS}
@@ -88,8 +98,9 @@ def test_every_form_reads_as_the_qdq_graph_it_stands_for_and_fuses_back_unchange
         assert difference.max() <= 1 and np.count_nonzero(difference) <= 0.002 * difference.size, name
     dense = _run(quantized, feeds)
     fused = expansion.fuse(expanded)
-    assert [(n.name, n.op_type, n.domain, list(n.input), list(n.output), _attributes(n)) for n in fused.graph.node] \
-        == [(n.name, n.op_type, n.domain, list(n.input), list(n.output), _attributes(n)) for n in quantized.graph.node]
+    assert [(n.name, n.op_type, n.domain, list(n.input), list(n.output), _attributes(n)) for n in fused.graph.node] == [
+        (n.name, n.op_type, n.domain, list(n.input), list(n.output), _attributes(n)) for n in quantized.graph.node
+    ]
     assert {t.name for t in fused.graph.initializer} == {t.name for t in quantized.graph.initializer}
     assert np.array_equal(_run(fused, feeds), dense)
 
@@ -115,8 +126,10 @@ def test_qoperator_model_prunes_as_its_float_model_does_and_keeps_its_ops(tmp_pa
     assert Counter(n.op_type for n in result.model.graph.node) == Counter(n.op_type for n in before.graph.node)
     widths = {n.name: n for n in result.model.graph.node if n.op_type == "QLinearConv"}
     sizes = {t.name: list(t.dims) for t in result.model.graph.initializer}
-    pruned_convs = sum(sizes[n.input[3]][0] < next(list(t.dims) for t in before.graph.initializer
-                                                   if t.name == n.input[3])[0] for n in widths.values())
+    pruned_convs = sum(
+        sizes[n.input[3]][0] < next(list(t.dims) for t in before.graph.initializer if t.name == n.input[3])[0]
+        for n in widths.values()
+    )
     assert pruned_convs >= 5
     for node in widths.values():  # per-channel scales and zero points, and the bias, shrink with the weight
         channels = sizes[node.input[3]][0]
@@ -171,9 +184,15 @@ def test_an_int8_op_without_its_output_zero_point_stays_int8(tmp_path):
     one would write uint8, and the written model would not run."""
     samples = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
     onnx.save(_every_form(), str(tmp_path / "f.onnx"))
-    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), _Batches("x", samples),
-                    quant_format=QuantFormat.QOperator, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True})
+    quantize_static(
+        str(tmp_path / "f.onnx"),
+        str(tmp_path / "q.onnx"),
+        _Batches("x", samples),
+        quant_format=QuantFormat.QOperator,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={"ActivationSymmetric": True},
+    )
     model = onnx.load(str(tmp_path / "q.onnx"))
     add = next(n for n in model.graph.node if n.op_type == "QLinearAdd")
     zero = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[add.input[7]]
@@ -195,7 +214,9 @@ def test_a_per_channel_scale_with_one_zero_point_prunes(tmp_path):
     for node in model.graph.node:
         if node.op_type == "QLinearConv":
             node.input[5] = scalar.name
-    assert len(analysis_of(model).prunable_groups) == len(analysis_of(onnx.load(str(MODELS / "mnist_cnn.onnx"))).prunable_groups)
+    assert len(analysis_of(model).prunable_groups) == len(
+        analysis_of(onnx.load(str(MODELS / "mnist_cnn.onnx"))).prunable_groups
+    )
     result = prune_exact(model, ratio=0.3, criterion="l1", bench=False)
     assert result.report.groups_pruned == 4
     assert all(n.input[5] == scalar.name for n in result.model.graph.node if n.op_type == "QLinearConv")
@@ -211,8 +232,9 @@ def test_fusing_requantizes_a_bias_whose_weight_scale_moved_alone(tmp_path):
     bias, _, _, weight_scale = expansion.biases[0]
     tensors = {t.name: t for t in expanded.graph.initializer}
     before = numpy_helper.to_array(tensors[bias]).astype(np.float64)
-    tensors[weight_scale].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensors[weight_scale]) * 2,
-                                                           weight_scale))
+    tensors[weight_scale].CopyFrom(
+        numpy_helper.from_array(numpy_helper.to_array(tensors[weight_scale]) * 2, weight_scale)
+    )
     fused = {t.name: numpy_helper.to_array(t) for t in expansion.fuse(expanded).graph.initializer}
     assert np.abs(fused[bias] * 2.0 - before).max() <= 1.0 and np.abs(before).max() > 10
     untouched = {t.name: numpy_helper.to_array(t) for t in expansion.fuse(expand(model, 17)[0]).graph.initializer}

@@ -1,5 +1,6 @@
 """Models already quantized to the QDQ format: weights stored as integers behind DequantizeLinear,
 activations passed through QuantizeLinear/DequantizeLinear pairs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,46 +9,63 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builder import Graph, analysis_of, group_at, initializer, prune_exact
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 import spa
-from spa.cli import main
-from spa.criteria import weight_dims
-from spa.graph import ModelGraph
-from spa.quantized import quantized_weight
-
-from builder import Graph, analysis_of, group_at, initializer, prune_exact
+from spa.cli.commands import main
+from spa.core.graph import ModelGraph
+from spa.formats.quantized import quantized_weight
+from spa.scoring.criteria import weight_dims
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 class _Batches(CalibrationDataReader):
     def __init__(self, name: str, samples: np.ndarray):
-        self._feeds = iter([{name: samples[i:i + 1]} for i in range(len(samples))])
+        self._feeds = iter([{name: samples[i : i + 1]} for i in range(len(samples))])
 
     def get_next(self):
         return next(self._feeds, None)
 
 
-def _quantized(source: Path, target: Path, samples: np.ndarray, per_channel: bool = True,
-               weight_type=QuantType.QInt8, layout=QuantFormat.QDQ) -> Path:
+def _quantized(
+    source: Path,
+    target: Path,
+    samples: np.ndarray,
+    per_channel: bool = True,
+    weight_type=QuantType.QInt8,
+    layout=QuantFormat.QDQ,
+) -> Path:
     name = onnx.load(str(source), load_external_data=False).graph.input[0].name
-    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=layout,
-                    per_channel=per_channel, weight_type=weight_type, activation_type=QuantType.QUInt8)
+    quantize_static(
+        str(source),
+        str(target),
+        _Batches(name, samples),
+        quant_format=layout,
+        per_channel=per_channel,
+        weight_type=weight_type,
+        activation_type=QuantType.QUInt8,
+    )
     return target
 
 
 def _integer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     read = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-            if t.name in read and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    return {
+        t.name: numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.name in read and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    }
 
 
-@pytest.mark.parametrize("per_channel,weight_type", [(True, QuantType.QInt8), (False, QuantType.QInt8),
-                                                     (True, QuantType.QUInt8)],
-                         ids=["per-channel-int8", "per-tensor-int8", "per-channel-uint8"])
+@pytest.mark.parametrize(
+    "per_channel,weight_type",
+    [(True, QuantType.QInt8), (False, QuantType.QInt8), (True, QuantType.QUInt8)],
+    ids=["per-channel-int8", "per-tensor-int8", "per-channel-uint8"],
+)
 def test_qdq_model_prunes_as_its_float_model_does(tmp_path, per_channel, weight_type):
     dense = MODELS / "mini_resnet.onnx"
     samples = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
@@ -71,12 +89,22 @@ def _dequantized_conv_pair(ints: np.ndarray, scales: np.ndarray, domain: str = "
     g = Graph(opset=17)
     x = g.input("x", [1, 2, 6, 6])
     channels = len(scales)
-    first = g.op("DequantizeLinear", [g.const(ints, "w1_q"), g.const(scales, "w1_scale"),
-                                      g.const(np.zeros(channels, np.int8), "w1_zero")], axis=0, domain=domain)
+    first = g.op(
+        "DequantizeLinear",
+        [g.const(ints, "w1_q"), g.const(scales, "w1_scale"), g.const(np.zeros(channels, np.int8), "w1_zero")],
+        axis=0,
+        domain=domain,
+    )
     h = g.op("Relu", [g.op("Conv", [x, first], pads=[1, 1, 1, 1])])
-    second = g.op("DequantizeLinear", [g.const(np.full((3, channels, 1, 1), 50, np.int8), "w2_q"),
-                                       g.const(np.float32(0.02), "w2_scale"), g.const(np.int8(0), "w2_zero")],
-                  domain=domain)
+    second = g.op(
+        "DequantizeLinear",
+        [
+            g.const(np.full((3, channels, 1, 1), 50, np.int8), "w2_q"),
+            g.const(np.float32(0.02), "w2_scale"),
+            g.const(np.int8(0), "w2_zero"),
+        ],
+        domain=domain,
+    )
     g.output(g.op("Conv", [h, second]))
     return g.build()
 
@@ -129,8 +157,17 @@ def _obs_keeps_mnist_accuracy_only_with_refits(quantized: Path, tmp_path: Path) 
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return float((session.run(None, {"input": images})[0].argmax(1) == labels).mean())
 
-    runs = {compensate: prune_exact(str(quantized), ratio=0.3, criterion="obs", calib=str(tmp_path / "calib.npz"),
-                                    compensate=compensate, bench=False) for compensate in (False, True)}
+    runs = {
+        compensate: prune_exact(
+            str(quantized),
+            ratio=0.3,
+            criterion="obs",
+            calib=str(tmp_path / "calib.npz"),
+            compensate=compensate,
+            bench=False,
+        )
+        for compensate in (False, True)
+    }
     assert accuracy(onnx.load(str(quantized))) > 0.97
     assert accuracy(runs[True].model) > 0.97 > 0.6 > accuracy(runs[False].model)
     comp = runs[True].report.compensation
@@ -161,8 +198,16 @@ def _fake_quantized_weights(opset: int = 17, **dq_attrs) -> onnx.ModelProto:
     x = g.input("x", [1, 3, 6, 6])
     scale, zero = g.const(np.full(8, 0.01, np.float32), "scale"), g.const(np.zeros(8, np.int8), "zero")
     weight = g.op("QuantizeLinear", [g.weight(8, 3, 3, 3), scale, zero], axis=0)
-    h = g.op("Relu", [g.op("Conv", [x, g.op("DequantizeLinear", [weight, scale, zero], axis=0, **dq_attrs),
-                                     g.weight(8)], pads=[1, 1, 1, 1])])
+    h = g.op(
+        "Relu",
+        [
+            g.op(
+                "Conv",
+                [x, g.op("DequantizeLinear", [weight, scale, zero], axis=0, **dq_attrs), g.weight(8)],
+                pads=[1, 1, 1, 1],
+            )
+        ],
+    )
     g.output(g.op("Conv", [h, g.weight(4, 8, 1, 1)]))
     return g.build()
 
@@ -180,8 +225,9 @@ def test_soft_model_zeroes_quantized_weights_at_their_zero_points(tmp_path):
     samples = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     quantized = _quantized(MODELS / "mini_resnet.onnx", tmp_path / "q.onnx", samples, weight_type=QuantType.QUInt8)
     hard = spa.prune(str(quantized), ratio=0.4, criterion="l1", compensate=False, check=False).model
-    soft = ModelGraph(spa.prune(str(quantized), ratio=0.4, criterion="l1", compensate=False, soft=True,
-                                check=False).model)
+    soft = ModelGraph(
+        spa.prune(str(quantized), ratio=0.4, criterion="l1", compensate=False, soft=True, check=False).model
+    )
     hard_shapes = {n.output[0]: None for n in hard.graph.node if n.op_type == "DequantizeLinear"}
     checked = 0
     for node in soft.nodes:
@@ -199,8 +245,12 @@ def test_soft_model_zeroes_quantized_weights_at_their_zero_points(tmp_path):
 def test_block_quantization_freezes_with_its_reason():
     g = Graph(opset=21)
     x = g.input("x", [1, 8])
-    weight = g.op("DequantizeLinear", [g.const(np.ones((8, 4), np.int8)), g.const(np.ones((2, 4), np.float32))],
-                  axis=0, block_size=4)
+    weight = g.op(
+        "DequantizeLinear",
+        [g.const(np.ones((8, 4), np.int8)), g.const(np.ones((2, 4), np.float32))],
+        axis=0,
+        block_size=4,
+    )
     g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, g.weight(8, 8)])]), weight]))
     analysis = analysis_of(g.build())
     group = group_at(analysis, analysis.graph.nodes[1].outputs[0], 1)
@@ -220,8 +270,11 @@ def test_dequantize_rule_links_per_axis_parameters():
     g = Graph(opset=17)
     x = g.input("x", [1, 4, 5, 5])
     q = g.op("QuantizeLinear", [x, g.const(np.float32(0.1)), g.const(np.uint8(128))])
-    y = g.op("DequantizeLinear", [q, g.const(np.full(4, 0.1, np.float32), "s"), g.const(np.full(4, 128, np.uint8), "z")],
-             axis=1)
+    y = g.op(
+        "DequantizeLinear",
+        [q, g.const(np.full(4, 0.1, np.float32), "s"), g.const(np.full(4, 128, np.uint8), "z")],
+        axis=1,
+    )
     g.output(g.op("Conv", [g.op("Relu", [g.op("Conv", [y, g.weight(6, 4, 1, 1)])]), g.weight(2, 6, 1, 1)]))
     analysis = analysis_of(g.build())
     group = group_at(analysis, "s", 0)
@@ -234,17 +287,30 @@ def test_four_bit_weights_freeze_instead_of_breaking_soft_equals_hard():
     # the soft model cannot write a uint4 zero point: those channels stay (they used to fail validation)
     def uint4(name, values):
         return helper.make_tensor(name, onnx.TensorProto.UINT4, np.shape(values), np.ravel(values).tolist())
+
     rng = np.random.default_rng(0)
-    inits = [uint4("w1_q", rng.integers(0, 16, (4, 2, 3, 3))), numpy_helper.from_array(np.float32(0.1), "w1_s"),
-             uint4("w1_z", 8), uint4("w2_q", rng.integers(0, 16, (3, 4, 1, 1))),
-             numpy_helper.from_array(np.float32(0.05), "w2_s"), uint4("w2_z", 8)]
-    nodes = [helper.make_node("DequantizeLinear", ["w1_q", "w1_s", "w1_z"], ["w1"]),
-             helper.make_node("Conv", ["x", "w1"], ["h0"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h0"], ["h"]),
-             helper.make_node("DequantizeLinear", ["w2_q", "w2_s", "w2_z"], ["w2"]),
-             helper.make_node("Conv", ["h", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "four_bit", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 6, 6])], inits)
+    inits = [
+        uint4("w1_q", rng.integers(0, 16, (4, 2, 3, 3))),
+        numpy_helper.from_array(np.float32(0.1), "w1_s"),
+        uint4("w1_z", 8),
+        uint4("w2_q", rng.integers(0, 16, (3, 4, 1, 1))),
+        numpy_helper.from_array(np.float32(0.05), "w2_s"),
+        uint4("w2_z", 8),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w1_q", "w1_s", "w1_z"], ["w1"]),
+        helper.make_node("Conv", ["x", "w1"], ["h0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h0"], ["h"]),
+        helper.make_node("DequantizeLinear", ["w2_q", "w2_s", "w2_z"], ["w2"]),
+        helper.make_node("Conv", ["h", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "four_bit",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     analysis = analysis_of(model)
@@ -257,9 +323,9 @@ def test_four_bit_weights_freeze_instead_of_breaking_soft_equals_hard():
 def test_stored_refit_replaces_an_earlier_grown_scale():
     """The sequential refit writes into a model whose layer-wise refit already grew a scale: what
     it stores must carry its own scale, or the integers are read at the wrong one."""
-    from spa.compensate import replace_initializers
-    from spa.layers import linear_layers
-    from spa.quantized import Store
+    from spa.analysis.layers import linear_layers
+    from spa.formats.quantized import Store
+    from spa.transforms.compensate import replace_initializers
 
     ints = np.tile(np.array([100, 10, 100, 10], np.int8)[:, None, None, None], (1, 2, 3, 3))
     dense = _dequantized_conv_pair(ints, np.full(4, 0.01, np.float32))
@@ -275,6 +341,7 @@ def test_stored_refit_replaces_an_earlier_grown_scale():
 
 # ---------------------------------------------------------------- dynamic quantization (integer ops)
 
+
 def _dynamic(source: Path, target: Path, per_channel: bool = True, weight_type=QuantType.QInt8) -> Path:
     quantize_dynamic(str(source), str(target), per_channel=per_channel, weight_type=weight_type)
     return target
@@ -285,9 +352,11 @@ def _integer_op_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in read}
 
 
-@pytest.mark.parametrize("per_channel,weight_type", [(True, QuantType.QInt8), (False, QuantType.QInt8),
-                                                     (True, QuantType.QUInt8)],
-                         ids=["per-channel-int8", "per-tensor-int8", "per-channel-uint8"])
+@pytest.mark.parametrize(
+    "per_channel,weight_type",
+    [(True, QuantType.QInt8), (False, QuantType.QInt8), (True, QuantType.QUInt8)],
+    ids=["per-channel-int8", "per-tensor-int8", "per-channel-uint8"],
+)
 def test_dynamically_quantized_model_prunes_as_its_float_model_does(tmp_path, per_channel, weight_type):
     # quantize_dynamic writes DynamicQuantizeLinear -> ConvInteger / MatMulInteger -> Cast -> Mul(scale)
     dense = MODELS / "mini_resnet.onnx"
@@ -309,8 +378,9 @@ def test_dynamically_quantized_model_prunes_as_its_float_model_does(tmp_path, pe
     # uint8 weights have zero points of 128: the soft model fills removed slices with them
     result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
     reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False)
-    float_sizes = sorted(t.size for t in (numpy_helper.to_array(i) for i in reference.model.graph.initializer)
-                         if t.ndim >= 2)
+    float_sizes = sorted(
+        t.size for t in (numpy_helper.to_array(i) for i in reference.model.graph.initializer) if t.ndim >= 2
+    )
     before, after = _integer_op_weights(onnx.load(str(quantized))), _integer_op_weights(result.model)
     assert sorted(v.size for v in after.values()) == float_sizes
     assert all(after[k].dtype == before[k].dtype for k in after)
@@ -377,7 +447,9 @@ def test_integer_matmul_by_a_constant_left_operand_fills_it_with_its_zero_point(
     q, scale, zero = g.op("DynamicQuantizeLinear", [g.op("Relu", [g.op("MatMul", [x, g.weight(5, 5)])])], n_out=3)
     left = g.const(np.random.default_rng(0).integers(0, 256, (4, 6)).astype(np.uint8), "left_q")
     product = g.op("MatMulInteger", [left, q, g.const(np.uint8(128), "left_zero"), zero])
-    y = g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), g.op("Mul", [scale, g.const(np.float32(0.01))])])
+    y = g.op(
+        "Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), g.op("Mul", [scale, g.const(np.float32(0.01))])]
+    )
     g.output(g.op("MatMul", [g.op("Transpose", [g.op("Relu", [y])], perm=[1, 0]), g.weight(4, 3)]))
     g.output(g.op("ReduceSum", [y, g.const(np.array([0], np.int64))], keepdims=0))
     model = g.build()
@@ -405,7 +477,11 @@ def test_a_rescaling_factor_cast_from_float16_prunes():
     q, scale, zero = g.op("DynamicQuantizeLinear", [hidden], n_out=3)
     product = g.op("MatMulInteger", [q, g.const(np.ones((8, 3), np.int8), "w_q"), zero])
     scale16 = g.op("Mul", [g.op("Cast", [scale], to=onnx.TensorProto.FLOAT16), g.const(np.float16(0.01))])
-    g.output(g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT),
-                          g.op("Cast", [scale16], to=onnx.TensorProto.FLOAT)]))
+    g.output(
+        g.op(
+            "Mul",
+            [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), g.op("Cast", [scale16], to=onnx.TensorProto.FLOAT)],
+        )
+    )
     result = prune_exact(g.build(), ratio=0.5, criterion="l1", compensate=False, bench=False)
     assert initializer(result.model, "w_q").shape == (4, 3)

@@ -5,12 +5,13 @@ concats, splits, channel shuffles, pixel shuffles, channels-last MatMuls,
 SE gates, slices, pools, flatten into Gemm). Every generated model must prune
 into a valid model whose outputs equal the soft-pruned model's.
 """
+
 import numpy as np
+from builder import Graph
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spa
-from builder import Graph
 
 
 class Net:
@@ -36,8 +37,10 @@ class Net:
         g = self.g
         y = g.conv(t, cin, cout, k=k, group=group, bias=self.draw(st.booleans()))
         if self.draw(st.booleans()):
-            y = g.op("BatchNormalization", [y, g.weight(cout, low=0.5), g.weight(cout), g.weight(cout),
-                                            g.weight(cout, low=0.5, high=1.5)])
+            y = g.op(
+                "BatchNormalization",
+                [y, g.weight(cout, low=0.5), g.weight(cout), g.weight(cout), g.weight(cout, low=0.5, high=1.5)],
+            )
         return self.act(y)
 
     # blocks: each maps (self.t, self.c) to a new (self.t, self.c)
@@ -149,8 +152,22 @@ class Net:
             g.output(g.conv(self.t, self.c, 2, k=1))
 
 
-BLOCKS = ["plain", "grouped", "depthwise", "residual", "concat", "split", "shuffle", "pixel", "channels_last",
-          "se", "slice", "pool", "norm", "linear"]
+BLOCKS = [
+    "plain",
+    "grouped",
+    "depthwise",
+    "residual",
+    "concat",
+    "split",
+    "shuffle",
+    "pixel",
+    "channels_last",
+    "se",
+    "slice",
+    "pool",
+    "norm",
+    "linear",
+]
 
 
 @st.composite

@@ -6,23 +6,34 @@ around these ops (initial states from Expand, ConstantOfShape or zero initialize
 bidirectional outputs merged by Transpose and Reshape, stacked layers) prunes into valid
 models with hard == soft.
 """
+
 import numpy as np
 import onnx
 import pytest
 import sympy
+from builder import Graph, analysis_of, group_at, initializer, node_attr, prune_exact
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import spa
-from builder import Graph, analysis_of, group_at, initializer, node_attr, prune_exact
-from spa.load import _integer_value
-from spa.rules import Dim, recurrent
+from spa.formats.load import _integer_value
+from spa.ops.registry import Dim, recurrent
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def recurrent_model(op, hidden=6, direction="forward", layout=0, peepholes=False, h0=None, c0=None,
-                    weightless_sum=False, use="y", **attrs):
+def recurrent_model(
+    op,
+    hidden=6,
+    direction="forward",
+    layout=0,
+    peepholes=False,
+    h0=None,
+    c0=None,
+    weightless_sum=False,
+    use="y",
+    **attrs,
+):
     """Conv1d -> Relu -> (op) -> every direction's hidden units side by side -> MatMul.
 
     ``h0``/``c0``: a function of the builder giving the initial state tensor's name.
@@ -35,14 +46,18 @@ def recurrent_model(op, hidden=6, direction="forward", layout=0, peepholes=False
     x = g.input("x", [batch, 3, steps])
     conv = g.op("Relu", [g.conv(x, 3, width, rank=1)])  # [N, I, T]
     seq = g.op("Transpose", [conv], perm=[0, 2, 1] if layout else [2, 0, 1])
-    w, r, b = g.weight(dirs, gates * hidden, width), g.weight(dirs, gates * hidden, hidden), \
-        g.weight(dirs, 2 * gates * hidden)
+    w, r, b = (
+        g.weight(dirs, gates * hidden, width),
+        g.weight(dirs, gates * hidden, hidden),
+        g.weight(dirs, 2 * gates * hidden),
+    )
     p = g.weight(dirs, 3 * hidden) if peepholes else ""
-    inputs = [seq, w, r, b, "", h0(g) if h0 else "", c0(g) if c0 else "", p][:8 if op == "LSTM" else 6]
+    inputs = [seq, w, r, b, "", h0(g) if h0 else "", c0(g) if c0 else "", p][: 8 if op == "LSTM" else 6]
     while inputs[-1] == "":
         inputs.pop()
-    outs = g.op(op, inputs, n_out=3 if op == "LSTM" else 2, hidden_size=hidden, direction=direction,
-                layout=layout, **attrs)
+    outs = g.op(
+        op, inputs, n_out=3 if op == "LSTM" else 2, hidden_size=hidden, direction=direction, layout=layout, **attrs
+    )
     if use == "y":  # [T, D, N, H] (layout 1: [N, T, D, H]) -> [T, N, D*H]
         y = g.op("Transpose", [outs[0]], perm=[0, 2, 1, 3]) if not layout else outs[0]
         flat = g.op("Reshape", [y, g.const(np.array([0, 0, -1]))])
@@ -54,8 +69,20 @@ def recurrent_model(op, hidden=6, direction="forward", layout=0, peepholes=False
         out = g.op("Add", [out, g.op("ReduceSum", [flat, g.const(np.array([-1]))], keepdims=1)])
     g.output(out)
     conv_weight = g.nodes[0].input[1]
-    return g.build(), dict(w=w, r=r, b=b, p=p, y=outs[0], head=head, conv=conv, conv_weight=conv_weight,
-                           seq=seq, dirs=dirs, gates=gates, hidden=hidden)
+    return g.build(), dict(
+        w=w,
+        r=r,
+        b=b,
+        p=p,
+        y=outs[0],
+        head=head,
+        conv=conv,
+        conv_weight=conv_weight,
+        seq=seq,
+        dirs=dirs,
+        gates=gates,
+        hidden=hidden,
+    )
 
 
 def kept_indices(dense: np.ndarray, pruned: np.ndarray, axis: int) -> np.ndarray:
@@ -69,9 +96,17 @@ def block_rows(kept: np.ndarray, hidden: int, blocks: int) -> np.ndarray:
     return np.concatenate([g * hidden + kept for g in range(blocks)])
 
 
-@pytest.mark.parametrize("op,direction,peepholes", [
-    ("LSTM", "forward", False), ("LSTM", "bidirectional", True), ("GRU", "forward", False),
-    ("GRU", "bidirectional", False), ("RNN", "bidirectional", False), ("LSTM", "reverse", False)])
+@pytest.mark.parametrize(
+    "op,direction,peepholes",
+    [
+        ("LSTM", "forward", False),
+        ("LSTM", "bidirectional", True),
+        ("GRU", "forward", False),
+        ("GRU", "bidirectional", False),
+        ("RNN", "bidirectional", False),
+        ("LSTM", "reverse", False),
+    ],
+)
 def test_hidden_unit_is_one_row_of_every_gate_block(op, direction, peepholes):
     model, t = recurrent_model(op, direction=direction, peepholes=peepholes)
     analysis = analysis_of(model)
@@ -99,7 +134,9 @@ def test_hidden_unit_is_one_row_of_every_gate_block(op, direction, peepholes):
     # both directions' copies of a unit leave the merged output together (soft == hard checked which)
     assert initializer(pruned, t["head"]).shape == (t["dirs"] * new_hidden, 3)
     if peepholes:
-        assert np.array_equal(initializer(pruned, t["p"]), initializer(model, t["p"])[:, block_rows(kept, t["hidden"], 3)])
+        assert np.array_equal(
+            initializer(pruned, t["p"]), initializer(model, t["p"])[:, block_rows(kept, t["hidden"], 3)]
+        )
 
 
 @pytest.mark.parametrize("wrong", ["first_block_only", "interleaved"])
@@ -110,8 +147,9 @@ def test_a_wrong_gate_block_mapping_fails_validation(monkeypatch, wrong):
     def interleaved(hidden, blocks):  # shapes stay consistent: only soft == hard can tell
         return np.repeat(np.arange(hidden), blocks), np.arange(blocks * hidden)
 
-    monkeypatch.setattr(recurrent, "_gate_rows", {"first_block_only": first_block_only,
-                                                  "interleaved": interleaved}[wrong])
+    monkeypatch.setattr(
+        recurrent, "_gate_rows", {"first_block_only": first_block_only, "interleaved": interleaved}[wrong]
+    )
     model, _ = recurrent_model("LSTM", direction="bidirectional")
     with pytest.raises(spa.ValidationError):
         spa.prune(model, ratio=0.5)
@@ -140,11 +178,14 @@ def test_batchwise_layout_checked_on_the_onnx_reference():
 def _fill(value, hidden=6, dirs=1):
     """A state filled from a shape [dirs, batch, hidden] with the batch read at run time
     (as exporters write it), so nothing folds it into a constant."""
+
     def make(g):
-        batch = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array(0))], axis=0),
-                                   g.const(np.array([0]))])
+        batch = g.op(
+            "Unsqueeze", [g.op("Gather", [g.op("Shape", ["x"]), g.const(np.array(0))], axis=0), g.const(np.array([0]))]
+        )
         shape = g.op("Concat", [g.const(np.array([dirs])), batch, g.const(np.array([hidden]))], axis=0)
         return g.op("ConstantOfShape", [shape], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [value]))
+
     return make
 
 
@@ -168,7 +209,7 @@ def test_nonzero_initial_cell_matters_only_to_a_weightless_consumer(weightless_s
 
 def _assert_soft_differs(model):
     """With --approximate the group is cut, and the soft model really does compute something else."""
-    from spa.validate import run, sample_inputs
+    from spa.verify.validate import run, sample_inputs
 
     hard = spa.prune(model, ratio=0.5, approximate=True, check=False).model
     soft = spa.prune(model, ratio=0.5, approximate=True, check=False, soft=True).model
@@ -183,8 +224,7 @@ def test_zero_fill_initial_states_shrink_and_stay_exact(like):
         h0 = next(n.output[0] for n in g.nodes if n.op_type == "ConstantOfShape")
         return g.op("ConstantOfShape", [g.op("Shape", [h0])])
 
-    model, t = recurrent_model("LSTM", h0=_fill(0.0), c0=zeros_like_h0 if like else _fill(0.0),
-                               weightless_sum=True)
+    model, t = recurrent_model("LSTM", h0=_fill(0.0), c0=zeros_like_h0 if like else _fill(0.0), weightless_sum=True)
     group = group_at(analysis_of(model), t["r"], 2)
     assert group.exact and group.prunable
     result = prune_exact(model, 0.5)
@@ -198,20 +238,23 @@ def test_a_filled_nonzero_initial_state_is_not_exact_before_a_weightless_sum():
     _assert_soft_differs(model)
 
 
-@pytest.mark.parametrize("op,attrs,exact", [
-    ("LSTM", {}, True),
-    ("LSTM", {"clip": 0.5}, True),  # clip(0) == 0: a removed unit's gates see 0 either way
-    ("LSTM", {"activations": ["Sigmoid", "Tanh", "Tanh"]}, True),
-    ("LSTM", {"activations": ["Sigmoid", "Tanh", "Sigmoid"]}, False),  # h(0) = 0.5: h_t = 0.25
-    ("LSTM", {"input_forget": 1}, True),  # i = 1 - f, but the cell input g(0) = 0
-    ("GRU", {"linear_before_reset": 0}, True),
-    ("GRU", {"linear_before_reset": 1}, True),
-    ("GRU", {"activations": ["Sigmoid", "Sigmoid"]}, False),  # (1 - z) * 0.5 enters h each step
-    ("RNN", {}, True),
-    ("RNN", {"activations": ["Relu"]}, True),
-    ("RNN", {"activations": ["Sigmoid"]}, False),
-    ("RNN", {"activations": ["HardSigmoid"], "activation_alpha": [0.2], "activation_beta": [0.0]}, False),
-])
+@pytest.mark.parametrize(
+    "op,attrs,exact",
+    [
+        ("LSTM", {}, True),
+        ("LSTM", {"clip": 0.5}, True),  # clip(0) == 0: a removed unit's gates see 0 either way
+        ("LSTM", {"activations": ["Sigmoid", "Tanh", "Tanh"]}, True),
+        ("LSTM", {"activations": ["Sigmoid", "Tanh", "Sigmoid"]}, False),  # h(0) = 0.5: h_t = 0.25
+        ("LSTM", {"input_forget": 1}, True),  # i = 1 - f, but the cell input g(0) = 0
+        ("GRU", {"linear_before_reset": 0}, True),
+        ("GRU", {"linear_before_reset": 1}, True),
+        ("GRU", {"activations": ["Sigmoid", "Sigmoid"]}, False),  # (1 - z) * 0.5 enters h each step
+        ("RNN", {}, True),
+        ("RNN", {"activations": ["Relu"]}, True),
+        ("RNN", {"activations": ["Sigmoid"]}, False),
+        ("RNN", {"activations": ["HardSigmoid"], "activation_alpha": [0.2], "activation_beta": [0.0]}, False),
+    ],
+)
 def test_activations_decide_whether_a_removed_unit_is_silent(op, attrs, exact):
     model, t = recurrent_model(op, weightless_sum=True, **attrs)
     group = group_at(analysis_of(model), t["r"], 2)
@@ -265,10 +308,14 @@ def test_quotients_of_symbolic_sizes_settle_to_numbers():
 # ------------------------------------------------------------------------------ torch exports
 
 TORCH_CASES = [
-    ("LSTM", "legacy", "conv bi layers2"), ("LSTM", "dynamo", "conv bi layers2"),
-    ("GRU", "legacy", "linear bi layers2"), ("GRU", "dynamo", "conv bi layers2"),
-    ("LSTM", "legacy", "linear batch_first zeros"), ("GRU", "dynamo", "conv batch_first zeros"),
-    ("LSTM", "dynamo", "conv bi inputs"), ("GRU", "legacy", "conv inputs"),
+    ("LSTM", "legacy", "conv bi layers2"),
+    ("LSTM", "dynamo", "conv bi layers2"),
+    ("GRU", "legacy", "linear bi layers2"),
+    ("GRU", "dynamo", "conv bi layers2"),
+    ("LSTM", "legacy", "linear batch_first zeros"),
+    ("GRU", "dynamo", "conv batch_first zeros"),
+    ("LSTM", "dynamo", "conv bi inputs"),
+    ("GRU", "legacy", "conv inputs"),
     ("RNN", "legacy", "linear bi batch_first"),
 ]
 
@@ -285,8 +332,7 @@ def export_recurrent(path, cell, exporter, options):
         def __init__(self):
             super().__init__()
             self.pre = nn.Conv1d(3, 8, 3, padding=1) if conv else nn.Linear(3, 8)
-            self.rnn = getattr(nn, cell)(8, 6, num_layers=layers, bidirectional=bidirectional,
-                                         batch_first=batch_first)
+            self.rnn = getattr(nn, cell)(8, 6, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
             self.head = nn.Linear(6 * dirs, 4)
 
         def forward(self, x, *states):  # x: [N, 3, T]
@@ -306,25 +352,25 @@ def export_recurrent(path, cell, exporter, options):
     args, names = (torch.randn(2, 3, 5),), ["x"]
     if "inputs" in options:
         states = [torch.randn(layers * dirs, 2, 6) for _ in range(2 if cell == "LSTM" else 1)]
-        args, names = args + tuple(states), names + ["h0", "c0"][:len(states)]
+        args, names = args + tuple(states), names + ["h0", "c0"][: len(states)]
     if exporter == "legacy":
         axes = {"x": {0: "batch"}, **{n: {1: "batch"} for n in names[1:]}}
-        torch.onnx.export(net, args, str(path), dynamo=False, opset_version=17, input_names=names,
-                          dynamic_axes=axes)
+        torch.onnx.export(net, args, str(path), dynamo=False, opset_version=17, input_names=names, dynamic_axes=axes)
     else:
-        torch.onnx.export(net, args, str(path), dynamo=True, input_names=names, external_data=False,
-                          verbose=False)
+        torch.onnx.export(net, args, str(path), dynamo=True, input_names=names, external_data=False, verbose=False)
     return path
 
 
 @pytest.mark.filterwarnings("ignore")  # the exporters warn about tracing recurrent layers
-@pytest.mark.parametrize("cell,exporter,options", TORCH_CASES,
-                         ids=[f"{c}-{e}-{o.replace(' ', '-')}" for c, e, o in TORCH_CASES])
+@pytest.mark.parametrize(
+    "cell,exporter,options", TORCH_CASES, ids=[f"{c}-{e}-{o.replace(' ', '-')}" for c, e, o in TORCH_CASES]
+)
 def test_torch_export_prunes_hidden_units(tmp_path, cell, exporter, options):
     path = export_recurrent(tmp_path / "model.onnx", cell, exporter, options)
     dense = onnx.load(str(path))
-    hidden_before = [node_attr(dense, cell, "hidden_size", k) for k in
-                     range(sum(n.op_type == cell for n in dense.graph.node))]
+    hidden_before = [
+        node_attr(dense, cell, "hidden_size", k) for k in range(sum(n.op_type == cell for n in dense.graph.node))
+    ]
     result = prune_exact(path, 0.3)
     validation, report = result.report.validation, result.report
     assert validation.runs and validation.io_match
@@ -339,6 +385,7 @@ def test_torch_export_prunes_hidden_units(tmp_path, cell, exporter, options):
 
 
 # ------------------------------------------------------------------------------ real models
+
 
 @pytest.mark.parametrize("name", ["silero_vad_16k_sequence", "ddddocr_common"])
 def test_real_model_from_a_cached_wheel(name):
@@ -368,7 +415,7 @@ def test_real_model_from_a_cached_wheel(name):
 def test_soft_vs_hard_error_is_relative_to_the_dense_output_too():
     # silero at ratio 0.3: the pruned speech probability is 4e-4 where the dense one is 0.56, and
     # a float32 sigmoid is good to ~6e-8 absolute: 1.5e-4 of the pruned value, 1e-7 of the dense one
-    from spa.validate import relative_error
+    from spa.verify.validate import relative_error
 
     soft, hard, dense = {"p": np.float32([4e-4])}, {"p": np.float32([4e-4 + 6e-8])}, {"p": np.float32([0.56])}
     assert relative_error(soft, hard) > 1e-4

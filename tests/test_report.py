@@ -1,4 +1,5 @@
 """spa report: a self-contained HTML page measured on the dense and the pruned model."""
+
 import re
 import shutil
 import subprocess
@@ -6,14 +7,14 @@ from pathlib import Path
 
 import onnx
 import pytest
+from builder import Graph
 from click.testing import CliRunner
 
 import spa
-from builder import Graph
 from spa.api import _prepare
-from spa.cli import main
-from spa.metrics import count
-from spa.report import build_report, render_html
+from spa.cli.commands import main
+from spa.reporting.metrics import count
+from spa.reporting.report import build_report, render_html
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
 EVIL_NAMES = ("<script>alert(1)</script>", '"><img src=x onerror=alert(2)>')
@@ -52,7 +53,8 @@ def test_params_and_flops_are_those_of_each_model(report, pruned, page):
     assert (report.params_after, report.flops_after) == (small.params, small.flops)
     assert report.params_after < report.params_before and report.flops_after < report.flops_before
     assert {layer.name: layer.flops_after for layer in report.layers} == {
-        name: small.node_flops[name] for name in (layer.name for layer in report.layers)}
+        name: small.node_flops[name] for name in (layer.name for layer in report.layers)
+    }
     text = page.read_text()
     for figure in (dense.params, small.params, dense.flops, small.flops):
         assert f"{figure:,}" in text
@@ -159,8 +161,7 @@ def test_model_derived_names_are_escaped(tmp_path):
 def test_layer_missing_from_the_pruned_model_is_shown_absent(tmp_path):
     g = Graph()
     x = g.input("x", [1, 3, 8, 8])
-    g.output(g.op("Conv", [g.op("Conv", [x, g.weight(4, 3, 1, 1)], name="kept"), g.weight(4, 4, 1, 1)],
-                  name="dropped"))
+    g.output(g.op("Conv", [g.op("Conv", [x, g.weight(4, 3, 1, 1)], name="kept"), g.weight(4, 4, 1, 1)], name="dropped"))
     model = g.build()
     dense, other = tmp_path / "dense.onnx", tmp_path / "other.onnx"
     onnx.save(model, str(dense))
@@ -169,14 +170,21 @@ def test_layer_missing_from_the_pruned_model_is_shown_absent(tmp_path):
     onnx.save(model, str(other))
     report = build_report(dense, other, bench=False)
     assert [(layer.name, layer.in_pruned, layer.out_after) for layer in report.layers] == [
-        ("kept", True, 4), ("dropped", False, None)]
+        ("kept", True, 4),
+        ("dropped", False, None),
+    ]
     assert report.layers[1].flops_after is None and "4 → absent" in render_html(report)
 
 
 def test_external_data_models_are_read(report, pruned, tmp_path):
     external = tmp_path / "external.onnx"
-    onnx.save(onnx.load(str(pruned)), str(external), save_as_external_data=True, location="external.onnx.data",
-              size_threshold=0)
+    onnx.save(
+        onnx.load(str(pruned)),
+        str(external),
+        save_as_external_data=True,
+        location="external.onnx.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "external.onnx.data").stat().st_size > 0
     from_files = build_report(EXAMPLE, external, bench=False)
     assert (from_files.params_after, from_files.flops_after) == (report.params_after, report.flops_after)
@@ -191,9 +199,18 @@ def _chromium() -> str | None:
 def test_page_renders_in_headless_chromium(page, report, tmp_path):
     from PIL import Image
 
-    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}"]
+    base = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = page.resolve().as_uri()
     dom = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
     layers = len(report.layers)
@@ -201,8 +218,9 @@ def test_page_renders_in_headless_chromium(page, report, tmp_path):
     assert dom.count('class="bar dense"') == layers and dom.count('class="bar pruned"') == layers
     assert dom.count("<tr>") == 1 + layers + 1 + len(report.groups)  # each table: a header row, then rows
     shot = tmp_path / "shot.png"
-    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1200,900", url], capture_output=True,
-                   timeout=120, check=True)
+    subprocess.run(
+        base + [f"--screenshot={shot}", "--window-size=1200,900", url], capture_output=True, timeout=120, check=True
+    )
     image = Image.open(shot).convert("RGB")
     assert image.size == (1200, 900)
     colours = image.getcolors(maxcolors=1 << 20)

@@ -5,17 +5,18 @@ group, how many units it has, what is frozen and why) and, where the group is
 prunable, that pruning it gives a valid model whose outputs equal the soft
 (zeroed) model's: the check that catches wrong offsets, strides and permutations.
 """
+
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 import pytest
+from builder import Graph, analysis_of, group_at, initializer, node_attr, prune_exact
+from onnx import TensorProto
 
 import spa
-from builder import Graph, analysis_of, group_at, initializer, node_attr, prune_exact
 from spa.api import _prepare
-from spa.rules import RULES, Dim
+from spa.ops.registry import RULES, Dim
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
@@ -309,8 +310,9 @@ def test_channel_becomes_block_of_features_into_gemm(how):
     elif how == "reshape":
         f = g.op("Reshape", [c, g.const(np.array([-1, 36]))])
     else:  # the legacy exporter's x.view(x.size(0), 36)
-        n = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [c]), g.const(np.array(0))], axis=0),
-                               g.const(np.array([0]))])
+        n = g.op(
+            "Unsqueeze", [g.op("Gather", [g.op("Shape", [c]), g.const(np.array(0))], axis=0), g.const(np.array([0]))]
+        )
         f = g.op("Reshape", [c, g.op("Concat", [n, g.const(np.array([36]))], axis=0)])
     g.output(g.op("Gemm", [f, g.weight(5, 36), g.weight(5)], transB=1))
     model = g.build()
@@ -479,8 +481,11 @@ def test_norm_written_out_is_one_approximate_norm(kind, divide, opset):
     group = group_at(analysis, h, 2)
     assert group_at(analysis, n, 2) is group
     assert {Dim(w1, 1), Dim(w2, 0)} <= set(group.dims) and not group.exact
-    name = "LayerNorm written out (ReduceMean 'mean')" if kind == "layer" else \
-        "RMSNorm written out (ReduceMean 'mean_square')"
+    name = (
+        "LayerNorm written out (ReduceMean 'mean')"
+        if kind == "layer"
+        else "RMSNorm written out (ReduceMean 'mean_square')"
+    )
     assert name in group.inexact_reason and "approximate" in group.frozen  # one norm, named once
     assert group.inexact_reason.count("written out") == 1
     group = group_at(analysis_of(model, approximate=True), h, 2)
@@ -600,8 +605,12 @@ def _multihead_attention(bias=True, head_bias=0, cache=False, dv=4):
 
 @pytest.mark.parametrize("kind", ["bias", "no_bias", "narrow_v", "bias_shared_by_heads", "cache"])
 def test_onnxruntime_multihead_attention_removes_whole_heads(kind):
-    model, wq, _ = _multihead_attention(bias=kind != "no_bias", dv=2 if kind == "narrow_v" else 4,
-                                        head_bias=1 if kind == "bias_shared_by_heads" else 0, cache=kind == "cache")
+    model, wq, _ = _multihead_attention(
+        bias=kind != "no_bias",
+        dv=2 if kind == "narrow_v" else 4,
+        head_bias=1 if kind == "bias_shared_by_heads" else 0,
+        cache=kind == "cache",
+    )
     group = group_at(analysis_of(model), wq, 1)
     assert group.size == 3 and group.prunable and group.exact and group.attention.heads == 3
     result = prune_exact(model, 0.34)
@@ -637,8 +646,9 @@ def _group_query_attention(kv=2, cache=None):
     else:
         inputs = [q, k, v, "", ""]
     inputs += [g.const(np.array([past + 4], np.int32)), g.const(np.array(past + 5, np.int32))]
-    outs = g.op("GroupQueryAttention", inputs, n_out=3 if cache else 1, domain="com.microsoft",
-                num_heads=4, kv_num_heads=kv)
+    outs = g.op(
+        "GroupQueryAttention", inputs, n_out=3 if cache else 1, domain="com.microsoft", num_heads=4, kv_num_heads=kv
+    )
     a = outs[0] if cache else outs
     g.output(g.op("MatMul", [a, g.weight(32, 6)]))
     if cache == "io":
@@ -647,12 +657,15 @@ def _group_query_attention(kv=2, cache=None):
     return g.build(), wq, wk
 
 
-@pytest.mark.parametrize("kv, cache, mode, units, heads, kv_heads", [
-    (2, None, "heads", 2, 2, 1),  # a KV head with its two query heads
-    (2, "const", "heads", 2, 2, 1),  # the past's KV head axis goes with them
-    (2, None, "query_heads", 2, 2, 2),  # the same query head in both groups, K and V kept
-    (1, None, "heads", 4, 2, 1),  # one KV head: a query head is the unit
-])
+@pytest.mark.parametrize(
+    "kv, cache, mode, units, heads, kv_heads",
+    [
+        (2, None, "heads", 2, 2, 1),  # a KV head with its two query heads
+        (2, "const", "heads", 2, 2, 1),  # the past's KV head axis goes with them
+        (2, None, "query_heads", 2, 2, 2),  # the same query head in both groups, K and V kept
+        (1, None, "heads", 4, 2, 1),  # one KV head: a query head is the unit
+    ],
+)
 def test_onnxruntime_group_query_attention_removes_kv_groups(kv, cache, mode, units, heads, kv_heads):
     model, wq, wk = _group_query_attention(kv, cache)
     group = group_at(analysis_of(model, attention=mode), wq, 1)
@@ -704,14 +717,17 @@ def _sdpa_split_heads(kv=2, cache=False, rotary=False):
     return _opset23(g), wq, wk
 
 
-@pytest.mark.parametrize("kv, cache, mode, units, q_width, kv_width", [
-    (4, False, "heads", 4, 8, 8),  # whole heads
-    (4, True, "heads", 4, 8, 8),  # the past's head axis goes with them
-    (2, False, "heads", 2, 8, 4),  # a KV head with its two query heads
-    (2, False, "query_heads", 2, 8, 8),  # the same query head in both groups, K and V kept
-    (1, False, "heads", 4, 8, 4),  # one KV head: a query head is the unit
-    (2, False, "head_dim", 4, 8, 4),  # Q and K column d of every head
-])
+@pytest.mark.parametrize(
+    "kv, cache, mode, units, q_width, kv_width",
+    [
+        (4, False, "heads", 4, 8, 8),  # whole heads
+        (4, True, "heads", 4, 8, 8),  # the past's head axis goes with them
+        (2, False, "heads", 2, 8, 4),  # a KV head with its two query heads
+        (2, False, "query_heads", 2, 8, 8),  # the same query head in both groups, K and V kept
+        (1, False, "heads", 4, 8, 4),  # one KV head: a query head is the unit
+        (2, False, "head_dim", 4, 8, 4),  # Q and K column d of every head
+    ],
+)
 def test_onnx_attention_split_heads(kv, cache, mode, units, q_width, kv_width):
     model, wq, wk = _sdpa_split_heads(kv, cache)
     group = group_at(analysis_of(model, attention=mode), wq, 1)
@@ -742,8 +758,10 @@ def _sdpa_packed_heads(kv=2, mask_heads=0, rotary=False):
     return _opset23(g), wq, wk
 
 
-@pytest.mark.parametrize("kv, mode, heads, kv_heads", [
-    (4, "heads", 2, 2), (2, "heads", 2, 1), (2, "query_heads", 2, 2), (4, "head_dim", 4, 4)])
+@pytest.mark.parametrize(
+    "kv, mode, heads, kv_heads",
+    [(4, "heads", 2, 2), (2, "heads", 2, 1), (2, "query_heads", 2, 2), (4, "head_dim", 4, 4)],
+)
 def test_onnx_attention_packed_heads_rewrites_the_head_counts(kv, mode, heads, kv_heads):
     model, wq, _ = _sdpa_packed_heads(kv)
     result = prune_exact(model, 0.5, attention=mode)
@@ -754,7 +772,9 @@ def test_onnx_attention_packed_heads_rewrites_the_head_counts(kv, mode, heads, k
         assert node_attr(result.model, "Attention", "scale") == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("kv, mode, heads, kv_heads", [(4, "heads", 2, 2), (2, "heads", 2, 1), (2, "query_heads", 2, 2)])
+@pytest.mark.parametrize(
+    "kv, mode, heads, kv_heads", [(4, "heads", 2, 2), (2, "heads", 2, 1), (2, "query_heads", 2, 2)]
+)
 def test_rotary_embedding_on_packed_heads_passes_whole_heads(kv, mode, heads, kv_heads):
     model, wq, wk = _sdpa_packed_heads(kv, rotary=True)
     result = prune_exact(model, 0.5, attention=mode)
@@ -780,8 +800,7 @@ def _microsoft_rotary_attention(num_heads_attr: bool, width: int = 12):
     wq, wk = g.weight(8, width), g.weight(8, width)
     heads = {"num_heads": width // 4} if num_heads_attr else {}
     q, k = (_microsoft_rotary(g, g.op("MatMul", [x, w]), **heads) for w in (wq, wk))
-    a = g.op("MultiHeadAttention", [q, k, g.op("MatMul", [x, g.weight(8, 12)])], domain="com.microsoft",
-             num_heads=3)
+    a = g.op("MultiHeadAttention", [q, k, g.op("MatMul", [x, g.weight(8, 12)])], domain="com.microsoft", num_heads=3)
     g.output(g.op("MatMul", [a, g.weight(12, 6)]))
     return g.build(), wq
 
@@ -837,8 +856,12 @@ def test_onnxruntime_ffn_and_skip_layer_norm(act):
     x = g.input("x", [1, 5, 8])
     h = g.op(act, [g.op("MatMul", [x, g.weight(8, 16)]), g.weight(16)], domain="com.microsoft")
     y = g.op("MatMul", [h, g.weight(16, 8)])
-    n = g.op("SkipLayerNormalization", [y, x, g.weight(8, low=0.5), g.weight(8), g.weight(8)],
-             domain="com.microsoft", epsilon=1e-5)
+    n = g.op(
+        "SkipLayerNormalization",
+        [y, x, g.weight(8, low=0.5), g.weight(8), g.weight(8)],
+        domain="com.microsoft",
+        epsilon=1e-5,
+    )
     g.output(g.op("MatMul", [g.op("Relu", [n]), g.weight(8, 3)]))
     model = g.build()
     analysis = analysis_of(model)
@@ -854,8 +877,13 @@ def test_onnxruntime_embed_layer_norm_is_the_hidden_channel():
     g = Graph()
     ids = g.input("ids", [1, 5], TensorProto.INT32)
     word = g.weight(20, 8)
-    out, _ = g.op("EmbedLayerNormalization", [ids, "", word, g.weight(16, 8), "", g.weight(8, low=0.5), g.weight(8)],
-                  n_out=2, domain="com.microsoft", epsilon=1e-5)
+    out, _ = g.op(
+        "EmbedLayerNormalization",
+        [ids, "", word, g.weight(16, 8), "", g.weight(8, low=0.5), g.weight(8)],
+        n_out=2,
+        domain="com.microsoft",
+        epsilon=1e-5,
+    )
     g.output(g.op("MatMul", [out, g.weight(8, 3)]))
     analysis = analysis_of(g.build(), approximate=True)
     group = group_at(analysis, word, 1)
@@ -871,17 +899,96 @@ def test_every_rule_is_exercised_here():
     source += (Path(__file__).parent / "test_recurrent.py").read_text()  # LSTM, GRU, RNN, ConstantOfShape
     source += (Path(__file__).parent / "test_quantized.py").read_text()  # QuantizeLinear, DequantizeLinear
     untested = sorted(op for _, op in RULES if f'"{op}"' not in source)
-    allowed = {"LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
-               "Softsign", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos",
-               "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Sign", "Floor",
-               "Ceil", "Round", "Not", "IsNaN", "IsInf", "Clip", "Cast", "CastLike", "Identity", "Dropout",
-               "ThresholdedRelu", "Shrink", "QuickGelu", "Sub", "Div", "Pow", "Max", "Min", "Sum", "Mean",
-               "Where", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Mod",
-               "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "LogSoftmax", "Hardmax", "LpPool",
-               "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool", "Upsample", "ReduceMax", "ReduceMin",
-               "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp",
-               "ArgMax", "ArgMin", "Size", "LayerNormalization", "SimplifiedLayerNormalization",
-               "RMSNormalization", "SkipSimplifiedLayerNormalization", "BiasAdd"}
+    allowed = {
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Erf",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+        "Abs",
+        "Sin",
+        "Cos",
+        "Tan",
+        "Asin",
+        "Acos",
+        "Atan",
+        "Sinh",
+        "Cosh",
+        "Asinh",
+        "Acosh",
+        "Atanh",
+        "Sign",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Not",
+        "IsNaN",
+        "IsInf",
+        "Clip",
+        "Cast",
+        "CastLike",
+        "Identity",
+        "Dropout",
+        "ThresholdedRelu",
+        "Shrink",
+        "QuickGelu",
+        "Sub",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "Where",
+        "Equal",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Mod",
+        "BitShift",
+        "BitwiseAnd",
+        "BitwiseOr",
+        "BitwiseXor",
+        "LogSoftmax",
+        "Hardmax",
+        "LpPool",
+        "GlobalMaxPool",
+        "GlobalLpPool",
+        "MaxRoiPool",
+        "Upsample",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceSumSquare",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ArgMax",
+        "ArgMin",
+        "Size",
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "RMSNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "BiasAdd",
+    }
     # the families above share their rule (and its test) with a tested sibling
     assert set(untested) <= allowed, f"ops with a rule but no test: {sorted(set(untested) - allowed)}"
 
@@ -891,8 +998,11 @@ def test_exporter_shape_arithmetic_is_folded_so_axes_stay_known():
     # onnx's inference stops there, the axis turns unknown and every group behind it froze
     g = Graph(opset=17)
     x = g.input("x", [1, 4, 8])
-    ones = g.op("ConstantOfShape", [g.const(np.array([3], np.int64))],
-                value=onnx.helper.make_tensor("v", TensorProto.INT64, [1], [1]))
+    ones = g.op(
+        "ConstantOfShape",
+        [g.const(np.array([3], np.int64))],
+        value=onnx.helper.make_tensor("v", TensorProto.INT64, [1], [1]),
+    )
     minus = g.op("Mul", [ones, g.const(np.array(-1, np.int64))])
     target = g.const(np.array([1, 4, 8], np.int64))
     shape = g.op("Where", [g.op("Equal", [target, minus]), ones, target])

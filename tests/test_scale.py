@@ -5,13 +5,14 @@ with a link to every other member made N squared links: thousands of branches to
 and gigabytes. These tests count links (work, not time) and check the groups are still the
 right ones. Timings are printed by tools/bench_scale.py.
 """
+
 import numpy as np
 import pytest
-
 from builder import Graph, analysis_of, group_at
+
+from spa.analysis.groups import _Walk
 from spa.api import _prepare
-from spa.groups import _Walk
-from spa.rules import Dim, RuleContext
+from spa.ops.registry import Dim, RuleContext
 
 WIDTH = 6
 
@@ -39,8 +40,7 @@ def _fan_out(n: int):
     """x -> MatMul -> Split into n -> n MatMul branches -> Sum."""
     g = Graph(opset=18)  # Split's num_outputs
     x = g.input("x", [1, 8])
-    parts = g.op("Split", [g.op("MatMul", [x, g.weight(8, WIDTH * n)])], n_out=n, axis=1,
-                 num_outputs=n, name="split")
+    parts = g.op("Split", [g.op("MatMul", [x, g.weight(8, WIDTH * n)])], n_out=n, axis=1, num_outputs=n, name="split")
     g.output(g.op("Sum", [g.op("MatMul", [p, g.weight(WIDTH, 3)]) for p in parts]))
     return g.build()
 
@@ -73,7 +73,7 @@ def test_concatenated_branches_keep_their_own_blocks():
     analysis = analysis_of(model)
     concat = analysis.labels[Dim(total, 1)]
     for k, branch in enumerate(branches):
-        np.testing.assert_array_equal(analysis.labels[Dim(branch, 1)], concat[k * WIDTH:(k + 1) * WIDTH])
+        np.testing.assert_array_equal(analysis.labels[Dim(branch, 1)], concat[k * WIDTH : (k + 1) * WIDTH])
     weights = [node.input[1] for node in model.graph.node if node.op_type == "MatMul"][:n]
     groups = [group_at(analysis, branch) for branch in branches]
     assert len({g.id for g in groups}) == n
@@ -96,8 +96,11 @@ def test_split_parts_are_one_group_each():
         assert {Dim(part, 1), Dim(weight, 0), Dim(whole, 1), Dim(matmuls[0].input[1], 1)} <= set(group.dims)
 
 
-@pytest.mark.parametrize("build", [lambda n: _fan_in(n, "Sum")[0], lambda n: _fan_in(n, "Concat")[0],
-                                   _fan_out], ids=["Sum", "Concat", "Split"])
+@pytest.mark.parametrize(
+    "build",
+    [lambda n: _fan_in(n, "Sum")[0], lambda n: _fan_in(n, "Concat")[0], _fan_out],
+    ids=["Sum", "Concat", "Split"],
+)
 def test_links_grow_linearly_with_the_branches(build):
     # each member asked in turn used to link itself to every other: 100 branches, 10,000 links
     small, large = _links(build(50)), _links(build(100))

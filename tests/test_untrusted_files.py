@@ -4,6 +4,7 @@ spa never writes where the input model reads (its .onnx, every external data fil
 graph and of subgraphs), never replaces anything but a regular file, leaves nothing behind when
 stopped by SIGINT, SIGTERM or SIGHUP, and turns a file truncated under it into exit 3.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,9 +26,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa.cli import main
-from spa.load import load_model
-from spa.tensors import to_array
+from spa.cli.commands import main
+from spa.core.tensors import to_array
+from spa.formats.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,9 @@ def conv_model(channels: int = 8, layers: int = 2) -> onnx.ModelProto:
 
 
 def save_external(model: onnx.ModelProto, path: Path, location: str) -> None:
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
-              size_threshold=0)
+    onnx.save(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
+    )
 
 
 def set_locations(path: Path, location: str, where=lambda tensor: True) -> None:
@@ -93,11 +95,16 @@ def if_model() -> onnx.ModelProto:
     r = g.op("Relu", [g.conv(x, 3, 4)])
     branches = {}
     for name, op in (("then", "Mul"), ("else", "Add")):
-        weight = numpy_helper.from_array(np.linspace(0.5, 1.5, 4 * 64, dtype=np.float32).reshape(1, 4, 8, 8),
-                                         f"{name}_w")
+        weight = numpy_helper.from_array(
+            np.linspace(0.5, 1.5, 4 * 64, dtype=np.float32).reshape(1, 4, 8, 8), f"{name}_w"
+        )
         branches[f"{name}_branch"] = helper.make_graph(
-            [helper.make_node(op, [r, f"{name}_w"], [f"{name}_y"])], name, [],
-            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)], [weight])
+            [helper.make_node(op, [r, f"{name}_w"], [f"{name}_y"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)],
+            [weight],
+        )
     y = g.op("If", [cond], name="if", **branches)
     g.output(g.op("Add", [y, free]))
     return g.build()
@@ -177,8 +184,15 @@ def test_json_follows_the_output_rules(tmp_path):
 def test_json_to_standard_output(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(conv_model(), str(path))
-    result = subprocess.run([sys.executable, "-m", "spa", "prune", str(path), "--json", "-", "--no-bench"],
-                            cwd=tmp_path, capture_output=True, text=True, env=_env(tmp_path), timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "spa", "prune", str(path), "--json", "-", "--no-bench"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["groups_pruned"] > 0  # only the JSON: the summary went to stderr
     assert "wrote" in result.stderr and not (tmp_path / "-").exists()
@@ -214,11 +228,13 @@ def test_special_files_are_never_replaced(tmp_path):
     special = _special_files(tmp_path)
     kinds = _kinds(special)
     for name, target in special.items():
-        for args in (["prune", model, "-o", target, "--force", "--no-bench"],
-                     ["prune", model, "--json", target, "--force", "--no-bench"],
-                     ["analyze", model, "--json", target],
-                     ["bench", model, "--runs", "1", "--warmup", "0", "--json", target],
-                     ["report", dense_copy, model, "--no-bench", "-o", target, "--force"]):
+        for args in (
+            ["prune", model, "-o", target, "--force", "--no-bench"],
+            ["prune", model, "--json", target, "--force", "--no-bench"],
+            ["analyze", model, "--json", target],
+            ["bench", model, "--runs", "1", "--warmup", "0", "--json", target],
+            ["report", dense_copy, model, "--no-bench", "-o", target, "--force"],
+        ):
             result = run(*args)
             one_line_error(result, 2)
             assert "regular file" in result.output or "directory" in result.output, (name, result.output)
@@ -242,8 +258,13 @@ def test_subgraph_external_data_follows_the_folder_rule(tmp_path, location, no_v
     set_locations(path, str(secret) if location == "ABSOLUTE" else location, in_branches)
     result = run("prune", path, "--no-bench", *(["--no-validate"] if no_validate else []))
     one_line_error(result, 3)
-    assert ("outside the model's folder" in result.output if location in ("../secret.bin", "ABSOLUTE")
-            else "not found" in result.output if location == "missing.bin" else "not a regular file" in result.output)
+    assert (
+        "outside the model's folder" in result.output
+        if location in ("../secret.bin", "ABSOLUTE")
+        else "not found" in result.output
+        if location == "missing.bin"
+        else "not a regular file" in result.output
+    )
     assert not [p.name for p in folder.iterdir() if "pruned" in p.name or p.name.startswith(".")]
 
 
@@ -267,8 +288,9 @@ def test_a_model_with_subgraph_external_data_is_written_self_contained(tmp_path,
     (tmp_path / "branches.bin").write_bytes((tmp_path / "m.data").read_bytes())
     out = tmp_path / "out" / "p.onnx"
     out.parent.mkdir()
-    result = run("prune", path, "-o", out, "--no-bench", "--criterion", "l2",
-                 *(["--no-validate"] if no_validate else []))
+    result = run(
+        "prune", path, "-o", out, "--no-bench", "--criterion", "l2", *(["--no-validate"] if no_validate else [])
+    )
     assert result.exit_code == 0, result.output
     written = onnx.load(str(out), load_external_data=False)
     assert external_locations(written) <= {"p.onnx.data"}  # no absolute path, nothing of the input's
@@ -286,7 +308,7 @@ def test_writing_a_model_that_points_elsewhere_is_refused(tmp_path):
     entry = weight.external_data.add()
     entry.key, entry.value = "location", "/etc/passwd"
     with pytest.raises(spa.OutputError, match="points at other files"):
-        spa.io.save_model(model, tmp_path / "o.onnx")
+        spa.formats.files.save_model(model, tmp_path / "o.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -313,8 +335,8 @@ def test_data_truncated_or_replaced_after_loading_is_a_load_error(tmp_path):
 # concurrent writer does at the worst moment, made deterministic.
 TRUNCATING_DRIVER = """
 import sys
-import spa.tensors, spa.cut, spa.graph
-original = spa.tensors.to_array
+import spa.core.tensors, spa.transforms.cut, spa.core.graph
+original = spa.core.tensors.to_array
 done = []
 def to_array(tensor):
     value = original(tensor)
@@ -324,9 +346,9 @@ def to_array(tensor):
         with open(location, "r+b") as handle:
             handle.truncate(4096)
     return value
-for module in (spa.tensors, spa.cut, spa.graph):
+for module in (spa.core.tensors, spa.transforms.cut, spa.core.graph):
     module.to_array = to_array
-from spa.cli import main
+from spa.cli.commands import main
 sys.exit(main())
 """
 
@@ -334,8 +356,15 @@ sys.exit(main())
 def test_input_truncated_mid_run_exits_3_not_by_signal(tmp_path):
     path = tmp_path / "m.onnx"
     save_external(conv_model(channels=64), path, "m.data")
-    result = subprocess.run([sys.executable, "-c", TRUNCATING_DRIVER, "prune", str(path), "--no-bench"],
-                            cwd=ROOT, capture_output=True, text=True, env=_env(tmp_path), timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", TRUNCATING_DRIVER, "prune", str(path), "--no-bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 3, (result.returncode, result.stderr)
     assert result.stderr.startswith("spa: error:") and result.stderr.count("\n") == 1, result.stderr
     assert "changed while spa was reading it" in result.stderr
@@ -401,10 +430,15 @@ def test_signals_leave_nothing_behind(tmp_path, signum, moment):
     out.mkdir()
     env = _env(tmp_path)
     scratch = Path(env["TMPDIR"])
-    process = subprocess.Popen([sys.executable, "-m", "spa", "prune", str(path), "-o", str(out / "p.onnx"),
-                                "--no-bench", "--criterion", "l2"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_default_signal_handling)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spa", "prune", str(path), "-o", str(out / "p.onnx"), "--no-bench", "--criterion", "l2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_signal_handling,
+    )
     try:
         if moment == "scratch":  # the cut copied the weights into $TMPDIR/spa-*; validation is running
             seen = _wait_for(lambda: any(p.name.startswith("spa-") for p in scratch.iterdir()), process)
@@ -424,21 +458,26 @@ def test_signals_leave_nothing_behind(tmp_path, signum, moment):
     assert [p.name for p in scratch.iterdir() if p.name not in ONNXRUNTIME_OWN] == []
 
 
-@pytest.mark.parametrize("entry, value, message", [
-    ("location", "w\0.bin", "contains a NUL byte"),
-    ("location", "w" * 5000, "too long to be a file name"),
-    ("location", "", "names none"),
-    ("offset", "1.5", "not a whole number"),
-    ("length", "many", "not a whole number"),
-    ("offset", "-4096", "'-4096' is not a whole number of bytes"),
-], ids=["NUL byte", "5000 characters", "empty location", "fractional offset", "word length", "negative offset"])
+@pytest.mark.parametrize(
+    "entry, value, message",
+    [
+        ("location", "w\0.bin", "contains a NUL byte"),
+        ("location", "w" * 5000, "too long to be a file name"),
+        ("location", "", "names none"),
+        ("offset", "1.5", "not a whole number"),
+        ("length", "many", "not a whole number"),
+        ("offset", "-4096", "'-4096' is not a whole number of bytes"),
+    ],
+    ids=["NUL byte", "5000 characters", "empty location", "fractional offset", "word length", "negative offset"],
+)
 @pytest.mark.parametrize("where", ["main graph", "subgraph"])
 def test_malformed_external_data_entries_are_load_errors(tmp_path, entry, value, message, where):
     path = tmp_path / "m.onnx"
     save_external(if_model(), path, "m.data")
     model = onnx.load(str(path), load_external_data=False)
-    tensor = next(t for t in _every_tensor(model.graph)
-                  if t.external_data and (t.name == "then_w") == (where == "subgraph"))
+    tensor = next(
+        t for t in _every_tensor(model.graph) if t.external_data and (t.name == "then_w") == (where == "subgraph")
+    )
     for item in tensor.external_data:
         if item.key == entry:
             item.value = value

@@ -1,5 +1,6 @@
 """Untrusted numbers and runaway runs: non-finite calibration data, weights and outputs; models
 that never stop; calibration files that are FIFOs or archives that decompress past the budget."""
+
 import hashlib
 import math
 import os
@@ -12,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builder import Graph
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
 import spa.api
-import spa.calibration
-import spa.statistics
-from builder import Graph
+import spa.formats.calibration
+import spa.scoring.statistics
 from spa import runlimit
-from spa.cli import main
-from spa.errors import UsageError
-from spa.export import ExportCheck, _compare
-from spa.fidelity import measure, nonfinite_problems
-from spa.statistics import load_calibration
-from spa.validate import relative_error, validate
+from spa.cli.commands import main
+from spa.core.errors import UsageError
+from spa.formats.export import ExportCheck, _compare
+from spa.scoring.statistics import load_calibration
+from spa.verify.fidelity import measure, nonfinite_problems
+from spa.verify.validate import relative_error, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,7 @@ def mlp(extra_output: str | None = None) -> onnx.ModelProto:
 
 # --- calibration data ------------------------------------------------------------------------
 
+
 def test_nan_in_calibration_data_is_refused_naming_array_and_sample(tmp_path):
     path, digest = save(mlp(), tmp_path)
     x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
@@ -84,8 +86,9 @@ needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here
 
 def _spa(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     # a subprocess: a regression would block forever, and the timeout turns that into a failure
-    return subprocess.run([sys.executable, "-m", "spa", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "spa", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 @needs_fifo
@@ -126,7 +129,7 @@ def _declare_size(archive: Path, size: int) -> None:
     for signature, offset in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):
         start = data.find(signature)
         while start >= 0:
-            data[start + offset:start + offset + 4] = size.to_bytes(4, "little")
+            data[start + offset : start + offset + 4] = size.to_bytes(4, "little")
             start = data.find(signature, start + 4)
     archive.write_bytes(bytes(data))
 
@@ -145,7 +148,7 @@ def test_an_archive_over_the_budget_is_refused_and_one_within_it_read(tmp_path, 
     archive = tmp_path / "calib.npz"
     np.savez_compressed(archive, x=np.zeros((4096, 6), np.float32))  # 96 KiB of zeros, compressed to little
     assert load_calibration(archive, mlp(), 8)["x"].shape == (8, 6)
-    monkeypatch.setattr(spa.calibration, "ARCHIVE_BUDGET", 64 << 10)
+    monkeypatch.setattr(spa.formats.calibration, "ARCHIVE_BUDGET", 64 << 10)
     with pytest.raises(UsageError, match=r"decompresses to 96\.\d KiB, over the 64\.0 KiB"):
         load_calibration(archive, mlp(), 8)
 
@@ -212,6 +215,7 @@ def test_object_arrays_are_refused(tmp_path):
 
 # --- weights and outputs ---------------------------------------------------------------------
 
+
 def _poisoning_refit(monkeypatch):
     """The layer-wise refit, with NaN written into every weight it refits: a refit gone wrong."""
     real = spa.api.layerwise_refit
@@ -242,7 +246,7 @@ def test_nan_weights_fail_validation(tmp_path, monkeypatch):
 def test_nan_calibration_data_that_slipped_past_the_loader_fails_validation(tmp_path, monkeypatch):
     """The reported case behind the loader's check: one NaN sample made every refitted weight NaN,
     and soft==hard read 'equal (rel. err 0.0e+00)'. Validation alone must catch it too."""
-    monkeypatch.setattr(spa.statistics, "first_nonfinite", lambda array: None)
+    monkeypatch.setattr(spa.scoring.statistics, "first_nonfinite", lambda array: None)
     path, digest = save(mlp(), tmp_path)
     x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     x[17, 3] = np.nan
@@ -283,6 +287,7 @@ def test_the_input_models_own_nan_outputs_are_reported_not_hidden(tmp_path):
     valid = next(line for line in result.output.splitlines() if line.startswith("valid:"))
     assert "soft==hard equal" in valid and "holds NaN or inf on the sample inputs" in valid
     import json
+
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["validation"]["dense_nonfinite"] == [mlp(extra_output="log").graph.output[1].name]
 
@@ -315,24 +320,32 @@ def test_fidelity_flags_outputs_that_turn_nan_on_calibration_data():
 
 # --- time limits -----------------------------------------------------------------------------
 
+
 def looping(prunable: bool = False, trips: int = 2**62) -> onnx.ModelProto:
     """x [1, 6] -> Loop (``trips`` times: add 1) -> y; with ``prunable``, a Gemm -> Relu -> Gemm after
     it, whose statistics need the loop's result. A 2^62-trip model is well under 1 kB."""
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 6])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 6])],
-        [numpy_helper.from_array(np.ones((1, 6), np.float32), "one")])
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 6]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 6]),
+        ],
+        [numpy_helper.from_array(np.ones((1, 6), np.float32), "one")],
+    )
     g = Graph()
     x = g.input("x", [1, 6])
     looped = g.op("Loop", [g.const(np.array(trips, np.int64)), g.const(np.array(True)), x], body=body)
     if prunable:
-        looped = g.op("Gemm", [g.op("Relu", [g.op("Gemm", [looped, g.weight(6, 16), g.weight(16)])]),
-                               g.weight(16, 4), g.weight(4)])
+        looped = g.op(
+            "Gemm",
+            [g.op("Relu", [g.op("Gemm", [looped, g.weight(6, 16), g.weight(16)])]), g.weight(16, 4), g.weight(4)],
+        )
     g.output(looped)
     return g.build()
 
@@ -390,7 +403,7 @@ def test_a_bad_run_timeout_is_a_usage_error(tmp_path, value):
 
 @pytest.mark.parametrize("conversion", ["fp16", "ort"])
 def test_export_checks_are_limited_too(tmp_path, conversion):
-    from spa.export import export
+    from spa.formats.export import export
 
     target = tmp_path / ("m.ort" if conversion == "ort" else "m.onnx")
     stage = "ORT check" if conversion == "ort" else "float16 check"

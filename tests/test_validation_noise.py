@@ -1,24 +1,33 @@
 """soft == hard on outputs of a squashing op: onnxruntime's float32 sigmoid is good to ~1e-7
 absolute, so on tiny probabilities (PP-OCRv4 det on random input) one ulp of difference in its
 input fails a relative check of 1e-4. Validation then compares the op's input instead."""
+
 from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto, helper
 
-from spa.validate import SOFT_TOLERANCE, relative_error, run, sample_inputs, validate
+from spa.verify.validate import SOFT_TOLERANCE, relative_error, run, sample_inputs, validate
 
 
 def _model(gain: float):
     """y = sigmoid((0.1 x - 9) * gain): probabilities near 1e-4 for standard normal x."""
-    nodes = [helper.make_node("Mul", ["x", "tenth"], ["scaled"]),
-             helper.make_node("Add", ["scaled", "shift"], ["shifted"]),
-             helper.make_node("Mul", ["shifted", "gain"], ["logits"]),
-             helper.make_node("Sigmoid", ["logits"], ["y"])]
-    inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in
-             (("tenth", 0.1), ("shift", -9.0), ("gain", gain))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20000])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [20000])], inits)
+    nodes = [
+        helper.make_node("Mul", ["x", "tenth"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "shift"], ["shifted"]),
+        helper.make_node("Mul", ["shifted", "gain"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["y"]),
+    ]
+    inits = [
+        helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in (("tenth", 0.1), ("shift", -9.0), ("gain", gain))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [20000])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model

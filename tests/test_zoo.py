@@ -3,11 +3,12 @@
 ``spa.prune`` with ``check=True`` raises if the checker, onnxruntime, the I/O
 comparison or soft == hard fails; the assertions below restate what matters.
 """
+
 import onnx
 import pytest
+import zoo
 
 import spa
-import zoo
 
 CASES = [(name, exporter) for name in zoo.ALL for exporter in zoo.EXPORTERS]
 
@@ -26,15 +27,24 @@ def test_prune_zoo_model(zoo_model, name, exporter):
     assert validation.soft_equal is True
     assert validation.soft_max_rel_error < 1e-4
     assert report.params_after <= 0.70 * report.params_before, (
-        f"params only fell from {report.params_before} to {report.params_after}")
+        f"params only fell from {report.params_before} to {report.params_after}"
+    )
     assert report.flops_after < report.flops_before
     dense = onnx.load(str(path))
     assert [o.name for o in result.model.graph.output] == [o.name for o in dense.graph.output]
 
 
-OBSPA_CASES = [("resnet18", "legacy"), ("mobilenet_v3_small", "dynamo"), ("efficientnet_b0", "legacy"),
-               ("densenet121", "dynamo"), ("shufflenet_v2_x1_0", "legacy"), ("flatten_gemm", "dynamo"),
-               ("grouped_conv", "legacy"), ("c2f", "dynamo"), ("alexnet", "legacy")]
+OBSPA_CASES = [
+    ("resnet18", "legacy"),
+    ("mobilenet_v3_small", "dynamo"),
+    ("efficientnet_b0", "legacy"),
+    ("densenet121", "dynamo"),
+    ("shufflenet_v2_x1_0", "legacy"),
+    ("flatten_gemm", "dynamo"),
+    ("grouped_conv", "legacy"),
+    ("c2f", "dynamo"),
+    ("alexnet", "legacy"),
+]
 
 
 @pytest.mark.zoo
@@ -51,8 +61,10 @@ def test_obspa_with_compensation_keeps_soft_equal_to_hard(zoo_model, name, expor
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name,exporter", [("resnet18", "legacy"), ("shufflenet_v2_x1_0", "dynamo"),
-                                           ("densenet121", "legacy"), ("c2f", "legacy")])
+@pytest.mark.parametrize(
+    "name,exporter",
+    [("resnet18", "legacy"), ("shufflenet_v2_x1_0", "dynamo"), ("densenet121", "legacy"), ("c2f", "legacy")],
+)
 def test_ratio_zero_is_exact(zoo_model, name, exporter):
     result = spa.prune(zoo_model(name, exporter), ratio=0.0)
     assert result.report.groups_pruned == 0

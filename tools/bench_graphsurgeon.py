@@ -5,9 +5,9 @@
     python tools/bench_graphsurgeon.py --checks      # behaviours on small crafted models
 
 Three jobs, each run by spa's code (A) and by graphsurgeon (B) on the same model, loaded the
-way spa loads it (``spa.load.load_model``: external data stays on disk, memory-mapped):
+way spa loads it (``spa.formats.load.load_model``: external data stays on disk, memory-mapped):
 
-* fold      A: ``spa.load.canonicalize`` (Constant nodes -> initializers, Identity on weights
+* fold      A: ``spa.formats.load.canonicalize`` (Constant nodes -> initializers, Identity on weights
                elided, small constant subgraphs folded, dead initializers dropped)
             B: ``gs.import_onnx`` -> ``fold_constants()`` -> ``cleanup()`` -> ``gs.export_onnx``
 * cleanup   the node producing the model's first output is removed (its computed input becomes the
@@ -15,7 +15,7 @@ way spa loads it (``spa.load.load_model``: external data stays on disk, memory-m
             A: spa's unread-initializer sweep (names read by nodes and their subgraphs, plus outputs)
             B: ``gs.import_onnx`` -> ``cleanup()`` -> ``gs.export_onnx``
 * toposort  the node list is reversed first.
-            A: ``spa.export._sort_topologically`` (Kahn, earliest ready node first)
+            A: ``spa.formats.export._sort_topologically`` (Kahn, earliest ready node first)
             B: ``gs.import_onnx`` -> ``toposort()`` -> ``gs.export_onnx``
 
 Each measurement is a fresh subprocess; A and B alternate (A B A B ...) so that load from other
@@ -35,6 +35,7 @@ legacy TorchScript export that leaves Constant nodes and shape arithmetic to fol
 is tools/bench_large.py's ~3 GB decoder with external data (built by that script, or here with
 ``--build-large``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,7 @@ JOBS = ("fold", "cleanup", "toposort")
 
 # ----------------------------------------------------------------------------- worker (one run)
 
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -88,8 +90,11 @@ def _prepare(job: str, model):
         index = next(i for i, n in enumerate(graph.node) if graph.output[0].name in n.output)
         producers = {name: n.op_type for n in graph.node for name in n.output}
         inits = {t.name for t in graph.initializer}
-        source = next(name for name in graph.node[index].input
-                      if name and name not in inits and producers.get(name) not in ("Constant", "Identity"))
+        source = next(
+            name
+            for name in graph.node[index].input
+            if name and name not in inits and producers.get(name) not in ("Constant", "Identity")
+        )
         del graph.node[index]
         del graph.output[:]
         graph.output.append(onnx.helper.make_empty_tensor_value_info(source))
@@ -102,8 +107,8 @@ def _prepare(job: str, model):
 
 
 def _spa(job: str, model):
-    from spa.export import _sort_topologically
-    from spa.load import _names_read, canonicalize
+    from spa.formats.export import _sort_topologically
+    from spa.formats.load import _names_read, canonicalize
 
     if job == "fold":
         return canonicalize(model)
@@ -145,12 +150,20 @@ def _signature(model) -> dict:
     external = sum(1 for t in model.graph.initializer if uses_external_data(t))
     inline = sum(len(t.raw_data) for t in model.graph.initializer)
     order = all(_valid_order(model.graph))
-    return {"nodes": len(model.graph.node), "ops": ops, "initializers": len(model.graph.initializer),
-            "init_names": hashlib.sha1("\n".join(sorted(t.name for t in model.graph.initializer)).encode()).hexdigest()[:10],
-            "init_digest": hashlib.sha1("\n".join(inits).encode()).hexdigest()[:10],
-            "external": external, "inline_bytes": inline, "sorted": order,
-            "inputs": [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}],
-            "graph_inputs": len(model.graph.input)}
+    return {
+        "nodes": len(model.graph.node),
+        "ops": ops,
+        "initializers": len(model.graph.initializer),
+        "init_names": hashlib.sha1("\n".join(sorted(t.name for t in model.graph.initializer)).encode()).hexdigest()[
+            :10
+        ],
+        "init_digest": hashlib.sha1("\n".join(inits).encode()).hexdigest()[:10],
+        "external": external,
+        "inline_bytes": inline,
+        "sorted": order,
+        "inputs": [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}],
+        "graph_inputs": len(model.graph.input),
+    }
 
 
 def _valid_order(graph):
@@ -165,7 +178,7 @@ def worker(job: str, who: str, path: str, out: str, save: str | None) -> None:
     import onnxruntime  # noqa: F401
 
     sys.path.insert(0, str(ROOT))
-    from spa.load import load_model
+    from spa.formats.load import load_model
 
     model = load_model(path)
     model = _prepare(job, model)
@@ -182,9 +195,14 @@ def worker(job: str, who: str, path: str, out: str, save: str | None) -> None:
     peak = max(loaded_peak, job_peak)
     if not reset:  # peak could not be reset: the job's share is not separable
         job_peak = peak
-    record = {"seconds": seconds, "peak": peak, "job_growth": job_peak - loaded_rss, "loaded_rss": loaded_rss,
-              "loaded_peak": loaded_peak,
-              **_signature(result)}
+    record = {
+        "seconds": seconds,
+        "peak": peak,
+        "job_growth": job_peak - loaded_rss,
+        "loaded_rss": loaded_rss,
+        "loaded_peak": loaded_peak,
+        **_signature(result),
+    }
     if save:
         import onnx
 
@@ -195,8 +213,10 @@ def worker(job: str, who: str, path: str, out: str, save: str | None) -> None:
 # ----------------------------------------------------------------------------- behaviour checks (--checks)
 # Small crafted models, each showing one behaviour that matters to spa.
 
+
 def _ort_run(model_or_path, feeds):
     import onnxruntime as ort
+
     data = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
     s = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return s.run(None, feeds)
@@ -204,13 +224,15 @@ def _ort_run(model_or_path, feeds):
 
 def _gs_fold(model):  # what B does for the fold job
     import onnx_graphsurgeon as gs
+
     g = gs.import_onnx(model)
     g.fold_constants().cleanup()
     return gs.export_onnx(g)
 
 
 def _spa_fold(model):
-    from spa.load import canonicalize
+    from spa.formats.load import canonicalize
+
     return canonicalize(model)
 
 
@@ -218,10 +240,16 @@ def initializer_input():
     # c is an initializer *and* a graph input: a default the caller may override
     c = numpy_helper.from_array(np.array([1, 2], np.float32), "c")
     two = numpy_helper.from_array(np.array([2, 2], np.float32), "two")
-    g = helper.make_graph([helper.make_node("Mul", ["c", "two"], ["d"]), helper.make_node("Add", ["x", "d"], ["y"])],
-                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
-                                helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [c, two])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["c", "two"], ["d"]), helper.make_node("Add", ["x", "d"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [c, two],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     feeds = {"x": np.zeros(2, np.float32), "c": np.array([10, 20], np.float32)}
     want = _ort_run(m, feeds)[0]
@@ -243,13 +271,26 @@ def subgraph_if():
     w = numpy_helper.from_array(np.array([3, 4], np.float32), "w")
     two = numpy_helper.from_array(np.array([2, 2], np.float32), "two")
     cond = numpy_helper.from_array(np.array(True), "cond")
-    then_g = helper.make_graph([helper.make_node("Mul", ["w", "two"], ["w2"]), helper.make_node("Add", ["x", "w2"], ["t"])],
-                               "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
-    else_g = helper.make_graph([helper.make_node("Sub", ["x", "w"], ["e"])], "else", [],
-                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    then_g = helper.make_graph(
+        [helper.make_node("Mul", ["w", "two"], ["w2"]), helper.make_node("Add", ["x", "w2"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Sub", ["x", "w"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])],
+    )
     nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [w, two, cond])
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [w, two, cond],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     feeds = {"x": np.array([1, 1], np.float32)}
     want = _ort_run(m, feeds)[0]
@@ -257,19 +298,27 @@ def subgraph_if():
     for who, fn in (("spa", _spa_fold), ("gs", _gs_fold)):
         r = fn(m)
         got = _ort_run(r, feeds)[0]
-        out[who] = (f"ops {[n.op_type for n in r.graph.node]}, initializers {sorted(t.name for t in r.graph.initializer)}, "
-                    f"same output: {bool(np.allclose(got, want))}")
+        out[who] = (
+            f"ops {[n.op_type for n in r.graph.node]}, initializers {sorted(t.name for t in r.graph.initializer)}, "
+            f"same output: {bool(np.allclose(got, want))}"
+        )
     # cleanup alone, condition a graph input: the outer initializer read only inside a branch must stay
     import onnx_graphsurgeon as gs
-    g2 = onnx.GraphProto(); g2.CopyFrom(g)
-    del g2.initializer[:]; g2.initializer.extend([w, two])
+
+    g2 = onnx.GraphProto()
+    g2.CopyFrom(g)
+    del g2.initializer[:]
+    g2.initializer.extend([w, two])
     g2.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
     m2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 17)])
-    gg = gs.import_onnx(m2); gg.cleanup(); r2 = gs.export_onnx(gg)
+    gg = gs.import_onnx(m2)
+    gg.cleanup()
+    r2 = gs.export_onnx(gg)
     got = _ort_run(r2, {"x": feeds["x"], "cond": np.array(False)})[0]
     want2 = _ort_run(m2, {"x": feeds["x"], "cond": np.array(False)})[0]
-    out["gs cleanup, branch-only initializer"] = (f"kept {sorted(t.name for t in r2.graph.initializer)}, "
-                                                  f"same output: {bool(np.allclose(got, want2))}")
+    out["gs cleanup, branch-only initializer"] = (
+        f"kept {sorted(t.name for t in r2.graph.initializer)}, same output: {bool(np.allclose(got, want2))}"
+    )
     return out
 
 
@@ -283,9 +332,13 @@ def opsets():
         else:
             sq = helper.make_node("Squeeze", ["data", "axes"], ["s"])
             inits = [data, numpy_helper.from_array(np.array([0], np.int64), "axes")]
-        g = helper.make_graph([sq, helper.make_node("Add", ["x", "s"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])], inits)
+        g = helper.make_graph(
+            [sq, helper.make_node("Add", ["x", "s"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])],
+            inits,
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", version)])
         m.ir_version = 7
         feeds = {"x": np.ones(6, np.float32)}
@@ -293,7 +346,9 @@ def opsets():
         for who, fn in (("spa", _spa_fold), ("gs", _gs_fold)):
             r = fn(m)
             got = _ort_run(r, feeds)[0]
-            out[f"{who} opset {version}"] = f"ops {[n.op_type for n in r.graph.node]}, same output: {bool(np.allclose(got, want))}"
+            out[f"{who} opset {version}"] = (
+                f"ops {[n.op_type for n in r.graph.node]}, same output: {bool(np.allclose(got, want))}"
+            )
     return out
 
 
@@ -301,14 +356,19 @@ def _external_model(folder: Path, mib: int):
     n = int((mib * 2**20 / 4) ** 0.5)
     w = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     shape_c = numpy_helper.from_array(np.array([1, n], np.int64), "shape_c")
-    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),  # a weight layout change: foldable
-             helper.make_node("Reshape", ["shape_c", "one"], ["sc"]),  # small shape arithmetic: foldable
-             helper.make_node("Reshape", ["x", "sc"], ["x2"]),
-             helper.make_node("MatMul", ["x2", "wt"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(w, "w"), shape_c,
-                           numpy_helper.from_array(np.array([2], np.int64), "one")])
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),  # a weight layout change: foldable
+        helper.make_node("Reshape", ["shape_c", "one"], ["sc"]),  # small shape arithmetic: foldable
+        helper.make_node("Reshape", ["x", "sc"], ["x2"]),
+        helper.make_node("MatMul", ["x2", "wt"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), shape_c, numpy_helper.from_array(np.array([2], np.int64), "one")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "ext.onnx"
     onnx.save(m, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=1024)
@@ -319,19 +379,29 @@ def external_worker(path, who, how, out):
     """One fresh process: load (spa's lazy way or onnx.load with data), fold, report memory and result."""
     import onnx_graphsurgeon  # noqa
     import onnxruntime  # noqa
+
     sys.path.insert(0, str(ROOT))
     from onnx.external_data_helper import uses_external_data
 
-    from spa.load import load_model
+    from spa.formats.load import load_model
+
     model = load_model(path) if how == "lazy" else onnx.load(path)
     before = _status("VmHWM")
     r = (_spa_fold if who == "spa" else _gs_fold)(model)
     peak = _status("VmHWM")
     ext = sum(uses_external_data(t) for t in r.graph.initializer)
     inline = sum(len(t.raw_data) for t in r.graph.initializer)
-    Path(out).write_text(json.dumps({"load_peak_mib": before / 2**20, "peak_mib": peak / 2**20,
-                                     "ops": [n.op_type for n in r.graph.node], "external": ext,
-                                     "inline_mib": inline / 2**20}))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "load_peak_mib": before / 2**20,
+                "peak_mib": peak / 2**20,
+                "ops": [n.op_type for n in r.graph.node],
+                "external": ext,
+                "inline_mib": inline / 2**20,
+            }
+        )
+    )
 
 
 def external(mib=256):
@@ -341,17 +411,22 @@ def external(mib=256):
         for how in ("lazy", "loaded"):
             for who in ("spa", "gs"):
                 res = Path(tmp) / "r.json"
-                done = subprocess.run([sys.executable, __file__, "--external-worker", str(path), who, how, str(res)],
-                                      check=False,
-                                      capture_output=True, text=True)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--external-worker", str(path), who, how, str(res)],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                )
                 if done.returncode:
                     out[f"{who} {how}"] = "failed: " + done.stderr.strip().splitlines()[-1][:150]
                     continue
                 r = json.loads(res.read_text())
                 warn = [l for l in done.stderr.splitlines() if "nference failed" in l or "rror" in l][:1]
-                out[f"{who} {how}"] = (f"peak {r['peak_mib']:.0f} MiB (after load {r['load_peak_mib']:.0f}), ops {r['ops']}, "
-                                       f"external tensors {r['external']}, inline {r['inline_mib']:.1f} MiB"
-                                       + (f"; {warn[0].strip()[:160]}" if warn else ""))
+                out[f"{who} {how}"] = (
+                    f"peak {r['peak_mib']:.0f} MiB (after load {r['load_peak_mib']:.0f}), ops {r['ops']}, "
+                    f"external tensors {r['external']}, inline {r['inline_mib']:.1f} MiB"
+                    + (f"; {warn[0].strip()[:160]}" if warn else "")
+                )
     return out
 
 
@@ -359,17 +434,19 @@ def run_checks() -> None:
     import numpy  # noqa: F401
 
     sys.path.insert(0, str(ROOT))
-    for name, fn in (("initializer that is also a graph input (an overridable default)", initializer_input),
-                     ("If with a constant condition; a weight read only inside the branches", subgraph_if),
-                     ("opset-dependent folding (Squeeze axes: attribute in opset 11, input in 13)", opsets),
-                     ("a 256 MiB external-data weight feeding a Transpose, plus a small foldable Reshape",
-                      external)):
+    for name, fn in (
+        ("initializer that is also a graph input (an overridable default)", initializer_input),
+        ("If with a constant condition; a weight read only inside the branches", subgraph_if),
+        ("opset-dependent folding (Squeeze axes: attribute in opset 11, input in 13)", opsets),
+        ("a 256 MiB external-data weight feeding a Transpose, plus a small foldable Reshape", external),
+    ):
         print(f"## {name}")
         for key, value in fn().items():
             print(f"  {key}: {value}")
 
 
 # ----------------------------------------------------------------------------- driver
+
 
 def _run(job, who, path, save=None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
@@ -443,8 +520,12 @@ def main(argv=None) -> int:
 
             build(large, 14)
         if large.exists():
-            models.append(("decoder, %.1f GiB" % (sum(p.stat().st_size for p in large.parent.glob(large.name + "*"))
-                                                  / 2**30), large))
+            models.append(
+                (
+                    "decoder, %.1f GiB" % (sum(p.stat().st_size for p in large.parent.glob(large.name + "*")) / 2**30),
+                    large,
+                )
+            )
         else:
             print(f"{large} missing: run tools/bench_large.py once or pass --build-large", file=sys.stderr)
 
@@ -473,7 +554,9 @@ def main(argv=None) -> int:
                             outs[who] = None
                             checks[f"ort_{who}"] = str(exc).splitlines()[0][:120]
                     if outs["spa"] is not None and outs["gs"] is not None and len(outs["spa"]) == len(outs["gs"]):
-                        checks["ort_max_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(outs["spa"], outs["gs"]))
+                        checks["ort_max_diff"] = max(
+                            float(np.max(np.abs(a - b))) for a, b in zip(outs["spa"], outs["gs"])
+                        )
             everything[f"{label}/{job}"] = {"runs": runs, "checks": checks}
             rows.append((label, job, runs, checks))
             _print_row(label, job, runs, checks, header=len(rows) == 1)
@@ -489,7 +572,9 @@ def _median(records, key):
 
 def _print_row(label, job, runs, checks, header=False):
     if header:
-        print("| model | job | spa job s | gs job s | spa peak RSS | gs peak RSS | spa job +RSS | gs job +RSS | same result |")
+        print(
+            "| model | job | spa job s | gs job s | spa peak RSS | gs peak RSS | spa job +RSS | gs job +RSS | same result |"
+        )
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
     cells = []
     for key in ("seconds",):
@@ -536,7 +621,9 @@ def _same(runs, checks) -> str:
             notes.append(f"ORT failed on {who}'s result: {checks[f'ort_{who}']}")
     if "ort_max_diff" in checks:
         diff = checks["ort_max_diff"]
-        notes.append("onnxruntime outputs identical" if diff == 0 else f"onnxruntime outputs differ by up to {diff:.1e}")
+        notes.append(
+            "onnxruntime outputs identical" if diff == 0 else f"onnxruntime outputs differ by up to {diff:.1e}"
+        )
     return "; ".join(notes) if notes else "yes (structure)"
 
 

@@ -9,6 +9,7 @@ it with the dynamo exporter to ONNX with external data (cached), then runs
 `spa prune --ratio 0.3` in a fresh process and prints its wall time and peak
 RSS next to the model's size on disk. Target (issue 6): peak RSS <= 1.5x size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def build(path: Path, layers: int) -> None:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
     def rotate_half(x):
-        return torch.cat([-x[..., head_dim // 2:], x[..., : head_dim // 2]], -1)
+        return torch.cat([-x[..., head_dim // 2 :], x[..., : head_dim // 2]], -1)
 
     class Attention(nn.Module):
         def __init__(self):
@@ -56,7 +57,7 @@ def build(path: Path, layers: int) -> None:
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
-            attn = torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, -1)
+            attn = torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5, -1)
             return self.o((attn @ v).transpose(1, 2).reshape(b, s, heads * head_dim))
 
     class Block(nn.Module):
@@ -97,8 +98,16 @@ def build(path: Path, layers: int) -> None:
     ids = torch.randint(0, vocab, (1, 16))
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(model, (ids,), str(path), dynamo=True, external_data=True, input_names=["ids"],
-                          output_names=["logits"], verbose=False)
+        torch.onnx.export(
+            model,
+            (ids,),
+            str(path),
+            dynamo=True,
+            external_data=True,
+            input_names=["ids"],
+            output_names=["logits"],
+            verbose=False,
+        )
 
 
 def main(argv=None) -> int:
@@ -117,8 +126,25 @@ def main(argv=None) -> int:
     out = path.with_name(path.stem + ".pruned.onnx")
     report = path.with_name(path.stem + ".report.json")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "spa", "prune", str(path), "--ratio", str(args.ratio), "-o",
-                           str(out), "--force", "--json", str(report)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spa",
+            "prune",
+            str(path),
+            "--ratio",
+            str(args.ratio),
+            "-o",
+            str(out),
+            "--force",
+            "--json",
+            str(report),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(done.stdout.strip() or done.stderr.strip())
@@ -128,8 +154,10 @@ def main(argv=None) -> int:
     out_size = sum(p.stat().st_size for p in out.parent.glob(out.name + "*"))
     print("\n| model on disk | pruned on disk | params | wall time | peak RSS | peak / size |")
     print("|---|---|---|---|---|---|")
-    print(f"| {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | {data['params_before'] / 1e6:.0f}M -> "
-          f"{data['params_after'] / 1e6:.0f}M | {seconds:.0f} s | {peak / 2**30:.2f} GiB | {peak / size:.2f}x |")
+    print(
+        f"| {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | {data['params_before'] / 1e6:.0f}M -> "
+        f"{data['params_after'] / 1e6:.0f}M | {seconds:.0f} s | {peak / 2**30:.2f} GiB | {peak / size:.2f}x |"
+    )
     if not args.keep:
         for leftover in out.parent.glob(out.name + "*"):
             leftover.unlink()

@@ -10,6 +10,7 @@ magnitude criterion, without onnxruntime validation, plus saving the result;
 validation). Targets: prune under 3x the load-and-save floor (issue 2); obspa
 on ResNet-50 under 60 s on 2 cores (issue 4).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 STEP = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-import onnx, spa, spa.io
+import onnx, spa, spa.formats.files
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if {step!r} == "load+save":
@@ -34,7 +35,7 @@ elif {step!r} == "obspa":
     result = spa.prune({path!r}, ratio=0.4, check=False)
 else:
     result = spa.prune({path!r}, ratio=0.4, criterion="l2", check={step!r} == "prune+validate")
-    spa.io.save_model(result.model, {out!r})
+    spa.formats.files.save_model(result.model, {out!r})
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"seconds": seconds, "peak_mb": peak / 1024, "growth_mb": (peak - base) / 1024}}))

@@ -27,6 +27,7 @@ measures the spa of another checkout, for figures before and after a change. A c
 the nodes or branches costs at most twelve times the time, and 5,000 branches analyse in
 under 10 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tools" / "results" / "bench_scale.json"
-SIZES = {"chain": (1_000, 10_000, 100_000), "conv-chain": (1_000, 10_000, 100_000),
-         "long-group": (1_000, 10_000, 100_000),
-         "fanin-sum": (100, 1_000, 5_000), "fanin-adds": (100, 1_000, 5_000),
-         "fanin-concat": (100, 1_000, 5_000), "fanout-split": (100, 1_000, 5_000)}
+SIZES = {
+    "chain": (1_000, 10_000, 100_000),
+    "conv-chain": (1_000, 10_000, 100_000),
+    "long-group": (1_000, 10_000, 100_000),
+    "fanin-sum": (100, 1_000, 5_000),
+    "fanin-adds": (100, 1_000, 5_000),
+    "fanin-concat": (100, 1_000, 5_000),
+    "fanout-split": (100, 1_000, 5_000),
+}
 DEFAULT_CASES = tuple(SIZES)
 WIDTH = 4
 
@@ -67,12 +73,18 @@ def chain(n: int) -> onnx.ModelProto:
     nodes, inits, x = [], [], "x"
     for k in range(max(1, n // 3)):
         inits += [_weight(rng, f"w{k}", WIDTH, WIDTH), _weight(rng, f"b{k}", WIDTH)]
-        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"], name=f"matmul{k}"),
-                  helper.make_node("Add", [f"m{k}", f"b{k}"], [f"a{k}"], name=f"add{k}"),
-                  helper.make_node("Relu", [f"a{k}"], [f"r{k}"], name=f"relu{k}")]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"], name=f"matmul{k}"),
+            helper.make_node("Add", [f"m{k}", f"b{k}"], [f"a{k}"], name=f"add{k}"),
+            helper.make_node("Relu", [f"a{k}"], [f"r{k}"], name=f"relu{k}"),
+        ]
         x = f"r{k}"
-    return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
-                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, WIDTH])])
+    return _model(
+        nodes,
+        inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, WIDTH])],
+    )
 
 
 def conv_chain(n: int) -> onnx.ModelProto:
@@ -81,12 +93,18 @@ def conv_chain(n: int) -> onnx.ModelProto:
     nodes, inits, x = [], [], "x"
     for k in range(max(1, n // 2)):
         inits.append(_weight(rng, f"w{k}", WIDTH, WIDTH, 1, 1))
-        nodes += [helper.make_node("Conv", [x, f"w{k}"], [f"c{k}"], name=f"conv{k}"),
-                  helper.make_node("Relu", [f"c{k}"], [f"r{k}"], name=f"relu{k}")]
+        nodes += [
+            helper.make_node("Conv", [x, f"w{k}"], [f"c{k}"], name=f"conv{k}"),
+            helper.make_node("Relu", [f"c{k}"], [f"r{k}"], name=f"relu{k}"),
+        ]
         x = f"r{k}"
     shape = [1, WIDTH, 2, 2]
-    return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)])
+    return _model(
+        nodes,
+        inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)],
+    )
 
 
 def long_group(n: int) -> onnx.ModelProto:
@@ -102,8 +120,12 @@ def long_group(n: int) -> onnx.ModelProto:
             nodes.append(helper.make_node("Relu", [x], [f"t{k}"], name=f"relu{k}"))
         x = f"t{k}"
     nodes.append(helper.make_node("MatMul", [x, "w_out"], ["y"], name="last"))
-    return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])])
+    return _model(
+        nodes,
+        inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])],
+    )
 
 
 def fanin(n: int, combine: str) -> onnx.ModelProto:
@@ -115,8 +137,9 @@ def fanin(n: int, combine: str) -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", ["x", f"w{k}"], [f"m{k}"], name=f"branch{k}"))
         branches.append(f"m{k}")
     if combine in ("Sum", "Concat"):
-        nodes.append(helper.make_node(combine, branches, ["s"], name="combine",
-                                      **({"axis": 1} if combine == "Concat" else {})))
+        nodes.append(
+            helper.make_node(combine, branches, ["s"], name="combine", **({"axis": 1} if combine == "Concat" else {}))
+        )
         total = "s"
     else:
         total = branches[0]
@@ -125,26 +148,43 @@ def fanin(n: int, combine: str) -> onnx.ModelProto:
             total = f"s{k}"
     inits.append(_weight(rng, "head", WIDTH * (n if combine == "Concat" else 1), WIDTH))
     nodes.append(helper.make_node("MatMul", [total, "head"], ["y"], name="head"))
-    return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])])
+    return _model(
+        nodes,
+        inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])],
+    )
 
 
 def fanout(n: int) -> onnx.ModelProto:
     """One MatMul whose output a Split cuts into n parts, a MatMul on each, their Sum."""
     rng = np.random.default_rng(0)
     inits = [_weight(rng, "w", WIDTH, WIDTH * n)] + [_weight(rng, f"v{k}", WIDTH, WIDTH) for k in range(n)]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
-             helper.make_node("Split", ["h"], [f"p{k}" for k in range(n)], name="split", axis=1, num_outputs=n)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+        helper.make_node("Split", ["h"], [f"p{k}" for k in range(n)], name="split", axis=1, num_outputs=n),
+    ]
     nodes += [helper.make_node("MatMul", [f"p{k}", f"v{k}"], [f"q{k}"], name=f"branch{k}") for k in range(n)]
     nodes.append(helper.make_node("Sum", [f"q{k}" for k in range(n)], ["y"], name="sum"))
-    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])  # Split's num_outputs
 
 
-BUILDERS = {"chain": chain, "conv-chain": conv_chain, "long-group": long_group,
-            "fanin-sum": lambda n: fanin(n, "Sum"), "fanin-adds": lambda n: fanin(n, "Adds"),
-            "fanin-concat": lambda n: fanin(n, "Concat"), "fanout-split": fanout}
+BUILDERS = {
+    "chain": chain,
+    "conv-chain": conv_chain,
+    "long-group": long_group,
+    "fanin-sum": lambda n: fanin(n, "Sum"),
+    "fanin-adds": lambda n: fanin(n, "Adds"),
+    "fanin-concat": lambda n: fanin(n, "Concat"),
+    "fanout-split": fanout,
+}
 
 # Run in the child: time each stage of the real ``analyze`` by wrapping what it calls.
 _CHILD = r"""
@@ -182,8 +222,9 @@ print(json.dumps({"seconds": total, "cpu_seconds": cpu, "stages": stages, "peak_
 
 def _run_case(path: Path, root: Path, timeout: float, max_rss: int) -> dict:
     """Analyse in a fresh process, stopped past ``timeout`` seconds or ``max_rss`` bytes resident."""
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(root)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     start, peak = time.monotonic(), 0
     while child.poll() is None:
         try:
@@ -220,22 +261,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma list of {', '.join(BUILDERS)}")
     parser.add_argument("--sizes", help="comma list of sizes, replacing each case's own")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="fresh runs per case, the least CPU time kept (default 3)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="fresh runs per case, the least CPU time kept (default 3)"
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per case (default 300)")
     parser.add_argument("--max-rss-gb", type=float, default=6, help="resident memory cap per case (default 6)")
-    parser.add_argument("--root", type=Path, default=ROOT,
-                        help="checkout whose spa is measured (default: this one), to compare two versions")
-    parser.add_argument("--json", nargs="?", const=RESULTS, type=Path, metavar="PATH",
-                        help=f"also write the figures as JSON (default {RESULTS.relative_to(ROOT)})")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="checkout whose spa is measured (default: this one), to compare two versions",
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const=RESULTS,
+        type=Path,
+        metavar="PATH",
+        help=f"also write the figures as JSON (default {RESULTS.relative_to(ROOT)})",
+    )
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in BUILDERS]
     if unknown:
         parser.error(f"unknown case {unknown[0]!r}; one of {', '.join(BUILDERS)}")
     rows = []
-    header = (f"{'case':<12} {'size':>7} {'file kB':>8} {'load':>6} {'canon':>6} {'shapes':>6} {'group':>6} "
-              f"{'count':>6} {'cpu s':>7} {'x prev':>6} {'wall s':>7} {'peak MB':>8} {'+MB':>7} {'groups':>7}")
+    header = (
+        f"{'case':<12} {'size':>7} {'file kB':>8} {'load':>6} {'canon':>6} {'shapes':>6} {'group':>6} "
+        f"{'count':>6} {'cpu s':>7} {'x prev':>6} {'wall s':>7} {'peak MB':>8} {'+MB':>7} {'groups':>7}"
+    )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="spa-bench-scale-") as tmp:
@@ -251,22 +305,37 @@ def main(argv=None) -> int:
                 path.unlink()
                 kb = row["file_bytes"] / 1024
                 if "stopped" in result:
-                    print(f"{case:<12} {size:>7} {kb:>8.0f}  stopped after {result.get('seconds', 0):.0f} s: "
-                          f"{result['stopped']}")
+                    print(
+                        f"{case:<12} {size:>7} {kb:>8.0f}  stopped after {result.get('seconds', 0):.0f} s: "
+                        f"{result['stopped']}"
+                    )
                     previous = None
                     continue
                 st = result["stages"]
                 ratio = f"{result['cpu_seconds'] / previous:.1f}" if previous else ""
                 previous = result["cpu_seconds"]
                 stages = " ".join(f"{st.get(s, 0):>6.2f}" for s in ("load", "canonicalize", "shapes", "group", "count"))
-                print(f"{case:<12} {size:>7} {kb:>8.0f} {stages} {result['cpu_seconds']:>7.2f} {ratio:>6} "
-                      f"{result['seconds']:>7.2f} {result['peak_rss'] / 2**20:>8.0f} "
-                      f"{(result['peak_rss'] - result['rss_before']) / 2**20:>7.0f} {result['groups']:>7}", flush=True)
+                print(
+                    f"{case:<12} {size:>7} {kb:>8.0f} {stages} {result['cpu_seconds']:>7.2f} {ratio:>6} "
+                    f"{result['seconds']:>7.2f} {result['peak_rss'] / 2**20:>8.0f} "
+                    f"{(result['peak_rss'] - result['rss_before']) / 2**20:>7.0f} {result['groups']:>7}",
+                    flush=True,
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"root": str(args.root), "python": sys.version.split()[0],
-                                         "onnx": onnx.__version__, "cpus": os.cpu_count(), "rows": rows},
-                                        indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "root": str(args.root),
+                    "python": sys.version.split()[0],
+                    "onnx": onnx.__version__,
+                    "cpus": os.cpu_count(),
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 

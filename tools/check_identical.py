@@ -11,6 +11,7 @@ shipped CNNs cover the format codecs. Each run records the SHA-256 of the
 serialized pruned model and the report's figures, or the error it ended in;
 ``--compare`` prints every run whose digest differs and exits 1 if any does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,9 +113,12 @@ def main() -> int:
     if args.compare is None:
         return 0
     before = json.loads(args.compare.read_text())
-    differ = [k for k in sorted(set(before) | set(results))
-              if {x: v for x, v in before.get(k, {}).items() if x != "seconds"}
-              != {x: v for x, v in results.get(k, {}).items() if x != "seconds"}]
+    differ = [
+        k
+        for k in sorted(set(before) | set(results))
+        if {x: v for x, v in before.get(k, {}).items() if x != "seconds"}
+        != {x: v for x, v in results.get(k, {}).items() if x != "seconds"}
+    ]
     for key in differ:
         print(f"DIFFERS {key}: {before.get(key)} -> {results.get(key)}")
     print(f"{len(results)} runs, {len(differ)} differ")

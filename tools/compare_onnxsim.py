@@ -8,6 +8,7 @@ result is checked the same way (onnx full check, onnxruntime runs, same
 input/output names and output shapes as the dense model) and its parameter
 reduction is measured from the file. Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import zoo  # noqa: E402
-from spa.validate import run, sample_inputs  # noqa: E402
+
+from spa.verify.validate import run, sample_inputs  # noqa: E402
 
 
 def params(model: onnx.ModelProto) -> int:
@@ -52,11 +54,14 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", default=str(Path.home() / ".cache" / "spa" / "zoo-cmp"))
     parser.add_argument("--out", help="also write the table here")
     args = parser.parse_args(argv)
-    import spa
     from onnxsim import pruning as sim
 
-    rows = ["| model | exporter | spa | spa params | spa FLOPs | spa s | onnxsim | onnxsim params | onnxsim s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    import spa
+
+    rows = [
+        "| model | exporter | spa | spa params | spa FLOPs | spa s | onnxsim | onnxsim params | onnxsim s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     spa_valid = sim_valid = total = 0
     for name in args.names or zoo.ALL:
         for exporter in zoo.EXPORTERS:
@@ -84,8 +89,10 @@ def main(argv=None) -> int:
             ours_p = f"{1 - params(ours) / base:.1%}" if ours is not None else "-"
             ours_f = f"{1 - report.flops_after / report.flops_before:.1%}" if report else "-"
             theirs_p = f"{1 - params(theirs) / base:.1%}" if theirs is not None else "-"
-            rows.append(f"| {name} | {exporter} | {verdict} | -{ours_p} | -{ours_f} | {spa_s:.1f} | "
-                        f"{sim_verdict} | -{theirs_p} | {sim_s:.1f} |")
+            rows.append(
+                f"| {name} | {exporter} | {verdict} | -{ours_p} | -{ours_f} | {spa_s:.1f} | "
+                f"{sim_verdict} | -{theirs_p} | {sim_s:.1f} |"
+            )
             print(rows[-1], flush=True)
             total += 1
             spa_valid += verdict == "valid"

@@ -22,6 +22,7 @@ the dense model's (the digits MLP).
 Prints one markdown row per model, criterion, ratio and compensation setting, then checks the
 claims of issue #4 against the rows and prints which held.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -41,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import spa  # noqa: E402
-from spa.criteria import CRITERIA  # noqa: E402
 from spa import fidelity  # noqa: E402
-from spa.validate import session  # noqa: E402
+from spa.scoring.criteria import CRITERIA  # noqa: E402
+from spa.verify.validate import session  # noqa: E402
 
 DATA_FREE = ("random", "l1", "l2", "obspa")
 LOCAL = ("digits_mlp", "mnist_cnn", "mnist_rescnn", "mnist_dwse")
@@ -92,7 +93,7 @@ def local_bench(name: str, samples: int = CALIB_SAMPLES) -> Bench:
 
     def accuracy(path: Path) -> float:
         run = session(onnx.load(path))
-        logits = np.concatenate([run.run(None, {"input": inputs[k:k + 256]})[0] for k in range(0, len(inputs), 256)])
+        logits = np.concatenate([run.run(None, {"input": inputs[k : k + 256]})[0] for k in range(0, len(inputs), 256)])
         return float((logits.argmax(axis=1) == labels).mean())
 
     calib = ROOT / "models" / "data" / f"{dataset}_calib.npz"
@@ -110,16 +111,34 @@ def external_bench(name: str) -> Bench:
 def params(path: Path) -> int:
     """Float parameters, in initializers and in Constant nodes (paddle2onnx keeps weights there)."""
     model = onnx.load(path)
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
-                                               for a in n.attribute if a.name == "value"]
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in (1, 10, 11, 16))
 
 
-def run_spa(bench: Bench, criterion: str, ratio: float, compensate: bool, samples: int, out: Path, seed: int = 0,
-            refit: str = "auto"):
+def run_spa(
+    bench: Bench,
+    criterion: str,
+    ratio: float,
+    compensate: bool,
+    samples: int,
+    out: Path,
+    seed: int = 0,
+    refit: str = "auto",
+):
     calib = None if criterion in DATA_FREE else bench.calib
-    result = spa.prune(bench.model, ratio, criterion, calib=calib, calib_samples=samples, compensate=compensate,
-                       bench=False, seed=seed, refit=refit)
+    result = spa.prune(
+        bench.model,
+        ratio,
+        criterion,
+        calib=calib,
+        calib_samples=samples,
+        compensate=compensate,
+        bench=False,
+        seed=seed,
+        refit=refit,
+    )
     onnx.save(result.model, out)
     seconds = sum(v for k, v in result.report.seconds.items() if k not in ("validate",))
     note = "" if result.report.validation.soft_equal in (True, None) else "soft!=hard"
@@ -135,14 +154,15 @@ def run_onnxsim(bench: Bench, target_kept: float, samples: int, out: Path) -> tu
     calib = dict(np.load(bench.calib))
     count = len(next(iter(calib.values())))
     batch = 8
-    batches = [{k: v[i:i + batch] for k, v in calib.items()} for i in range(0, min(samples, count), batch)]
+    batches = [{k: v[i : i + batch] for k, v in calib.items()} for i in range(0, min(samples, count), batch)]
     dense = params(bench.model)
     low, high, best = 0.0, 0.95, None
     start = time.perf_counter()
     for _ in range(8):  # bisection on onnxsim's sparsity: its parameter reduction is not its sparsity
         sparsity = (low + high) / 2
-        model = apply_structured_wanda_pruning(str(bench.model), calibration_data=batches,
-                                               num_samples=len(batches), sparsity=sparsity)
+        model = apply_structured_wanda_pruning(
+            str(bench.model), calibration_data=batches, num_samples=len(batches), sparsity=sparsity
+        )
         onnx.save(model, out)
         kept = params(out) / dense
         if best is None or abs(kept - target_kept) < abs(best[1] - target_kept):
@@ -150,14 +170,23 @@ def run_onnxsim(bench: Bench, target_kept: float, samples: int, out: Path) -> tu
         if abs(kept - target_kept) < 0.005:
             break
         low, high = (sparsity, high) if kept > target_kept else (low, sparsity)
-    model = apply_structured_wanda_pruning(str(bench.model), calibration_data=batches, num_samples=len(batches),
-                                           sparsity=best[0])
+    model = apply_structured_wanda_pruning(
+        str(bench.model), calibration_data=batches, num_samples=len(batches), sparsity=best[0]
+    )
     onnx.save(model, out)
     return best[1], time.perf_counter() - start
 
 
-def run_seeds(bench: Bench, criterion: str, ratio: float, compensate: bool, samples: int, out: Path,
-              seeds: int, refit: str = "auto") -> tuple[float, float, float, str, float | None]:
+def run_seeds(
+    bench: Bench,
+    criterion: str,
+    ratio: float,
+    compensate: bool,
+    samples: int,
+    out: Path,
+    seeds: int,
+    refit: str = "auto",
+) -> tuple[float, float, float, str, float | None]:
     """(metric, params kept, seconds, note, output error); ``random`` is the mean over ``seeds``
     draws, since one draw's accuracy on a small model swings by tens of points from seed to seed."""
     draws = seeds if criterion == "random" else 1
@@ -175,8 +204,9 @@ def run_seeds(bench: Bench, criterion: str, ratio: float, compensate: bool, samp
     return float(np.mean(metrics)), params(out) / params(bench.model), seconds / draws, note, error
 
 
-def evaluate(bench: Bench, ratios, criteria, samples: int, with_onnxsim: bool, log, seeds: int = 3,
-             refit: str = "auto") -> list[Row]:
+def evaluate(
+    bench: Bench, ratios, criteria, samples: int, with_onnxsim: bool, log, seeds: int = 3, refit: str = "auto"
+) -> list[Row]:
     dense_metric = bench.evaluate(bench.model)
     rows = [Row(bench.name, "dense", 0.0, None, 1.0, dense_metric, 0.0, 0.0)]
     log(rows[-1])
@@ -187,38 +217,78 @@ def evaluate(bench: Bench, ratios, criteria, samples: int, with_onnxsim: bool, l
             for criterion in criteria:
                 for compensate in (False, True):
                     try:
-                        metric, kept, seconds, note, error = run_seeds(bench, criterion, ratio, compensate, samples,
-                                                                       out, seeds, refit)
+                        metric, kept, seconds, note, error = run_seeds(
+                            bench, criterion, ratio, compensate, samples, out, seeds, refit
+                        )
                     except spa.SpaError as exc:
-                        rows.append(Row(bench.name, criterion, ratio, compensate, float("nan"), float("nan"),
-                                        float("nan"), 0.0, f"error: {exc}"))
+                        rows.append(
+                            Row(
+                                bench.name,
+                                criterion,
+                                ratio,
+                                compensate,
+                                float("nan"),
+                                float("nan"),
+                                float("nan"),
+                                0.0,
+                                f"error: {exc}",
+                            )
+                        )
                         log(rows[-1])
                         continue
                     kept_by_spa.append(kept)
-                    rows.append(Row(bench.name, criterion, ratio, compensate, kept, metric, dense_metric - metric,
-                                    seconds, note, error))
+                    rows.append(
+                        Row(
+                            bench.name,
+                            criterion,
+                            ratio,
+                            compensate,
+                            kept,
+                            metric,
+                            dense_metric - metric,
+                            seconds,
+                            note,
+                            error,
+                        )
+                    )
                     log(rows[-1])
             if with_onnxsim and kept_by_spa:
                 try:
                     kept, seconds = run_onnxsim(bench, float(np.median(kept_by_spa)), samples, out)
                     metric = bench.evaluate(out)
-                    rows.append(Row(bench.name, "onnxsim-wanda", ratio, None, kept, metric, dense_metric - metric,
-                                    seconds))
+                    rows.append(
+                        Row(bench.name, "onnxsim-wanda", ratio, None, kept, metric, dense_metric - metric, seconds)
+                    )
                 except Exception as exc:  # noqa: BLE001 - a peer's failure is a result, not a crash
-                    rows.append(Row(bench.name, "onnxsim-wanda", ratio, None, float("nan"), float("nan"),
-                                    float("nan"), 0.0, f"error: {str(exc).splitlines()[0][:60]}"))
+                    rows.append(
+                        Row(
+                            bench.name,
+                            "onnxsim-wanda",
+                            ratio,
+                            None,
+                            float("nan"),
+                            float("nan"),
+                            float("nan"),
+                            0.0,
+                            f"error: {str(exc).splitlines()[0][:60]}",
+                        )
+                    )
                 log(rows[-1])
     return rows
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| model | method | ratio | compensation | params kept | metric | drop | output error | seconds | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | ratio | compensation | params kept | metric | drop | output error | seconds | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         comp = "-" if r.compensate is None else ("on" if r.compensate else "off")
         error = "-" if r.output_error is None else f"{r.output_error:.4f}"
-        lines.append(f"| {r.model} | {r.method} | {r.ratio:g} | {comp} | {r.params_kept:.1%} | {r.metric:.4f} | "
-                     f"{r.drop:+.4f} | {error} | {r.seconds:.1f} | {r.note} |")
+        lines.append(
+            f"| {r.model} | {r.method} | {r.ratio:g} | {comp} | {r.params_kept:.1%} | {r.metric:.4f} | "
+            f"{r.drop:+.4f} | {error} | {r.seconds:.1f} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -234,8 +304,9 @@ def pivot(rows: list[Row]) -> str:
     for model, ratio in cases:
         here = {(r.method, r.compensate): r for r in rows if (r.model, r.ratio) == (model, ratio)}
         kept = next((r.params_kept for (m, _), r in here.items() if m != "onnxsim-wanda"), float("nan"))
-        best = max((r.metric for r in here.values() if np.isfinite(r.metric) and r.method != "onnxsim-wanda"),
-                   default=None)
+        best = max(
+            (r.metric for r in here.values() if np.isfinite(r.metric) and r.method != "onnxsim-wanda"), default=None
+        )
         cells = []
         for key in columns:
             r = here.get(key)
@@ -246,20 +317,23 @@ def pivot(rows: list[Row]) -> str:
             if key[0] == "onnxsim-wanda" and abs(r.params_kept - kept) > 0.02:
                 text += f" ({r.params_kept:.0%} kept)"
             cells.append(f"**{text}**" if r.metric == best else text)
-        lines.append(f"| {model} | {ratio:g} | {kept:.1%} | {dense.get(model, float('nan')):.3f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {model} | {ratio:g} | {kept:.1%} | {dense.get(model, float('nan')):.3f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
 def claims(rows: list[Row]) -> list[str]:
     """Issue #4's claims, checked row by row at the issue's ratios: (held, total) per claim."""
+
     def metric(model, method, ratio, comp):
         found = [r.metric for r in rows if (r.model, r.method, r.ratio, r.compensate) == (model, method, ratio, comp)]
         return found[0] if found and np.isfinite(found[0]) else None
 
     def error_of(model, method, ratio, comp):
-        found = [r.output_error for r in rows
-                 if (r.model, r.method, r.ratio, r.compensate) == (model, method, ratio, comp)]
+        found = [
+            r.output_error for r in rows if (r.model, r.method, r.ratio, r.compensate) == (model, method, ratio, comp)
+        ]
         return found[0] if found else None
 
     def kept_of(model, method, ratio):
@@ -293,15 +367,23 @@ def claims(rows: list[Row]) -> list[str]:
             tally("obs + compensation beats obspa + compensation", obs_on > obspa_on)
         obs_error, obspa_error = error_of(model, "obs", ratio, True), error_of(model, "obspa", ratio, True)
         if obs_error is not None and obspa_error is not None:
-            tally("obs + compensation keeps the outputs closer to dense than obspa + compensation "
-                  "(relative error on held-out calibration samples)", obs_error < obspa_error)
+            tally(
+                "obs + compensation keeps the outputs closer to dense than obspa + compensation "
+                "(relative error on held-out calibration samples)",
+                obs_error < obspa_error,
+            )
         for method in ("random", "l1", "l2", "obspa", "obs", "activation", "fluctuation"):
             on, off = metric(model, method, ratio, True), metric(model, method, ratio, False)
             if on is not None and off is not None:
                 tally("compensation beats no compensation", on > off)
         sim = metric(model, "onnxsim-wanda", ratio, None)
-        best = [m for m in (metric(model, c, ratio, comp) for c in ("obs", "activation", "fluctuation")
-                            for comp in (False, True)) if m is not None]
+        best = [
+            m
+            for m in (
+                metric(model, c, ratio, comp) for c in ("obs", "activation", "fluctuation") for comp in (False, True)
+            )
+            if m is not None
+        ]
         if sim is not None and best:
             if abs(kept_of(model, "onnxsim-wanda", ratio) - kept_of(model, "obs", ratio)) > 0.02:
                 tally("onnxsim structured Wanda could not reach spa's parameter reduction (not compared)", True)
@@ -314,22 +396,32 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=list(LOCAL + EXTERNAL))
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.3, 0.5])
-    parser.add_argument("--criteria", nargs="*", default=["random", "l1", "obspa", "obs", "activation",
-                                                          "fluctuation"])
+    parser.add_argument("--criteria", nargs="*", default=["random", "l1", "obspa", "obs", "activation", "fluctuation"])
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES)
     parser.add_argument("--random-seeds", type=int, default=3, help="draws averaged for the random criterion")
     parser.add_argument("--no-onnxsim", action="store_true")
-    parser.add_argument("--refit", choices=spa.api.REFITS, default="auto",
-                        help="spa's refit for the compensated rows (README rows: auto, spa's default)")
+    parser.add_argument(
+        "--refit",
+        choices=spa.api.REFITS,
+        default="auto",
+        help="spa's refit for the compensated rows (README rows: auto, spa's default)",
+    )
     parser.add_argument("--out", type=Path, help="write the markdown table (and the claims) here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
-    parser.add_argument("--from-json", type=Path, nargs="*",
-                        help="only re-render (and with --out/--json, rewrite) rows written by --json")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="*",
+        help="only re-render (and with --out/--json, rewrite) rows written by --json",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         # a later file's row replaces an earlier one for the same model, method, ratio and setting
-        keyed = {(r["model"], r["method"], r["ratio"], r["compensate"]): Row(**r)
-                 for path in args.from_json for r in json.loads(path.read_text())}
+        keyed = {
+            (r["model"], r["method"], r["ratio"], r["compensate"]): Row(**r)
+            for path in args.from_json
+            for r in json.loads(path.read_text())
+        }
         rows = list(keyed.values())
         print(pivot(rows) + "\n\nClaims:\n" + "\n".join(claims(rows)))
         _write(rows, args.out, args.json)
@@ -346,8 +438,16 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - a missing suite skips its rows, and says why
             print(f"<!-- {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:100]}) -->", flush=True)
             continue
-        rows += evaluate(bench, args.ratios, args.criteria, args.calib_samples, not args.no_onnxsim, log,
-                         args.random_seeds, args.refit)
+        rows += evaluate(
+            bench,
+            args.ratios,
+            args.criteria,
+            args.calib_samples,
+            not args.no_onnxsim,
+            log,
+            args.random_seeds,
+            args.refit,
+        )
     print("\n".join(["", "Claims:"] + claims(rows)))
     _write(rows, args.out, args.json)
     return 0

@@ -8,6 +8,7 @@ held out for the fidelity figure). Prints per row the test accuracy, the report'
 agreement and relative error, and the agreement on the 128 samples the statistics used; then per
 model the Spearman rank correlation of test accuracy with each figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import spa  # noqa: E402
 from eval_accuracy import LOCAL, local_bench  # noqa: E402
+
+import spa  # noqa: E402
 from spa import fidelity  # noqa: E402
 
 CRITERIA = ("random", "l1", "obspa", "obs")
@@ -39,8 +41,10 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=list(LOCAL))
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.3, 0.5])
     args = parser.parse_args(argv)
-    print("| model | ratio | criterion | compensation | test accuracy | held-out agreement | held-out rel. error "
-          "| in-sample agreement |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | ratio | criterion | compensation | test accuracy | held-out agreement | held-out rel. error "
+        "| in-sample agreement |\n|---|---|---|---|---|---|---|---|"
+    )
     summary = []
     for name in args.models:
         bench = local_bench(name)
@@ -50,8 +54,9 @@ def main(argv=None) -> int:
         for ratio in args.ratios:
             for criterion in CRITERIA:
                 for compensate in (False, True):
-                    result = spa.prune(bench.model, ratio, criterion, calib=bench.calib, compensate=compensate,
-                                       bench=False)
+                    result = spa.prune(
+                        bench.model, ratio, criterion, calib=bench.calib, compensate=compensate, bench=False
+                    )
                     held = result.report.validation.fidelity.outputs[0]
                     inside = fidelity.measure(onnx.load(bench.model), result.model, used, "in-sample").outputs[0]
                     with tempfile.TemporaryDirectory() as tmp:
@@ -59,14 +64,20 @@ def main(argv=None) -> int:
                         onnx.save(result.model, path)
                         accuracy = bench.evaluate(path)
                     rows.append((accuracy, held.top1_agreement, held.relative_error, inside.top1_agreement))
-                    print(f"| {name} | {ratio:g} | {criterion} | {'on' if compensate else 'off'} | {accuracy:.3f} | "
-                          f"{held.top1_agreement:.3f} | {held.relative_error:.3f} | {inside.top1_agreement:.3f} |",
-                          flush=True)
+                    print(
+                        f"| {name} | {ratio:g} | {criterion} | {'on' if compensate else 'off'} | {accuracy:.3f} | "
+                        f"{held.top1_agreement:.3f} | {held.relative_error:.3f} | {inside.top1_agreement:.3f} |",
+                        flush=True,
+                    )
         accuracy, agreement, error, inside = map(list, zip(*rows))
-        summary.append(f"| {name} | {len(rows)} | {spearman(accuracy, agreement):.2f} | "
-                       f"{spearman(accuracy, [-e for e in error]):.2f} | {spearman(accuracy, inside):.2f} |")
-    print("\nSpearman correlation of test accuracy with each figure:\n\n| model | prunes | held-out agreement "
-          "| held-out -rel. error | in-sample agreement |\n|---|---|---|---|---|")
+        summary.append(
+            f"| {name} | {len(rows)} | {spearman(accuracy, agreement):.2f} | "
+            f"{spearman(accuracy, [-e for e in error]):.2f} | {spearman(accuracy, inside):.2f} |"
+        )
+    print(
+        "\nSpearman correlation of test accuracy with each figure:\n\n| model | prunes | held-out agreement "
+        "| held-out -rel. error | in-sample agreement |\n|---|---|---|---|---|"
+    )
     print("\n".join(summary))
     return 0
 

@@ -6,6 +6,7 @@ Every mutant goes through spa.prune (validation on). Anything raised that is not
 an spa.SpaError (which the CLI turns into a one-line error and exit code) is a bug;
 each distinct one is printed with its traceback. Exit status 1 if any was found.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         if roll < 0.6:
             out[i] = rng.randrange(256)
         elif roll < 0.8:
-            del out[i:i + rng.randrange(1, 64)]
+            del out[i : i + rng.randrange(1, 64)]
         else:
             out[i:i] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 16)))
     return bytes(out)

@@ -19,6 +19,7 @@ catches hangs in native code and deaths by signal). Without it, cases run in thi
 through click's test runner, with a SIGALRM timeout: faster, for CI.
 Exit status 1 if anything was found.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ STRANGE = [-(2**63), -(2**31), -7, -1, 0, 1, 3, 1000003] + HUGE
 
 # ---------------------------------------------------------------- seeds
 
+
 def seed_models() -> list[tuple[str, onnx.ModelProto]]:
     seeds = [(p.stem, onnx.load(str(p))) for p in sorted((ROOT / "models").glob("*.onnx"))]
     return seeds + [(name, build()) for name, build in _BUILT.items()]
@@ -80,10 +82,18 @@ def _mlp_with_if():
     h = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 10)])])
     h = g.op("Add", [h, g.weight(10)])
     cond = g.const(np.array(True))
-    then = helper.make_graph([helper.make_node("Relu", [h], ["t_out"])], "then", [],
-                             [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Neg", [h], ["e_out"])], "else", [],
-                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    then = helper.make_graph(
+        [helper.make_node("Relu", [h], ["t_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", [h], ["e_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)],
+    )
     branch = g.op("If", [cond], then_branch=then, else_branch=other)
     g.output(g.op("MatMul", [branch, g.weight(10, 3)]))
     return g.build()
@@ -95,8 +105,10 @@ def _quantized():
     g = Graph(opset=21)
     x = g.input("x", [1, 3, 6, 6])
     values = np.random.default_rng(0).integers(0, 8, (8, 3, 3, 3))
-    g.inits += [helper.make_tensor("wq", TensorProto.UINT4, values.shape, values.ravel().tolist()),
-                numpy_helper.from_array(np.float32(0.05), "ws")]
+    g.inits += [
+        helper.make_tensor("wq", TensorProto.UINT4, values.shape, values.ravel().tolist()),
+        numpy_helper.from_array(np.float32(0.05), "ws"),
+    ]
     w = g.op("DequantizeLinear", ["wq", "ws"])
     h = g.op("Relu", [g.op("Conv", [x, w], pads=[1] * 4)])
     h = g.op("Relu", [g.conv(h, 8, 8)])
@@ -108,6 +120,7 @@ _BUILT = {"built_convs": _convs, "built_mlp_if": _mlp_with_if, "built_uint4": _q
 
 
 # ---------------------------------------------------------------- mutations
+
 
 @dataclass
 class Mutant:
@@ -272,9 +285,33 @@ def mut_op_type(m, rng):
     g = _any_graph(m, rng)
     if g.node:
         node = rng.choice(g.node)
-        ops = ["Conv", "Gemm", "MatMul", "Add", "Relu", "Reshape", "Split", "Concat", "Transpose", "Slice",
-               "Gather", "Loop", "Scan", "If", "BatchNormalization", "LayerNormalization", "Resize", "Expand",
-               "Tile", "Pad", "Squeeze", "Unsqueeze", "Flatten", "Softmax", "NoSuchOp"]
+        ops = [
+            "Conv",
+            "Gemm",
+            "MatMul",
+            "Add",
+            "Relu",
+            "Reshape",
+            "Split",
+            "Concat",
+            "Transpose",
+            "Slice",
+            "Gather",
+            "Loop",
+            "Scan",
+            "If",
+            "BatchNormalization",
+            "LayerNormalization",
+            "Resize",
+            "Expand",
+            "Tile",
+            "Pad",
+            "Squeeze",
+            "Unsqueeze",
+            "Flatten",
+            "Softmax",
+            "NoSuchOp",
+        ]
         node.op_type = rng.choice(ops)
         if rng.random() < 0.1:
             node.domain = rng.choice(["com.microsoft", "com.acme", "ai.onnx"])
@@ -349,8 +386,7 @@ def mut_subgraph(m, rng):
         body.initializer.append(t)
     cond = g.initializer.add()
     cond.CopyFrom(numpy_helper.from_array(np.array(rng.random() < 0.5), out + "_cond"))
-    wrapper = helper.make_node("If", [cond.name], [out], name=node.name + "_if", then_branch=body,
-                               else_branch=other)
+    wrapper = helper.make_node("If", [cond.name], [out], name=node.name + "_if", then_branch=body, else_branch=other)
     g.node[k].CopyFrom(wrapper)
     m.what.append(f"node {node.name} wrapped in If")
 
@@ -371,8 +407,19 @@ def mut_external(m, rng):
         elif roll < 0.3:
             entries["length"] = rng.choice(["x", "-1", str(len(data) + 1), str(len(data) - 1), "0"])
         elif roll < 0.45:
-            entries["location"] = rng.choice(["/etc/passwd", "../weights.bin", "w\0.bin", "x" * 5000,
-                                              "missing.bin", "", ".", "sub/../weights.bin", "weights.bin/"])
+            entries["location"] = rng.choice(
+                [
+                    "/etc/passwd",
+                    "../weights.bin",
+                    "w\0.bin",
+                    "x" * 5000,
+                    "missing.bin",
+                    "",
+                    ".",
+                    "sub/../weights.bin",
+                    "weights.bin/",
+                ]
+            )
         elif roll < 0.5:
             del entries["location"]
         t.ClearField("raw_data")
@@ -384,9 +431,23 @@ def mut_external(m, rng):
     m.what.append(f"external data for {len(m.external)} tensors")
 
 
-MUTATIONS = [mut_data_type, mut_elem_type, mut_dims, mut_raw_data, mut_values, mut_attribute, mut_delete_node,
-             mut_duplicate_node, mut_reorder, mut_rewire, mut_op_type, mut_names, mut_opset, mut_subgraph,
-             mut_external]
+MUTATIONS = [
+    mut_data_type,
+    mut_elem_type,
+    mut_dims,
+    mut_raw_data,
+    mut_values,
+    mut_attribute,
+    mut_delete_node,
+    mut_duplicate_node,
+    mut_reorder,
+    mut_rewire,
+    mut_op_type,
+    mut_names,
+    mut_opset,
+    mut_subgraph,
+    mut_external,
+]
 
 
 def mutate(seed: onnx.ModelProto, rng: random.Random) -> Mutant:
@@ -419,8 +480,12 @@ def write_mutant(m: Mutant, folder: Path) -> Path:
 
 # ---------------------------------------------------------------- running
 
-OPTION_SETS = [["--criterion", "l2", "--no-compensate"], ["--criterion", "l1", "--ratio", "0.5", "--soft"],
-               ["--criterion", "l2", "--round-to", "2", "--no-validate"], ["--ratio", "0.3"]]
+OPTION_SETS = [
+    ["--criterion", "l2", "--no-compensate"],
+    ["--criterion", "l1", "--ratio", "0.5", "--soft"],
+    ["--criterion", "l2", "--round-to", "2", "--no-validate"],
+    ["--ratio", "0.3"],
+]
 
 
 @dataclass
@@ -439,7 +504,8 @@ class _Timeout(BaseException):
 
 def _run_in_process(args: list[str], tmpdir: Path, timeout: float) -> Outcome:
     from click.testing import CliRunner
-    from spa.cli import main
+
+    from spa.cli.commands import main
 
     def expire(signum, frame):
         raise _Timeout()
@@ -470,8 +536,12 @@ def _files_onnxruntime_keeps() -> set[str]:
     """What importing onnxruntime itself leaves in TMPDIR (1.32 keeps a session id in ``.ses``):
     not spa's to clean up."""
     with tempfile.TemporaryDirectory() as probe:
-        subprocess.run([sys.executable, "-c", "import onnxruntime"], env={**os.environ, "TMPDIR": probe},
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-c", "import onnxruntime"],
+            env={**os.environ, "TMPDIR": probe},
+            capture_output=True,
+            timeout=120,
+        )
         return {p.name for p in Path(probe).iterdir()}
 
 
@@ -480,8 +550,9 @@ def _run_subprocess(args: list[str], tmpdir: Path, timeout: float) -> Outcome:
     command = [sys.executable, "-m", "spa", *args]
     try:
         # the limit is inherited from this process (see _memory_limit)
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT),
-                              errors="replace")
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT), errors="replace"
+        )
         return Outcome(command, done.returncode, done.stdout + done.stderr)
     except subprocess.TimeoutExpired:
         return Outcome(command, None, "timed out")
@@ -555,9 +626,13 @@ def run_case(m: Mutant, work: Path, timeout: float, options: list[str], in_proce
     model = write_mutant(m, folder)
     runner = _run_in_process if in_process else _run_subprocess
     outcomes, problems = [], []
-    for args, expected in ((["analyze", str(model)], set()),
-                           (["prune", str(model), "--no-bench", *options], {"m.pruned.onnx", "m.pruned.onnx.data",
-                                                                            "m.soft.onnx", "m.soft.onnx.data"})):
+    for args, expected in (
+        (["analyze", str(model)], set()),
+        (
+            ["prune", str(model), "--no-bench", *options],
+            {"m.pruned.onnx", "m.pruned.onnx.data", "m.soft.onnx", "m.soft.onnx.data"},
+        ),
+    ):
         before = _digests(folder)
         outcome = runner(args, tmpdir, timeout)
         outcomes.append(outcome)
@@ -571,19 +646,40 @@ def save_finding(findings: Path, index: int, m: Mutant, outcomes: list[Outcome],
     where = findings / f"case{index:05d}"
     where.mkdir(parents=True, exist_ok=True)
     write_mutant(m, where)
-    (where / "finding.json").write_text(json.dumps({
-        "problems": problems, "mutations": m.what,
-        "reproduce": [" ".join(["python -m spa"] + ["m.onnx" if a.endswith("m.onnx") else a
-                                                     for a in o.command[o.command.index("-m") + 2 if "-m" in o.command
-                                                                        else 1:]])
-                      for o in outcomes],
-        "outputs": [{"exit": o.code, "output": o.output[-4000:]} for o in outcomes]}, indent=2))
+    (where / "finding.json").write_text(
+        json.dumps(
+            {
+                "problems": problems,
+                "mutations": m.what,
+                "reproduce": [
+                    " ".join(
+                        ["python -m spa"]
+                        + [
+                            "m.onnx" if a.endswith("m.onnx") else a
+                            for a in o.command[o.command.index("-m") + 2 if "-m" in o.command else 1 :]
+                        ]
+                    )
+                    for o in outcomes
+                ],
+                "outputs": [{"exit": o.code, "output": o.output[-4000:]} for o in outcomes],
+            },
+            indent=2,
+        )
+    )
     return where
 
 
-def fuzz(seconds: float, seed: int, max_cases: int | None = None, timeout: float = 60, in_process: bool = True,
-         findings: Path | None = None, verbose: bool = False, skip: int = 0,
-         memory_gib: float | None = 8) -> tuple[int, list[tuple[list[str], Path | None]], dict]:
+def fuzz(
+    seconds: float,
+    seed: int,
+    max_cases: int | None = None,
+    timeout: float = 60,
+    in_process: bool = True,
+    findings: Path | None = None,
+    verbose: bool = False,
+    skip: int = 0,
+    memory_gib: float | None = 8,
+) -> tuple[int, list[tuple[list[str], Path | None]], dict]:
     """Mutate and run until the time or case budget is spent. Returns (cases, findings, exit counts)."""
     rng = random.Random(seed)
     seeds = seed_models()
@@ -593,8 +689,11 @@ def fuzz(seconds: float, seed: int, max_cases: int | None = None, timeout: float
     exits: dict = {}
     cases = 0
     deadline = time.monotonic() + seconds
-    with tempfile.TemporaryDirectory(prefix="spa-fuzz-") as scratch, warnings.catch_warnings(), \
-            _memory_limit(memory_gib):
+    with (
+        tempfile.TemporaryDirectory(prefix="spa-fuzz-") as scratch,
+        warnings.catch_warnings(),
+        _memory_limit(memory_gib),
+    ):
         warnings.simplefilter("ignore")
         work = Path(scratch)
         while time.monotonic() < deadline and (max_cases is None or cases < max_cases):
@@ -604,21 +703,31 @@ def fuzz(seconds: float, seed: int, max_cases: int | None = None, timeout: float
             if cases < skip:  # the same mutants as a full run, to reach one case again
                 cases += 1
                 continue
-            outcomes, problems = run_case(m, work, min(timeout, max(deadline - time.monotonic(), 5) + 30),
-                                          options, in_process)
+            outcomes, problems = run_case(
+                m, work, min(timeout, max(deadline - time.monotonic(), 5) + 30), options, in_process
+            )
             cases += 1
             for o in outcomes:
                 exits[o.code] = exits.get(o.code, 0) + 1
             if verbose:
                 print(cases, name, m.what, [o.code for o in outcomes], flush=True)
             if problems:
-                key = problems[0] + " | " + next((line for line in outcomes[-1].output.splitlines()
-                                                  if "error" in line), "")[:120]
+                key = (
+                    problems[0]
+                    + " | "
+                    + next((line for line in outcomes[-1].output.splitlines() if "error" in line), "")[:120]
+                )
                 saved = save_finding(findings, cases, m, outcomes, problems) if findings else None
                 if key not in seen:
                     seen.add(key)
-                    found.append(([f"seed model {name}: {', '.join(m.what)}"] + problems +
-                                  [outcomes[-1].output.strip()[-600:]], saved))
+                    found.append(
+                        (
+                            [f"seed model {name}: {', '.join(m.what)}"]
+                            + problems
+                            + [outcomes[-1].output.strip()[-600:]],
+                            saved,
+                        )
+                    )
     return cases, found, exits
 
 
@@ -636,8 +745,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with contextlib.suppress(FileExistsError):
         Path(args.findings).mkdir(parents=True)
-    cases, found, exits = fuzz(args.seconds, args.seed, args.max_cases, args.timeout, not args.subprocess,
-                               Path(args.findings), args.verbose, args.skip, args.memory_gib)
+    cases, found, exits = fuzz(
+        args.seconds,
+        args.seed,
+        args.max_cases,
+        args.timeout,
+        not args.subprocess,
+        Path(args.findings),
+        args.verbose,
+        args.skip,
+        args.memory_gib,
+    )
     for lines, saved in found:
         print("FINDING " + "\n    ".join(lines) + (f"\n    reproducer: {saved}" if saved else ""))
     print(f"{cases} cases, exit statuses {dict(sorted(exits.items(), key=str))}, {len(found)} distinct findings")

@@ -18,6 +18,7 @@ accuracy as "without / with":
 Non-image inputs (the digits MLP's 64 features) get standard normal noise under every
 smooth-noise and prior row, so only the white and identity rows differ there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import eval_accuracy  # noqa: E402
+
 import spa.api  # noqa: E402
 from spa import statistics  # noqa: E402
 
 
 def _source(kind: str, value: float):
     """A replacement for ``statistics.synthetic_feeds`` that draws image inputs another way."""
+
     def feeds(model, samples, seed, prior=None):
         out = statistics.synthetic_feeds(model, samples, seed)
         rng = np.random.default_rng([seed, 11])
@@ -52,6 +55,7 @@ def _source(kind: str, value: float):
             elif spatial:
                 out[name] = statistics._smooth_noise(rng, list(array.shape), spatial, value).astype(array.dtype)
         return out
+
     return feeds
 
 
@@ -102,8 +106,13 @@ def main(argv=None) -> int:
         dense = [f"{benches[m].evaluate(benches[m].model):.3f}" for m, _ in columns]
         print("| dense | " + " | ".join(dense) + " |", flush=True)
         for label, source in SOURCES.items():
-            cells = [" / ".join("-" if source is None and comp else f"{run(benches[m], source, r, comp, out):.3f}"
-                                for comp in (False, True)) for m, r in columns]
+            cells = [
+                " / ".join(
+                    "-" if source is None and comp else f"{run(benches[m], source, r, comp, out):.3f}"
+                    for comp in (False, True)
+                )
+                for m, r in columns
+            ]
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

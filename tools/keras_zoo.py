@@ -21,6 +21,7 @@ conversion only; spa never imports TensorFlow. Converted models are cached in
 For every model it prints groups found, prunable and pruned, params and FLOPs before and after,
 validation and time, then the same figures as one markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,11 @@ def venv_python() -> Path:
     python, ready = venv_dir() / "bin" / "python", venv_dir() / "spa-installed"
     if ready.exists():
         return python
-    print(f"creating {venv_dir()} with {' '.join(REQUIREMENTS)} (once; TensorFlow is kept out of "
-          "spa's own environment because tf2onnx pins an older protobuf)", file=sys.stderr)
+    print(
+        f"creating {venv_dir()} with {' '.join(REQUIREMENTS)} (once; TensorFlow is kept out of "
+        "spa's own environment because tf2onnx pins an older protobuf)",
+        file=sys.stderr,
+    )
     subprocess.run([sys.executable, "-m", "venv", str(venv_dir())], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS], check=True)
     ready.touch()  # an interrupted install is redone, not taken for a working one
@@ -88,8 +92,10 @@ def converted(name: str, side: int = DEFAULT_SIDE) -> Path:
 
 # ---------------------------------------------------------------- inside the TensorFlow venv
 
+
 def _patterns_model(keras, layers):
     """One block of each kind the applications use, at toy widths."""
+
     def conv_bn(x, filters, kernel=1, strides=1, activation="relu"):
         x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization()(x)
@@ -160,15 +166,22 @@ def _convert(name: str, side: int, out: str) -> None:
         model = getattr(tf.keras.applications, APPLICATIONS[base])(weights=None, input_shape=(side, side, 3))
     _set_batchnorm_statistics(tf, model, side)
     signature = [tf.TensorSpec((None, side, side, 3), tf.float32, name="input")]
-    tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET, output_path=out,
-                               optimizers={} if name.endswith("_nhwc") else None)
+    tf2onnx.convert.from_keras(
+        model,
+        input_signature=signature,
+        opset=OPSET,
+        output_path=out,
+        optimizers={} if name.endswith("_nhwc") else None,
+    )
 
 
 # ---------------------------------------------------------------- pruning, in spa's environment
 
+
 def prune(name: str, path: Path, ratio: float, write: Path | None) -> dict:
-    import spa
     from prune_wheels import summarise  # spa's environment only, not the TF venv
+
+    import spa
 
     start = time.perf_counter()
     result = spa.prune(path, ratio=ratio, check=True)
@@ -189,8 +202,14 @@ def prune(name: str, path: Path, ratio: float, write: Path | None) -> dict:
 def table(rows: list[dict], ratio: float, side: int) -> str:
     from prune_wheels import table_lines
 
-    return "\n".join([f"ratio {ratio}, input {side}x{side} NHWC (keras_patterns {PATTERNS_SIDE}x{PATTERNS_SIDE}), "
-                      f"tf2onnx 1.16.1 opset {OPSET}, random weights", ""] + table_lines(rows))
+    return "\n".join(
+        [
+            f"ratio {ratio}, input {side}x{side} NHWC (keras_patterns {PATTERNS_SIDE}x{PATTERNS_SIDE}), "
+            f"tf2onnx 1.16.1 opset {OPSET}, random weights",
+            "",
+        ]
+        + table_lines(rows)
+    )
 
 
 def main() -> int:
@@ -199,10 +218,15 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--side", type=int, default=DEFAULT_SIDE, help=f"input height and width (default {DEFAULT_SIDE})")
+    parser.add_argument(
+        "--side", type=int, default=DEFAULT_SIDE, help=f"input height and width (default {DEFAULT_SIDE})"
+    )
     parser.add_argument("--write", type=Path, help="folder to write the pruned models to")
-    parser.add_argument("--test-data", action="store_true",
-                        help=f"(re)write {TEST_DATA.relative_to(ROOT)}/keras_patterns{{,_nhwc}}.onnx")
+    parser.add_argument(
+        "--test-data",
+        action="store_true",
+        help=f"(re)write {TEST_DATA.relative_to(ROOT)}/keras_patterns{{,_nhwc}}.onnx",
+    )
     parser.add_argument("models", nargs="*", choices=[[], *MODELS], help="default: all")
     args = parser.parse_args()
     if args.test_data:

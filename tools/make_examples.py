@@ -6,6 +6,7 @@ mini_resnet.onnx: a small residual CNN with a squeeze-excitation gate, a
 depthwise block, a channel concat and a flatten into a classifier: the
 patterns spa must couple, in a file small enough to ship (random weights).
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,9 @@ OUT = Path(__file__).resolve().parents[1] / "models"
 
 
 def block(cin, cout, k=3, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 class MiniResNet(nn.Module):
@@ -54,9 +56,16 @@ def main() -> int:
                 m.running_var.uniform_(0.5, 2.0)
     OUT.mkdir(exist_ok=True)
     path = OUT / "mini_resnet.onnx"
-    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.randn(1, 3, 32, 32),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )
     print(path, path.stat().st_size, "bytes")
     return 0
 

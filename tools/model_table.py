@@ -10,10 +10,11 @@ magnitude (``apply_structured_pruning`` ranks by L2 norm too), and fast on full-
 spa's own validation runs (checker, onnxruntime, I/O, soft == hard for exact groups, and for
 dynamic models batch 2 and batch 3 x sequence 7). onnxsim's ``apply_structured_pruning`` and
 ``apply_structured_wanda_pruning`` (calibrated on 8 synthetic inputs from
-spa.validate.sample_inputs: random normal floats, ones for masks, zeros for other integers) run on the same file at the same ratio. All three outputs then get the same check
+spa.verify.validate.sample_inputs: random normal floats, ones for masks, zeros for other integers) run on the same file at the same ratio. All three outputs then get the same check
 (tools/compare_onnxsim.check: full onnx check, onnxruntime runs, same output names and shapes
 as the dense model), at every input size spa validates at. Models are run one at a time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import table_models  # noqa: E402
 from compare_onnxsim import check  # noqa: E402
+
 from spa.api import is_ffn  # noqa: E402
-from spa.validate import sample_inputs  # noqa: E402
+from spa.verify.validate import sample_inputs  # noqa: E402
 
 
 def _feeds(dense):
     """The sizes spa validates at: declared, and for symbolic axes batch 2 and batch 3 x length 7."""
     feeds = [sample_inputs(dense)]
-    symbolic = any(not d.HasField("dim_value") or d.dim_value < 0
-                   for i in dense.graph.input for d in i.type.tensor_type.shape.dim)
+    symbolic = any(
+        not d.HasField("dim_value") or d.dim_value < 0 for i in dense.graph.input for d in i.type.tensor_type.shape.dim
+    )
     if symbolic:
         feeds += [sample_inputs(dense, 1, batch=2), sample_inputs(dense, 2, batch=3, length=7)]
     return feeds
@@ -59,7 +62,7 @@ def _check_all(dense, pruned, feeds) -> str:
 def _stats(model):
     """(params, FLOPs) counted by spa on any model, so both tools are measured alike."""
     import spa.api
-    from spa.metrics import count
+    from spa.reporting.metrics import count
 
     try:
         stats = count(spa.api._prepare(model, None).graph)
@@ -72,17 +75,25 @@ def _groups_summary(groups) -> dict:
     """Heads per layer (before -> after, head_dim) and the FFN / other channel groups pruned."""
     heads = [g for g in groups if g.kind == "heads"]
     # a unit may hold several heads (a GQA group: the query heads of one kv head)
-    per_layer = [(g.heads or g.channels, g.head_dim,
-                  (g.heads or g.channels) - g.removed * ((g.heads or g.channels) // g.channels), g.frozen)
-                 for g in heads]
+    per_layer = [
+        (
+            g.heads or g.channels,
+            g.head_dim,
+            (g.heads or g.channels) - g.removed * ((g.heads or g.channels) // g.channels),
+            g.frozen,
+        )
+        for g in heads
+    ]
     ffn = [g for g in groups if is_ffn(asdict(g))]
     ffn_ids = {g.id for g in ffn}
     other = [g for g in groups if g.kind is None and g.id not in ffn_ids and g.frozen is None and g.channels > 1]
     return {
         "heads": [{"heads": h, "head_dim": d, "heads_after": a, "frozen": f} for h, d, a, f in per_layer],
-        "ffn_found": len(ffn), "ffn_prunable": sum(g.frozen is None for g in ffn),
+        "ffn_found": len(ffn),
+        "ffn_prunable": sum(g.frozen is None for g in ffn),
         "ffn_pruned": sum(g.removed > 0 for g in ffn),
-        "other_prunable": len(other), "other_pruned": sum(g.removed > 0 for g in other),
+        "other_prunable": len(other),
+        "other_pruned": sum(g.removed > 0 for g in other),
     }
 
 
@@ -105,12 +116,20 @@ def run_spa(path: Path, ratio: float, dense, feeds) -> dict:
     seconds = time.perf_counter() - start
     r, v = result.report, result.report.validation
     verdict = _check_all(dense, result.model, feeds)
-    out = {"verdict": verdict if v.ok else f"spa validation: {'; '.join(v.problems)[:200]}",
-           "params_before": r.params_before, "params_after": r.params_after,
-           "flops_before": r.flops_before, "flops_after": r.flops_after,
-           "soft_equal": v.soft_equal, "soft_max_rel_error": v.soft_max_rel_error,
-           "groups_found": r.groups_found, "groups_prunable": r.groups_prunable, "groups_pruned": r.groups_pruned,
-           "seconds": seconds, **_groups_summary(r.groups)}
+    out = {
+        "verdict": verdict if v.ok else f"spa validation: {'; '.join(v.problems)[:200]}",
+        "params_before": r.params_before,
+        "params_after": r.params_after,
+        "flops_before": r.flops_before,
+        "flops_after": r.flops_after,
+        "soft_equal": v.soft_equal,
+        "soft_max_rel_error": v.soft_max_rel_error,
+        "groups_found": r.groups_found,
+        "groups_prunable": r.groups_prunable,
+        "groups_pruned": r.groups_pruned,
+        "seconds": seconds,
+        **_groups_summary(r.groups),
+    }
     del result
     gc.collect()
     return out
@@ -127,12 +146,18 @@ def run_onnxsim(function: str, path: Path, ratio: float, dense, feeds) -> dict:
     try:
         pruned = getattr(sim, function)(str(path), sparsity=ratio, **kwargs)
     except Exception as exc:
-        return {"verdict": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}",
-                "seconds": time.perf_counter() - start}
+        return {
+            "verdict": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}",
+            "seconds": time.perf_counter() - start,
+        }
     seconds = time.perf_counter() - start
     params, flops = _stats(pruned)
-    out = {"verdict": _check_all(dense, pruned, feeds), "params_after": params, "flops_after": flops,
-           "seconds": seconds}
+    out = {
+        "verdict": _check_all(dense, pruned, feeds),
+        "params_after": params,
+        "flops_after": flops,
+        "seconds": seconds,
+    }
     del pruned
     gc.collect()
     return out
@@ -173,15 +198,19 @@ def _sim_cells(sim: dict | None, spa_row: dict) -> str:
     if sim is None:
         return "| - | - | - |"
     # FLOPs are counted on inferred shapes, which an invalid model does not have
-    flops = _delta(spa_row.get('flops_before'), sim.get('flops_after')) if sim["verdict"] == "valid" else "-"
-    return (f"| {sim['verdict']} | {_delta(spa_row.get('params_before'), sim.get('params_after'))} / "
-            f"{flops} | {sim['seconds']:.0f} |")
+    flops = _delta(spa_row.get("flops_before"), sim.get("flops_after")) if sim["verdict"] == "valid" else "-"
+    return (
+        f"| {sim['verdict']} | {_delta(spa_row.get('params_before'), sim.get('params_after'))} / "
+        f"{flops} | {sim['seconds']:.0f} |"
+    )
 
 
-HEADER = ("| model | exporter | params / FLOPs dense | spa | spa params / FLOPs | soft==hard err | heads per layer "
-          "(count before->after, head_dim) | FFN pruned/found | other groups pruned | spa s | "
-          "onnxsim structured | params / FLOPs | s | onnxsim wanda | params / FLOPs | s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| model | exporter | params / FLOPs dense | spa | spa params / FLOPs | soft==hard err | heads per layer "
+    "(count before->after, head_dim) | FFN pruned/found | other groups pruned | spa s | "
+    "onnxsim structured | params / FLOPs | s | onnxsim wanda | params / FLOPs | s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def markdown(row: dict) -> str:
@@ -190,14 +219,21 @@ def markdown(row: dict) -> str:
         return head + f"| {row['not_built']} |" + " |" * 13
     s = row["spa"]
     if "params_before" not in s:
-        return head + f"| - | {s['verdict']} | - | - | - | - | - | {s['seconds']:.0f} " + \
-            _sim_cells(row.get("onnxsim"), s) + _sim_cells(row.get("onnxsim_wanda"), s)[1:]
+        return (
+            head
+            + f"| - | {s['verdict']} | - | - | - | - | - | {s['seconds']:.0f} "
+            + _sim_cells(row.get("onnxsim"), s)
+            + _sim_cells(row.get("onnxsim_wanda"), s)[1:]
+        )
     err = "-" if s["soft_equal"] is None else f"{s['soft_max_rel_error']:.1e}"
-    return (head + f"| {_count(s['params_before'])} / {_count(s['flops_before'])} | {s['verdict']} | "
-            f"{_delta(s['params_before'], s['params_after'])} / {_delta(s['flops_before'], s['flops_after'])} | "
-            f"{err} | {_heads_text(s['heads'])} | {s['ffn_pruned']}/{s['ffn_found']} | "
-            f"{s['other_pruned']}/{s['other_prunable']} | {s['seconds']:.0f} "
-            + _sim_cells(row.get("onnxsim"), s) + _sim_cells(row.get("onnxsim_wanda"), s)[1:])
+    return (
+        head + f"| {_count(s['params_before'])} / {_count(s['flops_before'])} | {s['verdict']} | "
+        f"{_delta(s['params_before'], s['params_after'])} / {_delta(s['flops_before'], s['flops_after'])} | "
+        f"{err} | {_heads_text(s['heads'])} | {s['ffn_pruned']}/{s['ffn_found']} | "
+        f"{s['other_pruned']}/{s['other_prunable']} | {s['seconds']:.0f} "
+        + _sim_cells(row.get("onnxsim"), s)
+        + _sim_cells(row.get("onnxsim_wanda"), s)[1:]
+    )
 
 
 def summary(rows: list[dict]) -> str:
@@ -210,12 +246,15 @@ def summary(rows: list[dict]) -> str:
             smaller = [x for x in valid if x["params_after"] < x["params_before"]]
         else:
             before = {id(r[key]): r["spa"].get("params_before") for r in built if key in r}
-            smaller = [x for x in valid if x.get("params_after") and before[id(x)]
-                       and x["params_after"] < before[id(x)]]
+            smaller = [
+                x for x in valid if x.get("params_after") and before[id(x)] and x["params_after"] < before[id(x)]
+            ]
         return f"{key} {len(valid)}/{len(done)} valid ({len(smaller)} of them smaller)"
 
-    return "; ".join(tally(k) for k in ("spa", "onnxsim", "onnxsim_wanda")) + \
-        f"; {len(rows) - len(built)} models not built"
+    return (
+        "; ".join(tally(k) for k in ("spa", "onnxsim", "onnxsim_wanda"))
+        + f"; {len(rows) - len(built)} models not built"
+    )
 
 
 def main(argv=None) -> int:
@@ -228,8 +267,11 @@ def main(argv=None) -> int:
     parser.add_argument("--render", action="store_true", help="print the table of the --json rows, run nothing")
     args = parser.parse_args(argv)
     wanted = [tuple(n.split(":")) if ":" in n else (n, None) for n in args.names]
-    entries = [(n, e) for n, e in table_models.ENTRIES
-               if not wanted or any(n == w and (we is None or e == we) for w, we in wanted)]
+    entries = [
+        (n, e)
+        for n, e in table_models.ENTRIES
+        if not wanted or any(n == w and (we is None or e == we) for w, we in wanted)
+    ]
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     if args.render:
         entries = []

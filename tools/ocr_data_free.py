@@ -25,6 +25,7 @@ experiment prunes the recogniser with ``obspa`` and measures exact match on the 
 - chars: character accuracy (1 - edit distance / characters) of random, l1 and obspa, with and
   without compensation: what exact match cannot tell apart once every line has an error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,14 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import accuracy_suites  # noqa: E402
+
 import spa  # noqa: E402
 import spa.api as api  # noqa: E402
-import spa.statistics as statistics  # noqa: E402
-import accuracy_suites  # noqa: E402
-from spa.compensate import Compensation, replace_initializers  # noqa: E402
-import spa.obs as obs  # noqa: E402
-from spa.obs import augmented_hessian, inverse, obs_update  # noqa: E402
+import spa.scoring.obs as obs  # noqa: E402
+import spa.scoring.statistics as statistics  # noqa: E402
+from spa.scoring.obs import augmented_hessian, inverse, obs_update  # noqa: E402
+from spa.transforms.compensate import Compensation, replace_initializers  # noqa: E402
 
 CALIB_SAMPLES = 128
 BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -83,11 +85,15 @@ def _both_statistics(store: dict):
 def swap(bench: Bench, ratios: list[float]) -> None:
     store: dict = {}
     _both_statistics(store)
-    for rank, refit, how in (("synthetic", "real", "layerwise"), ("synthetic", "real", "sequential"),
-                             ("real", "synthetic", "layerwise")):
+    for rank, refit, how in (
+        ("synthetic", "real", "layerwise"),
+        ("synthetic", "real", "sequential"),
+        ("real", "synthetic", "layerwise"),
+    ):
         store["rank"], store["refit"] = rank, refit
-        figures = [bench.evaluate(bench.run(r, calib=bench.calib, calib_samples=CALIB_SAMPLES, refit=how))
-                   for r in ratios]
+        figures = [
+            bench.evaluate(bench.run(r, calib=bench.calib, calib_samples=CALIB_SAMPLES, refit=how)) for r in ratios
+        ]
         print(f"rank {rank}, refit {refit} ({how}): " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
 
 
@@ -121,15 +127,19 @@ def blend(bench: Bench, ratios: list[float]) -> None:
         model.CopyFrom(prepared.model)
         replace_initializers(model, values)
         print(f"  blends chosen: {chosen}", flush=True)
-        return (api._Prepared(prepared.name, model, api.ModelGraph(model), prepared.opset, prepared.path),
-                Compensation(layers=len(values)))
+        return (
+            api._Prepared(prepared.name, model, api.ModelGraph(model), prepared.opset, prepared.path),
+            Compensation(layers=len(values)),
+        )
 
     calibration = np.load(bench.calib)
     real_feeds.update({k: calibration[k][:CALIB_SAMPLES] for k in calibration.files})
     api._compensate = refit_blended
     figures = [bench.evaluate(bench.run(r, refit="layerwise")) for r in ratios]
-    print("synthetic refit, blend per layer judged on the real lines: " + " / ".join(f"{f:.3f}" for f in figures),
-          flush=True)
+    print(
+        "synthetic refit, blend per layer judged on the real lines: " + " / ".join(f"{f:.3f}" for f in figures),
+        flush=True,
+    )
 
 
 def priors(bench: Bench, ratios: list[float], mix: list[int] | None) -> None:
@@ -137,9 +147,12 @@ def priors(bench: Bench, ratios: list[float], mix: list[int] | None) -> None:
         def feeds(model, samples, seed, prior=statistics.SMOOTH_NOISE):
             fields = statistics._noise_fields(model, samples, seed)
             parts = np.array_split(np.arange(samples), len(indices))
-            drawn = [statistics._drawn(model, {k: v[part] for k, v in fields.items()}, statistics.PRIORS[i])
-                     for part, i in zip(parts, indices)]
+            drawn = [
+                statistics._drawn(model, {k: v[part] for k, v in fields.items()}, statistics.PRIORS[i])
+                for part, i in zip(parts, indices)
+            ]
             return {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
+
         return feeds
 
     runs = [mix] if mix else [[i] for i in range(len(statistics.PRIORS))]
@@ -176,6 +189,7 @@ def _batchnorm_mismatch(batchnorm_inputs):
     """Mean over BatchNormalizations of the squared mean error in running standard deviations plus
     the squared log ratio of variances: 0 when a batch reproduces the training statistics."""
     import torch
+
     total = 0
     for value, mean, variance in batchnorm_inputs.values():
         axes = [0] + list(range(2, value.dim()))
@@ -185,8 +199,9 @@ def _batchnorm_mismatch(batchnorm_inputs):
 
 
 def _total_variation(images):
-    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
-            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean())
+    return (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (
+        images[..., :, 1:] - images[..., :, :-1]
+    ).abs().mean()
 
 
 def _ctc_targets(model_path: Path, samples: int, generator: np.random.Generator):
@@ -197,10 +212,18 @@ def _ctc_targets(model_path: Path, samples: int, generator: np.random.Generator)
     return generator.integers(1, classes, int(lengths.sum())), lengths
 
 
-def inversion(bench: Bench, ratios: list[float], samples: int = 32, steps: int = 150,
-              smoothness: float = 1.0, rate: float = 0.05, reading: float = 0.0) -> None:
-    import torch
+def inversion(
+    bench: Bench,
+    ratios: list[float],
+    samples: int = 32,
+    steps: int = 150,
+    smoothness: float = 1.0,
+    rate: float = 0.05,
+    reading: float = 0.0,
+) -> None:
     import onnx_torch
+    import torch
+
     torch.manual_seed(0)
     model = onnx.load(bench.model)
     input_shape = statistics._input_shape
@@ -232,7 +255,8 @@ def inversion(bench: Bench, ratios: list[float], samples: int = 32, steps: int =
         if reading:
             steps_out = torch.full((samples,), outputs[0].shape[1], dtype=torch.long)
             loss = loss + reading * torch.nn.functional.ctc_loss(
-                torch.log(outputs[0].clamp_min(1e-12)).transpose(0, 1), targets, steps_out, target_lengths)
+                torch.log(outputs[0].clamp_min(1e-12)).transpose(0, 1), targets, steps_out, target_lengths
+            )
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -242,8 +266,10 @@ def inversion(bench: Bench, ratios: list[float], samples: int = 32, steps: int =
     if reading:
         confident = outputs[0].max(-1).values.mean().item()
         print(f"  mean top probability per output step: {confident:.3f}", flush=True)
-    print(f"  batchnorm mismatch, inverted after {steps} steps: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}",
-          flush=True)
+    print(
+        f"  batchnorm mismatch, inverted after {steps} steps: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}",
+        flush=True,
+    )
     api.synthetic_feeds = lambda *args, **kwargs: {"x": inverted}
     for how in ("layerwise", "sequential"):
         figures = [bench.evaluate(bench.run(r, refit=how)) for r in ratios]
@@ -272,26 +298,47 @@ def chars(bench: Bench, ratios: list[float]) -> None:
 
     print(f"dense: {accuracy(bench.model):.3f}")
     for ratio in ratios:
-        row = [f"{c} {'on' if comp else 'off'} {bench.evaluate(bench.run(ratio, c, compensate=comp), accuracy):.3f}"
-               for c in ("random", "l1", "obspa") for comp in (False, True)]
+        row = [
+            f"{c} {'on' if comp else 'off'} {bench.evaluate(bench.run(ratio, c, compensate=comp), accuracy):.3f}"
+            for c in ("random", "l1", "obspa")
+            for comp in (False, True)
+        ]
         print(f"ratio {ratio}: " + ", ".join(row), flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiments", nargs="*", default=["swap", "blend", "priors", "damping", "chars"],
-                        choices=["swap", "blend", "priors", "damping", "chars", "inversion"])
+    parser.add_argument(
+        "experiments",
+        nargs="*",
+        default=["swap", "blend", "priors", "damping", "chars"],
+        choices=["swap", "blend", "priors", "damping", "chars", "inversion"],
+    )
     parser.add_argument("--ratios", nargs="*", type=float, default=None)
-    parser.add_argument("--mix", type=lambda text: [int(i) for i in text.split(",")], default=None,
-                        help="priors: draw equal shares from these PRIORS indices instead of one at a time")
-    parser.add_argument("--reading", type=float, default=0.0,
-                        help="inversion: weight of a CTC loss pushing each line to read a random string")
+    parser.add_argument(
+        "--mix",
+        type=lambda text: [int(i) for i in text.split(",")],
+        default=None,
+        help="priors: draw equal shares from these PRIORS indices instead of one at a time",
+    )
+    parser.add_argument(
+        "--reading",
+        type=float,
+        default=0.0,
+        help="inversion: weight of a CTC loss pushing each line to read a random string",
+    )
     parser.add_argument("--steps", type=int, default=150, help="inversion: Adam steps")
     parser.add_argument("--out", type=Path, default=Path("ocr_data_free.onnx"), help="scratch model file")
     args = parser.parse_args(argv)
     bench = Bench(args.out)
-    defaults = {"swap": [0.2, 0.3, 0.5], "blend": [0.1, 0.2, 0.3], "priors": [0.1, 0.2], "damping": [0.1, 0.2, 0.3],
-                "chars": [0.2, 0.3, 0.5], "inversion": [0.1, 0.2, 0.3, 0.5]}
+    defaults = {
+        "swap": [0.2, 0.3, 0.5],
+        "blend": [0.1, 0.2, 0.3],
+        "priors": [0.1, 0.2],
+        "damping": [0.1, 0.2, 0.3],
+        "chars": [0.2, 0.3, 0.5],
+        "inversion": [0.1, 0.2, 0.3, 0.5],
+    }
     saved = (api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior)
     for name in args.experiments:
         print(f"## {name}", flush=True)

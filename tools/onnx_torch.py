@@ -10,9 +10,10 @@ function per operator; another raises NotImplementedError naming it.
 ``batchnorm_inputs`` maps each BatchNormalization node to (its input, running mean, running
 variance): what an inversion matches.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -29,6 +30,7 @@ def op(*names: str):
         for name in names:
             OPS[name] = function
         return function
+
     return register
 
 
@@ -62,9 +64,15 @@ def _conv(inputs, attrs):
     x, weight = inputs[:2]
     spatial = weight.dim() - 2
     convolve = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    return convolve(x, weight, inputs[2] if len(inputs) > 2 else None, attrs.get("strides", [1] * spatial),
-                    _symmetric(attrs.get("pads", [0] * 2 * spatial), spatial), attrs.get("dilations", [1] * spatial),
-                    attrs.get("group", 1))
+    return convolve(
+        x,
+        weight,
+        inputs[2] if len(inputs) > 2 else None,
+        attrs.get("strides", [1] * spatial),
+        _symmetric(attrs.get("pads", [0] * 2 * spatial), spatial),
+        attrs.get("dilations", [1] * spatial),
+        attrs.get("group", 1),
+    )
 
 
 @op("BatchNormalization")
@@ -79,7 +87,7 @@ def _batchnorm(inputs, attrs):
 def _clip(inputs, attrs):
     low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
     high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
-    as_float = (lambda v: None if v is None else float(v))
+    as_float = lambda v: None if v is None else float(v)
     return torch.clamp(inputs[0], as_float(low), as_float(high))
 
 
@@ -210,9 +218,11 @@ def _pool_with(average: bool):
         pads = _symmetric(attrs.get("pads", [0] * 2 * len(kernel)), len(kernel))
         ceil = attrs.get("ceil_mode", 0) == 1
         if average:
-            return F.avg_pool2d(inputs[0], kernel, attrs.get("strides"), pads, ceil,
-                                attrs.get("count_include_pad", 0) == 1)
+            return F.avg_pool2d(
+                inputs[0], kernel, attrs.get("strides"), pads, ceil, attrs.get("count_include_pad", 0) == 1
+            )
         return F.max_pool2d(inputs[0], kernel, attrs.get("strides"), pads, ceil_mode=ceil)
+
     return pool
 
 

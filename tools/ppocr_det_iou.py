@@ -9,6 +9,7 @@ misleads obspa on such a model. Metric: the intersection over union of the text 
 320x320, dark ink on light paper. Rows: obspa with the prior the probe chose, obspa with smooth
 noise forced, obspa with dark ink on light paper forced, and l1 (no compensation, as spa runs it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import accuracy_suites  # noqa: E402
+
 import spa  # noqa: E402
 import spa.api  # noqa: E402
 from spa import statistics  # noqa: E402
-from spa.validate import session  # noqa: E402
+from spa.verify.validate import session  # noqa: E402
 
 DET_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 SIDE = 320
@@ -55,7 +57,7 @@ def _page(seed: int, words: list[str], fonts: list[Path]) -> np.ndarray:
 def text_maps(model, pages: np.ndarray) -> np.ndarray:
     run = session(model)
     name = run.get_inputs()[0].name
-    return np.concatenate([run.run(None, {name: pages[k:k + 4]})[0] for k in range(0, len(pages), 4)]) > 0.3
+    return np.concatenate([run.run(None, {name: pages[k : k + 4]})[0] for k in range(0, len(pages), 4)]) > 0.3
 
 
 def main(argv=None) -> int:
@@ -64,17 +66,21 @@ def main(argv=None) -> int:
     parser.add_argument("--pages", type=int, default=16)
     args = parser.parse_args(argv)
     cache = accuracy_suites.accuracy_dir()
-    model = accuracy_suites._extract(accuracy_suites._wheel(cache, accuracy_suites.RAPIDOCR_WHEEL), DET_MEMBER,
-                                     cache / "ch_PP-OCRv4_det_infer.onnx")
+    model = accuracy_suites._extract(
+        accuracy_suites._wheel(cache, accuracy_suites.RAPIDOCR_WHEEL), DET_MEMBER, cache / "ch_PP-OCRv4_det_infer.onnx"
+    )
     words = accuracy_suites._words(accuracy_suites.lee_sentences(cache), LETTERS)
     pages = np.stack([_page(seed, words, accuracy_suites._fonts()) for seed in range(args.pages)])
     dense = text_maps(onnx.load(str(model)), pages)
     print(f"dense: {dense.mean():.1%} of pixels are text")
-    forced = {"smooth noise forced": statistics.SMOOTH_NOISE,
-              "dark ink on light forced": statistics.InputPrior(-2.0, 2.0, 0.1, ink_high=False)}
+    forced = {
+        "smooth noise forced": statistics.SMOOTH_NOISE,
+        "dark ink on light forced": statistics.InputPrior(-2.0, 2.0, 0.1, ink_high=False),
+    }
     print("| ratio | obspa, prior chosen | " + " | ".join(f"obspa, {k}" for k in forced) + " | l1 |")
     print("|---|---|" + "---|" * len(forced) + "---|")
     for ratio in args.ratios:
+
         def iou(result) -> float:
             pruned = text_maps(result.model, pages)
             return float((pruned & dense).sum() / max((pruned | dense).sum(), 1))

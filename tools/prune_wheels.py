@@ -13,6 +13,7 @@ the groups found and prunable, what froze the recurrent layers' groups and why, 
 FLOPs before and after, the validation (checker, onnxruntime, I/O, soft == hard) and the time,
 then the same figures as one markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (requirement, wheel file prefix, path of the model inside the wheel)
 MODELS = {
-    "silero_vad_16k_sequence": ("silero-vad==6.2.3", "silero_vad-6.2.3-",
-                                "silero_vad/data/silero_vad_16k_sequence.onnx"),
+    "silero_vad_16k_sequence": (
+        "silero-vad==6.2.3",
+        "silero_vad-6.2.3-",
+        "silero_vad/data/silero_vad_16k_sequence.onnx",
+    ),
     "ddddocr_common": ("ddddocr==1.6.1", "ddddocr-1.6.1-", "ddddocr/common.onnx"),
-    "ppocr_det": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-",
-                  "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
-    "ppocr_cls": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-",
-                  "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-    "ppocr_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-",
-                  "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
+    "ppocr_det": (
+        "rapidocr-onnxruntime==1.4.4",
+        "rapidocr_onnxruntime-1.4.4-",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+    ),
+    "ppocr_cls": (
+        "rapidocr-onnxruntime==1.4.4",
+        "rapidocr_onnxruntime-1.4.4-",
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    ),
+    "ppocr_rec": (
+        "rapidocr-onnxruntime==1.4.4",
+        "rapidocr_onnxruntime-1.4.4-",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+    ),
 }
 
 
@@ -53,8 +66,10 @@ def cached_model(name: str, fetch: bool = False) -> Path | None:
     wheel = next(iter(sorted(folder.glob(f"{prefix}*.whl"))), None)
     if wheel is None and fetch:
         folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder),
-                        requirement], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), requirement],
+            check=True,
+        )
         wheel = next(iter(sorted(folder.glob(f"{prefix}*.whl"))), None)
     if wheel is None:
         return None
@@ -92,28 +107,42 @@ def summarise(name: str, path: Path, result, seconds: float, soft: str, details:
     print(f"groups:  {r.groups_found} found, {r.groups_prunable} prunable, {r.groups_pruned} pruned")
     for line in details:
         print(line)
-    print(f"params:  {count(r.params_before)} -> {count(r.params_after)} "
-          f"({100 * (r.params_after / r.params_before - 1):+.1f}%)")
-    print(f"FLOPs:   {count(r.flops_before)} -> {count(r.flops_after)} "
-          f"({100 * (r.flops_after / r.flops_before - 1):+.1f}%)")
-    print(f"valid:   {'yes' if v.ok else 'NO'}: checker {v.checker}, onnxruntime "
-          f"{'runs' if v.runs else 'fails'}, I/O {'same' if v.io_match else 'differ'}, {soft}")
+    print(
+        f"params:  {count(r.params_before)} -> {count(r.params_after)} "
+        f"({100 * (r.params_after / r.params_before - 1):+.1f}%)"
+    )
+    print(
+        f"FLOPs:   {count(r.flops_before)} -> {count(r.flops_after)} "
+        f"({100 * (r.flops_after / r.flops_before - 1):+.1f}%)"
+    )
+    print(
+        f"valid:   {'yes' if v.ok else 'NO'}: checker {v.checker}, onnxruntime "
+        f"{'runs' if v.runs else 'fails'}, I/O {'same' if v.io_match else 'differ'}, {soft}"
+    )
     for problem in v.problems:
         print(f"  problem: {problem}")
     print(f"time:    {seconds:.1f} s")
-    return {"model": name, "groups": f"{r.groups_found} ({r.groups_prunable}) {r.groups_pruned}",
-            "params": f"{count(r.params_before)} -> {count(r.params_after)}",
-            "flops": f"{count(r.flops_before)} -> {count(r.flops_after)}", "valid": "yes" if v.ok else "NO",
-            "soft": "-" if v.soft_equal is None else f"{v.soft_max_rel_error:.1e}",
-            "time": f"{seconds:.0f} s", "ok": v.ok}
+    return {
+        "model": name,
+        "groups": f"{r.groups_found} ({r.groups_prunable}) {r.groups_pruned}",
+        "params": f"{count(r.params_before)} -> {count(r.params_after)}",
+        "flops": f"{count(r.flops_before)} -> {count(r.flops_after)}",
+        "valid": "yes" if v.ok else "NO",
+        "soft": "-" if v.soft_equal is None else f"{v.soft_max_rel_error:.1e}",
+        "time": f"{seconds:.0f} s",
+        "ok": v.ok,
+    }
 
 
 def table_lines(rows: list[dict]) -> list[str]:
     """The markdown table of ``summarise`` rows."""
-    return ["| model | groups (prunable) pruned | params | FLOPs | valid | soft==hard | time |",
-            "|---|---|---|---|---|---|---|"] + [
+    return [
+        "| model | groups (prunable) pruned | params | FLOPs | valid | soft==hard | time |",
+        "|---|---|---|---|---|---|---|",
+    ] + [
         f"| {r['model']} | {r['groups']} | {r['params']} | {r['flops']} | {r['valid']} | {r['soft']} | {r['time']} |"
-        for r in rows]
+        for r in rows
+    ]
 
 
 def report(name: str, path: Path, ratio: float, write: Path | None) -> dict:
@@ -133,10 +162,15 @@ def report(name: str, path: Path, ratio: float, write: Path | None) -> dict:
     details = []
     for group in recurrent:
         state = "prunable" if group.frozen is None and group.channels > 1 else f"frozen: {group.frozen}"
-        details.append(f"  group {group.id}: {group.channels} ch {'exact' if group.exact else 'approximate'}, "
-                       f"{', '.join(group.layers[:3])}{' ...' if len(group.layers) > 3 else ''}: {state}")
-    soft = "no exact group pruned" if v.soft_equal is None else (
-        f"soft==hard {'equal' if v.soft_equal else 'DIFFERENT'} (rel. err {v.soft_max_rel_error:.1e})")
+        details.append(
+            f"  group {group.id}: {group.channels} ch {'exact' if group.exact else 'approximate'}, "
+            f"{', '.join(group.layers[:3])}{' ...' if len(group.layers) > 3 else ''}: {state}"
+        )
+    soft = (
+        "no exact group pruned"
+        if v.soft_equal is None
+        else (f"soft==hard {'equal' if v.soft_equal else 'DIFFERENT'} (rel. err {v.soft_max_rel_error:.1e})")
+    )
     row = summarise(name, path, result, seconds, soft, details)
     if write is not None:
         import onnx
@@ -150,8 +184,9 @@ def report(name: str, path: Path, ratio: float, write: Path | None) -> dict:
 
 
 def table(rows: list[dict], ratio: float) -> str:
-    return "\n".join([f"ratio {ratio}; FLOPs count free axes (batch, image sides, sequence) as 1", ""]
-                     + table_lines(rows))
+    return "\n".join(
+        [f"ratio {ratio}; FLOPs count free axes (batch, image sides, sequence) as 1", ""] + table_lines(rows)
+    )
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ of sentence embeddings to the float model's, as in ``eval_accuracy.py``).
     python tools/quantized_models.py [--models mnist_cnn mnist_rescnn mnist_dwse] [--formats qdq dynamic qoperator]
                                      [--minilm] [--latency resnet50.onnx ...] [--latency-format qdq dynamic qoperator]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import itertools
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -35,17 +36,23 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 import spa
-from spa.bench import bench
+from spa.verify.bench import bench
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # accuracy_suites, beside this file
 FORMATS = ("qdq", "dynamic", "qoperator")
-RUNS = (("l1", False, False), ("obspa", False, False), ("obspa", True, False), ("obs", False, True), ("obs", True, True))
+RUNS = (
+    ("l1", False, False),
+    ("obspa", False, False),
+    ("obspa", True, False),
+    ("obs", False, True),
+    ("obs", True, True),
+)
 
 
 class _Batches(CalibrationDataReader):
     def __init__(self, name: str, samples: np.ndarray):
-        self._feeds = iter([{name: samples[i:i + 1]} for i in range(len(samples))])
+        self._feeds = iter([{name: samples[i : i + 1]} for i in range(len(samples))])
 
     def get_next(self):
         return next(self._feeds, None)
@@ -57,8 +64,15 @@ def quantize(source: Path, target: Path, samples: np.ndarray, kind: str = "qdq")
         return target
     name = onnx.load(str(source), load_external_data=False).graph.input[0].name
     layout = QuantFormat.QOperator if kind == "qoperator" else QuantFormat.QDQ
-    quantize_static(str(source), str(target), _Batches(name, samples), quant_format=layout,
-                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    quantize_static(
+        str(source),
+        str(target),
+        _Batches(name, samples),
+        quant_format=layout,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+    )
     return target
 
 
@@ -113,8 +127,13 @@ def accuracy_rows(cases: Iterable[Case], work: Path) -> list[str]:
             cells, tally, kept = [], "", ""
             for criterion, compensate, data in RUNS:
                 start = time.perf_counter()
-                result = spa.prune(str(case.quantized), ratio=ratio, criterion=criterion, compensate=compensate,
-                                   calib=str(case.calib) if data else None)
+                result = spa.prune(
+                    str(case.quantized),
+                    ratio=ratio,
+                    criterion=criterion,
+                    compensate=compensate,
+                    calib=str(case.calib) if data else None,
+                )
                 if not result.report.validation.ok:
                     raise SystemExit(f"{case.name} {criterion} {ratio}: {result.report.validation.problems}")
                 pruned = work / f"{case.name}.{case.kind}.pruned.onnx"
@@ -125,10 +144,16 @@ def accuracy_rows(cases: Iterable[Case], work: Path) -> list[str]:
                 written = (comp.get("sequential") or {}).get("requantized") or comp.get("requantized")
                 if written and criterion == "obs":
                     tally = f"{written['grown']} / {written['saturated']} of {written['values']}"
-                print(f"  {case.name} {case.kind} {ratio} {criterion}{'+comp' if compensate else ''}: {cells[-1]} "
-                      f"({time.perf_counter() - start:.1f} s)", flush=True)
-            rows.append(f"| {case.name} | {case.kind} | {ratio} | {kept} | {dense_float:.3f} | {dense_int8:.3f} | "
-                        + " | ".join(cells) + f" | {tally} |")
+                print(
+                    f"  {case.name} {case.kind} {ratio} {criterion}{'+comp' if compensate else ''}: {cells[-1]} "
+                    f"({time.perf_counter() - start:.1f} s)",
+                    flush=True,
+                )
+            rows.append(
+                f"| {case.name} | {case.kind} | {ratio} | {kept} | {dense_float:.3f} | {dense_int8:.3f} | "
+                + " | ".join(cells)
+                + f" | {tally} |"
+            )
     return rows
 
 
@@ -137,8 +162,10 @@ def latency_rows(source: Path, kind: str, work: Path) -> list[str]:
     shape = [d.dim_value or 1 for d in graph_input.type.tensor_type.shape.dim]
     samples = np.random.default_rng(0).standard_normal([4] + shape[1:]).astype(np.float32)
     quantized = quantize(source, work / f"{source.stem}.{kind}.onnx", samples, kind)
-    rows = ["| model | format | ratio | params kept | FLOPs kept | int8 dense ms | int8 pruned ms | speedup | MB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | format | ratio | params kept | FLOPs kept | int8 dense ms | int8 pruned ms | speedup | MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for ratio in (0.3, 0.5):
         out = work / f"{source.stem}.{kind}.{ratio}.onnx"
         result = spa.prune(str(quantized), ratio=ratio, criterion="l2", round_to=8)
@@ -148,9 +175,11 @@ def latency_rows(source: Path, kind: str, work: Path) -> list[str]:
         timing = bench([quantized, out], threads=1, runs=50).timings
         dense, pruned = timing["dense"].median_ms, timing["pruned"].median_ms
         report = result.report
-        rows.append(f"| {source.stem} | {kind} | {ratio} | {report.params_after / report.params_before:.1%} | "
-                    f"{report.flops_after / report.flops_before:.1%} | {dense:.2f} | {pruned:.2f} | "
-                    f"{dense / pruned:.2f}x | {quantized.stat().st_size / 1e6:.1f} -> {out.stat().st_size / 1e6:.1f} |")
+        rows.append(
+            f"| {source.stem} | {kind} | {ratio} | {report.params_after / report.params_before:.1%} | "
+            f"{report.flops_after / report.flops_before:.1%} | {dense:.2f} | {pruned:.2f} | "
+            f"{dense / pruned:.2f}x | {quantized.stat().st_size / 1e6:.1f} -> {out.stat().st_size / 1e6:.1f} |"
+        )
     return rows
 
 
@@ -158,8 +187,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["mnist_cnn", "mnist_rescnn", "mnist_dwse"])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--minilm", action="store_true",
-                        help="also all-MiniLM-L6-v2, quantized dynamically (tools/accuracy_suites.py builds it)")
+    parser.add_argument(
+        "--minilm",
+        action="store_true",
+        help="also all-MiniLM-L6-v2, quantized dynamically (tools/accuracy_suites.py builds it)",
+    )
     parser.add_argument("--latency", type=Path, nargs="*", default=[], help="float ONNX models to quantize and time")
     parser.add_argument("--latency-format", choices=FORMATS, nargs="+", default=["qdq"])
     args = parser.parse_args()

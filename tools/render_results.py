@@ -14,6 +14,7 @@ The rows come from ``tools/eval_accuracy.py --json`` and ``tools/model_table.py 
 tables are rendered here from the JSON alone, without importing spa or the tools that measured
 them, so the pages can be rebuilt on any machine that has the rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,17 +50,22 @@ def accuracy_table(results: Path) -> str:
     rows = _accuracy_rows(results)
     columns = list(dict.fromkeys((r["method"], r["compensate"]) for r in rows if r["method"] != "dense"))
     label = {None: "", False: " off", True: " on"}
-    lines = ["| model | ratio | params kept | dense | " + " | ".join(f"{m}{label[c]}" for m, c in columns) + " |",
-             "|" + "---|" * (4 + len(columns))]
+    lines = [
+        "| model | ratio | params kept | dense | " + " | ".join(f"{m}{label[c]}" for m, c in columns) + " |",
+        "|" + "---|" * (4 + len(columns)),
+    ]
     dense = {r["model"]: r["metric"] for r in rows if r["method"] == "dense"}
     models = list(dict.fromkeys(r["model"] for r in rows))
-    cases = sorted({(r["model"], r["ratio"]) for r in rows if r["method"] != "dense"},
-                   key=lambda c: (models.index(c[0]), c[1]))
+    cases = sorted(
+        {(r["model"], r["ratio"]) for r in rows if r["method"] != "dense"}, key=lambda c: (models.index(c[0]), c[1])
+    )
     for model, ratio in cases:
         here = {(r["method"], r["compensate"]): r for r in rows if (r["model"], r["ratio"]) == (model, ratio)}
         kept = next((r["params_kept"] for (m, _), r in here.items() if m != "onnxsim-wanda"), float("nan"))
-        best = max((r["metric"] for r in here.values() if _finite(r["metric"]) and r["method"] != "onnxsim-wanda"),
-                   default=None)
+        best = max(
+            (r["metric"] for r in here.values() if _finite(r["metric"]) and r["method"] != "onnxsim-wanda"),
+            default=None,
+        )
         cells = []
         for key in columns:
             r = here.get(key)
@@ -71,8 +77,9 @@ def accuracy_table(results: Path) -> str:
             if key[0] == "onnxsim-wanda" and abs(r["params_kept"] - kept) > 0.02:
                 text += f" ({r['params_kept']:.0%} kept)"
             cells.append(f"**{text}**" if r["metric"] == best else text)
-        lines.append(f"| {model} | {ratio:g} | {kept:.1%} | {dense.get(model, float('nan')):.3f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {model} | {ratio:g} | {kept:.1%} | {dense.get(model, float('nan')):.3f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -120,15 +127,23 @@ def accuracy_tally(results: Path) -> str:
             tally("obs + compensation beats obspa + compensation", obs_on > obspa_on)
         obs_error, obspa_error = error_of(model, "obs", ratio, True), error_of(model, "obspa", ratio, True)
         if obs_error is not None and obspa_error is not None:
-            tally("obs + compensation keeps the outputs closer to dense than obspa + compensation "
-                  "(relative error on held-out calibration samples)", obs_error < obspa_error)
+            tally(
+                "obs + compensation keeps the outputs closer to dense than obspa + compensation "
+                "(relative error on held-out calibration samples)",
+                obs_error < obspa_error,
+            )
         for method in ("random", "l1", "l2", "obspa", "obs", "activation", "fluctuation"):
             on, off = metric(model, method, ratio, True), metric(model, method, ratio, False)
             if on is not None and off is not None:
                 tally("compensation beats no compensation", on > off)
         sim = metric(model, "onnxsim-wanda", ratio, None)
-        best = [m for m in (metric(model, c, ratio, comp) for c in ("obs", "activation", "fluctuation")
-                            for comp in (False, True)) if m is not None]
+        best = [
+            m
+            for m in (
+                metric(model, c, ratio, comp) for c in ("obs", "activation", "fluctuation") for comp in (False, True)
+            )
+            if m is not None
+        ]
         if sim is not None and best:
             if abs(kept_of(model, "onnxsim-wanda", ratio) - kept_of(model, "obs", ratio)) > 0.02:
                 tally("onnxsim structured Wanda could not reach spa's parameter reduction (not compared)", True)
@@ -161,15 +176,18 @@ def _peer_cells(peer: dict | None, spa_row: dict) -> str:
         return "| - | - | - |"
     # FLOPs are counted on inferred shapes, which an invalid model does not have
     flops = _delta(spa_row.get("flops_before"), peer.get("flops_after")) if peer["verdict"] == "valid" else "-"
-    return (f"| {peer['verdict']} | {_delta(spa_row.get('params_before'), peer.get('params_after'))} / "
-            f"{flops} | {peer['seconds']:.0f} |")
+    return (
+        f"| {peer['verdict']} | {_delta(spa_row.get('params_before'), peer.get('params_after'))} / "
+        f"{flops} | {peer['seconds']:.0f} |"
+    )
 
 
 MODEL_TABLE_HEADER = (
     "| model | exporter | params / FLOPs dense | spa | spa params / FLOPs | soft==hard err | heads per layer "
     "(count before->after, head_dim) | FFN pruned/found | other groups pruned | spa s | "
     "onnxsim structured | params / FLOPs | s | onnxsim wanda | params / FLOPs | s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def _model_row(row: dict) -> str:
@@ -178,14 +196,21 @@ def _model_row(row: dict) -> str:
         return head + f"| {row['not_built']} |" + " |" * 13
     s = row["spa"]
     if "params_before" not in s:
-        return (head + f"| - | {s['verdict']} | - | - | - | - | - | {s['seconds']:.0f} "
-                + _peer_cells(row.get("onnxsim"), s) + _peer_cells(row.get("onnxsim_wanda"), s)[1:])
+        return (
+            head
+            + f"| - | {s['verdict']} | - | - | - | - | - | {s['seconds']:.0f} "
+            + _peer_cells(row.get("onnxsim"), s)
+            + _peer_cells(row.get("onnxsim_wanda"), s)[1:]
+        )
     err = "-" if s["soft_equal"] is None else f"{s['soft_max_rel_error']:.1e}"
-    return (head + f"| {_count(s['params_before'])} / {_count(s['flops_before'])} | {s['verdict']} | "
-            f"{_delta(s['params_before'], s['params_after'])} / {_delta(s['flops_before'], s['flops_after'])} | "
-            f"{err} | {_heads_text(s['heads'])} | {s['ffn_pruned']}/{s['ffn_found']} | "
-            f"{s['other_pruned']}/{s['other_prunable']} | {s['seconds']:.0f} "
-            + _peer_cells(row.get("onnxsim"), s) + _peer_cells(row.get("onnxsim_wanda"), s)[1:])
+    return (
+        head + f"| {_count(s['params_before'])} / {_count(s['flops_before'])} | {s['verdict']} | "
+        f"{_delta(s['params_before'], s['params_after'])} / {_delta(s['flops_before'], s['flops_after'])} | "
+        f"{err} | {_heads_text(s['heads'])} | {s['ffn_pruned']}/{s['ffn_found']} | "
+        f"{s['other_pruned']}/{s['other_prunable']} | {s['seconds']:.0f} "
+        + _peer_cells(row.get("onnxsim"), s)
+        + _peer_cells(row.get("onnxsim_wanda"), s)[1:]
+    )
 
 
 def _model_summary(rows: list[dict]) -> str:
@@ -198,12 +223,15 @@ def _model_summary(rows: list[dict]) -> str:
             smaller = [x for x in valid if x["params_after"] < x["params_before"]]
         else:
             before = {id(r[key]): r["spa"].get("params_before") for r in built if key in r}
-            smaller = [x for x in valid if x.get("params_after") and before[id(x)]
-                       and x["params_after"] < before[id(x)]]
+            smaller = [
+                x for x in valid if x.get("params_after") and before[id(x)] and x["params_after"] < before[id(x)]
+            ]
         return f"{key} {len(valid)}/{len(done)} valid ({len(smaller)} of them smaller)"
 
-    return "; ".join(tally(k) for k in ("spa", "onnxsim", "onnxsim_wanda")) + \
-        f"; {len(rows) - len(built)} models not built"
+    return (
+        "; ".join(tally(k) for k in ("spa", "onnxsim", "onnxsim_wanda"))
+        + f"; {len(rows) - len(built)} models not built"
+    )
 
 
 def model_table(results: Path) -> str:
@@ -221,6 +249,7 @@ def render_page(text: str, results: Path) -> str:
         if name not in TABLES:
             raise KeyError(f"unknown generated table '{name}' (known: {', '.join(TABLES)})")
         return match[1] + "\n" + TABLES[name](results) + "\n\n" + match[4]
+
     return REGION.sub(fill, text)
 
 

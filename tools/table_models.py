@@ -5,6 +5,7 @@ accuracy-suite models are real. ``path(name)`` returns the ONNX file, or raises
 ``NotBuilt`` with the reason a model is not there (an export the legacy exporter cannot do,
 a Keras file another tool builds).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,11 +26,26 @@ TABLE_DIR = CACHE / "models-table"
 SEQ = 16
 
 # hidden 768, GQA 12 query heads over 4 kv heads, SwiGLU at 2.67x, RoPE, RMSNorm
-LLAMA = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 4,
-         "num_attention_heads": 12, "num_key_value_heads": 4, "max_position_embeddings": 512}
-WHISPER_TINY = {"d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536,
-                "decoder_layers": 4, "decoder_attention_heads": 6, "decoder_ffn_dim": 1536, "num_mel_bins": 80,
-                "max_source_positions": 1500}
+LLAMA = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+}
+WHISPER_TINY = {
+    "d_model": 384,
+    "encoder_layers": 4,
+    "encoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536,
+    "decoder_layers": 4,
+    "decoder_attention_heads": 6,
+    "decoder_ffn_dim": 1536,
+    "num_mel_bins": 80,
+    "max_source_positions": 1500,
+}
 
 
 class NotBuilt(Exception):
@@ -128,9 +144,13 @@ def _torchvision(name):
 
 
 BUILDERS = {
-    "bert_base": _bert, "gpt2": lambda e: _decoder("gpt2", e), "llama_gqa": lambda e: _decoder("llama", e),
-    "vit_base": _vit_hf, "whisper_tiny_encoder": _whisper,
-    "swin_t": lambda e: _torchvision("swin_t"), "vit_b_16": lambda e: _torchvision("vit_b_16"),
+    "bert_base": _bert,
+    "gpt2": lambda e: _decoder("gpt2", e),
+    "llama_gqa": lambda e: _decoder("llama", e),
+    "vit_base": _vit_hf,
+    "whisper_tiny_encoder": _whisper,
+    "swin_t": lambda e: _torchvision("swin_t"),
+    "vit_b_16": lambda e: _torchvision("vit_b_16"),
 }
 DYNAMIC = {"bert_base"}  # exported with dynamic batch and sequence axes
 
@@ -152,15 +172,31 @@ def _export(name: str, exporter: str, path: Path) -> None:
             if name in DYNAMIC:
                 batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=512)
                 shapes = tuple({0: batch, 1: seq} for _ in args)
-            torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, input_names=inputs,
-                              output_names=outputs, dynamic_shapes=shapes)
+            torch.onnx.export(
+                model,
+                args,
+                str(tmp),
+                dynamo=True,
+                verbose=False,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=shapes,
+            )
         else:
             axes = None
             if name in DYNAMIC:
                 axes = {n: {0: "batch", 1: "seq"} for n in inputs + outputs[:1]}
                 axes.update({n: {0: "batch"} for n in outputs[1:]})
-            torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes)
+            torch.onnx.export(
+                model,
+                args,
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+            )
             if exporter == "ort":
                 from onnxruntime.transformers.optimizer import optimize_model
 
@@ -206,24 +242,48 @@ def _found(path: Path, hint: str) -> Path:
 RAPIDOCR = "accuracy/wheels/rapidocr_onnxruntime-1.4.4-*.whl"
 FOUND = {
     "all-MiniLM-L6-v2": lambda: _found(CACHE / "accuracy" / "all-MiniLM-L6-v2.onnx", "tools/accuracy_suites.py minilm"),
-    "ppocr_v4_det": lambda: _pinned(_wheel_member(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                                                  TABLE_DIR / "wheels" / "ch_PP-OCRv4_det_infer.onnx"), [1, 3, 640, 640]),
-    "ppocr_v4_rec": lambda: _wheel_member(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-                                          TABLE_DIR / "wheels" / "ch_PP-OCRv4_rec_infer.onnx"),
-    "ppocr_v2_cls": lambda: _wheel_member(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                                          TABLE_DIR / "wheels" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "ppocr_v4_det": lambda: _pinned(
+        _wheel_member(
+            RAPIDOCR,
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            TABLE_DIR / "wheels" / "ch_PP-OCRv4_det_infer.onnx",
+        ),
+        [1, 3, 640, 640],
+    ),
+    "ppocr_v4_rec": lambda: _wheel_member(
+        RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        TABLE_DIR / "wheels" / "ch_PP-OCRv4_rec_infer.onnx",
+    ),
+    "ppocr_v2_cls": lambda: _wheel_member(
+        RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        TABLE_DIR / "wheels" / "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    ),
     "silero_vad_16k_sequence": lambda: _wheel_member(
-        "wheels/silero_vad-6.2.3-*.whl", "silero_vad/data/silero_vad_16k_sequence.onnx",
-        TABLE_DIR / "wheels" / "silero_vad_16k_sequence.onnx"),
-    "ddddocr_common": lambda: _wheel_member("wheels/ddddocr-1.6.1-*.whl", "ddddocr/common.onnx",
-                                            TABLE_DIR / "wheels" / "ddddocr_common.onnx"),
-    **{f"keras_{k}": (lambda k=k: _found(keras_zoo.cached_path(k), f"tools/keras_zoo.py {k}"))
-       for k in ("mobilenet_v2", "resnet50", "efficientnet_b0")},
+        "wheels/silero_vad-6.2.3-*.whl",
+        "silero_vad/data/silero_vad_16k_sequence.onnx",
+        TABLE_DIR / "wheels" / "silero_vad_16k_sequence.onnx",
+    ),
+    "ddddocr_common": lambda: _wheel_member(
+        "wheels/ddddocr-1.6.1-*.whl", "ddddocr/common.onnx", TABLE_DIR / "wheels" / "ddddocr_common.onnx"
+    ),
+    **{
+        f"keras_{k}": (lambda k=k: _found(keras_zoo.cached_path(k), f"tools/keras_zoo.py {k}"))
+        for k in ("mobilenet_v2", "resnet50", "efficientnet_b0")
+    },
 }
 
 # (model, exporter); exporter "-" for files that are found, not exported
-ENTRIES = [(n, e) for n in ("bert_base", "gpt2", "llama_gqa", "vit_base", "whisper_tiny_encoder", "swin_t", "vit_b_16")
-           for e in ("dynamo", "legacy")] + [("bert_base", "ort")] + [(n, "-") for n in FOUND]
+ENTRIES = (
+    [
+        (n, e)
+        for n in ("bert_base", "gpt2", "llama_gqa", "vit_base", "whisper_tiny_encoder", "swin_t", "vit_b_16")
+        for e in ("dynamo", "legacy")
+    ]
+    + [("bert_base", "ort")]
+    + [(n, "-") for n in FOUND]
+)
 
 
 def path(name: str, exporter: str) -> Path:

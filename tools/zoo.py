@@ -7,6 +7,7 @@ Models get random weights (nothing is downloaded). Each model is exported with
 the legacy exporter (opset 17, dynamic batch axis) and the dynamo exporter.
 Files already present are reused, so the tests build the zoo once and cache it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,45 @@ ZOO_VERSION = 2  # bump when an export changes, so cached zoos are rebuilt
 
 # name -> input side length; torchvision builds them with weights=None
 TORCHVISION = {
-    "resnet18": 64, "resnet50": 64, "resnext50_32x4d": 64, "wide_resnet50_2": 64, "mobilenet_v2": 64,
-    "mobilenet_v3_small": 64, "mobilenet_v3_large": 64, "efficientnet_b0": 64, "efficientnet_v2_s": 64,
-    "mnasnet0_5": 64, "densenet121": 64, "googlenet": 64, "inception_v3": 96, "shufflenet_v2_x1_0": 64,
-    "squeezenet1_1": 64, "regnet_x_400mf": 64, "regnet_y_400mf": 64, "convnext_tiny": 64,
-    "vgg11_bn": 224, "alexnet": 224, "fcn_resnet50": 64, "lraspp_mobilenet_v3_large": 64,
+    "resnet18": 64,
+    "resnet50": 64,
+    "resnext50_32x4d": 64,
+    "wide_resnet50_2": 64,
+    "mobilenet_v2": 64,
+    "mobilenet_v3_small": 64,
+    "mobilenet_v3_large": 64,
+    "efficientnet_b0": 64,
+    "efficientnet_v2_s": 64,
+    "mnasnet0_5": 64,
+    "densenet121": 64,
+    "googlenet": 64,
+    "inception_v3": 96,
+    "shufflenet_v2_x1_0": 64,
+    "squeezenet1_1": 64,
+    "regnet_x_400mf": 64,
+    "regnet_y_400mf": 64,
+    "convnext_tiny": 64,
+    "vgg11_bn": 224,
+    "alexnet": 224,
+    "fcn_resnet50": 64,
+    "lraspp_mobilenet_v3_large": 64,
 }
-SMALL = ("unet", "c2f", "concat_height", "split_consumers", "multi_io", "flatten_gemm", "conv1d", "conv3d",
-         "grouped_conv", "pixel_shuffle", "bn_preserved", "channel_shuffle", "depthwise_multiplier",
-         "se_layer_scale")
+SMALL = (
+    "unet",
+    "c2f",
+    "concat_height",
+    "split_consumers",
+    "multi_io",
+    "flatten_gemm",
+    "conv1d",
+    "conv3d",
+    "grouped_conv",
+    "pixel_shuffle",
+    "bn_preserved",
+    "channel_shuffle",
+    "depthwise_multiplier",
+    "se_layer_scale",
+)
 ALL = tuple(TORCHVISION) + SMALL
 
 
@@ -39,7 +70,7 @@ def import_torchvision():
     import torch
 
     original = torch.library.register_fake
-    torch.library.register_fake = lambda *args, **kwargs: (lambda fn: fn)
+    torch.library.register_fake = lambda *args, **kwargs: lambda fn: fn
     try:
         import torchvision
     finally:
@@ -143,9 +174,15 @@ def _small_models():
     class Conv1d(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Conv1d(2, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
-                                     nn.Conv1d(16, 32, 3, padding=1, groups=2), nn.ReLU(),
-                                     nn.Conv1d(32, 32, 3, padding=1, groups=32), nn.ReLU())
+            self.net = nn.Sequential(
+                nn.Conv1d(2, 16, 5, padding=2),
+                nn.BatchNorm1d(16),
+                nn.ReLU(),
+                nn.Conv1d(16, 32, 3, padding=1, groups=2),
+                nn.ReLU(),
+                nn.Conv1d(32, 32, 3, padding=1, groups=32),
+                nn.ReLU(),
+            )
             self.fc = nn.Linear(32, 4)
 
         def forward(self, x):
@@ -154,9 +191,16 @@ def _small_models():
     class Conv3d(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
-                                     nn.Conv3d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
-                                     nn.Conv3d(16, 16, 1), nn.ReLU())
+            self.net = nn.Sequential(
+                nn.Conv3d(1, 8, 3, padding=1),
+                nn.BatchNorm3d(8),
+                nn.ReLU(),
+                nn.Conv3d(8, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool3d(2),
+                nn.Conv3d(16, 16, 1),
+                nn.ReLU(),
+            )
             self.head = nn.Conv3d(16, 3, 1)
 
         def forward(self, x):
@@ -226,12 +270,19 @@ def _small_models():
 
     image = (1, 3, 32, 32)
     return {
-        "unet": (UNet, [image]), "c2f": (C2f, [image]), "concat_height": (ConcatHeight, [image]),
-        "split_consumers": (SplitConsumers, [image]), "multi_io": (MultiIO, [image, (1, 1, 32, 32)]),
-        "flatten_gemm": (FlattenGemm, [image]), "conv1d": (Conv1d, [(1, 2, 64)]),
-        "conv3d": (Conv3d, [(1, 1, 8, 16, 16)]), "grouped_conv": (GroupedConv, [image]),
-        "pixel_shuffle": (PixelShuffle, [image]), "bn_preserved": (FlattenGemm, [image]),
-        "channel_shuffle": (ChannelShuffle, [image]), "depthwise_multiplier": (DepthwiseMultiplier, [image]),
+        "unet": (UNet, [image]),
+        "c2f": (C2f, [image]),
+        "concat_height": (ConcatHeight, [image]),
+        "split_consumers": (SplitConsumers, [image]),
+        "multi_io": (MultiIO, [image, (1, 1, 32, 32)]),
+        "flatten_gemm": (FlattenGemm, [image]),
+        "conv1d": (Conv1d, [(1, 2, 64)]),
+        "conv3d": (Conv3d, [(1, 1, 8, 16, 16)]),
+        "grouped_conv": (GroupedConv, [image]),
+        "pixel_shuffle": (PixelShuffle, [image]),
+        "bn_preserved": (FlattenGemm, [image]),
+        "channel_shuffle": (ChannelShuffle, [image]),
+        "depthwise_multiplier": (DepthwiseMultiplier, [image]),
         "se_layer_scale": (SELayerScale, [image]),
     }
 
@@ -296,8 +347,17 @@ def export(name: str, exporter: str, out_dir: Path) -> Path:
             n_out = len(outputs) if isinstance(outputs, tuple) else 1
             output_names = [f"output{i}" for i in range(n_out)]
             axes = {n: {0: "batch"} for n in input_names + output_names}
-            torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, input_names=input_names,
-                              output_names=output_names, dynamic_axes=axes, **kwargs)
+            torch.onnx.export(
+                model,
+                args,
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=axes,
+                **kwargs,
+            )
         else:
             torch.onnx.export(model, args, str(tmp), dynamo=True, input_names=input_names, verbose=False)
     _finish(tmp, path)
@@ -342,22 +402,45 @@ def _finish(tmp: Path, path: Path) -> None:
 # as torch's multi-head attention merges batch and heads into one axis. "dynamo23" is the dynamo
 # export at opset 23 of a Llama on scaled_dot_product_attention: ONNX's Attention, RotaryEmbedding
 # and RMSNormalization ops instead of their decompositions.
-ATTENTION = (("tiny_bert", "legacy"), ("tiny_bert", "dynamo"), ("tiny_bert", "ort"), ("tiny_vit", "legacy"),
-             ("tiny_vit", "dynamo"), ("tiny_llama_gqa", "legacy"), ("tiny_llama_gqa", "dynamo"),
-             ("tiny_llama_gqa", "dynamo23"), ("tiny_llama_mqa", "legacy"), ("tiny_llama_mqa", "dynamo"),
-             ("tiny_llama_mqa", "dynamo23"))
-TINY_BERT = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "intermediate_size": 128, "max_position_embeddings": 64,
-             "initializer_range": 0.2}  # ten times BERT's: attention far from uniform, so heads matter
+ATTENTION = (
+    ("tiny_bert", "legacy"),
+    ("tiny_bert", "dynamo"),
+    ("tiny_bert", "ort"),
+    ("tiny_vit", "legacy"),
+    ("tiny_vit", "dynamo"),
+    ("tiny_llama_gqa", "legacy"),
+    ("tiny_llama_gqa", "dynamo"),
+    ("tiny_llama_gqa", "dynamo23"),
+    ("tiny_llama_mqa", "legacy"),
+    ("tiny_llama_mqa", "dynamo"),
+    ("tiny_llama_mqa", "dynamo23"),
+)
+TINY_BERT = {
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+    "initializer_range": 0.2,
+}  # ten times BERT's: attention far from uniform, so heads matter
 # a Llama decoder (RoPE, RMSNorm, SwiGLU) with grouped-query attention: 8 query heads share 2 KV heads
 # (4 each) in "gqa", 1 KV head in "mqa"; repeat_kv expands K and V to every query head
-TINY_LLAMA = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
-              "intermediate_size": 128, "max_position_embeddings": 64, "initializer_range": 0.2}
+TINY_LLAMA = {
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+    "initializer_range": 0.2,
+}
 KV_HEADS = {"tiny_llama_gqa": 2, "tiny_llama_mqa": 1}
 
 
 def export_attention(name: str, exporter: str, out_dir: Path) -> Path:
     """Export one of ``ATTENTION`` (cached: an existing file is returned as is)."""
+
     def build(tmp: Path) -> None:
         if name == "tiny_bert":
             _export_bert(tmp, exporter)
@@ -406,8 +489,15 @@ def _export_bert(tmp: Path, exporter: str) -> None:
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["last_hidden_state", "pooler_output"]}
     if exporter == "dynamo":
         batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
-        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names,
-                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        torch.onnx.export(
+            model,
+            args,
+            str(tmp),
+            dynamo=True,
+            verbose=False,
+            **names,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+        )
         return
     axes = {n: {0: "batch", 1: "seq"} for n in names["input_names"] + names["output_names"][:1]}
     axes[names["output_names"][1]] = {0: "batch"}
@@ -415,8 +505,13 @@ def _export_bert(tmp: Path, exporter: str) -> None:
     if exporter == "ort":
         from onnxruntime.transformers.optimizer import optimize_model
 
-        fused = optimize_model(str(tmp), model_type="bert", num_heads=TINY_BERT["num_attention_heads"],
-                               hidden_size=TINY_BERT["hidden_size"], opt_level=0)
+        fused = optimize_model(
+            str(tmp),
+            model_type="bert",
+            num_heads=TINY_BERT["num_attention_heads"],
+            hidden_size=TINY_BERT["hidden_size"],
+            opt_level=0,
+        )
         fused.save_model_to_file(str(tmp))
 
 
@@ -442,8 +537,16 @@ def _export_llama(tmp: Path, exporter: str, kv_heads: int) -> None:
     if exporter in ("dynamo", "dynamo23"):
         batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
         opset = {"opset_version": 23} if exporter == "dynamo23" else {}
-        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names, **opset,
-                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        torch.onnx.export(
+            model,
+            args,
+            str(tmp),
+            dynamo=True,
+            verbose=False,
+            **names,
+            **opset,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+        )
         return
     axes = {n: {0: "batch", 1: "seq"} for n in names["input_names"] + names["output_names"]}
     torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
@@ -456,15 +559,29 @@ def _export_llama(tmp: Path, exporter: str, kv_heads: int) -> None:
 # copy of the table, untying it, so the tied legacy export is made without folding: its lm head is
 # MatMul(h, Transpose(table)) on the table the embedding Gather reads (every other linear layer reads
 # its weight through a Transpose too).
-HIDDEN = (("bert_classifier", "legacy"), ("bert_classifier", "dynamo"), ("llama_tied", "legacy"),
-          ("llama_tied", "dynamo"), ("llama_untied", "legacy"), ("llama_untied", "dynamo"))
-TINY_LM = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64,
-              "initializer_range": 0.2}
+HIDDEN = (
+    ("bert_classifier", "legacy"),
+    ("bert_classifier", "dynamo"),
+    ("llama_tied", "legacy"),
+    ("llama_tied", "dynamo"),
+    ("llama_untied", "legacy"),
+    ("llama_untied", "dynamo"),
+)
+TINY_LM = {
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+    "initializer_range": 0.2,
+}
 
 
 def export_hidden(name: str, exporter: str, out_dir: Path) -> Path:
     """Export one of ``HIDDEN`` (cached: an existing file is returned as is)."""
+
     def build(tmp: Path) -> None:
         if name == "bert_classifier":
             _export_bert_classifier(tmp, exporter)
@@ -483,13 +600,21 @@ def _export_text(model, tmp: Path, exporter: str, output: str, fold: bool = True
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": [output]}
     if exporter == "dynamo":
         batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
-        torch.onnx.export(model, args, str(tmp), dynamo=True, verbose=False, **names,
-                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        torch.onnx.export(
+            model,
+            args,
+            str(tmp),
+            dynamo=True,
+            verbose=False,
+            **names,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+        )
         return
     axes = {n: {0: "batch", 1: "seq"} for n in names["input_names"]}
     axes[output] = {0: "batch", 1: "seq"} if output == "logits" and model.config.model_type == "llama" else {0: "batch"}
-    torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=17, dynamic_axes=axes,
-                      do_constant_folding=fold, **names)
+    torch.onnx.export(
+        model, args, str(tmp), dynamo=False, opset_version=17, dynamic_axes=axes, do_constant_folding=fold, **names
+    )
 
 
 def _export_bert_classifier(tmp: Path, exporter: str) -> None:
@@ -532,8 +657,9 @@ def _export_vit(tmp: Path, exporter: str) -> None:
     import torch
 
     tv = import_torchvision()
-    model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
-                                        mlp_dim=128, num_classes=10).eval()
+    model = tv.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+    ).eval()
     with torch.no_grad():
         model.heads.head.weight.normal_(0, 0.5)  # torchvision zeroes the head: every output would be 0
     args = (torch.randn(1, 3, 32, 32),)

@@ -1,0 +1,1 @@
+"""Coupling groups and the linear layers that read them."""

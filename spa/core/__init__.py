@@ -1,0 +1,1 @@
+"""The small graph IR, tensors, errors and process limits every stage shares."""

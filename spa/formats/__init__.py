@@ -1,0 +1,1 @@
+"""Model and data I/O: loading, checking, saving, and the quantized formats."""

@@ -1,0 +1,109 @@
+"""onnx's checker, minus its one complaint that is harmless: an output declared without a shape.
+
+The checker stops at its first complaint, and it looks at the graph's outputs before the nodes
+and tensors. Treating "output has no shape" as a pass therefore used to wave through whatever
+came after it (nodes out of order, duplicate initializers, tensors without data). Here such
+outputs are set aside into ``value_info`` (where a missing shape is legal and types are still
+compared with inference) and everything else is checked.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+_PROTOBUF_LIMIT = 2**31 - 2**20
+_SMALL = 1 << 20  # bytes: smaller tensors are shown to the checker as they are
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def checker_complaint(model: onnx.ModelProto, full_check: bool = False) -> str | None:
+    """The checker's complaint about ``model`` in one line, or None when it has none.
+
+    A model whose weights stay on disk, or too large to serialise, is checked as a copy without
+    its bulky data (the checker would look for the files from the current directory); shape
+    inference reads constants, so such models get the structural check only.
+    """
+    bulky = any(uses_external_data(t) for t in _tensors(model.graph)) or model.ByteSize() >= _PROTOBUF_LIMIT
+    target = _light_copy(model) if bulky else model
+    with _shapeless_outputs_aside(target):
+        try:
+            onnx.checker.check_model(target, full_check=full_check and not bulky)
+        except Exception as exc:  # the checker raises several unrelated types
+            return _one_line(exc)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # node errors span lines ("...input 'x' of node: name: ...")
+    return (text or type(exc).__name__)[:300]
+
+
+@contextmanager
+def _shapeless_outputs_aside(model: onnx.ModelProto):
+    graph = model.graph
+    kept = list(graph.output)
+    aside = [o for o in kept if _tensor_without_shape(o)]
+    if not aside:
+        yield
+        return
+    del graph.output[:]
+    graph.output.extend(o for o in kept if not _tensor_without_shape(o))
+    graph.value_info.extend(aside)
+    try:
+        yield
+    finally:
+        del graph.value_info[len(graph.value_info) - len(aside) :]
+        del graph.output[:]
+        graph.output.extend(kept)
+
+
+def _tensor_without_shape(info: onnx.ValueInfoProto) -> bool:
+    # a missing name or element type stays the checker's business
+    return (
+        bool(info.name)
+        and info.type.HasField("tensor_type")
+        and info.type.tensor_type.HasField("elem_type")
+        and not info.type.tensor_type.HasField("shape")
+    )
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # a lazily loaded model's protobuf holds references, not weights
+    for tensor in _tensors(copy.graph):
+        _lighten(tensor)
+    return copy
+
+
+def _lighten(tensor: onnx.TensorProto) -> None:
+    """Make a bulky tensor an empty one of the same name and type.
+
+    The checker compares the data's size with the shape, so cutting the data down would be a
+    complaint of its own; spa checks the sizes itself (spa.formats.load). A tensor whose data sits in
+    more than one place is left whole for the checker to name.
+    """
+    places = sum(1 for f in _VALUE_FIELDS if len(getattr(tensor, f))) + tensor.HasField("raw_data")
+    external = uses_external_data(tensor)
+    if places + external != 1 or (not external and tensor.ByteSize() < _SMALL):
+        return
+    name, data_type = tensor.name, tensor.data_type
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, data_type
+    tensor.dims.append(0)
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every dense tensor of the graph and its subgraphs (sparse ones are checked by value, left whole)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)

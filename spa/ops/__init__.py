@@ -1,0 +1,1 @@
+"""One module per operator family: how its channels couple, and how it is rewritten."""

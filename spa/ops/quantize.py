@@ -1,0 +1,85 @@
+"""QuantizeLinear and DequantizeLinear: element-wise, with a scale and zero point that are either
+one value or one per index of ``axis`` (per-channel), and then shrink with that axis."""
+
+from __future__ import annotations
+
+from onnx import TensorProto
+
+from spa.formats.quantized import UNKNOWN_AXIS, quantized_weight, scale_axis, zero_fill
+from spa.ops.base import Dim, LinkSet, Rule, register
+
+# the integer types whose zero point the soft model can write; 4-bit, 2-bit and float8 data freeze
+_INTEGERS = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32}
+
+
+def _integer_type(node, graph) -> int | None:
+    """The element type of the op's integer side: inferred, or its zero point's, or the default uint8."""
+    side = node.inputs[0] if node.op_type == "DequantizeLinear" else node.outputs[0]
+    known = graph.dtypes.get(side) or graph.dtypes.get(node.input(2))
+    if known is None and not node.input(2) and not node.attr("output_dtype"):
+        return TensorProto.UINT8
+    return known
+
+
+@register
+class Dequantize(Rule):
+    """y = (x - zero_point) * scale."""
+
+    ops = ("DequantizeLinear",)
+
+    def link(self, node, dim, ctx):
+        links = LinkSet(ctx)
+        x, y = node.inputs[0], node.outputs[0]
+        params = [t for t in (node.input(1), node.input(2)) if t]
+        if node.attr("block_size", 0):
+            links.freeze(dim, f"{node.op_type} '{node.name}' is block-quantized (block_size {node.attr('block_size')})")
+            return links.out
+        integers = _integer_type(node, ctx.graph)
+        if integers not in _INTEGERS:
+            name = TensorProto.DataType.Name(integers) if integers else "unknown"
+            links.freeze(dim, f"{node.op_type} '{node.name}': {name.lower()} data is not supported")
+            return links.out
+        axis = scale_axis(ctx.graph, node)
+        if axis == UNKNOWN_AXIS:
+            links.freeze(dim, f"{node.op_type} '{node.name}': the shape of its scale or input is unknown")
+            return links.out
+        if dim.tensor in params:
+            if axis is None or dim.axis != 0:
+                links.freeze(dim, f"{node.op_type} '{node.name}': unexpected shape of its scale")
+                return links.out
+            dim = Dim(x, axis)
+        links.same(dim, Dim(y if dim.tensor == x else x, dim.axis))
+        if axis is not None and dim.axis == axis:
+            for name in params:
+                links.same(Dim(x, axis), Dim(name, 0))
+        return links.out
+
+    def soft_zero(self, node, dim, input_zero):
+        # a removed channel is at its zero point (soft fill of the data, or Q of a zero): it maps to 0
+        return input_zero(node.inputs[0])
+
+    def soft_fills(self, node, graph):
+        stored = quantized_weight(graph, node.outputs[0])
+        return {} if stored is None else {stored.data: zero_fill(graph, stored)}
+
+
+@register
+class Quantize(Dequantize):
+    """y = saturate(round(x / scale) + zero_point)."""
+
+    ops = ("QuantizeLinear",)
+
+    def soft_fills(self, node, graph):
+        # zero scales would divide by zero; a removed channel already reads zero and lands on its zero point
+        scale = node.input(1)
+        return {scale: None} if graph.is_initializer(scale) else {}
+
+
+@register
+class MicrosoftDequantize(Dequantize):
+    domain = "com.microsoft"
+
+
+@register
+class MicrosoftQuantize(Quantize):
+    domain = "com.microsoft"

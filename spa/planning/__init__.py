@@ -1,0 +1,1 @@
+"""Which units to remove: plans by ratio, and searches for a target."""

@@ -1,0 +1,1 @@
+"""Params and FLOPs, and the reports spa writes."""

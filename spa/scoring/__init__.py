@@ -1,0 +1,1 @@
+"""Ranking the units of each group: criteria, activation statistics, OBS maths."""

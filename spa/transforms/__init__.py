@@ -1,0 +1,1 @@
+"""Editing the graph: cutting planned units, and refitting the weights that remain."""

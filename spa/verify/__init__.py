@@ -1,0 +1,1 @@
+"""Running models: validation, fidelity and latency."""

@@ -1,0 +1,219 @@
+"""Latency on onnxruntime execution providers, measured the way users deploy.
+
+Sessions use onnxruntime's full graph optimisation (its default, what
+deployments run). With two models, runs alternate A B A B so that machine
+noise (frequency changes, other load) hits both alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from spa.core import runlimit
+from spa.core.errors import ModelLoadError, UsageError
+from spa.verify.validate import MAX_INPUT_ELEMENTS, check_input_sizes, complete_sizes, input_shapes, sample_inputs
+
+_PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+}
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    throughput: float  # samples per second at the median
+
+
+@dataclass
+class BenchResult:
+    provider: str
+    threads: int
+    batch: int  # samples per run: the leading axis of the first input
+    runs: int
+    warmup: int
+    timings: dict[str, Timing] = field(default_factory=dict)  # model label -> timing
+
+    @property
+    def speedup(self) -> float | None:
+        if len(self.timings) != 2:
+            return None
+        first, second = self.timings.values()
+        return first.median_ms / second.median_ms
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["speedup"] = self.speedup
+        return data
+
+
+def resolve_providers(names: list[str]) -> list[str]:
+    """Map short names (cpu, cuda, tensorrt...) to onnxruntime's, refusing ones not installed."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    resolved = []
+    for name in names:
+        full = _PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise UsageError(f"execution provider '{name}' is not available here (installed: {', '.join(available)})")
+        resolved.append(full)
+    return resolved
+
+
+def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
+    """``name=1x3x224x224`` pairs, for inputs with dynamic axes."""
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise UsageError(f"--input-shape expects NAME=AxBxC, got '{spec}'") from None
+        if not name or any(d <= 0 for d in shapes[name]):
+            raise UsageError(f"--input-shape expects NAME=AxBxC with positive sizes, got '{spec}'")
+    return shapes
+
+
+def _feeds(model_path: Path, batch: int, shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+    proto = onnx.load(str(model_path), load_external_data=False)
+    check_input_sizes(proto, shapes)
+    sizes = complete_sizes(proto, shapes)
+    # refused before anything is allocated: --batch 1000000000 would ask numpy for terabytes
+    for name, shape in {**input_shapes(proto, batch), **sizes}.items():
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise UsageError(f"input '{name}' of shape {shape} is too large to benchmark (--batch {batch})")
+    return sample_inputs(proto, seed, batch=batch, shapes=sizes)
+
+
+def timing_session(
+    source: onnx.ModelProto | Path,
+    provider: str = "CPUExecutionProvider",
+    threads: int = 0,
+    custom_ops: tuple[str, ...] = (),
+):
+    """A session as deployments open one: full graph optimisation, on ``provider`` with the CPU
+    provider behind it for ops the accelerator lacks (onnxruntime's own placement)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for library in custom_ops:
+        options.register_custom_ops_library(str(library))
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    in_memory = isinstance(source, onnx.ModelProto)
+    try:
+        return ort.InferenceSession(
+            source.SerializeToString() if in_memory else str(source), options, providers=providers
+        )
+    except Exception as exc:
+        where = "the model" if in_memory else str(source)
+        raise ModelLoadError(
+            f"{where}: onnxruntime cannot open it on {provider}: {str(exc).strip().splitlines()[0][:200]}"
+        ) from exc
+
+
+@runlimit.own_context
+def bench(
+    models: list[str | os.PathLike],
+    provider: str = "CPUExecutionProvider",
+    threads: int = 0,
+    warmup: int = 5,
+    runs: int = 50,
+    batch: int = 1,
+    shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+    run_timeout: float = runlimit.RUN_TIMEOUT,
+) -> BenchResult:
+    """Median and p90 latency of one model, or of two (dense, pruned) measured alternately; a run
+    that takes longer than ``run_timeout`` seconds (0: no limit) raises ``RunTimeout``."""
+    if not 1 <= len(models) <= 2:
+        raise UsageError("bench takes one model, or two to compare")
+    if runs < 1 or warmup < 0 or batch < 1 or threads < 0:
+        raise UsageError("--runs and --batch must be at least 1, --warmup and --threads at least 0")
+    runlimit.set_timeout(run_timeout)
+    runlimit.set_stage("bench")
+    paths = [Path(m) for m in models]
+    for path in paths:
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file")
+    feeds = _feeds(paths[0], batch, shapes or {}, seed)
+    samples = alternate([timing_session(p, provider, threads) for p in paths], feeds, warmup, runs)
+    first = next(iter(feeds.values()), None)
+    samples_per_run = int(first.shape[0]) if first is not None and first.ndim else 1
+    result = BenchResult(provider, threads, samples_per_run, runs, warmup)
+    labels = ["dense", "pruned"] if len(paths) == 2 else [paths[0].name]
+    for label, times in zip(labels, samples):
+        values = np.array(times)
+        median = float(np.median(values))
+        result.timings[label] = Timing(
+            median, float(np.percentile(values, 90)), float(values.mean()), samples_per_run * 1000.0 / median
+        )
+    return result
+
+
+def alternate(sessions, feeds, warmup: int, runs: int) -> list[list[float]]:
+    """Milliseconds per run of each session, the sessions taking turns (A B A B)."""
+    for sess in sessions:
+        for _ in range(warmup):
+            runlimit.run(sess, None, feeds)
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for k, sess in enumerate(sessions):
+            with runlimit.limited() as options:
+                start = time.perf_counter()
+                sess.run(None, feeds, options)
+                samples[k].append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+@dataclass
+class LatencyPair:
+    """The quick dense-vs-pruned figure `spa prune` reports, per execution provider."""
+
+    provider: str
+    threads: int
+    dense_ms: float
+    pruned_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.pruned_ms
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def compare(
+    dense: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    feeds,
+    provider: str = "CPUExecutionProvider",
+    threads: int = 0,
+    runs: int = 20,
+    warmup: int = 3,
+    custom_ops: tuple[str, ...] = (),
+) -> LatencyPair:
+    """Median ms of two in-memory models on one provider, measured alternately."""
+    sessions = [timing_session(m, provider, threads, custom_ops) for m in (dense, pruned)]
+    dense_ms, pruned_ms = (float(np.median(t)) for t in alternate(sessions, feeds, warmup, runs))
+    return LatencyPair(provider, threads, dense_ms, pruned_ms)
