@@ -4,10 +4,11 @@
     python tools/check_identical.py --out after.json --compare before.json
 
 Every cached zoo model (``tools/zoo.py``; build it first) and every model in
-``models/`` is pruned under a few option sets: the default run, a magnitude
-criterion with global ranking and rounding, soft pruning, and head_dim units for
-attention models. Two QDQ and QOperator models quantized by onnxruntime from the
-shipped CNNs cover the format codecs. Each run records the SHA-256 of the
+``models/`` is pruned with a magnitude criterion, global ranking and rounding;
+models up to ``--heavy-bytes`` also with the default run (statistics, OBS scores,
+refit) and soft pruning, and attention models with head_dim units. QDQ and
+QOperator models quantized by onnxruntime from the shipped CNNs cover the
+format codecs. Each run records the SHA-256 of the
 serialized pruned model and the report's figures, or the error it ended in;
 ``--compare`` prints every run whose digest differs and exits 1 if any does.
 """
@@ -30,11 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 import spa  # noqa: E402
 
-CONFIGS = {
-    "default": dict(ratio=0.4),
-    "l1-global-round8": dict(ratio=0.5, criterion="l1", global_rank=True, round_to=8),
-    "soft": dict(ratio=0.3, soft=True),
-}
+# every model
+CONFIGS = {"l1-global-round8": dict(ratio=0.5, criterion="l1", global_rank=True, round_to=8)}
+# models up to --heavy-bytes: the data-aware default (statistics, OBS scores, refit) is the slow part
+HEAVY_CONFIGS = {"default": dict(ratio=0.4), "soft": dict(ratio=0.3, soft=True)}
 ATTENTION_CONFIGS = {"head_dim": dict(ratio=0.25, attention="head_dim")}
 
 
@@ -56,7 +56,7 @@ def quantized_models(work: Path) -> list[Path]:
         samples = [{inp.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
 
         class Reader(CalibrationDataReader):
-            def __init__(self):
+            def __init__(self, samples=samples):
                 self.items = iter(samples)
 
             def get_next(self):
@@ -91,6 +91,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, help="an earlier digest file: print what differs")
     parser.add_argument("--only", default="", help="substring a model's path must contain")
+    parser.add_argument(
+        "--heavy-bytes",
+        type=int,
+        default=2_000_000,
+        help="models up to this size also run the default and soft option sets",
+    )
     args = parser.parse_args()
     if args.zoo is None:
         import torch
@@ -104,6 +110,8 @@ def main() -> int:
     for path in models:
         key = str(path.relative_to(args.zoo)) if args.zoo in path.parents else path.name
         configs = dict(CONFIGS)
+        if path.stat().st_size <= args.heavy_bytes:
+            configs.update(HEAVY_CONFIGS)
         if "attention" in path.parts:
             configs.update(ATTENTION_CONFIGS)
         for config, options in configs.items():
