@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from spa import __version__
-from spa.api import REFITS, is_ffn, output_path_for
+from spa.api import REFITS, output_path_for
 from spa.api import analyze as api_analyze
 from spa.api import prune as api_prune
 from spa.core import signals
@@ -26,6 +26,7 @@ from spa.core.runlimit import RUN_TIMEOUT
 from spa.core.tensors import is_lazy
 from spa.formats.export import Fp16RangeWarning, export
 from spa.formats.files import check_output_path, output_data_path, protected_files, write_bytes_atomic
+from spa.reporting.group_layers import is_ffn
 from spa.scoring.criteria import CRITERIA
 from spa.scoring.statistics import SMOOTH_NOISE
 from spa.verify.bench import parse_shapes
