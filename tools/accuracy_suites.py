@@ -1,4 +1,4 @@
-"""Real-weight accuracy suites for spa's accuracy benchmark (issue 4).
+"""Real-weight accuracy suites for spa's accuracy benchmark (tools/eval_accuracy.py).
 
     python tools/accuracy_suites.py                    # build both suites, print the dense metric of each
     python tools/accuracy_suites.py minilm --cache DIR

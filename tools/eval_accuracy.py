@@ -321,7 +321,7 @@ def main(argv=None) -> int:
         "--refit",
         choices=spa.api.REFITS,
         default="auto",
-        help="spa's refit for the compensated rows (README rows: auto, spa's default)",
+        help="spa's refit for the compensated rows (the docs' rows: auto, spa's default)",
     )
     parser.add_argument("--out", type=Path, help="write the markdown table (and the claims) here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")

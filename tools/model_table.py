@@ -1,4 +1,4 @@
-"""The model table of issue #3: spa next to onnxsim 0.8.1's structured pruning, at one ratio.
+"""The model table: spa next to onnxsim 0.8.1's structured pruning, at one ratio.
 
     pip install onnxsim==0.8.1
     python tools/model_table.py [--ratio 0.3] [--json out.json] [--out table.md] [--no-onnxsim] [names...]
@@ -10,7 +10,8 @@ magnitude (``apply_structured_pruning`` ranks by L2 norm too), and fast on full-
 spa's own validation runs (checker, onnxruntime, I/O, soft == hard for exact groups, and for
 dynamic models batch 2 and batch 3 x sequence 7). onnxsim's ``apply_structured_pruning`` and
 ``apply_structured_wanda_pruning`` (calibrated on 8 synthetic inputs from
-spa.verify.validate.sample_inputs: random normal floats, ones for masks, zeros for other integers) run on the same file at the same ratio. All three outputs then get the same check
+spa.verify.validate.sample_inputs: random normal floats, ones for masks, zeros for other
+integers) run on the same file at the same ratio. All three outputs then get the same check
 (tools/compare_onnxsim.check: full onnx check, onnxruntime runs, same output names and shapes
 as the dense model), at every input size spa validates at. Models are run one at a time.
 """
