@@ -27,8 +27,8 @@ pass at the start, or, past DENSE_CACHE_BYTES, from the dense prefix beside each
 
 Why it is not the default without data: fitted to synthetic inputs it follows them too closely
 (PP-OCRv4 rec at ratio 0.1: 0.750 exact match layer-wise, 0.075 sequential); with calibration
-data, ``--refit auto`` keeps it where held-out samples say it moved the outputs less (README,
-*Accuracy*).
+data, ``--refit auto`` keeps it where held-out samples say it moved the outputs less
+(docs/criteria.md and docs/results/accuracy.md).
 """
 
 from __future__ import annotations
