@@ -121,11 +121,10 @@ def main() -> int:
     if args.compare is None:
         return 0
     before = json.loads(args.compare.read_text())
-    # with --only, the earlier file's runs of the models left out are not missing, just not run
-    keys = set(results) if args.only else set(before) | set(results)
     differ = [
         k
-        for k in sorted(keys)
+        # with --only, the runs left out are not differences
+        for k in sorted(set(results) if args.only else set(before) | set(results))
         if {x: v for x, v in before.get(k, {}).items() if x != "seconds"}
         != {x: v for x, v in results.get(k, {}).items() if x != "seconds"}
     ]
