@@ -63,12 +63,18 @@ def mlp(extra_output: str | None = None) -> onnx.ModelProto:
 # --- calibration data ------------------------------------------------------------------------
 
 
-def test_nan_in_calibration_data_is_refused_naming_array_and_sample(tmp_path):
-    path, digest = save(mlp(), tmp_path)
+def prune_with_nan_in_sample_17(folder: Path):
+    """``spa prune`` of ``mlp()`` with calibration data whose sample 17 holds a NaN; returns the
+    CLI result and the input model's path and digest."""
+    path, digest = save(mlp(), folder)
     x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     x[17, 3] = np.nan
-    np.savez(tmp_path / "calib.npz", x=x)
-    result = run("prune", path, "--calib", tmp_path / "calib.npz", "--no-bench")
+    np.savez(folder / "calib.npz", x=x)
+    return run("prune", path, "--calib", folder / "calib.npz", "--no-bench"), path, digest
+
+
+def test_nan_in_calibration_data_is_refused_naming_array_and_sample(tmp_path):
+    result, path, digest = prune_with_nan_in_sample_17(tmp_path)
     assert_clean_failure(result, 2, tmp_path, path, digest)
     assert "'x'" in result.output and "sample 17" in result.output and "NaN" in result.output
 
@@ -247,11 +253,7 @@ def test_nan_calibration_data_that_slipped_past_the_loader_fails_validation(tmp_
     """The reported case behind the loader's check: one NaN sample made every refitted weight NaN,
     and soft==hard read 'equal (rel. err 0.0e+00)'. Validation alone must catch it too."""
     monkeypatch.setattr(spa.scoring.statistics, "first_nonfinite", lambda array: None)
-    path, digest = save(mlp(), tmp_path)
-    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
-    x[17, 3] = np.nan
-    np.savez(tmp_path / "calib.npz", x=x)
-    result = run("prune", path, "--calib", tmp_path / "calib.npz", "--no-bench")
+    result, path, digest = prune_with_nan_in_sample_17(tmp_path)
     assert_clean_failure(result, 4, tmp_path, path, digest)
     assert "weights hold NaN or inf" in result.output and "equal" not in result.output
 

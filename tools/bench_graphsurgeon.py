@@ -421,7 +421,7 @@ def external(mib=256):
                     out[f"{who} {how}"] = "failed: " + done.stderr.strip().splitlines()[-1][:150]
                     continue
                 r = json.loads(res.read_text())
-                warn = [l for l in done.stderr.splitlines() if "nference failed" in l or "rror" in l][:1]
+                warn = [line for line in done.stderr.splitlines() if "nference failed" in line or "rror" in line][:1]
                 out[f"{who} {how}"] = (
                     f"peak {r['peak_mib']:.0f} MiB (after load {r['load_peak_mib']:.0f}), ops {r['ops']}, "
                     f"external tensors {r['external']}, inline {r['inline_mib']:.1f} MiB"
@@ -533,7 +533,7 @@ def main(argv=None) -> int:
     for label, path in models:
         for job in args.jobs.split(","):
             runs = {"spa": [], "gs": []}
-            for i in range(args.runs):
+            for _ in range(args.runs):
                 for who in ("spa", "gs"):  # interleaved: A B A B ...
                     runs[who].append(_run(job, who, path))
             checks = {}
@@ -573,7 +573,8 @@ def _median(records, key):
 def _print_row(label, job, runs, checks, header=False):
     if header:
         print(
-            "| model | job | spa job s | gs job s | spa peak RSS | gs peak RSS | spa job +RSS | gs job +RSS | same result |"
+            "| model | job | spa job s | gs job s | spa peak RSS | gs peak RSS "
+            "| spa job +RSS | gs job +RSS | same result |"
         )
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
     cells = []

@@ -7,7 +7,7 @@ with RoPE, SwiGLU MLP; hidden 2048, 16 query / 4 key-value heads, MLP 5632,
 vocabulary 32000: about 760M parameters, 3 GB in float32) in torch, exports
 it with the dynamo exporter to ONNX with external data (cached), then runs
 `spa prune --ratio 0.3` in a fresh process and prints its wall time and peak
-RSS next to the model's size on disk. Target (issue 6): peak RSS <= 1.5x size.
+RSS next to the model's size on disk. The figure spa is held to: peak RSS at most 1.5x that size.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ the figure is the median of --repeat runs. "prune" is `spa.prune` with the
 magnitude criterion, without onnxruntime validation, plus saving the result;
 "prune+validate" adds the checker, the onnxruntime runs and soft == hard;
 "obspa" is the default: synthetic statistics, greedy OBS and compensation (no
-validation). Targets: prune under 3x the load-and-save floor (issue 2); obspa
-on ResNet-50 under 60 s on 2 cores (issue 4).
+validation). The figures spa is held to: a prune under 3x the load-and-save
+floor, and obspa on ResNet-50 under 60 s on 2 cores.
 """
 
 from __future__ import annotations

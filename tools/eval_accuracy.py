@@ -19,8 +19,10 @@ pruned logits against the dense ones on the calibration samples past ``--calib-s
 the file's 256), which no criterion reads. It separates prunes whose test accuracy is tied at
 the dense model's (the digits MLP).
 
-Prints one markdown row per model, criterion, ratio and compensation setting, then checks the
-claims of issue #4 against the rows and prints which held.
+Prints one markdown row per model, criterion, ratio and compensation setting, then how often each
+comparison of the accuracy page holds over the rows at ratios 0.2, 0.3 and 0.5: data-free obspa
+against l1 and random, obs against obspa, compensation against none, and spa's data-driven
+criteria against onnxsim's structured Wanda.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+import render_results  # noqa: E402
+
 import spa  # noqa: E402
 from spa.scoring.criteria import CRITERIA  # noqa: E402
 from spa.verify import fidelity  # noqa: E402
@@ -49,9 +53,8 @@ from spa.verify.validate import session  # noqa: E402
 DATA_FREE = ("random", "l1", "l2", "obspa")
 LOCAL = ("digits_mlp", "mnist_cnn", "mnist_rescnn", "mnist_dwse")
 EXTERNAL = ("minilm", "ppocr_rec")
-# the ratios issue #4's claims are stated at; rows at other ratios are shown but not tallied
-CLAIM_RATIOS = (0.2, 0.3, 0.5)
-CALIB_SAMPLES = 128  # issue #4's "obs with 128 calibration samples"
+# the data-driven criteria read this many calibration samples; the rest of the file's 256 are held out
+CALIB_SAMPLES = 128
 
 
 @dataclass
@@ -292,104 +295,18 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _latest(rows: list[Row]) -> list[dict]:
+    return render_results.latest_accuracy_rows([asdict(r) for r in rows])
+
+
 def pivot(rows: list[Row]) -> str:
-    """One line per model and ratio, one column per method and compensation setting."""
-    columns = list(dict.fromkeys((r.method, r.compensate) for r in rows if r.method != "dense"))
-    label = {None: "", False: " off", True: " on"}
-    head = "| model | ratio | params kept | dense | " + " | ".join(f"{m}{label[c]}" for m, c in columns) + " |"
-    lines = [head, "|" + "---|" * (4 + len(columns))]
-    dense = {r.model: r.metric for r in rows if r.method == "dense"}
-    models = list(dict.fromkeys(r.model for r in rows))
-    cases = sorted({(r.model, r.ratio) for r in rows if r.method != "dense"}, key=lambda c: (models.index(c[0]), c[1]))
-    for model, ratio in cases:
-        here = {(r.method, r.compensate): r for r in rows if (r.model, r.ratio) == (model, ratio)}
-        kept = next((r.params_kept for (m, _), r in here.items() if m != "onnxsim-wanda"), float("nan"))
-        best = max(
-            (r.metric for r in here.values() if np.isfinite(r.metric) and r.method != "onnxsim-wanda"), default=None
-        )
-        cells = []
-        for key in columns:
-            r = here.get(key)
-            if r is None or not np.isfinite(r.metric):
-                cells.append("-")
-                continue
-            text = f"{r.metric:.3f}"
-            if key[0] == "onnxsim-wanda" and abs(r.params_kept - kept) > 0.02:
-                text += f" ({r.params_kept:.0%} kept)"
-            cells.append(f"**{text}**" if r.metric == best else text)
-        lines.append(
-            f"| {model} | {ratio:g} | {kept:.1%} | {dense.get(model, float('nan')):.3f} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines)
+    """One line per model and ratio, one column per method and compensation setting (the docs' table)."""
+    return render_results.accuracy_pivot(_latest(rows))
 
 
 def claims(rows: list[Row]) -> list[str]:
-    """Issue #4's claims, checked row by row at the issue's ratios: (held, total) per claim."""
-
-    def metric(model, method, ratio, comp):
-        found = [r.metric for r in rows if (r.model, r.method, r.ratio, r.compensate) == (model, method, ratio, comp)]
-        return found[0] if found and np.isfinite(found[0]) else None
-
-    def error_of(model, method, ratio, comp):
-        found = [
-            r.output_error for r in rows if (r.model, r.method, r.ratio, r.compensate) == (model, method, ratio, comp)
-        ]
-        return found[0] if found else None
-
-    def kept_of(model, method, ratio):
-        found = [r.params_kept for r in rows if (r.model, r.method, r.ratio) == (model, method, ratio)]
-        return found[0] if found else float("nan")
-
-    tallies: dict[str, list[int]] = {}
-
-    def tally(claim, held):
-        entry = tallies.setdefault(claim, [0, 0])
-        entry[0] += bool(held)
-        entry[1] += 1
-
-    cases = sorted({(r.model, r.ratio) for r in rows if r.method != "dense" and r.ratio in CLAIM_RATIOS})
-    for model, ratio in cases:
-        # what `spa prune --criterion X` does without data: obspa compensates (with synthetic
-        # statistics), magnitude and random criteria do not
-        ob = metric(model, "obspa", ratio, True)
-        for rival in ("l1", "random"):
-            other = metric(model, rival, ratio, False)
-            if ob is not None and other is not None:
-                tally(f"obspa beats {rival}, each as spa runs it without data", ob > other)
-        for comp in (False, True):
-            ob = metric(model, "obspa", ratio, comp)
-            for rival in ("l1", "random"):
-                other = metric(model, rival, ratio, comp)
-                if ob is not None and other is not None:
-                    tally(f"obspa beats {rival} (compensation {'on' if comp else 'off'})", ob > other)
-        obs_on, obspa_on = metric(model, "obs", ratio, True), metric(model, "obspa", ratio, True)
-        if obs_on is not None and obspa_on is not None:
-            tally("obs + compensation beats obspa + compensation", obs_on > obspa_on)
-        obs_error, obspa_error = error_of(model, "obs", ratio, True), error_of(model, "obspa", ratio, True)
-        if obs_error is not None and obspa_error is not None:
-            tally(
-                "obs + compensation keeps the outputs closer to dense than obspa + compensation "
-                "(relative error on held-out calibration samples)",
-                obs_error < obspa_error,
-            )
-        for method in ("random", "l1", "l2", "obspa", "obs", "activation", "fluctuation"):
-            on, off = metric(model, method, ratio, True), metric(model, method, ratio, False)
-            if on is not None and off is not None:
-                tally("compensation beats no compensation", on > off)
-        sim = metric(model, "onnxsim-wanda", ratio, None)
-        best = [
-            m
-            for m in (
-                metric(model, c, ratio, comp) for c in ("obs", "activation", "fluctuation") for comp in (False, True)
-            )
-            if m is not None
-        ]
-        if sim is not None and best:
-            if abs(kept_of(model, "onnxsim-wanda", ratio) - kept_of(model, "obs", ratio)) > 0.02:
-                tally("onnxsim structured Wanda could not reach spa's parameter reduction (not compared)", True)
-            else:
-                tally("spa's best data-driven criterion beats onnxsim structured Wanda", max(best) > sim)
-    return [f"- {claim}: {held}/{total}" for claim, (held, total) in tallies.items()]
+    """How often each comparison of the accuracy page holds over the rows, one line per claim."""
+    return render_results.accuracy_claims(_latest(rows))
 
 
 def main(argv=None) -> int:
@@ -404,7 +321,7 @@ def main(argv=None) -> int:
         "--refit",
         choices=spa.api.REFITS,
         default="auto",
-        help="spa's refit for the compensated rows (README rows: auto, spa's default)",
+        help="spa's refit for the compensated rows (the docs' rows: auto, spa's default)",
     )
     parser.add_argument("--out", type=Path, help="write the markdown table (and the claims) here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
@@ -417,12 +334,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         # a later file's row replaces an earlier one for the same model, method, ratio and setting
-        keyed = {
-            (r["model"], r["method"], r["ratio"], r["compensate"]): Row(**r)
-            for path in args.from_json
-            for r in json.loads(path.read_text())
-        }
-        rows = list(keyed.values())
+        stored = [r for path in args.from_json for r in json.loads(path.read_text())]
+        rows = [Row(**r) for r in render_results.latest_accuracy_rows(stored)]
         print(pivot(rows) + "\n\nClaims:\n" + "\n".join(claims(rows)))
         _write(rows, args.out, args.json)
         return 0

@@ -1,4 +1,4 @@
-"""The model table of issue #3: spa next to onnxsim 0.8.1's structured pruning, at one ratio.
+"""The model table: spa next to onnxsim 0.8.1's structured pruning, at one ratio.
 
     pip install onnxsim==0.8.1
     python tools/model_table.py [--ratio 0.3] [--json out.json] [--out table.md] [--no-onnxsim] [names...]
@@ -10,7 +10,8 @@ magnitude (``apply_structured_pruning`` ranks by L2 norm too), and fast on full-
 spa's own validation runs (checker, onnxruntime, I/O, soft == hard for exact groups, and for
 dynamic models batch 2 and batch 3 x sequence 7). onnxsim's ``apply_structured_pruning`` and
 ``apply_structured_wanda_pruning`` (calibrated on 8 synthetic inputs from
-spa.verify.validate.sample_inputs: random normal floats, ones for masks, zeros for other integers) run on the same file at the same ratio. All three outputs then get the same check
+spa.verify.validate.sample_inputs: random normal floats, ones for masks, zeros for other
+integers) run on the same file at the same ratio. All three outputs then get the same check
 (tools/compare_onnxsim.check: full onnx check, onnxruntime runs, same output names and shapes
 as the dense model), at every input size spa validates at. Models are run one at a time.
 """
@@ -22,7 +23,6 @@ import gc
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import table_models  # noqa: E402
 from compare_onnxsim import check  # noqa: E402
+from render_results import MODEL_TABLE_HEADER, model_row, model_summary  # noqa: E402
 
 from spa.reporting.group_layers import is_ffn  # noqa: E402
 from spa.verify.validate import sample_inputs  # noqa: E402
@@ -95,14 +96,6 @@ def _groups_summary(groups) -> dict:
         "other_prunable": len(other),
         "other_pruned": sum(g.removed > 0 for g in other),
     }
-
-
-def _heads_text(heads: list[dict]) -> str:
-    if not heads:
-        return "-"
-    counts = Counter((h["heads"], h["heads_after"], h["head_dim"], bool(h["frozen"])) for h in heads)
-    parts = [f"{n}x {b}->{a} (hd {d}){' frozen' if f else ''}" for (b, a, d, f), n in counts.items()]
-    return ", ".join(parts)
 
 
 def run_spa(path: Path, ratio: float, dense, feeds) -> dict:
@@ -182,81 +175,6 @@ def measure(name: str, exporter: str, ratio: float, with_onnxsim: bool) -> dict:
     return row
 
 
-def _count(n) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
-
-
-def _delta(before, after) -> str:
-    if before is None or after is None:
-        return "-"
-    return f"{_count(after)} ({100 * (after / before - 1):+.0f}%)"
-
-
-def _sim_cells(sim: dict | None, spa_row: dict) -> str:
-    if sim is None:
-        return "| - | - | - |"
-    # FLOPs are counted on inferred shapes, which an invalid model does not have
-    flops = _delta(spa_row.get("flops_before"), sim.get("flops_after")) if sim["verdict"] == "valid" else "-"
-    return (
-        f"| {sim['verdict']} | {_delta(spa_row.get('params_before'), sim.get('params_after'))} / "
-        f"{flops} | {sim['seconds']:.0f} |"
-    )
-
-
-HEADER = (
-    "| model | exporter | params / FLOPs dense | spa | spa params / FLOPs | soft==hard err | heads per layer "
-    "(count before->after, head_dim) | FFN pruned/found | other groups pruned | spa s | "
-    "onnxsim structured | params / FLOPs | s | onnxsim wanda | params / FLOPs | s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
-
-
-def markdown(row: dict) -> str:
-    head = f"| {row['model']} | {row['exporter']}{' (dyn)' if row.get('dynamic') else ''} "
-    if "not_built" in row:
-        return head + f"| {row['not_built']} |" + " |" * 13
-    s = row["spa"]
-    if "params_before" not in s:
-        return (
-            head
-            + f"| - | {s['verdict']} | - | - | - | - | - | {s['seconds']:.0f} "
-            + _sim_cells(row.get("onnxsim"), s)
-            + _sim_cells(row.get("onnxsim_wanda"), s)[1:]
-        )
-    err = "-" if s["soft_equal"] is None else f"{s['soft_max_rel_error']:.1e}"
-    return (
-        head + f"| {_count(s['params_before'])} / {_count(s['flops_before'])} | {s['verdict']} | "
-        f"{_delta(s['params_before'], s['params_after'])} / {_delta(s['flops_before'], s['flops_after'])} | "
-        f"{err} | {_heads_text(s['heads'])} | {s['ffn_pruned']}/{s['ffn_found']} | "
-        f"{s['other_pruned']}/{s['other_prunable']} | {s['seconds']:.0f} "
-        + _sim_cells(row.get("onnxsim"), s)
-        + _sim_cells(row.get("onnxsim_wanda"), s)[1:]
-    )
-
-
-def summary(rows: list[dict]) -> str:
-    built = [r for r in rows if "spa" in r]
-
-    def tally(key: str) -> str:
-        done = [r[key] for r in built if key in r]
-        valid = [x for x in done if x["verdict"] == "valid"]
-        if key == "spa":
-            smaller = [x for x in valid if x["params_after"] < x["params_before"]]
-        else:
-            before = {id(r[key]): r["spa"].get("params_before") for r in built if key in r}
-            smaller = [
-                x for x in valid if x.get("params_after") and before[id(x)] and x["params_after"] < before[id(x)]
-            ]
-        return f"{key} {len(valid)}/{len(done)} valid ({len(smaller)} of them smaller)"
-
-    return (
-        "; ".join(tally(k) for k in ("spa", "onnxsim", "onnxsim_wanda"))
-        + f"; {len(rows) - len(built)} models not built"
-    )
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="model names (default: all); name:exporter picks one export")
@@ -276,17 +194,17 @@ def main(argv=None) -> int:
     if args.render:
         entries = []
     else:
-        print(HEADER, flush=True)
+        print(MODEL_TABLE_HEADER, flush=True)
     for name, exporter in entries:
         row = measure(name, exporter, args.ratio, not args.no_onnxsim)
         rows = [r for r in rows if (r["model"], r["exporter"]) != (name, exporter)] + [row]
-        print(markdown(row), flush=True)
+        print(model_row(row), flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1, default=str))
     order = {key: i for i, key in enumerate(table_models.ENTRIES)}
     rows.sort(key=lambda r: order.get((r["model"], r["exporter"]), len(order)))
-    table = HEADER + "\n" + "\n".join(markdown(r) for r in rows) + "\n\n" + summary(rows) + "\n"
-    print(table if args.render else summary(rows))
+    table = MODEL_TABLE_HEADER + "\n" + "\n".join(model_row(r) for r in rows) + "\n\n" + model_summary(rows) + "\n"
+    print(table if args.render else model_summary(rows))
     if args.out:
         args.out.write_text(table)
     return 0

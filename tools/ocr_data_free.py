@@ -115,12 +115,7 @@ def blend(bench: Bench, ratios: list[float]) -> None:
             none = weights.copy()
             none[:, q] = 0
             judge = augmented_hessian(r.second_moment, r.mean if has_bias else None)
-
-            def error(candidate):
-                delta = weights - candidate
-                return float(np.einsum("ij,jk,ik->", delta, judge, delta))
-
-            share = min(BLENDS, key=lambda a: error(none + a * (full - none)))
+            share = min(BLENDS, key=lambda a: _output_error(weights, none + a * (full - none), judge))
             chosen.append(share)
             values.update(layer.tensors(none + share * (full - none), graph.const))
         model = onnx.ModelProto()
@@ -140,6 +135,12 @@ def blend(bench: Bench, ratios: list[float]) -> None:
         "synthetic refit, blend per layer judged on the real lines: " + " / ".join(f"{f:.3f}" for f in figures),
         flush=True,
     )
+
+
+def _output_error(weights: np.ndarray, candidate: np.ndarray, judge: np.ndarray) -> float:
+    """E||(W - W') x||^2 under the second moment ``judge`` of the real inputs."""
+    delta = weights - candidate
+    return float(np.einsum("ij,jk,ik->", delta, judge, delta))
 
 
 def priors(bench: Bench, ratios: list[float], mix: list[int] | None) -> None:
@@ -248,7 +249,7 @@ def inversion(
         for name, images in (("real lines", real), ("start", start)):
             _, batchnorm_inputs = onnx_torch.run(model, {"x": torch.from_numpy(images)})
             print(f"  batchnorm mismatch, {name}: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}", flush=True)
-    for step in range(steps):
+    for _ in range(steps):
         images = torch.tanh(logits)
         outputs, batchnorm_inputs = onnx_torch.run(model, {"x": images})
         loss = _batchnorm_mismatch(batchnorm_inputs) + smoothness * _total_variation(images)

@@ -87,7 +87,10 @@ def _batchnorm(inputs, attrs):
 def _clip(inputs, attrs):
     low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
     high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
-    as_float = lambda v: None if v is None else float(v)
+
+    def as_float(v):
+        return None if v is None else float(v)
+
     return torch.clamp(inputs[0], as_float(low), as_float(high))
 
 

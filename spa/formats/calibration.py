@@ -9,12 +9,12 @@ declare 2 GiB), and of each array only the leading samples spa uses are read and
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import numpy.lib.format as npy
@@ -28,7 +28,7 @@ ARCHIVE_BUDGET = 1 << 30
 READ_CHUNK = 16 << 20
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path) -> io.BufferedReader:
     """``path`` opened for reading, refused (UsageError) unless it is a regular file: checked
     before opening, and again on the opened descriptor in case the name was swapped in between
     (the open itself does not block on a FIFO)."""
@@ -54,7 +54,7 @@ class StoredArray:
     shape: tuple[int, ...]
     dtype: np.dtype
     fortran: bool
-    stream: BinaryIO  # positioned at the first data byte
+    stream: io.BufferedIOBase  # positioned at the first data byte
     available: int  # data bytes the file or member holds: no read allocates more
 
     def samples(self, rank: int) -> int:
@@ -82,7 +82,7 @@ class StoredArray:
             raise UsageError(
                 f"--calib: the samples used from {self.where} do not fit in memory (lower --calib-samples)"
             ) from None
-        view = memoryview(array.reshape(-1, order="A").view(np.uint8))
+        view = array.reshape(-1, order="A").view(np.uint8).data
         filled = 0
         while filled < len(view):
             # in pieces: a compressed member's reader decompresses each request into a copy
@@ -93,7 +93,7 @@ class StoredArray:
         return array
 
 
-def stored_array(stream: BinaryIO, where: str, size: int) -> StoredArray:
+def stored_array(stream: io.BufferedIOBase, where: str, size: int) -> StoredArray:
     """The header of the .npy data at ``stream`` (``size`` bytes long, header included); object
     arrays (pickles) are refused."""
     try:

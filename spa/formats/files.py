@@ -103,8 +103,8 @@ def _referenced_files(path: Path) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=16)  # each output check asks again; parse a large model once
-def _references_of(path: str, size: int, mtime_ns: int) -> tuple[Path, ...]:
-    path = Path(path)
+def _references_of(name: str, size: int, mtime_ns: int) -> tuple[Path, ...]:
+    path = Path(name)
     try:
         if not _mentions_external_data(path):
             return ()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -218,7 +219,9 @@ def _float_form(node, form: Form, initializers, readers: Counter, names: _NameSo
     requantized = form.output is not None and bool(inputs[form.output[0]])
     if form.output is not None and not requantized and node.op_type != "QGemm":  # QGemm may give floats
         return None
-    nodes, tensors, float_inputs = [], [], []
+    nodes: list[onnx.NodeProto] = []
+    tensors: list[TensorProto] = []
+    float_inputs: list[str] = []
     stem = node.name or node.output[0]
     for k, (data, scale, zero) in enumerate(operands):
         axis = _weight_axis(node, k, inputs[data], inputs[scale], initializers)
@@ -228,7 +231,7 @@ def _float_form(node, form: Form, initializers, readers: Counter, names: _NameSo
         if zero_point is None:
             return None
         out = names(f"{inputs[data]}_dequantized")
-        attributes = {} if axis is None else {"axis": axis}
+        attributes: dict[str, Any] = {} if axis is None else {"axis": axis}
         nodes.append(
             helper.make_node(
                 "DequantizeLinear",
@@ -254,14 +257,17 @@ def _float_form(node, form: Form, initializers, readers: Counter, names: _NameSo
     float_op = helper.make_node(form.float_op, float_inputs, [result], node.name)
     float_op.attribute.extend(a for a in node.attribute if a.name in form.attributes)
     nodes.append(float_op)
-    if requantized:
+    if requantized and form.output is not None:
         scale, zero = form.output
-        zero_point = _output_zero_point(inputs[zero], operands[0], inputs, initializers, names, tensors)
-        if zero_point is None:
+        output_zero_point = _output_zero_point(inputs[zero], operands[0], inputs, initializers, names, tensors)
+        if output_zero_point is None:
             return None
         nodes.append(
             helper.make_node(
-                "QuantizeLinear", [result, inputs[scale], zero_point], [node.output[0]], names(f"{stem}/quantize")
+                "QuantizeLinear",
+                [result, inputs[scale], output_zero_point],
+                [node.output[0]],
+                names(f"{stem}/quantize"),
             )
         )
     return nodes, tensors, bias_record
@@ -361,7 +367,7 @@ def _bias_dequantized(node, form: Form, inputs, initializers, readers: Counter, 
     scale = numpy_helper.from_array(
         product.reshape(()) if product.size == 1 else product, names(f"{inputs[form.bias]}_scale")
     )
-    attributes = {"axis": 0} if product.size > 1 else {}
+    attributes: dict[str, Any] = {"axis": 0} if product.size > 1 else {}
     out = names(f"{inputs[form.bias]}_dequantized")
     return helper.make_node(
         "DequantizeLinear", [inputs[form.bias], scale.name], [out], names(f"{stem}/dequantize_bias"), **attributes

@@ -8,10 +8,16 @@ scale grown where the refit would not fit (``Store``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import helper
+
+if TYPE_CHECKING:
+    from spa.analysis.layers import LinearLayer
+    from spa.core.graph import ModelGraph
 
 DEQUANTIZE_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
@@ -276,8 +282,8 @@ class Store:
     bias at exactly that product. Elsewhere the values saturate, and ``tally`` counts them.
     """
 
-    graph: object
-    layers: tuple = ()  # the LinearLayers whose refits are stored: a weight's bias follows its scale
+    graph: ModelGraph
+    layers: tuple[LinearLayer, ...] = ()  # the LinearLayers whose refits are stored: a weight's bias follows its scale
     tally: Requantized = field(default_factory=Requantized)
 
     def __call__(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -299,13 +305,14 @@ class Store:
             factor = growth(graph, weight, value)
             if self._may_grow(weight, layer, factor):
                 # written even when nothing grows: the model being refitted may hold an earlier grown scale
-                scale = _scaled(graph.const(weight.scale), factor)
+                scale = _scaled(_initializer_value(graph, weight.scale), factor)
                 stored[weight.scale] = scale
                 self.tally.grown += int(np.count_nonzero(factor > 1))
-                bias = quantized_weight(graph, layer.bias) if layer is not None and layer.bias else None
-                if bias is not None and layer.bias in values:
-                    stored_biases.add(layer.bias)
-                    self._store_bias(bias, values[layer.bias], factor, stored)
+                if layer is not None and layer.bias:
+                    bias = quantized_weight(graph, layer.bias)
+                    if bias is not None and layer.bias in values:
+                        stored_biases.add(layer.bias)
+                        self._store_bias(bias, values[layer.bias], factor, stored)
             stored[weight.data] = quantize(graph, weight, value, self.tally, scale)
         return stored
 
@@ -313,7 +320,7 @@ class Store:
         graph = self.graph
         if len(graph.consumers.get(weight.scale, [])) != 1:
             return False  # shared: growing it would change another tensor
-        if factor.size > 1 and int(np.prod(graph.shape(weight.scale) or (1,))) != factor.size:
+        if factor.size > 1 and _element_count(graph, weight.scale) != factor.size:
             return False  # one scale for channels with their own zero points
         if layer is None or not layer.bias:
             return True
@@ -323,12 +330,22 @@ class Store:
         if len(graph.consumers.get(bias.scale, [])) != 1:
             return False
         per_output = weight.axis is not None and weight.axis == layer.output_axis
-        return factor.size == 1 or (per_output and int(np.prod(graph.shape(bias.scale) or (1,))) == factor.size)
+        return factor.size == 1 or (per_output and _element_count(graph, bias.scale) == factor.size)
 
     def _store_bias(self, bias: QuantizedWeight, value: np.ndarray, factor: np.ndarray, stored: dict) -> None:
-        scale = _scaled(self.graph.const(bias.scale), factor)
+        scale = _scaled(_initializer_value(self.graph, bias.scale), factor)
         stored[bias.scale] = scale
         stored[bias.data] = quantize(self.graph, bias, value, self.tally, scale)
+
+
+def _initializer_value(graph: ModelGraph, tensor: str) -> np.ndarray:
+    value = graph.const(tensor)
+    assert value is not None, tensor  # a QuantizedWeight's scale is an initializer
+    return value
+
+
+def _element_count(graph: ModelGraph, tensor: str) -> int:
+    return math.prod(graph.initializers[tensor].dims)
 
 
 def _scaled(scale: np.ndarray, factor: np.ndarray) -> np.ndarray:

@@ -90,7 +90,7 @@ def _comes_back(graph, statistic: str, base: str, squared: bool, depth: int = 6)
     Follows the statistic through scalar steps (epsilon, Sqrt, Reciprocal, Cast) a few ops deep."""
     frontier = [statistic]
     for _ in range(depth):
-        reached = []
+        reached: list[str] = []
         for tensor in frontier:
             for node in graph.consumers.get(tensor, []):
                 others = [t for t in node.inputs if t and t != tensor]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from spa.core.graph import Node
 from spa.ops.base import Dim
 from spa.ops.elementwise import Unary
-from spa.patterns.shapes import trace_vector
+from spa.patterns.shapes import Entry, trace_vector
 
 # ops a round trip may pass between its two Reshapes: they move or scale elements, never mix them
 _CHAIN_OPS = set(Unary.ops) | {"Transpose"}
@@ -28,7 +28,7 @@ class RoundTrip:
     x: str
     y: str
     mapping: dict[int, int]  # X axis -> Y axis
-    reshapes: list[tuple[Node, list, list[list[int]]]]  # each Reshape, its target entries, X axes per entry
+    reshapes: list[tuple[Node, list[Entry], list[list[int]]]]  # each Reshape, its target entries, X axes per entry
 
     def partner(self, dim: Dim) -> Dim | None:
         if dim.tensor == self.x and dim.axis in self.mapping:
@@ -41,7 +41,13 @@ class RoundTrip:
     def fixed_literal(self, dim: Dim) -> str | None:
         """Why a cut of this axis could not follow, or None. The middle tensors have no index
         space, so no rewrite reaches a literal there; the last Reshape's output is rewritten as usual."""
-        a = dim.axis if dim.tensor == self.x else self.partner(dim).axis
+        if dim.tensor == self.x:
+            a = dim.axis
+        else:
+            partner = self.partner(dim)
+            # callers ask only about an axis the round trip maps
+            assert partner is not None, dim
+            a = partner.axis
         for node, entries, spans in self.reshapes[:-1]:
             for entry, span in zip(entries, spans):
                 if a in span and entry.kind == "literal" and entry.value not in (-1, 0):
@@ -60,10 +66,12 @@ def round_trip(graph, node, tensor) -> RoundTrip | None:
     if x_shape is None or y_shape is None:
         return None
     labels = {x: [[a] for a in range(len(x_shape))]}
-    reshapes = []
+    reshapes: list[tuple[Node, list[Entry], list[list[int]]]] = []
     for op in chain:
         if op.op_type == "Reshape":
             entries = trace_vector(graph, op, 1)
+            if entries is None:
+                return None
             out = _spans(graph, op, entries, labels, x_shape)
             if out is None:
                 return None
@@ -169,7 +177,8 @@ def _spans(graph, node, entries, labels, x_shape) -> list[list[int]] | None:
 def _by_size(pool, size, x_shape, from_end) -> list[int] | None:
     """The shortest run at the front (or back) of ``pool`` whose static sizes multiply to ``size``."""
     order = list(reversed(pool)) if from_end else list(pool)
-    product, span = 1, []
+    product = 1
+    span: list[int] = []
     for a in order:
         if product == size and (span or size == 1):
             break

@@ -9,6 +9,7 @@ follows the cut by itself), or opaque (we cannot know, so the axis freezes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,11 +65,11 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
     if op in _ARITHMETIC and len(producer.inputs) == 2:
         # c // 2 of a run-time size is still a run-time size: it follows the cut by itself,
         # and validation runs the pruned model to confirm the result fits
-        sides = [trace_vector(graph, producer, j, depth + 1) for j in (0, 1)]
-        if all(sides) and any(e.kind == "runtime" for side in sides for e in side):
-            length = max(len(side) for side in sides)
-            if all(len(side) in (1, length) for side in sides):
-                return [_combine(sides[0][k % len(sides[0])], sides[1][k % len(sides[1])], op) for k in range(length)]
+        left, right = (trace_vector(graph, producer, j, depth + 1) for j in (0, 1))
+        if left and right and any(e.kind == "runtime" for e in left + right):
+            length = max(len(left), len(right))
+            if len(left) in (1, length) and len(right) in (1, length):
+                return [_combine(left[k % len(left)], right[k % len(right)], op) for k in range(length)]
     if op == "Where" and _minus_one_to_one(graph, producer):
         # torch's expand(-1): sizes that are -1 become 1; run-time sizes and other literals stay
         base = trace_vector(graph, producer, 2, depth + 1)
@@ -92,6 +93,7 @@ _ARITHMETIC = ("Div", "Mul", "Add", "Sub")
 
 def _slice_bounds(graph: ModelGraph, node: Node) -> tuple[int, int] | None:
     """Start and stop of a unit-step Slice of a 1-D vector, where both are known before running."""
+    steps: list[int] | None
     if node.attr("starts") is not None:  # before opset 10
         starts, ends, axes, steps = node.attr("starts"), node.attr("ends"), node.attr("axes", [0]), [1]
     else:
@@ -109,7 +111,7 @@ def _combine(a: Entry, b: Entry, op: str) -> Entry:
     product = None
     if op == "Mul":
         size, factor = (a, b) if b.kind == "literal" else (b, a)
-        if size.kind == "runtime" and len(size.source) == 2 and factor.kind == "literal":
+        if size.kind == "runtime" and size.source is not None and len(size.source) == 2 and factor.kind == "literal":
             product = (size.source, factor)
     return Entry("runtime", None, ("derived",), product)
 
@@ -145,9 +147,11 @@ def _filled(graph: ModelGraph, tensor: str) -> int | None:
 
 def _opaque(graph: ModelGraph, tensor: str) -> list[Entry] | None:
     shape = graph.shape(tensor)
-    if shape is None or len(shape) > 1 or (shape and not isinstance(shape[0], int)):
+    if shape is None or len(shape) > 1:
         return None
     length = shape[0] if shape else 1
+    if not isinstance(length, int):
+        return None
     return [Entry("opaque")] * length
 
 
@@ -224,7 +228,7 @@ def static_value(graph: ModelGraph, tensor: str, depth: int = 0) -> list[int] | 
     return [int(v) for v in value.reshape(-1)]
 
 
-def _evaluate(graph: ModelGraph, tensor: str, depth: int):
+def _evaluate(graph: ModelGraph, tensor: str, depth: int) -> np.ndarray | None:
     const = graph.const(tensor)
     if const is not None:
         return const.astype(np.float64) if const.dtype.kind in "iuf" else None
@@ -239,25 +243,36 @@ def _evaluate(graph: ModelGraph, tensor: str, depth: int):
         full = np.array([s if isinstance(s, int) else np.nan for s in shape], dtype=np.float64)
         return full[slice(node.attr("start", 0), node.attr("end", len(shape)))]
     args = [_evaluate(graph, name, depth + 1) if name else None for name in node.inputs]
-    if any(a is None for a in args[:1]):
-        return None
     x = args[0]
+    if x is None:
+        return None
     if op in ("Cast", "Identity"):
         return x
     if op in ("Unsqueeze", "Squeeze", "Reshape", "Flatten"):
         return x.reshape(-1)
     if op == "Gather" and args[1] is not None and node.attr("axis", 0) == 0:
         return x.reshape(-1)[args[1].astype(np.int64)]
-    if op == "Concat" and all(a is not None for a in args):
-        return np.concatenate([a.reshape(-1) for a in args])
+    pieces = [a for a in args if a is not None]
+    if op == "Concat" and len(pieces) == len(args):
+        return np.concatenate([piece.reshape(-1) for piece in pieces])
     if op in ("Add", "Sub", "Mul", "Div") and args[1] is not None:
         y = args[1]
         with np.errstate(all="ignore"):
-            return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": lambda a, b: np.trunc(a / b)}[op](
-                x, y
-            )
+            return _ARITHMETIC_FUNCTIONS[op](x, y)
     return None
 
+
+def _truncating_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # ONNX's integer Div truncates towards zero, where floor division would round down
+    return np.trunc(a / b)
+
+
+_ARITHMETIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": _truncating_divide,
+}
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # float, float16, double, bfloat16
 # inputs that take a vector as a shape, a bound or a count: a size there follows the cut

@@ -62,7 +62,7 @@ def make_plan(
                 plan.removed[group.id] = np.sort(group.units[order[: group.size - keep]])
         return plan
     # global: one ranking over every prunable unit, scores made comparable by each group's mean
-    entries = []
+    entries: list[tuple[float, int, int]] = []
     for group in groups:
         score = scores[group.id]
         mean = score.mean()
@@ -72,7 +72,7 @@ def make_plan(
     budget = int(math.floor(len(entries) * ratio + 0.5))
     left = {g.id: g.size for g in groups}
     chosen: dict[int, list[int]] = {}
-    for score, gid, unit in entries:
+    for _score, gid, unit in entries:
         if budget == 0:
             break
         if left[gid] > 1:

@@ -333,6 +333,7 @@ def _latency_card(latency: BenchResult | None) -> str:
         f"{latency.runs} alternating runs, {threads}, batch {latency.batch}"
     )
     speed = latency.speedup
+    assert speed is not None  # both timings were read above
     kind = "down" if speed > 1 else "up" if speed < 1 else ""
     return _card(
         "CPU latency (median)",
@@ -481,7 +482,8 @@ def _layer_section(layers: list[Layer]) -> str:
 
 
 def _narrower(layer: Layer) -> bool:
-    return None not in (layer.out_before, layer.out_after) and layer.out_after < layer.out_before
+    before, after = layer.out_before, layer.out_after
+    return before is not None and after is not None and after < before
 
 
 def _layer_row(k: int, layer: Layer) -> str:

@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx
@@ -219,7 +220,8 @@ def _from_archive(path: Path, ranks: dict[str, int], samples: int) -> tuple[dict
                 )
             arrays, counts = {}, {}
             for name, rank in ranks.items():
-                with archive.open(members[name]) as stream:
+                # typeshed says ZipFile.open returns IO[bytes]; it is a ZipExtFile, which reads into buffers
+                with cast(zipfile.ZipExtFile, archive.open(members[name])) as stream:
                     stored = stored_array(stream, f"{path} (array '{name}')", members[name].file_size)
                     counts[name], arrays[name] = stored.samples(rank), stored.read(rank, samples)
             return arrays, counts
@@ -251,7 +253,7 @@ class InputPrior:
 
     @property
     def name(self) -> str:
-        if self.low is None:
+        if self.low is None or self.high is None:
             return "smooth noise N(0,1)"
         span = f"[{self.low:g},{self.high:g}]"
         if self.coverage is None:
@@ -260,7 +262,7 @@ class InputPrior:
         return f"strokes in {span}: {self.coverage:.0%} ink {ink:g} on {background:g}"
 
     def draw(self, field: np.ndarray) -> np.ndarray:
-        if self.low is None:
+        if self.low is None or self.high is None:
             return field
         span = self.high - self.low
         if self.coverage is None:
@@ -302,10 +304,10 @@ def synthetic_feeds(
 
     Image-shaped float inputs are drawn from ``prior`` (see ``choose_prior``), other float
     inputs are standard normal; integer inputs that index an embedding table get ids drawn over
-    that table, and other integer inputs (masks) are ones. Why smooth noise under every prior: on the trained MNIST CNNs, white noise drives the
-    first layers' filters in proportion to their norms, which real images do not, and its
-    statistics made compensation worse than none; smooth noise did not (see the README's
-    accuracy section for the measurements).
+    that table, and other integer inputs (masks) are ones. Why smooth noise under every prior:
+    on the trained MNIST CNNs, white noise drives the first layers' filters in proportion to
+    their norms, which real images do not, and its statistics made compensation worse than none;
+    smooth noise did not (docs/results/accuracy.md has the measurements).
     """
     return _drawn(model, _noise_fields(model, samples, seed), prior)
 

@@ -82,7 +82,7 @@ def compensate(
             errors.append(loss / energy)
             raw_errors.append(raw / energy)
             new_values[layer.weight] = refit
-            if bias_rows is not None:
+            if layer.bias and bias_rows is not None:
                 new_values[layer.bias] = bias_rows
                 result.biases += 1
             result.layers += 1
@@ -92,7 +92,9 @@ def compensate(
         refit, loss = obs_update(system.weights, system.hessian_inv, q)
         dropped = system.weights[:, q]
         # the loss without refit: E||W_Q x_Q||^2, from the second moment's Q block
-        raw = float(np.einsum("ij,jk,ik->", dropped, stats.second_moment[np.ix_(q, q)], dropped))
+        second_moment = stats.second_moment
+        assert second_moment is not None  # a gram was kept: the wide case took the branch above
+        raw = float(np.einsum("ij,jk,ik->", dropped, second_moment[np.ix_(q, q)], dropped))
         errors.append(loss / system.energy)
         raw_errors.append(raw / system.energy)
         new_values.update(layer.tensors(refit, graph.weight))

@@ -131,7 +131,9 @@ def apply_plan(
             if shapes_only and tensor.name in recipe and math.prod(tensor.dims) > _SMALL:
                 out.graph.initializer.append(_dims_only(tensor, recipe[tensor.name]))
             elif tensor.name in recipe:  # one tensor at a time: never two copies of the weights
-                value = _cut_array(graph.const(tensor.name), recipe[tensor.name], soft, fills.get(tensor.name, 0))
+                dense = graph.const(tensor.name)
+                assert dense is not None, tensor.name  # the graph was read from this model's initializers
+                value = _cut_array(dense, recipe[tensor.name], soft, fills.get(tensor.name, 0))
                 new_shapes[tensor.name] = value.shape
                 out.graph.initializer.append(
                     writer.add(tensor.name, tensor.data_type, value)
@@ -179,7 +181,7 @@ def _cut_array(
                 return value
             drop = np.setdiff1d(np.arange(value.shape[axis]), keep)
             value = value.copy()
-            index = [slice(None)] * value.ndim
+            index: list[slice | np.ndarray] = [slice(None)] * value.ndim
             index[axis] = drop
             value[tuple(index)] = np.broadcast_to(np.asarray(fill, value.dtype), value.shape)[tuple(index)]
         else:
@@ -220,12 +222,12 @@ def _apply_node_edits(out: onnx.ModelProto, graph: ModelGraph, cut: CutContext) 
         repoint(node_name, index, value)
     for node_name, changes in sorted(cut.attr_changes.items()):
         proto = protos[node_name]
-        for name, value in changes.items():
+        for name, attribute in changes.items():
             kept = [a for a in proto.attribute if a.name != name]
             del proto.attribute[:]
             proto.attribute.extend(kept)
-            if value is not None:
-                proto.attribute.append(onnx.helper.make_attribute(name, value))
+            if attribute is not None:
+                proto.attribute.append(onnx.helper.make_attribute(name, attribute))
     used_now = {name for n in out.graph.node for name in n.input} | {o.name for o in out.graph.output}
     used_now |= {name for n in graph.nodes for name in n.implicit_inputs}
     orphans = replaced - used_now

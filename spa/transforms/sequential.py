@@ -27,8 +27,8 @@ pass at the start, or, past DENSE_CACHE_BYTES, from the dense prefix beside each
 
 Why it is not the default without data: fitted to synthetic inputs it follows them too closely
 (PP-OCRv4 rec at ratio 0.1: 0.750 exact match layer-wise, 0.075 sequential); with calibration
-data, ``--refit auto`` keeps it where held-out samples say it moved the outputs less (README,
-*Accuracy*).
+data, ``--refit auto`` keeps it where held-out samples say it moved the outputs less
+(docs/criteria.md and docs/results/accuracy.md).
 """
 
 from __future__ import annotations
@@ -115,7 +115,6 @@ class _Fit:
     def empty(cls, layer: LinearLayer, keep: np.ndarray, dense_width: int, outputs: int | None, folds: int) -> _Fit:
         width = len(keep) + (layer.bias is not None)
         dense_width += layer.bias is not None
-        residual = outputs is not None
         return cls(
             layer,
             keep,
@@ -123,8 +122,8 @@ class _Fit:
             np.zeros((folds, dense_width, width)),
             np.zeros(folds, dtype=np.int64),
             np.zeros((dense_width, dense_width)),
-            np.zeros((folds, outputs, width)) if residual else None,
-            np.zeros((dense_width, outputs)) if residual else None,
+            np.zeros((folds, outputs, width)) if outputs is not None else None,
+            np.zeros((dense_width, outputs)) if outputs is not None else None,
         )
 
     @property
@@ -283,9 +282,12 @@ def _dense_rows(dense: onnx.ModelProto, graph: ModelGraph, todo, rows: _Rows, se
             return None
         wanted[(position, "x")] = (layer.activation, width)
         skip = _skip(graph, layer)
+        skip_width = _width(graph, skip) if skip is not None else 0
+        if skip_width is None:
+            return None
         if skip is not None:
             wanted[(position, "skip")] = (skip, width)
-        size += max(ROWS_PER_CHANNEL * width, MIN_ROWS) * (width + (_width(graph, skip) if skip else 0)) * 4
+        size += max(ROWS_PER_CHANNEL * width, MIN_ROWS) * (width + skip_width) * 4
     if size > DENSE_CACHE_BYTES:
         return None
     tensors = list(dict.fromkeys(dim.tensor for dim, _ in wanted.values()))
@@ -302,6 +304,12 @@ def _width(graph: ModelGraph, dim: Dim) -> int | None:
     shape = graph.shape(dim.tensor)
     width = shape[dim.axis] if shape else None
     return width if isinstance(width, int) else None
+
+
+def _input_channels(graph: ModelGraph, layer: LinearLayer) -> int:
+    width = graph.static_size(layer.weight, layer.weight_axis)
+    assert width is not None, layer.weight  # a weight is an initializer: its shape is static
+    return width
 
 
 def _skip(graph: ModelGraph, layer: LinearLayer) -> Dim | None:
@@ -354,27 +362,28 @@ def _collect(
         skip = skips[position]
         outputs = _width(graph, skip) if skip is not None else None
         folds = FOLDS if len(rows.batches) >= FOLDS and len(keep) <= CV_MAX_CHANNELS else 1
-        fits.append(_Fit.empty(layer, keep, graph.shape(layer.weight)[layer.weight_axis], outputs, folds))
+        fits.append(_Fit.empty(layer, keep, _input_channels(graph, layer), outputs, folds))
+
+    def dense_rows(index: int, dense_values: dict | None, position: int, kind: str, dim: Dim, width: int) -> np.ndarray:
+        if dense_cache is not None:
+            return dense_cache[(position, kind)][index]
+        assert dense_values is not None  # without a cache the dense prefix ran on this batch
+        return rows.pick(position, index, dense_values[dim.tensor], dim.axis, width)
+
     for index, feed in enumerate(rows.batches):
         pruned_values = dict(zip(tensors, runlimit.run(pruned_run, tensors, feed)))
         dense_values = dict(zip(tensors, runlimit.run(dense_run, tensors, feed))) if dense_run is not None else None
-
-        def dense_rows(position: int, kind: str, dim: Dim, width: int) -> np.ndarray:
-            if dense_cache is not None:
-                return dense_cache[(position, kind)][index]
-            return rows.pick(position, index, dense_values[dim.tensor], dim.axis, width)
-
         for fit, (position, layer, _) in zip(fits, wave):
             dim = layer.activation
             if not np.issubdtype(pruned_values[dim.tensor].dtype, np.floating):
                 continue
             pruned_rows = rows.pick(position, index, pruned_values[dim.tensor], dim.axis)
             width = pruned_rows.shape[1]
-            x_d = dense_rows(position, "x", dim, width)
+            x_d = dense_rows(index, dense_values, position, "x", dim, width)
             drift = None
             skip = skips[position]
             if skip is not None:
-                drift = dense_rows(position, "skip", skip, width) - rows.pick(
+                drift = dense_rows(index, dense_values, position, "skip", skip, width) - rows.pick(
                     position, index, pruned_values[skip.tensor], skip.axis, width
                 )
             if x_d.shape == pruned_rows.shape:
@@ -429,7 +438,7 @@ def _relative_error(weights: np.ndarray, target: np.ndarray, fit: _Fit) -> float
         - 2 * float(np.einsum("ij,jk,ik->", weights, cross.T, target))
         + energy
     )
-    if fit.drift is not None:
+    if fit.drift is not None and fit.drift_dense is not None:  # both kept for a residual layer, or neither
         error += (
             -2 * float(np.einsum("ij,ij->", weights, fit.drift.sum(axis=0)))
             + 2 * float(np.einsum("ij,ji->", target, fit.drift_dense))
@@ -440,7 +449,7 @@ def _relative_error(weights: np.ndarray, target: np.ndarray, fit: _Fit) -> float
 
 def _as_tensors(graph: ModelGraph, layer: LinearLayer, fit: _Fit, refit: np.ndarray) -> dict:
     """The layer's initializers from the refit over the kept columns (+ bias): removed columns are zero."""
-    rows = np.zeros((len(refit), graph.shape(layer.weight)[layer.weight_axis] + fit.bias))
+    rows = np.zeros((len(refit), _input_channels(graph, layer) + fit.bias))
     rows[:, fit.keep] = refit[:, : len(fit.keep)]
     if fit.bias:
         rows[:, -1] = refit[:, -1]
