@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import onnx
+
 from spa.core.coupling import Dim, LinkSet, Sink
 from spa.core.graph import ModelGraph, Node
 from spa.ops import cost
@@ -9,9 +11,12 @@ from spa.ops.base import PRODUCT, CostFn, Operator, static_weight_dims
 from spa.ops.linear_view import LinearLayer, added_bias, numel, owned
 
 
-def transposed(node: Node, operand: str = "B") -> bool:
+def transposed(node: Node | onnx.NodeProto, operand: str = "B") -> bool:
     """Whether Gemm (or QGemm) reads operand "A" or "B" transposed."""
-    return bool(node.attr(f"trans{operand}", 0))
+    name = f"trans{operand}"
+    if isinstance(node, onnx.NodeProto):
+        return any(a.name == name and a.i for a in node.attribute)
+    return bool(node.attr(name, 0))
 
 
 def gemm_cost(b_slot: int, bias_slot: int) -> CostFn:
