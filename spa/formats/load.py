@@ -26,6 +26,7 @@ from spa.core.tensors import (
 from spa.formats.checker import checker_complaint
 from spa.ops.conv import check_groups
 from spa.ops.gather import Gather
+from spa.ops.registry import DEFAULT
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -566,6 +567,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     del model.graph.value_info[:]
     skeleton = _without_weight_data(model)
+    DEFAULT.stand_in_for_inference(skeleton.graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except Exception:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
 from spa.core.coupling import Dim, Freeze, Outcome, RuleContext
 
@@ -87,6 +88,13 @@ class Operator:
         """Initializers of this op whose removed slices the soft model must not set to zero: the
         value to write there instead (broadcast to the tensor), or None to keep the dense values."""
         return {}
+
+    # ------------------------------------------------------------ shapes
+
+    def inferred_as(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """A standard op with the same output shapes, for shape inference of an op onnx does not
+        know (None: onnx, or onnxruntime's symbolic inference, knows it)."""
+        return None
 
     # ------------------------------------------------------------ cost
 

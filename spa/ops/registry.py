@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import onnx
+
 from spa.core.graph import Node
 from spa.ops import (
     contrib,
     conv,
     einsum,
     elementwise,
+    fused_conv,
     gather,
     integer,
     layout,
@@ -65,6 +68,15 @@ class Registry:
         registry._by_key = merged
         return registry
 
+    def stand_in_for_inference(self, graph: onnx.GraphProto) -> None:
+        """In a copy of a graph made for shape inference, replace each node onnx cannot infer by the
+        standard op its operator says has the same output shapes (``Operator.inferred_as``)."""
+        for node in graph.node:
+            operator = self.of(node)
+            stand_in = operator.inferred_as(node) if operator is not None else None
+            if stand_in is not None:
+                node.CopyFrom(stand_in)
+
     def __iter__(self) -> Iterator[Operator]:
         return iter(dict.fromkeys(self._by_key.values()))
 
@@ -87,6 +99,7 @@ DEFAULT = Registry(
         elementwise.Unary(),
         elementwise.Broadcasting(),
         elementwise.Softmax(),
+        fused_conv.FusedConv(),
         integer.DynamicQuantize(),
         integer.MatMulInteger(),
         integer.ConvInteger(),

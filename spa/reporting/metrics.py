@@ -20,7 +20,8 @@ Per-element constants (per output element): BatchNormalization 2 (folded scale a
 Softmax/LogSoftmax 5 (max, subtract, exp, sum, divide); LayerNorm-style moments 5 (mean 1,
 centre 1, variance 2, normalise 1) plus 1 for the scale and 1 for a shift; RMS-style 3 (square,
 sum, normalise) plus 1 for the scale; Gelu 5 (its ONNX function: divide, erf, add, multiply,
-multiply) or 9 in tanh form; a Skip* norm adds 1 for the residual and 1 for its bias.
+multiply) or 9 in tanh form; a Skip* norm adds 1 for the residual and 1 for its bias; an activation
+(and a sum) fused into a convolution (FusedConv) count 1 per output element each, as their own nodes did.
 
 Params are the elements of weight tensors: floating-point initializers (and Constant values in
 bodies) that some node reads, plus integer initializers read as quantised weights (the data of
