@@ -17,6 +17,7 @@ import onnx
 
 from spa.analysis.groups import Analysis, Group, find_groups
 from spa.analysis.layers import LayerIndex
+from spa.core.coupling import ATTENTION_UNITS
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
@@ -24,7 +25,7 @@ from spa.core.signals import ScratchDirectory
 from spa.core.tensors import is_lazy, write_beside_data, write_external
 from spa.formats.load import canonicalize, check_sizes, infer_shapes, load_model, with_input_sizes
 from spa.formats.qoperator import Expansion, expand
-from spa.ops.base import ATTENTION_UNITS, rule_for
+from spa.ops.registry import DEFAULT, Registry
 from spa.planning.plan import Plan, make_plan
 from spa.planning.search import (
     LatencyMeter,
@@ -35,7 +36,7 @@ from spa.planning.search import (
     reach_latency,
     reach_structural,
 )
-from spa.reporting.group_layers import group_layers, is_ffn  # noqa: F401  (is_ffn: re-exported for the CLI)
+from spa.reporting.group_layers import LayerRole, group_layer_roles, is_ffn  # noqa: F401  (is_ffn: re-exported for the CLI)
 from spa.reporting.metrics import ModelStats, bodies, count
 from spa.scoring.criteria import CRITERIA, ScoreContext
 from spa.scoring.statistics import (
@@ -87,23 +88,26 @@ class GroupReport:
     head_dim: int | None = None
     kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by heads / kv_heads query heads
     approximate: str | None = None  # why removal is not equal to zeroing (the norms over these channels)
+    layer_roles: list[LayerRole] = field(default_factory=list)  # ``layers`` as records: op, node, side, kind
 
     @classmethod
     def of(cls, analysis: Analysis, group: Group, removed: int, op_types: dict[str, str]) -> GroupReport:
         head = group.attention
+        roles = group_layer_roles(analysis, group, op_types)
         return cls(
             group.id,
             group.size,
             removed,
             group.exact,
             group.frozen,
-            group_layers(analysis, group, op_types),
+            list(dict.fromkeys(str(role) for role in roles)),
             [str(d) for d in group.dims],
             head and head.kind,
             head and head.heads,
             head and head.head_dim,
             head and head.kv_heads,
             group.inexact_reason,
+            roles,
         )
 
 
@@ -237,19 +241,21 @@ def analyze(
     attention: str = "heads",
     input_shapes: dict[str, list[int]] | None = None,
     progress: Progress | None = None,
+    registry: Registry = DEFAULT,
 ) -> AnalysisReport:
     """Find every coupled channel group of a model, and why each frozen one is frozen.
 
     ``attention`` is the unit of attention layers: whole heads (grouped-query: a KV head with its
     query heads), "head_dim" (one index of head_dim in every head), or "query_heads" (the same
     query head in every KV group). FLOPs are counted with the graph inputs at ``input_shapes``
-    (name -> sizes; inputs sharing a symbolic axis follow), free axes otherwise at 1."""
+    (name -> sizes; inputs sharing a symbolic axis follow), free axes otherwise at 1.
+    ``registry``: the operators spa knows (``spa.ops.registry.DEFAULT.with_operators(...)`` adds one)."""
     _check_attention(attention)
     prepared = _prepare(model_or_path, progress)
     check_input_sizes(prepared.model, input_shapes or {})
     _say(progress, "group")
-    analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate, attention)
-    stats = _count(prepared, prepared.model, prepared.graph, input_shapes)
+    analysis = find_groups(prepared.graph, prepared.opset, tuple(exclude), approximate, attention, registry)
+    stats = _count(prepared, prepared.model, prepared.graph, input_shapes, registry)
     groups = [GroupReport.of(analysis, g, 0, prepared.expansion.op_types) for g in analysis.groups]
     return AnalysisReport(
         prepared.name,
@@ -261,11 +267,11 @@ def analyze(
         counted_sizes(prepared.model, input_shapes),
         unsized_axes(prepared.model, input_shapes),
         dict(input_shapes or {}),
-        _unruled_weights(prepared.graph, stats),
+        _unruled_weights(prepared.graph, stats, registry),
     )
 
 
-def _unruled_weights(graph: ModelGraph, stats: ModelStats) -> dict[str, int]:
+def _unruled_weights(graph: ModelGraph, stats: ModelStats, registry: Registry) -> dict[str, int]:
     """Op types with no rule that read weights, and how many such nodes: no group starts at them
     and whatever they touch stays whole, so without this line a model of them reads as having
     nothing to prune and no reason why (the QOperator format's QLinearConv, a custom op)."""
@@ -274,17 +280,25 @@ def _unruled_weights(graph: ModelGraph, stats: ModelStats) -> dict[str, int]:
     unruled = Counter(
         cost.op_type
         for cost in stats.nodes
-        if cost.params and cost.name in nodes and not bodies(nodes[cost.name]) and rule_for(nodes[cost.name]) is None
+        if cost.params
+        and cost.name in nodes
+        and not bodies(nodes[cost.name])
+        and registry.rule(nodes[cost.name]) is None
     )
     return dict(unruled.most_common())
 
 
 def _count(
-    prepared: _Prepared, model: onnx.ModelProto, graph: ModelGraph, sizes: dict[str, list[int]] | None
+    prepared: _Prepared,
+    model: onnx.ModelProto,
+    graph: ModelGraph,
+    sizes: dict[str, list[int]] | None,
+    registry: Registry = DEFAULT,
 ) -> ModelStats:
     """Params and FLOPs, the FLOPs with the inputs at ``sizes`` (free axes at 1 where none is given);
     each op under the type it has in the model as given."""
-    stats = count(ModelGraph(with_input_sizes(model, complete_sizes(model, sizes)))) if sizes else count(graph)
+    sized = ModelGraph(with_input_sizes(model, complete_sizes(model, sizes))) if sizes else graph
+    stats = count(sized, registry)
     op_types = prepared.expansion.op_types
     stats.nodes = [replace(node, op_type=op_types.get(node.name, node.op_type)) for node in stats.nodes]
     return stats
@@ -319,6 +333,7 @@ def prune(
     input_shapes: dict[str, list[int]] | None = None,
     progress: Progress | None = None,
     run_timeout: float = RUN_TIMEOUT,
+    registry: Registry = DEFAULT,
 ) -> PruneResult:
     """Remove the fraction ``ratio`` of the channels of every prunable group.
 
@@ -351,6 +366,7 @@ def prune(
 
     Every run of the model (statistics, searches, refit, validation, fidelity, latency) stops after
     ``run_timeout`` seconds (0: no limit) and raises ``spa.core.runlimit.RunTimeout``, a ``ModelLoadError``.
+    ``registry`` is the operators spa knows (``spa.ops.registry.DEFAULT.with_operators(...)`` adds one).
 
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
@@ -385,10 +401,10 @@ def prune(
     check_input_sizes(prepared.model, sizes)
     timer.lap("load")
     _say(progress, "group")
-    analysis = find_groups(graph, opset, tuple(exclude), approximate, attention)
+    analysis = find_groups(graph, opset, tuple(exclude), approximate, attention, registry)
     timer.lap("group")
-    layers = LayerIndex(graph, analysis.labels)
-    before = _count(prepared, prepared.model, graph, sizes)
+    layers = LayerIndex(graph, analysis.labels, registry)
+    before = _count(prepared, prepared.model, graph, sizes, registry)
     # nothing to rank or refit at ratio 0 (unless a target will pick another ratio)
     wants_data = (CRITERIA[criterion].data is not None or compensate) and (ratio > 0 or target is not None)
     calibration = _calibration(prepared, calib, calib_samples) if calib is not None else None
@@ -447,7 +463,7 @@ def prune(
         if chosen
         else infer_shapes(apply_plan(weights.model, weights.graph, analysis, plan, opset, spill=spill))
     )
-    after = _count(prepared, hard, ModelGraph(hard), sizes)
+    after = _count(prepared, hard, ModelGraph(hard), sizes, registry)
     hard = prepared.written(hard)
     # a lazily loaded (large) model is soft-pruned on disk during validation, never in memory
     wanted = soft or (check and not is_lazy(prepared.model))
@@ -576,7 +592,8 @@ class _Candidates:
         """The fraction of the dense FLOPs or params a candidate keeps, counted on a weightless cut."""
         p = self.prepared
         cut = apply_plan(p.model, p.graph, self.analysis, self.plan(ratio, round_to), p.opset, shapes_only=True)
-        stats = count(ModelGraph(with_input_sizes(cut, self.sizes) if self.sizes else infer_shapes(cut)))
+        graph = ModelGraph(with_input_sizes(cut, self.sizes) if self.sizes else infer_shapes(cut))
+        stats = count(graph, self.analysis.registry)
         return getattr(stats, metric) / max(getattr(self.dense, metric), 1)
 
     def structural_guess(self, target: Target, round_to: int) -> float:

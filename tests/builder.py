@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import spa
 from spa.analysis.groups import find_groups
 from spa.api import _prepare
-from spa.ops.registry import Dim
+from spa.core.coupling import Dim
 
 
 class Graph:

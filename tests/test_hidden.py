@@ -17,7 +17,7 @@ from builder import group_at, initializer
 from conftest import zoo, zoo_dir
 
 import spa
-from spa.ops.registry import Dim
+from spa.core.coupling import Dim
 
 pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
+from spa.core.coupling import Dim
 from spa.core.errors import UsageError
-from spa.ops.registry import Dim
 from spa.scoring.obs import LayerState, augmented_hessian, greedy_scores, inverse, least_squares, obs_update
 from spa.scoring.statistics import (
     PRIORS,

@@ -16,8 +16,9 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import spa
+from spa.core.coupling import Dim
 from spa.formats.load import _integer_value
-from spa.ops.registry import Dim, recurrent
+from spa.ops import recurrent
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 

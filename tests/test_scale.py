@@ -12,7 +12,7 @@ from builder import Graph, analysis_of, group_at
 
 from spa.analysis.groups import _Walk
 from spa.api import _prepare
-from spa.ops.registry import Dim, RuleContext
+from spa.core.coupling import Dim, RuleContext
 
 WIDTH = 6
 

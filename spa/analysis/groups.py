@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from spa.core.coupling import Dim, Freeze, HeadInfo, Link, Pending, RuleContext, Sink
 from spa.core.graph import ModelGraph
-from spa.ops.base import HeadInfo
-from spa.ops.elementwise import ZERO_PRESERVING
-from spa.ops.registry import Dim, Freeze, Link, Pending, RuleContext, Sink, rule_for
+from spa.ops.base import NUMERATOR, PRESERVES, PRODUCT, SUM
+from spa.ops.registry import DEFAULT, Registry
 
 # Rule bugs must surface in our tests, but never crash a user's run: there they freeze the dim.
 STRICT = os.environ.get("SPA_STRICT_RULES") == "1"
@@ -56,6 +56,7 @@ class Analysis:
     frozen_dims: dict[Dim, str]
     group_of_unit: np.ndarray = field(repr=False, default=None)
     cache: dict = field(repr=False, default_factory=dict)  # per-analysis memo for criteria
+    registry: Registry = field(repr=False, default=DEFAULT)  # the operators the groups were found with
 
     def group(self, group_id: int) -> Group:
         return self.groups[group_id]
@@ -74,11 +75,12 @@ def find_groups(
     exclude: tuple[str, ...] = (),
     allow_approximate: bool = False,
     attention: str = "heads",
+    registry: Registry = DEFAULT,
 ) -> Analysis:
     """``attention``: the unit of attention layers, whole heads ("heads") or one index of
-    head_dim in every head ("head_dim")."""
+    head_dim in every head ("head_dim"). ``registry``: the operators whose rules couple channels."""
     ctx = RuleContext(graph, opset, attention)
-    walk = _Walk(graph, ctx, _excluded_tensors(graph, exclude))
+    walk = _Walk(graph, ctx, _excluded_tensors(graph, exclude), registry)
     walk.run()
     return _assemble(graph, walk, allow_approximate)
 
@@ -95,8 +97,8 @@ def _excluded_tensors(graph: ModelGraph, patterns: tuple[str, ...]) -> dict[str,
 
 
 class _Walk:
-    def __init__(self, graph: ModelGraph, ctx: RuleContext, excluded: dict[str, str]):
-        self.graph, self.ctx, self.excluded = graph, ctx, excluded
+    def __init__(self, graph: ModelGraph, ctx: RuleContext, excluded: dict[str, str], registry: Registry):
+        self.graph, self.ctx, self.excluded, self.registry = graph, ctx, excluded, registry
         self.sizes: dict[Dim, int] = {}
         self.links: list[Link] = []
         self.freezes: dict[Dim, str] = {}
@@ -109,7 +111,7 @@ class _Walk:
 
     def run(self) -> None:
         for node in self.graph.nodes:
-            rule = rule_for(node)
+            rule = self.registry.rule(node)
             if rule is not None:
                 for dim in rule.seeds(node, self.ctx):
                     self._enqueue(self.ctx.dim(dim.tensor, dim.axis))
@@ -119,7 +121,7 @@ class _Walk:
             if self.pending:
                 node, dim = self.pending.popleft()
                 if dim not in self.linked_by[node.name]:
-                    self._take(node, rule_for(node).resolve(node, dim, self.ctx))
+                    self._take(node, self.registry.rule(node).resolve(node, dim, self.ctx))
 
     def _enqueue(self, dim: Dim | None) -> None:
         if dim is not None and dim not in self.sizes:
@@ -148,7 +150,7 @@ class _Walk:
             if name in node.implicit_inputs and name not in node.inputs:
                 self._freeze(dim, f"used inside a subgraph of {node.op_type} '{node.name}'")
                 continue
-            rule = rule_for(node)
+            rule = self.registry.rule(node)
             if rule is None:
                 self._freeze(dim, f"no rule for op {node.op_type} (node '{node.name}')")
                 continue
@@ -269,42 +271,19 @@ def _assemble(graph: ModelGraph, walk: _Walk, allow_approximate: bool) -> Analys
         units_arr = np.array(units, dtype=np.int64)
         group_of_unit[units_arr] = gid
         frozen = next((frozen_reason[u] for u in units if u in frozen_reason), None)
-        exact, why = _exactness(graph, members, units_arr, approximate, sinks_by_dim)
+        exact, why = _exactness(graph, walk.registry, members, units_arr, approximate, sinks_by_dim)
         if frozen is None and not exact and not allow_approximate:
             frozen = f"approximate group ({why}); enable with --approximate"
         infos = [walk.ctx.heads[d] for d in members if d in walk.ctx.heads]
         # the repeat_kv merge knows the KV head count as well
         head = next((i for i in infos if i.kv_heads), infos[0] if infos else None)
         groups.append(Group(gid, members, units_arr, frozen, exact, why, head))
-    return Analysis(graph, dict(walk.sizes), labels_of, groups, dict(walk.freezes), group_of_unit)
+    return Analysis(
+        graph, dict(walk.sizes), labels_of, groups, dict(walk.freezes), group_of_unit, registry=walk.registry
+    )
 
 
-_MULTIPLICATIVE = {"Mul", "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization"}
-_LAYOUT = {
-    "Concat",
-    "Split",
-    "Slice",
-    "Gather",
-    "Transpose",
-    "Reshape",
-    "Flatten",
-    "Squeeze",
-    "Unsqueeze",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "Resize",
-    "Upsample",
-    "Pad",
-    "DepthToSpace",
-    "SpaceToDepth",
-    "Tile",
-    "Expand",
-}
-
-
-def _exactness(graph, members, units, approximate, sinks_by_dim) -> tuple[bool, str | None]:
+def _exactness(graph, registry, members, units, approximate, sinks_by_dim) -> tuple[bool, str | None]:
     whats = [what for unit in units.tolist() for what in approximate.get(unit, ())]
     whats += [sink.what for dim in members for sink in sinks_by_dim.get(dim, []) if not sink.exact]
     if whats:
@@ -316,7 +295,7 @@ def _exactness(graph, members, units, approximate, sinks_by_dim) -> tuple[bool, 
     order = graph.tensor_order
     zero: dict[Dim, bool] = {}  # is this channel all zeros in the soft model (parameters zeroed)?
     for dim in sorted(members, key=lambda d: (order.get(d.tensor, -1), d)):
-        zero[dim] = _soft_zero(graph, dim, by_tensor, zero)
+        zero[dim] = _soft_zero(graph, registry, dim, by_tensor, zero)
     for dim in members:
         for sink in sinks_by_dim.get(dim, []):
             if not any(d in member_set and zero.get(d, False) for d in sink.dims):
@@ -329,14 +308,14 @@ def _normalised_by(whats: list[str]) -> str:
     return f"normalised or averaged over these channels by {named}: removal changes their statistics"
 
 
-def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) -> bool:
+def _soft_zero(graph: ModelGraph, registry: Registry, dim: Dim, by_tensor, zero: dict[Dim, bool]) -> bool:
     """Zero status of one member from its producer's member inputs (visited first, in topological order)."""
     if graph.is_initializer(dim.tensor):
         return True  # a member parameter: soft pruning zeroes it
     node = graph.producer.get(dim.tensor)
     if node is None:
         return False
-    rule = rule_for(node)
+    rule = registry.rule(node)
     if rule is not None:
 
         def input_zero(tensor: str) -> bool | None:
@@ -355,14 +334,16 @@ def _soft_zero(graph: ModelGraph, dim: Dim, by_tensor, zero: dict[Dim, bool]) ->
         tensors = [t for t in dict.fromkeys(node.inputs) if t and t != dim.tensor and t in by_tensor]
     inputs = [d for t in tensors for d in by_tensor[t]]
     status = [zero.get(d, False) for d in inputs]
-    if node.op_type in _MULTIPLICATIVE:
+    operator = registry.of(node)
+    kind = operator.zero_kind(node) if operator is not None else None
+    if kind == PRODUCT:
         return any(status)
-    if node.op_type == "Div":
+    if kind == NUMERATOR:
         return any(s for d, s in zip(inputs, status) if d.tensor == node.inputs[0])
-    if node.op_type in _LAYOUT or node.op_type in ZERO_PRESERVING:
+    if kind in (PRESERVES, SUM):
         if not inputs or not all(status):
             return False
-        if node.op_type in ("Add", "Sub", "Sum", "Mean", "Max", "Min", "Where"):
+        if kind == SUM:
             # an input outside the group (a scalar offset, another branch) adds a non-zero value
             covered = {d.tensor for d in inputs}
             if len(covered) == len(named):

@@ -24,6 +24,9 @@ from spa.core.tensors import (
     value_count,
 )
 from spa.formats.checker import checker_complaint
+from spa.ops.conv import check_groups
+from spa.ops.gather import Gather
+from spa.ops.registry import DEFAULT
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -365,7 +368,7 @@ _FOLDABLE = {
     "Concat",
     "Unsqueeze",
     "Squeeze",
-    "Gather",
+    *Gather.ops,
     "Slice",
     "Reshape",
     "Range",
@@ -564,6 +567,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     del model.graph.value_info[:]
     skeleton = _without_weight_data(model)
+    DEFAULT.stand_in_for_inference(skeleton.graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
@@ -609,30 +613,7 @@ def check_sizes(model: onnx.ModelProto) -> None:
         shapes[info.name] = static
     shapes.update({t.name: list(t.dims) for t in graph.initializer})
     for node in graph.node:
-        if node.op_type in ("Conv", "ConvTranspose") and node.domain in ("", "ai.onnx") and len(node.input) > 1:
-            _check_groups(node, shapes)
-
-
-def _check_groups(node: onnx.NodeProto, shapes: dict[str, list]) -> None:
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    what = f"{node.op_type} '{_printable(node.name)}'"
-    if group < 1:
-        raise ModelLoadError(f"{what} has group {group}")
-    x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
-    if not w or len(w) < 2 or w[0] is None:
-        return
-    channels = x[1] if x and len(x) > 1 else None
-    if node.op_type == "Conv":
-        if w[0] % group:
-            raise ModelLoadError(f"{what}: its {w[0]} output channels are not a multiple of group {group}")
-        if channels is not None and w[1] is not None and channels != w[1] * group:
-            raise ModelLoadError(
-                f"{what}: its input has {channels} channels, its weight expects {w[1]} x group {group}"
-            )
-    elif w[0] % group or (channels is not None and channels != w[0]):
-        raise ModelLoadError(
-            f"{what}: its weight's {w[0]} input channels do not match its input ({channels} channels) in group {group}"
-        )
+        check_groups(node, shapes, _printable)
 
 
 def with_input_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]]) -> onnx.ModelProto:

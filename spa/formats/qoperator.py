@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from spa.ops.linear import transposed
+
 MS = "com.microsoft"
 
 
@@ -344,7 +346,7 @@ def _output_axis(node, weight) -> int | None:
     if node.op_type == "QLinearConv":
         return 0
     if node.op_type == "QGemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if transposed(node) else 1
     if node.op_type == "QLinearMatMul" and len(weight.dims) == 2:
         return 1
     return None

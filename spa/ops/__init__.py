@@ -1,1 +1,1 @@
-"""One module per operator family: how its channels couple, and how it is rewritten."""
+"""One module per operator family, holding everything spa knows about its ops; ``registry`` composes them."""

@@ -1,147 +1,65 @@
-"""What a rule is, and the small vocabulary rules speak.
+"""What an operator is: everything spa knows about one operator family, in one class.
 
-A rule knows one operator family. Asked about one channel dimension of one of
-its op's tensors, it answers with:
+An ``Operator`` answers, for the op types it lists in ``ops`` (in ``domain``):
 
-* ``Link``: indices of that dimension that are the same channel as indices of
-  another dimension (identity, offset, block, stride or permutation, all given
-  as explicit index pairs so one union-find handles every kind);
-* ``Freeze``: this dimension cannot shrink, and why;
-* ``Sink``: the op consumes the channel without a weight that the soft model
-  zeroes (e.g. ReduceSum over channels), so soft == hard needs the value zero;
-* ``Pending``: an ambiguous Reshape split, resolved once the rest is known.
+* coupling: ``seeds``, ``link``, ``resolve``, ``rewrite``, ``soft_zero`` and ``soft_fills``,
+  in the vocabulary of ``spa.core.coupling``; an operator with ``couples = False`` has no
+  coupling rule, and grouping freezes the channels it touches as it does for an unknown op;
+* cost: ``flops`` (FLOPs per op type, from ``costs``) and the parameter-counting roles of its
+  inputs (``quantized_data_inputs``, ``not_parameter_inputs``);
+* weight roles: which inputs are weights worth ranking (``weight_inputs``), which weight axis
+  is the layer's input or output side (``weight_side``), and its (input, output) widths;
+* the linear view: ``linear`` sees the op as a ``[rows, input channels]`` matrix;
+* zero preservation: ``zero_kinds`` says how a soft-pruned (zero) channel crosses the op.
 
-After a cut, ``rewrite`` fixes the attributes and shape constants of the op
-(``group``, Reshape targets, Split sizes, Slice bounds...).
+Operators are composed explicitly into a ``spa.ops.registry.Registry``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
+
+from spa.core.coupling import Dim, Freeze, Outcome, RuleContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from spa.core.graph import ModelGraph, Node
+    from spa.ops.linear_view import LinearLayer
     from spa.transforms.cut import CutContext
 
+CostFn = Callable[["ModelGraph", "Node"], int]
 
-class Dim(NamedTuple):
-    """One axis of one tensor."""
-
-    tensor: str
-    axis: int
-
-    def __str__(self) -> str:
-        return f"{self.tensor}[{self.axis}]"
-
-
-@dataclass
-class Link:
-    """Index ``a_index[i]`` of ``a`` is the same channel as ``b_index[i]`` of ``b``."""
-
-    a: Dim
-    b: Dim
-    a_index: np.ndarray
-    b_index: np.ndarray
-    exact: bool = True  # False where removal is not equal to zeroing (norms over channels)
-    what: str = ""  # for an inexact link, the op that makes it so (filled in from the node when empty)
+# How a channel that is all zeros in the soft model (its parameters zeroed) crosses an op,
+# for the ops whose rule leaves it to this generic judgement (``soft_zero`` returns None):
+PRODUCT = "product"  # zero if any member input is zero (a product with it)
+NUMERATOR = "numerator"  # zero if the numerator (input 0) is zero
+PRESERVES = "preserves"  # zero if every member input is zero: f(0) == 0, or values only moved
+SUM = "sum"  # zero if every member input is zero and no input outside the group adds a non-zero
 
 
-@dataclass(frozen=True)
-class Freeze:
-    dim: Dim
-    reason: str
-
-
-@dataclass(frozen=True)
-class Sink:
-    """A contraction or reduction that consumes the channel.
-
-    Soft pruning zeroes parameters only, so soft == hard needs at least one of
-    ``dims`` (the operands multiplied together) to be zero at the removed
-    channel: always true when one of them is a weight, which the soft model zeroes.
-    ``exact`` is False where removal also changes a divisor (ReduceMean).
-    """
-
-    dims: tuple[Dim, ...]
-    exact: bool = True
-    what: str = ""  # for an inexact sink, what reduces (a norm written out, or the op)
-
-
-@dataclass(frozen=True)
-class Pending:
-    dim: Dim
-
-
-Outcome = Link | Freeze | Sink | Pending
-
-# what a unit of an attention layer is: a whole head (with grouped-query attention, a KV head
-# and the query heads sharing it), one index of head_dim in every head, or (grouped-query) the
-# same query head in every KV group, K and V kept
-ATTENTION_UNITS = ("heads", "head_dim", "query_heads")
-
-
-@dataclass(frozen=True)
-class HeadInfo:
-    """An attention layer as the graph shows it; ``kind`` says which of its axes shrinks."""
-
-    kind: str  # one of ATTENTION_UNITS
-    heads: int  # query heads
-    head_dim: int
-    kv_heads: int | None = None  # set where K/V heads are shared by several query heads (repeat_kv)
-
-
-class RuleContext:
-    """What rules may ask about the model while grouping."""
-
-    def __init__(self, graph: ModelGraph, opset: int, attention: str = "heads"):
-        if attention not in ATTENTION_UNITS:
-            raise ValueError(f"attention units must be one of {ATTENTION_UNITS}, got {attention!r}")
-        self.graph = graph
-        self.opset = opset
-        self.attention = attention
-        self.known_dims: set[Dim] = set()  # dims reached so far: settles ambiguous Reshape products
-        self.choices: dict = {}  # Reshape product -> the factor that shrinks, fixed once chosen
-        self.heads: dict[Dim, HeadInfo] = {}  # the axis that shrinks in each attention layer, for reports
-        self.memo: dict = {}  # what rules compute once per model (which Reshapes share a target literal)
-
-    def rank(self, tensor: str) -> int | None:
-        shape = self.graph.shape(tensor)
-        return None if shape is None else len(shape)
-
-    def dim(self, tensor: str, axis: int) -> Dim | None:
-        """A dimension with a non-negative axis, or None when the rank is unknown."""
-        rank = self.rank(tensor)
-        if rank is None or not -rank <= axis < rank:
-            return None
-        return Dim(tensor, axis % rank)
-
-    def size(self, dim: Dim) -> int | None:
-        return self.graph.static_size(dim.tensor, dim.axis)
-
-
-def identity(a: Dim, b: Dim, n: int, exact: bool = True) -> Link:
-    idx = np.arange(n, dtype=np.int64)
-    return Link(a, b, idx, idx, exact)
-
-
-def offset(a: Dim, b: Dim, n: int, b_offset: int, a_offset: int = 0) -> Link:
-    idx = np.arange(n, dtype=np.int64)
-    return Link(a, b, idx + a_offset, idx + b_offset)
-
-
-def pairs(a: Dim, b: Dim, a_index, b_index, exact: bool = True) -> Link:
-    return Link(a, b, np.asarray(a_index, dtype=np.int64), np.asarray(b_index, dtype=np.int64), exact)
-
-
-class Rule:
-    """Base rule. Subclasses set ``ops`` and override ``link``."""
+class Operator:
+    """Base operator. Subclasses set ``ops`` and override ``link`` (or set ``couples = False``)."""
 
     ops: tuple[str, ...] = ()
     domain: str = ""
+    couples: bool = True  # False: no coupling rule; grouping freezes what the op touches
+    costs: Mapping[str, CostFn] = {}  # FLOPs of one node, per op type; absent: the op computes nothing counted
+    weight_inputs: tuple[int, ...] = ()  # input slots holding a weight worth ranking
+    bias_input: int | None = None  # the slot of a bias, which travels with the weight's output side
+    quantized_data_inputs: tuple[int, ...] = ()  # slots holding a quantized weight, whatever its type
+    not_parameter_inputs: tuple[int, ...] = ()  # slots never counted as parameters (scales, states)
+    scales_only: bool = False  # every floating-point input is a quantization scale (QOperator ops)
+    gathers_rows: bool = False  # output holds rows of input 0: a quantized table gathered, then dequantized
+    layer_kind: str | None = None  # "dense" or "conv": what reports call a layer of this op
+    zero_kinds: Mapping[str, str] = {}  # op type -> PRODUCT, NUMERATOR, PRESERVES or SUM
+
+    def keys(self) -> list[tuple[str, str]]:
+        return [(self.domain, op) for op in self.ops]
+
+    # ------------------------------------------------------------ coupling
 
     def seeds(self, node: Node, ctx: RuleContext) -> Iterable[Dim]:
         """Channel dimensions this op offers for pruning (weights' axes, usually)."""
@@ -162,7 +80,7 @@ class Rule:
 
         ``input_zero(tensor)`` says the same of one input (None where the input has no
         dimension in the group). None here leaves it to the generic judgement in ``groups``,
-        which knows element-wise, layout and multiplicative ops.
+        which follows ``zero_kind``.
         """
         return None
 
@@ -171,85 +89,56 @@ class Rule:
         value to write there instead (broadcast to the tensor), or None to keep the dense values."""
         return {}
 
+    # ------------------------------------------------------------ shapes
 
-RULES: dict[tuple[str, str], Rule] = {}
+    def inferred_as(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """A standard op with the same output shapes, for shape inference of an op onnx does not
+        know (None: onnx, or onnxruntime's symbolic inference, knows it)."""
+        return None
+
+    # ------------------------------------------------------------ cost
+
+    def flops(self, graph: ModelGraph, node: Node) -> int | None:
+        """FLOPs of one node (see ``spa.reporting.metrics`` for the conventions); None for an op
+        type without a cost model (data movement), 0 where its shapes are unknown."""
+        cost = self.costs.get(node.op_type)
+        return None if cost is None else cost(graph, node)
+
+    # ------------------------------------------------------------ weight roles
+
+    def weight_inputs_of(self, op_type: str) -> tuple[int, ...]:
+        """The input slots of ``op_type`` holding a weight worth ranking."""
+        return self.weight_inputs
+
+    def is_weight_input(self, node: Node, index: int) -> bool:
+        return index in self.weight_inputs_of(node.op_type)
+
+    def weight_side(self, node: Node, index: int, axis: int) -> str | None:
+        """ "in" or "out": the side of the layer that ``axis`` of the weight at input ``index`` indexes."""
+        return None
+
+    def layer_widths(self, graph: ModelGraph, node: Node) -> tuple[int | None, int | None] | None:
+        """(input, output) channels read off the weight; None for an op that is not a layer."""
+        return None
+
+    # ------------------------------------------------------------ linear view
+
+    def linear(self, graph: ModelGraph, node: Node) -> LinearLayer | None:
+        """The op as ``y = W x + b`` over one channel axis of its input, or None."""
+        return None
+
+    # ------------------------------------------------------------ zero preservation
+
+    def zero_kind(self, node: Node) -> str | None:
+        return self.zero_kinds.get(node.op_type)
 
 
-def register(cls: type[Rule]) -> type[Rule]:
-    instance = cls()
-    for op in cls.ops:
-        key = (cls.domain, op)
-        if key in RULES:
-            raise RuntimeError(f"two rules for {op}")
-        RULES[key] = instance
-    return cls
+def static_weight_dims(graph: ModelGraph, node: Node, slot: int = 1) -> list[int | None] | None:
+    """The shape of the weight at ``slot``, unknown sizes as None; None when it has no shape."""
+    weight = node.input(slot)
+    shape = graph.shape(weight) if weight else None
+    return [s if isinstance(s, int) else None for s in shape] if shape else None
 
 
-def rule_for(node: Node) -> Rule | None:
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
-    return RULES.get((domain, node.op_type))
-
-
-@dataclass
-class LinkSet:
-    """Accumulates outcomes so rules can be written as short imperative code."""
-
-    ctx: RuleContext
-    out: list = field(default_factory=list)
-
-    def same(self, a: Dim | None, b: Dim | None, exact: bool = True) -> None:
-        """Couple two dimensions index for index, freezing on size mismatch."""
-        if a is None or b is None or a == b:
-            return
-        na, nb = self.ctx.size(a), self.ctx.size(b)
-        if na is None or nb is None:
-            reason = f"size of {b if nb is None else a} is unknown"
-        elif na != nb:
-            if nb == 1 or na == 1:
-                return  # broadcast: nothing to remove on the size-1 side
-            reason = f"{a} and {b} have different sizes {na} and {nb}"
-        else:
-            self.out.append(identity(a, b, na, exact))
-            return
-        # both sides: the one asked about may be either, and an uncoupled partner must not shrink alone
-        self.out.extend((Freeze(a, reason), Freeze(b, reason)))
-
-    def same_all(self, dim: Dim, others, key) -> None:
-        """``same(dim, other)`` for each of ``others``: the members of one class of dims that an
-        N-ary op (Sum, Concat, Split) couples index for index, ``key`` naming the class.
-
-        Asked in turn about each of N members, a pairwise answer is N squared links. Once one
-        answer coupled its asker to every member without a freeze, any later answer only repeats
-        links between dims already connected and already queued: ``coupled`` says which askers
-        may skip it (before building ``others``, which alone is N per asker).
-        """
-        start = len(self.out)
-        for other in others:
-            self.same(dim, other)
-        added = self.out[start:]
-        if key not in self.ctx.memo and not any(isinstance(item, Freeze) for item in added):
-            self.ctx.memo[key] = {dim} | {item.b for item in added}
-
-    def answered(self, node: Node) -> bool:
-        """Has the node already given the answer that follows, and marks it given.
-
-        For the part of a rule that answers with the whole op's coupling whichever of its dims
-        asked (a MatMul's, a Conv's): asked again by another dim, it would only repeat links
-        and sinks the walk already holds, between dims already queued.
-        """
-        key = ("answered", node.index)
-        if key in self.ctx.memo:
-            return True
-        self.ctx.memo[key] = True
-        return False
-
-    def coupled(self, dim: Dim, key) -> bool:
-        """Did an earlier ``same_all`` of class ``key`` couple ``dim`` to all its members?"""
-        linked = self.ctx.memo.get(key)
-        return linked is not None and dim in linked
-
-    def add(self, item: Outcome) -> None:
-        self.out.append(item)
-
-    def freeze(self, dim: Dim, reason: str) -> None:
-        self.out.append(Freeze(dim, reason))
+def times(size: int | None, factor: int) -> int | None:
+    return None if size is None else size * factor

@@ -14,28 +14,40 @@ import math
 
 import numpy as np
 
-from spa.ops.base import Dim, Freeze, HeadInfo, LinkSet, Rule, Sink, offset, pairs, register
+from spa.core.coupling import HEAD_DIM, HEADS, QUERY_HEADS, Dim, Freeze, HeadInfo, LinkSet, Sink, offset, pairs
+from spa.core.graph import ModelGraph, Node
+from spa.ops import cost
+from spa.ops.base import PRESERVES, Operator
 from spa.ops.elementwise import Broadcasting
-from spa.patterns.attention import HEAD_DIM, HEADS, QUERY_HEADS
 
 MS = "com.microsoft"
 
 
-@register
 class BiasActivation(Broadcasting):
     """Element-wise with a bias broadcast along the channel axis: gelu(x + bias) and kin."""
 
     ops = ("BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd")
     domain = MS
+    costs = {
+        "Gelu": cost.gelu,
+        "BiasGelu": cost.per_element(1 + cost.GELU),
+        "FastGelu": cost.per_element(cost.GELU_TANH, 1),
+        "QuickGelu": cost.per_element(3),  # x * sigmoid(alpha * x)
+    }
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
 
-@register
-class SkipNorm(Rule):
+class SkipNorm(Operator):
     """output = LayerNorm(input + skip + bias) * gamma + beta over the last axis; the sum itself
     is exact, the normalised output is not (like LayerNormalization)."""
 
     ops = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
     domain = MS
+    # a Skip* norm adds 1 for the residual and 1 for its bias to the norm's own
+    costs = {
+        "SkipLayerNormalization": cost.per_element(1 + cost.MOMENTS + 1, 3, 4),
+        "SkipSimplifiedLayerNormalization": cost.per_element(1 + cost.RMS + 1, 3),
+    }
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -65,8 +77,14 @@ class SkipNorm(Rule):
         return links.out
 
 
-@register
-class EmbedNorm(Rule):
+class OnnxDomainSkipNorm(SkipNorm):
+    """The same ops where a converter put them in the ONNX domain: counted, not coupled."""
+
+    domain = ""
+    couples = False
+
+
+class EmbedNorm(Operator):
     """LayerNorm(word[ids] + position[pos] + segment[seg]) * gamma + beta: the tables' columns and
     the output's last axis are one hidden channel, normalised (approximate)."""
 
@@ -96,8 +114,7 @@ class EmbedNorm(Rule):
         return links.out
 
 
-@register
-class Attention(Rule):
+class Attention(Operator):
     """com.microsoft Attention: input [B, S, D_in] times weights [D_in, Wq + Wk + Wv] (Q, K, V
     blocks side by side, each head a contiguous run of its block), plus bias, then attention per
     head; the output [B, S, Wv] holds the heads' V widths side by side.
@@ -109,6 +126,19 @@ class Attention(Rule):
 
     ops = ("Attention",)
     domain = MS
+    weight_inputs = (1,)
+
+    def flops(self, graph, node):
+        """Includes the QKV input projection: input [B, S, D_in] times weights [D_in, D_q + D_k + D_v]."""
+        x, w = cost.input_shape(graph, node, 0), cost.input_shape(graph, node, 1)
+        if x is None or w is None or len(x) != 3 or len(w) != 2:
+            return 0
+        b, s, d_in = (cost.size(d) for d in x)
+        d_q, d_k, d_v = node.attr("qkv_hidden_sizes") or [cost.size(w[1]) // 3] * 3
+        length = s + cost.past_length(cost.input_shape(graph, node, 4), 3)  # past is [2, B, N, P, H]
+        width = d_q + d_k + d_v
+        projection = 2 * b * s * d_in * width + (b * s * width if node.input(2) else 0)
+        return projection + cost.attention_core(b, node.attr("num_heads", 1), s, length, d_q, d_v)
 
     def seeds(self, node, ctx):
         w = node.inputs[1]
@@ -226,7 +256,7 @@ def _head_layout(kept: np.ndarray, width: int, heads: int) -> tuple[int, int]:
     return heads, int(present[0])
 
 
-class HeadsAttention(Rule):
+class HeadsAttention(Operator):
     """Shared by MultiHeadAttention and GroupQueryAttention: Q [B, S, H * D], K [B, L, G * D] and
     V [B, L, G * Dv] as separate inputs, each head a contiguous block of the last axis, G KV heads
     each shared by H / G query heads (G = H without sharing); the output [B, S, H * Dv] holds the
@@ -358,12 +388,25 @@ class HeadsAttention(Rule):
             cut.set_attr(node, "scale", float(1.0 / math.sqrt(dq)))  # the dense model's default
 
 
-@register
 class MultiHeadAttention(HeadsAttention):
     """query, key, value, bias [Q | K | V], key_padding_mask, attention_bias [B, H or 1, S, L],
     past_key/past_value [B, H, P, D]; outputs output, present_key/present_value, qk."""
 
     ops = ("MultiHeadAttention",)
+
+    def flops(self, graph, node):
+        q = cost.input_shape(graph, node, 0)
+        heads = node.attr("num_heads", 1)
+        k, v = cost.input_shape(graph, node, 1), cost.input_shape(graph, node, 2)
+        widths = None if q is None or len(q) < 3 else _mha_widths(q, k, v, heads)
+        if widths is None:
+            return 0
+        new, d_qk, d_v = widths
+        b, s = cost.size(q[0]), cost.size(q[1])
+        bias = b * (s * d_qk + new * (d_qk + d_v)) if node.input(3) else 0
+        length = new + cost.past_length(cost.input_shape(graph, node, 6), 2)  # past_key is [B, N, P, H]
+        return bias + cost.attention_core(b, heads, s, length, d_qk, d_v)
+
     caches = (6, 7), (1, 2)
 
     def bias(self, node):
@@ -382,13 +425,17 @@ class MultiHeadAttention(HeadsAttention):
         return None
 
 
-@register
 class GroupQueryAttention(HeadsAttention):
     """query, key, value, past_key/past_value [B, G, P, D], seqlens_k, total_sequence_length,
     cos/sin caches (rotary, within a head), position_ids, attention_bias, head_sink and the
     quantisation and norm inputs; outputs output, present_key/present_value, output_qk."""
 
     ops = ("GroupQueryAttention",)
+
+    def flops(self, graph, node):
+        """Each of the query heads reads its group's K and V head, so it costs as many full heads."""
+        return _gqa_flops(graph, node)
+
     caches = (3, 4), (1, 2)
     kv_heads_attr = "kv_num_heads"
 
@@ -404,3 +451,32 @@ class GroupQueryAttention(HeadsAttention):
         if node.attr("kv_cache_bit_width", 0) or node.attr("k_quant_type") or node.attr("v_quant_type"):
             return f"{name} quantises its cache"
         return None
+
+
+def _mha_widths(q, k, v, heads: int) -> tuple[int, int, int] | None:
+    """(new key length, Q/K width, V width) for MultiHeadAttention's input layouts."""
+    size = cost.size
+    if k is None:
+        return (size(q[1]), heads * size(q[4]), heads * size(q[4])) if len(q) == 5 else None  # [B,S,N,3,H]
+    if len(k) == 5:
+        return size(k[1]), size(q[2]), heads * size(k[4])  # packed KV [B, L, N, 2, H]
+    if v is None:
+        return None
+    if len(k) == 4:
+        return size(k[2]), size(q[2]), heads * size(v[3])  # per head [B, N, L, H]
+    return size(k[1]), size(q[2]), size(v[2])
+
+
+def _gqa_flops(graph: ModelGraph, node: Node) -> int:
+    q, k = cost.input_shape(graph, node, 0), cost.input_shape(graph, node, 1)
+    heads = node.attr("num_heads", 1)
+    kv_heads = node.attr("kv_num_heads", heads)
+    if q is None or len(q) != 3 or (node.input(1) and (k is None or len(k) != 3)):
+        return 0
+    b, s, width = (cost.size(d) for d in q)
+    # packed QKV when key is absent: [B, S, (N + 2 N_kv) H]
+    head = cost.size(k[2]) // kv_heads if node.input(1) else width // (heads + 2 * kv_heads)
+    d_q, d_kv = heads * head, kv_heads * head
+    length = s + cost.past_length(cost.input_shape(graph, node, 3), 2)  # past_key is [B, N_kv, P, H]
+    rotary = 3 * b * s * (d_q + d_kv) if node.attr("do_rotary", 0) else 0  # x*cos + rotate(x)*sin
+    return rotary + cost.attention_core(b, heads, s, length, d_q, d_q)

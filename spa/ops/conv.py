@@ -11,12 +11,35 @@ Weight layouts: Conv ``[Cout, Cin/g, k...]``, ConvTranspose ``[Cin, Cout/g, k...
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
-from spa.ops.base import Dim, LinkSet, Rule, Sink, pairs, register
+from spa.core.coupling import Dim, LinkSet, Sink, pairs
+from spa.core.errors import ModelLoadError
+from spa.core.graph import ModelGraph, Node
+from spa.ops import cost
+from spa.ops.base import PRODUCT, Operator, static_weight_dims, times
+from spa.ops.linear_view import LinearLayer, owned
 
 
-class _ConvBase(Rule):
+class _ConvBase(Operator):
     transposed = False
+    layer_kind = "conv"
+    weight_inputs = (1,)
+
+    def weight_side(self, node, index, axis):
+        if index != 1:
+            return None
+        # Conv's weight is [Cout, Cin/g, k...], ConvTranspose's [Cin, Cout/g, k...]
+        return ("in" if axis == 0 else "out") if self.transposed else ("out" if axis == 0 else "in")
+
+    def layer_widths(self, graph, node):
+        dims = static_weight_dims(graph, node)
+        if dims is None or len(dims) < 3:
+            return None
+        group = node.attr("group", 1)
+        if self.transposed:
+            return dims[0], times(dims[1], group)
+        return times(dims[1], group), dims[0]
 
     def bias(self, node) -> str:
         return node.input(2)
@@ -90,12 +113,70 @@ class _ConvBase(Rule):
             cut.set_attr(node, "group", cut.new_size(Dim(node.inputs[0], 1)))
 
 
-@register
 class Conv(_ConvBase):
     ops = ("Conv",)
+    bias_input = 2
+    costs = {"Conv": cost.convolution(1, 2)}
+    zero_kinds = {"Conv": PRODUCT}
+
+    def linear(self, graph, node):
+        return conv_linear(graph, node)
 
 
-@register
 class ConvTranspose(_ConvBase):
     ops = ("ConvTranspose",)
     transposed = True
+    bias_input = 2
+    costs = {"ConvTranspose": lambda graph, node: _transposed_cost(graph, node)}
+    zero_kinds = {"ConvTranspose": PRODUCT}
+
+
+def _transposed_cost(graph: ModelGraph, node: Node) -> int:
+    x, w, y = cost.input_shape(graph, node, 0), cost.input_shape(graph, node, 1), cost.output_shape(graph, node)
+    if x is None or w is None or len(w) < 2:
+        return 0
+    # every input element is scattered through M/group output channels times the kernel
+    # (W is [C, M/group, k...]); outputs later cropped by pads are counted
+    bias = cost.numel(y) if node.input(2) and y is not None else 0
+    return 2 * cost.numel(x) * cost.numel(w[1:]) + bias
+
+
+def conv_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
+    """A Conv of group 1 by its own weight (and bias): one matrix row per output channel and
+    kernel position."""
+    if len(node.inputs) < 2:
+        return None
+    x, w = node.inputs[0], node.inputs[1]
+    if not x or graph.is_initializer(x) or not owned(graph, w):
+        return None
+    w_shape = graph.shape(w)
+    if not w_shape or any(not isinstance(s, int) for s in w_shape) or node.attr("group", 1) != 1:
+        return None
+    bias = node.input(2) if owned(graph, node.input(2)) else None
+    return LinearLayer(node, w, 1, Dim(x, 1), bias, convolution=True)
+
+
+def check_groups(node: onnx.NodeProto, shapes: dict[str, list], printable) -> None:
+    """Refuse a Conv or ConvTranspose whose channels do not divide into its groups, before the rules
+    rely on them (``printable`` makes a node name safe to print)."""
+    if node.op_type not in Conv.ops + ConvTranspose.ops or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    what = f"{node.op_type} '{printable(node.name)}'"
+    if group < 1:
+        raise ModelLoadError(f"{what} has group {group}")
+    x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if not w or len(w) < 2 or w[0] is None:
+        return
+    channels = x[1] if x and len(x) > 1 else None
+    if node.op_type in Conv.ops:
+        if w[0] % group:
+            raise ModelLoadError(f"{what}: its {w[0]} output channels are not a multiple of group {group}")
+        if channels is not None and w[1] is not None and channels != w[1] * group:
+            raise ModelLoadError(
+                f"{what}: its input has {channels} channels, its weight expects {w[1]} x group {group}"
+            )
+    elif w[0] % group or (channels is not None and channels != w[0]):
+        raise ModelLoadError(
+            f"{what}: its weight's {w[0]} input channels do not match its input ({channels} channels) in group {group}"
+        )

@@ -2,62 +2,26 @@
 
 from __future__ import annotations
 
-from spa.ops.base import Dim, LinkSet, Rule, register
+from spa.core.coupling import Dim, LinkSet
+from spa.ops import cost
+from spa.ops.base import NUMERATOR, PRESERVES, PRODUCT, SUM, Operator
 
-# f(0) == 0 matters for soft == hard: a soft-pruned channel stays zero through
-# these, so consumers without weights still see the same values.
-ZERO_PRESERVING = {
-    "Relu",
-    "LeakyRelu",
-    "PRelu",
-    "Elu",
-    "Selu",
-    "Celu",
-    "Gelu",
-    "FastGelu",
-    "Tanh",
-    "Erf",
-    "Neg",
-    "Abs",
-    "Sqrt",
-    "HardSwish",
-    "Mish",
-    "Sin",
-    "Sign",
-    "Floor",
-    "Ceil",
-    "Round",
-    "Identity",
-    "Dropout",
-    "Cast",
-    "Softsign",
-    "ThresholdedRelu",
-    "Shrink",
-    "Clip",
-    "Mul",
-    "Div",
-    "Add",
-    "Sub",
-    "Max",
-    "Min",
-    "Where",
-    "Sum",
-    "Mean",
-    "Pow",
-    "Atan",
-    "Asin",
-    "Sinh",
-    "Tan",
-    "Asinh",
-    "Atanh",
-    "BiasGelu",
-    "QuickGelu",
-    "BiasAdd",
-}
+# f(0) == 0 matters for soft == hard: a soft-pruned channel stays zero through these, so
+# consumers without weights still see the same values
+_ZERO_AT_ZERO = (
+    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Tanh", "Erf", "Neg", "Abs", "Sqrt", "HardSwish",
+    "Mish", "Sin", "Sign", "Floor", "Ceil", "Round", "Identity", "Dropout", "Cast", "Softsign",
+    "ThresholdedRelu", "Shrink", "Clip", "Atan", "Asin", "Sinh", "Tan", "Asinh", "Atanh", "QuickGelu",
+)  # fmt: skip
+# math functions count 1 per element, like an add
+_ONE_PER_ELEMENT = (
+    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Softplus", "Softsign", "Mish", "Clip", "Sqrt", "Exp", "Log", "Erf", "Sin", "Cos", "Neg", "Abs",
+    "Reciprocal",
+)  # fmt: skip
 
 
-@register
-class Unary(Rule):
+class Unary(Operator):
     """Output i depends on input i only; extra inputs are scalars (Clip bounds)."""
 
     ops = (
@@ -108,6 +72,8 @@ class Unary(Rule):
         "Shrink",
         "QuickGelu",
     )
+    costs = {**dict.fromkeys(_ONE_PER_ELEMENT, cost.per_element(1)), "Gelu": cost.gelu}
+    zero_kinds = dict.fromkeys(_ZERO_AT_ZERO, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -121,8 +87,7 @@ class Unary(Rule):
         return links.out
 
 
-@register
-class Broadcasting(Rule):
+class Broadcasting(Operator):
     """N-ary element-wise ops with numpy broadcasting: residual adds, SE gates, layer-scale."""
 
     ops = (
@@ -151,6 +116,23 @@ class Broadcasting(Rule):
         "BitwiseOr",
         "BitwiseXor",
     )
+    costs = {
+        **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Pow", "Mod", "Where", "PRelu"), cost.per_element(1)),
+        **dict.fromkeys(("Sum", "Max", "Min"), cost.variadic(0)),
+        "Mean": cost.variadic(1),  # and a divide
+    }
+    # an input outside the group (a scalar offset, another branch) can add a non-zero value to a sum
+    zero_kinds = {
+        "Mul": PRODUCT,
+        "Div": NUMERATOR,
+        "Pow": PRESERVES,
+        **dict.fromkeys(("Add", "Sub", "Max", "Min", "Where", "Sum", "Mean"), SUM),
+    }
+    # a weight multiplied in: a layer scale, a PReLU slope
+    _weights = {"Mul": (0, 1), "PRelu": (1,)}
+
+    def weight_inputs_of(self, op_type):
+        return self._weights.get(op_type, ())
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -180,11 +162,11 @@ class Broadcasting(Rule):
         return links.out
 
 
-@register
-class Softmax(Rule):
+class Softmax(Operator):
     """Independent along every axis but the normalised one(s)."""
 
     ops = ("Softmax", "LogSoftmax", "Hardmax")
+    costs = dict.fromkeys(("Softmax", "LogSoftmax"), cost.per_element(cost.SOFTMAX))
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.ops.base import Dim, LinkSet, Rule, Sink, register
+from spa.core.coupling import Dim, LinkSet, Sink
+from spa.core.graph import ModelGraph, Node
+from spa.formats.quantized import quantized_weight, rescaling, scale_factors
+from spa.ops import cost
+from spa.ops.base import Operator
 from spa.ops.conv import _ConvBase
 from spa.ops.linear import MatMul
+from spa.ops.linear_view import LinearLayer, added_bias
 
 
-@register
-class DynamicQuantize(Rule):
+class DynamicQuantize(Operator):
     """y = saturate(round(x / scale) + zero_point), scale and zero point from min(0, x) .. max(0, x)."""
 
     ops = ("DynamicQuantizeLinear",)
@@ -82,11 +86,17 @@ def _per_channel_zero_point(links: LinkSet, zero_point: str, channels: Dim, what
         links.same(channels, Dim(zero_point, 0))
 
 
-@register
 class MatMulInteger(MatMul):
     """MatMul of (A - a_zero_point) and (B - b_zero_point); b's zero point may be per column."""
 
     ops = ("MatMulInteger",)
+    costs = {"MatMulInteger": cost.matmul(1)}
+    weight_inputs = (1,)
+    quantized_data_inputs = (0, 1)
+    not_parameter_inputs = (2, 3)  # zero points
+
+    def linear(self, graph, node):
+        return _integer_linear(graph, node)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx, list(super().link(node, dim, ctx)))
@@ -111,12 +121,17 @@ class MatMulInteger(MatMul):
         return _operand_fills(node, graph, len(graph.shape(node.inputs[1]) or (0, 0)) - 1)
 
 
-@register
 class ConvInteger(_ConvBase):
     """Conv of (x - x_zero_point) and (w - w_zero_point), no bias; w's zero point may be per
     output channel."""
 
     ops = ("ConvInteger",)
+    costs = {"ConvInteger": cost.convolution(1, None)}
+    quantized_data_inputs = (1,)
+    not_parameter_inputs = (2, 3)  # zero points
+
+    def linear(self, graph, node):
+        return _integer_linear(graph, node)
 
     def bias(self, node) -> str:
         return ""
@@ -137,3 +152,24 @@ class ConvInteger(_ConvBase):
 
     def soft_fills(self, node, graph):
         return _operand_fills(node, graph, 0)
+
+
+def _integer_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
+    """A MatMulInteger or ConvInteger by its own weight on an activation DynamicQuantizeLinear
+    quantized: the float layer it computes, from the float activation to the rescaled output."""
+    w = node.inputs[1]
+    quantizer = graph.producer.get(node.inputs[0])
+    if quantizer is None or quantizer.op_type not in DynamicQuantize.ops or quantized_weight(graph, w) is None:
+        return None
+    if scale_factors(graph, node)[1] != quantizer.outputs[1]:
+        return None  # the output is not rescaled by this activation's scale: not W x in float
+    x, w_shape = quantizer.inputs[0], graph.shape(w)
+    x_shape = graph.shape(x)
+    if not x_shape or len(x_shape) < 2 or any(not isinstance(s, int) for s in w_shape):
+        return None
+    output = rescaling(graph, node).outputs[0]
+    if node.op_type in ConvInteger.ops:
+        if node.attr("group", 1) != 1:
+            return None
+        return LinearLayer(node, w, 1, Dim(x, 1), added_bias(graph, output, w_shape[0], 1), convolution=True)
+    return LinearLayer(node, w, 0, Dim(x, len(x_shape) - 1), added_bias(graph, output, w_shape[1], -1))

@@ -8,7 +8,8 @@ from itertools import chain
 import numpy as np
 from onnx import numpy_helper
 
-from spa.ops.base import Dim, LinkSet, Rule, offset, pairs, register
+from spa.core.coupling import Dim, LinkSet, offset, pairs
+from spa.ops.base import PRESERVES, Operator
 from spa.patterns.shapes import rewritable, static_value, trace_vector
 
 
@@ -19,11 +20,11 @@ def _others_same_axis(links: LinkSet, node, dim: Dim, tensors) -> None:
         links.same_all(dim, [Dim(name, dim.axis) for name in tensors if name and name != dim.tensor], key)
 
 
-@register
-class Concat(Rule):
+class Concat(Operator):
     """Input k occupies [offset_k, offset_k + size_k) of the output's concat axis."""
 
     ops = ("Concat",)
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -60,9 +61,9 @@ def _split_sizes(node, ctx, total: int) -> list[int] | None:
     return [min(chunk, total - k * chunk) for k in range(parts)]
 
 
-@register
-class Split(Rule):
+class Split(Operator):
     ops = ("Split",)
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -141,9 +142,9 @@ def _slice_params(node, ctx):
     return list(starts), list(ends), axes, list(steps)
 
 
-@register
-class Slice(Rule):
+class Slice(Operator):
     ops = ("Slice",)
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -192,61 +193,9 @@ class Slice(Rule):
             cut.set_input_const(node, 2, np.array(ends, dtype=np.int64))
 
 
-@register
-class Gather(Rule):
-    """Constant 1-D indices along a channel axis select channels; other axes pass."""
-
-    ops = ("Gather",)
-
-    def link(self, node, dim, ctx):
-        links = LinkSet(ctx)
-        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        rank = ctx.rank(data)
-        axis = node.attr("axis", 0) % rank
-        index_rank = ctx.rank(indices)
-        if dim.tensor == indices or index_rank is None:
-            links.freeze(dim, f"indices of Gather '{node.name}'")
-            return links.out
-        data_axis = dim.axis if dim.tensor == data else _gather_data_axis(dim.axis, axis, index_rank)
-        if data_axis is None:  # an axis of y that comes from the indices
-            links.freeze(dim, f"axis produced by the indices of Gather '{node.name}'")
-            return links.out
-        if data_axis != axis:
-            shift = index_rank - 1 if data_axis > axis else 0
-            links.same(Dim(data, data_axis), Dim(y, data_axis + shift))
-            return links.out
-        picks = ctx.graph.const(indices)
-        if picks is None or picks.ndim != 1:
-            links.freeze(dim, f"Gather '{node.name}' picks along this axis with non-constant or scalar indices")
-            return links.out
-        size = ctx.size(Dim(data, axis))
-        links.add(pairs(Dim(data, axis), Dim(y, axis), np.asarray(picks) % size, np.arange(len(picks))))
-        return links.out
-
-    def rewrite(self, node, cut):
-        data, y = node.inputs[0], node.outputs[0]
-        axis = node.attr("axis", 0) % len(cut.graph.shape(data))
-        keep_data = cut.kept(Dim(data, axis))
-        if keep_data is None:
-            return
-        picks = cut.graph.const(node.inputs[1]) % cut.old_size(Dim(data, axis))
-        keep_y = cut.kept(Dim(y, axis))
-        if keep_y is not None:
-            picks = picks[keep_y]
-        cut.set_input_const(node, 1, np.searchsorted(keep_data, picks).astype(np.int64))
-
-
-def _gather_data_axis(y_axis: int, axis: int, index_rank: int) -> int | None:
-    if y_axis < axis:
-        return y_axis
-    if y_axis >= axis + index_rank:
-        return y_axis - index_rank + 1
-    return axis if index_rank == 1 else None
-
-
-@register
-class Transpose(Rule):
+class Transpose(Operator):
     ops = ("Transpose",)
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -259,11 +208,11 @@ class Transpose(Rule):
         return links.out
 
 
-@register
-class PixelShuffle(Rule):
+class PixelShuffle(Operator):
     """DepthToSpace/SpaceToDepth: channel c of the deep side is (c, sub-pixel) of the shallow side."""
 
     ops = ("DepthToSpace", "SpaceToDepth")
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -287,9 +236,9 @@ class PixelShuffle(Rule):
         return links.out
 
 
-@register
-class Tile(Rule):
+class Tile(Operator):
     ops = ("Tile",)
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -302,9 +251,9 @@ class Tile(Rule):
         return links.out
 
 
-@register
-class Expand(Rule):
+class Expand(Operator):
     ops = ("Expand",)
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -342,8 +291,7 @@ class Expand(Rule):
                 cut.set_const_element(*entry.source, cut.new_size(dim) if broadcast else 1)
 
 
-@register
-class ConstantOfShape(Rule):
+class ConstantOfShape(Operator):
     """A fill (exporters build zero initial states of recurrent layers this way): no input
     channel reaches its axes, so any index can go where its shape element is a literal to
     rewrite, or the run-time size of another tensor's axis (``zeros_like``), which is then

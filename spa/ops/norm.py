@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.ops.base import Dim, LinkSet, Rule, pairs, register
+from spa.core.coupling import Dim, LinkSet, pairs
+from spa.ops import cost
+from spa.ops.base import PRODUCT, Operator
+
+MS = "com.microsoft"
+# LayerNorm-style moments plus 1 for the scale and 1 for a shift; RMS-style plus 1 for the scale
+_LAYER_NORM_COSTS = {
+    "LayerNormalization": cost.per_element(cost.MOMENTS + 1, 2),
+    "SimplifiedLayerNormalization": cost.per_element(cost.RMS + 1),
+    "RMSNormalization": cost.per_element(cost.RMS + 1),
+}
 
 
-@register
-class BatchNorm(Rule):
+class BatchNorm(Operator):
     """Y = scale * (X - mean) / sqrt(var + eps) + B, per channel (axis 1)."""
 
     ops = ("BatchNormalization", "InstanceNormalization")
+    weight_inputs = (1,)
+    costs = {
+        "BatchNormalization": cost.per_element(2, channel_scales=True),  # folded scale and shift
+        "InstanceNormalization": cost.per_element(cost.MOMENTS + 2, channel_scales=True),
+    }
+    zero_kinds = dict.fromkeys(ops, PRODUCT)
 
     def seeds(self, node, ctx):
         return [Dim(node.inputs[0], 1)]
@@ -33,11 +48,12 @@ class BatchNorm(Rule):
         return links.out
 
 
-@register
-class GroupNorm(Rule):
+class GroupNorm(Operator):
     """Statistics are per group of channels, so only whole groups can go exactly."""
 
     ops = ("GroupNormalization",)
+    weight_inputs = (1,)
+    costs = {"GroupNormalization": cost.per_element(cost.MOMENTS + 2, channel_scales=True)}
 
     def seeds(self, node, ctx):
         return [Dim(node.inputs[0], 1)]
@@ -75,11 +91,14 @@ class GroupNorm(Rule):
             cut.set_attr(node, "num_groups", new // per_group)
 
 
-@register
-class LayerNorm(Rule):
+class LayerNorm(Operator):
     """Normalises over axes [axis, rank): those channels are coupled approximately."""
 
     ops = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+    costs = _LAYER_NORM_COSTS
+
+    def weight_inputs_of(self, op_type):
+        return (1,) if op_type == "LayerNormalization" else ()
 
     def seeds(self, node, ctx):
         return []  # hidden-size groups are approximate; they are reached, not offered
@@ -107,3 +126,18 @@ class LayerNorm(Rule):
                 if param_axis >= 0:
                     links.same(Dim(x, axis), Dim(param, param_axis), exact=False)
         return links.out
+
+
+class MicrosoftLayerNorm(LayerNorm):
+    """onnxruntime's own LayerNorm kernels: counted, not yet coupled."""
+
+    domain = MS
+    couples = False
+
+
+class MeanVarianceNorm(Operator):
+    """(x - mean) / std over the given axes: counted, not coupled."""
+
+    ops = ("MeanVarianceNormalization",)
+    couples = False
+    costs = {"MeanVarianceNormalization": cost.per_element(cost.MOMENTS)}

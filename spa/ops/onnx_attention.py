@@ -17,18 +17,35 @@ import math
 
 import numpy as np
 
-from spa.ops.base import Dim, HeadInfo, LinkSet, Sink, pairs, register
+from spa.core.coupling import HEAD_DIM, HEADS, QUERY_HEADS, Dim, HeadInfo, LinkSet, Sink, pairs
+from spa.ops import cost
 from spa.ops.contrib import HeadsAttention, _output
-from spa.patterns.attention import HEAD_DIM, HEADS, QUERY_HEADS
 
 
-@register
 class Attention(HeadsAttention):
     """Q, K, V, attn_mask, past_key, past_value (, nonpad_kv_seqlen); outputs Y, present_key,
     present_value, qk_matmul_output."""
 
     ops = ("Attention",)
     domain = ""
+    weight_inputs = (1,)
+
+    def flops(self, graph, node):
+        """Q, K, V as [B, N, S, H], or [B, S, N*H] with head-count attributes."""
+        q, k, v = (cost.input_shape(graph, node, i) for i in range(3))
+        if q is None or k is None or v is None or not len(q) == len(k) == len(v) or len(q) not in (3, 4):
+            return 0
+        size = cost.size
+        if len(q) == 4:
+            b, heads, s, head = (size(d) for d in q)
+            new, d_qk, d_v = size(k[2]), heads * head, heads * size(v[3])
+        else:
+            heads, kv_heads = node.attr("q_num_heads", 1), node.attr("kv_num_heads", 1)
+            b, s, d_qk = (size(d) for d in q)
+            new, d_v = size(k[1]), size(v[2]) // kv_heads * heads
+        length = new + cost.past_length(cost.input_shape(graph, node, 4), 2)  # past_key is [B, N_kv, P, H]
+        return cost.attention_core(b, heads, s, length, d_qk, d_v)
+
     caches = (4, 5), (1, 2)
     heads_attr, kv_heads_attr = "q_num_heads", "kv_num_heads"
 

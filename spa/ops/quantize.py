@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
+from spa.core.coupling import Dim, LinkSet
 from spa.formats.quantized import UNKNOWN_AXIS, quantized_weight, scale_axis, zero_fill
-from spa.ops.base import Dim, LinkSet, Rule, register
+from spa.ops.base import Operator
 
 # the integer types whose zero point the soft model can write; 4-bit, 2-bit and float8 data freeze
 _INTEGERS = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32}
@@ -21,11 +22,12 @@ def _integer_type(node, graph) -> int | None:
     return known
 
 
-@register
-class Dequantize(Rule):
+class Dequantize(Operator):
     """y = (x - zero_point) * scale."""
 
     ops = ("DequantizeLinear",)
+    quantized_data_inputs = (0,)
+    not_parameter_inputs = (1, 2)  # scale and zero point
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -63,11 +65,11 @@ class Dequantize(Rule):
         return {} if stored is None else {stored.data: zero_fill(graph, stored)}
 
 
-@register
 class Quantize(Dequantize):
     """y = saturate(round(x / scale) + zero_point)."""
 
     ops = ("QuantizeLinear",)
+    quantized_data_inputs = ()
 
     def soft_fills(self, node, graph):
         # zero scales would divide by zero; a removed channel already reads zero and lands on its zero point
@@ -75,11 +77,9 @@ class Quantize(Dequantize):
         return {scale: None} if graph.is_initializer(scale) else {}
 
 
-@register
 class MicrosoftDequantize(Dequantize):
     domain = "com.microsoft"
 
 
-@register
 class MicrosoftQuantize(Quantize):
     domain = "com.microsoft"

@@ -22,7 +22,9 @@ import math
 
 import numpy as np
 
-from spa.ops.base import Dim, LinkSet, Rule, Sink, pairs, register
+from spa.core.coupling import Dim, LinkSet, Sink, pairs
+from spa.ops import cost
+from spa.ops.base import Operator, static_weight_dims
 
 _TIME, _BATCH, _DIRECTION, _HIDDEN, _INPUT = "time", "batch", "direction", "hidden", "input"
 
@@ -50,11 +52,39 @@ def _output(node, index: int) -> str:
     return node.outputs[index] if index < len(node.outputs) else ""
 
 
-class _Recurrent(Rule):
+class _Recurrent(Operator):
     gates = 1
+    # per hidden unit and step, besides the gate products and biases
+    gate_math = 1
     default_activations: tuple[str, ...] = ()
     state_inputs: tuple[int, ...] = (5,)
     state_outputs: tuple[int, ...] = (1,)
+
+    @property
+    def not_parameter_inputs(self) -> tuple[int, ...]:
+        return self.state_inputs  # data: exporters store zero initial states as initializers
+
+    def flops(self, graph, node):
+        x, w = cost.input_shape(graph, node, 0), cost.input_shape(graph, node, 1)
+        if x is None or w is None or len(x) != 3 or len(w) != 3:
+            return 0
+        directions, gate_rows, inputs = (cost.size(d) for d in w)  # W is [directions, gates * H, I]
+        hidden = node.attr("hidden_size") or gate_rows // self.gates
+        steps, batch = (x[1], x[0]) if node.attr("layout", 0) else (x[0], x[1])
+        per_step = 2 * gate_rows * (inputs + hidden) + self.gate_math * hidden
+        if node.input(3):
+            per_step += 2 * gate_rows  # both bias vectors (Wb and Rb) are added
+        per_step += self._peephole_flops(node, hidden)
+        return per_step * cost.size(steps) * cost.size(batch) * directions
+
+    def _peephole_flops(self, node, hidden: int) -> int:
+        return 0
+
+    def layer_widths(self, graph, node):
+        dims = static_weight_dims(graph, node)
+        if dims is None or len(dims) != 3:
+            return None
+        return dims[2], (dims[1] // self.gates if dims[1] is not None else None)
 
     def seeds(self, node, ctx):
         return [Dim(node.inputs[1], 2), Dim(node.inputs[2], 2)]
@@ -207,16 +237,19 @@ class _Recurrent(Rule):
         raise NotImplementedError
 
 
-@register
 class LSTM(_Recurrent):
     ops = ("LSTM",)
     gates = 4
+    gate_math = 9  # 3 sigmoids, 2 tanh, c = f*c + i*g (3), h = o*tanh(c) (1)
     default_activations = ("Sigmoid", "Tanh", "Tanh")
     state_inputs = (5, 6)
     state_outputs = (1, 2)
 
     def _blocks(self, node):
         return super()._blocks(node) + ([(7, 3)] if node.input(7) else [])  # peepholes for i, o, f
+
+    def _peephole_flops(self, node, hidden: int) -> int:
+        return 6 * hidden if node.input(7) else 0  # 3 multiplies, 3 adds
 
     def _unit_silent(self, node, values, state_zero, output):
         f, g, h = values
@@ -229,10 +262,12 @@ class LSTM(_Recurrent):
         return state_zero(5) and (f == 0 or (cell_zero and h == 0))
 
 
-@register
 class GRU(_Recurrent):
     ops = ("GRU",)
     gates = 3
+    # 2 sigmoids, tanh, r applied to h or to R*h (1: the same count with linear_before_reset),
+    # h = (1-z)*n + z*h (4)
+    gate_math = 8
     default_activations = ("Sigmoid", "Tanh")
 
     def _unit_silent(self, node, values, state_zero, output):
@@ -242,10 +277,10 @@ class GRU(_Recurrent):
         return state_zero(5) and (1.0 - f) * g == 0
 
 
-@register
 class RNN(_Recurrent):
     ops = ("RNN",)
     gates = 1
+    gate_math = 1  # the activation
     default_activations = ("Tanh",)
 
     def _unit_silent(self, node, values, state_zero, output):

@@ -1,25 +1,142 @@
-"""The operator registry: one small rule per operator family.
+"""The operators spa knows, composed explicitly: ``DEFAULT`` lists every family's operators.
 
-Importing this module registers every rule. To support a new operator, add a
-``Rule`` subclass decorated with ``@register`` in the module of its family,
-and a unit test with a hand-built graph in ``tests/test_rules.py``.
+A caller extends or overrides it without touching spa::
+
+    registry = DEFAULT.with_operators(MyOp())
+    spa.prune(model, registry=registry)
 """
 
-from spa.ops import (  # noqa: F401  (registration)
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import onnx
+
+from spa.core.graph import Node
+from spa.ops import (
     contrib,
     conv,
+    einsum,
     elementwise,
+    fused_conv,
+    gather,
     integer,
     layout,
     linear,
     norm,
     onnx_attention,
+    qlinear,
     quantize,
     recurrent,
     reshape,
     rotary,
     spatial,
 )
-from spa.ops.base import RULES, Dim, Freeze, Link, Pending, Rule, RuleContext, Sink, register, rule_for
+from spa.ops.base import Operator
 
-__all__ = ["RULES", "Dim", "Freeze", "Link", "Pending", "Rule", "RuleContext", "Sink", "register", "rule_for"]
+
+def _domain(node: Node) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+class Registry:
+    """Operators by (domain, op type); each key belongs to one operator."""
+
+    def __init__(self, operators: Iterable[Operator]):
+        self._by_key: dict[tuple[str, str], Operator] = {}
+        for operator in operators:
+            for key in operator.keys():
+                if key in self._by_key:
+                    raise ValueError(f"two operators for {key[1]!r} in domain {key[0] or 'ai.onnx'!r}")
+                self._by_key[key] = operator
+
+    def of(self, node: Node) -> Operator | None:
+        """The operator of ``node``, or None for an op spa knows nothing about."""
+        return self._by_key.get((_domain(node), node.op_type))
+
+    def rule(self, node: Node) -> Operator | None:
+        """The operator of ``node`` when it has a coupling rule."""
+        operator = self.of(node)
+        return operator if operator is not None and operator.couples else None
+
+    def with_operators(self, *operators: Operator) -> Registry:
+        """A new registry with ``operators`` added, replacing those of the op types they list."""
+        merged = dict(self._by_key)
+        for operator in operators:
+            merged.update(dict.fromkeys(operator.keys(), operator))
+        registry = Registry(())
+        registry._by_key = merged
+        return registry
+
+    def stand_in_for_inference(self, graph: onnx.GraphProto) -> None:
+        """In a copy of a graph made for shape inference, replace each node onnx cannot infer by the
+        standard op its operator says has the same output shapes (``Operator.inferred_as``)."""
+        for node in graph.node:
+            operator = self.of(node)
+            stand_in = operator.inferred_as(node) if operator is not None else None
+            if stand_in is not None:
+                node.CopyFrom(stand_in)
+
+    def __iter__(self) -> Iterator[Operator]:
+        return iter(dict.fromkeys(self._by_key.values()))
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._by_key
+
+
+DEFAULT = Registry(
+    [
+        contrib.BiasActivation(),
+        contrib.SkipNorm(),
+        contrib.OnnxDomainSkipNorm(),
+        contrib.EmbedNorm(),
+        contrib.Attention(),
+        contrib.MultiHeadAttention(),
+        contrib.GroupQueryAttention(),
+        conv.Conv(),
+        conv.ConvTranspose(),
+        einsum.Einsum(),
+        elementwise.Unary(),
+        elementwise.Broadcasting(),
+        elementwise.Softmax(),
+        fused_conv.FusedConv(),
+        integer.DynamicQuantize(),
+        integer.MatMulInteger(),
+        integer.ConvInteger(),
+        layout.Concat(),
+        layout.Split(),
+        layout.Slice(),
+        gather.Gather(),
+        layout.Transpose(),
+        layout.PixelShuffle(),
+        layout.Tile(),
+        layout.Expand(),
+        layout.ConstantOfShape(),
+        linear.Gemm(),
+        linear.MatMul(),
+        norm.BatchNorm(),
+        norm.GroupNorm(),
+        norm.LayerNorm(),
+        norm.MicrosoftLayerNorm(),
+        norm.MeanVarianceNorm(),
+        onnx_attention.Attention(),
+        qlinear.QLinearConv(),
+        qlinear.QLinearMatMul(),
+        qlinear.QGemm(),
+        quantize.Dequantize(),
+        quantize.Quantize(),
+        quantize.MicrosoftDequantize(),
+        quantize.MicrosoftQuantize(),
+        recurrent.LSTM(),
+        recurrent.GRU(),
+        recurrent.RNN(),
+        reshape.ReshapeFamily(),
+        rotary.RotaryEmbedding(),
+        rotary.MicrosoftRotaryEmbedding(),
+        spatial.Pool(),
+        spatial.Pad(),
+        spatial.Resize(),
+        spatial.Reduce(),
+        spatial.ShapeOf(),
+    ]
+)

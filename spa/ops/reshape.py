@@ -22,15 +22,16 @@ import math
 import numpy as np
 import onnx
 
-from spa.ops.base import Dim, Freeze, HeadInfo, LinkSet, Pending, Rule, pairs, register
-from spa.patterns.attention import HEAD_DIM, HEADS, QUERY_HEADS, axis_role, repeat_kv
+from spa.core.coupling import HEAD_DIM, HEADS, QUERY_HEADS, Dim, Freeze, HeadInfo, LinkSet, Pending, pairs
+from spa.ops.base import PRESERVES, Operator
+from spa.patterns.attention import axis_role, repeat_kv
 from spa.patterns.roundtrip import round_trip
 from spa.patterns.shapes import rewritable, segments, trace_vector
 
 
-@register
-class ReshapeFamily(Rule):
+class ReshapeFamily(Operator):
     ops = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def _segment(self, node, dim, ctx):
         x, y = node.inputs[0], node.outputs[0]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.ops.base import Dim, LinkSet, Rule, pairs, register
+from spa.core.coupling import HEAD_DIM, Dim, LinkSet, pairs
+from spa.ops.base import Operator
 from spa.ops.contrib import MS
-from spa.patterns.attention import HEAD_DIM
 
 
-@register
-class RotaryEmbedding(Rule):
+class RotaryEmbedding(Operator):
     """ONNX: X, cos_cache, sin_cache, position_ids; the packed layout needs ``num_heads``."""
 
     ops = ("RotaryEmbedding",)
@@ -64,7 +63,6 @@ class RotaryEmbedding(Rule):
             cut.set_attr(node, "num_heads", len(kept) * heads // cut.old_size(units))
 
 
-@register
 class MicrosoftRotaryEmbedding(RotaryEmbedding):
     """onnxruntime's: input, position_ids, cos_cache, sin_cache. Packed without ``num_heads``, the
     head width is twice the cache's last axis (onnxruntime's own reading)."""

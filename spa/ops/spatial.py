@@ -3,14 +3,20 @@ resizing and reductions (which may also reduce the channel axis away)."""
 
 from __future__ import annotations
 
-from spa.ops.base import Dim, Freeze, LinkSet, Rule, Sink, register
+from spa.core.coupling import Dim, Freeze, LinkSet, Sink
+from spa.ops import cost
+from spa.ops.base import PRESERVES, Operator
 from spa.patterns.decomposed import norm_name
 from spa.patterns.shapes import rewritable, size_read_as_value, trace_vector
 
 
-@register
-class Pool(Rule):
+class Pool(Operator):
     ops = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
+    costs = {
+        **dict.fromkeys(("MaxPool", "AveragePool", "LpPool"), cost.window),
+        **dict.fromkeys(("GlobalAveragePool", "GlobalMaxPool"), cost.per_input_element(1)),
+    }
+    zero_kinds = dict.fromkeys(("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"), PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -24,9 +30,9 @@ class Pool(Rule):
         return links.out
 
 
-@register
-class Pad(Rule):
+class Pad(Operator):
     ops = ("Pad",)
+    zero_kinds = {"Pad": PRESERVES}
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -49,9 +55,9 @@ class Pad(Rule):
         return links.out
 
 
-@register
-class Resize(Rule):
+class Resize(Operator):
     ops = ("Resize", "Upsample")
+    zero_kinds = dict.fromkeys(ops, PRESERVES)
 
     def link(self, node, dim, ctx):
         links = LinkSet(ctx)
@@ -93,8 +99,7 @@ _ZERO_TO_ZERO = {
 }
 
 
-@register
-class Reduce(Rule):
+class Reduce(Operator):
     ops = (
         "ReduceSum",
         "ReduceMean",
@@ -109,6 +114,10 @@ class Reduce(Rule):
         "ArgMax",
         "ArgMin",
     )
+    costs = {
+        **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"), cost.per_input_element(1)),
+        **dict.fromkeys(("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp"), cost.per_input_element(2)),
+    }
 
     def _axes(self, node, ctx, rank):
         axes_in_input = (ctx.opset >= 13 and node.op_type == "ReduceSum") or ctx.opset >= 18
@@ -158,8 +167,7 @@ class Reduce(Rule):
         return input_zero(node.inputs[0]) if node.op_type in _ZERO_TO_ZERO else False
 
 
-@register
-class ShapeOf(Rule):
+class ShapeOf(Operator):
     """Reading a tensor's shape constrains nothing while the value only becomes other shapes, which
     follow the cut at run time; a size that becomes a float (an attention scale) must not change."""
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spa.core.coupling import HEAD_DIM, HEADS, Dim
 from spa.core.graph import ModelGraph, Node
-from spa.ops.base import Dim
 from spa.ops.elementwise import Broadcasting, Softmax, Unary
+from spa.ops.gather import Gather
+from spa.ops.linear import MatMul
+from spa.ops.onnx_attention import Attention
 from spa.patterns.roundtrip import round_trip
 from spa.patterns.shapes import segments
-
-HEADS, HEAD_DIM, QUERY_HEADS = "heads", "head_dim", "query_heads"
 
 _STEPS = 64  # tensors visited per question: attention blocks are a handful of ops deep
 _ELEMENTWISE = set(Unary.ops) | set(Broadcasting.ops)
@@ -68,9 +69,9 @@ def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
         return None, [(node.outputs[0] if forward else node.inputs[0], a)]
     if node.domain not in ("", "ai.onnx"):
         return None, []
-    if op == "MatMul":
+    if op in MatMul.ops:
         return _matmul_role(graph, node, name, a, forward), []
-    if op == "Attention" and _rank(graph, name) == 4:  # opset 23, heads split: [B, heads, S, head_dim]
+    if op in Attention.ops and _rank(graph, name) == 4:  # opset 23, heads split: [B, heads, S, head_dim]
         return {1: HEADS, 3: HEAD_DIM}.get(a), []
     if op == "Transpose":
         rank = _rank(graph, node.inputs[0])
@@ -92,7 +93,7 @@ def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
         if b < 0 or name != here or graph.static_size(there, b) != graph.static_size(here, a):
             return None, []  # a broadcast axis: copies, not the same channel
         return None, [(there, b)]
-    if op == "Gather" and forward and name == node.inputs[0]:
+    if op in Gather.ops and forward and name == node.inputs[0]:
         axis = node.attr("axis", 0) % (_rank(graph, name) or 1)
         index_rank = _rank(graph, node.inputs[1])
         if a == axis or index_rank is None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spa.core.coupling import Dim
 from spa.core.graph import Node
-from spa.ops.base import Dim
 from spa.ops.elementwise import Unary
 from spa.patterns.shapes import Entry, trace_vector
 

@@ -16,6 +16,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from spa.core.graph import ModelGraph, Node
+from spa.ops.gather import Gather
 
 _PASS_THROUGH = ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Flatten")
 
@@ -80,7 +81,7 @@ def trace_vector(graph: ModelGraph, node: Node, input_index: int, depth: int = 0
         bounds = _slice_bounds(graph, producer)
         if base is not None and bounds is not None:
             return base[slice(*bounds)]
-    if op == "Gather" and producer.attr("axis", 0) == 0:
+    if op in Gather.ops and producer.attr("axis", 0) == 0:
         base = trace_vector(graph, producer, 0, depth + 1)
         picks = graph.const_ints(producer.inputs[1])
         if base is not None and picks is not None:
@@ -250,7 +251,7 @@ def _evaluate(graph: ModelGraph, tensor: str, depth: int) -> np.ndarray | None:
         return x
     if op in ("Unsqueeze", "Squeeze", "Reshape", "Flatten"):
         return x.reshape(-1)
-    if op == "Gather" and args[1] is not None and node.attr("axis", 0) == 0:
+    if op in Gather.ops and args[1] is not None and node.attr("axis", 0) == 0:
         return x.reshape(-1)[args[1].astype(np.int64)]
     pieces = [a for a in args if a is not None]
     if op == "Concat" and len(pieces) == len(args):
@@ -354,7 +355,7 @@ def _positions_after(graph: ModelGraph, node: Node, tensor: str, held: frozenset
     if held is None:
         return None
     length = graph.static_size(tensor, 0) if len(graph.shape(tensor) or ()) == 1 else None
-    if op == "Gather" and tensor == node.inputs[0] and length:
+    if op in Gather.ops and tensor == node.inputs[0] and length:
         picks = graph.const_ints(node.inputs[1])
         if picks is not None:
             return frozenset(k for k, p in enumerate(picks) if p % length in held)

@@ -22,11 +22,10 @@ from spa.analysis.groups import Analysis, Group
 from spa.api import GroupReport, _prepare, analyze
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph, Node
+from spa.ops.registry import DEFAULT, Registry
 from spa.reporting.metrics import count
 from spa.verify.bench import BenchResult
 from spa.verify.bench import bench as measure_latency
-
-_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 @dataclass
@@ -84,6 +83,7 @@ def build_report(
     threads: int = 0,
     runs: int = 50,
     warmup: int = 5,
+    registry: Registry = DEFAULT,
 ) -> Report:
     """Measure DENSE and PRUNED: widths, params, FLOPs, groups and (unless told not to) CPU latency.
 
@@ -92,12 +92,12 @@ def build_report(
     if bench and (runs < 1 or threads < 0):  # before loading anything
         raise UsageError(f"--runs must be at least 1 and --threads at least 0, got {runs} and {threads}")
     # approximate groups count as groups here: whether one was cut is read off the pruned model
-    analysis = analyze(dense, approximate=True)
+    analysis = analyze(dense, approximate=True, registry=registry)
     dense_graph = analysis.analysis.graph
     pruned_graph = _prepare(pruned, None).graph
     _check_correspondence(dense, pruned, dense_graph, pruned_graph)
-    before, after = count(dense_graph), count(pruned_graph)
-    layers = _layers(dense_graph, pruned_graph, before.node_flops, after.node_flops)
+    before, after = count(dense_graph, registry), count(pruned_graph, registry)
+    layers = _layers(dense_graph, pruned_graph, before.node_flops, after.node_flops, registry)
     if layers and not any(layer.in_pruned for layer in layers):
         raise UsageError(f"{pruned} is not a pruned version of {dense}: none of its layers has the same name")
     groups = [
@@ -121,16 +121,20 @@ def _check_correspondence(dense, pruned, dense_graph: ModelGraph, pruned_graph: 
 
 
 def _layers(
-    dense: ModelGraph, pruned: ModelGraph, flops_before: dict[str, int], flops_after: dict[str, int]
+    dense: ModelGraph,
+    pruned: ModelGraph,
+    flops_before: dict[str, int],
+    flops_after: dict[str, int],
+    registry: Registry = DEFAULT,
 ) -> list[Layer]:
     pruned_nodes = {node.name: node for node in pruned.nodes}
     layers = []
     for node in dense.nodes:
-        widths = _in_out_widths(dense, node)
+        widths = _in_out_widths(dense, node, registry)
         if widths is None:
             continue
         match = pruned_nodes.get(node.name)
-        in_after, out_after = (_in_out_widths(pruned, match) if match else None) or (None, None)
+        in_after, out_after = (_in_out_widths(pruned, match, registry) if match else None) or (None, None)
         layers.append(
             Layer(
                 node.name,
@@ -147,32 +151,10 @@ def _layers(
     return layers
 
 
-def _in_out_widths(graph: ModelGraph, node: Node) -> tuple[int | None, int | None] | None:
+def _in_out_widths(graph: ModelGraph, node: Node, registry: Registry) -> tuple[int | None, int | None] | None:
     """(input, output) channels of a weighted op read off its weight; None for an op without weights."""
-    op = node.op_type
-    weight = node.input(1)
-    shape = graph.shape(weight) if weight else None
-    # a MatMul or Gemm of two activations (attention scores) is not a layer with channels
-    if not shape or (op in ("Gemm", "MatMul", "MatMulInteger") and not graph.is_initializer(weight)):
-        return None
-    dims = [s if isinstance(s, int) else None for s in shape]
-    group = node.attr("group", 1)
-    if op in ("Conv", "ConvInteger") and len(dims) >= 3:
-        return _times(dims[1], group), dims[0]
-    if op == "ConvTranspose" and len(dims) >= 3:
-        return dims[0], _times(dims[1], group)
-    if op == "Gemm" and len(dims) == 2:
-        return (dims[1], dims[0]) if node.attr("transB", 0) else (dims[0], dims[1])
-    if op in ("MatMul", "MatMulInteger") and len(dims) >= 2:
-        return dims[-2], dims[-1]
-    if op in _RECURRENT_GATES and len(dims) == 3:
-        hidden = dims[1] // _RECURRENT_GATES[op] if dims[1] is not None else None
-        return dims[2], hidden
-    return None
-
-
-def _times(size: int | None, factor: int) -> int | None:
-    return None if size is None else size * factor
+    operator = registry.of(node)
+    return operator.layer_widths(graph, node) if operator is not None else None
 
 
 def _group_cut(analysis: Analysis, group: Group, summary: GroupReport, pruned: ModelGraph) -> GroupCut:

@@ -20,34 +20,14 @@ import numpy as np
 
 from spa.analysis.groups import Analysis, Group
 from spa.analysis.layers import LayerIndex, LinearLayer
+from spa.core.coupling import Dim
 from spa.formats.quantized import is_rescaling_factor, quantized_weight
-from spa.ops.registry import Dim
+from spa.ops.quantize import Dequantize
 from spa.scoring.obs import DiagonalLayerState, LayerState, augmented_hessian, greedy_scores, inverse
 from spa.scoring.statistics import Statistics
 
 Criterion = Callable[[Analysis, Group, "ScoreContext"], np.ndarray]
 CRITERIA: dict[str, Criterion] = {}
-
-# Which initializer inputs hold weights worth ranking, by consumer op and input index.
-_WEIGHT_INPUTS = {
-    ("Conv", 1),
-    ("ConvTranspose", 1),
-    ("Gemm", 1),
-    ("Gemm", 0),
-    ("MatMul", 1),
-    ("MatMul", 0),
-    ("BatchNormalization", 1),
-    ("InstanceNormalization", 1),
-    ("GroupNormalization", 1),
-    ("LayerNormalization", 1),
-    ("PRelu", 1),
-    ("Mul", 1),
-    ("Mul", 0),
-    ("Gather", 0),
-    ("Attention", 1),
-    ("MatMulInteger", 1),
-    ("ConvInteger", 1),
-}
 
 
 class ScoreContext:
@@ -80,20 +60,25 @@ def weight_dims(analysis: Analysis, group: Group) -> list[Dim]:
         stored = _dequantized_by(graph, dim.tensor)
         if stored is not None:
             dim = Dim(stored, dim.axis)
-        uses = {
-            (n.op_type, i)
-            for n in graph.consumers.get(dim.tensor, [])
-            for i, t in enumerate(n.inputs)
-            if t == dim.tensor
-        }
-        if uses & _WEIGHT_INPUTS and not is_rescaling_factor(graph, dim.tensor):
+        if _read_as_weight(analysis.registry, graph, dim.tensor) and not is_rescaling_factor(graph, dim.tensor):
             dims.append(dim)
     return dims
 
 
+def _read_as_weight(registry, graph, tensor: str) -> bool:
+    """Whether some op reads ``tensor`` at an input its operator ranks as a weight."""
+    for node in graph.consumers.get(tensor, []):
+        operator = registry.of(node)
+        if operator is not None and any(
+            t == tensor and operator.is_weight_input(node, i) for i, t in enumerate(node.inputs)
+        ):
+            return True
+    return False
+
+
 def _dequantized_by(graph, tensor: str) -> str | None:
     readers = graph.consumers.get(tensor, [])
-    if len(readers) != 1 or readers[0].op_type != "DequantizeLinear" or readers[0].input(0) != tensor:
+    if len(readers) != 1 or readers[0].op_type not in Dequantize.ops or readers[0].input(0) != tensor:
         return None
     output = readers[0].outputs[0]
     return output if quantized_weight(graph, output) is not None else None

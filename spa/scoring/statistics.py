@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 
 from spa.core import runlimit
+from spa.core.coupling import Dim
 from spa.core.errors import UsageError
 from spa.formats.calibration import archive_members, first_nonfinite, open_regular, stored_array
-from spa.ops.registry import Dim
+from spa.ops.gather import Gather
 
 # a layer input wider than this keeps per-channel sums only (its full X^T X would not fit)
 MAX_GRAM_CHANNELS = 4096
@@ -452,7 +453,7 @@ def _embedding_rows(model: onnx.ModelProto) -> dict[str, int]:
         if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape") and node.input and node.input[0] in alias:
             alias[node.output[0]] = alias[node.input[0]]
         if (
-            node.op_type == "Gather"
+            node.op_type in Gather.ops
             and len(node.input) > 1
             and node.input[1] in alias
             and node.input[0] in initializers

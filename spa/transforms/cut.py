@@ -17,9 +17,10 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from spa.analysis.groups import Analysis
+from spa.core.coupling import Dim, RuleContext
 from spa.core.graph import ModelGraph, Node
 from spa.core.tensors import TensorWriter, shell, to_array
-from spa.ops.registry import Dim, RuleContext, rule_for
+from spa.ops.registry import DEFAULT, Registry
 from spa.planning.plan import Plan
 
 # shape inference reads small tensors' values (they may be shape constants): those are always cut for real
@@ -88,17 +89,17 @@ class CutContext(RuleContext):
 def soft_transform(graph: ModelGraph, analysis: Analysis, plan: Plan):
     """Zero the plan's slices tensor by tensor, for writing a soft model without holding it."""
     recipe = CutContext(graph, 0, analysis, plan).initializer_cuts()
-    fills = soft_fills(graph)
+    fills = soft_fills(graph, analysis.registry)
     return lambda name, value: (
         _cut_array(value, recipe[name], soft=True, fill=fills.get(name, 0)) if name in recipe else value
     )
 
 
-def soft_fills(graph: ModelGraph) -> dict[str, np.ndarray | None]:
-    """What the soft model writes where an initializer loses channels, when not zero (``Rule.soft_fills``)."""
+def soft_fills(graph: ModelGraph, registry: Registry = DEFAULT) -> dict[str, np.ndarray | None]:
+    """What the soft model writes where an initializer loses channels, when not zero (``Operator.soft_fills``)."""
     fills: dict[str, np.ndarray | None] = {}
     for node in graph.nodes:
-        rule = rule_for(node)
+        rule = registry.rule(node)
         if rule is not None:
             fills.update(rule.soft_fills(node, graph))
     return fills
@@ -124,7 +125,7 @@ def apply_plan(
     out = shell(model)
     new_shapes: dict[str, tuple[int, ...]] = {}
     recipe = cut.initializer_cuts()
-    fills = soft_fills(graph) if soft else {}
+    fills = soft_fills(graph, analysis.registry) if soft else {}
     writer = TensorWriter(spill, absolute=True) if spill is not None else None
     try:
         for tensor in model.graph.initializer:
@@ -152,7 +153,7 @@ def apply_plan(
         return out
     touched = {dim.tensor for dim in cut.pruned_dims}
     for node in graph.nodes:
-        rule = rule_for(node)
+        rule = analysis.registry.rule(node)
         if rule is not None and touched.intersection(node.inputs + node.outputs):
             rule.rewrite(node, cut)
     _apply_node_edits(out, graph, cut)

@@ -43,9 +43,9 @@ import onnx
 from spa.analysis.groups import Analysis
 from spa.analysis.layers import LayerIndex, LinearLayer
 from spa.core import runlimit
+from spa.core.coupling import Dim
 from spa.core.graph import ModelGraph
 from spa.formats.quantized import Store
-from spa.ops.registry import Dim
 from spa.planning.plan import Plan
 from spa.scoring.statistics import (
     MAX_GRAM_CHANNELS,
@@ -316,10 +316,10 @@ def _skip(graph: ModelGraph, layer: LinearLayer) -> Dim | None:
     """The other input of the residual Add the layer's output (after its bias) goes into, when it
     has one: a MatMul or Gemm whose output, position for position, is summed with a tensor of the
     same shape."""
-    if layer.node.op_type not in ("MatMul", "Gemm"):
+    if not layer.feeds_residual:
         return None
     out = layer.node.outputs[0]
-    if layer.bias is not None and layer.node.op_type == "MatMul":
+    if layer.bias is not None and layer.bias_added:
         out = graph.consumers[out][0].outputs[0]
     after = graph.consumers.get(out, [])
     if len(after) != 1 or after[0].op_type != "Add" or len(after[0].inputs) != 2:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from spa.ops.linear import Gemm, MatMul
 from spa.scoring.statistics import batches, padding_masks, token_mask
 
 # held-out calibration samples measured (beyond those the statistics used), at most
@@ -22,7 +23,7 @@ SAMPLES = 256
 HELD_OUT = "held-out calibration samples"
 # outputs read as class scores, whose argmax is the prediction: their last axis is the class axis
 CLASS_SCORE_PRODUCERS = {"Softmax", "LogSoftmax"}
-LINEAR_HEADS = {"Gemm", "MatMul", "Add"}
+LINEAR_HEADS = {*Gemm.ops, *MatMul.ops, "Add"}
 
 
 @dataclass
