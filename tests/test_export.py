@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import export
 from spa.core.errors import OutputError, UsageError, ValidationError
+from spa.formats import export
 from spa.formats.export import (
     FP16_TOLERANCE,
     ORT_IDENTIFIER,

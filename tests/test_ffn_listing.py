@@ -5,8 +5,8 @@ from __future__ import annotations
 from builder import Graph
 
 import spa
-from spa.reporting.group_layers import is_ffn
 from spa.cli.commands import _analysis_text
+from spa.reporting.group_layers import is_ffn
 
 
 def _block(gated: bool):

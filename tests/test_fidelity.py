@@ -12,8 +12,8 @@ from builder import Graph
 from click.testing import CliRunner
 
 import spa
-from spa import fidelity
 from spa.cli.commands import main
+from spa.verify import fidelity
 from spa.verify.validate import session
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -11,9 +11,9 @@ from builder import Graph, initializer
 from click.testing import CliRunner
 
 import spa
-from spa import sequential
 from spa.cli.commands import main
 from spa.core.errors import UsageError
+from spa.transforms import sequential
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MNIST_CALIB = MODELS / "data" / "mnist_calib.npz"  # 256 samples

@@ -21,8 +21,8 @@ import spa
 import spa.api
 import spa.formats.calibration
 import spa.scoring.statistics
-from spa import runlimit
 from spa.cli.commands import main
+from spa.core import runlimit
 from spa.core.errors import UsageError
 from spa.formats.export import ExportCheck, _compare
 from spa.scoring.statistics import load_calibration

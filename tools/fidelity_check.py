@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from eval_accuracy import LOCAL, local_bench  # noqa: E402
 
 import spa  # noqa: E402
-from spa import fidelity  # noqa: E402
+from spa.verify import fidelity  # noqa: E402
 
 CRITERIA = ("random", "l1", "obspa", "obs")
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import eval_accuracy  # noqa: E402
 
 import spa.api  # noqa: E402
-from spa import statistics  # noqa: E402
+from spa.scoring import statistics  # noqa: E402
 
 
 def _source(kind: str, value: float):
