@@ -20,6 +20,16 @@ from spa.analysis.layers import LayerIndex
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
+from spa.core.runtime import (
+    check_input_sizes,
+    complete_sizes,
+    counted_sizes,
+    one_line,
+    refuse_oversized,
+    resolve_providers,
+    sample_inputs,
+    unsized_axes,
+)
 from spa.core.signals import ScratchDirectory
 from spa.core.tensors import is_lazy, write_beside_data, write_external
 from spa.formats.load import canonicalize, check_sizes, infer_shapes, load_model, with_input_sizes
@@ -53,19 +63,9 @@ from spa.transforms.compensate import compensate as layerwise_refit
 from spa.transforms.cut import apply_plan, soft_transform
 from spa.transforms.sequential import sequential_refit
 from spa.verify import fidelity
-from spa.verify.bench import compare, resolve_providers
-from spa.verify.validate import (
-    Validation,
-    check_input_sizes,
-    complete_sizes,
-    counted_sizes,
-    nonfinite_weights,
-    one_line,
-    refuse_oversized,
-    sample_inputs,
-    unsized_axes,
-    validate,
-)
+from spa.verify.bench import compare
+from spa.verify.compare import nonfinite_weights
+from spa.verify.validate import Validation, validate
 
 # how compensation refits: see ``prune``
 REFITS = ("auto", "sequential", "layerwise")

@@ -15,7 +15,7 @@ from builder import Graph, analysis_of, group_at, initializer, prune_exact
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa.verify.validate import run, sample_inputs
+from spa.core.runtime import run, sample_inputs
 
 E = 8  # width of the block's input
 

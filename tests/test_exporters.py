@@ -22,7 +22,7 @@ import pytest
 from builder import Graph, prune_exact
 from onnx import TensorProto, helper
 
-from spa.verify.validate import IMAGE_SIDE, input_shapes
+from spa.core.runtime import IMAGE_SIDE, input_shapes
 
 DATA = Path(__file__).resolve().parent / "data"
 

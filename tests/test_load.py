@@ -131,7 +131,7 @@ def test_symbolic_batch_survives_pruning():
     result = prune_exact(model, 0.5)
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch"
-    from spa.verify.validate import run, sample_inputs
+    from spa.core.runtime import run, sample_inputs
 
     for batch in (1, 3):
         feeds = sample_inputs(result.model, batch=batch)
@@ -192,8 +192,8 @@ def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
     """Above spa.core.tensors.LAZY_BYTES, weights are memory-mapped and written back tensor by tensor."""
     import spa.formats.files
     import spa.formats.load
+    from spa.core.runtime import run, sample_inputs
     from spa.core.tensors import is_lazy
-    from spa.verify.validate import run, sample_inputs
 
     g = Graph()
     x = g.input("x", ["batch", 3, 6, 6])

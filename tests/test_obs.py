@@ -230,7 +230,7 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
     test = np.load(root / "models" / "data" / "mnist_test.npz")
 
     def accuracy(pruned):
-        from spa.verify.validate import session
+        from spa.core.runtime import session
 
         logits = session(pruned).run(None, {"input": test["input"]})[0]
         return float((logits.argmax(axis=1) == test["label"]).mean())
@@ -251,7 +251,7 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
 
 
 def _output_error(path, pruned, x):
-    from spa.verify.validate import session
+    from spa.core.runtime import session
 
     dense = session(onnx.load(path)).run(None, {"x": x})[0]
     out = session(pruned).run(None, {"x": x})[0]

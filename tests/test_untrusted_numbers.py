@@ -26,8 +26,9 @@ from spa.core import runlimit
 from spa.core.errors import UsageError
 from spa.formats.export import ExportCheck, _compare
 from spa.scoring.statistics import load_calibration
+from spa.verify.compare import relative_error
 from spa.verify.fidelity import measure, nonfinite_problems
-from spa.verify.validate import relative_error, validate
+from spa.verify.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

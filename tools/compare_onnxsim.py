@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import zoo  # noqa: E402
 
-from spa.verify.validate import run, sample_inputs  # noqa: E402
+from spa.core.runtime import run, sample_inputs  # noqa: E402
 
 
 def params(model: onnx.ModelProto) -> int:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import table_models  # noqa: E402
 from compare_onnxsim import check  # noqa: E402
 
+from spa.core.runtime import sample_inputs  # noqa: E402
 from spa.reporting.group_layers import is_ffn  # noqa: E402
-from spa.verify.validate import sample_inputs  # noqa: E402
 
 
 def _feeds(dense):

@@ -23,14 +23,13 @@ from spa.api import prune as api_prune
 from spa.core import signals
 from spa.core.errors import EXIT_INTERNAL, SpaError, UsageError
 from spa.core.runlimit import RUN_TIMEOUT
+from spa.core.runtime import format_sizes, parse_shapes
 from spa.core.tensors import is_lazy
 from spa.formats.export import Fp16RangeWarning, export
 from spa.formats.files import check_output_path, output_data_path, protected_files, write_bytes_atomic
 from spa.reporting.group_layers import is_ffn
 from spa.scoring.criteria import CRITERIA
 from spa.scoring.statistics import SMOOTH_NOISE
-from spa.verify.bench import parse_shapes
-from spa.verify.validate import format_sizes
 
 
 class _Stages:
@@ -491,7 +490,8 @@ def analyze(model, exclude, approximate, attention, input_shapes, json_path, ver
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bench_command(models, providers, threads, warmup, runs, batch, input_shapes, run_timeout, json_path, debug):
     """Latency of MODEL, or of DENSE and PRUNED measured alternately, on onnxruntime."""
-    from spa.verify.bench import bench, resolve_providers
+    from spa.core.runtime import resolve_providers
+    from spa.verify.bench import bench
 
     def action():
         shapes = parse_shapes(list(input_shapes))

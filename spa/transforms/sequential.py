@@ -44,6 +44,7 @@ from spa.analysis.groups import Analysis
 from spa.analysis.layers import LayerIndex, LinearLayer
 from spa.core import runlimit
 from spa.core.graph import ModelGraph
+from spa.core.runtime import session
 from spa.formats.quantized import Store
 from spa.ops.registry import Dim
 from spa.planning.plan import Plan
@@ -167,8 +168,6 @@ def sequential_refit(
 ) -> tuple[onnx.ModelProto, SequentialRefit]:
     """``weights`` (the dense-shaped model after layer-wise compensation) with every layer that
     loses input channels refitted on the pruned model's own inputs."""
-    from spa.verify.validate import session
-
     start = time.perf_counter()
     dense_graph = analysis.graph
     removed = plan.removed_units
