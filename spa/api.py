@@ -32,8 +32,10 @@ from spa.core.runtime import (
 )
 from spa.core.signals import ScratchDirectory
 from spa.core.tensors import is_lazy, write_beside_data, write_external
-from spa.formats.load import canonicalize, check_sizes, infer_shapes, load_model, with_input_sizes
+from spa.formats.canonicalize import canonicalize
+from spa.formats.load import load_model
 from spa.formats.qoperator import Expansion, expand
+from spa.formats.shapes import check_sizes, infer_shapes, with_input_sizes
 from spa.ops.base import ATTENTION_UNITS, rule_for
 from spa.planning.plan import Plan, make_plan
 from spa.planning.search import (

@@ -125,7 +125,7 @@ def test_free_image_sides_are_validated_at_a_size_a_feature_pyramid_accepts(batc
 
 
 def test_a_batch_declared_as_minus_one_becomes_a_free_axis():
-    from spa.formats.load import canonicalize
+    from spa.formats.canonicalize import canonicalize
 
     model = canonicalize(fpn_model(-1))
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]

@@ -7,7 +7,8 @@ from builder import Graph, analysis_of, group_at, prune_exact
 from onnx import helper, numpy_helper
 
 import spa
-from spa.formats.load import canonicalize, load_model
+from spa.formats.canonicalize import canonicalize
+from spa.formats.load import load_model
 
 
 def _two_conv_model():
@@ -224,9 +225,9 @@ def test_a_split_to_minus_one_with_sizes_read_from_another_input_is_settled(monk
     opset-23 graphs where it occurs (RotaryEmbedding, Attention): here it is left out."""
     from onnx import TensorProto
 
-    import spa.formats.load
+    import spa.formats.shapes
 
-    monkeypatch.setattr(spa.formats.load, "_symbolic_shapes", lambda model: None)
+    monkeypatch.setattr(spa.formats.shapes, "_symbolic_shapes", lambda model: None)
 
     from spa.api import _prepare
 

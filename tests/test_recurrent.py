@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import spa
-from spa.formats.load import _integer_value
+from spa.formats.shapes import _integer_value
 from spa.ops.registry import Dim, recurrent
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -39,7 +39,7 @@ def candidates():
 
 @pytest.mark.parametrize("ratio, round_to", [(0.25, 1), (0.5, 1), (0.4, 8)])
 def test_weightless_cut_counts_what_the_real_cut_counts(candidates, ratio, round_to):
-    real = count(ModelGraph(spa.formats.load.infer_shapes(candidates.hard(ratio, round_to))))
+    real = count(ModelGraph(spa.formats.shapes.infer_shapes(candidates.hard(ratio, round_to))))
     assert candidates.kept("flops", ratio, round_to) == real.flops / candidates.dense.flops
     assert candidates.kept("params", ratio, round_to) == real.params / candidates.dense.params
 
