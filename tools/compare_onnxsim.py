@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for name in args.names or zoo.ALL:
         for exporter in zoo.EXPORTERS:
             path = zoo.export(name, exporter, Path(args.zoo))
-            dense = spa.api._prepare(path, None).model
+            dense = spa.api.Model.load(path).model
             feeds = sample_inputs(dense)
             start = time.perf_counter()
             try:

@@ -65,7 +65,7 @@ def _stats(model):
     from spa.reporting.metrics import count
 
     try:
-        stats = count(spa.api._prepare(model, None).graph)
+        stats = count(spa.api.Model.load(model).graph)
         return stats.params, stats.flops
     except Exception:
         return None, None
@@ -172,7 +172,7 @@ def measure(name: str, exporter: str, ratio: float, with_onnxsim: bool) -> dict:
     except table_models.NotBuilt as exc:
         row["not_built"] = str(exc)
         return row
-    dense = spa.api._prepare(path, None).model
+    dense = spa.api.Model.load(path).model
     feeds = _feeds(dense)
     row["dynamic"] = len(feeds) > 1
     row["spa"] = run_spa(path, ratio, dense, feeds)
