@@ -240,7 +240,7 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
     assert stats["input_prior"].startswith("strokes in [0,1]") and "ink 1 on 0" in stats["input_prior"]
     assert stats["prior_imbalance"][stats["input_prior"]] == min(stats["prior_imbalance"].values())
     assert stats["prior_imbalance"][stats["input_prior"]] < 0.6 * stats["prior_imbalance"][SMOOTH_NOISE.name]
-    monkeypatch.setattr(spa.api, "choose_prior", lambda *args: (SMOOTH_NOISE, {}))
+    monkeypatch.setattr(spa.pipeline.scored, "choose_prior", lambda *args: (SMOOTH_NOISE, {}))
     smooth = spa.prune(model, 0.3, "obspa", bench=False)
     assert smooth.report.statistics["input_prior"] == SMOOTH_NOISE.name
     # measured 0.942 against 0.593 (dense 0.986)

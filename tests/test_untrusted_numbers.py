@@ -219,7 +219,7 @@ def test_object_arrays_are_refused(tmp_path):
 
 def _poisoning_refit(monkeypatch):
     """The layer-wise refit, with NaN written into every weight it refits: a refit gone wrong."""
-    real = spa.api.layerwise_refit
+    real = spa.pipeline.pruned.layerwise_refit
 
     def poisoned(model, *args):
         refitted, outcome = real(model, *args)
@@ -231,7 +231,7 @@ def _poisoning_refit(monkeypatch):
                 tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
         return refitted, outcome
 
-    monkeypatch.setattr(spa.api, "layerwise_refit", poisoned)
+    monkeypatch.setattr(spa.pipeline.pruned, "layerwise_refit", poisoned)
 
 
 def test_nan_weights_fail_validation(tmp_path, monkeypatch):
