@@ -123,7 +123,8 @@ def main() -> int:
     before = json.loads(args.compare.read_text())
     differ = [
         k
-        for k in sorted(set(before) | set(results))
+        # with --only, the runs left out are not differences
+        for k in sorted(set(results) if args.only else set(before) | set(results))
         if {x: v for x, v in before.get(k, {}).items() if x != "seconds"}
         != {x: v for x, v in results.get(k, {}).items() if x != "seconds"}
     ]

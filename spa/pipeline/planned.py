@@ -66,11 +66,11 @@ class PrunePlan:
     @property
     def groups(self) -> list[PlannedGroup]:
         analysis, op_types = self.scored.analyzed.analysis, self.scored.analyzed.model.op_types
-        return [
-            PlannedGroup(gid, analysis.group(gid).size, units, group_layers(analysis, analysis.group(gid), op_types),
-                         analysis.group(gid).exact)
-            for gid, units in self.units.removed.items()
-        ]  # fmt: skip
+        planned = []
+        for gid, units in self.units.removed.items():
+            group = analysis.group(gid)
+            planned.append(PlannedGroup(gid, group.size, units, group_layers(analysis, group, op_types), group.exact))
+        return planned
 
     def drop(self, group_id: int) -> PrunePlan:
         """This plan without group ``group_id``: its units stay."""
