@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from spa.analysis.groups import find_groups
-from spa.api import _prepare
 from spa.core.coupling import Dim
+from spa.formats.model import Model
 
 
 class Graph:
@@ -60,7 +60,7 @@ class Graph:
 
 
 def analysis_of(model: onnx.ModelProto, approximate: bool = False, attention: str = "heads"):
-    prepared = _prepare(model, None)
+    prepared = Model.load(model)
     return find_groups(prepared.graph, prepared.opset, allow_approximate=approximate, attention=attention)
 
 

@@ -15,7 +15,7 @@ from builder import Graph, analysis_of, group_at, initializer, prune_exact
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa.verify.validate import run, sample_inputs
+from spa.core.runtime import run, sample_inputs
 
 E = 8  # width of the block's input
 
@@ -400,10 +400,10 @@ def test_onnxruntime_fused_bert(attention_model):
         columns = kept_columns(dense_w[node.input[1]], w)
         kept = [whole_heads([c - t * 64 for c in columns if t * 64 <= c < (t + 1) * 64], 16) for t in range(3)]
         assert kept[0] == kept[1] == kept[2]
-    from spa.api import _prepare
+    from spa.formats.model import Model
     from spa.reporting.metrics import count
 
-    before, after = (count(_prepare(m, None).graph).node_flops for m in (dense, result.model))
+    before, after = (count(Model.load(m).graph).node_flops for m in (dense, result.model))
     attention = [n.name for n in dense.graph.node if n.op_type == "Attention"]
     assert all(after[name] < 0.6 * before[name] for name in attention)
     check_other_sizes(dense, result.model)

@@ -12,7 +12,7 @@ import onnx
 from builder import Graph, analysis_of, group_at, initializer, prune_exact
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.verify.validate import run, sample_inputs
+from spa.core.runtime import run, sample_inputs
 
 SHAPE = [1, 3, 8, 8]
 

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from spa.core.errors import OutputError, UsageError, ValidationError
+from spa.core.runtime import sample_inputs
 from spa.formats import export
 from spa.formats.export import (
     FP16_TOLERANCE,
@@ -23,7 +24,7 @@ from spa.formats.export import (
     validate_ort,
 )
 from spa.formats.load import load_model
-from spa.verify.validate import relative_error, sample_inputs
+from spa.verify.compare import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "models" / "mini_resnet.onnx"

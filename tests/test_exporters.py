@@ -22,7 +22,7 @@ import pytest
 from builder import Graph, prune_exact
 from onnx import TensorProto, helper
 
-from spa.verify.validate import IMAGE_SIDE, input_shapes
+from spa.core.runtime import IMAGE_SIDE, input_shapes
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -125,7 +125,7 @@ def test_free_image_sides_are_validated_at_a_size_a_feature_pyramid_accepts(batc
 
 
 def test_a_batch_declared_as_minus_one_becomes_a_free_axis():
-    from spa.formats.load import canonicalize
+    from spa.formats.canonicalize import canonicalize
 
     model = canonicalize(fpn_model(-1))
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from builder import Graph
 
 import spa
-from spa.cli.commands import _analysis_text
+from spa.cli.render import analysis_text as _analysis_text
 from spa.reporting.group_layers import is_ffn
 
 

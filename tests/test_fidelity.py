@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 import spa
 from spa.cli.commands import main
+from spa.core.runtime import session
 from spa.verify import fidelity
-from spa.verify.validate import session
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MNIST_CALIB = MODELS / "data" / "mnist_calib.npz"  # 256 samples

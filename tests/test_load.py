@@ -7,7 +7,8 @@ from builder import Graph, analysis_of, group_at, prune_exact
 from onnx import helper, numpy_helper
 
 import spa
-from spa.formats.load import canonicalize, load_model
+from spa.formats.canonicalize import canonicalize
+from spa.formats.load import load_model
 
 
 def _two_conv_model():
@@ -131,7 +132,7 @@ def test_symbolic_batch_survives_pruning():
     result = prune_exact(model, 0.5)
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch"
-    from spa.verify.validate import run, sample_inputs
+    from spa.core.runtime import run, sample_inputs
 
     for batch in (1, 3):
         feeds = sample_inputs(result.model, batch=batch)
@@ -192,8 +193,8 @@ def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
     """Above spa.core.tensors.LAZY_BYTES, weights are memory-mapped and written back tensor by tensor."""
     import spa.formats.files
     import spa.formats.load
+    from spa.core.runtime import run, sample_inputs
     from spa.core.tensors import is_lazy
-    from spa.verify.validate import run, sample_inputs
 
     g = Graph()
     x = g.input("x", ["batch", 3, 6, 6])
@@ -224,11 +225,11 @@ def test_a_split_to_minus_one_with_sizes_read_from_another_input_is_settled(monk
     opset-23 graphs where it occurs (RotaryEmbedding, Attention): here it is left out."""
     from onnx import TensorProto
 
-    import spa.formats.load
+    import spa.formats.shapes
 
-    monkeypatch.setattr(spa.formats.load, "_symbolic_shapes", lambda model: None)
+    monkeypatch.setattr(spa.formats.shapes, "_symbolic_shapes", lambda model: None)
 
-    from spa.api import _prepare
+    from spa.formats.model import Model
 
     g = Graph(opset=17)
     x = g.input("x", ["batch", "seq", 8])
@@ -241,5 +242,5 @@ def test_a_split_to_minus_one_with_sizes_read_from_another_input_is_settled(monk
     )
     split = g.op("Reshape", [g.op("MatMul", [x, g.weight(8, 16)]), target])
     g.output(g.op("ReduceSum", [split, g.const(np.array([3]))], keepdims=0))
-    prepared = _prepare(g.build(), None)
+    prepared = Model.load(g.build())
     assert prepared.graph.shape(split) == ("batch", "seq", 4, 4)

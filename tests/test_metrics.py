@@ -11,15 +11,16 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa.api import _prepare
-from spa.cli.commands import _change, main
+from spa.cli.commands import main
+from spa.cli.render import change as _change
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
+from spa.formats.model import Model
 from spa.reporting.metrics import count
 
 
 def stats(model):
-    return count(_prepare(model, None).graph)
+    return count(Model.load(model).graph)
 
 
 def flops_of(model, op_type):
@@ -609,7 +610,7 @@ def test_torch_lstm_and_mlp_match_counts_from_the_modules(tmp_path):
     net = Net().eval()
     path = tmp_path / "net.onnx"
     torch.onnx.export(net, (torch.randn(seq, batch, 10),), str(path), dynamo=False)
-    s = count(_prepare(path, None).graph)
+    s = count(Model.load(path).graph)
 
     lstm = 0
     for layer in range(2):

@@ -230,7 +230,7 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
     test = np.load(root / "models" / "data" / "mnist_test.npz")
 
     def accuracy(pruned):
-        from spa.verify.validate import session
+        from spa.core.runtime import session
 
         logits = session(pruned).run(None, {"input": test["input"]})[0]
         return float((logits.argmax(axis=1) == test["label"]).mean())
@@ -240,7 +240,7 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
     assert stats["input_prior"].startswith("strokes in [0,1]") and "ink 1 on 0" in stats["input_prior"]
     assert stats["prior_imbalance"][stats["input_prior"]] == min(stats["prior_imbalance"].values())
     assert stats["prior_imbalance"][stats["input_prior"]] < 0.6 * stats["prior_imbalance"][SMOOTH_NOISE.name]
-    monkeypatch.setattr(spa.api, "choose_prior", lambda *args: (SMOOTH_NOISE, {}))
+    monkeypatch.setattr(spa.pipeline.scored, "choose_prior", lambda *args: (SMOOTH_NOISE, {}))
     smooth = spa.prune(model, 0.3, "obspa", bench=False)
     assert smooth.report.statistics["input_prior"] == SMOOTH_NOISE.name
     # measured 0.942 against 0.593 (dense 0.986)
@@ -251,7 +251,7 @@ def test_the_chosen_prior_is_the_most_even_one_and_prunes_the_digits_cnn_better(
 
 
 def _output_error(path, pruned, x):
-    from spa.verify.validate import session
+    from spa.core.runtime import session
 
     dense = session(onnx.load(path)).run(None, {"x": x})[0]
     out = session(pruned).run(None, {"x": x})[0]

@@ -3,7 +3,7 @@
 import io
 import sys
 
-import spa.cli.commands as cli
+import spa.cli.running as cli
 
 
 class _Terminal(io.StringIO):
@@ -15,7 +15,7 @@ def _drive(monkeypatch, quiet: bool, stream) -> str:
     clock = iter([0.0, 0.0, 0.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0])
     monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(sys, "stderr", stream)
-    stages = cli._Stages(quiet)
+    stages = cli.Stages(quiet)
     stages("statistics", 0, 8)
     stages("statistics", 3, 8)  # 0.5 s in: too early to draw
     drawn_early = stream.getvalue()

@@ -18,7 +18,7 @@ from test_quantized import MODELS, _Batches, _obs_keeps_mnist_accuracy_only_with
 
 import spa
 from spa.cli.commands import main
-from spa.formats.load import canonicalize
+from spa.formats.canonicalize import canonicalize
 from spa.formats.qoperator import FORMS, _domain, expand
 
 

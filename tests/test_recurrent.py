@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 
 import spa
 from spa.core.coupling import Dim
-from spa.formats.load import _integer_value
+from spa.formats.shapes import _integer_value
 from spa.ops import recurrent
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -210,7 +210,7 @@ def test_nonzero_initial_cell_matters_only_to_a_weightless_consumer(weightless_s
 
 def _assert_soft_differs(model):
     """With --approximate the group is cut, and the soft model really does compute something else."""
-    from spa.verify.validate import run, sample_inputs
+    from spa.core.runtime import run, sample_inputs
 
     hard = spa.prune(model, ratio=0.5, approximate=True, check=False).model
     soft = spa.prune(model, ratio=0.5, approximate=True, check=False, soft=True).model
@@ -416,7 +416,7 @@ def test_real_model_from_a_cached_wheel(name):
 def test_soft_vs_hard_error_is_relative_to_the_dense_output_too():
     # silero at ratio 0.3: the pruned speech probability is 4e-4 where the dense one is 0.56, and
     # a float32 sigmoid is good to ~6e-8 absolute: 1.5e-4 of the pruned value, 1e-7 of the dense one
-    from spa.verify.validate import relative_error
+    from spa.verify.compare import relative_error
 
     soft, hard, dense = {"p": np.float32([4e-4])}, {"p": np.float32([4e-4 + 6e-8])}, {"p": np.float32([0.56])}
     assert relative_error(soft, hard) > 1e-4

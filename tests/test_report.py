@@ -11,8 +11,8 @@ from builder import Graph
 from click.testing import CliRunner
 
 import spa
-from spa.api import _prepare
 from spa.cli.commands import main
+from spa.formats.model import Model
 from spa.reporting.metrics import count
 from spa.reporting.report import build_report, render_html
 
@@ -48,7 +48,7 @@ def page(pruned) -> Path:
 
 
 def test_params_and_flops_are_those_of_each_model(report, pruned, page):
-    dense, small = count(_prepare(EXAMPLE, None).graph), count(_prepare(pruned, None).graph)
+    dense, small = count(Model.load(EXAMPLE).graph), count(Model.load(pruned).graph)
     assert (report.params_before, report.flops_before) == (dense.params, dense.flops)
     assert (report.params_after, report.flops_after) == (small.params, small.flops)
     assert report.params_after < report.params_before and report.flops_after < report.flops_before

@@ -11,8 +11,8 @@ import pytest
 from builder import Graph, analysis_of, group_at
 
 from spa.analysis.groups import _Walk
-from spa.api import _prepare
 from spa.core.coupling import Dim, RuleContext
+from spa.formats.model import Model
 
 WIDTH = 6
 
@@ -46,7 +46,7 @@ def _fan_out(n: int):
 
 
 def _links(model) -> int:
-    prepared = _prepare(model, None)
+    prepared = Model.load(model)
     walk = _Walk(prepared.graph, RuleContext(prepared.graph, prepared.opset), {})
     walk.run()
     return len(walk.links)

@@ -9,10 +9,11 @@ from click.testing import CliRunner
 
 import spa
 from spa.analysis.groups import find_groups
-from spa.api import _Candidates, _prepare, _score
 from spa.cli.commands import main
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
+from spa.formats.model import Model
+from spa.pipeline.planned import Candidates
 from spa.planning.search import (
     LATENCY_TOLERANCE,
     MAX_RATIO,
@@ -24,22 +25,22 @@ from spa.planning.search import (
     reach_structural,
 )
 from spa.reporting.metrics import count
-from spa.scoring.criteria import ScoreContext
+from spa.scoring.criteria import CRITERIA, ScoreContext
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
 
 
 @pytest.fixture(scope="module")
 def candidates():
-    prepared = _prepare(EXAMPLE, None)
+    prepared = Model.load(EXAMPLE)
     analysis = find_groups(prepared.graph, prepared.opset)
-    scores = _score(analysis, "l2", ScoreContext(0), None)
-    return _Candidates(prepared, analysis, scores, False, count(prepared.graph), normalise=True)
+    scores = {g.id: CRITERIA["l2"](analysis, g, ScoreContext(0)) for g in analysis.prunable_groups}
+    return Candidates(prepared, analysis, scores, False, count(prepared.graph), normalise=True)
 
 
 @pytest.mark.parametrize("ratio, round_to", [(0.25, 1), (0.5, 1), (0.4, 8)])
 def test_weightless_cut_counts_what_the_real_cut_counts(candidates, ratio, round_to):
-    real = count(ModelGraph(spa.formats.load.infer_shapes(candidates.hard(ratio, round_to))))
+    real = count(ModelGraph(spa.formats.shapes.infer_shapes(candidates.hard(ratio, round_to))))
     assert candidates.kept("flops", ratio, round_to) == real.flops / candidates.dense.flops
     assert candidates.kept("params", ratio, round_to) == real.params / candidates.dense.params
 

@@ -26,8 +26,9 @@ from spa.core import runlimit
 from spa.core.errors import UsageError
 from spa.formats.export import ExportCheck, _compare
 from spa.scoring.statistics import load_calibration
+from spa.verify.compare import relative_error
 from spa.verify.fidelity import measure, nonfinite_problems
-from spa.verify.validate import relative_error, validate
+from spa.verify.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +225,7 @@ def test_object_arrays_are_refused(tmp_path):
 
 def _poisoning_refit(monkeypatch):
     """The layer-wise refit, with NaN written into every weight it refits: a refit gone wrong."""
-    real = spa.api.layerwise_refit
+    real = spa.pipeline.pruned.layerwise_refit
 
     def poisoned(model, *args):
         refitted, outcome = real(model, *args)
@@ -236,7 +237,7 @@ def _poisoning_refit(monkeypatch):
                 tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
         return refitted, outcome
 
-    monkeypatch.setattr(spa.api, "layerwise_refit", poisoned)
+    monkeypatch.setattr(spa.pipeline.pruned, "layerwise_refit", poisoned)
 
 
 def test_nan_weights_fail_validation(tmp_path, monkeypatch):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from spa.verify.validate import SOFT_TOLERANCE, relative_error, run, sample_inputs, validate
+from spa.core.runtime import run, sample_inputs
+from spa.verify.compare import relative_error
+from spa.verify.validate import SOFT_TOLERANCE, validate
 
 
 def _model(gain: float):

@@ -7,7 +7,7 @@
 Three jobs, each run by spa's code (A) and by graphsurgeon (B) on the same model, loaded the
 way spa loads it (``spa.formats.load.load_model``: external data stays on disk, memory-mapped):
 
-* fold      A: ``spa.formats.load.canonicalize`` (Constant nodes -> initializers, Identity on weights
+* fold      A: ``spa.formats.canonicalize.canonicalize`` (Constant nodes -> initializers, Identity on weights
                elided, small constant subgraphs folded, dead initializers dropped)
             B: ``gs.import_onnx`` -> ``fold_constants()`` -> ``cleanup()`` -> ``gs.export_onnx``
 * cleanup   the node producing the model's first output is removed (its computed input becomes the
@@ -107,8 +107,8 @@ def _prepare(job: str, model):
 
 
 def _spa(job: str, model):
+    from spa.formats.canonicalize import _names_read, canonicalize
     from spa.formats.export import _sort_topologically
-    from spa.formats.load import _names_read, canonicalize
 
     if job == "fold":
         return canonicalize(model)
@@ -231,7 +231,7 @@ def _gs_fold(model):  # what B does for the fold job
 
 
 def _spa_fold(model):
-    from spa.formats.load import canonicalize
+    from spa.formats.canonicalize import canonicalize
 
     return canonicalize(model)
 

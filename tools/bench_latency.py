@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import spa  # noqa: E402
+from spa.core.runtime import resolve_providers  # noqa: E402
 from spa.formats.files import save_model  # noqa: E402
-from spa.verify.bench import bench, resolve_providers  # noqa: E402
+from spa.verify.bench import bench  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16", "bert_base")
 SETTINGS = (("ratio 0.3", {"ratio": 0.3}), ("ratio 0.5", {"ratio": 0.5}), ("target-flops 0.5", {"target_flops": 0.5}))

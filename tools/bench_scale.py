@@ -207,9 +207,12 @@ def timed(stage, fn):
             stages[stage] = stages.get(stage, 0.0) + time.process_time() - start
     return wrapper
 
-for stage, name in (("load", "load_model"), ("canonicalize", "canonicalize"), ("shapes", "infer_shapes"),
-                    ("group", "find_groups"), ("count", "_count")):
-    setattr(api, name, timed(stage, getattr(api, name)))
+import spa.formats.model as model_io
+import spa.pipeline.analyzed as analyzed
+for module, stage, name in ((model_io, "load", "load_model"), (model_io, "canonicalize", "canonicalize"),
+                            (model_io, "shapes", "infer_shapes"), (analyzed, "group", "find_groups"),
+                            (analyzed, "count", "count_model")):
+    setattr(module, name, timed(stage, getattr(module, name)))
 before = status("VmRSS")
 start, cpu = time.perf_counter(), time.process_time()
 report = api.analyze(sys.argv[1])

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import zoo  # noqa: E402
 
-from spa.verify.validate import run, sample_inputs  # noqa: E402
+from spa.core.runtime import run, sample_inputs  # noqa: E402
 
 
 def params(model: onnx.ModelProto) -> int:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for name in args.names or zoo.ALL:
         for exporter in zoo.EXPORTERS:
             path = zoo.export(name, exporter, Path(args.zoo))
-            dense = spa.api._prepare(path, None).model
+            dense = spa.api.Model.load(path).model
             feeds = sample_inputs(dense)
             start = time.perf_counter()
             try:

@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 import render_results  # noqa: E402
 
 import spa  # noqa: E402
+from spa.core.runtime import session  # noqa: E402
 from spa.scoring.criteria import CRITERIA  # noqa: E402
 from spa.verify import fidelity  # noqa: E402
-from spa.verify.validate import session  # noqa: E402
 
 DATA_FREE = ("random", "l1", "l2", "obspa")
 LOCAL = ("digits_mlp", "mnist_cnn", "mnist_rescnn", "mnist_dwse")

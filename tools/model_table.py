@@ -34,8 +34,8 @@ import table_models  # noqa: E402
 from compare_onnxsim import check  # noqa: E402
 from render_results import MODEL_TABLE_HEADER, model_row, model_summary  # noqa: E402
 
+from spa.core.runtime import sample_inputs  # noqa: E402
 from spa.reporting.group_layers import is_ffn  # noqa: E402
-from spa.verify.validate import sample_inputs  # noqa: E402
 
 
 def _feeds(dense):
@@ -66,7 +66,7 @@ def _stats(model):
     from spa.reporting.metrics import count
 
     try:
-        stats = count(spa.api._prepare(model, None).graph)
+        stats = count(spa.api.Model.load(model).graph)
         return stats.params, stats.flops
     except Exception:
         return None, None
@@ -165,7 +165,7 @@ def measure(name: str, exporter: str, ratio: float, with_onnxsim: bool) -> dict:
     except table_models.NotBuilt as exc:
         row["not_built"] = str(exc)
         return row
-    dense = spa.api._prepare(path, None).model
+    dense = spa.api.Model.load(path).model
     feeds = _feeds(dense)
     row["dynamic"] = len(feeds) > 1
     row["spa"] = run_spa(path, ratio, dense, feeds)

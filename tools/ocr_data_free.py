@@ -41,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_suites  # noqa: E402
 
 import spa  # noqa: E402
-import spa.api as api  # noqa: E402
+import spa.pipeline.pruned as cutting  # noqa: E402
+import spa.pipeline.scored as scoring  # noqa: E402
 import spa.scoring.obs as obs  # noqa: E402
 import spa.scoring.statistics as statistics  # noqa: E402
+from spa.pipeline.options import RunOptions, ScoreOptions  # noqa: E402
 from spa.scoring.obs import augmented_hessian, inverse, obs_update  # noqa: E402
 from spa.transforms.compensate import Compensation, replace_initializers  # noqa: E402
 
@@ -65,21 +67,21 @@ class Bench:
 
 
 def _both_statistics(store: dict):
-    """api._statistics returning the real or the synthetic statistics as ``store['refit']`` says,
-    and scoring with ``store['rank']``: prune is called with --calib so both can be collected."""
-    collect = api._statistics
-    score = api._score
+    """The statistics stage returning the real or the synthetic statistics as ``store['refit']``
+    says, and scoring with ``store['rank']``: prune is called with --calib so both can be collected."""
+    collect = scoring._statistics
+    score = scoring.score_groups
 
-    def statistics_of(prepared, analysis, layers, calib, *rest):
-        store["synthetic"] = collect(prepared, analysis, layers, None, *rest)
-        store["real"] = collect(prepared, analysis, layers, calib, *rest)
+    def statistics_of(analyzed, calib, *rest):
+        store["synthetic"] = collect(analyzed, None, *rest)
+        store["real"] = collect(analyzed, calib, *rest)
         return store[store["refit"]]
 
-    def scores(analysis, criterion, context, progress):
+    def scores(analyzed, criterion, context, progress=None):
         context.statistics = store[store["rank"]]
-        return score(analysis, criterion, context, progress)
+        return score(analyzed, criterion, context, progress)
 
-    api._statistics, api._score = statistics_of, scores
+    scoring._statistics, scoring.score_groups = statistics_of, scores
 
 
 def swap(bench: Bench, ratios: list[float]) -> None:
@@ -100,11 +102,13 @@ def swap(bench: Bench, ratios: list[float]) -> None:
 def blend(bench: Bench, ratios: list[float]) -> None:
     real_feeds = {}
 
-    def refit_blended(prepared, analysis, layers, plan, synthetic):
-        real = api._statistics(prepared, analysis, layers, real_feeds, None, 1, 0, (), None)
+    def refit_blended(plan):
+        analyzed, synthetic, units = plan.scored.analyzed, plan.scored.statistics, plan.units
+        analysis, layers = analyzed.analysis, analyzed.layers
+        real = scoring._statistics(analyzed, real_feeds, ScoreOptions(), RunOptions(), None)
         graph, values, chosen = analysis.graph, {}, []
         for layer in layers.layers:
-            gone = np.isin(analysis.labels[layer.weight_dim], plan.removed_units)
+            gone = np.isin(analysis.labels[layer.weight_dim], units.removed_units)
             s, r = synthetic.of(layer.activation), real.of(layer.activation)
             if not gone.any() or s is None or s.gram is None or r is None:
                 continue
@@ -119,17 +123,14 @@ def blend(bench: Bench, ratios: list[float]) -> None:
             chosen.append(share)
             values.update(layer.tensors(none + share * (full - none), graph.const))
         model = onnx.ModelProto()
-        model.CopyFrom(prepared.model)
+        model.CopyFrom(analyzed.model.proto)
         replace_initializers(model, values)
         print(f"  blends chosen: {chosen}", flush=True)
-        return (
-            api._Prepared(prepared.name, model, api.ModelGraph(model), prepared.opset, prepared.path),
-            Compensation(layers=len(values)),
-        )
+        return analyzed.model.derived(model), Compensation(layers=len(values))
 
     calibration = np.load(bench.calib)
     real_feeds.update({k: calibration[k][:CALIB_SAMPLES] for k in calibration.files})
-    api._compensate = refit_blended
+    cutting._compensate = refit_blended
     figures = [bench.evaluate(bench.run(r, refit="layerwise")) for r in ratios]
     print(
         "synthetic refit, blend per layer judged on the real lines: " + " / ".join(f"{f:.3f}" for f in figures),
@@ -158,28 +159,29 @@ def priors(bench: Bench, ratios: list[float], mix: list[int] | None) -> None:
 
     runs = [mix] if mix else [[i] for i in range(len(statistics.PRIORS))]
     for indices in runs:
-        api.synthetic_feeds = forced(indices)
-        api.choose_prior = lambda *a, **k: (statistics.SMOOTH_NOISE, {})
+        scoring.synthetic_feeds = forced(indices)
+        scoring.choose_prior = lambda *a, **k: (statistics.SMOOTH_NOISE, {})
         figures = [bench.evaluate(bench.run(r)) for r in ratios]
         names = " + ".join(statistics.PRIORS[i].name for i in indices)
         print(f"{indices} {names}: " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
 
 
 def damping(bench: Bench, ratios: list[float]) -> None:
-    refit = api._compensate
+    refit = cutting._compensate
     level = {}
 
-    def damped(prepared, analysis, layers, plan, statistics):
+    def damped(plan):
+        analysis = plan.scored.analyzed.analysis
         # the layer systems the ranking built (and cached) used the default damping
         for key in [k for k in analysis.cache if isinstance(k, tuple) and k[0] == "obs-layer"]:
             del analysis.cache[key]
         default, obs.DAMPING = obs.DAMPING, level["damping"]
         try:
-            return refit(prepared, analysis, layers, plan, statistics)
+            return refit(plan)
         finally:
             obs.DAMPING = default
 
-    api._compensate = damped
+    cutting._compensate = damped
     for value in (0.1, 1.0, 10.0):
         level["damping"] = value
         figures = [bench.evaluate(bench.run(r)) for r in ratios]
@@ -271,7 +273,7 @@ def inversion(
         f"  batchnorm mismatch, inverted after {steps} steps: {_batchnorm_mismatch(batchnorm_inputs).item():.3f}",
         flush=True,
     )
-    api.synthetic_feeds = lambda *args, **kwargs: {"x": inverted}
+    scoring.synthetic_feeds = lambda *args, **kwargs: {"x": inverted}
     for how in ("layerwise", "sequential"):
         figures = [bench.evaluate(bench.run(r, refit=how)) for r in ratios]
         print(f"obspa on {samples} inverted lines ({how}): " + " / ".join(f"{f:.3f}" for f in figures), flush=True)
@@ -340,7 +342,13 @@ def main(argv=None) -> int:
         "chars": [0.2, 0.3, 0.5],
         "inversion": [0.1, 0.2, 0.3, 0.5],
     }
-    saved = (api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior)
+    saved = (
+        scoring._statistics,
+        scoring.score_groups,
+        cutting._compensate,
+        scoring.synthetic_feeds,
+        scoring.choose_prior,
+    )
     for name in args.experiments:
         print(f"## {name}", flush=True)
         ratios = args.ratios or defaults[name]
@@ -350,7 +358,8 @@ def main(argv=None) -> int:
             inversion(bench, ratios, steps=args.steps, reading=args.reading)
         else:
             {"swap": swap, "blend": blend, "damping": damping, "chars": chars}[name](bench, ratios)
-        api._statistics, api._score, api._compensate, api.synthetic_feeds, api.choose_prior = saved
+        scoring._statistics, scoring.score_groups, cutting._compensate = saved[:3]
+        scoring.synthetic_feeds, scoring.choose_prior = saved[3:]
     args.out.unlink(missing_ok=True)
     return 0
 

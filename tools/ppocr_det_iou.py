@@ -29,8 +29,8 @@ import accuracy_suites  # noqa: E402
 
 import spa  # noqa: E402
 import spa.api  # noqa: E402
+from spa.core.runtime import session  # noqa: E402
 from spa.scoring import statistics  # noqa: E402
-from spa.verify.validate import session  # noqa: E402
 
 DET_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 SIDE = 320

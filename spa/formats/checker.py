@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import onnx
 from onnx.external_data_helper import uses_external_data
 
+from spa.formats.walk import all_tensors
+
 _PROTOBUF_LIMIT = 2**31 - 2**20
 _SMALL = 1 << 20  # bytes: smaller tensors are shown to the checker as they are
 _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
@@ -26,7 +28,10 @@ def checker_complaint(model: onnx.ModelProto, full_check: bool = False) -> str |
     its bulky data (the checker would look for the files from the current directory); shape
     inference reads constants, so such models get the structural check only.
     """
-    bulky = any(uses_external_data(t) for t in _tensors(model.graph)) or model.ByteSize() >= _PROTOBUF_LIMIT
+    bulky = (
+        any(uses_external_data(t) for t in all_tensors(model.graph, sparse=False))
+        or model.ByteSize() >= _PROTOBUF_LIMIT
+    )
     target = _light_copy(model) if bulky else model
     with _shapeless_outputs_aside(target):
         try:
@@ -73,7 +78,7 @@ def _tensor_without_shape(info: onnx.ValueInfoProto) -> bool:
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # a lazily loaded model's protobuf holds references, not weights
-    for tensor in _tensors(copy.graph):
+    for tensor in all_tensors(copy.graph, sparse=False):  # sparse ones are checked by value, left whole
         _lighten(tensor)
     return copy
 
@@ -82,8 +87,8 @@ def _lighten(tensor: onnx.TensorProto) -> None:
     """Make a bulky tensor an empty one of the same name and type.
 
     The checker compares the data's size with the shape, so cutting the data down would be a
-    complaint of its own; spa checks the sizes itself (spa.formats.load). A tensor whose data sits in
-    more than one place is left whole for the checker to name.
+    complaint of its own; spa checks the sizes itself (spa.formats.load, spa.formats.shapes). A
+    tensor whose data sits in more than one place is left whole for the checker to name.
     """
     places = sum(1 for f in _VALUE_FIELDS if len(getattr(tensor, f))) + tensor.HasField("raw_data")
     external = uses_external_data(tensor)
@@ -93,17 +98,3 @@ def _lighten(tensor: onnx.TensorProto) -> None:
     tensor.Clear()
     tensor.name, tensor.data_type = name, data_type
     tensor.dims.append(0)
-
-
-def _tensors(graph: onnx.GraphProto):
-    """Every dense tensor of the graph and its subgraphs (sparse ones are checked by value, left whole)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)

@@ -19,20 +19,12 @@ import onnx
 
 from spa.core.errors import OutputError, UsageError, ValidationError
 from spa.core.runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
+from spa.core.runtime import one_line, outputs_of, refuse_oversized, sample_inputs, session
 from spa.core.signals import deferred, remove_quietly
 from spa.core.tensors import is_lazy, to_array, write_external
 from spa.formats.checker import checker_complaint
 from spa.formats.files import refuse_special, save_model
-from spa.verify.validate import (
-    newly_nonfinite,
-    one_line,
-    outputs_of,
-    refuse_oversized,
-    relative_error,
-    same_shapes,
-    sample_inputs,
-    session,
-)
+from spa.verify.compare import newly_nonfinite, relative_error, same_shapes
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 

@@ -112,7 +112,7 @@ def _references_of(name: str, size: int, mtime_ns: int) -> tuple[Path, ...]:
     except Exception:  # not a model: loading it reports that in its own words
         return ()
     from spa.core.tensors import external_entries
-    from spa.formats.load import external_tensors
+    from spa.formats.walk import external_tensors
 
     files = []
     for tensor in external_tensors(model):
@@ -235,7 +235,7 @@ def _data_sources(model: onnx.ModelProto) -> list[Path]:
 def _refuse_foreign_references(model: onnx.ModelProto, path: Path, lazy: bool) -> None:
     """Never write a model whose tensors point at files elsewhere (an absolute system path, a
     ``..`` escape): only the main graph's lazily read weights, which are written out beside it."""
-    from spa.formats.load import all_tensors, nested_tensors
+    from spa.formats.walk import all_tensors, nested_tensors
 
     for tensor in nested_tensors(model.graph) if lazy else all_tensors(model.graph):
         if uses_external_data(tensor):

@@ -19,9 +19,10 @@ import numpy as np
 
 from spa import __version__
 from spa.analysis.groups import Analysis, Group
-from spa.api import GroupReport, _prepare, analyze
+from spa.api import GroupReport, analyze
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph, Node
+from spa.formats.model import Model
 from spa.ops.registry import DEFAULT, Registry
 from spa.reporting.metrics import count
 from spa.verify.bench import BenchResult
@@ -94,7 +95,7 @@ def build_report(
     # approximate groups count as groups here: whether one was cut is read off the pruned model
     analysis = analyze(dense, approximate=True, registry=registry)
     dense_graph = analysis.analysis.graph
-    pruned_graph = _prepare(pruned, None).graph
+    pruned_graph = Model.load(pruned).graph
     _check_correspondence(dense, pruned, dense_graph, pruned_graph)
     before, after = count(dense_graph, registry), count(pruned_graph, registry)
     layers = _layers(dense_graph, pruned_graph, before.node_flops, after.node_flops, registry)

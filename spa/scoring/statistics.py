@@ -15,7 +15,6 @@ import os
 import stat
 import time
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -26,6 +25,7 @@ import onnx
 from spa.core import runlimit
 from spa.core.coupling import Dim
 from spa.core.errors import UsageError
+from spa.core.runtime import batches, graph_inputs, session, static_batch
 from spa.formats.calibration import archive_members, first_nonfinite, open_regular, stored_array
 from spa.ops.gather import Gather
 
@@ -37,7 +37,6 @@ MAX_GRAM_CHANNELS = 4096
 ROWS_PER_CHANNEL = 32
 MIN_ROWS = 8192
 MAX_ROWS_PER_BATCH = 4096
-BATCH = 8
 # symbolic axes after the first (sequence length, image size) get this size in synthetic inputs
 SYNTHETIC_AXIS = 64
 # Synthetic samples: enough rows for X^T X of every layer input (ROWS_PER_CHANNEL rows per
@@ -128,11 +127,6 @@ class Statistics:
 
 
 # inputs -------------------------------------------------------------------------------------
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
 
 
 def load_calibration(path: str | Path, model: onnx.ModelProto, samples: int) -> dict[str, np.ndarray]:
@@ -465,30 +459,6 @@ def _embedding_rows(model: onnx.ModelProto) -> dict[str, int]:
     return rows
 
 
-def static_batch(model: onnx.ModelProto) -> int | None:
-    """The smallest fixed first-axis size among the graph inputs, None when every one is free."""
-    static = [
-        d.dim_value
-        for i in graph_inputs(model)
-        for d in list(i.type.tensor_type.shape.dim)[:1]
-        if d.HasField("dim_value") and d.dim_value > 0
-    ]
-    return min(static) if static else None
-
-
-def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = BATCH) -> Iterator[dict]:
-    """Feeds cut into batches the model accepts: its static batch size (the samples left over
-    are dropped), else ``batch`` (the last batch takes the rest)."""
-    total = len(next(iter(feeds.values())))
-    static = static_batch(model)
-    size = static or min(batch, total)
-    if total < size:
-        raise UsageError(f"--calib: {total} sample(s), but the model's batch size is {size}")
-    end = total - total % size if static else total
-    for start in range(0, end, size):
-        yield {k: v[start : min(start + size, end)] for k, v in feeds.items()}
-
-
 # collection ---------------------------------------------------------------------------------
 
 
@@ -503,8 +473,6 @@ def collect(
 ) -> Statistics:
     """Run ``feeds`` through the model and sum each wanted tensor's rows along its channel axis
     (and their products X^T X, unless ``gram`` is off)."""
-    from spa.verify.validate import session
-
     start = time.perf_counter()
     tensors = list(dict.fromkeys(d.tensor for d in wanted))
     exposed = exposing(model, tensors)

@@ -45,6 +45,7 @@ from spa.analysis.layers import LayerIndex, LinearLayer
 from spa.core import runlimit
 from spa.core.coupling import Dim
 from spa.core.graph import ModelGraph
+from spa.core.runtime import session
 from spa.formats.quantized import Store
 from spa.planning.plan import Plan
 from spa.scoring.statistics import (
@@ -166,8 +167,6 @@ def sequential_refit(
 ) -> tuple[onnx.ModelProto, SequentialRefit]:
     """``weights`` (the dense-shaped model after layer-wise compensation) with every layer that
     loses input channels refitted on the pruned model's own inputs."""
-    from spa.verify.validate import session
-
     start = time.perf_counter()
     dense_graph = analysis.graph
     removed = plan.removed_units

@@ -18,18 +18,14 @@ import onnx
 
 from spa.core import runlimit
 from spa.core.errors import ModelLoadError, UsageError
-from spa.verify.validate import MAX_INPUT_ELEMENTS, check_input_sizes, complete_sizes, input_shapes, sample_inputs
-
-_PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-}
+from spa.core.runtime import (
+    MAX_INPUT_ELEMENTS,
+    check_input_sizes,
+    complete_sizes,
+    input_shapes,
+    sample_inputs,
+    timing_session,
+)
 
 
 @dataclass
@@ -62,34 +58,6 @@ class BenchResult:
         return data
 
 
-def resolve_providers(names: list[str]) -> list[str]:
-    """Map short names (cpu, cuda, tensorrt...) to onnxruntime's, refusing ones not installed."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    resolved = []
-    for name in names:
-        full = _PROVIDER_ALIASES.get(name.lower(), name)
-        if full not in available:
-            raise UsageError(f"execution provider '{name}' is not available here (installed: {', '.join(available)})")
-        resolved.append(full)
-    return resolved
-
-
-def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
-    """``name=1x3x224x224`` pairs, for inputs with dynamic axes."""
-    shapes = {}
-    for spec in specs:
-        name, _, dims = spec.partition("=")
-        try:
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            raise UsageError(f"--input-shape expects NAME=AxBxC, got '{spec}'") from None
-        if not name or any(d <= 0 for d in shapes[name]):
-            raise UsageError(f"--input-shape expects NAME=AxBxC with positive sizes, got '{spec}'")
-    return shapes
-
-
 def _feeds(model_path: Path, batch: int, shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
     proto = onnx.load(str(model_path), load_external_data=False)
     check_input_sizes(proto, shapes)
@@ -99,37 +67,6 @@ def _feeds(model_path: Path, batch: int, shapes: dict[str, list[int]], seed: int
         if math.prod(shape) > MAX_INPUT_ELEMENTS:
             raise UsageError(f"input '{name}' of shape {shape} is too large to benchmark (--batch {batch})")
     return sample_inputs(proto, seed, batch=batch, shapes=sizes)
-
-
-def timing_session(
-    source: onnx.ModelProto | Path,
-    provider: str = "CPUExecutionProvider",
-    threads: int = 0,
-    custom_ops: tuple[str, ...] = (),
-):
-    """A session as deployments open one: full graph optimisation, on ``provider`` with the CPU
-    provider behind it for ops the accelerator lacks (onnxruntime's own placement)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    for library in custom_ops:
-        options.register_custom_ops_library(str(library))
-    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-    in_memory = isinstance(source, onnx.ModelProto)
-    try:
-        return ort.InferenceSession(
-            source.SerializeToString() if in_memory else str(source), options, providers=providers
-        )
-    except Exception as exc:
-        where = "the model" if in_memory else str(source)
-        raise ModelLoadError(
-            f"{where}: onnxruntime cannot open it on {provider}: {str(exc).strip().splitlines()[0][:200]}"
-        ) from exc
 
 
 @runlimit.own_context

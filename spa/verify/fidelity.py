@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from spa.core.runtime import batches, outputs_of, session
 from spa.ops.linear import Gemm, MatMul
-from spa.scoring.statistics import batches, padding_masks, token_mask
+from spa.scoring.statistics import padding_masks, token_mask
 
 # held-out calibration samples measured (beyond those the statistics used), at most
 SAMPLES = 256
@@ -64,8 +65,6 @@ def measure(
     source: str,
     custom_ops: tuple[str, ...] = (),
 ) -> Fidelity:
-    from spa.verify.validate import session
-
     dense_out = _outputs(session(dense, custom_ops=custom_ops), dense, feeds)
     pruned_out = _outputs(session(pruned, custom_ops=custom_ops), dense, feeds)
     scores = _class_score_outputs(dense)
@@ -110,8 +109,6 @@ def nonfinite_problems(fidelity: Fidelity | None) -> list[str]:
 
 
 def _outputs(run, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from spa.verify.validate import outputs_of
-
     parts = [outputs_of(run, feed) for feed in batches(model, feeds)]
     # outputs without a leading sample axis (a scalar loss, a shape) are not compared
     return {

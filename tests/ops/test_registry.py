@@ -87,7 +87,8 @@ SHARE_A_TESTED_RULE = {
     "Sub", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "LessOrEqual", "Greater",
     "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor",
     "LogSoftmax", "Hardmax", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool",
-    "Upsample", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp",
+    "Upsample", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+    "ReduceLogSum", "ReduceLogSumExp",
     "ArgMax", "ArgMin", "Size", "SimplifiedLayerNormalization", "RMSNormalization",
     "SkipSimplifiedLayerNormalization", "BiasAdd",
 }  # fmt: skip

@@ -11,7 +11,7 @@ import onnx
 from builder import Graph, analysis_of, group_at, prune_exact
 from onnx import TensorProto
 
-from spa.api import _prepare
+from spa.formats.model import Model
 
 
 def test_exporter_shape_arithmetic_is_folded_so_axes_stay_known():
@@ -31,7 +31,7 @@ def test_exporter_shape_arithmetic_is_folded_so_axes_stay_known():
     h = g.op("Relu", [g.op("Add", [g.op("MatMul", [g.op("Add", [x, bias]), g.weight(8, 16)]), g.weight(16)])])
     g.output(g.op("MatMul", [h, g.weight(16, 8)]))
     model = g.build()
-    prepared = _prepare(model, None)
+    prepared = Model.load(model)
     assert not any(n.op_type in ("ConstantOfShape", "Where", "Equal") for n in prepared.graph.nodes)
     assert prepared.graph.shape(bias) == (1, 4, 8)
     assert group_at(analysis_of(model), h, 2).frozen is None

@@ -1,0 +1,93 @@
+"""How a command runs: its progress bar, and every failure turned into one line and an exit code."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import click
+
+from spa.core import signals
+from spa.core.errors import EXIT_INTERNAL, SpaError
+
+
+class Stages:
+    """A progress bar on stderr for the running stage, shown once a stage has taken over a second.
+
+    Only on a terminal: pipelines (stderr not a TTY) and --quiet get clean logs.
+    """
+
+    def __init__(self, quiet: bool):
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.stage, self.since = None, time.perf_counter()
+        self.bar, self.task = None, None
+
+    def __call__(self, stage: str, done: int = 0, total: int = 1) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if stage != self.stage:
+            self.stage, self.since = stage, now
+            if self.bar is not None:
+                self.bar.remove_task(self.task)
+                self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
+            return
+        if self.bar is None:
+            if now - self.since < 1.0:  # quick stages would only flicker
+                return
+            self.bar = progress_bar()
+            self.bar.start()
+            self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
+        self.bar.update(self.task, total=max(total, 1), completed=done)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def progress_bar():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("spa: {task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def run(debug: bool, action) -> None:
+    with signals.handled():
+        report_failures(debug, action)
+
+
+def report_failures(debug: bool, action) -> None:
+    try:
+        try:
+            action()
+        finally:
+            signals.remove_scratch()
+        if signals.received():  # it came while a cleanup held it back
+            raise signals.Terminated(signals.received())
+    except SpaError as exc:
+        if debug:
+            raise
+        click.echo(f"spa: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt as exc:  # SIGINT, SIGTERM or SIGHUP: the shell's status for that signal
+        signum = getattr(exc, "signum", signal.SIGINT)
+        click.echo(
+            "spa: interrupted" if signum == signal.SIGINT else f"spa: stopped by {signal.Signals(signum).name}",
+            err=True,
+        )
+        sys.exit(128 + signum)
+    except Exception as exc:  # a bug: one line unless --debug
+        if debug:
+            raise
+        click.echo(f"spa: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", err=True)
+        sys.exit(EXIT_INTERNAL)
