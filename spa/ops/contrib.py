@@ -270,9 +270,11 @@ class HeadsAttention(Operator):
     """
 
     domain = MS
-    caches = (), ()  # (past key and value input indices, present key and value output indices)
+    # (past key and value input indices, present key and value output indices)
+    caches: tuple[tuple[int, ...], tuple[int, ...]] = (), ()
     # the attributes holding the head counts; no KV attribute: K and V have as many heads as Q
-    heads_attr, kv_heads_attr = "num_heads", None
+    heads_attr: str = "num_heads"
+    kv_heads_attr: str | None = None
 
     def heads(self, node) -> int:
         return int(node.attr(self.heads_attr) or 0)

@@ -43,7 +43,7 @@ class _Dense(Operator):
     """A layer whose weight is a matrix: reports name its sides, and (by an initializer) its widths."""
 
     layer_kind = "dense"
-    weight_inputs = (0, 1)
+    weight_inputs: tuple[int, ...] = (0, 1)
     zero_kinds = {"Gemm": PRODUCT, "MatMul": PRODUCT}
 
     def layer_widths(self, graph, node):
