@@ -306,6 +306,24 @@ def test_contrib_attention_with_qkv_hidden_sizes_and_symbolic_axes():
     assert stats(contrib(g)).flops == projection + _scores(1, 2, 1, 1, 16, 8)
 
 
+@pytest.mark.parametrize("sizes", [[16, 16], [16, 16, 8, 8]])
+def test_contrib_attention_with_malformed_qkv_hidden_sizes_is_counted_without_crashing(sizes):
+    # onnxruntime wants exactly three widths and refuses the model otherwise; the cost model runs
+    # before that check, so it must count the op as unknown (0) rather than fail to unpack
+    g = Graph()
+    x = g.input("x", [2, 4, 16])
+    g.output(
+        g.op(
+            "Attention",
+            [x, g.weight(16, 40), g.weight(40)],
+            domain="com.microsoft",
+            num_heads=2,
+            qkv_hidden_sizes=sizes,
+        )
+    )
+    assert flops_of(contrib(g), "Attention") == 0
+
+
 def test_contrib_multi_head_attention_with_bias():
     b, s, length, hidden, heads = 2, 8, 10, 16, 4
     g = Graph()

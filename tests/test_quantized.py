@@ -15,9 +15,11 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 import spa
+from spa.analysis.layers import linear_layers
 from spa.cli.commands import main
 from spa.core.graph import ModelGraph
 from spa.formats.quantized import quantized_weight
+from spa.reporting.group_layers import group_layer_roles
 from spa.scoring.criteria import weight_dims
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -408,6 +410,39 @@ def test_integer_matmul_soft_model_fills_removed_rows_with_zero_points():
     soft = spa.prune(model, ratio=0.5, criterion="l1", compensate=False, soft=True, check=False).model
     assert np.all(initializer(soft, "w_zero") == 128)
     assert int(np.all(initializer(soft, "w_q") == 128, axis=1).sum()) == 4
+
+
+def test_integer_matmul_on_a_dequantized_float_weight_is_no_linear_layer():
+    # MatMulInteger wants an integer weight; a DequantizeLinear's float one is malformed input
+    # (onnxruntime refuses it), and the rescaling here has no weight scale: the layer view must
+    # say "not a layer" rather than index the factors it could not find
+    g = Graph(opset=17)
+    x = g.input("x", [2, 6])
+    hidden = g.op("Relu", [g.op("MatMul", [x, g.weight(6, 8)])])
+    q, scale, zero = g.op("DynamicQuantizeLinear", [hidden], n_out=3)
+    w = g.op("DequantizeLinear", [g.const(np.ones((8, 3), np.int8)), g.const(np.array(0.1, np.float32))])
+    product = g.op("MatMulInteger", [q, w, zero])
+    g.output(g.op("Mul", [g.op("Cast", [product], to=onnx.TensorProto.FLOAT), scale]))
+    graph = ModelGraph(g.build())
+    assert quantized_weight(graph, w) is not None  # the layer view gets past its first check
+    assert [layer.node.op_type for layer in linear_layers(graph)] == ["MatMul"]
+
+
+def test_a_shared_per_tensor_scale_does_not_put_its_weights_layer_in_a_group():
+    # the one-value scale of a Conv weight is also a Mul operand, so its axis joins the MatMul
+    # group; it runs along no axis of the weight, so that group slices no side of the Conv
+    g = Graph(opset=17)
+    x = g.input("x", [1, 3, 8, 8])
+    scale = g.const(np.array([0.1], np.float32), "w_scale")
+    w = g.op("DequantizeLinear", [g.const(np.ones((4, 3, 3, 3), np.int8), "w_q"), scale])
+    g.output(g.op("Conv", [x, w], pads=[1, 1, 1, 1]))
+    v = g.input("v", [2, 6])
+    scaled = g.op("Mul", [g.op("MatMul", [v, g.weight(6, 1)]), scale])
+    g.output(g.op("MatMul", [scaled, g.weight(1, 3)]))
+    analysis = analysis_of(g.build())
+    group = group_at(analysis, scale, 0)
+    roles = group_layer_roles(analysis, group, {})
+    assert sorted((r.op, r.side) for r in roles if r.kind) == [("MatMul", "in"), ("MatMul", "out")]
 
 
 def test_dynamic_quantization_of_a_channel_that_is_not_zero_is_approximate():

@@ -54,7 +54,7 @@ class Analysis:
     labels: dict[Dim, np.ndarray]  # unit label of each index of each dimension
     groups: list[Group]
     frozen_dims: dict[Dim, str]
-    group_of_unit: np.ndarray = field(repr=False, default=None)
+    group_of_unit: np.ndarray = field(repr=False)
     cache: dict = field(repr=False, default_factory=dict)  # per-analysis memo for criteria
     registry: Registry = field(repr=False, default=DEFAULT)  # the operators the groups were found with
 
@@ -121,7 +121,9 @@ class _Walk:
             if self.pending:
                 node, dim = self.pending.popleft()
                 if dim not in self.linked_by[node.name]:
-                    self._take(node, self.registry.rule(node).resolve(node, dim, self.ctx))
+                    rule = self.registry.rule(node)
+                    assert rule is not None  # only a rule's own link defers a dimension
+                    self._take(node, rule.resolve(node, dim, self.ctx))
 
     def _enqueue(self, dim: Dim | None) -> None:
         if dim is not None and dim not in self.sizes:

@@ -134,7 +134,10 @@ class Attention(Operator):
         if x is None or w is None or len(x) != 3 or len(w) != 2:
             return 0
         b, s, d_in = (cost.size(d) for d in x)
-        d_q, d_k, d_v = node.attr("qkv_hidden_sizes") or [cost.size(w[1]) // 3] * 3
+        widths = node.attr("qkv_hidden_sizes") or [cost.size(w[1]) // 3] * 3
+        if len(widths) != 3:  # malformed: onnxruntime itself refuses to load it
+            return 0
+        d_q, d_k, d_v = widths
         length = s + cost.past_length(cost.input_shape(graph, node, 4), 3)  # past is [2, B, N, P, H]
         width = d_q + d_k + d_v
         projection = 2 * b * s * d_in * width + (b * s * width if node.input(2) else 0)
@@ -224,7 +227,10 @@ def _output(node, k: int) -> str:
 def _widths(node, ctx) -> tuple[int, int, int] | None:
     sizes = node.attr("qkv_hidden_sizes")
     if sizes:
-        return tuple(int(s) for s in sizes)
+        if len(sizes) != 3:  # malformed: onnxruntime itself refuses to load it
+            return None
+        wq, wk, wv = (int(s) for s in sizes)
+        return wq, wk, wv
     total = ctx.size(Dim(node.inputs[1], 1))
     return None if total is None or total % 3 else (total // 3,) * 3
 
@@ -270,9 +276,11 @@ class HeadsAttention(Operator):
     """
 
     domain = MS
-    caches = (), ()  # (past key and value input indices, present key and value output indices)
+    # (past key and value input indices, present key and value output indices)
+    caches: tuple[tuple[int, ...], tuple[int, ...]] = (), ()
     # the attributes holding the head counts; no KV attribute: K and V have as many heads as Q
-    heads_attr, kv_heads_attr = "num_heads", None
+    heads_attr: str = "num_heads"
+    kv_heads_attr: str | None = None
 
     def heads(self, node) -> int:
         return int(node.attr(self.heads_attr) or 0)

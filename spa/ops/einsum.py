@@ -11,13 +11,14 @@ from spa.ops.base import Operator
 
 def _flops(graph: ModelGraph, node: Node) -> int:
     shapes = [graph.shape(name) for name in node.inputs]
+    known = [s for s in shapes if s is not None]
     equation = node.attr("equation", "").replace(" ", "")
     lhs, arrow, rhs = equation.partition("->")
     terms = lhs.split(",")
-    if any(s is None for s in shapes) or len(terms) != len(shapes):
+    if len(known) != len(shapes) or len(terms) != len(known):
         return 0
     sizes: dict[str | int, int] = {}
-    for term, shape in zip(terms, shapes):
+    for term, shape in zip(terms, known):
         for label, dim in zip(_labels(term, len(shape)), shape):
             sizes[label] = max(sizes.get(label, 1), cost.size(dim))
     letters = [c for c in lhs if c.isalpha()]

@@ -90,7 +90,7 @@ class Unary(Operator):
 class Broadcasting(Operator):
     """N-ary element-wise ops with numpy broadcasting: residual adds, SE gates, layer-scale."""
 
-    ops = (
+    ops: tuple[str, ...] = (
         "Add",
         "Sub",
         "Mul",

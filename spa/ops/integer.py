@@ -18,7 +18,7 @@ from spa.ops import cost
 from spa.ops.base import Operator
 from spa.ops.conv import _ConvBase
 from spa.ops.linear import MatMul
-from spa.ops.linear_view import LinearLayer, added_bias
+from spa.ops.linear_view import LinearLayer, added_bias, is_static
 
 
 class DynamicQuantize(Operator):
@@ -161,11 +161,14 @@ def _integer_linear(graph: ModelGraph, node: Node) -> LinearLayer | None:
     quantizer = graph.producer.get(node.inputs[0])
     if quantizer is None or quantizer.op_type not in DynamicQuantize.ops or quantized_weight(graph, w) is None:
         return None
-    if scale_factors(graph, node)[1] != quantizer.outputs[1]:
+    # a weight that is not an integer initializer (a float one, from a DequantizeLinear, is
+    # malformed input onnxruntime refuses) may have neither rescaling factors nor a shape
+    factors = scale_factors(graph, node)
+    if factors is None or factors[1] != quantizer.outputs[1]:
         return None  # the output is not rescaled by this activation's scale: not W x in float
     x, w_shape = quantizer.inputs[0], graph.shape(w)
     x_shape = graph.shape(x)
-    if not x_shape or len(x_shape) < 2 or any(not isinstance(s, int) for s in w_shape):
+    if not x_shape or len(x_shape) < 2 or not w_shape or not is_static(w_shape):
         return None
     output = rescaling(graph, node).outputs[0]
     if node.op_type in ConvInteger.ops:

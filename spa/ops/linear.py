@@ -8,7 +8,7 @@ from spa.core.coupling import Dim, LinkSet, Sink
 from spa.core.graph import ModelGraph, Node
 from spa.ops import cost
 from spa.ops.base import PRODUCT, CostFn, Operator, static_weight_dims
-from spa.ops.linear_view import LinearLayer, added_bias, numel, owned
+from spa.ops.linear_view import LinearLayer, added_bias, is_static, numel, owned
 
 
 def transposed(node: Node | onnx.NodeProto, operand: str = "B") -> bool:
@@ -43,7 +43,7 @@ class _Dense(Operator):
     """A layer whose weight is a matrix: reports name its sides, and (by an initializer) its widths."""
 
     layer_kind = "dense"
-    weight_inputs = (0, 1)
+    weight_inputs: tuple[int, ...] = (0, 1)
     zero_kinds = {"Gemm": PRODUCT, "MatMul": PRODUCT}
 
     def layer_widths(self, graph, node):
@@ -187,7 +187,7 @@ def _transposed_matmul(graph: ModelGraph, node: Node) -> LinearLayer | None:
         return None
     w = transpose.inputs[0]
     w_shape, x_shape = graph.shape(w), graph.shape(x)
-    if not owned(graph, w) or not w_shape or len(w_shape) != 2 or any(not isinstance(s, int) for s in w_shape):
+    if not owned(graph, w) or not w_shape or len(w_shape) != 2 or not is_static(w_shape):
         return None
     if not x_shape or len(x_shape) < 2:
         return None

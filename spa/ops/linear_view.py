@@ -7,11 +7,12 @@ piece of maths serves all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
 from spa.core.coupling import Dim
-from spa.core.graph import ModelGraph, Node
+from spa.core.graph import ModelGraph, Node, Size
 from spa.formats.quantized import quantized_weight
 
 
@@ -107,8 +108,13 @@ def added_bias(graph: ModelGraph, output: str, out: int, axis: int) -> str | Non
     return bias if -len(shape) <= index < len(shape) and shape[index] == out else None
 
 
+def is_static(shape: tuple[Size, ...]) -> TypeGuard[tuple[int, ...]]:
+    """Whether every dimension of ``shape`` is a known integer."""
+    return all(isinstance(s, int) for s in shape)
+
+
 def numel(graph: ModelGraph, tensor: str) -> int | None:
     shape = graph.shape(tensor)
-    if shape is None or any(not isinstance(s, int) for s in shape):
+    if shape is None or not is_static(shape):
         return None
     return int(np.prod(shape)) if shape else 1

@@ -26,7 +26,7 @@ class Dequantize(Operator):
     """y = (x - zero_point) * scale."""
 
     ops = ("DequantizeLinear",)
-    quantized_data_inputs = (0,)
+    quantized_data_inputs: tuple[int, ...] = (0,)
     not_parameter_inputs = (1, 2)  # scale and zero point
 
     def link(self, node, dim, ctx):

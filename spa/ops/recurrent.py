@@ -59,10 +59,7 @@ class _Recurrent(Operator):
     default_activations: tuple[str, ...] = ()
     state_inputs: tuple[int, ...] = (5,)
     state_outputs: tuple[int, ...] = (1,)
-
-    @property
-    def not_parameter_inputs(self) -> tuple[int, ...]:
-        return self.state_inputs  # data: exporters store zero initial states as initializers
+    not_parameter_inputs = state_inputs  # data: exporters store zero initial states as initializers
 
     def flops(self, graph, node):
         x, w = cost.input_shape(graph, node, 0), cost.input_shape(graph, node, 1)
@@ -244,6 +241,7 @@ class LSTM(_Recurrent):
     default_activations = ("Sigmoid", "Tanh", "Tanh")
     state_inputs = (5, 6)
     state_outputs = (1, 2)
+    not_parameter_inputs = state_inputs
 
     def _blocks(self, node):
         return super()._blocks(node) + ([(7, 3)] if node.input(7) else [])  # peepholes for i, o, f

@@ -207,7 +207,10 @@ def _literal_readers(ctx) -> dict[tuple, list]:
         for node in ctx.graph.nodes:
             if node.op_type == "Reshape":
                 for position, entry in enumerate(trace_vector(ctx.graph, node, 1) or ()):
-                    if entry.kind == "literal" and entry.source[0] != node.name:
+                    if entry.kind != "literal":
+                        continue
+                    assert entry.source is not None  # trace_vector says where every literal lives
+                    if entry.source[0] != node.name:
                         readers.setdefault(entry.source, []).append((node, position))
         ctx.memo["reshape literals"] = readers
     return ctx.memo["reshape literals"]

@@ -67,7 +67,8 @@ def weight_readers(graph: ModelGraph, dim: Dim):
         elif node.op_type in Dequantize.ops and (stored := quantized_weight(graph, node.outputs[0])):
             # its scale and zero point run along its axis
             axis = dim.axis if dim.tensor == stored.data else stored.axis
-            yield from weight_readers(graph, Dim(node.outputs[0], axis))
+            if axis is not None:  # one scale for the whole weight runs along none of its axes
+                yield from weight_readers(graph, Dim(node.outputs[0], axis))
         else:
             yield node, dim
 

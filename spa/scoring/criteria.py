@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -26,7 +27,18 @@ from spa.ops.quantize import Dequantize
 from spa.scoring.obs import DiagonalLayerState, LayerState, augmented_hessian, greedy_scores, inverse
 from spa.scoring.statistics import Statistics
 
-Criterion = Callable[[Analysis, Group, "ScoreContext"], np.ndarray]
+ScoreFn = Callable[[Analysis, Group, "ScoreContext"], np.ndarray]
+
+
+class Criterion(Protocol):
+    """A registered score function with what ``criterion`` said about it."""
+
+    data: str | None
+    comparable: bool
+
+    def __call__(self, analysis: Analysis, group: Group, ctx: ScoreContext, /) -> np.ndarray: ...
+
+
 CRITERIA: dict[str, Criterion] = {}
 
 
@@ -43,10 +55,11 @@ def criterion(name: str, data: str | None = None, comparable: bool = False):
     "calibration" (real data required). ``comparable``: scores already mean the same thing in
     every group, so --global must not renormalise them."""
 
-    def register(fn: Criterion) -> Criterion:
-        fn.data, fn.comparable = data, comparable
-        CRITERIA[name] = fn
-        return fn
+    def register(fn: ScoreFn) -> Criterion:
+        registered = cast(Criterion, fn)  # a function takes attributes; its Callable type does not say so
+        registered.data, registered.comparable = data, comparable
+        CRITERIA[name] = registered
+        return registered
 
     return register
 
@@ -111,6 +124,7 @@ def _per_index_power(analysis: Analysis, dim: Dim, power: int) -> np.ndarray | N
     key = ("power", dim, power)
     if key not in cache:
         values = analysis.graph.weight(dim.tensor)
+        assert values is not None  # weight_dims holds initializers and dequantized stored weights
         if values.ndim == 0:
             cache[key] = None
         else:
