@@ -8,7 +8,7 @@ from builder import Graph
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from spa.core.graph import ModelGraph
-from spa.formats.load import infer_shapes
+from spa.formats.shapes import infer_shapes
 from spa.reporting.metrics import count
 
 
