@@ -11,7 +11,7 @@ import onnx
 from spa.core.errors import ModelLoadError, UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import RunTimeout
-from spa.core.runtime import one_line, refuse_oversized, resolve_providers, sample_inputs, static_batch
+from spa.core.runtime import Source, one_line, refuse_oversized, resolve_providers, sample_inputs, static_batch
 from spa.core.tensors import write_beside_data, write_external
 from spa.formats.model import Progress, say
 from spa.formats.shapes import infer_shapes
@@ -97,8 +97,14 @@ def _prove(pruned: PrunedModel, run: RunOptions, step) -> Validation:
         soft = dense.derived(cut).as_input_format
     if not exact_ids:
         hard_exact = soft = None
+    if workdir is None:
+        dense_source: Source = dense.as_input_format
+    elif dense.path is not None:
+        dense_source = dense.path
+    else:  # a ModelProto still reading its weights from files: onnxruntime needs a file to open
+        dense_source = write_external(dense.as_input_format, workdir, "dense.onnx")
     validation = validate(
-        dense.path if lazy else dense.as_input_format,
+        dense_source,
         hard_source,
         soft,
         hard_exact,
