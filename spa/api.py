@@ -45,10 +45,28 @@ __all__ = [
 
 
 @overload
-def analyze(model_or_path: Model, options: AnalyzeOptions | None = None, **kwargs) -> AnalyzedModel: ...
+def analyze(
+    model_or_path: Model,
+    options: AnalyzeOptions | None = ...,
+    *,
+    exclude: tuple[str, ...] = ...,
+    approximate: bool = ...,
+    attention: str = ...,
+    input_shapes: dict[str, list[int]] | None = ...,
+    progress: Progress | None = ...,
+    registry: Registry = ...,
+) -> AnalyzedModel: ...
 @overload
 def analyze(
-    model_or_path: str | os.PathLike | onnx.ModelProto, options: AnalyzeOptions | None = None, **kwargs
+    model_or_path: str | os.PathLike | onnx.ModelProto,
+    options: AnalyzeOptions | None = ...,
+    *,
+    exclude: tuple[str, ...] = ...,
+    approximate: bool = ...,
+    attention: str = ...,
+    input_shapes: dict[str, list[int]] | None = ...,
+    progress: Progress | None = ...,
+    registry: Registry = ...,
 ) -> AnalysisReport: ...
 def analyze(
     model_or_path: Model | str | os.PathLike | onnx.ModelProto,

@@ -218,6 +218,24 @@ def test_large_model_path_keeps_weights_on_disk(tmp_path, monkeypatch):
     assert [v.shape for v in outputs.values()] == [(2, 2, 6, 6), (2, 2, 6, 6)]
 
 
+def test_a_model_proto_still_reading_its_weights_from_files_is_validated(tmp_path, monkeypatch):
+    """A ModelProto loaded without its external data (run from its folder) is pruned from the
+    files; validation then needs the input model as a file onnxruntime can open, which such a
+    proto does not have."""
+    g = Graph()
+    x = g.input("x", ["batch", 3, 6, 6])
+    h = g.op("Relu", [g.conv(x, 3, 32)])
+    g.output(g.conv(h, 32, 2))
+    onnx.save(
+        g.build(), str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.onnx.data", size_threshold=0
+    )
+    monkeypatch.chdir(tmp_path)
+    proto = onnx.load("big.onnx", load_external_data=False)
+    result = spa.prune(proto, ratio=0.5)
+    assert result.report.validation.ok and result.report.validation.soft_equal
+    assert result.report.validation.dense_runs
+
+
 def test_a_split_to_minus_one_with_sizes_read_from_another_input_is_settled(monkeypatch):
     """torch's dynamo export: [batch, seq, 16] -> [batch, seq, -1, 4], batch and seq read from the
     mask's Shape. The symbols cancel and the unknown axis is 4, so the heads can be paired.

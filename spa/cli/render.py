@@ -172,7 +172,7 @@ def data_lines(r: dict) -> list[str]:
             f"{sequential['sequential_error']:.2e}"
         )
     held_out = (comp or {}).get("held_out_error")
-    if held_out:
+    if comp and held_out:
         lines.append(
             f"        kept the {comp['refit']} refit: held-out output error {held_out['layerwise']:.3f} "
             f"layer-wise, {held_out['sequential']:.3f} sequential"

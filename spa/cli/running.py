@@ -5,11 +5,15 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from spa.core import signals
 from spa.core.errors import EXIT_INTERNAL, SpaError
+
+if TYPE_CHECKING:  # rich is imported only once a bar is shown, to keep startup quick
+    from rich.progress import Progress, TaskID
 
 
 class Stages:
@@ -20,8 +24,10 @@ class Stages:
 
     def __init__(self, quiet: bool):
         self.enabled = not quiet and sys.stderr.isatty()
-        self.stage, self.since = None, time.perf_counter()
-        self.bar, self.task = None, None
+        self.stage: str | None = None
+        self.since = time.perf_counter()
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
 
     def __call__(self, stage: str, done: int = 0, total: int = 1) -> None:
         if not self.enabled:
@@ -30,6 +36,7 @@ class Stages:
         if stage != self.stage:
             self.stage, self.since = stage, now
             if self.bar is not None:
+                assert self.task is not None  # a bar is only ever created together with its task
                 self.bar.remove_task(self.task)
                 self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
             return
@@ -39,6 +46,7 @@ class Stages:
             self.bar = progress_bar()
             self.bar.start()
             self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
+        assert self.task is not None  # set together with the bar
         self.bar.update(self.task, total=max(total, 1), completed=done)
 
     def finish(self) -> None:
@@ -47,7 +55,7 @@ class Stages:
             self.bar = None
 
 
-def progress_bar():
+def progress_bar() -> Progress:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -72,8 +80,8 @@ def report_failures(debug: bool, action) -> None:
             action()
         finally:
             signals.remove_scratch()
-        if signals.received():  # it came while a cleanup held it back
-            raise signals.Terminated(signals.received())
+        if (signum := signals.received()) is not None:  # it came while a cleanup held it back
+            raise signals.Terminated(signum)
     except SpaError as exc:
         if debug:
             raise

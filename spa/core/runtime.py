@@ -97,7 +97,7 @@ def complete_sizes(model: onnx.ModelProto, sizes: dict[str, list[int]] | None) -
     free axes at 1. Inputs sharing no symbol stay out: callers size them as they would unasked."""
     if not sizes:
         return {}
-    symbols = {}
+    symbols: dict[str, int] = {}
     for info in graph_inputs(model):
         for dim, size in zip(info.type.tensor_type.shape.dim, sizes.get(info.name, ())):
             if dim.HasField("dim_param"):
@@ -163,7 +163,7 @@ def sample_inputs(
     first axis, when given) unless ``shapes`` says."""
     rng = np.random.default_rng(seed)
     types = {info.name: info.type.tensor_type for info in model.graph.input}
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
     for name, shape in {**input_shapes(model, batch, length), **(shapes or {})}.items():
         if name not in types:
             continue
@@ -220,7 +220,7 @@ def run_each(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, np
     if not feeds:
         return []
     sess = session(source, custom_ops=custom_ops)
-    outputs = []
+    outputs: list[dict[str, np.ndarray] | None] = []
     for feed in feeds:
         try:
             outputs.append(outputs_of(sess, feed))
@@ -346,7 +346,9 @@ def timing_session(
     in_memory = isinstance(source, onnx.ModelProto)
     try:
         return ort.InferenceSession(
-            source.SerializeToString() if in_memory else str(source), options, providers=providers
+            source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source),
+            options,
+            providers=providers,
         )
     except Exception as exc:
         where = "the model" if in_memory else str(source)

@@ -193,6 +193,7 @@ def _folded(node: onnx.NodeProto, small: dict[str, onnx.TensorProto], opsets) ->
         values = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=list(opsets))).run(None, feeds)
     except Exception:  # whatever the reference cannot evaluate stays an op
         return None
+    assert isinstance(values, list)  # run gives a dict only for intermediate=True
     if any(np.asarray(v).size > _FOLD_LIMIT for v in values):
         return None
     return values

@@ -106,10 +106,10 @@ def _data_problem(tensor: onnx.TensorProto) -> str | None:
     if tensor.data_type == onnx.TensorProto.STRING:
         held, expected, unit = len(tensor.string_data), count, "strings"
     elif tensor.HasField("raw_data"):
-        expected = data_bytes(tensor.data_type, count)
-        if expected is None:
+        raw_bytes = data_bytes(tensor.data_type, count)
+        if raw_bytes is None:
             return f"has data type {tensor.data_type}, which spa cannot read"
-        held, unit = len(tensor.raw_data), "bytes"
+        held, expected, unit = len(tensor.raw_data), raw_bytes, "bytes"
     else:
         held = sum(len(getattr(tensor, f)) for f in _VALUE_FIELDS)
         expected, unit = value_count(tensor.data_type, count), "values"

@@ -102,7 +102,7 @@ class Model:
         return replace(self, proto=proto, source=None)
 
 
-def load(model_or_path: str | os.PathLike | onnx.ModelProto, progress: Progress | None = None) -> Model:
+def load(model_or_path: Model | str | os.PathLike | onnx.ModelProto, progress: Progress | None = None) -> Model:
     """``spa.load``: a model file (or ModelProto) read and checked, ready for ``spa.analyze``."""
     if isinstance(model_or_path, Model):
         return model_or_path

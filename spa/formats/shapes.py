@@ -65,9 +65,10 @@ def check_sizes(model: onnx.ModelProto) -> None:
                 raise ModelLoadError(
                     f"tensor '{printable(info.name)}' has size {size} on axis {axis}, which no model that runs can have"
                 )
-        if None not in static and math.prod(static) > _ELEMENT_LIMIT:
+        known = [size for size in static if size is not None]
+        if len(known) == len(static) and math.prod(known) > _ELEMENT_LIMIT:
             raise ModelLoadError(
-                f"tensor '{printable(info.name)}' would hold {math.prod(static)} elements, more than any machine can"
+                f"tensor '{printable(info.name)}' would hold {math.prod(known)} elements, more than any machine can"
             )
         shapes[info.name] = static
     shapes.update({t.name: list(t.dims) for t in graph.initializer})

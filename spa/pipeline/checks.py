@@ -11,7 +11,7 @@ import onnx
 from spa.core.errors import ModelLoadError, UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import RunTimeout
-from spa.core.runtime import one_line, refuse_oversized, resolve_providers, sample_inputs, static_batch
+from spa.core.runtime import Source, one_line, refuse_oversized, resolve_providers, sample_inputs, static_batch
 from spa.core.tensors import write_beside_data, write_external
 from spa.formats.model import Progress, say
 from spa.formats.shapes import infer_shapes
@@ -49,6 +49,7 @@ def _validate(pruned: PrunedModel, run: RunOptions, progress: Progress | None) -
     say(progress, "validate")
     validation = _prove(pruned, run, lambda done, total: say(progress, "validate", done, total))
     if not validation.dense_runs:
+        assert validation.dense_error is not None  # validate sets it whenever the input model does not run
         raise ModelLoadError(validation.dense_error + _custom_op_hint(dense.graph, run.custom_ops))
     validation.nonfinite_weights = nonfinite_weights(_hard(pruned), dense.as_input_format)
     if validation.nonfinite_weights:
@@ -76,29 +77,33 @@ def _prove(pruned: PrunedModel, run: RunOptions, step) -> Validation:
     dense, weights, plan = pruned.dense, pruned.weights, pruned.plan.units
     analysis = pruned.plan.scored.analyzed.analysis
     exact_ids = [gid for gid in plan.removed if analysis.group(gid).exact]
-    workdir = Path(pruned.workdir.name) if pruned.workdir else None
-    lazy = workdir is not None
+    workdir = Path(pruned.workdir.name) if pruned.workdir else None  # set for lazy models only
     hard = _hard(pruned)  # the cut, even where the result is the soft model
-    hard_source = write_beside_data(hard, workdir, "pruned.onnx") if lazy else hard
-    exact_plan, hard_exact, soft = plan, hard_source, None
-    if not lazy:
-        soft = pruned.soft.as_input_format
+    hard_source: Source = write_beside_data(hard, workdir, "pruned.onnx") if workdir is not None else hard
+    exact_plan = plan
+    hard_exact: Source | None = hard_source
+    soft: Source | None = pruned.soft.as_input_format if workdir is None else None
     if len(exact_ids) < len(plan.removed):  # compare only what is meant to be equal: the exact groups' cut
         exact_plan, soft = plan.restricted_to(exact_ids), None
-        spill = workdir / "exact.onnx.data" if lazy else None
+        spill = workdir / "exact.onnx.data" if workdir is not None else None
         cut = infer_shapes(apply_plan(weights.proto, weights.graph, analysis, exact_plan, dense.opset, spill=spill))
-        hard_exact = dense.derived(cut).as_input_format
-        if lazy:
-            hard_exact = write_beside_data(hard_exact, workdir, "exact.onnx")
-    if lazy:
+        exact_model = dense.derived(cut).as_input_format
+        hard_exact = write_beside_data(exact_model, workdir, "exact.onnx") if workdir is not None else exact_model
+    if workdir is not None:
         soft = write_external(weights.proto, workdir, "soft.onnx", soft_transform(weights.graph, analysis, exact_plan))
     elif soft is None:
         cut = apply_plan(weights.proto, weights.graph, analysis, exact_plan, dense.opset, soft=True)
         soft = dense.derived(cut).as_input_format
     if not exact_ids:
         hard_exact = soft = None
+    if workdir is None:
+        dense_source: Source = dense.as_input_format
+    elif dense.path is not None:
+        dense_source = dense.path
+    else:  # a ModelProto still reading its weights from files: onnxruntime needs a file to open
+        dense_source = write_external(dense.as_input_format, workdir, "dense.onnx")
     validation = validate(
-        dense.path if lazy else dense.as_input_format,
+        dense_source,
         hard_source,
         soft,
         hard_exact,

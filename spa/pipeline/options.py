@@ -47,7 +47,7 @@ class ScoreOptions:
     criterion: str = "obspa"
     # an .npz of named input arrays or a folder of .npy files; the first ``calib_samples`` feed the
     # statistics, up to ``spa.verify.fidelity.SAMPLES`` after them measure the pruned outputs
-    calib: str | os.PathLike | None = None
+    calib: str | os.PathLike[str] | None = None
     calib_samples: int = 128
     # synthetic inputs run without ``calib`` (None: enough for every layer input's X^T X, within a budget)
     synthetic_samples: int | None = None

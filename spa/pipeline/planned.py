@@ -7,6 +7,7 @@ units it loses and the layers it slices, and ``plan.drop(group_id)`` is the same
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -89,8 +90,13 @@ class PrunePlan:
         progress: Progress | None = None,
     ) -> PrunedModel:
         """Refit the weights left (``compensate``, by ``refit``; see ``CutOptions``) and cut."""
-        given = {"compensate": compensate, "refit": refit, "soft": soft}
-        options = replace(options or CutOptions(), **{k: v for k, v in given.items() if v is not None})
+        base = options or CutOptions()
+        options = replace(
+            base,
+            compensate=base.compensate if compensate is None else compensate,
+            refit=base.refit if refit is None else refit,
+            soft=base.soft if soft is None else soft,
+        )
         return cut(self, options, progress)
 
 
@@ -111,15 +117,18 @@ def plan(scored: ScoredModel, options: PlanOptions, progress: Progress | None = 
         analyzed.sizes,
         group_ratios,
     )
-    target, round_to, ratio = options.target, options.round_to, options.ratio
+    target, ratio = options.target, options.ratio
+    # None: "auto" (the one string PlanOptions allows), settled below by timing candidates
+    round_to = options.round_to if isinstance(options.round_to, int) else None
     rounding, outcome = None, None
-    if target is not None or round_to == "auto":
+    if target is not None or round_to is None:
         say(progress, "search")
         meter = None
-        if round_to == "auto" or target.metric == "latency":
+        if round_to is None or (target is not None and target.metric == "latency"):
             meter = candidates.meter(resolve_providers(list(run.providers) or ["cpu"])[0], run)
-        if round_to == "auto":
+        if round_to is None:
             probe_ratio = ratio if target is None else candidates.structural_guess(target, 1)
+            assert meter is not None  # made just above for "auto"
             rounding = pick_round_to(probe_ratio, candidates.hard, meter)
             round_to = rounding.chosen
         outcome = candidates.reach(target, round_to, meter) if target else None
@@ -129,7 +138,7 @@ def plan(scored: ScoredModel, options: PlanOptions, progress: Progress | None = 
     return PrunePlan(scored, settled, candidates.plan(ratio, round_to), outcome, rounding, dict(timer.seconds))
 
 
-def ratios_by_group(analysis: Analysis, ratios: dict[str, float]) -> dict[int, float]:
+def ratios_by_group(analysis: Analysis, ratios: Mapping[str, float]) -> dict[int, float]:
     """Group id -> ratio, for the prunable groups a pattern of ``ratios`` matches (on the names of
     the weighted ops the group slices); where several match, the pattern given last wins."""
     if not ratios:
@@ -234,5 +243,6 @@ class Candidates:
     def reach(self, target: Target, round_to: int, meter: LatencyMeter | None) -> TargetOutcome:
         if target.metric != "latency":
             return reach_structural(target.metric, target.fraction, lambda r: self.kept(target.metric, r, round_to))
+        assert meter is not None  # plan makes one for every latency target
         guess = self.structural_guess(target, round_to)
         return reach_latency(target.fraction, lambda r: meter.fraction(self.hard(r, round_to)), guess, meter.provider)

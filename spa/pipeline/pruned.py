@@ -152,7 +152,9 @@ def _sequential(
     refit does, and the kept candidate comes back cut and measured."""
     scored = plan.scored
     model, analysis, layers, run = scored.analyzed.model, scored.analyzed.analysis, scored.analyzed.layers, scored.run
+    assert scored.statistics is not None  # the caller refits sequentially only where statistics were collected
     feeds = scored.calib_feeds or scored.statistics.feeds
+    assert feeds is not None  # statistics collected without calibration data are synthetic and keep their feeds
     refitted, outcome = sequential_refit(
         model.proto, layerwise.proto, analysis, layers, plan.units, model.opset, feeds, run.seed, tuple(run.custom_ops)
     )

@@ -3,6 +3,7 @@ reads them (calibration data, or synthetic inputs run through the dense model)."
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -71,8 +72,14 @@ class ScoredModel:
         """The units to remove: ``ratio`` of every prunable group's units (``ratios``: pattern ->
         ratio for the groups whose weighted ops' names match it, the last matching pattern winning),
         or the ratio ``options``' target asks for."""
-        given = {"ratio": ratio, "ratios": ratios, "global_rank": global_rank, "round_to": round_to}
-        options = replace(options or PlanOptions(), **{k: v for k, v in given.items() if v is not None})
+        base = options or PlanOptions()
+        options = replace(
+            base,
+            ratio=base.ratio if ratio is None else ratio,
+            ratios=base.ratios if ratios is None else ratios,
+            global_rank=base.global_rank if global_rank is None else global_rank,
+            round_to=base.round_to if round_to is None else round_to,
+        )
         return plan(self, options, progress)
 
     def search(
@@ -86,8 +93,8 @@ class ScoredModel:
     ) -> PrunePlan:
         """The plan whose ratio meets a target: a fraction of the dense model's FLOPs, params or
         latency (timed on the first of the run's providers)."""
-        targets = {"target_flops": flops, "target_params": params, "target_latency": latency}
-        return plan(self, replace(options or PlanOptions(), **targets), progress)
+        targets = replace(options or PlanOptions(), target_flops=flops, target_params=params, target_latency=latency)
+        return plan(self, targets, progress)
 
 
 @own_context
@@ -105,7 +112,7 @@ def score(
     timer = timer or Timer(analyzed.seconds)
     if statistics is None:
         statistics = options.data_aware or options.calib is not None
-    calibration = _calibration(analyzed, options) if options.calib is not None else None
+    calibration = _calibration(analyzed, options.calib, options.calib_samples) if options.calib is not None else None
     calib_feeds = {k: v[: options.calib_samples] for k, v in calibration.items()} if calibration else None
     stats = _statistics(analyzed, calib_feeds, options, run, progress) if statistics else None
     timer.lap("statistics")
@@ -142,12 +149,12 @@ def _rescale_fallbacks(scores: dict[int, np.ndarray], fallbacks: list[int]) -> N
             scores[gid] = scores[gid] / mean * level
 
 
-def _calibration(analyzed: AnalyzedModel, options: ScoreOptions) -> dict[str, np.ndarray]:
+def _calibration(analyzed: AnalyzedModel, calib: str | os.PathLike[str], calib_samples: int) -> dict[str, np.ndarray]:
     """The calibration samples: the first ``calib_samples`` feed the statistics, the ones after
     them (if any) measure the pruned model's fidelity."""
     if analyzed.model.lazy:
         raise UsageError("--calib runs the model in memory; models with external data are not supported yet")
-    return load_calibration(options.calib, analyzed.model.proto, options.calib_samples + fidelity.SAMPLES)
+    return load_calibration(calib, analyzed.model.proto, calib_samples + fidelity.SAMPLES)
 
 
 def _statistics(

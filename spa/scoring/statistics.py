@@ -15,6 +15,7 @@ import os
 import stat
 import time
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -25,6 +26,7 @@ import onnx
 from spa.core import runlimit
 from spa.core.coupling import Dim
 from spa.core.errors import UsageError
+from spa.core.graph import Size
 from spa.core.runtime import batches, graph_inputs, session, static_batch
 from spa.formats.calibration import archive_members, first_nonfinite, open_regular, stored_array
 from spa.ops.gather import Gather
@@ -129,7 +131,7 @@ class Statistics:
 # inputs -------------------------------------------------------------------------------------
 
 
-def load_calibration(path: str | Path, model: onnx.ModelProto, samples: int) -> dict[str, np.ndarray]:
+def load_calibration(path: str | os.PathLike[str], model: onnx.ModelProto, samples: int) -> dict[str, np.ndarray]:
     """Named input arrays with a leading sample axis, from an .npz or a folder of .npy files: at
     most the first ``samples`` of each, and only those are read (``spa.formats.calibration`` says how
     untrusted files are read).
@@ -387,7 +389,7 @@ def prior_probe_samples(model: onnx.ModelProto, synthetic_samples: int) -> int:
 
 
 def synthetic_sample_count(
-    model: onnx.ModelProto, wanted: list[Dim], shapes: dict[str, list], graph_flops: float
+    model: onnx.ModelProto, wanted: list[Dim], shapes: Mapping[str, Sequence[Size] | None], graph_flops: float
 ) -> int:
     """How many synthetic samples to draw: enough rows per channel for the narrowest-in-rows layer
     input, at most what the compute budget allows, within ``SYNTHETIC_SAMPLES``. ``graph_flops``

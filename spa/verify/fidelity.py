@@ -79,9 +79,9 @@ def measure(
         if not np.issubdtype(reference.dtype, np.floating) or reference.shape != got.shape or reference.size == 0:
             continue
         ref64, got64 = reference.astype(np.float64), got.astype(np.float64)
-        per_token = tokens is not None and ref64.shape[:2] == tokens.shape
-        if per_token:
-            kept = tokens.reshape(tokens.shape + (1,) * (ref64.ndim - 2))
+        output_tokens = tokens if tokens is not None and ref64.shape[:2] == tokens.shape else None
+        if output_tokens is not None:
+            kept = output_tokens.reshape(output_tokens.shape + (1,) * (ref64.ndim - 2))
             ref64, got64 = np.where(kept, ref64, 0.0), np.where(kept, got64, 0.0)
         nonfinite = int((~np.isfinite(got64) & np.isfinite(ref64)).sum())
         unmeasured = ~np.isfinite(ref64)  # the dense model's own NaN or inf: nothing to measure against
@@ -92,14 +92,16 @@ def measure(
             continue
         norm = float(np.linalg.norm(ref64))
         error = float(np.linalg.norm(got64 - ref64)) / norm if norm else float(np.linalg.norm(got64) > 0)
-        top1 = _top1_agreement(ref64, got64, tokens if per_token else None) if name in scores else None
+        top1 = _top1_agreement(ref64, got64, output_tokens) if name in scores else None
         result.outputs.append(OutputFidelity(name, error, _mean_cosine(ref64, got64), top1))
     return result
 
 
 def nonfinite_problems(fidelity: Fidelity | None) -> list[str]:
     """Validation problems: outputs the pruned model turns to NaN or inf on the user's own inputs."""
-    broken = [f"{o.name} ({o.nonfinite} values)" for o in (fidelity.outputs if fidelity else []) if o.nonfinite]
+    if fidelity is None:
+        return []
+    broken = [f"{o.name} ({o.nonfinite} values)" for o in fidelity.outputs if o.nonfinite]
     if not broken:
         return []
     return [

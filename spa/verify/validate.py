@@ -113,7 +113,7 @@ def validate(
     except runlimit.RunTimeout:
         raise
     except _DenseFails as exc:
-        result.dense_error = f"onnxruntime cannot run the input model: {one_line(exc.__cause__)}"
+        result.dense_error = f"onnxruntime cannot run the input model: {one_line(exc.cause)}"
         result.problems.append(result.dense_error)
         return result
     result.sizes = [{name: list(value.shape) for name, value in feed.items()} for feed in feeds]
@@ -146,6 +146,10 @@ def validate(
 class _DenseFails(Exception):
     """onnxruntime cannot run the input model at its first sample size (the cause says why)."""
 
+    def __init__(self, cause: Exception):
+        super().__init__()
+        self.cause = cause
+
 
 def _dense_outputs(
     dense: Source, dense_proto: onnx.ModelProto, seed: int, custom_ops, sizes: dict[str, list[int]] | None
@@ -164,7 +168,7 @@ def _dense_outputs(
     except runlimit.RunTimeout:
         raise
     except Exception as exc:
-        raise _DenseFails() from exc
+        raise _DenseFails(exc) from exc
     for feed, out in zip(extra, run_each(dense, extra, custom_ops)):
         if out is None and sizes and feed is extra[-1]:
             raise UsageError(
