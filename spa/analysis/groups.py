@@ -97,7 +97,7 @@ def _excluded_tensors(graph: ModelGraph, patterns: tuple[str, ...]) -> dict[str,
 
 
 class _Walk:
-    def __init__(self, graph: ModelGraph, ctx: RuleContext, excluded: dict[str, str], registry: Registry):
+    def __init__(self, graph: ModelGraph, ctx: RuleContext, excluded: dict[str, str], registry: Registry = DEFAULT):
         self.graph, self.ctx, self.excluded, self.registry = graph, ctx, excluded, registry
         self.sizes: dict[Dim, int] = {}
         self.links: list[Link] = []
