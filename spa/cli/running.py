@@ -24,6 +24,7 @@ class Stages:
         self.bar, self.task = None, None
 
     def __call__(self, stage: str, done: int = 0, total: int = 1) -> None:
+        """``total`` 0: a count of runs with no known end (a pulsing bar)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -31,20 +32,24 @@ class Stages:
             self.stage, self.since = stage, now
             if self.bar is not None:
                 self.bar.remove_task(self.task)
-                self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
+                self.task = self.bar.add_task(stage, total=_total(total), completed=done)
             return
         if self.bar is None:
             if now - self.since < 1.0:  # quick stages would only flicker
                 return
             self.bar = progress_bar()
             self.bar.start()
-            self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
-        self.bar.update(self.task, total=max(total, 1), completed=done)
+            self.task = self.bar.add_task(stage, total=_total(total), completed=done)
+        self.bar.update(self.task, total=_total(total), completed=done)
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _total(total: int) -> int | None:
+    return total if total > 0 else None
 
 
 def progress_bar():

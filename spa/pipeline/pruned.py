@@ -120,7 +120,8 @@ def cut(plan: PrunePlan, options: CutOptions, progress: Progress | None = None) 
     model, analysis, units = analyzed.model, analyzed.analysis, plan.units
     weights, compensation, chosen = model, None, None
     if options.compensates(scored.options):
-        weights, compensation = _compensate(plan)
+        say(progress, "compensate")
+        weights, compensation = _compensate(plan, lambda done, total: say(progress, "compensate", done, total))
         sequential = options.refit == "sequential" or (options.refit == "auto" and scored.calib_feeds)
         if units.removed and scored.statistics is not None and sequential:
             say(progress, "refit")
@@ -139,13 +140,13 @@ def cut(plan: PrunePlan, options: CutOptions, progress: Progress | None = None) 
     return pruned
 
 
-def _compensate(plan: PrunePlan) -> tuple[Model, Compensation]:
+def _compensate(plan: PrunePlan, step) -> tuple[Model, Compensation]:
     scored = plan.scored
     model, analysis, layers = scored.analyzed.model, scored.analyzed.analysis, scored.analyzed.layers
     if scored.statistics is None:
         why = "external data" if model.lazy else "no statistics (onnxruntime could not run the model)"
         return model, Compensation(skipped=[f"all layers: {why}"] if plan.units.removed else [])
-    refitted, outcome = layerwise_refit(model.proto, analysis, layers, plan.units, scored.statistics)
+    refitted, outcome = layerwise_refit(model.proto, analysis, layers, plan.units, scored.statistics, step)
     return (model if refitted is model.proto else model.derived(refitted)), outcome
 
 
