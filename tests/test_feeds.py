@@ -171,3 +171,13 @@ def test_every_silero_model_runs_and_prunes_valid(name):
     assert report.validation.ok, report.validation.problems
     if report.groups_pruned:
         assert report.validation.soft_equal is True and report.params_after < report.params_before
+
+
+def test_calibration_data_need_not_hold_the_rate_or_the_state(tmp_path):
+    # sr comes from the graph, the state starts at zero, as a stream does
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(0).standard_normal((40, 128)).astype(np.float32))
+    result = spa.prune(streaming(), 0.5, calib=calib, calib_samples=24)
+    report = result.report
+    assert report.statistics["source"] == "calibration" and report.validation.soft_equal is True
+    assert report.validation.fidelity is not None

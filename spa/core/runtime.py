@@ -315,13 +315,28 @@ def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = B
         raise UsageError(f"--calib: {total} sample(s), but the model's batch size is {size}")
     end = total - total % size if static else total
     missing = {k: v for k, v in fixed_values(model).items() if k not in feeds}
+    states = [k for k in spa_fed(model) if k not in feeds and k not in missing]
     for start in range(0, end, size):
         stop = min(start + size, end)
         part = {
             k: v[(slice(None),) * axes[k] + (slice(start, stop),)] if k in axes and v.ndim > axes[k] else v
             for k, v in feeds.items()
         }
+        if states:  # the zero state a stream starts from
+            shapes = input_shapes(model, stop - start, feed_spec.current().length)
+            part.update({k: np.zeros(shapes[k], _NUMPY_OF.get(_elem_type(model, k), np.float32)) for k in states})
         yield {**part, **missing}
+
+
+def spa_fed(model: onnx.ModelProto) -> set[str]:
+    """Inputs spa feeds itself when calibration data lacks them: fixed values (control inputs,
+    ``--input``) and recurrent states (an input whose batch axis is not its first)."""
+    states = {name for name, axis in feed_spec.batch_axes(model).items() if axis}
+    return set(fixed_values(model)) | states
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    return next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == name)
 
 
 _PROVIDER_ALIASES = {

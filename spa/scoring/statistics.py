@@ -26,7 +26,7 @@ from spa.core import feeds as feed_spec
 from spa.core import runlimit
 from spa.core.coupling import Dim
 from spa.core.errors import UsageError
-from spa.core.runtime import batch_size, batches, fixed_values, graph_inputs, session, static_batch
+from spa.core.runtime import batch_size, batches, fixed_values, graph_inputs, session, spa_fed, static_batch
 from spa.formats.calibration import archive_members, first_nonfinite, open_regular, stored_array
 from spa.ops.gather import Gather
 
@@ -141,7 +141,8 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, samples: int) -> 
     them, into NaN.
     """
     path = Path(path)
-    inputs = graph_inputs(model)
+    fed = spa_fed(model)  # control values and states need no arrays
+    inputs = [i for i in graph_inputs(model) if i.name not in fed]
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in inputs}
     try:
         folder = stat.S_ISDIR(os.stat(path).st_mode)
