@@ -121,6 +121,7 @@ def prune(
     attention: str = "heads",
     refit: str = "auto",
     input_shapes: dict[str, list[int]] | None = None,
+    inputs: dict[str, object] | None = None,
     progress: Progress | None = None,
     run_timeout: float = RUN_TIMEOUT,
     ratios: dict[str, float] | None = None,
@@ -138,6 +139,12 @@ def prune(
     ``input_shapes`` (input name -> sizes; inputs sharing a symbolic axis follow) is the size
     FLOPs are counted at (free axes otherwise count 1), validation also runs at and latency is
     timed at; the statistics keep their own sizes.
+    ``inputs`` (input name -> value: a number, or nested lists) is what every run feeds that input
+    instead of the value spa makes up (``{"sr": 16000}``). Without it, a one-element integer input
+    the graph compares with a constant takes that constant, a recurrent state stacks samples along
+    its batch axis, and where the model does not run at a length of 1 past the batch, the first
+    length it runs at (the calibration samples', then the graph's) is used; when none runs, a
+    UsageError names the inputs and the feed.
     ``attention`` is the unit of attention layers: "heads" removes whole heads (grouped-query:
     a KV head with its query heads), "head_dim" shrinks head_dim evenly in every head,
     "query_heads" removes query heads evenly in every KV group and keeps K and V.
@@ -172,7 +179,7 @@ def prune(
     score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples)
     run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout)
     cut = CutOptions(compensate, refit, soft)
-    groups = AnalyzeOptions(tuple(exclude), approximate, attention, input_shapes, registry)
+    groups = AnalyzeOptions(tuple(exclude), approximate, attention, input_shapes, registry, inputs)
     return result_of(prune_model(model_or_path, groups, score, plan, cut, run, progress))
 
 

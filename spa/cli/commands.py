@@ -26,6 +26,7 @@ from spa.cli.parsing import (
 )
 from spa.cli.render import analysis_text, bench_table, prune_summary
 from spa.cli.running import Stages, run
+from spa.core.feeds import parse_values
 from spa.core.runtime import parse_shapes, resolve_providers
 from spa.core.tensors import is_lazy
 from spa.formats.export import Fp16RangeWarning
@@ -146,6 +147,14 @@ def main() -> None:
     "timed at them (inputs sharing a symbolic axis follow). Repeatable.",
 )
 @click.option(
+    "--input",
+    "input_values",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Feed input NAME this value in every run, instead of the one spa makes up: a sample rate, "
+    "a flag, a length (a number, or numbers separated by commas). Repeatable.",
+)
+@click.option(
     "--seed",
     type=int,
     default=CLI_RUN.seed,
@@ -226,6 +235,7 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
     )
     multiple = parse_round_to(flags["round_to"])
     sizes = parse_shapes(list(flags["input_shapes"]))
+    values = parse_values(list(flags["input_values"]))
     ratios = parse_ratio_for(list(flags["ratio_for"]))
     target = output or output_path_for(model, flags["soft"], "." + out_format)
     reads = files_read(model, flags["calib"], flags["custom_ops"])
@@ -239,7 +249,13 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
     try:
         pruned = prune_model(
             model,
-            AnalyzeOptions(tuple(flags["exclude"]), flags["approximate"], flags["attention"].replace("-", "_"), sizes),
+            AnalyzeOptions(
+                tuple(flags["exclude"]),
+                flags["approximate"],
+                flags["attention"].replace("-", "_"),
+                sizes,
+                inputs=values,
+            ),
             ScoreOptions(flags["criterion"], flags["calib"], flags["calib_samples"]),
             PlanOptions(
                 flags["ratio"], ratios, flags["global_rank"], multiple, *(flags[f"target_{m}"] for m in _TARGETS)

@@ -30,6 +30,7 @@ class Stages:
         self.task: TaskID | None = None
 
     def __call__(self, stage: str, done: int = 0, total: int = 1) -> None:
+        """``total`` 0: a count of runs with no known end (a pulsing bar)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -38,21 +39,25 @@ class Stages:
             if self.bar is not None:
                 assert self.task is not None  # a bar is only ever created together with its task
                 self.bar.remove_task(self.task)
-                self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
+                self.task = self.bar.add_task(stage, total=_total(total), completed=done)
             return
         if self.bar is None:
             if now - self.since < 1.0:  # quick stages would only flicker
                 return
             self.bar = progress_bar()
             self.bar.start()
-            self.task = self.bar.add_task(stage, total=max(total, 1), completed=done)
+            self.task = self.bar.add_task(stage, total=_total(total), completed=done)
         assert self.task is not None  # set together with the bar
-        self.bar.update(self.task, total=max(total, 1), completed=done)
+        self.bar.update(self.task, total=_total(total), completed=done)
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _total(total: int) -> int | None:
+    return total if total > 0 else None
 
 
 def progress_bar() -> Progress:

@@ -16,6 +16,7 @@ import contextvars
 import functools
 import math
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from spa.core.errors import ModelLoadError, UsageError
@@ -24,6 +25,8 @@ RUN_TIMEOUT = 600.0  # seconds per run of the model; 0 for no limit
 
 _limit: contextvars.ContextVar[float] = contextvars.ContextVar("spa_run_timeout", default=RUN_TIMEOUT)
 _stage: contextvars.ContextVar[str] = contextvars.ContextVar("spa_stage", default="run")
+# called after every run of the model: a stage with no steps of its own shows its runs as progress
+_ticker: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("spa_ticker", default=None)
 
 
 class RunTimeout(ModelLoadError):
@@ -45,8 +48,10 @@ def set_timeout(seconds) -> None:
     _limit.set(checked_timeout(seconds))
 
 
-def set_stage(stage: str) -> None:
+def set_stage(stage: str, ticker: Callable[[], None] | None = None) -> None:
+    """Name the running stage (for a timed-out run's message); ``ticker`` is called after each run."""
     _stage.set(stage)
+    _ticker.set(ticker)
 
 
 def own_context(function):
@@ -71,6 +76,7 @@ def limited():
     limit = _limit.get()
     if not limit:
         yield options
+        _tick()
         return
     stopped = threading.Event()
 
@@ -83,6 +89,7 @@ def limited():
     timer.start()
     try:
         yield options
+        _tick()
     except Exception:
         if stopped.is_set():
             raise RunTimeout(
@@ -92,6 +99,12 @@ def limited():
         raise
     finally:
         timer.cancel()
+
+
+def _tick() -> None:
+    ticker = _ticker.get()
+    if ticker is not None:
+        ticker()
 
 
 def run(session, names, feeds) -> list:

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from spa.core import feeds as feed_spec
 from spa.core import runlimit
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
 
 # feeds run through a model at a time where its batch axis is free
 BATCH = 8
 
-_NUMPY_OF = {
+_NUMPY_OF: dict[int, type[np.generic]] = {
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16,
@@ -44,11 +45,13 @@ IMAGE_SIDE = 64
 
 
 def input_shapes(model: onnx.ModelProto, batch: int = 1, length: int | None = None) -> dict[str, list[int]]:
-    """Static axes as declared; symbolic ones get ``batch``, or ``length`` past the first axis when
-    given, or ``IMAGE_SIDE`` for the free height and width of an NCHW image."""
+    """Static axes as declared; symbolic ones get ``batch`` on the input's batch axis
+    (``spa.core.feeds.batch_axes``: a state ``[layers, batch, hidden]`` takes it second), else
+    ``length`` when given, else ``IMAGE_SIDE`` for the free height and width of an NCHW image."""
     initializers = {t.name for t in model.graph.initializer}
+    batch_axes = feed_spec.batch_axes(model)
 
-    def shape(dims) -> list[int]:
+    def shape(name: str, dims) -> list[int]:
         # paddle2onnx writes dim_value -1 for a free axis
         static = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in dims]
         image = len(static) == 4 and static[1] is not None and static[1] <= 4
@@ -56,7 +59,7 @@ def input_shapes(model: onnx.ModelProto, batch: int = 1, length: int | None = No
         for axis, value in enumerate(static):
             if value is not None:
                 sizes.append(value)
-            elif axis == 0:
+            elif axis == 0 or axis == batch_axes.get(name):
                 sizes.append(batch)
             elif length is not None:
                 sizes.append(length)
@@ -65,7 +68,9 @@ def input_shapes(model: onnx.ModelProto, batch: int = 1, length: int | None = No
         return sizes
 
     return {
-        info.name: shape(info.type.tensor_type.shape.dim) for info in model.graph.input if info.name not in initializers
+        info.name: shape(info.name, info.type.tensor_type.shape.dim)
+        for info in model.graph.input
+        if info.name not in initializers
     }
 
 
@@ -160,16 +165,22 @@ def sample_inputs(
     length: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Deterministic inputs for every graph input; symbolic axes get ``batch`` (``length`` past the
-    first axis, when given) unless ``shapes`` says."""
+    batch axis, when given, else the current ``FeedSpec``'s) unless ``shapes`` says; control
+    values are the ones the graph compares them with, or the ``FeedSpec``'s."""
+    spec = feed_spec.current()
+    length = length if length is not None else spec.length
     rng = np.random.default_rng(seed)
     types = {info.name: info.type.tensor_type for info in model.graph.input}
+    fixed = fixed_values(model)
     feeds: dict[str, np.ndarray] = {}
     for name, shape in {**input_shapes(model, batch, length), **(shapes or {})}.items():
         if name not in types:
             continue
         tensor_type = types[name]
         dtype = _NUMPY_OF.get(tensor_type.elem_type, np.float32)
-        if np.issubdtype(dtype, np.floating):
+        if name in fixed and name not in (shapes or {}):
+            feeds[name] = fixed[name]
+        elif np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_ or "mask" in name.lower():
             # an attention mask of zeros hides every key: attention would be uniform whatever Q and K are
@@ -177,6 +188,13 @@ def sample_inputs(
         else:
             feeds[name] = np.zeros(shape, dtype=dtype)
     return feeds
+
+
+def fixed_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Inputs fed one value whatever the batch: control values the graph compares with a
+    constant, and those the current ``FeedSpec`` sets (``--input``), which win."""
+    controls = {name: value for name, (value, _) in feed_spec.graph_controls(model).items()}
+    return {**controls, **feed_spec.current().values}
 
 
 Source = onnx.ModelProto | Path  # a model in memory, or a file (models with external data)
@@ -261,27 +279,64 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def static_batch(model: onnx.ModelProto) -> int | None:
-    """The smallest fixed first-axis size among the graph inputs, None when every one is free."""
-    static = [
-        d.dim_value
-        for i in graph_inputs(model)
-        for d in list(i.type.tensor_type.shape.dim)[:1]
-        if d.HasField("dim_value") and d.dim_value > 0
-    ]
+    """The smallest fixed size of a graph input's batch axis, None when every one is free."""
+    static = []
+    for info, axis in _batched(model):
+        dim = info.type.tensor_type.shape.dim[axis]
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            static.append(dim.dim_value)
     return min(static) if static else None
 
 
+def _batched(model: onnx.ModelProto) -> list[tuple[onnx.ValueInfoProto, int]]:
+    axes = feed_spec.batch_axes(model)
+    return [(i, axes[i.name]) for i in graph_inputs(model) if axes.get(i.name) is not None]  # type: ignore[misc]
+
+
+def batch_size(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+    """Samples in ``feeds``: the size of a batched input's batch axis."""
+    for info, axis in _batched(model):
+        value = feeds.get(info.name)
+        if value is not None and value.ndim > axis:
+            return value.shape[axis]
+    return 1
+
+
 def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = BATCH) -> Iterator[dict]:
-    """Feeds cut into batches the model accepts: its static batch size (the samples left over
-    are dropped), else ``batch`` (the last batch takes the rest)."""
-    total = len(next(iter(feeds.values())))
+    """Feeds cut into batches the model accepts along each input's batch axis: its static batch
+    size (the samples left over are dropped), else ``batch`` (the last batch takes the rest).
+    Inputs with no batch axis (control values) go whole into every batch; the fixed values of
+    inputs ``feeds`` lacks (calibration data need not hold them) are added."""
+    axes = {info.name: axis for info, axis in _batched(model)}
+    total = batch_size(model, feeds)
     static = static_batch(model)
     size = static or min(batch, total)
     if total < size:
         raise UsageError(f"--calib: {total} sample(s), but the model's batch size is {size}")
     end = total - total % size if static else total
+    missing = {k: v for k, v in fixed_values(model).items() if k not in feeds}
+    states = [k for k in spa_fed(model) if k not in feeds and k not in missing]
     for start in range(0, end, size):
-        yield {k: v[start : min(start + size, end)] for k, v in feeds.items()}
+        stop = min(start + size, end)
+        part = {
+            k: v[(slice(None),) * axes[k] + (slice(start, stop),)] if k in axes and v.ndim > axes[k] else v
+            for k, v in feeds.items()
+        }
+        if states:  # the zero state a stream starts from
+            shapes = input_shapes(model, stop - start, feed_spec.current().length)
+            part.update({k: np.zeros(shapes[k], _NUMPY_OF.get(_elem_type(model, k), np.float32)) for k in states})
+        yield {**part, **missing}
+
+
+def spa_fed(model: onnx.ModelProto) -> set[str]:
+    """Inputs spa feeds itself when calibration data lacks them: fixed values (control inputs,
+    ``--input``) and recurrent states (an input whose batch axis is not its first)."""
+    states = {name for name, axis in feed_spec.batch_axes(model).items() if axis}
+    return set(fixed_values(model)) | states
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    return next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == name)
 
 
 _PROVIDER_ALIASES = {

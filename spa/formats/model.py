@@ -110,7 +110,15 @@ def load(model_or_path: Model | str | os.PathLike | onnx.ModelProto, progress: P
 
 
 def say(progress: Progress | None, stage: str, done: int = 0, total: int = 1) -> None:
-    """Tell the user which stage runs (when asked) and the run limit what a timed-out run was doing."""
-    set_stage(stage)
+    """Tell the user which stage runs (when asked) and the run limit what a timed-out run was doing.
+
+    A stage announced without steps of its own (``total`` 1, nothing done) counts its runs of the
+    model instead, as ``done`` of an unknown ``total`` (0): statistics batch by batch, latency run
+    by run."""
+    ticker = None
+    if progress is not None and done == 0 and total == 1:
+        runs = iter(range(1, 1 << 62))
+        ticker = lambda: progress(stage, next(runs), 0)  # noqa: E731
+    set_stage(stage, ticker)
     if progress is not None:
         progress(stage, done, total)

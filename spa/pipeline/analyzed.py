@@ -11,6 +11,7 @@ import onnx
 
 from spa.analysis.groups import Analysis, find_groups
 from spa.analysis.layers import LayerIndex
+from spa.core.feeds import given_values
 from spa.core.graph import ModelGraph
 from spa.core.runtime import check_input_sizes, complete_sizes, counted_sizes, unsized_axes
 from spa.formats.model import Model, Progress, load, say
@@ -103,6 +104,7 @@ def analyze(
     model = load(model, progress)
     given = dict(options.input_shapes or {})
     check_input_sizes(model.proto, given)
+    given_values(model.proto, options.inputs)  # refused before any work
     sizes = complete_sizes(model.proto, given)
     timer.lap("load")
     say(progress, "group")

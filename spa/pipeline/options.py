@@ -34,6 +34,9 @@ class AnalyzeOptions:
     input_shapes: Mapping[str, list[int]] | None = None
     # the operators spa knows (``DEFAULT.with_operators(...)`` adds a caller's own)
     registry: Registry = field(default=DEFAULT, compare=False)
+    # input name -> the value every run feeds it (a number, or nested lists), instead of the one
+    # spa makes up: a sample rate, a flag, a recurrent state
+    inputs: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_UNITS:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from spa.analysis.groups import Analysis, Group
+from spa.core import feeds as feed_spec
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import own_context, set_timeout
@@ -105,6 +106,7 @@ def plan(scored: ScoredModel, options: PlanOptions, progress: Progress | None = 
     """The plan ``options`` ask for: their ratio, or the one a target search finds."""
     run, analyzed = scored.run, scored.analyzed
     set_timeout(run.run_timeout)
+    feed_spec.use(scored.feeds)
     timer = Timer(scored.seconds)
     group_ratios = ratios_by_group(analyzed.analysis, options.ratios)
     candidates = Candidates(

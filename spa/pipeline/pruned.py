@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from spa.core import feeds as feed_spec
 from spa.core.runlimit import own_context, set_timeout
 from spa.core.runtime import counted_sizes, static_batch, unsized_axes
 from spa.core.signals import ScratchDirectory
@@ -90,14 +91,17 @@ class PrunedModel:
         calibration samples, and (``run.bench``) latency; the result is kept for ``report``."""
         run = run or self.plan.scored.run
         set_timeout(run.run_timeout)
+        feed_spec.use(self.plan.scored.feeds)
         timer = Timer()
         self.validation = validate_pruned(self, run, progress)
         self.seconds = {**self.seconds, "validate": timer.lap("validate")["validate"]}
         return self.validation
 
+    @own_context
     def save(self, path: str | os.PathLike, format: str = "auto", **export_options) -> list[ExportCheck]:
         """Write the pruned model atomically (``format``: see ``encoded``); ``export_options`` are
         ``spa.formats.export.export``'s (ORT format, float16, checks)."""
+        feed_spec.use(self.plan.scored.feeds)  # the export checks run the model on the same feeds
         return export(self.model if format == "auto" else self.encoded(format), Path(path), **export_options)
 
     @property
@@ -111,11 +115,13 @@ def cut(plan: PrunePlan, options: CutOptions, progress: Progress | None = None) 
     scored = plan.scored
     analyzed, run = scored.analyzed, scored.run
     set_timeout(run.run_timeout)
+    feed_spec.use(scored.feeds)
     timer = Timer(plan.seconds)
     model, analysis, units = analyzed.model, analyzed.analysis, plan.units
     weights, compensation, chosen = model, None, None
     if options.compensates(scored.options):
-        weights, compensation = _compensate(plan)
+        say(progress, "compensate")
+        weights, compensation = _compensate(plan, lambda done, total: say(progress, "compensate", done, total))
         sequential = options.refit == "sequential" or (options.refit == "auto" and scored.calib_feeds)
         if units.removed and scored.statistics is not None and sequential:
             say(progress, "refit")
@@ -134,13 +140,13 @@ def cut(plan: PrunePlan, options: CutOptions, progress: Progress | None = None) 
     return pruned
 
 
-def _compensate(plan: PrunePlan) -> tuple[Model, Compensation]:
+def _compensate(plan: PrunePlan, step) -> tuple[Model, Compensation]:
     scored = plan.scored
     model, analysis, layers = scored.analyzed.model, scored.analyzed.analysis, scored.analyzed.layers
     if scored.statistics is None:
         why = "external data" if model.lazy else "no statistics (onnxruntime could not run the model)"
         return model, Compensation(skipped=[f"all layers: {why}"] if plan.units.removed else [])
-    refitted, outcome = layerwise_refit(model.proto, analysis, layers, plan.units, scored.statistics)
+    refitted, outcome = layerwise_refit(model.proto, analysis, layers, plan.units, scored.statistics, step)
     return (model if refitted is model.proto else model.derived(refitted)), outcome
 
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spa.core import feeds as feed_spec
+from spa.core import probe
 from spa.core.errors import ModelLoadError, UsageError
 from spa.core.runlimit import RunTimeout, own_context, set_timeout
 from spa.core.runtime import one_line, refuse_oversized
@@ -46,6 +48,8 @@ class ScoredModel:
     calibration: dict[str, np.ndarray] | None = field(default=None, repr=False)
     fallback_groups: int = 0  # groups a data-aware criterion scored by l2: no linear layer reads them
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
+    # what every later stage feeds the inputs it has no data for (``spa.core.feeds``)
+    feeds: feed_spec.FeedSpec = field(default=feed_spec.NO_SPEC, compare=False)
 
     @property
     def calib_feeds(self) -> dict[str, np.ndarray] | None:
@@ -112,14 +116,34 @@ def score(
     timer = timer or Timer(analyzed.seconds)
     if statistics is None:
         statistics = options.data_aware or options.calib is not None
+    given = feed_spec.given_values(analyzed.model.proto, analyzed.options.inputs)
+    feed_spec.use(feed_spec.FeedSpec(given))  # the calibration data need not hold what --input sets
     calibration = _calibration(analyzed, options.calib, options.calib_samples) if options.calib is not None else None
+    say(progress, "inputs")  # a model the sample feed does not run is run again at other lengths
+    spec = _feed_spec(analyzed, given, calibration, run)
+    feed_spec.use(spec)
     calib_feeds = {k: v[: options.calib_samples] for k, v in calibration.items()} if calibration else None
     stats = _statistics(analyzed, calib_feeds, options, run, progress) if statistics else None
     timer.lap("statistics")
     context = ScoreContext(run.seed, stats, analyzed.layers)
     scores = score_groups(analyzed, options.criterion, context, progress)
     seconds = timer.lap("score")
-    return ScoredModel(analyzed, options, run, scores, stats, calibration, len(context.fallbacks), seconds)
+    return ScoredModel(analyzed, options, run, scores, stats, calibration, len(context.fallbacks), seconds, spec)
+
+
+def _feed_spec(analyzed: AnalyzedModel, given, calibration, run: RunOptions) -> feed_spec.FeedSpec:
+    """What the stages feed: ``given`` (``--input``), the graph's control values, and a length the
+    model runs at, tried first at the lengths of the calibration samples."""
+    model = analyzed.model
+    axes = feed_spec.batch_axes(model.proto)
+    hints = [
+        size
+        for name, value in (calibration or {}).items()
+        for axis, size in enumerate(value.shape[1:], start=1)
+        if axis != axes.get(name)
+    ]
+    source = model.path if model.lazy and model.path is not None else model.proto
+    return probe.derive(source, model.proto, given, analyzed.sizes, hints, tuple(run.custom_ops))
 
 
 def score_groups(

@@ -23,11 +23,12 @@ from typing import cast
 import numpy as np
 import onnx
 
+from spa.core import feeds as feed_spec
 from spa.core import runlimit
 from spa.core.coupling import Dim
 from spa.core.errors import UsageError
 from spa.core.graph import Size
-from spa.core.runtime import batches, graph_inputs, session, static_batch
+from spa.core.runtime import batch_size, batches, fixed_values, graph_inputs, session, spa_fed, static_batch
 from spa.formats.calibration import archive_members, first_nonfinite, open_regular, stored_array
 from spa.ops.gather import Gather
 
@@ -142,7 +143,8 @@ def load_calibration(path: str | os.PathLike[str], model: onnx.ModelProto, sampl
     them, into NaN.
     """
     path = Path(path)
-    inputs = graph_inputs(model)
+    fed = spa_fed(model)  # control values and states need no arrays
+    inputs = [i for i in graph_inputs(model) if i.name not in fed]
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in inputs}
     try:
         folder = stat.S_ISDIR(os.stat(path).st_mode)
@@ -314,9 +316,13 @@ def _noise_fields(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, 
     axes), integer inputs already final."""
     rng = np.random.default_rng([seed, 7])
     tables = _embedding_rows(model)
+    axes, fixed = feed_spec.batch_axes(model), fixed_values(model)
     fields = {}
     for info in graph_inputs(model):
-        shape = _input_shape(info, samples)
+        if info.name in fixed:  # a control value: the same in every batch
+            fields[info.name] = fixed[info.name]
+            continue
+        shape = _input_shape(info, samples, axes.get(info.name, 0))
         dtype = np.dtype(_numpy_type(info))
         if dtype.kind == "f":
             spatial = _spatial_axes(shape)
@@ -339,11 +345,13 @@ def _drawn(model: onnx.ModelProto, fields: dict[str, np.ndarray], prior: InputPr
     return feeds
 
 
-def _input_shape(info: onnx.ValueInfoProto, samples: int) -> list[int]:
-    """A graph input's shape with ``samples`` first and its other free axes at SYNTHETIC_AXIS."""
-    return [samples] + [
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else SYNTHETIC_AXIS
-        for d in list(info.type.tensor_type.shape.dim)[1:]
+def _input_shape(info: onnx.ValueInfoProto, samples: int, batch_axis: int | None = 0) -> list[int]:
+    """A graph input's shape with ``samples`` on its batch axis and its other free axes at the
+    length the model was found to run at, else SYNTHETIC_AXIS."""
+    length = feed_spec.current().length or SYNTHETIC_AXIS
+    return [
+        samples if axis == batch_axis else d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else length
+        for axis, d in enumerate(info.type.tensor_type.shape.dim)
     ]
 
 
@@ -486,7 +494,7 @@ def collect(
     masks = padding_masks(model)
     for feed in batch_list:
         values = dict(zip(tensors, runlimit.run(run, tensors, feed)))
-        samples += len(next(iter(feed.values())))
+        samples += batch_size(model, feed)
         tokens = token_mask(feed, masks)
         padded += int((~tokens).sum()) if tokens is not None else 0
         for dim in wanted:

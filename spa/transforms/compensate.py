@@ -11,6 +11,7 @@ so soft == hard still holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,15 +54,23 @@ class Compensation:
 
 
 def compensate(
-    model: onnx.ModelProto, analysis: Analysis, layers: LayerIndex, plan: Plan, statistics: Statistics
+    model: onnx.ModelProto,
+    analysis: Analysis,
+    layers: LayerIndex,
+    plan: Plan,
+    statistics: Statistics,
+    step: Callable[[int, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, Compensation]:
-    """The model with refitted weights for every layer the plan takes input channels from."""
+    """The model with refitted weights for every layer the plan takes input channels from;
+    ``step(done, total)`` is called layer by layer."""
     graph = analysis.graph
     removed = plan.removed_units
     result = Compensation()
     new_values: dict[str, np.ndarray] = {}
     errors, raw_errors = [], []
-    for layer in layers.layers:
+    for done, layer in enumerate(layers.layers):
+        if step is not None:
+            step(done, len(layers.layers))
         labels = analysis.labels[layer.weight_dim]
         gone = np.isin(labels, removed)
         if not gone.any():
