@@ -24,6 +24,7 @@ from spa.pipeline.planned import PlannedGroup, PrunePlan
 from spa.pipeline.pruned import PrunedModel
 from spa.pipeline.reports import Timer
 from spa.pipeline.scored import ScoredModel, score
+from spa.pipeline.usage import check_calibration_path
 
 __all__ = [
     "CLI_RUN",
@@ -54,6 +55,7 @@ def prune_model(
     """Every stage in turn, validated where ``run.check`` says: what ``spa.prune`` and ``spa prune`` run."""
     set_timeout(run.run_timeout)
     resolve_providers(list(run.providers) or ["cpu"])  # one not installed is refused before any work
+    check_calibration_path(scoring.calib)
     timer = Timer()
     model = load(source, progress)
     # the model runs at the sizes asked for and those that follow them: each must fit

@@ -11,11 +11,12 @@ import onnx
 from spa.core.errors import ModelLoadError, UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import RunTimeout
-from spa.core.runtime import one_line, refuse_oversized, resolve_providers, sample_inputs, static_batch
+from spa.core.runtime import refuse_oversized, resolve_providers, sample_inputs, static_batch
 from spa.core.tensors import write_beside_data, write_external
 from spa.formats.model import Progress, say
 from spa.formats.shapes import infer_shapes
 from spa.pipeline.options import RunOptions
+from spa.scoring.calibration_fit import calibration_run_error
 from spa.transforms.cut import apply_plan, soft_transform
 from spa.verify import fidelity
 from spa.verify.bench import compare
@@ -124,7 +125,7 @@ def _fidelity(
     except RunTimeout:
         raise
     except Exception as exc:  # the samples themselves do not fit the model (the statistics may not have run them)
-        raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
+        raise calibration_run_error(exc) from None
 
 
 def _latencies(pruned: PrunedModel, validation: Validation, run: RunOptions) -> list[dict]:

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spa.core.errors import ModelLoadError, UsageError
+from spa.core.errors import UsageError
 from spa.core.runlimit import RunTimeout, own_context, set_timeout
-from spa.core.runtime import one_line, refuse_oversized
+from spa.core.runtime import refuse_oversized
 from spa.formats.model import Progress, say
 from spa.pipeline.options import PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PrunePlan, plan
 from spa.pipeline.reports import Timer
+from spa.scoring.calibration_fit import calibration_run_error
 from spa.scoring.criteria import CRITERIA, ScoreContext
 from spa.scoring.statistics import (
     Statistics,
@@ -176,8 +177,8 @@ def _statistics(
             return collect(model, calib, wanted, "calibration", seed, custom_ops)
         except (UsageError, RunTimeout):
             raise
-        except Exception as exc:
-            raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
+        except Exception as exc:  # the samples fit the declared shapes, yet the graph refuses them
+            raise calibration_run_error(exc) from None
     try:
         refuse_oversized(model)
         samples = options.synthetic_samples
