@@ -38,6 +38,7 @@ def validate_pruned(pruned: PrunedModel, run: RunOptions, progress: Progress | N
         else:
             validation.fidelity = _fidelity(pruned, scored.calibration, scored.options.calib_samples, run)
         validation.problems += fidelity.nonfinite_problems(validation.fidelity)
+    validation.latency_asked = run.bench
     if run.bench:
         say(progress, "latency")
         validation.latency = _latencies(pruned, validation, run)
@@ -134,6 +135,7 @@ def _latencies(pruned: PrunedModel, validation: Validation, run: RunOptions) -> 
     if not validation.ok or dense.lazy:  # two large sessions at once would double memory
         return []
     feeds = sample_inputs(dense.as_input_format, run.seed, shapes=pruned.plan.scored.analyzed.sizes)
+    validation.latency_at = {name: list(value.shape) for name, value in feeds.items()}
     names = list(dict.fromkeys(["CPUExecutionProvider", *resolve_providers(list(run.providers) or ["cpu"])]))
     hard = _hard(pruned)
     return [

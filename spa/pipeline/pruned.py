@@ -21,6 +21,7 @@ from spa.formats.shapes import infer_shapes
 from spa.pipeline.checks import validate_pruned
 from spa.pipeline.options import CutOptions, RunOptions
 from spa.pipeline.reports import GroupReport, PruneReport, Timer, count_model
+from spa.pipeline.summary import summarize
 from spa.reporting.metrics import ModelStats
 from spa.transforms.compensate import Compensation
 from spa.transforms.compensate import compensate as layerwise_refit
@@ -230,6 +231,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         flops_at=counted_sizes(model.proto, sizes),
         unsized_axes=unsized_axes(model.proto, sizes),
         flops_uncounted=analyzed.dense.uncounted(),
+        summary=summarize(pruned, calib_label(score.calib)),
     )
 
 
