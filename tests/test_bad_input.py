@@ -244,3 +244,10 @@ def test_missing_calibration_data_is_refused_before_the_model_is_read(tmp_path):
     result = run("prune", path, "--calib", tmp_path / "nothere.npz")
     assert_clean_failure(result, 2, tmp_path)
     assert "--calib" in result.output and "no such file or folder" in result.output
+
+
+def test_a_ratio_for_pattern_matching_no_node_is_refused_before_the_statistics():
+    stages = []
+    with pytest.raises(spa.UsageError, match=r"--ratio-for /fc9/\*: the pattern matches no node.*similar node names"):
+        spa.prune(EXAMPLE, ratios={"/fc9/*": 0.5}, progress=lambda stage, *_: stages.append(stage))
+    assert "statistics" not in stages and "score" not in stages

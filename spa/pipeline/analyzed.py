@@ -19,7 +19,7 @@ from spa.ops.registry import Registry
 from spa.pipeline.options import AnalyzeOptions, RunOptions, ScoreOptions
 from spa.pipeline.reports import AnalysisReport, GroupReport, Timer, count_model
 from spa.pipeline.scored import ScoredModel, score
-from spa.pipeline.usage import check_exclude
+from spa.pipeline.usage import check_patterns
 from spa.reporting.metrics import ModelStats, bodies
 
 
@@ -106,7 +106,7 @@ def analyze(
     model = load(model, progress)
     given = dict(options.input_shapes or {})
     check_input_sizes(model.proto, given)
-    check_exclude(model.graph, tuple(options.exclude))
+    check_patterns(model.graph, "--exclude", options.exclude)
     sizes = complete_sizes(model.proto, given)
     timer.lap("load")
     say(progress, "group")

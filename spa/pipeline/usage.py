@@ -18,12 +18,13 @@ from spa.core.graph import ModelGraph
 CLOSE_MATCHES = 5
 
 
-def check_exclude(graph: ModelGraph, patterns: tuple[str, ...]) -> None:
-    """Every ``--exclude`` pattern must match a node name: a typo would otherwise protect nothing."""
+def check_patterns(graph: ModelGraph, flag: str, patterns) -> None:
+    """Every node name pattern of ``flag`` (``--exclude``, ``--ratio-for``) must match a node: a
+    typo would otherwise protect, or prune, nothing."""
     names = [node.name for node in graph.nodes if node.name]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise UsageError(f"--exclude {pattern}: the pattern matches no node of the model{_similar(pattern, names)}")
+            raise UsageError(f"{flag} {pattern}: the pattern matches no node of the model{_similar(pattern, names)}")
 
 
 def _similar(pattern: str, names: list[str]) -> str:
