@@ -77,7 +77,7 @@ def prune_summary(r: dict) -> str:
         )
     lines.extend(fidelity_lines(v.get("fidelity")))
     lines.extend(data_lines(r))
-    if summary:
+    if summary and r["groups_pruned"]:  # nothing removed: nothing to say about accuracy
         lines.append(accuracy_line(summary["accuracy"], r["params_before"], r["params_after"]))
     for pair in v["latency"]:
         where = pair["provider"].replace("ExecutionProvider", "")
