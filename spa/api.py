@@ -30,7 +30,7 @@ from spa.pipeline import (
 from spa.pipeline import analyze as analyze_model
 from spa.pipeline.options import REFITS
 from spa.pipeline.reports import AnalysisReport, GroupReport, PruneReport, PruneResult
-from spa.pipeline.usage import check_ratio_and_target
+from spa.pipeline.usage import ratio_or_default
 
 __all__ = [
     "REFITS",
@@ -115,9 +115,8 @@ def prune(
     ``ratios`` (node name pattern -> ratio) gives the groups whose weighted ops' names match a
     pattern (fnmatch) their own ratio; where several match a group, the pattern given last wins.
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
-    dense model's figure) replaces ``ratio`` with the ratio found to meet it: FLOPs and params
-    are counted on candidate cuts, latency is timed on the first of ``providers``. A ``ratio``
-    given with a target raises ``UsageError``: one of them would be ignored.
+    dense model's figure) replaces ``ratio`` (given too: ``UsageError``) with the ratio found to
+    meet it: FLOPs and params are counted on candidate cuts, latency timed on the first of ``providers``.
     ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
     ``bench`` times dense and pruned on the CPU and on every provider named.
     ``input_shapes`` (input name -> sizes; inputs sharing a symbolic axis follow) is the size
@@ -127,11 +126,8 @@ def prune(
     a KV head with its query heads), "head_dim" shrinks head_dim evenly in every head,
     "query_heads" removes query heads evenly in every KV group and keeps K and V.
 
-    Data: ``calib`` (an .npz of named input arrays, an .npy file for a single-input model, a
-    folder of .npy files, or an object with onnxruntime's ``CalibrationDataReader`` protocol:
-    ``get_next()`` returns a dict of input arrays, None at the end; the first ``calib_samples``
-    samples are used; a ``CalibrationWarning`` names the fix for samples whose type or range
-    looks wrong for the input) feeds the data-driven criteria and compensation; up to
+    Data: ``calib`` (files, or a ``CalibrationDataReader``: ``ScoreOptions.calib``; the first
+    ``calib_samples`` samples are used) feeds the data-driven criteria and compensation; up to
     ``fidelity.SAMPLES`` samples after those measure how far the pruned outputs moved from the dense
     ones (``report.validation.fidelity``; on the samples used when none are left). Without
     it, ``obspa`` and compensation use ``synthetic_samples`` synthetic inputs run through the
@@ -157,9 +153,7 @@ def prune(
     custom-op libraries to load for validation; none is ever loaded otherwise.
     """
     targets = (target_flops, target_params, target_latency)
-    check_ratio_and_target(ratio is not None, any(t is not None for t in targets))
-    ratio = PlanOptions.ratio if ratio is None else ratio
-    plan = PlanOptions(ratio, dict(ratios or {}), global_rank, round_to, *targets)
+    plan = PlanOptions(ratio_or_default(ratio, targets), dict(ratios or {}), global_rank, round_to, *targets)
     score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples)
     run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout)
     cut = CutOptions(compensate, refit, soft)

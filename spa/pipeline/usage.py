@@ -13,6 +13,7 @@ from pathlib import Path
 
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
+from spa.pipeline.options import PlanOptions
 
 # similar node names listed when a pattern matches none
 CLOSE_MATCHES = 5
@@ -44,6 +45,12 @@ def check_ratio_and_target(ratio_given: bool, target_given: bool) -> None:
         raise UsageError(
             "--ratio and --target-flops/--target-params/--target-latency both set the ratio: give one of them"
         )
+
+
+def ratio_or_default(ratio: float | None, targets) -> float:
+    """The API's ratio: None is ``PlanOptions``' default; one given alongside a target is refused."""
+    check_ratio_and_target(ratio is not None, any(t is not None for t in targets))
+    return PlanOptions.ratio if ratio is None else ratio
 
 
 def check_calibration_path(calib) -> None:
