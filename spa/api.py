@@ -14,6 +14,7 @@ import onnx
 
 from spa.core.errors import ValidationError
 from spa.core.runlimit import RUN_TIMEOUT, own_context
+from spa.formats.calib_reader import CalibrationReader
 from spa.formats.model import Model, Progress, load
 from spa.ops.registry import DEFAULT, Registry
 from spa.pipeline import (
@@ -29,6 +30,7 @@ from spa.pipeline import (
 from spa.pipeline import analyze as analyze_model
 from spa.pipeline.options import REFITS
 from spa.pipeline.reports import AnalysisReport, GroupReport, PruneReport, PruneResult
+from spa.pipeline.usage import ratio_or_default
 
 __all__ = [
     "REFITS",
@@ -97,10 +99,10 @@ def analyze(
 @own_context
 def prune(
     model_or_path: str | os.PathLike | onnx.ModelProto | Model,
-    ratio: float = 0.3,
+    ratio: float | None = None,
     criterion: str = "obspa",
     *,
-    calib: str | os.PathLike | None = None,
+    calib: str | os.PathLike | CalibrationReader | None = None,
     calib_samples: int = 128,
     compensate: bool | None = None,
     synthetic_samples: int | None = None,
@@ -127,13 +129,13 @@ def prune(
     ratios: dict[str, float] | None = None,
     registry: Registry = DEFAULT,
 ) -> PruneResult:
-    """Remove the fraction ``ratio`` of the channels of every prunable group.
+    """Remove the fraction ``ratio`` (None: ``PlanOptions``' 0.3) of the channels of every prunable group.
 
     ``ratios`` (node name pattern -> ratio) gives the groups whose weighted ops' names match a
     pattern (fnmatch) their own ratio; where several match a group, the pattern given last wins.
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
-    dense model's figure) replaces ``ratio`` with the ratio found to meet it: FLOPs and params
-    are counted on candidate cuts, latency is timed on the first of ``providers``.
+    dense model's figure) replaces ``ratio`` (given too: ``UsageError``) with the ratio found to
+    meet it: FLOPs and params are counted on candidate cuts, latency timed on the first of ``providers``.
     ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
     ``bench`` times dense and pruned on the CPU and on every provider named.
     ``input_shapes`` (input name -> sizes; inputs sharing a symbolic axis follow) is the size
@@ -149,7 +151,7 @@ def prune(
     a KV head with its query heads), "head_dim" shrinks head_dim evenly in every head,
     "query_heads" removes query heads evenly in every KV group and keeps K and V.
 
-    Data: ``calib`` (an .npz of named input arrays, or a folder of .npy files; the first
+    Data: ``calib`` (files, or a ``CalibrationDataReader``: ``ScoreOptions.calib``; the first
     ``calib_samples`` samples are used) feeds the data-driven criteria and compensation; up to
     ``fidelity.SAMPLES`` samples after those measure how far the pruned outputs moved from the dense
     ones (``report.validation.fidelity``; on the samples used when none are left). Without
@@ -175,7 +177,8 @@ def prune(
     when ``check`` is on and a check fails. ``custom_ops`` names onnxruntime
     custom-op libraries to load for validation; none is ever loaded otherwise.
     """
-    plan = PlanOptions(ratio, dict(ratios or {}), global_rank, round_to, target_flops, target_params, target_latency)
+    targets = (target_flops, target_params, target_latency)
+    plan = PlanOptions(ratio_or_default(ratio, targets), dict(ratios or {}), global_rank, round_to, *targets)
     score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples)
     run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout)
     cut = CutOptions(compensate, refit, soft)

@@ -13,6 +13,7 @@ import pytest
 from builder import Graph
 from click.testing import CliRunner
 
+import spa
 import spa.formats.files
 from spa.cli.commands import main
 
@@ -183,3 +184,70 @@ def test_declared_shapes_in_the_billions_allocate_nothing(tmp_path):
     assert result.exit_code == 0
     weights = [np.prod(t.dims) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer]
     assert sum(weights) < sum(np.prod(t.dims) for t in onnx.load(str(path)).graph.initializer)
+
+
+# --- options that cannot work are refused before any work ----------------------------------
+
+
+def test_exclude_pattern_matching_no_node_lists_similar_names(tmp_path):
+    path = tmp_path / "m.onnx"
+    shutil.copy(EXAMPLE, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    result = run("prune", path, "--exclude", "/se_reduce/conv")  # the node is /se_reduce/Conv
+    assert_clean_failure(result, 2, tmp_path, path, digest)
+    assert "--exclude /se_reduce/conv: the pattern matches no node" in result.output
+    assert "similar node names: /se_reduce/Conv" in result.output
+    assert_clean_failure(run("analyze", path, "--exclude", "/nowhere/*"), 2, tmp_path, path, digest)
+
+
+def test_exclude_patterns_that_match_are_accepted(tmp_path):
+    result = run("analyze", EXAMPLE, "--exclude", "/se_*", "--exclude", "/fc1/Gemm")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("ratio", ["0.5", "0.3"])  # 0.3 is the default: given, it still conflicts
+def test_ratio_with_a_target_is_refused(tmp_path, ratio):
+    path = tmp_path / "m.onnx"
+    shutil.copy(EXAMPLE, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    result = run("prune", path, "--ratio", ratio, "--target-flops", "0.5")
+    assert_clean_failure(result, 2, tmp_path, path, digest)
+    assert "--ratio and --target-flops/--target-params/--target-latency" in result.output
+
+
+def test_ratio_with_a_target_is_refused_by_the_api():
+    with pytest.raises(spa.UsageError, match="--ratio and --target"):
+        spa.prune(EXAMPLE, 0.3, target_params=0.5)
+    assert spa.prune(EXAMPLE, target_params=0.5, check=False).report.target.metric == "params"
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--ratio", "abc"], "'--ratio': 'abc' is not a valid float"),
+        (["--no-such-option"], "No such option '--no-such-option'"),
+        (["--criterion", "l7"], "'--criterion': 'l7' is not one of"),
+    ],
+)
+def test_click_usage_errors_share_the_one_line_style(tmp_path, args, named):
+    path = tmp_path / "m.onnx"
+    shutil.copy(EXAMPLE, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    result = run("prune", path, *args)
+    assert_clean_failure(result, 2, tmp_path, path, digest)
+    assert named in result.output and "--help" in result.output
+
+
+def test_missing_calibration_data_is_refused_before_the_model_is_read(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"not a model: the calibration path is checked first")
+    result = run("prune", path, "--calib", tmp_path / "nothere.npz")
+    assert_clean_failure(result, 2, tmp_path)
+    assert "--calib" in result.output and "no such file or folder" in result.output
+
+
+def test_a_ratio_for_pattern_matching_no_node_is_refused_before_the_statistics():
+    stages = []
+    with pytest.raises(spa.UsageError, match=r"--ratio-for /fc9/\*: the pattern matches no node.*similar node names"):
+        spa.prune(EXAMPLE, ratios={"/fc9/*": 0.5}, progress=lambda stage, *_: stages.append(stage))
+    assert "statistics" not in stages and "score" not in stages

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from spa import __version__
 from spa.api import analyze as api_analyze
@@ -25,7 +26,7 @@ from spa.cli.parsing import (
     write_json,
 )
 from spa.cli.render import analysis_text, bench_table, prune_summary
-from spa.cli.running import Stages, run
+from spa.cli.running import Commands, Stages, printed_warnings, run
 from spa.core.feeds import parse_values
 from spa.core.runtime import parse_shapes, resolve_providers
 from spa.core.tensors import is_lazy
@@ -41,7 +42,9 @@ from spa.pipeline import (
     prune_model,
 )
 from spa.pipeline.options import REFITS
+from spa.pipeline.usage import check_ratio_and_target
 from spa.reporting.report import build_report, render_html, report_path_for
+from spa.scoring.calibration_fit import CalibrationWarning
 from spa.scoring.criteria import CRITERIA
 from spa.verify.bench import bench
 
@@ -49,7 +52,7 @@ from spa.verify.bench import bench
 _GROUPS, _SCORE, _PLAN, _CUT = AnalyzeOptions(), ScoreOptions(), PlanOptions(), CutOptions()
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(__version__, prog_name="spa")
 def main() -> None:
     """Structured pruning of ONNX models: smaller and faster, no retraining."""
@@ -79,7 +82,7 @@ def main() -> None:
     "--calib",
     type=click.Path(path_type=Path),
     metavar="PATH",
-    help="Calibration inputs: an .npz of named arrays, or a folder of .npy files.",
+    help="Calibration inputs: an .npz of named arrays, an .npy file (single-input models), or a folder of .npy files.",
 )
 @click.option(
     "--calib-samples",
@@ -223,6 +226,7 @@ def prune(model: Path, **flags) -> None:
 
 
 def _prune(model: Path, output, out_format, json_path, write_unchanged, force, quiet, debug, **flags) -> None:
+    check_ratio_and_target(_given("ratio"), any(flags[f"target_{m}"] is not None for m in _TARGETS))
     check = not flags["no_validate"]
     run_options = RunOptions(
         flags["seed"],
@@ -247,23 +251,24 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
     check_json_path(json_path, [*reads, target, *([data_path] if data_path else [])], force)
     stages = Stages(quiet)
     try:
-        pruned = prune_model(
-            model,
-            AnalyzeOptions(
-                tuple(flags["exclude"]),
-                flags["approximate"],
-                flags["attention"].replace("-", "_"),
-                sizes,
-                inputs=values,
-            ),
-            ScoreOptions(flags["criterion"], flags["calib"], flags["calib_samples"]),
-            PlanOptions(
-                flags["ratio"], ratios, flags["global_rank"], multiple, *(flags[f"target_{m}"] for m in _TARGETS)
-            ),
-            CutOptions(flags["compensate"], flags["refit"], flags["soft"]),
-            run_options,
-            stages,
-        )
+        with printed_warnings(quiet, CalibrationWarning):
+            pruned = prune_model(
+                model,
+                AnalyzeOptions(
+                    tuple(flags["exclude"]),
+                    flags["approximate"],
+                    flags["attention"].replace("-", "_"),
+                    sizes,
+                    inputs=values,
+                ),
+                ScoreOptions(flags["criterion"], flags["calib"], flags["calib_samples"]),
+                PlanOptions(
+                    flags["ratio"], ratios, flags["global_rank"], multiple, *(flags[f"target_{m}"] for m in _TARGETS)
+                ),
+                CutOptions(flags["compensate"], flags["refit"], flags["soft"]),
+                run_options,
+                stages,
+            )
         result = result_of(pruned)
         report = result.report.as_dict()
         nothing = result.report.groups_prunable == 0 and not write_unchanged
@@ -299,6 +304,12 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
 
 
 _TARGETS = ("flops", "params", "latency")
+
+
+def _given(option: str) -> bool:
+    """Whether the user gave ``option`` (its default does not count)."""
+    source = click.get_current_context().get_parameter_source(option)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spa.core.runtime import format_sizes
+from spa.pipeline.summary import verdict
 from spa.reporting.group_layers import is_ffn
 from spa.scoring.statistics import SMOOTH_NOISE
 
@@ -54,6 +55,9 @@ def prune_summary(r: dict) -> str:
         f"params: {change(r['params_before'], r['params_after'])}",
         f"FLOPs:  {change(r['flops_before'], r['flops_after'])}{counted_at(r)}",
     ]
+    summary = r.get("summary")
+    if summary:
+        lines.append(sizes_line(summary["sizes"]))
     if v["checker"] != "not run":
         soft = (
             "n/a"
@@ -73,13 +77,17 @@ def prune_summary(r: dict) -> str:
         )
     lines.extend(fidelity_lines(v.get("fidelity")))
     lines.extend(data_lines(r))
+    if summary and r["groups_pruned"]:  # nothing removed: nothing to say about accuracy
+        lines.append(accuracy_line(summary["accuracy"], r["params_before"], r["params_after"]))
     for pair in v["latency"]:
         where = pair["provider"].replace("ExecutionProvider", "")
         threads = f", {pair['threads']} thread{'s' if pair['threads'] > 1 else ''}" if pair["threads"] else ""
         lines.append(
             f"latency ({where}{threads}, median): {pair['dense_ms']:.2f} ms -> {pair['pruned_ms']:.2f} ms "
-            f"({pair['speedup']:.2f}x)"
+            f"({pair['speedup']:.2f}x, {SPEED_WORDS[verdict(pair['speedup'])]})"
         )
+    if summary:
+        lines.extend(speed_lines(summary["speed"]))
     if r["round_to_auto"]:
         auto = r["round_to_auto"]
         timed = ", ".join(f"{m}: {ms:.2f} ms" for m, ms in auto["median_ms"].items())
@@ -110,6 +118,57 @@ def prune_summary(r: dict) -> str:
             "(--write-unchanged writes a copy)"
         )
     return "\n".join(lines)
+
+
+SPEED_WORDS = {"faster": "faster", "no faster": "no faster", "slower": "SLOWER"}
+# why a figure was not taken, in the words of the option that decided it
+NOT_TAKEN = {"not asked": "--no-bench", "validation was skipped": "--no-validate"}
+
+
+def sizes_line(sizes: dict) -> str:
+    """The input sizes FLOPs were counted, validation ran and latency was timed at."""
+    text = f"sizes:  FLOPs at {_shape_sets([sizes['flops']])}"
+    if sizes["validation"]:
+        text += f"; validated at {_shape_sets(sizes['validation'])}"
+    if sizes["latency"]:
+        text += f"; timed at {_shape_sets([sizes['latency']])}"
+    if sizes["free_axes"]:
+        text += " (free axes: --input-shape sets them)"
+    return text
+
+
+def _shape_sets(sets: list[dict]) -> str:
+    if all(len(s) == 1 for s in sets):  # one input: its name adds nothing
+        return ", ".join("x".join(map(str, shape)) for s in sets for shape in s.values())
+    return " and ".join(format_sizes(s) for s in sets)
+
+
+def accuracy_line(accuracy: dict, params_before: int, params_after: int) -> str:
+    if accuracy["measured"]:
+        if accuracy["top1_agreement"] is not None:
+            figures = f"top-1 agreement {accuracy['top1_agreement']:.1%}, cosine {accuracy['cosine']:.4f}"
+        else:
+            figures = f"outputs at rel. error {accuracy['relative_error']:.3f}, cosine {accuracy['cosine']:.4f}"
+        text = f"accuracy: {figures} against the dense model on {accuracy['samples']} {accuracy['source']}"
+        if accuracy["optimistic"]:
+            text += " (optimistic: none held out)"
+        return text
+    if accuracy["remedy"] == "--calib DATA":
+        removed = 1 - params_after / params_before if params_before else 0.0
+        lost = f" ({removed:.0%} of the parameters removed)" if removed >= 0.005 else ""
+        return f"accuracy: not measured on real data{lost}; --calib DATA measures it on held-out samples"
+    why = NOT_TAKEN.get(accuracy["why_not"], accuracy["why_not"])
+    return f"accuracy: not measured ({why})"
+
+
+def speed_lines(speed: dict) -> list[str]:
+    if not speed["timed"]:
+        return [f"latency: not timed ({NOT_TAKEN.get(speed['why_not'], speed['why_not'])})"]
+    if not speed["advice"]:
+        return []
+    lines = [f"        not faster: {speed['advice'][0]}"]
+    lines.extend(f"        {advice}" for advice in speed["advice"][1:])
+    return lines
 
 
 FIDELITY_LINES = 4  # outputs listed; the JSON report has every one
@@ -156,6 +215,8 @@ def data_lines(r: dict) -> list[str]:
             lines.append("        " + chosen)
     elif criterion in ("obspa",):
         lines.append(f"scored: {criterion} with the identity Hessian (no statistics: the model was not run)")
+    elif (r.get("summary") or {}).get("statistics", {}).get("why_none"):
+        lines.append(f"scored: {criterion}, no statistics ({r['summary']['statistics']['why_none']})")
     if r.get("fallback_groups"):
         lines.append(f"        {r['fallback_groups']} group(s) no linear layer reads were ranked by l2")
     if comp and comp["layers"]:

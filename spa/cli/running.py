@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -72,6 +75,54 @@ def progress_bar() -> Progress:
         console=Console(stderr=True),
         transient=True,
     )
+
+
+class Commands(click.Group):
+    """The ``spa`` group: click's own usage errors (an unknown option, a value of the wrong type)
+    print in spa's style, one line and exit 2, like every other usage error."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `spa` alone: the help is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "spa"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"spa: error: {message} (see '{command} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"spa: error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("spa: interrupted", err=True)
+            sys.exit(128 + signal.SIGINT)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@contextlib.contextmanager
+def printed_warnings(quiet: bool, *kinds: type[Warning]):
+    """Warnings of ``kinds`` printed as they come, one ``spa: warning:`` line each (none with --quiet)."""
+
+    def show(message, category, *args, **kwargs) -> None:
+        if not quiet:
+            click.echo(f"spa: warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        for kind in kinds:
+            warnings.simplefilter("always", kind)
+        warnings.showwarning = show
+        yield
 
 
 def run(debug: bool, action) -> None:

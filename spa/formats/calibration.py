@@ -110,6 +110,29 @@ def stored_array(stream: io.BufferedIOBase, where: str, size: int) -> StoredArra
     return StoredArray(where, tuple(shape), dtype, fortran, stream, size - stream.tell())
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def is_npy(path: Path) -> bool:
+    """Whether ``path`` (a regular file) is an .npy array, by its magic: an .npz is a zip archive."""
+    with open_regular(path) as handle:
+        return handle.read(len(NPY_MAGIC)) == NPY_MAGIC
+
+
+def npy_samples(path: Path, ranks: dict[str, int], samples: int) -> tuple[dict, dict]:
+    """The samples of one .npy file, for a model with a single input (``ranks``: name -> rank),
+    and how many it holds."""
+    if len(ranks) != 1:
+        raise UsageError(
+            f"--calib {path}: one .npy file feeds a model with one input; this one has inputs "
+            f"{', '.join(ranks)}: give an .npz of arrays named after them, or a folder of <input>.npy files"
+        )
+    ((name, rank),) = ranks.items()
+    with open_regular(path) as handle:
+        stored = stored_array(handle, str(path), os.fstat(handle.fileno()).st_size)
+        return {name: stored.read(rank, samples)}, {name: stored.samples(rank)}
+
+
 def archive_members(archive: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
     """An .npz archive's arrays by name, refused when they would decompress past ARCHIVE_BUDGET
     (as the zip directory declares them; a member that decompresses to more is caught by its

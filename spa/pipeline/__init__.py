@@ -24,6 +24,7 @@ from spa.pipeline.planned import PlannedGroup, PrunePlan
 from spa.pipeline.pruned import PrunedModel
 from spa.pipeline.reports import Timer
 from spa.pipeline.scored import ScoredModel, score
+from spa.pipeline.usage import check_calibration_path, check_patterns
 
 __all__ = [
     "CLI_RUN",
@@ -54,8 +55,10 @@ def prune_model(
     """Every stage in turn, validated where ``run.check`` says: what ``spa.prune`` and ``spa prune`` run."""
     set_timeout(run.run_timeout)
     resolve_providers(list(run.providers) or ["cpu"])  # one not installed is refused before any work
+    check_calibration_path(scoring.calib)
     timer = Timer()
     model = load(source, progress)
+    check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
     # the model runs at the sizes asked for and those that follow them: each must fit
     check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
     analyzed = analyze(model, groups, progress, timer=timer)

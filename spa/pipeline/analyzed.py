@@ -14,11 +14,13 @@ from spa.analysis.layers import LayerIndex
 from spa.core.feeds import given_values
 from spa.core.graph import ModelGraph
 from spa.core.runtime import check_input_sizes, complete_sizes, counted_sizes, unsized_axes
+from spa.formats.calib_reader import CalibrationReader
 from spa.formats.model import Model, Progress, load, say
 from spa.ops.registry import Registry
 from spa.pipeline.options import AnalyzeOptions, RunOptions, ScoreOptions
 from spa.pipeline.reports import AnalysisReport, GroupReport, Timer, count_model
 from spa.pipeline.scored import ScoredModel, score
+from spa.pipeline.usage import check_patterns
 from spa.reporting.metrics import ModelStats, bodies
 
 
@@ -73,7 +75,7 @@ class AnalyzedModel:
     def score(
         self,
         criterion: str | None = None,
-        data: str | os.PathLike | None = None,
+        data: str | os.PathLike | CalibrationReader | None = None,
         *,
         options: ScoreOptions | None = None,
         run: RunOptions | None = None,
@@ -81,7 +83,8 @@ class AnalyzedModel:
         progress: Progress | None = None,
     ) -> ScoredModel:
         """Rank the units of every prunable group by ``criterion`` (``spa.scoring.criteria``), with
-        layer-input statistics from ``data`` (calibration inputs) or synthetic inputs. ``statistics``
+        layer-input statistics from ``data`` (calibration inputs: a path, or an object with
+        onnxruntime's ``CalibrationDataReader`` protocol) or synthetic inputs. ``statistics``
         says whether to collect them; None: when the criterion reads them or data is given."""
         options = options or ScoreOptions()
         if criterion is not None or data is not None:
@@ -105,6 +108,7 @@ def analyze(
     given = dict(options.input_shapes or {})
     check_input_sizes(model.proto, given)
     given_values(model.proto, options.inputs)  # refused before any work
+    check_patterns(model.graph, "--exclude", options.exclude)
     sizes = complete_sizes(model.proto, given)
     timer.lap("load")
     say(progress, "group")

@@ -11,11 +11,12 @@ import onnx
 from spa.core.errors import ModelLoadError, UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import RunTimeout
-from spa.core.runtime import Source, one_line, refuse_oversized, resolve_providers, sample_inputs, static_batch
+from spa.core.runtime import Source, refuse_oversized, resolve_providers, sample_inputs, static_batch
 from spa.core.tensors import write_beside_data, write_external
 from spa.formats.model import Progress, say
 from spa.formats.shapes import infer_shapes
 from spa.pipeline.options import RunOptions
+from spa.scoring.calibration_fit import calibration_run_error
 from spa.transforms.cut import apply_plan, soft_transform
 from spa.verify import fidelity
 from spa.verify.bench import compare
@@ -37,6 +38,7 @@ def validate_pruned(pruned: PrunedModel, run: RunOptions, progress: Progress | N
         else:
             validation.fidelity = _fidelity(pruned, scored.calibration, scored.options.calib_samples, run)
         validation.problems += fidelity.nonfinite_problems(validation.fidelity)
+    validation.latency_asked = run.bench
     if run.bench:
         say(progress, "latency")
         validation.latency = _latencies(pruned, validation, run)
@@ -129,7 +131,7 @@ def _fidelity(
     except RunTimeout:
         raise
     except Exception as exc:  # the samples themselves do not fit the model (the statistics may not have run them)
-        raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
+        raise calibration_run_error(exc) from None
 
 
 def _latencies(pruned: PrunedModel, validation: Validation, run: RunOptions) -> list[dict]:
@@ -138,6 +140,7 @@ def _latencies(pruned: PrunedModel, validation: Validation, run: RunOptions) -> 
     if not validation.ok or dense.lazy:  # two large sessions at once would double memory
         return []
     feeds = sample_inputs(dense.as_input_format, run.seed, shapes=pruned.plan.scored.analyzed.sizes)
+    validation.latency_at = {name: list(value.shape) for name, value in feeds.items()}
     names = list(dict.fromkeys(["CPUExecutionProvider", *resolve_providers(list(run.providers) or ["cpu"])]))
     hard = _hard(pruned)
     return [

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from spa.core.coupling import ATTENTION_UNITS
 from spa.core.errors import UsageError
 from spa.core.runlimit import RUN_TIMEOUT, checked_timeout
+from spa.formats.calib_reader import CalibrationReader, is_reader
 from spa.ops.registry import DEFAULT, Registry
 from spa.planning.search import Target
 from spa.scoring.criteria import CRITERIA
@@ -48,9 +49,11 @@ class ScoreOptions:
     """How units are ranked, and the data the ranking and the refit read."""
 
     criterion: str = "obspa"
-    # an .npz of named input arrays or a folder of .npy files; the first ``calib_samples`` feed the
-    # statistics, up to ``spa.verify.fidelity.SAMPLES`` after them measure the pruned outputs
-    calib: str | os.PathLike[str] | None = None
+    # an .npz of named input arrays, an .npy file (single-input models), a folder of .npy files,
+    # or an object with onnxruntime's CalibrationDataReader protocol (``get_next()``); the first
+    # ``calib_samples`` feed the statistics, up to ``spa.verify.fidelity.SAMPLES`` after them
+    # measure the pruned outputs
+    calib: str | os.PathLike[str] | CalibrationReader | None = None
     calib_samples: int = 128
     # synthetic inputs run without ``calib`` (None: enough for every layer input's X^T X, within a budget)
     synthetic_samples: int | None = None
@@ -58,6 +61,11 @@ class ScoreOptions:
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion '{self.criterion}' (choose from {', '.join(sorted(CRITERIA))})")
+        if self.calib is not None and not isinstance(self.calib, (str, os.PathLike)) and not is_reader(self.calib):
+            raise UsageError(
+                "calibration data must be a path or an object with get_next() (onnxruntime's "
+                f"CalibrationDataReader protocol), got {type(self.calib).__name__}"
+            )
         if CRITERIA[self.criterion].data == "calibration" and self.calib is None:
             raise UsageError(f"--criterion {self.criterion} ranks channels by calibration data: give --calib FILE")
         if self.calib_samples < 1:

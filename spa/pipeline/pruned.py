@@ -15,12 +15,14 @@ from spa.core import feeds as feed_spec
 from spa.core.runlimit import own_context, set_timeout
 from spa.core.runtime import counted_sizes, static_batch, unsized_axes
 from spa.core.signals import ScratchDirectory
+from spa.formats.calib_reader import is_reader, reader_label
 from spa.formats.export import ExportCheck, export
 from spa.formats.model import Model, Progress, say
 from spa.formats.shapes import infer_shapes
 from spa.pipeline.checks import validate_pruned
 from spa.pipeline.options import CutOptions, RunOptions
 from spa.pipeline.reports import GroupReport, PruneReport, Timer, count_model
+from spa.pipeline.summary import summarize
 from spa.reporting.metrics import ModelStats
 from spa.transforms.compensate import Compensation
 from spa.transforms.compensate import compensate as layerwise_refit
@@ -199,7 +201,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
     options = {
         "ratio": plan.options.ratio,
         "criterion": score.criterion,
-        "calib": str(score.calib) if score.calib is not None else None,
+        "calib": calib_label(score.calib),
         "calib_samples": score.calib_samples,
         "compensate": pruned.options.compensates(score),
         "global": plan.options.global_rank,
@@ -237,7 +239,15 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         flops_at=counted_sizes(model.proto, sizes),
         unsized_axes=unsized_axes(model.proto, sizes),
         flops_uncounted=analyzed.dense.uncounted(),
+        summary=summarize(pruned, calib_label(score.calib)),
     )
+
+
+def calib_label(calib) -> str | None:
+    """The calibration data as the report names it: its path, or the reader's class."""
+    if calib is None:
+        return None
+    return reader_label(calib) if is_reader(calib) else str(calib)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -14,6 +14,7 @@ from spa.core.signals import ScratchDirectory
 from spa.formats.model import Model
 from spa.formats.shapes import with_input_sizes
 from spa.ops.registry import DEFAULT, Registry
+from spa.pipeline.summary import Summary
 from spa.planning.search import RoundToOutcome, TargetOutcome
 from spa.reporting.group_layers import LayerRole, group_layer_roles
 from spa.reporting.metrics import ModelStats, count
@@ -115,6 +116,8 @@ class PruneReport:
     flops_at: dict[str, list[int]] = field(default_factory=dict)  # input sizes the FLOPs are counted at
     unsized_axes: list[str] = field(default_factory=list)  # free axes past the batch FLOPs count as 1
     flops_uncounted: dict[str, int] = field(default_factory=dict)  # op type -> nodes of unknown shape (dense)
+    # what happened to accuracy and speed, and the input sizes each figure was taken at
+    summary: Summary | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)

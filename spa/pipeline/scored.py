@@ -11,13 +11,15 @@ import numpy as np
 
 from spa.core import feeds as feed_spec
 from spa.core import probe
-from spa.core.errors import ModelLoadError, UsageError
+from spa.core.errors import UsageError
 from spa.core.runlimit import RunTimeout, own_context, set_timeout
-from spa.core.runtime import one_line, refuse_oversized
+from spa.core.runtime import refuse_oversized
+from spa.formats.calib_reader import CalibrationReader
 from spa.formats.model import Progress, say
 from spa.pipeline.options import PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PrunePlan, plan
 from spa.pipeline.reports import Timer
+from spa.scoring.calibration_fit import calibration_run_error
 from spa.scoring.criteria import CRITERIA, ScoreContext
 from spa.scoring.statistics import (
     Statistics,
@@ -173,7 +175,9 @@ def _rescale_fallbacks(scores: dict[int, np.ndarray], fallbacks: list[int]) -> N
             scores[gid] = scores[gid] / mean * level
 
 
-def _calibration(analyzed: AnalyzedModel, calib: str | os.PathLike[str], calib_samples: int) -> dict[str, np.ndarray]:
+def _calibration(
+    analyzed: AnalyzedModel, calib: str | os.PathLike[str] | CalibrationReader, calib_samples: int
+) -> dict[str, np.ndarray]:
     """The calibration samples: the first ``calib_samples`` feed the statistics, the ones after
     them (if any) measure the pruned model's fidelity."""
     if analyzed.model.lazy:
@@ -207,8 +211,8 @@ def _statistics(
             return collect(model, calib, wanted, "calibration", seed, custom_ops)
         except (UsageError, RunTimeout):
             raise
-        except Exception as exc:
-            raise ModelLoadError(f"onnxruntime could not run the calibration data: {one_line(exc)}") from None
+        except Exception as exc:  # the samples fit the declared shapes, yet the graph refuses them
+            raise calibration_run_error(exc) from None
     try:
         refuse_oversized(model)
         samples = options.synthetic_samples

@@ -29,8 +29,10 @@ from spa.core.coupling import Dim
 from spa.core.errors import UsageError
 from spa.core.graph import Size
 from spa.core.runtime import batch_size, batches, fixed_values, graph_inputs, session, spa_fed, static_batch
-from spa.formats.calibration import archive_members, first_nonfinite, open_regular, stored_array
+from spa.formats.calib_reader import is_reader, read_reader, reader_label
+from spa.formats.calibration import archive_members, first_nonfinite, is_npy, npy_samples, open_regular, stored_array
 from spa.ops.gather import Gather
+from spa.scoring.calibration_fit import check_fit
 
 # a layer input wider than this keeps per-channel sums only (its full X^T X would not fit)
 MAX_GRAM_CHANNELS = 4096
@@ -132,29 +134,31 @@ class Statistics:
 # inputs -------------------------------------------------------------------------------------
 
 
-def load_calibration(path: str | os.PathLike[str], model: onnx.ModelProto, samples: int) -> dict[str, np.ndarray]:
-    """Named input arrays with a leading sample axis, from an .npz or a folder of .npy files: at
-    most the first ``samples`` of each, and only those are read (``spa.formats.calibration`` says how
-    untrusted files are read).
+def load_calibration(source, model: onnx.ModelProto, samples: int) -> dict[str, np.ndarray]:
+    """Named input arrays with a leading sample axis, from an .npz, an .npy file (single-input
+    models), a folder of .npy files, or an object with onnxruntime's ``CalibrationDataReader``
+    protocol (``spa.formats.calib_reader``): at most the first ``samples`` of each, and only those
+    are read (``spa.formats.calibration`` says how untrusted files are read).
 
     A folder holds ``<input name>.npy`` per input; a single-input model may instead take any
-    number of .npy files, each one sample or a batch of samples, read in name order. Values that
-    are not finite are refused: one NaN turns the statistics, and every weight refitted from
-    them, into NaN.
+    number of .npy files, each one sample or a batch of samples, read in name order. Samples
+    whose shape the model's fixed axes exclude are refused, and values that are not finite: one
+    NaN turns the statistics, and every weight refitted from them, into NaN. Samples whose type
+    or range looks wrong for the input get a ``CalibrationWarning`` naming the fix.
     """
-    path = Path(path)
     fed = spa_fed(model)  # control values and states need no arrays
     inputs = [i for i in graph_inputs(model) if i.name not in fed]
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in inputs}
-    try:
-        folder = stat.S_ISDIR(os.stat(path).st_mode)
-    except FileNotFoundError:
-        raise UsageError(f"--calib {path}: no such file or folder") from None
-    except OSError as exc:
-        raise UsageError(f"--calib {path}: cannot read it ({exc.strerror or exc})") from None
-    arrays, counts = _from_folder(path, ranks, samples) if folder else _from_archive(path, ranks, samples)
+    if is_reader(source):
+        where = reader_label(source)
+        arrays, counts = read_reader(source, ranks, samples)
+    else:
+        path = Path(source)
+        where = f"--calib {path}"
+        arrays, counts = _from_path(path, ranks, samples)
     if len(set(counts.values())) != 1:
-        raise UsageError(f"--calib: the arrays hold different sample counts ({sorted(set(counts.values()))})")
+        raise UsageError(f"{where}: the arrays hold different sample counts ({sorted(set(counts.values()))})")
+    check_fit(model, arrays, where)
     feeds = {}
     for info in inputs:
         try:
@@ -162,13 +166,27 @@ def load_calibration(path: str | os.PathLike[str], model: onnx.ModelProto, sampl
                 array = arrays[info.name].astype(_numpy_type(info), copy=False)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UsageError(
-                f"--calib {path}: array '{info.name}' does not convert to the input's type ({type(exc).__name__})"
+                f"{where}: array '{info.name}' does not convert to the input's type ({type(exc).__name__})"
             ) from None
         bad = first_nonfinite(array)
         if bad is not None:
-            raise UsageError(f"--calib {path}: array '{info.name}' holds NaN or inf in sample {bad} (counting from 0)")
+            raise UsageError(f"{where}: array '{info.name}' holds NaN or inf in sample {bad} (counting from 0)")
         feeds[info.name] = array
     return feeds
+
+
+def _from_path(path: Path, ranks: dict[str, int], samples: int) -> tuple[dict, dict]:
+    try:
+        folder = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise UsageError(f"--calib {path}: no such file or folder") from None
+    except OSError as exc:
+        raise UsageError(f"--calib {path}: cannot read it ({exc.strerror or exc})") from None
+    if folder:
+        return _from_folder(path, ranks, samples)
+    if is_npy(path):
+        return npy_samples(path, ranks, samples)
+    return _from_archive(path, ranks, samples)
 
 
 def _from_folder(path: Path, ranks: dict[str, int], samples: int) -> tuple[dict, dict]:

@@ -45,6 +45,8 @@ class Validation:
     # dense vs pruned outputs on calibration samples the statistics did not use (spa.verify.fidelity)
     fidelity: Fidelity | None = None
     latency: list[dict] = field(default_factory=list)  # dense vs pruned per provider (spa.verify.bench.LatencyPair)
+    latency_asked: bool = False  # whether latency was to be timed (it is not for a model that failed)
+    latency_at: dict[str, list[int]] = field(default_factory=dict)  # the input sizes latency was timed at
     sizes: list[dict[str, list[int]]] = field(default_factory=list)  # the input sizes the checks ran at
     # float outputs of the input model holding NaN or inf on the sample inputs: compared where finite
     dense_nonfinite: list[str] = field(default_factory=list)
