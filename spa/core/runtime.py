@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import onnx
 
 from spa.core import runlimit
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
+from spa.core.staging import is_lazy_proto, release, runnable_file
 
 # feeds run through a model at a time where its batch axis is free
 BATCH = 8
@@ -196,10 +198,27 @@ def session(model: Source, threads: int = 0, custom_ops: tuple[str, ...] = ()):
         options.intra_op_num_threads = threads
     for library in custom_ops:
         options.register_custom_ops_library(str(library))
-    if not isinstance(model, onnx.ModelProto):  # a large model: packed weight copies would double it
+    on_disk = not isinstance(model, onnx.ModelProto) or is_lazy_proto(model)
+    if on_disk:  # a model kept on disk: packed weight copies would double its memory
         options.add_session_config_entry("session.disable_prepacking", "1")
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    with opened(model) as source:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+@contextmanager
+def opened(model: Source) -> Iterator[str | bytes]:
+    """What onnxruntime opens ``model`` from: its bytes when its weights are in memory, else a
+    file with its external data beside it (``spa.core.staging``), removed once the session holds it."""
+    if isinstance(model, onnx.ModelProto) and not is_lazy_proto(model):
+        yield model.SerializeToString()
+    elif isinstance(model, onnx.ModelProto):
+        path = runnable_file(model)
+        try:
+            yield str(path)
+        finally:
+            release(path)
+    else:
+        yield str(model)
 
 
 def run(
@@ -345,9 +364,8 @@ def timing_session(
     providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
     in_memory = isinstance(source, onnx.ModelProto)
     try:
-        return ort.InferenceSession(
-            source.SerializeToString() if in_memory else str(source), options, providers=providers
-        )
+        with opened(source) as opened_source:
+            return ort.InferenceSession(opened_source, options, providers=providers)
     except Exception as exc:
         where = "the model" if in_memory else str(source)
         raise ModelLoadError(

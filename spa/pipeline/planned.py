@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +19,7 @@ from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import own_context, set_timeout
 from spa.core.runtime import resolve_providers, sample_inputs
+from spa.core.signals import ScratchDirectory
 from spa.formats.model import Model, Progress, say
 from spa.formats.shapes import infer_shapes, with_input_sizes
 from spa.pipeline.options import CutOptions, PlanOptions
@@ -192,6 +194,7 @@ class Candidates:
     ):
         self.model, self.analysis, self.scores, self.global_rank = model, analysis, scores, global_rank
         self.dense, self.normalise, self.sizes, self.group_ratios = dense, normalise, sizes, group_ratios
+        self._workdir: ScratchDirectory | None = None
 
     def plan(self, ratio: float, round_to: int) -> Plan:
         return units_to_remove(
@@ -201,8 +204,12 @@ class Candidates:
     def hard(self, ratio: float, round_to: int) -> onnx.ModelProto:
         """The cut at ``ratio``, in the input's format: what latency is timed on."""
         m = self.model
+        spill = None
+        if m.lazy:  # written to a scratch folder that lasts until the next candidate's
+            self._workdir = ScratchDirectory()
+            spill = Path(self._workdir.name) / "candidate.onnx.data"
         return m.derived(
-            apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio, round_to), m.opset)
+            apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio, round_to), m.opset, spill=spill)
         ).as_input_format
 
     def kept(self, metric: str, ratio: float, round_to: int) -> float:
@@ -222,11 +229,6 @@ class Candidates:
         ).ratio
 
     def meter(self, provider: str, run) -> LatencyMeter:
-        if self.model.lazy:
-            raise UsageError(
-                "--target-latency and --round-to auto time the model in memory; models with "
-                "external data are not supported by them yet"
-            )
         dense = self.model.as_input_format
         feeds = sample_inputs(dense, run.seed, shapes=self.sizes)
         return LatencyMeter(dense, feeds, provider, run.threads, tuple(run.custom_ops))
