@@ -215,6 +215,10 @@ class TensorWriter:
             item.key, item.value = key, entry
         return stub
 
+    def flush(self) -> None:
+        """Make what was added readable by others (onnxruntime) while more is still to come."""
+        self.handle.flush()
+
     def close(self) -> None:
         self.handle.close()
 

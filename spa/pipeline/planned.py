@@ -194,7 +194,7 @@ class Candidates:
     ):
         self.model, self.analysis, self.scores, self.global_rank = model, analysis, scores, global_rank
         self.dense, self.normalise, self.sizes, self.group_ratios = dense, normalise, sizes, group_ratios
-        self._workdir: ScratchDirectory | None = None
+        self._workdirs: list[ScratchDirectory] = []
 
     def plan(self, ratio: float, round_to: int) -> Plan:
         return units_to_remove(
@@ -205,9 +205,9 @@ class Candidates:
         """The cut at ``ratio``, in the input's format: what latency is timed on."""
         m = self.model
         spill = None
-        if m.lazy:  # written to a scratch folder that lasts until the next candidate's
-            self._workdir = ScratchDirectory()
-            spill = Path(self._workdir.name) / "candidate.onnx.data"
+        if m.lazy:  # written to scratch folders that last as long as the search
+            self._workdirs.append(ScratchDirectory())
+            spill = Path(self._workdirs[-1].name) / "candidate.onnx.data"
         return m.derived(
             apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio, round_to), m.opset, spill=spill)
         ).as_input_format

@@ -179,7 +179,7 @@ def _sequential(
         return sequential, None
     candidates = {}
     for name, candidate in (("layerwise", layerwise), ("sequential", sequential)):
-        spill = folder / f"{name}.onnx.data" if folder else None
+        spill = folder / f"cut-{name}.onnx.data" if folder else None
         hard = infer_shapes(
             apply_plan(candidate.proto, candidate.graph, analysis, plan.units, model.opset, spill=spill)
         )

@@ -244,10 +244,12 @@ class _Written:
 
     def add(self, values: dict[str, np.ndarray], soft: bool = False) -> dict[str, onnx.TensorProto]:
         writer = self.soft if soft else self.refit
-        return {
+        written = {
             name: writer.add(name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype), np.asarray(value))
             for name, value in values.items()
         }
+        writer.flush()  # the next wave runs the soft model, which reads them
+        return written
 
     def close(self) -> None:
         self.refit.close()
