@@ -19,6 +19,7 @@ import onnx
 from spa.core import runlimit
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
 from spa.core.staging import is_lazy_proto, release, runnable_file
+from spa.core.tensors import data_bytes
 
 # feeds run through a model at a time where its batch axis is free
 BATCH = 8
@@ -183,6 +184,22 @@ def sample_inputs(
 
 Source = onnx.ModelProto | Path  # a model in memory, or a file (models with external data)
 
+# Above this much external data, sessions skip onnxruntime's weight prepacking, whose packed
+# copies would double the memory a large model takes. Below it they prepack as they do for
+# inline models: prepacked kernels sum in another order, and a model saved with external data
+# must give the same statistics, to the bit, and so the same pruned weights, as saved inline.
+PREPACK_MAX_BYTES = 512 << 20
+
+
+def external_bytes(model: Source) -> int:
+    """Bytes of the weights a model keeps in external data (0 for a model held in memory)."""
+    proto = proto_of(model)
+    return sum(
+        data_bytes(tensor.data_type, math.prod(tensor.dims)) or 0
+        for tensor in proto.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+    )
+
 
 def proto_of(source: Source) -> onnx.ModelProto:
     return source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
@@ -198,8 +215,7 @@ def session(model: Source, threads: int = 0, custom_ops: tuple[str, ...] = ()):
         options.intra_op_num_threads = threads
     for library in custom_ops:
         options.register_custom_ops_library(str(library))
-    on_disk = not isinstance(model, onnx.ModelProto) or is_lazy_proto(model)
-    if on_disk:  # a model kept on disk: packed weight copies would double its memory
+    if external_bytes(model) > PREPACK_MAX_BYTES:  # packed weight copies would double its memory
         options.add_session_config_entry("session.disable_prepacking", "1")
     with opened(model) as source:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
