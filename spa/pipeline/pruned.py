@@ -21,6 +21,7 @@ from spa.pipeline.checks import validate_pruned
 from spa.pipeline.options import CutOptions, RunOptions
 from spa.pipeline.reports import GroupReport, PruneReport, Timer, count_model
 from spa.reporting.metrics import ModelStats
+from spa.scoring.criteria import release_layer_systems
 from spa.transforms.compensate import Compensation
 from spa.transforms.compensate import compensate as layerwise_refit
 from spa.transforms.cut import apply_plan
@@ -124,6 +125,8 @@ def cut(plan: PrunePlan, options: CutOptions, progress: Progress | None = None) 
             say(progress, "refit")
             weights, chosen = _sequential(plan, weights, compensation, options.refit == "auto", folder)
         timer.lap("compensate")
+    if folder is not None:
+        release_layer_systems(analysis)
     say(progress, "cut")
     spill = folder / "pruned.onnx.data" if folder else None
     if chosen:
