@@ -198,3 +198,12 @@ def test_sessions_leave_the_model_folder_as_it_was(tmp_path):
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in external.parent.iterdir()}
     spa.prune(external, ratio=0.3, bench=True)
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in external.parent.iterdir()} == before
+
+
+def test_the_model_loads_with_onnx_after_spa_ran_on_it(tmp_path):
+    # onnx.load refuses a data file with a second hard link: spa's must not outlive its sessions
+    external, _ = _both(_conv_net(), tmp_path)
+    spa.prune(external, ratio=0.3, bench=True)
+    data = next(p for p in external.parent.iterdir() if p != external)
+    assert data.stat().st_nlink == 1
+    onnx.load(str(external))

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import render_results  # noqa: E402
 
 import spa  # noqa: E402
+import spa.api  # noqa: E402
 from spa.core.runtime import session  # noqa: E402
 from spa.formats.export import export  # noqa: E402
 from spa.scoring.criteria import CRITERIA  # noqa: E402
