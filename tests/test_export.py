@@ -249,10 +249,12 @@ def _with_external_data(folder: Path) -> Path:
     return path
 
 
-def test_fp16_of_a_model_with_external_data_is_refused(tmp_path):
+def test_fp16_of_a_model_with_external_data_is_that_of_the_inline_model(tmp_path):
     lazy = load_model(_with_external_data(tmp_path))
-    with pytest.raises(UsageError, match="external data"):
-        to_fp16(lazy)
+    converted, inline = to_fp16(lazy), to_fp16(onnx.load(str(EXAMPLE)))
+    assert [numpy_helper.to_array(t).tobytes() for t in converted.graph.initializer] == [
+        numpy_helper.to_array(t).tobytes() for t in inline.graph.initializer
+    ]
 
 
 def _ort_outputs(path: Path, feeds) -> list[np.ndarray]:

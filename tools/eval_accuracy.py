@@ -46,7 +46,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 import render_results  # noqa: E402
 
 import spa  # noqa: E402
+import spa.api  # noqa: E402
 from spa.core.runtime import session  # noqa: E402
+from spa.formats.export import export  # noqa: E402
 from spa.scoring.criteria import CRITERIA  # noqa: E402
 from spa.verify import fidelity  # noqa: E402
 
@@ -89,7 +91,25 @@ class Row:
     output_error: float | None = None  # held-out calibration samples, relative to the dense output
 
 
-def local_bench(name: str, samples: int = CALIB_SAMPLES) -> Bench:
+_FOLDERS: list[tempfile.TemporaryDirectory] = []  # external-data copies, kept for the whole run
+
+
+def with_external_data(model: Path) -> Path:
+    """A copy of ``model`` with every weight in external data, as torch's default export writes it."""
+    _FOLDERS.append(tempfile.TemporaryDirectory())
+    path = Path(_FOLDERS[-1].name) / model.name
+    onnx.save(
+        onnx.load(model),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{model.name}.data",
+        size_threshold=0,
+    )
+    return path
+
+
+def local_bench(name: str, samples: int = CALIB_SAMPLES, external_data: bool = False) -> Bench:
     dataset = name.split("_")[0]
     test = np.load(ROOT / "models" / "data" / f"{dataset}_test.npz")
     inputs, labels = test["input"], test["label"]
@@ -101,7 +121,8 @@ def local_bench(name: str, samples: int = CALIB_SAMPLES) -> Bench:
 
     calib = ROOT / "models" / "data" / f"{dataset}_calib.npz"
     held_out = {k: v[samples:] for k, v in np.load(calib).items()}  # 256 in the file
-    return Bench(name, ROOT / "models" / f"{name}.onnx", calib, "accuracy", accuracy, held_out)
+    model = ROOT / "models" / f"{name}.onnx"
+    return Bench(name, with_external_data(model) if external_data else model, calib, "accuracy", accuracy, held_out)
 
 
 def external_bench(name: str) -> Bench:
@@ -142,7 +163,7 @@ def run_spa(
         seed=seed,
         refit=refit,
     )
-    onnx.save(result.model, out)
+    export(result.model, out, check=False)  # the model's own storage: a model with external data keeps it
     seconds = sum(v for k, v in result.report.seconds.items() if k not in ("validate",))
     note = "" if result.report.validation.soft_equal in (True, None) else "soft!=hard"
     if compensate and refit != "auto":  # rows off spa's default say so
@@ -323,6 +344,11 @@ def main(argv=None) -> int:
         default="auto",
         help="spa's refit for the compensated rows (the docs' rows: auto, spa's default)",
     )
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        help="prune copies of the models of models/ re-saved with all their weights in external data",
+    )
     parser.add_argument("--out", type=Path, help="write the markdown table (and the claims) here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument(
@@ -347,7 +373,7 @@ def main(argv=None) -> int:
     log = lambda row: print(markdown([row]).splitlines()[-1], flush=True)  # noqa: E731
     for name in args.models:
         try:
-            bench = local_bench(name, args.calib_samples) if name in LOCAL else external_bench(name)
+            bench = local_bench(name, args.calib_samples, args.external_data) if name in LOCAL else external_bench(name)
         except Exception as exc:  # noqa: BLE001 - a missing suite skips its rows, and says why
             print(f"<!-- {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:100]}) -->", flush=True)
             continue

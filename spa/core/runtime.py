@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import onnx
 from spa.core import feeds as feed_spec
 from spa.core import runlimit
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
+from spa.core.staging import is_lazy_proto, release, runnable_file
+from spa.core.tensors import data_bytes
 
 # feeds run through a model at a time where its batch axis is free
 BATCH = 8
@@ -199,6 +202,22 @@ def fixed_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 Source = onnx.ModelProto | Path  # a model in memory, or a file (models with external data)
 
+# Above this much external data, sessions skip onnxruntime's weight prepacking, whose packed
+# copies would double the memory a large model takes. Below it they prepack as they do for
+# inline models: prepacked kernels sum in another order, and a model saved with external data
+# must give the same statistics, to the bit, and so the same pruned weights, as saved inline.
+PREPACK_MAX_BYTES = 512 << 20
+
+
+def external_bytes(model: Source) -> int:
+    """Bytes of the weights a model keeps in external data (0 for a model held in memory)."""
+    proto = proto_of(model)
+    return sum(
+        data_bytes(tensor.data_type, math.prod(tensor.dims)) or 0
+        for tensor in proto.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+    )
+
 
 def proto_of(source: Source) -> onnx.ModelProto:
     return source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
@@ -214,10 +233,26 @@ def session(model: Source, threads: int = 0, custom_ops: tuple[str, ...] = ()):
         options.intra_op_num_threads = threads
     for library in custom_ops:
         options.register_custom_ops_library(str(library))
-    if not isinstance(model, onnx.ModelProto):  # a large model: packed weight copies would double it
+    if external_bytes(model) > PREPACK_MAX_BYTES:  # packed weight copies would double its memory
         options.add_session_config_entry("session.disable_prepacking", "1")
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    with opened(model) as source:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+@contextmanager
+def opened(model: Source) -> Iterator[str | bytes]:
+    """What onnxruntime opens ``model`` from: its bytes when its weights are in memory, else a
+    file with its external data beside it (``spa.core.staging``), removed once the session holds it."""
+    if isinstance(model, onnx.ModelProto) and not is_lazy_proto(model):
+        yield model.SerializeToString()
+    elif isinstance(model, onnx.ModelProto):
+        path = runnable_file(model)
+        try:
+            yield str(path)
+        finally:
+            release(path)
+    else:
+        yield str(model)
 
 
 def run(
@@ -400,11 +435,8 @@ def timing_session(
     providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
     in_memory = isinstance(source, onnx.ModelProto)
     try:
-        return ort.InferenceSession(
-            source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source),
-            options,
-            providers=providers,
-        )
+        with opened(source) as opened_source:
+            return ort.InferenceSession(opened_source, options, providers=providers)
     except Exception as exc:
         where = "the model" if in_memory else str(source)
         raise ModelLoadError(

@@ -120,6 +120,12 @@ def _remove_tree(name: str) -> None:
         _SCRATCH.discard(name)
 
 
+def is_scratch(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is one of this process's scratch folders (never a user's)."""
+    resolved = Path(folder).resolve()
+    return any(Path(name).resolve() == resolved for name in _SCRATCH)
+
+
 def remove_scratch() -> None:
     """Remove every scratch folder still present: the command's last step on any exit path."""
     for name in list(_SCRATCH):

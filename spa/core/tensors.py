@@ -158,6 +158,16 @@ def shell(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every external initializer read into it (for tools that need values in the proto)."""
+    out = shell(model)
+    for tensor in model.graph.initializer:
+        out.graph.initializer.append(
+            numpy_helper.from_array(to_array(tensor), tensor.name) if uses_external_data(tensor) else tensor
+        )
+    return out
+
+
 def _copy_field(target, field, value) -> None:
     repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
     if repeated:
@@ -204,6 +214,10 @@ class TensorWriter:
             item = stub.external_data.add()
             item.key, item.value = key, entry
         return stub
+
+    def flush(self) -> None:
+        """Make what was added readable by others (onnxruntime) while more is still to come."""
+        self.handle.flush()
 
     def close(self) -> None:
         self.handle.close()

@@ -21,7 +21,7 @@ from spa.core.errors import OutputError, UsageError, ValidationError
 from spa.core.runlimit import RUN_TIMEOUT, RunTimeout, own_context, set_stage, set_timeout
 from spa.core.runtime import one_line, outputs_of, refuse_oversized, sample_inputs, session
 from spa.core.signals import deferred, remove_quietly
-from spa.core.tensors import is_lazy, to_array, write_external
+from spa.core.tensors import inlined, is_lazy, to_array, write_external
 from spa.formats.checker import checker_complaint
 from spa.formats.files import refuse_special, save_model
 from spa.verify.compare import newly_nonfinite, relative_error, same_shapes
@@ -103,8 +103,6 @@ def to_fp16(model: onnx.ModelProto, keep_io_float32: bool = True) -> onnx.ModelP
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    if is_lazy(model):
-        raise UsageError("--fp16 is not supported for models with external data yet")
     clamped = out_of_fp16_range(model)
     if clamped:
         warnings.warn(
@@ -112,11 +110,18 @@ def to_fp16(model: onnx.ModelProto, keep_io_float32: bool = True) -> onnx.ModelP
             Fp16RangeWarning,
             stacklevel=2,
         )
-    work = onnx.ModelProto()
-    work.CopyFrom(model)  # the converter edits its argument in place
+    # the converter edits its argument in place, and reads every weight: a model whose weights
+    # stay on disk is converted from an inlined copy (its float32 weights once, plus the result)
+    work = inlined(model) if is_lazy(model) else _copy_of(model)
     converted = convert_float_to_float16(work, keep_io_types=keep_io_float32)
     _sort_topologically(converted.graph)
     return converted
+
+
+def _copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def out_of_fp16_range(model: onnx.ModelProto) -> list[str]:

@@ -137,14 +137,22 @@ def _fidelity(
 def _latencies(pruned: PrunedModel, validation: Validation, run: RunOptions) -> list[dict]:
     """Dense vs pruned median latency on the CPU and every provider named."""
     dense = pruned.dense
-    if not validation.ok or dense.lazy:  # two large sessions at once would double memory
+    if not validation.ok:
         return []
     feeds = sample_inputs(dense.as_input_format, run.seed, shapes=pruned.plan.scored.analyzed.sizes)
     validation.latency_at = {name: list(value.shape) for name, value in feeds.items()}
     names = list(dict.fromkeys(["CPUExecutionProvider", *resolve_providers(list(run.providers) or ["cpu"])]))
     hard = _hard(pruned)
     return [
-        compare(dense.as_input_format, hard, feeds, name, run.threads, custom_ops=tuple(run.custom_ops)).as_dict()
+        compare(
+            dense.as_input_format,
+            hard,
+            feeds,
+            name,
+            run.threads,
+            custom_ops=tuple(run.custom_ops),
+            one_at_a_time=dense.lazy,
+        ).as_dict()
         for name in names
     ]
 

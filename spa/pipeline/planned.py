@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,7 @@ from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import own_context, set_timeout
 from spa.core.runtime import resolve_providers, sample_inputs
+from spa.core.signals import ScratchDirectory
 from spa.formats.model import Model, Progress, say
 from spa.formats.shapes import infer_shapes, with_input_sizes
 from spa.pipeline.options import CutOptions, PlanOptions
@@ -203,6 +205,7 @@ class Candidates:
     ):
         self.model, self.analysis, self.scores, self.global_rank = model, analysis, scores, global_rank
         self.dense, self.normalise, self.sizes, self.group_ratios = dense, normalise, sizes, group_ratios
+        self._workdirs: list[ScratchDirectory] = []
 
     def plan(self, ratio: float, round_to: int) -> Plan:
         return units_to_remove(
@@ -212,8 +215,12 @@ class Candidates:
     def hard(self, ratio: float, round_to: int) -> onnx.ModelProto:
         """The cut at ``ratio``, in the input's format: what latency is timed on."""
         m = self.model
+        spill = None
+        if m.lazy:  # written to scratch folders that last as long as the search
+            self._workdirs.append(ScratchDirectory())
+            spill = Path(self._workdirs[-1].name) / "candidate.onnx.data"
         return m.derived(
-            apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio, round_to), m.opset)
+            apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio, round_to), m.opset, spill=spill)
         ).as_input_format
 
     def kept(self, metric: str, ratio: float, round_to: int) -> float:
@@ -233,11 +240,6 @@ class Candidates:
         ).ratio
 
     def meter(self, provider: str, run) -> LatencyMeter:
-        if self.model.lazy:
-            raise UsageError(
-                "--target-latency and --round-to auto time the model in memory; models with "
-                "external data are not supported by them yet"
-            )
         dense = self.model.as_input_format
         feeds = sample_inputs(dense, run.seed, shapes=self.sizes)
         return LatencyMeter(dense, feeds, provider, run.threads, tuple(run.custom_ops))

@@ -24,6 +24,7 @@ from spa.pipeline.options import CutOptions, RunOptions
 from spa.pipeline.reports import GroupReport, PruneReport, Timer, count_model
 from spa.pipeline.summary import summarize
 from spa.reporting.metrics import ModelStats
+from spa.scoring.criteria import release_layer_systems
 from spa.transforms.compensate import Compensation
 from spa.transforms.compensate import compensate as layerwise_refit
 from spa.transforms.cut import apply_plan
@@ -121,17 +122,21 @@ def cut(plan: PrunePlan, options: CutOptions, progress: Progress | None = None) 
     timer = Timer(plan.seconds)
     model, analysis, units = analyzed.model, analyzed.analysis, plan.units
     weights, compensation, chosen = model, None, None
+    # a model whose weights stay on disk: refits and the cut are written here, never held whole
+    workdir = ScratchDirectory() if model.lazy else None
+    folder = Path(workdir.name) if workdir else None
     if options.compensates(scored.options):
         say(progress, "compensate")
-        weights, compensation = _compensate(plan, lambda done, total: say(progress, "compensate", done, total))
+        weights, compensation = _compensate(plan, folder, lambda done, total: say(progress, "compensate", done, total))
         sequential = options.refit == "sequential" or (options.refit == "auto" and scored.calib_feeds)
         if units.removed and scored.statistics is not None and sequential:
             say(progress, "refit")
-            weights, chosen = _sequential(plan, weights, compensation, options.refit == "auto")
+            weights, chosen = _sequential(plan, weights, compensation, options.refit == "auto", folder)
         timer.lap("compensate")
+    if folder is not None:
+        release_layer_systems(analysis)
     say(progress, "cut")
-    workdir = ScratchDirectory() if model.lazy else None
-    spill = Path(workdir.name) / "pruned.onnx.data" if workdir else None
+    spill = folder / "pruned.onnx.data" if folder else None
     if chosen:
         hard = chosen.hard
     else:
@@ -142,18 +147,19 @@ def cut(plan: PrunePlan, options: CutOptions, progress: Progress | None = None) 
     return pruned
 
 
-def _compensate(plan: PrunePlan, step) -> tuple[Model, Compensation]:
+def _compensate(plan: PrunePlan, folder: Path | None, step) -> tuple[Model, Compensation]:
     scored = plan.scored
     model, analysis, layers = scored.analyzed.model, scored.analyzed.analysis, scored.analyzed.layers
     if scored.statistics is None:
-        why = "external data" if model.lazy else "no statistics (onnxruntime could not run the model)"
+        why = "no statistics (onnxruntime could not run the model)"
         return model, Compensation(skipped=[f"all layers: {why}"] if plan.units.removed else [])
-    refitted, outcome = layerwise_refit(model.proto, analysis, layers, plan.units, scored.statistics, step)
+    spill = folder / "refit.onnx.data" if folder else None
+    refitted, outcome = layerwise_refit(model.proto, analysis, layers, plan.units, scored.statistics, spill, step)
     return (model if refitted is model.proto else model.derived(refitted)), outcome
 
 
 def _sequential(
-    plan: PrunePlan, layerwise: Model, compensation: Compensation, choose: bool
+    plan: PrunePlan, layerwise: Model, compensation: Compensation, choose: bool, folder: Path | None
 ) -> tuple[Model, Chosen | None]:
     """The sequential refit of ``layerwise``; with ``choose`` and calibration samples past those the
     statistics read, it is kept only if it moves those held-out outputs less than the layer-wise
@@ -164,7 +170,16 @@ def _sequential(
     feeds = scored.calib_feeds or scored.statistics.feeds
     assert feeds is not None  # statistics collected without calibration data are synthetic and keep their feeds
     refitted, outcome = sequential_refit(
-        model.proto, layerwise.proto, analysis, layers, plan.units, model.opset, feeds, run.seed, tuple(run.custom_ops)
+        model.proto,
+        layerwise.proto,
+        analysis,
+        layers,
+        plan.units,
+        model.opset,
+        feeds,
+        run.seed,
+        tuple(run.custom_ops),
+        folder,
     )
     compensation.sequential = outcome.as_dict()
     compensation.refit = "sequential"
@@ -177,7 +192,10 @@ def _sequential(
         return sequential, None
     candidates = {}
     for name, candidate in (("layerwise", layerwise), ("sequential", sequential)):
-        hard = infer_shapes(apply_plan(candidate.proto, candidate.graph, analysis, plan.units, model.opset))
+        spill = folder / f"cut-{name}.onnx.data" if folder else None
+        hard = infer_shapes(
+            apply_plan(candidate.proto, candidate.graph, analysis, plan.units, model.opset, spill=spill)
+        )
         measured = fidelity.measure(
             model.as_input_format, model.derived(hard).as_input_format, held_out, source, tuple(run.custom_ops)
         )

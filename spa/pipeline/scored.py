@@ -180,8 +180,6 @@ def _calibration(
 ) -> dict[str, np.ndarray]:
     """The calibration samples: the first ``calib_samples`` feed the statistics, the ones after
     them (if any) measure the pruned model's fidelity."""
-    if analyzed.model.lazy:
-        raise UsageError("--calib runs the model in memory; models with external data are not supported yet")
     return load_calibration(calib, analyzed.model.proto, calib_samples + fidelity.SAMPLES)
 
 
@@ -195,14 +193,14 @@ def _statistics(
     """Input statistics of every linear layer a prunable group feeds: from ``calib`` (named feeds),
     else synthetic.
 
-    None where the model cannot be run in memory (external data) or onnxruntime refuses it
-    without calibration data: data-free criteria then use the identity Hessian.
+    None where onnxruntime refuses the model without calibration data: data-free criteria then
+    use the identity Hessian.
     """
     analysis, layers, model = analyzed.analysis, analyzed.layers, analyzed.model.proto
     wanted = list(
         dict.fromkeys(layer.activation for group in analysis.prunable_groups for layer in layers.of_group(group.dims))
     )
-    if calib is None and (analyzed.model.lazy or not wanted):
+    if calib is None and not wanted:
         return None
     say(progress, "statistics")
     seed, custom_ops = run.seed, tuple(run.custom_ops)

@@ -190,6 +190,14 @@ def layer_system(analysis: Analysis, layer: LinearLayer, stats) -> LayerSystem:
     return analysis.cache[key]
 
 
+def release_layer_systems(analysis: Analysis) -> None:
+    """Drop the cached layer systems (each a float64 copy of a layer's weights and its inverse
+    Hessian: a third of a decoder's size in all) once scoring and compensation are done, so a
+    model whose weights stay on disk is timed and written without them."""
+    for key in [k for k in analysis.cache if isinstance(k, tuple) and k and k[0] == "obs-layer"]:
+        del analysis.cache[key]
+
+
 def layer_state(analysis: Analysis, layer: LinearLayer, units: np.ndarray, stats) -> LayerState | DiagonalLayerState:
     """A layer ready for greedy OBS (it copies what it changes). Without statistics, or for an
     input too wide for X^T X (a VGG classifier reads 25,088 features), the diagonal form: a dense

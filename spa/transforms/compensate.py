@@ -11,8 +11,9 @@ so soft == hard still holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ from onnx import numpy_helper
 
 from spa.analysis.groups import Analysis
 from spa.analysis.layers import LayerIndex
+from spa.core.tensors import TensorWriter
 from spa.formats.quantized import Store
 from spa.planning.plan import Plan
 from spa.scoring.criteria import layer_system
@@ -59,18 +61,27 @@ def compensate(
     layers: LayerIndex,
     plan: Plan,
     statistics: Statistics,
+    spill: Path | None = None,
     step: Callable[[int, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, Compensation]:
     """The model with refitted weights for every layer the plan takes input channels from;
-    ``step(done, total)`` is called layer by layer."""
+    ``step(done, total)`` is called layer by layer.
+
+    With ``spill`` (a data file path, for a model whose weights stay on disk), the refitted
+    weights are written there as each layer is done and the model refers to them, so no more
+    than one layer's refit is held in memory."""
     graph = analysis.graph
     removed = plan.removed_units
     result = Compensation()
     new_values: dict[str, np.ndarray] = {}
     errors, raw_errors = [], []
+    store = Store(graph, tuple(layers.layers))
+    writer = _Spill(spill, store) if spill is not None else None
     for done, layer in enumerate(layers.layers):
         if step is not None:
             step(done, len(layers.layers))
+        if writer is not None:
+            new_values = writer.flush(new_values)
         labels = analysis.labels[layer.weight_dim]
         gone = np.isin(labels, removed)
         if not gone.any():
@@ -112,11 +123,34 @@ def compensate(
     if errors:
         result.mean_output_error = float(np.mean(errors))
         result.uncompensated_error = float(np.mean(raw_errors))
-    store = Store(graph, tuple(layers.layers))
-    stored = store(new_values)
+    stored: Mapping[str, np.ndarray | onnx.TensorProto]
+    if writer is not None:
+        writer.flush(new_values)
+        stored = writer.close()
+    else:
+        stored = store(new_values)
     if store.tally.tensors:
         result.requantized = store.tally.as_dict()
     return _with_values(model, stored), result
+
+
+class _Spill:
+    """Refitted values stored (``Store``) and written to a data file layer by layer: the model
+    then holds references to them, as it does to its other weights."""
+
+    def __init__(self, path: Path, store: Store):
+        self.writer, self.store = TensorWriter(path, absolute=True), store
+        self.stubs: dict[str, onnx.TensorProto] = {}
+
+    def flush(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, value in self.store(values).items():
+            data_type = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
+            self.stubs[name] = self.writer.add(name, data_type, np.asarray(value))
+        return {}
+
+    def close(self) -> dict[str, onnx.TensorProto]:
+        self.writer.close()
+        return self.stubs
 
 
 def _diagonal_refit(layer, weight: np.ndarray, bias, gone: np.ndarray, stats):
@@ -140,7 +174,7 @@ def _diagonal_refit(layer, weight: np.ndarray, bias, gone: np.ndarray, stats):
     return layer.unmatrix(refit, weight.shape).astype(weight.dtype), new_bias, loss, raw, energy
 
 
-def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _with_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray | onnx.TensorProto]) -> onnx.ModelProto:
     if not values:
         return model
     out = onnx.ModelProto()
@@ -149,8 +183,10 @@ def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.
     return out
 
 
-def replace_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
-    """Give the initializers named in ``values`` those values, in place."""
+def replace_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray | onnx.TensorProto]) -> None:
+    """Give the initializers named in ``values`` those values (arrays, or tensors already written), in place."""
     for index, tensor in enumerate(model.graph.initializer):
         if tensor.name in values:
-            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
+            value = values[tensor.name]
+            stored = value if isinstance(value, onnx.TensorProto) else numpy_helper.from_array(value, tensor.name)
+            model.graph.initializer[index].CopyFrom(stored)

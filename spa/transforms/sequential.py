@@ -34,7 +34,9 @@ data, ``--refit auto`` keeps it where held-out samples say it moved the outputs 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -46,6 +48,7 @@ from spa.core import runlimit
 from spa.core.coupling import Dim
 from spa.core.graph import ModelGraph
 from spa.core.runtime import session
+from spa.core.tensors import TensorWriter
 from spa.formats.quantized import Store
 from spa.planning.plan import Plan
 from spa.scoring.statistics import (
@@ -164,9 +167,13 @@ def sequential_refit(
     feeds: dict[str, np.ndarray],
     seed: int = 0,
     custom_ops: tuple[str, ...] = (),
+    folder: Path | None = None,
 ) -> tuple[onnx.ModelProto, SequentialRefit]:
     """``weights`` (the dense-shaped model after layer-wise compensation) with every layer that
-    loses input channels refitted on the pruned model's own inputs."""
+    loses input channels refitted on the pruned model's own inputs.
+
+    With ``folder`` (a scratch folder, for a model whose weights stay on disk), the soft model
+    and the refitted weights are written there as they are made, not held in memory."""
     start = time.perf_counter()
     dense_graph = analysis.graph
     removed = plan.removed_units
@@ -186,7 +193,9 @@ def sequential_refit(
     layerwise = ModelGraph(weights)
     zeroed = soft_transform(layerwise, analysis, plan)
     store = Store(dense_graph, tuple(layer for layer, _ in todo))
-    soft = apply_plan(weights, layerwise, analysis, plan, opset, soft=True)
+    spill = folder / "sequential-soft.onnx.data" if folder else None
+    soft = apply_plan(weights, layerwise, analysis, plan, opset, soft=True, spill=spill)
+    written = _Written(folder) if folder else None
     samples = len(next(iter(feeds.values())))
     outcome = SequentialRefit(0, 0, samples, 0.0)
     before, after = [], []
@@ -210,15 +219,44 @@ def sequential_refit(
             after.append(_relative_error(refit, target, fit))
             values.update(_as_tensors(dense_graph, layer, fit, refit))
             outcome.layers += 1
-        values = store(values)
-        replace_initializers(out, values)
-        replace_initializers(soft, {name: zeroed(name, value) for name, value in values.items()})
+        stored = store(values)
+        zeroed_values = {name: zeroed(name, value) for name, value in stored.items()}
+        hard_tensors: Mapping[str, np.ndarray | onnx.TensorProto] = stored
+        soft_tensors: Mapping[str, np.ndarray | onnx.TensorProto] = zeroed_values
+        if written is not None:
+            hard_tensors, soft_tensors = written.add(stored), written.add(zeroed_values, soft=True)
+        replace_initializers(out, hard_tensors)
+        replace_initializers(soft, soft_tensors)
+    if written is not None:
+        written.close()
     if before:
         outcome.layerwise_error, outcome.sequential_error = float(np.mean(before)), float(np.mean(after))
     if store.tally.tensors:
         outcome.requantized = store.tally.as_dict()
     outcome.seconds = time.perf_counter() - start
     return out, outcome
+
+
+class _Written:
+    """Refitted values written to data files in a scratch folder as each wave ends: for the
+    refitted model, and zeroed for its soft form."""
+
+    def __init__(self, folder: Path):
+        self.refit = TensorWriter(folder / "sequential.onnx.data", absolute=True)
+        self.soft = TensorWriter(folder / "sequential-soft-refit.onnx.data", absolute=True)
+
+    def add(self, values: dict[str, np.ndarray], soft: bool = False) -> dict[str, onnx.TensorProto]:
+        writer = self.soft if soft else self.refit
+        written = {
+            name: writer.add(name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype), np.asarray(value))
+            for name, value in values.items()
+        }
+        writer.flush()  # the next wave runs the soft model, which reads them
+        return written
+
+    def close(self) -> None:
+        self.refit.close()
+        self.soft.close()
 
 
 def _waves(graph: ModelGraph, todo: list[tuple[LinearLayer, np.ndarray]]):

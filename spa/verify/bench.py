@@ -149,8 +149,19 @@ def compare(
     runs: int = 20,
     warmup: int = 3,
     custom_ops: tuple[str, ...] = (),
+    one_at_a_time: bool = False,
 ) -> LatencyPair:
-    """Median ms of two in-memory models on one provider, measured alternately."""
-    sessions = [timing_session(m, provider, threads, custom_ops) for m in (dense, pruned)]
-    dense_ms, pruned_ms = (float(np.median(t)) for t in alternate(sessions, feeds, warmup, runs))
+    """Median ms of two models on one provider, measured alternately; ``one_at_a_time`` (models
+    whose weights stay on disk) times one, closes it, then times the other, so that no two
+    copies of the weights are open together."""
+    if one_at_a_time:
+        times = []
+        for model in (dense, pruned):
+            sess = timing_session(model, provider, threads, custom_ops)
+            times += alternate([sess], feeds, warmup, runs)
+            del sess
+    else:
+        sessions = [timing_session(m, provider, threads, custom_ops) for m in (dense, pruned)]
+        times = alternate(sessions, feeds, warmup, runs)
+    dense_ms, pruned_ms = (float(np.median(t)) for t in times)
     return LatencyPair(provider, threads, dense_ms, pruned_ms)
