@@ -25,7 +25,7 @@ from spa.formats.checker import checker_complaint
 from spa.verify.compare import newly_nonfinite, nonfinite_outputs, relative_error, same_shapes
 from spa.verify.fidelity import Fidelity
 
-# soft == hard is checked to this relative error (issue 2: below 1e-4)
+# soft == hard is checked to this relative error (the exactness contract: below 1e-4)
 SOFT_TOLERANCE = 1e-4
 
 
