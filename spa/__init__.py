@@ -11,7 +11,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-from spa.core.errors import ModelLoadError, OutputError, SpaError, UsageError, ValidationError  # noqa: E402
+from spa.core.errors import ModelLoadError, OutputError, SlowerError, SpaError, UsageError, ValidationError  # noqa: E402
 
 # The public names below load on first use, so that importing one stage (``spa.core.runtime``,
 # ``spa.scoring.statistics``) does not load the whole pipeline and every operator with it.
@@ -58,5 +58,6 @@ __all__ = [
     "ModelLoadError",
     "ValidationError",
     "OutputError",
+    "SlowerError",
     "__version__",
 ]

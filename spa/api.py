@@ -12,7 +12,7 @@ from typing import overload
 
 import onnx
 
-from spa.core.errors import ValidationError
+from spa.core.errors import SlowerError, ValidationError
 from spa.core.runlimit import RUN_TIMEOUT, own_context
 from spa.formats.calib_reader import CalibrationReader
 from spa.formats.model import Model, Progress, load
@@ -30,6 +30,7 @@ from spa.pipeline import (
 from spa.pipeline import analyze as analyze_model
 from spa.pipeline.options import REFITS
 from spa.pipeline.reports import AnalysisReport, GroupReport, PruneReport, PruneResult
+from spa.pipeline.summary import slower_than_dense
 from spa.pipeline.usage import ratio_or_default
 
 __all__ = [
@@ -107,7 +108,7 @@ def prune(
     compensate: bool | None = None,
     synthetic_samples: int | None = None,
     global_rank: bool = False,
-    round_to: int | str = 1,
+    round_to: int | str = "auto",
     target_flops: float | None = None,
     target_params: float | None = None,
     target_latency: float | None = None,
@@ -128,6 +129,7 @@ def prune(
     run_timeout: float = RUN_TIMEOUT,
     ratios: dict[str, float] | None = None,
     registry: Registry = DEFAULT,
+    allow_slower: bool = False,
 ) -> PruneResult:
     """Remove the fraction ``ratio`` (None: ``PlanOptions``' 0.3) of the channels of every prunable group.
 
@@ -136,8 +138,13 @@ def prune(
     A target (``target_flops``, ``target_params`` or ``target_latency``, each a fraction of the
     dense model's figure) replaces ``ratio`` (given too: ``UsageError``) with the ratio found to
     meet it: FLOPs and params are counted on candidate cuts, latency timed on the first of ``providers``.
-    ``round_to="auto"`` times candidate channel multiples there and keeps the fastest.
-    ``bench`` times dense and pruned on the CPU and on every provider named.
+    ``round_to="auto"`` (the default) times each layer alone there at candidate widths (cached under
+    ``~/.cache/spa/latency``) and keeps each group's count on the fast side of its curve; targets
+    and ``global_rank`` then spend the cut where it saves the most time per importance lost.
+    ``round_to=N`` keeps counts at multiples of N instead (1: exactly the ratio).
+    ``bench`` times dense and pruned on the CPU and on every provider named; a pruned model slower
+    than the dense one on the first provider (beyond timing noise) raises ``SlowerError`` unless
+    ``allow_slower``.
     ``input_shapes`` (input name -> sizes; inputs sharing a symbolic axis follow) is the size
     FLOPs are counted at (free axes otherwise count 1), validation also runs at and latency is
     timed at; the statistics keep their own sizes.
@@ -180,7 +187,7 @@ def prune(
     targets = (target_flops, target_params, target_latency)
     plan = PlanOptions(ratio_or_default(ratio, targets), dict(ratios or {}), global_rank, round_to, *targets)
     score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples)
-    run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout)
+    run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout, allow_slower)
     cut = CutOptions(compensate, refit, soft)
     groups = AnalyzeOptions(tuple(exclude), approximate, attention, input_shapes, registry, inputs)
     return result_of(prune_model(model_or_path, groups, score, plan, cut, run, progress))
@@ -191,6 +198,9 @@ def result_of(pruned: PrunedModel) -> PruneResult:
     report = pruned.report
     if pruned.validation.problems:
         raise ValidationError("pruned model failed validation: " + "; ".join(pruned.validation.problems))
+    slower = slower_than_dense(pruned)
+    if slower and not pruned.plan.scored.run.allow_slower:
+        raise SlowerError(slower)
     return PruneResult(pruned.model, report, pruned.workdir)
 
 

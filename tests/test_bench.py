@@ -72,3 +72,29 @@ def test_prune_times_on_cuda_besides_the_cpu():
     timed = {pair["provider"]: pair for pair in result.report.validation.latency}
     assert set(timed) == {"CPUExecutionProvider", "CUDAExecutionProvider"}
     assert all(pair["dense_ms"] > 0 and pair["pruned_ms"] > 0 for pair in timed.values())
+
+
+def _free_image_model(tmp_path) -> Path:
+    import onnx
+    from builder import Graph
+
+    g = Graph()
+    x = g.input("image", ["batch", 3, "height", "width"])
+    g.output(g.op("Relu", [g.conv(x, 3, 4)]))
+    path = tmp_path / "free.onnx"
+    onnx.save(g.build(), path)
+    return path
+
+
+def test_bench_states_its_sizes_and_warns_when_a_free_axis_was_guessed(tmp_path):
+    model = _free_image_model(tmp_path)
+    report = tmp_path / "bench.json"
+    guessed = CliRunner().invoke(main, ["bench", str(model), "--runs", "2", "--warmup", "0", "--json", str(report)])
+    assert guessed.exit_code == 0, guessed.output
+    assert "sizes: image=1x3x64x64" in guessed.output
+    assert "image[2], image[3] are free axes that spa sized by a guess" in guessed.output
+    assert json.loads(report.read_text())["results"][0]["guessed"] == ["image[2]", "image[3]"]
+    given = CliRunner().invoke(
+        main, ["bench", str(model), "--runs", "2", "--warmup", "0", "--input-shape", "image=1x3x40x48"]
+    )
+    assert given.exit_code == 0 and "sizes: image=1x3x40x48" in given.output and "guess" not in given.output

@@ -1,4 +1,5 @@
-"""Targets (--target-flops/params/latency) and --round-to auto: searches over real cuts."""
+"""Targets (--target-flops/params/latency): searches over real cuts, with channel counts at a
+multiple (``round_to=N``) or on the latency-aware trajectory of the measured width table."""
 
 import json
 from pathlib import Path
@@ -8,52 +9,63 @@ import pytest
 from click.testing import CliRunner
 
 import spa
-from spa.analysis.groups import find_groups
 from spa.cli.commands import main
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
-from spa.formats.model import Model
+from spa.pipeline.options import PlanOptions, RunOptions
 from spa.pipeline.planned import Candidates
 from spa.planning.search import (
     LATENCY_TOLERANCE,
     MAX_RATIO,
-    ROUND_TO_CANDIDATES,
     Target,
     _next_ratio,
-    pick_round_to,
     reach_latency,
     reach_structural,
 )
 from spa.reporting.metrics import count
-from spa.scoring.criteria import CRITERIA, ScoreContext
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "mini_resnet.onnx"
 
 
 @pytest.fixture(scope="module")
-def candidates():
-    prepared = Model.load(EXAMPLE)
-    analysis = find_groups(prepared.graph, prepared.opset)
-    scores = {g.id: CRITERIA["l2"](analysis, g, ScoreContext(0)) for g in analysis.prunable_groups}
-    return Candidates(prepared, analysis, scores, False, count(prepared.graph), normalise=True)
+def scored():
+    return spa.analyze(spa.load(EXAMPLE)).score("l2")
+
+
+def candidates_for(scored, **plan) -> Candidates:
+    return Candidates(scored, PlanOptions(**plan))
 
 
 @pytest.mark.parametrize("ratio, round_to", [(0.25, 1), (0.5, 1), (0.4, 8)])
-def test_weightless_cut_counts_what_the_real_cut_counts(candidates, ratio, round_to):
-    real = count(ModelGraph(spa.formats.shapes.infer_shapes(candidates.hard(ratio, round_to))))
-    assert candidates.kept("flops", ratio, round_to) == real.flops / candidates.dense.flops
-    assert candidates.kept("params", ratio, round_to) == real.params / candidates.dense.params
+def test_weightless_cut_counts_what_the_real_cut_counts(scored, ratio, round_to):
+    candidates = candidates_for(scored, round_to=round_to)
+    real = count(ModelGraph(spa.formats.shapes.infer_shapes(candidates.hard(ratio))))
+    assert candidates.kept("flops", ratio) == real.flops / candidates.dense.flops
+    assert candidates.kept("params", ratio) == real.params / candidates.dense.params
 
 
 @pytest.mark.parametrize("metric, goal", [("flops", 0.5), ("params", 0.5), ("flops", 0.3), ("params", 0.75)])
-def test_structural_target_is_the_smallest_ratio_that_meets_it(candidates, metric, goal):
-    result = spa.prune(EXAMPLE, **{f"target_{metric}": goal}, bench=False)
+def test_structural_target_is_the_smallest_ratio_that_meets_it(scored, metric, goal):
+    result = spa.prune(EXAMPLE, **{f"target_{metric}": goal}, bench=False, round_to=1)
     report = result.report
     kept = getattr(report, f"{metric}_after") / getattr(report, f"{metric}_before")
     assert kept <= goal and report.target.met and report.target.achieved == pytest.approx(kept)
     assert report.options["ratio"] == report.target.ratio
     # a visibly smaller ratio would have kept too much: the search did not overshoot
-    assert candidates.kept(metric, report.target.ratio - 0.01, 1) > goal
+    assert candidates_for(scored, round_to=1).kept(metric, report.target.ratio - 0.01) > goal
+
+
+@pytest.mark.parametrize("metric, goal", [("flops", 0.5), ("params", 0.6)])
+def test_a_target_on_the_latency_aware_trajectory_stops_at_the_first_point_that_meets_it(scored, metric, goal):
+    candidates = candidates_for(scored, **{f"target_{metric}": goal})
+    candidates.measure_widths("CPUExecutionProvider", RunOptions(threads=1))
+    assert candidates.trajectory is not None and candidates.trajectory.steps
+    outcome = candidates.reach(Target(metric, goal), None)
+    assert outcome.met and outcome.achieved <= goal
+    assert candidates.kept(metric, outcome.ratio - 0.01) > goal
+    # along the trajectory the share kept never grows
+    shares = [candidates.kept(metric, r) for r in np.linspace(0, MAX_RATIO, 12)]
+    assert all(b <= a + 1e-12 for a, b in zip(shares, shares[1:]))
 
 
 def test_unreachable_and_conflicting_targets_are_usage_errors(tmp_path):
@@ -129,54 +141,6 @@ def test_next_ratio_stays_inside_the_bracket():
     ]:
         guess = _next_ratio(0.6, low, lf, high, hf)
         assert low < guess < high
-
-
-class _FakeMeter:
-    provider = "CPUExecutionProvider"
-
-    def __init__(self, medians):
-        self._medians = medians
-
-    def medians(self, models):
-        assert len(models) == len(ROUND_TO_CANDIDATES)
-        return self._medians
-
-
-def test_round_to_auto_keeps_the_smallest_multiple_near_the_fastest():
-    build = lambda ratio, multiple: multiple  # noqa: E731 - the fake meter only counts models
-    assert pick_round_to(0.4, build, _FakeMeter([10.0, 9.0, 7.0, 7.1, 8.0])).chosen == 8
-    assert pick_round_to(0.4, build, _FakeMeter([7.1, 9.0, 7.0, 7.1, 8.0])).chosen == 1  # within 2%
-    assert pick_round_to(0.4, build, _FakeMeter([9.0, 9.0, 9.0, 9.0, 6.0])).chosen == 32
-
-
-def test_round_to_auto_times_every_candidate_and_prunes_with_the_choice(tmp_path):
-    report_path = tmp_path / "report.json"
-    out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(
-        main,
-        [
-            "prune",
-            str(EXAMPLE),
-            "-o",
-            str(out),
-            "--round-to",
-            "auto",
-            "--ratio",
-            "0.4",
-            "--threads",
-            "1",
-            "--json",
-            str(report_path),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(report_path.read_text())
-    auto = report["round_to_auto"]
-    assert sorted(int(m) for m in auto["median_ms"]) == list(ROUND_TO_CANDIDATES)
-    assert report["options"]["round_to"] == auto["chosen"] and "round-to auto" in result.output
-    for group in report["groups"]:
-        if group["removed"]:
-            assert (group["channels"] - group["removed"]) % auto["chosen"] == 0
 
 
 def test_latency_target_reports_its_measurements(tmp_path):

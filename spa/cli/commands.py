@@ -25,7 +25,7 @@ from spa.cli.parsing import (
     to_stdout,
     write_json,
 )
-from spa.cli.render import analysis_text, bench_table, prune_summary
+from spa.cli.render import analysis_text, bench_table, guessed_sizes_warning, prune_summary
 from spa.cli.running import Commands, Stages, printed_warnings, run
 from spa.core.feeds import parse_values
 from spa.core.runtime import parse_shapes, resolve_providers
@@ -114,7 +114,15 @@ def main() -> None:
     default=str(_PLAN.round_to),
     show_default=True,
     metavar="N|auto",
-    help="Keep channel counts at multiples of N; 'auto' times candidates and keeps the fastest.",
+    help="'auto': time each layer alone at candidate widths (cached) and keep every count on the fast "
+    "side of its width curve; targets and --global then cut where it saves the most time. N: keep "
+    "channel counts at multiples of N (1: exactly the ratio).",
+)
+@click.option(
+    "--allow-slower",
+    is_flag=True,
+    help="Write the pruned model even when it runs slower than the dense one on the timed provider "
+    "(otherwise exit 6, nothing written).",
 )
 @click.option("--target-flops", type=float, metavar="F", help="Prune to this fraction of the dense FLOPs.")
 @click.option("--target-params", type=float, metavar="F", help="Prune to this fraction of the dense params.")
@@ -236,6 +244,7 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
         flags["threads"],
         tuple(flags["custom_ops"]),
         flags["run_timeout"],
+        flags["allow_slower"],
     )
     multiple = parse_round_to(flags["round_to"])
     sizes = parse_shapes(list(flags["input_shapes"]))
@@ -390,6 +399,9 @@ def bench_command(models, providers, threads, warmup, runs, batch, input_shapes,
         if json_path:
             check_json_path(json_path, list(models), True)
             write_json(json_path, {"models": [str(m) for m in models], "results": [r.as_dict() for r in results]})
+        warning = guessed_sizes_warning(results)
+        if warning:
+            click.echo(warning, err=True)
         click.echo(bench_table(results), err=to_stdout(json_path))
 
     run(debug, action)

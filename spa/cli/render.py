@@ -21,7 +21,20 @@ def bench_table(results) -> str:
     speedups = [f"{r.provider}: {r.speedup:.2f}x" for r in results if r.speedup is not None]
     if speedups:
         lines.append("speedup (dense / pruned median): " + ", ".join(speedups))
+    if results:
+        lines.append("sizes: " + format_sizes(results[0].sizes))
     return "\n".join(lines)
+
+
+def guessed_sizes_warning(results) -> str | None:
+    """The warning for free axes spa sized by a guess: latency at a size the model may never see."""
+    guessed = results[0].guessed if results else []
+    if not guessed:
+        return None
+    return (
+        f"spa: warning: {', '.join(guessed)} {'is a free axis' if len(guessed) == 1 else 'are free axes'} "
+        "that spa sized by a guess; --input-shape NAME=AxBxC times the size you deploy at"
+    )
 
 
 def human(n: int) -> str:
@@ -88,12 +101,11 @@ def prune_summary(r: dict) -> str:
         )
     if summary:
         lines.extend(speed_lines(summary["speed"]))
-    if r["round_to_auto"]:
-        auto = r["round_to_auto"]
-        timed = ", ".join(f"{m}: {ms:.2f} ms" for m, ms in auto["median_ms"].items())
+    if r["widths"]:
+        w = r["widths"]
         lines.append(
-            f"round-to auto: {auto['chosen']} (timed at ratio {auto['ratio']:.3f} on "
-            f"{auto['provider'].replace('ExecutionProvider', '')}: {timed})"
+            f"widths: {w['layers']} layers, {w['groups_timed']} groups timed at their candidate widths "
+            f"({w['measured']} timings measured, {w['cached']} cached; {w['seconds']:.1f} s)"
         )
     if r["target"]:
         t = r["target"]

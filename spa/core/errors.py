@@ -12,6 +12,7 @@ EXIT_USAGE = 2  # click's own code for bad options; we reuse it for bad values
 EXIT_BAD_MODEL = 3
 EXIT_VALIDATION = 4
 EXIT_OUTPUT = 5
+EXIT_SLOWER = 6
 
 
 class SpaError(Exception):
@@ -42,3 +43,9 @@ class OutputError(SpaError):
     """The output could not be written (exists, unwritable, disk full...)."""
 
     exit_code = EXIT_OUTPUT
+
+
+class SlowerError(SpaError):
+    """The pruned model runs slower than the dense one on the timed provider; nothing was written."""
+
+    exit_code = EXIT_SLOWER

@@ -419,12 +419,17 @@ def timing_session(
     provider: str = "CPUExecutionProvider",
     threads: int = 0,
     custom_ops: tuple[str, ...] = (),
+    profile_prefix: str | None = None,
 ):
     """A session as deployments open one: full graph optimisation, on ``provider`` with the CPU
-    provider behind it for ops the accelerator lacks (onnxruntime's own placement)."""
+    provider behind it for ops the accelerator lacks (onnxruntime's own placement); with
+    ``profile_prefix``, onnxruntime's profiler writes each node's time to a file with that prefix."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:

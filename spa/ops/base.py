@@ -5,8 +5,9 @@ An ``Operator`` answers, for the op types it lists in ``ops`` (in ``domain``):
 * coupling: ``seeds``, ``link``, ``resolve``, ``rewrite``, ``soft_zero`` and ``soft_fills``,
   in the vocabulary of ``spa.core.coupling``; an operator with ``couples = False`` has no
   coupling rule, and grouping freezes the channels it touches as it does for an unknown op;
-* cost: ``flops`` (FLOPs per op type, from ``costs``) and the parameter-counting roles of its
-  inputs (``quantized_data_inputs``, ``not_parameter_inputs``);
+* cost: ``flops`` (FLOPs per op type, from ``costs``), the parameter-counting roles of its
+  inputs (``quantized_data_inputs``, ``not_parameter_inputs``), and ``isolated``, the op alone at
+  chosen widths, which the width cost model times;
 * weight roles: which inputs are weights worth ranking (``weight_inputs``), which weight axis
   is the layer's input or output side (``weight_side``), and its (input, output) widths;
 * the linear view: ``linear`` sees the op as a ``[rows, input channels]`` matrix;
@@ -103,6 +104,12 @@ class Operator:
         type without a cost model (data movement), 0 where its shapes are unknown."""
         cost = self.costs.get(node.op_type)
         return None if cost is None else cost(graph, node)
+
+    def isolated(self, graph: ModelGraph, node: Node, in_width: int, out_width: int) -> onnx.ModelProto | None:
+        """The node alone with ``in_width`` input and ``out_width`` output channels, its input at the
+        size ``graph`` gives it (``spa.ops.isolate``): what the width cost model times. None for an op
+        that is not timed on its own (its time is taken to follow its FLOPs)."""
+        return None
 
     # ------------------------------------------------------------ weight roles
 

@@ -18,6 +18,7 @@ from spa.core.errors import ModelLoadError
 from spa.core.graph import ModelGraph, Node
 from spa.ops import cost
 from spa.ops.base import PRODUCT, Operator, static_weight_dims, times
+from spa.ops.isolate import float_input, lone_model, static_shape
 from spa.ops.linear_view import LinearLayer, owned
 
 
@@ -121,6 +122,23 @@ class Conv(_ConvBase):
 
     def linear(self, graph, node):
         return conv_linear(graph, node)
+
+    def isolated(self, graph, node, in_width, out_width):
+        x, w = static_shape(graph, node.inputs[0]), static_shape(graph, node.input(1))
+        if x is None or w is None or len(x) < 3 or not float_input(graph, node.inputs[0]):
+            return None
+        if not graph.is_initializer(node.input(1)):  # a quantized weight runs on integer kernels
+            return None
+        groups = int(node.attr("group", 1))
+        if groups == 1:
+            new_groups = 1
+        elif groups == x[1] == w[0] and in_width == out_width:  # depthwise: one group per channel
+            new_groups = in_width
+        else:  # other grouped convolutions keep their group count: not timed on their own
+            return None
+        bias = (out_width,) if node.input(2) else None
+        weight = (out_width, in_width // new_groups, *w[2:])
+        return lone_model(node, (x[0], in_width, *x[2:]), [weight, bias], {**node.attrs, "group": new_groups})
 
 
 class ConvTranspose(_ConvBase):

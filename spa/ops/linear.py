@@ -8,6 +8,7 @@ from spa.core.coupling import Dim, LinkSet, Sink
 from spa.core.graph import ModelGraph, Node
 from spa.ops import cost
 from spa.ops.base import PRODUCT, CostFn, Operator, static_weight_dims
+from spa.ops.isolate import float_input, lone_model, static_shape
 from spa.ops.linear_view import LinearLayer, added_bias, is_static, numel, owned
 
 
@@ -56,6 +57,17 @@ class _Dense(Operator):
     def _widths(self, node, dims):
         return (dims[-2], dims[-1]) if len(dims) >= 2 else None
 
+    def isolated(self, graph, node, in_width, out_width):
+        a, b = static_shape(graph, node.inputs[0]), static_shape(graph, node.input(1))
+        if a is None or b is None or len(b) != 2 or not graph.is_initializer(node.input(1)):
+            return None
+        if graph.is_initializer(node.inputs[0]) or not float_input(graph, node.inputs[0]):
+            return None
+        return self._isolated(node, a, in_width, out_width)
+
+    def _isolated(self, node, a, in_width, out_width):
+        return lone_model(node, (*a[:-1], in_width), [(in_width, out_width)])
+
 
 class Gemm(_Dense):
     ops = ("Gemm",)
@@ -69,6 +81,12 @@ class Gemm(_Dense):
 
     def weight_side(self, node, index, axis):
         return gemm_weight_side(node, axis) if index == 1 else None
+
+    def _isolated(self, node, a, in_width, out_width):
+        if transposed(node, "A") or len(a) != 2:
+            return None
+        weight = (out_width, in_width) if transposed(node) else (in_width, out_width)
+        return lone_model(node, (a[0], in_width), [weight, (out_width,) if node.input(2) else None])
 
     def _widths(self, node, dims):
         if len(dims) != 2:

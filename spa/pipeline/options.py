@@ -88,7 +88,9 @@ class PlanOptions:
     # matches; a group several patterns match takes the ratio of the one given last
     ratios: Mapping[str, float] = field(default_factory=dict)
     global_rank: bool = False  # rank units across groups, not per group
-    round_to: int | str = 1  # keep channel counts at multiples of this; "auto" times candidates
+    # "auto": counts on the fast side of each layer's measured width curve (``spa.planning.widths``);
+    # a number: counts at multiples of it
+    round_to: int | str = "auto"
     # a fraction of the dense model's FLOPs, params or latency (one at a time): replaces ``ratio``
     target_flops: float | None = None
     target_params: float | None = None
@@ -154,10 +156,12 @@ class RunOptions:
     seed: int = 0  # of the random choices: synthetic inputs, sample inputs, the random criterion
     check: bool = True  # validate the pruned model: checker, onnxruntime, soft == hard, fidelity
     bench: bool = False  # time dense and pruned on the CPU and every provider: see CLI_RUN
-    providers: tuple[str, ...] = ("cpu",)  # latency targets and --round-to auto time on the first
+    providers: tuple[str, ...] = ("cpu",)  # latency targets and width curves are timed on the first
     threads: int = 0  # intra-op threads for timing (0: onnxruntime's default)
     custom_ops: tuple[str, ...] = ()  # onnxruntime custom-op libraries; none is loaded otherwise
     run_timeout: float = RUN_TIMEOUT  # seconds one run of the model may take (0: no limit)
+    # a pruned model timed slower than the dense one (``bench``) is refused unless this is set
+    allow_slower: bool = False
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -22,23 +22,17 @@ from spa.core.graph import ModelGraph
 from spa.core.runlimit import own_context, set_timeout
 from spa.core.runtime import resolve_providers, sample_inputs
 from spa.core.signals import ScratchDirectory
-from spa.formats.model import Model, Progress, say
+from spa.formats.model import Progress, say
 from spa.formats.shapes import infer_shapes, with_input_sizes
 from spa.pipeline.options import CutOptions, PlanOptions
 from spa.pipeline.pruned import PrunedModel, cut
 from spa.pipeline.reports import Timer
-from spa.planning.plan import Plan, make_plan
-from spa.planning.search import (
-    LatencyMeter,
-    RoundToOutcome,
-    Target,
-    TargetOutcome,
-    pick_round_to,
-    reach_latency,
-    reach_structural,
-)
+from spa.planning.allocate import Trajectory
+from spa.planning.plan import Plan, keep_count, make_plan, plan_from_keeps
+from spa.planning.search import MAX_RATIO, LatencyMeter, Target, TargetOutcome, reach_latency, reach_structural
+from spa.planning.widths import WidthTable, measure_table
 from spa.reporting.group_layers import group_layers, weight_readers
-from spa.reporting.metrics import ModelStats, count
+from spa.reporting.metrics import count
 from spa.transforms.cut import apply_plan
 
 if TYPE_CHECKING:
@@ -64,7 +58,7 @@ class PrunePlan:
     options: PlanOptions  # with the ratio and multiple a search settled on
     units: Plan = field(repr=False)  # group id -> unit labels to remove
     target: TargetOutcome | None = None  # how the ratio was searched, when a target was given
-    round_to_auto: RoundToOutcome | None = None  # what round_to="auto" measured
+    widths: WidthTable | None = None  # the layers' measured width curves (round_to="auto")
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
@@ -105,41 +99,30 @@ class PrunePlan:
 
 @own_context
 def plan(scored: ScoredModel, options: PlanOptions, progress: Progress | None = None) -> PrunePlan:
-    """The plan ``options`` ask for: their ratio, or the one a target search finds."""
+    """The plan ``options`` ask for: their ratio, or the point a target search finds.
+
+    With ``round_to="auto"`` (the default) the layers' width curves are measured first: each group
+    keeps a count on the fast side of its curves, and targets and ``global_rank`` spend the cut where
+    it buys the most time per importance lost (``spa.planning.allocate``)."""
     run, analyzed = scored.run, scored.analyzed
     set_timeout(run.run_timeout)
     feed_spec.use(scored.feeds)
     timer = Timer(scored.seconds)
-    group_ratios = ratios_by_group(analyzed.analysis, options.ratios)
-    candidates = Candidates(
-        analyzed.model,
-        analyzed.analysis,
-        scored.scores,
-        options.global_rank,
-        analyzed.dense,
-        not scored.comparable,
-        analyzed.sizes,
-        group_ratios,
-    )
-    target, ratio = options.target, options.ratio
-    # None: "auto" (the one string PlanOptions allows), settled below by timing candidates
-    round_to = options.round_to if isinstance(options.round_to, int) else None
-    rounding, outcome = None, None
-    if target is not None or round_to is None:
+    candidates = Candidates(scored, options, ratios_by_group(analyzed.analysis, options.ratios))
+    provider = resolve_providers(list(run.providers) or ["cpu"])[0]
+    if options.round_to == "auto":
+        say(progress, "widths")
+        candidates.measure_widths(provider, run, lambda done, total: say(progress, "widths", done, total))
+        timer.lap("widths")
+    target, ratio, outcome = options.target, options.ratio, None
+    if target is not None:
         say(progress, "search")
-        meter = None
-        if round_to is None or (target is not None and target.metric == "latency"):
-            meter = candidates.meter(resolve_providers(list(run.providers) or ["cpu"])[0], run)
-        if round_to is None:
-            probe_ratio = ratio if target is None else candidates.structural_guess(target, 1)
-            assert meter is not None  # made just above for "auto"
-            rounding = pick_round_to(probe_ratio, candidates.hard, meter)
-            round_to = rounding.chosen
-        outcome = candidates.reach(target, round_to, meter) if target else None
-        ratio = outcome.ratio if outcome else ratio
+        meter = candidates.meter(provider, run) if target.metric == "latency" else None
+        outcome = candidates.reach(target, meter)
+        ratio = outcome.ratio
         timer.lap("search")
-    settled = replace(options, ratio=ratio, round_to=round_to)
-    return PrunePlan(scored, settled, candidates.plan(ratio, round_to), outcome, rounding, dict(timer.seconds))
+    settled = replace(options, ratio=ratio)
+    return PrunePlan(scored, settled, candidates.plan(ratio), outcome, candidates.table, dict(timer.seconds))
 
 
 def ratios_by_group(analysis: Analysis, ratios: Mapping[str, float]) -> dict[int, float]:
@@ -190,29 +173,61 @@ def units_to_remove(
 
 
 class Candidates:
-    """Candidate cuts of one scored model, for the searches of :mod:`spa.planning.search`."""
+    """Candidate cuts of one scored model, for the searches of :mod:`spa.planning.search`.
 
-    def __init__(
-        self,
-        model: Model,
-        analysis: Analysis,
-        scores: dict[int, np.ndarray],
-        global_rank: bool,
-        dense: ModelStats,
-        normalise: bool,
-        sizes: dict[str, list[int]] | None = None,
-        group_ratios: dict[int, float] | None = None,
-    ):
-        self.model, self.analysis, self.scores, self.global_rank = model, analysis, scores, global_rank
-        self.dense, self.normalise, self.sizes, self.group_ratios = dense, normalise, sizes, group_ratios
+    A candidate is named by a ratio. Without a width table, or with a ratio per group, it is
+    each group's share removed; with a table and a target or ``global_rank``, it is how far along
+    the latency-aware trajectory to go (``ratio / MAX_RATIO`` of its steps; for ``global_rank``
+    without a target, the share of all units removed)."""
+
+    def __init__(self, scored: ScoredModel, options: PlanOptions, group_ratios: dict[int, float] | None = None):
+        analyzed = scored.analyzed
+        self.model, self.analysis, self.scores = analyzed.model, analyzed.analysis, scored.scores
+        self.dense, self.normalise, self.sizes = analyzed.dense, not scored.comparable, analyzed.sizes
+        self.options, self.group_ratios = options, group_ratios
+        self.round_to = options.round_to if isinstance(options.round_to, int) else 1
+        self.table: WidthTable | None = None
+        self._trajectory: Trajectory | None = None
         self._workdirs: list[ScratchDirectory] = []
 
-    def plan(self, ratio: float, round_to: int) -> Plan:
+    def measure_widths(self, provider: str, run, progress=None) -> None:
+        feeds = sample_inputs(self.model.as_input_format, run.seed, shapes=self.sizes)
+        sized = ModelGraph(with_input_sizes(self.model.proto, {k: list(v.shape) for k, v in feeds.items()}))
+        self.table = measure_table(self.analysis, sized, self.dense.node_flops, provider, run.threads, progress)
+
+    @property
+    def trajectory(self) -> Trajectory | None:
+        allocating = self.options.target is not None or self.options.global_rank
+        if self.table is None or self.group_ratios or not allocating:
+            return None
+        if self._trajectory is None:
+            groups = self.analysis.prunable_groups
+            self._trajectory = Trajectory(self.table, groups, self.scores, self.normalise)
+        return self._trajectory
+
+    def plan(self, ratio: float) -> Plan:
+        trajectory = self.trajectory
+        if trajectory is not None:
+            if self.options.target is None:
+                return plan_from_keeps(self.analysis, self.scores, trajectory.keeps_removing(ratio))
+            return plan_from_keeps(self.analysis, self.scores, trajectory.keeps_at(ratio / MAX_RATIO))
+        if self.table is not None:
+            keeps = {}
+            for group in self.analysis.prunable_groups:
+                wanted = keep_count(group.size, (self.group_ratios or {}).get(group.id, ratio), 1)
+                keeps[group.id] = self.table.fast_count(group.id, wanted)
+            return plan_from_keeps(self.analysis, self.scores, keeps)
         return units_to_remove(
-            self.analysis, self.scores, ratio, self.global_rank, round_to, self.normalise, self.group_ratios
+            self.analysis,
+            self.scores,
+            ratio,
+            self.options.global_rank,
+            self.round_to,
+            self.normalise,
+            self.group_ratios,
         )
 
-    def hard(self, ratio: float, round_to: int) -> onnx.ModelProto:
+    def hard(self, ratio: float) -> onnx.ModelProto:
         """The cut at ``ratio``, in the input's format: what latency is timed on."""
         m = self.model
         spill = None
@@ -220,33 +235,31 @@ class Candidates:
             self._workdirs.append(ScratchDirectory())
             spill = Path(self._workdirs[-1].name) / "candidate.onnx.data"
         return m.derived(
-            apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio, round_to), m.opset, spill=spill)
+            apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio), m.opset, spill=spill)
         ).as_input_format
 
-    def kept(self, metric: str, ratio: float, round_to: int) -> float:
+    def kept(self, metric: str, ratio: float) -> float:
         """The fraction of the dense FLOPs or params a candidate keeps, counted on a weightless cut."""
         m = self.model
-        cut = apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio, round_to), m.opset, shapes_only=True)
+        cut = apply_plan(m.proto, m.graph, self.analysis, self.plan(ratio), m.opset, shapes_only=True)
         graph = ModelGraph(with_input_sizes(cut, self.sizes) if self.sizes else infer_shapes(cut))
         stats = count(graph, self.analysis.registry)
         return getattr(stats, metric) / max(getattr(self.dense, metric), 1)
 
-    def structural_guess(self, target: Target, round_to: int) -> float:
+    def structural_guess(self, target: Target) -> float:
         """The ratio meeting a FLOPs or params target; for latency, the ratio keeping that share of
         FLOPs, the usual first guess (latency seldom falls faster than FLOPs)."""
         metric = "flops" if target.metric == "latency" else target.metric
-        return reach_structural(
-            metric, target.fraction, lambda r: self.kept(metric, r, round_to), out_of_reach_ok=True
-        ).ratio
+        return reach_structural(metric, target.fraction, lambda r: self.kept(metric, r), out_of_reach_ok=True).ratio
 
     def meter(self, provider: str, run) -> LatencyMeter:
         dense = self.model.as_input_format
         feeds = sample_inputs(dense, run.seed, shapes=self.sizes)
         return LatencyMeter(dense, feeds, provider, run.threads, tuple(run.custom_ops))
 
-    def reach(self, target: Target, round_to: int, meter: LatencyMeter | None) -> TargetOutcome:
+    def reach(self, target: Target, meter: LatencyMeter | None) -> TargetOutcome:
         if target.metric != "latency":
-            return reach_structural(target.metric, target.fraction, lambda r: self.kept(target.metric, r, round_to))
+            return reach_structural(target.metric, target.fraction, lambda r: self.kept(target.metric, r))
         assert meter is not None  # plan makes one for every latency target
-        guess = self.structural_guess(target, round_to)
-        return reach_latency(target.fraction, lambda r: meter.fraction(self.hard(r, round_to)), guess, meter.provider)
+        guess = self.structural_guess(target)
+        return reach_latency(target.fraction, lambda r: meter.fraction(self.hard(r)), guess, meter.provider)

@@ -250,7 +250,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
             GroupReport.of(analysis, g, len(plan.units.removed.get(g.id, ())), model.op_types) for g in analysis.groups
         ],
         target=plan.target,
-        round_to_auto=plan.round_to_auto,
+        widths=plan.widths.summary() if plan.widths else None,
         statistics=scored.statistics.summary() if scored.statistics else None,
         compensation=pruned.compensation.as_dict() if pruned.compensation else None,
         fallback_groups=scored.fallback_groups,

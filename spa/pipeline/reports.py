@@ -15,7 +15,7 @@ from spa.formats.model import Model
 from spa.formats.shapes import with_input_sizes
 from spa.ops.registry import DEFAULT, Registry
 from spa.pipeline.summary import Summary
-from spa.planning.search import RoundToOutcome, TargetOutcome
+from spa.planning.search import TargetOutcome
 from spa.reporting.group_layers import LayerRole, group_layer_roles
 from spa.reporting.metrics import ModelStats, count
 from spa.verify.validate import Validation
@@ -109,7 +109,8 @@ class PruneReport:
     seconds: dict[str, float]
     groups: list[GroupReport]
     target: TargetOutcome | None = None  # how the ratio was searched, when a target was given
-    round_to_auto: RoundToOutcome | None = None  # what --round-to auto measured
+    # what the width cost model measured (layers, points timed and cached, seconds): round_to="auto"
+    widths: dict | None = None
     statistics: dict | None = None  # where layer-input statistics came from (Statistics.summary)
     compensation: dict | None = None  # what the weight refit did (Compensation.as_dict)
     fallback_groups: int = 0  # groups a data-aware criterion scored by l2: no linear layer reads them

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from spa.core.runtime import counted_sizes, unsized_axes
+from spa.core.runtime import counted_sizes, resolve_providers, unsized_axes
 from spa.verify.fidelity import HELD_OUT, Fidelity
 from spa.verify.validate import Validation
 
@@ -151,7 +151,7 @@ def speed(pruned: PrunedModel) -> Speed:
     )
     if result.verdict != "faster" and pruned.plan.units.removed:
         flops_cut = 1 - after.flops / dense.flops if dense.flops else 0.0
-        result.advice = speed_advice(pruned.plan.options, pruned.plan.round_to_auto is not None, flops_cut)
+        result.advice = speed_advice(pruned.plan.options, pruned.plan.widths is not None, flops_cut)
     return result
 
 
@@ -163,16 +163,36 @@ def verdict(speedup: float) -> str:
     return "no faster"
 
 
-def speed_advice(options, rounded_auto: bool, flops_cut: float) -> list[str]:
+def speed_advice(options, measured_widths: bool, flops_cut: float) -> list[str]:
     """What spa's options can do for a pruned model that is not faster."""
     advice = []
     if flops_cut < SMALL_FLOPS_CUT:
         advice.append(f"FLOPs fell only {flops_cut:.0%}, too little to show in latency: a higher --ratio removes more")
-    if not rounded_auto:
-        advice.append("--round-to auto times channel multiples and keeps the fastest (or --round-to 8)")
+    if not measured_widths:
+        advice.append("--round-to auto times each layer's widths and keeps counts the kernels run fast")
     if options.target_latency is None:
         advice.append("--target-latency F searches for the ratio that reaches a latency goal")
     return advice
+
+
+def slower_than_dense(pruned: PrunedModel) -> str | None:
+    """What to tell a user whose pruned model runs slower than the dense one on the provider spa
+    timed for them (the first asked for), beyond timing noise; None when it is not."""
+    latency = pruned.validation.latency if pruned.validation else []
+    providers = pruned.plan.scored.run.providers
+    timed = resolve_providers(list(providers) or ["cpu"])[0]
+    pair = next((p for p in latency if p["provider"] == timed), None)
+    if pair is None or not pair["slower"] or not pruned.plan.units.removed:
+        return None
+    dense, after = pruned.plan.scored.analyzed.dense, pruned.after
+    flops_cut = 1 - after.flops / dense.flops if dense.flops else 0.0
+    advice = speed_advice(pruned.plan.options, pruned.plan.widths is not None, flops_cut)
+    where = timed.replace("ExecutionProvider", "")
+    return (
+        f"the pruned model is slower than the dense one on {where}: {pair['dense_ms']:.2f} ms -> "
+        f"{pair['pruned_ms']:.2f} ms ({pair['speedup']:.2f}x); nothing written. "
+        + "; ".join(advice + ["--allow-slower writes it anyway"])
+    )
 
 
 def _why_not_timed(pruned: PrunedModel) -> str:

@@ -27,7 +27,7 @@ class Plan:
         return Plan({g: u for g, u in self.removed.items() if g in keep})
 
 
-def _keep_count(n: int, ratio: float, round_to: int) -> int:
+def keep_count(n: int, ratio: float, round_to: int) -> int:
     keep = n - int(math.floor(n * ratio + 0.5))
     keep = max(keep, 1)
     if round_to > 1 and keep < n:
@@ -56,7 +56,7 @@ def make_plan(
         return plan
     if not global_rank:
         for group in groups:
-            keep = _keep_count(group.size, ratio, round_to)
+            keep = keep_count(group.size, ratio, round_to)
             if keep < group.size:
                 order = _order(scores[group.id], group.units)
                 plan.removed[group.id] = np.sort(group.units[order[: group.size - keep]])
@@ -81,8 +81,20 @@ def make_plan(
             budget -= 1
     for group in groups:
         picked = chosen.get(group.id, [])
-        keep = _keep_count(group.size, len(picked) / group.size, round_to) if picked else group.size
+        keep = keep_count(group.size, len(picked) / group.size, round_to) if picked else group.size
         if keep < group.size:
             by_score = [u for u in picked][: group.size - keep]
             plan.removed[group.id] = np.sort(np.array(by_score, dtype=np.int64))
+    return plan
+
+
+def plan_from_keeps(analysis: Analysis, scores: dict[int, np.ndarray], keeps: dict[int, int]) -> Plan:
+    """The plan in which each group keeps ``keeps[group id]`` units (absent: all), its least
+    important going first."""
+    plan = Plan()
+    for group in analysis.prunable_groups:
+        keep = keeps.get(group.id, group.size)
+        if keep < group.size:
+            order = _order(scores[group.id], group.units)
+            plan.removed[group.id] = np.sort(group.units[order[: group.size - keep]])
     return plan

@@ -1,5 +1,5 @@
-"""Choices spa makes by measuring, never by assuming: the ratio that meets a FLOPs, params or
-latency target, and the channel multiple (``--round-to auto``) the execution provider runs fastest.
+"""Choices spa makes by measuring, never by assuming: the ratio (or the point on the latency-aware
+trajectory) that meets a FLOPs, params or latency target.
 
 Every candidate is a real cut of the model. FLOPs and params are counted on a weightless cut
 (new shapes, no data); latency is timed on the execution provider against the dense model,
@@ -23,10 +23,6 @@ MAX_RATIO = 0.95
 # a latency target is met when the measured fraction is within this relative distance of it
 LATENCY_TOLERANCE = 0.05
 MAX_LATENCY_PROBES = 8
-# channel multiples tried by --round-to auto: SIMD widths and blocked layouts of CPU and GPU kernels
-ROUND_TO_CANDIDATES = (1, 4, 8, 16, 32)
-# --round-to auto keeps the smallest multiple within this of the fastest: finer means closer to the ratio
-ROUND_TO_SLACK = 0.02
 TARGET_METRICS = ("flops", "params", "latency")
 
 
@@ -59,14 +55,6 @@ class TargetOutcome:
     met: bool
     provider: str | None = None
     probes: list[Probe] = field(default_factory=list)
-
-
-@dataclass
-class RoundToOutcome:
-    chosen: int
-    ratio: float
-    provider: str
-    median_ms: dict[int, float]  # multiple -> median latency of the model pruned with it
 
 
 def reach_structural(
@@ -177,12 +165,3 @@ class LatencyMeter:
     def medians(self, models: list[onnx.ModelProto]) -> list[float]:
         sessions = [timing_session(m, self.provider, self.threads, self.custom_ops) for m in models]
         return [float(np.median(t)) for t in alternate(sessions, self.feeds, warmup=3, runs=self.runs)]
-
-
-def pick_round_to(ratio: float, build: Callable[[float, int], onnx.ModelProto], meter: LatencyMeter) -> RoundToOutcome:
-    """Prune at ``ratio`` with each candidate multiple, time them all alternately, and keep the
-    smallest multiple within ROUND_TO_SLACK of the fastest."""
-    medians = meter.medians([build(ratio, m) for m in ROUND_TO_CANDIDATES])
-    fastest = min(medians)
-    chosen = next(m for m, t in zip(ROUND_TO_CANDIDATES, medians) if t <= fastest * (1 + ROUND_TO_SLACK))
-    return RoundToOutcome(chosen, ratio, meter.provider, {m: round(t, 4) for m, t in zip(ROUND_TO_CANDIDATES, medians)})

@@ -7,8 +7,11 @@ noise (frequency changes, other load) hits both alike.
 
 from __future__ import annotations
 
+import bisect
+import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from spa.core.runtime import (
     input_shapes,
     sample_inputs,
     timing_session,
+    unsized_axes,
 )
 
 
@@ -44,6 +48,8 @@ class BenchResult:
     runs: int
     warmup: int
     timings: dict[str, Timing] = field(default_factory=dict)  # model label -> timing
+    sizes: dict[str, list[int]] = field(default_factory=dict)  # input name -> the shape it was fed
+    guessed: list[str] = field(default_factory=list)  # free axes past the batch spa sized by a guess
 
     @property
     def speedup(self) -> float | None:
@@ -98,6 +104,8 @@ def bench(
     first = next(iter(feeds.values()), None)
     samples_per_run = int(first.shape[0]) if first is not None and first.ndim else 1
     result = BenchResult(provider, threads, samples_per_run, runs, warmup)
+    result.sizes = {name: list(value.shape) for name, value in feeds.items()}
+    result.guessed = unsized_axes(onnx.load(str(paths[0]), load_external_data=False), shapes)
     labels = ["dense", "pruned"] if len(paths) == 2 else [paths[0].name]
     for label, times in zip(labels, samples):
         values = np.array(times)
@@ -123,6 +131,58 @@ def alternate(sessions, feeds, warmup: int, runs: int) -> list[list[float]]:
     return samples
 
 
+# layout changes onnxruntime inserts around an isolated layer; inside a model its neighbours share
+# the layout and they mostly vanish, so a layer's own time leaves them out
+LAYOUT_OPS = ("ReorderInput", "ReorderOutput", "Transpose")
+
+
+def kernel_ms(
+    model: onnx.ModelProto,
+    feeds,
+    provider: str,
+    threads: int,
+    budget_ms: float = 20.0,
+    runs: tuple[int, int] = (5, 50),
+    quantile: float = 0.25,
+) -> float:
+    """The time per run of ``model``'s kernels, from onnxruntime's profiler: what the ops cost,
+    without the per-run overhead of a session call or layout changes (``LAYOUT_OPS``). It runs
+    for about ``budget_ms`` (within ``runs``, least and most) after one warm-up run, and answers
+    a low ``quantile`` of the runs: interference from other work only ever adds time."""
+    with tempfile.TemporaryDirectory(prefix="spa-profile-") as folder:
+        session = timing_session(model, provider, threads, profile_prefix=str(Path(folder) / "run"))
+        runlimit.run(session, None, feeds)
+        start, done = time.perf_counter(), 0
+        while done < runs[1] and (done < runs[0] or (time.perf_counter() - start) * 1000 < budget_ms):
+            runlimit.run(session, None, feeds)
+            done += 1
+        with open(session.end_profiling()) as handle:
+            events = json.load(handle)
+    totals = _per_run(events)[1:]  # the warm-up run left out
+    return float(np.quantile(totals, quantile)) if totals else 0.0
+
+
+def _per_run(events: list[dict]) -> list[float]:
+    calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    starts = [start for start, _ in calls]
+    totals = [0.0] * len(calls)
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        if event.get("args", {}).get("op_name") in LAYOUT_OPS:
+            continue
+        k = bisect.bisect_right(starts, event["ts"]) - 1
+        if k >= 0 and event["ts"] <= calls[k][1]:
+            totals[k] += event["dur"] / 1000
+    return totals
+
+
+# what "slower than dense" takes: see LatencyPair.slower
+SLOWER_MARGIN = 0.05
+SLOWER_MS = 0.02
+SLOWER_RUNS = 0.75
+
+
 @dataclass
 class LatencyPair:
     """The quick dense-vs-pruned figure `spa prune` reports, per execution provider."""
@@ -131,13 +191,25 @@ class LatencyPair:
     threads: int
     dense_ms: float
     pruned_ms: float
+    slower_runs: float = 0.0  # the share of alternating runs in which the pruned model took longer
 
     @property
     def speedup(self) -> float:
         return self.dense_ms / self.pruned_ms
 
+    @property
+    def slower(self) -> bool:
+        """Slower beyond noise: by ``SLOWER_MARGIN`` and ``SLOWER_MS`` at the median, and in
+        ``SLOWER_RUNS`` of the alternating runs (a sign test; two timings of one model differ
+        by a few percent, and by microseconds of call overhead)."""
+        return (
+            self.pruned_ms >= self.dense_ms * (1 + SLOWER_MARGIN)
+            and self.pruned_ms - self.dense_ms >= SLOWER_MS
+            and self.slower_runs >= SLOWER_RUNS
+        )
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "speedup": self.speedup}
+        return {**asdict(self), "speedup": self.speedup, "slower": self.slower}
 
 
 def compare(
@@ -164,4 +236,5 @@ def compare(
         sessions = [timing_session(m, provider, threads, custom_ops) for m in (dense, pruned)]
         times = alternate(sessions, feeds, warmup, runs)
     dense_ms, pruned_ms = (float(np.median(t)) for t in times)
-    return LatencyPair(provider, threads, dense_ms, pruned_ms)
+    slower_runs = float(np.mean(np.array(times[1]) > np.array(times[0])))
+    return LatencyPair(provider, threads, dense_ms, pruned_ms, slower_runs)

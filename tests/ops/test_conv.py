@@ -87,3 +87,48 @@ def test_conv_transpose(group):
     analysis = analysis_of(model)
     assert group_at(analysis, a).prunable and group_at(analysis, up).prunable
     prune_exact(model, 0.5)
+
+
+def _isolated_output(model, node_index, in_width, out_width):
+    """The node alone at the widths asked, materialised and run: its output shape and weight shape."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from spa.core.graph import ModelGraph
+    from spa.formats.shapes import infer_shapes
+    from spa.ops.isolate import materialised
+    from spa.ops.registry import DEFAULT
+
+    graph = ModelGraph(infer_shapes(model))
+    node = graph.nodes[node_index]
+    lone = DEFAULT.of(node).isolated(graph, node, in_width, out_width)
+    if lone is None:
+        return None
+    lone = materialised(lone)
+    shape = [d.dim_value for d in lone.graph.input[0].type.tensor_type.shape.dim]
+    session = ort.InferenceSession(lone.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": np.ones(shape, np.float32)})
+    return y.shape, tuple(lone.graph.initializer[0].dims), lone.graph.node[0]
+
+
+def test_isolated_conv_runs_alone_at_the_widths_asked():
+    g = Graph()
+    x = g.input("x", [1, 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 16)])
+    d = g.conv(a, 16, 16, group=16)
+    g.output(g.conv(d, 16, 4, k=1))
+    model = g.build()
+    y, w, _ = _isolated_output(model, 0, 3, 12)
+    assert y == (1, 12, 8, 8) and w == (12, 3, 3, 3)
+    y, w, node = _isolated_output(model, 2, 10, 10)  # depthwise: the group count follows the width
+    assert y == (1, 10, 8, 8) and w == (10, 1, 3, 3)
+    assert next(a.i for a in node.attribute if a.name == "group") == 10
+    y, w, _ = _isolated_output(model, 3, 9, 4)
+    assert y == (1, 4, 8, 8) and w == (4, 9, 1, 1)
+
+
+def test_grouped_conv_that_is_not_depthwise_is_not_timed_alone():
+    g = Graph()
+    x = g.input("x", [1, 8, 8, 8])
+    g.output(g.conv(x, 8, 8, group=2))
+    assert _isolated_output(g.build(), 0, 6, 6) is None
