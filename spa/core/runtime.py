@@ -193,6 +193,17 @@ def sample_inputs(
     return feeds
 
 
+def feed_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """The shape of each input ``sample_inputs`` (batch 1) would make, without making it: what a
+    model too large to run can still be asked."""
+    length = feed_spec.current().length
+    fixed = fixed_values(model)
+    out = {}
+    for name, shape in {**input_shapes(model, 1, length), **(shapes or {})}.items():
+        out[name] = list(fixed[name].shape) if name in fixed and name not in (shapes or {}) else list(shape)
+    return out
+
+
 def fixed_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Inputs fed one value whatever the batch: control values the graph compares with a
     constant, and those the current ``FeedSpec`` sets (``--input``), which win."""

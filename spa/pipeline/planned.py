@@ -7,6 +7,7 @@ units it loses and the layers it slices, and ``plan.drop(group_id)`` is the same
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from spa.core import feeds as feed_spec
 from spa.core.errors import UsageError
 from spa.core.graph import ModelGraph
 from spa.core.runlimit import own_context, set_timeout
-from spa.core.runtime import resolve_providers, sample_inputs
+from spa.core.runtime import MAX_INPUT_ELEMENTS, feed_shapes, resolve_providers, sample_inputs
 from spa.core.signals import ScratchDirectory
 from spa.formats.model import Progress, say
 from spa.formats.shapes import infer_shapes, with_input_sizes
@@ -191,8 +192,11 @@ class Candidates:
         self._workdirs: list[ScratchDirectory] = []
 
     def measure_widths(self, provider: str, run, progress=None) -> None:
-        feeds = sample_inputs(self.model.as_input_format, run.seed, shapes=self.sizes)
-        sized = ModelGraph(with_input_sizes(self.model.proto, {k: list(v.shape) for k, v in feeds.items()}))
+        """The width table at the sizes latency is timed at; none for a model too large to run there."""
+        sizes = feed_shapes(self.model.proto, self.sizes)
+        if any(math.prod(shape) > MAX_INPUT_ELEMENTS for shape in sizes.values()):
+            return
+        sized = ModelGraph(with_input_sizes(self.model.proto, sizes))
         self.table = measure_table(self.analysis, sized, self.dense.node_flops, provider, run.threads, progress)
 
     @property

@@ -36,9 +36,9 @@ from spa.ops.isolate import materialised
 from spa.reporting.group_layers import weight_readers
 from spa.verify.bench import kernel_ms
 
-# a group whose layers take less than this in all (ms) is below what the timer resolves: its
-# channel counts follow the ratio exactly, as they would without a table
-MIN_GROUP_MS = 0.01
+# a group whose layers take less than this in all (ms) costs less than the noise of one session
+# call: its channel counts follow the ratio exactly, as they would without a table
+MIN_GROUP_MS = 0.05
 # each timing runs the layer this long in all (ms), within MIN_RUNS..MAX_RUNS runs
 TIMING_BUDGET_MS = 20.0
 MIN_RUNS, MAX_RUNS = 5, 50
