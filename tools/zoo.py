@@ -290,33 +290,9 @@ def _small_models():
 
 
 def _group_norm_cnn():
-    """A CNN normalised by GroupNorm, as diffusion models and detection necks are: groups of 4
-    channels around a residual block, and one GroupNorm of one channel per group (an InstanceNorm)."""
-    import torch
-    from torch import nn
+    from zoo_diffusion import group_norm_cnn
 
-    def block(cin, cout, groups, stride=1):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(groups, cout), nn.SiLU())
-
-    class GroupNormCNN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.a = block(3, 32, 8), block(32, 32, 8)
-            self.b = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32))
-            self.down = block(32, 64, 64, stride=2)
-            self.head = nn.Conv2d(64, 3, 1)
-
-        def forward(self, x):
-            x = self.stem(x)
-            return self.head(self.down(torch.nn.functional.silu(x + self.b(self.a(x)))))
-
-    model = GroupNormCNN()
-    with torch.no_grad():  # fresh affines are ones and zeros, which would hide a wrong cut of them
-        for norm in model.modules():
-            if isinstance(norm, nn.GroupNorm):
-                norm.weight.uniform_(0.5, 1.5)
-                norm.bias.uniform_(-0.2, 0.2)
-    return model
+    return group_norm_cnn()
 
 
 def _build(name: str):

@@ -5,7 +5,8 @@
 
 Built from diffusers configs (nothing is downloaded): a UNet2DModel (ResNet blocks with a time
 embedding, self-attention), a UNet2DConditionModel (cross-attention to a text context) and the
-decoder of an AutoencoderKL. Every export is cached like the rest of the zoo.
+decoder of an AutoencoderKL. Every export is cached like the rest of the zoo. The zoo's small
+GroupNorm CNN (``group_norm`` in tools/zoo.py) is built here too.
 """
 
 from __future__ import annotations
@@ -94,6 +95,32 @@ def _export(name: str, exporter: str, tmp: Path) -> None:
         torch.onnx.export(
             module, inputs, str(tmp), dynamo=False, opset_version=17, input_names=names, output_names=["output"]
         )
+
+
+def group_norm_cnn():
+    """A CNN normalised by GroupNorm, as diffusion models and detection necks are: groups of 4
+    channels around a residual block, and one GroupNorm of one channel per group (an InstanceNorm)."""
+    import torch
+    from torch import nn
+
+    def block(cin, cout, groups, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(groups, cout), nn.SiLU())
+
+    class GroupNormCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = block(3, 32, 8), block(32, 32, 8)
+            self.b = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32))
+            self.down = block(32, 64, 64, stride=2)
+            self.head = nn.Conv2d(64, 3, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head(self.down(torch.nn.functional.silu(x + self.b(self.a(x)))))
+
+    model = GroupNormCNN()
+    _randomise_affines(model)
+    return model
 
 
 def _Sample(unet):
