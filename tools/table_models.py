@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE))
 
 import keras_zoo  # noqa: E402
 import zoo  # noqa: E402
+import zoo_diffusion  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "spa"
 TABLE_DIR = CACHE / "models-table"
@@ -283,6 +284,7 @@ ENTRIES = (
     ]
     + [("bert_base", "ort")]
     + [(n, "-") for n in FOUND]
+    + [(n, e) for n in zoo_diffusion.DIFFUSION for e in ("dynamo", "legacy")]
 )
 
 
@@ -290,6 +292,8 @@ def path(name: str, exporter: str) -> Path:
     """The model's file, exported on first use; ``NotBuilt`` when there is none."""
     if exporter == "-":
         return FOUND[name]()
+    if name in zoo_diffusion.DIFFUSION:  # tiny random-weight configs, as in the tests
+        return zoo_diffusion.export_diffusion(name, exporter, TABLE_DIR)
     target = TABLE_DIR / exporter / f"{name}.onnx"
     failed = target.with_suffix(".failed")
     if target.exists():

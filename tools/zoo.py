@@ -61,6 +61,7 @@ SMALL = (
     "channel_shuffle",
     "depthwise_multiplier",
     "se_layer_scale",
+    "group_norm",
 )
 ALL = tuple(TORCHVISION) + SMALL
 
@@ -284,7 +285,14 @@ def _small_models():
         "channel_shuffle": (ChannelShuffle, [image]),
         "depthwise_multiplier": (DepthwiseMultiplier, [image]),
         "se_layer_scale": (SELayerScale, [image]),
+        "group_norm": (_group_norm_cnn, [image]),
     }
+
+
+def _group_norm_cnn():
+    from zoo_diffusion import group_norm_cnn
+
+    return group_norm_cnn()
 
 
 def _build(name: str):

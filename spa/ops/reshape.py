@@ -22,9 +22,10 @@ import math
 import numpy as np
 import onnx
 
-from spa.core.coupling import HEAD_DIM, HEADS, QUERY_HEADS, Dim, Freeze, HeadInfo, LinkSet, Pending, pairs
+from spa.core.coupling import HEAD_DIM, HEADS, QUERY_HEADS, Dim, Freeze, HeadInfo, LinkSet, Pending, identity, pairs
 from spa.ops.base import PRESERVES, Operator
 from spa.patterns.attention import axis_role, repeat_kv
+from spa.patterns.groupnorm import group_reshape, one_group
 from spa.patterns.roundtrip import round_trip
 from spa.patterns.shapes import rewritable, segments, trace_vector
 
@@ -63,13 +64,42 @@ class ReshapeFamily(Operator):
             return links.out
         (_, mine), (theirs_t, theirs) = seg
         if len(mine) > 1 and len(theirs) > 1:
+            ins, outs = (mine, theirs) if dim.tensor == node.inputs[0] else (theirs, mine)
+            grouping = group_reshape(ctx.graph, node, ins, outs)
+            if grouping is not None:
+                self._link_groups(node, dim, grouping, links, ctx)
+                return links.out
             links.freeze(dim, f"{node.op_type} '{node.name}' regroups this axis with others")
         elif len(mine) == 1 and len(theirs) == 1:
             links.same(dim, Dim(theirs_t, theirs[0]))
             self._check_target(node, dim, theirs[0] if theirs_t == node.outputs[0] else dim.axis, links, ctx)
+        elif (single := one_group(ctx.graph, node)) is not None:
+            self._link_one_group(node, dim, single, links, ctx)
         else:  # a product of several axes: which factor shrinks is settled once the graph is known
             links.add(Pending(dim))
         return links.out
+
+    def _link_groups(self, node, dim, grouping, links, ctx):
+        """GroupNorm written out: a group of C/G channels is one index of G (``patterns.groupnorm``)."""
+        if dim not in (grouping.channels, grouping.groups):
+            links.freeze(dim, f"the GroupNorm that Reshape '{node.name}' groups normalises over this axis")
+            return
+        channels = ctx.size(grouping.channels)
+        index = np.arange(channels)
+        links.add(pairs(grouping.channels, grouping.groups, index, index // grouping.per_group))
+        target = grouping.groups if grouping.into_groups else grouping.channels
+        self._check_target(node, dim, target.axis, links, ctx)
+
+    def _link_one_group(self, node, dim, single, links, ctx):
+        """GroupNorm of one group: C couples across the norm approximately, as through a LayerNorm."""
+        if dim != single.channels:
+            links.freeze(dim, f"the GroupNorm that Reshape '{node.name}' groups normalises over this axis")
+            return
+        link = identity(single.channels, single.partner, ctx.size(dim), exact=False)
+        link.what = f"GroupNorm of one group written out (InstanceNormalization '{single.norm.name}')"
+        links.add(link)
+        if not single.into_groups:
+            self._check_target(node, dim, 1, links, ctx)
 
     def resolve(self, node, dim, ctx):
         """Link the one factor of a product that may shrink; freeze the other channel factors.
