@@ -17,7 +17,8 @@ Operators are composed explicitly into a ``spa.ops.registry.Registry``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,6 +104,11 @@ class Operator:
         type without a cost model (data movement), 0 where its shapes are unknown."""
         cost = self.costs.get(node.op_type)
         return None if cost is None else cost(graph, node)
+
+    def parameter_elements(self, node: Node, index: int, dims: Sequence[int]) -> int:
+        """How many weight values the initializer of shape ``dims`` at input ``index`` holds: its
+        element count, unless the op packs several values into one element."""
+        return math.prod(dims)
 
     # ------------------------------------------------------------ weight roles
 
