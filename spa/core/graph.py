@@ -17,7 +17,7 @@ import onnx
 
 from spa.core.tensors import to_array
 from spa.formats.nbits import dequantized_blocks
-from spa.formats.quantized import dequantize, quantized_weight
+from spa.formats.quantized import block_dequantized, dequantize, quantized_weight
 
 Size = int | str | None  # int: static; str: symbolic (dim_param); None: unknown
 _CACHE_LIMIT = 1 << 20  # constants up to 1 MiB are cached; weights are read on demand
@@ -122,6 +122,8 @@ class ModelGraph:
         """``const``, or the float value of a weight stored quantized (``spa.formats.quantized``): what
         criteria and compensation read."""
         blocks = dequantized_blocks(self, tensor)
+        if blocks is None:
+            blocks = block_dequantized(self, tensor)
         if blocks is not None:
             return blocks
         stored = quantized_weight(self, tensor)  # first: an integer op's weight is an initializer too
