@@ -306,6 +306,8 @@ def test_int4_qdq_from_the_weight_only_quantizer_loses_whole_blocks():
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
     # one of the three blocks gone: from the int4 data, its scales and its int4 zero points
     assert [shapes[name] for name in down.input[:3]] == [[64, 40], [2, 40], [2, 40]]
+    # scored and cut without statistics (no float layer reads the group), and not for want of a run
+    assert result.report.compensation["skipped"] == ["all layers: no layer spa refits reads a pruned group"]
 
 
 def test_cli_says_refits_were_requantized(tmp_path):

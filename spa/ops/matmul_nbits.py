@@ -21,6 +21,7 @@ from spa.core.graph import ModelGraph, Node
 from spa.formats import nbits
 from spa.ops import cost
 from spa.ops.base import PRODUCT, Operator
+from spa.ops.linear_view import BlockLayer, added_bias, owned
 
 _B, _SCALES, _ZERO_POINTS, _G_IDX, _BIAS = 1, 2, 3, 4, 5
 
@@ -57,6 +58,27 @@ class MatMulNBits(Operator):
     def layer_widths(self, graph, node):
         shape = nbits.layout(graph, node)
         return (shape.k, shape.n) if isinstance(shape, nbits.BlockLayout) else None
+
+    def linear(self, graph, node):
+        a, b = node.inputs[0], node.inputs[_B]
+        found = nbits.packed_weight(graph, b)
+        a_shape = graph.shape(a)
+        if found is None or node.input(_G_IDX) or graph.is_initializer(a) or not a_shape or len(a_shape) < 2:
+            return None
+        shape = found[1]
+        own_bias = node.input(_BIAS)
+        bias = own_bias if owned(graph, own_bias) else added_bias(graph, node.outputs[0], shape.n, -1)
+        return BlockLayer(
+            node,
+            b,
+            1,
+            Dim(a, len(a_shape) - 1),
+            bias,
+            feeds_residual=True,
+            bias_added=bias is not None and bias != own_bias,
+            channels=shape.k,
+            block_size=shape.block_size,
+        )
 
     def seeds(self, node, ctx):
         return [Dim(node.inputs[_B], 0), Dim(node.inputs[_B], 1)]

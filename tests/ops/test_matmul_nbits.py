@@ -16,6 +16,7 @@ from builder import analysis_of, group_at, initializer, node_attr, prune_exact
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
+from spa.analysis.layers import linear_layers
 from spa.formats import nbits
 from spa.reporting.metrics import count
 
@@ -155,3 +156,27 @@ def test_act_order_g_idx_freezes_the_input_channels_with_the_reason():
     down.input.append(g_idx.name)
     group = group_at(analysis_of(model), "r", 2)
     assert not group.prunable and "g_idx" in group.frozen and down.name in group.frozen
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_linear_view_is_the_weight_onnxruntime_multiplies_by(bits):
+    model = quantized(float_mlp(), bits)
+    graph = analysis_of(model).graph
+    layers = {layer.node.inputs[0]: layer for layer in linear_layers(graph)}
+    up = layers["x"]
+    matrix, _, _ = up.float_rows(graph.weight)
+    assert matrix.shape == (HIDDEN, K)
+    x = np.random.default_rng(2).standard_normal((2, 3, K)).astype(np.float32)
+    (h,) = run(model, x, ["h"])
+    np.testing.assert_allclose(x @ matrix.T, h, rtol=1e-4, atol=1e-4)
+    down = layers["r"]  # its input channels are labelled a block at a time
+    labels = down.column_labels(analysis_of(model).labels)
+    assert len(labels) == HIDDEN and len(set(labels[:BLOCK].tolist())) == 1 and labels[0] != labels[BLOCK]
+
+
+def test_scored_with_statistics_and_left_unrefitted_with_the_reason():
+    model = quantized(float_mlp(), 4)
+    report = prune_exact(model, 0.4).report
+    assert report.fallback_groups == 0  # obspa read the layers, not l2
+    skipped = " ".join(report.compensation["skipped"])
+    assert "stored in quantization blocks" in skipped and nbits_node(model, "r").name in skipped
