@@ -48,7 +48,10 @@ class MatMulNBits(Operator):
     def parameter_elements(self, node, index, dims):
         if index != _B or len(dims) != 3:
             return super().parameter_elements(node, index, dims)
-        return math.prod(dims) * (8 // int(node.attr("bits", 4)))  # the values packed in each byte
+        k, n = node.attr("K"), node.attr("N")
+        if k is None or n is None:  # the values packed in each byte, the last block's padding too
+            return math.prod(dims) * (8 // int(node.attr("bits", 4)))
+        return int(k) * int(n)  # not the padding of a last block shorter than the others
 
     def weight_side(self, node, index, axis):
         if index != _B:

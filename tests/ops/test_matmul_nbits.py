@@ -29,13 +29,13 @@ except ImportError:  # onnxruntime before 1.20 names the module after 4 bits
 K, HIDDEN, N, BLOCK = 64, 96, 40, 32  # the hidden width is 3 blocks: zero points pack an odd count
 
 
-def float_mlp(seed: int = 0) -> onnx.ModelProto:
+def float_mlp(seed: int = 0, hidden: int = HIDDEN) -> onnx.ModelProto:
     """x @ w1 + b1 -> Relu -> @ w2, the hidden width the one prunable group."""
     rng = np.random.default_rng(seed)
     weights = [
-        numpy_helper.from_array(rng.standard_normal((K, HIDDEN)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.standard_normal(HIDDEN).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.standard_normal((HIDDEN, N)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((K, hidden)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((hidden, N)).astype(np.float32), "w2"),
     ]
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
@@ -141,6 +141,8 @@ def test_params_and_flops_count_the_values_not_the_bytes():
     model = quantized(float_mlp(), 4)
     analysis = spa.analyze(model)
     assert analysis.params == K * HIDDEN + HIDDEN + HIDDEN * N  # the bias is a float Add
+    short = quantized(float_mlp(hidden=HIDDEN - BLOCK // 2), 4)  # the second layer's last block half full
+    assert spa.analyze(short).params == (K + 1 + N) * (HIDDEN - BLOCK // 2)  # padding is no parameter
     stats = count(analysis_of(model).graph)
     up, down = nbits_node(model, "x"), nbits_node(model, "r")
     assert stats.node_flops[up.name] == 2 * 6 * K * HIDDEN and stats.node_flops[down.name] == 2 * 6 * HIDDEN * N
