@@ -4,9 +4,11 @@ import numpy as np
 import onnx
 import pytest
 from builder import Graph, analysis_of, group_at, prune_exact
+from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 import spa
+from spa.cli.commands import main
 from spa.formats.canonicalize import canonicalize
 from spa.formats.load import load_model
 
@@ -262,3 +264,39 @@ def test_a_split_to_minus_one_with_sizes_read_from_another_input_is_settled(monk
     g.output(g.op("ReduceSum", [split, g.const(np.array([3]))], keepdims=0))
     prepared = Model.load(g.build())
     assert prepared.graph.shape(split) == ("batch", "seq", 4, 4)
+
+
+def _with_rms_norm(domain: str, op_type: str = "SimplifiedLayerNormalization") -> onnx.ModelProto:
+    g = Graph(opset=22)
+    x = g.input("x", [1, 4, 6])
+    h = g.op("MatMul", [x, g.weight(6, 8)])
+    n = g.op(op_type, [h, g.weight(8, low=0.5)], axis=-1, epsilon=1e-5, domain=domain)
+    g.output(g.op("MatMul", [n, g.weight(8, 3)]))
+    return g.build()
+
+
+def test_an_op_onnxruntime_registers_in_the_onnx_domain_loads(tmp_path):
+    # onnxruntime-genai's builder writes SimplifiedLayerNormalization in the ONNX domain, where
+    # onnxruntime registers it and onnx's checker knows no schema for it
+    path = tmp_path / "m.onnx"
+    onnx.save(_with_rms_norm(""), str(path))
+    result = CliRunner().invoke(main, ["prune", str(path), "--ratio", "0.5", "--approximate"])
+    assert result.exit_code == 0, result.output
+    pruned = onnx.load(str(tmp_path / "m.pruned.onnx"))
+    assert any(n.op_type == "SimplifiedLayerNormalization" and n.domain == "" for n in pruned.graph.node)
+
+
+def test_the_checker_still_judges_a_model_with_an_onnxruntime_op_in_the_onnx_domain(tmp_path):
+    model = _with_rms_norm("")
+    model.graph.node[0].input[0] = "nowhere"  # read before anything writes it
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["prune", str(path), "--ratio", "0.5"])
+    assert result.exit_code == 3 and "not a valid ONNX model" in result.output and "nowhere" in result.output
+
+
+def test_an_onnx_domain_op_onnxruntime_does_not_register_there_is_still_a_load_error(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_with_rms_norm("", op_type="RmsNormButMisspelled"), str(path))
+    result = CliRunner().invoke(main, ["prune", str(path), "--ratio", "0.5"])
+    assert result.exit_code == 3 and "No Op registered for RmsNormButMisspelled" in result.output

@@ -244,20 +244,70 @@ def test_soft_model_zeroes_quantized_weights_at_their_zero_points(tmp_path):
     assert checked >= 3
 
 
-def test_block_quantization_freezes_with_its_reason():
+def _block_quantized_down_projection(scale_rows: int = 2):
     g = Graph(opset=21)
     x = g.input("x", [1, 8])
-    weight = g.op(
-        "DequantizeLinear",
-        [g.const(np.ones((8, 4), np.int8)), g.const(np.ones((2, 4), np.float32))],
-        axis=0,
-        block_size=4,
-    )
-    g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, g.weight(8, 8)])]), weight]))
-    analysis = analysis_of(g.build())
-    group = group_at(analysis, analysis.graph.nodes[1].outputs[0], 1)
-    assert not group.prunable
-    assert "block-quantized" in " ".join(analysis.frozen_dims.values())
+    data = g.const(np.random.default_rng(0).integers(-8, 8, (8, 4)).astype(np.int8))
+    scales = g.const(np.random.default_rng(1).uniform(0.5, 1.5, (scale_rows, 4)).astype(np.float32))
+    weight = g.op("DequantizeLinear", [data, scales], axis=0, block_size=4)
+    hidden = g.op("Relu", [g.op("MatMul", [x, g.weight(8, 8)])])
+    g.output(g.op("MatMul", [hidden, weight]))
+    return g.build(), hidden, data
+
+
+def test_block_quantized_weights_lose_whole_blocks():
+    model, hidden, data = _block_quantized_down_projection()
+    group = group_at(analysis_of(model), hidden, 1)
+    assert group.prunable and group.size == 2  # 8 input channels in blocks of 4
+    result = prune_exact(model, 0.5)
+    assert initializer(result.model, data).shape == (4, 4)
+
+
+def test_block_quantized_weights_are_ranked_dequantized():
+    model, hidden, data = _block_quantized_down_projection()
+    values = {t.name: t for t in model.graph.initializer}
+    scales = model.graph.node[0].input[1]
+    integers = numpy_helper.to_array(values[data]).copy()
+    integers[4:] = 7  # the second block has the largest integers and, scaled, the smallest weights
+    scale = numpy_helper.to_array(values[scales]).copy()
+    scale[1] = 1e-3
+    values[data].CopyFrom(numpy_helper.from_array(integers, data))
+    values[scales].CopyFrom(numpy_helper.from_array(scale, scales))
+    result = spa.prune(model, ratio=0.5, criterion="l2", check=False)
+    assert (initializer(result.model, data) != 7).any()  # the first block stayed
+
+
+def test_block_quantization_that_does_not_match_its_scales_freezes_with_its_reason():
+    model, hidden, _ = _block_quantized_down_projection(scale_rows=3)
+    analysis = analysis_of(model)
+    assert not group_at(analysis, hidden, 1).prunable
+    reasons = " ".join(analysis.frozen_dims.values())
+    assert "block-quantized (block_size 4)" in reasons and "not one value per block" in reasons
+
+
+def test_int4_qdq_from_the_weight_only_quantizer_loses_whole_blocks():
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    g = Graph(opset=21)
+    x = g.input("x", [2, 64])
+    hidden = g.op("Relu", [g.op("MatMul", [x, g.weight(64, 96)])])
+    g.output(g.op("MatMul", [hidden, g.weight(96, 40)]))
+    config = DefaultWeightOnlyQuantConfig(block_size=32, bits=4, quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(g.build(), algo_config=config)
+    quantizer.process()
+    model = quantizer.model.model
+    int4 = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)]
+    assert len(int4) >= 4  # both weights and their zero points are 4-bit
+    assert group_at(analysis_of(model), hidden, 1).size == 3  # 96 channels, blocks of 32
+    result = prune_exact(model, 0.4)
+    nodes = result.model.graph.node
+    weight = next(n.input[1] for n in nodes if n.op_type == "MatMul" and n.input[0] == hidden)
+    down = next(n for n in nodes if n.output[0] == weight)
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    # one of the three blocks gone: from the int4 data, its scales and its int4 zero points
+    assert [shapes[name] for name in down.input[:3]] == [[64, 40], [2, 40], [2, 40]]
+    # scored and cut without statistics (no float layer reads the group), and not for want of a run
+    assert result.report.compensation["skipped"] == ["all layers: no layer spa refits reads a pruned group"]
 
 
 def test_cli_says_refits_were_requantized(tmp_path):

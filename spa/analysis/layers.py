@@ -40,7 +40,7 @@ class LayerIndex:
             for layer in linear_layers(graph, registry)
             if layer.weight_dim in reached
             and layer.activation in reached
-            and len(reached[layer.weight_dim]) == len(reached[layer.activation])
+            and len(layer.column_labels(reached)) == len(reached[layer.activation])
         ]
 
     @cached_property

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 
 from spa.core.tensors import to_array
-from spa.formats.quantized import dequantize, quantized_weight
+from spa.formats.nbits import dequantized_blocks
+from spa.formats.quantized import block_dequantized, dequantize, quantized_weight
 
 Size = int | str | None  # int: static; str: symbolic (dim_param); None: unknown
 _CACHE_LIMIT = 1 << 20  # constants up to 1 MiB are cached; weights are read on demand
@@ -120,6 +121,11 @@ class ModelGraph:
     def weight(self, tensor: str) -> np.ndarray | None:
         """``const``, or the float value of a weight stored quantized (``spa.formats.quantized``): what
         criteria and compensation read."""
+        blocks = dequantized_blocks(self, tensor)
+        if blocks is None:
+            blocks = block_dequantized(self, tensor)
+        if blocks is not None:
+            return blocks
         stored = quantized_weight(self, tensor)  # first: an integer op's weight is an initializer too
         return self.const(tensor) if stored is None else dequantize(self, stored)
 

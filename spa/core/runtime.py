@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -234,12 +234,15 @@ def proto_of(source: Source) -> onnx.ModelProto:
     return source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
 
 
-def session(model: Source, threads: int = 0, custom_ops: tuple[str, ...] = ()):
-    """A CPU session. Custom-op libraries are loaded only when the user names them."""
+def session(model: Source, threads: int = 0, custom_ops: tuple[str, ...] = (), config: Mapping[str, str] | None = None):
+    """A CPU session. Custom-op libraries are loaded only when the user names them; ``config``
+    holds session configuration entries."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures surface as exceptions; keep stderr clean
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     for library in custom_ops:
@@ -272,8 +275,10 @@ def run(
     return outputs_of(session(model, custom_ops=custom_ops), feeds)
 
 
-def run_all(source: Source, feeds: list[dict], custom_ops) -> list[dict[str, np.ndarray]]:
-    sess = session(source, custom_ops=custom_ops)
+def run_all(
+    source: Source, feeds: list[dict], custom_ops, config: Mapping[str, str] | None = None
+) -> list[dict[str, np.ndarray]]:
+    sess = session(source, custom_ops=custom_ops, config=config)
     outputs = [outputs_of(sess, f) for f in feeds]
     del sess
     return outputs

@@ -70,6 +70,49 @@ def _dequantized(graph, tensor: str) -> QuantizedWeight | None:
     return QuantizedWeight(tensor, data, scale, zero_point or None, axis)
 
 
+def block_layout(graph, node) -> tuple[int, int] | str:
+    """A block-quantized QuantizeLinear's or DequantizeLinear's (axis, block_size), or why its
+    scale and zero point are not one value per block of ``block_size`` along ``axis``."""
+    block_size = int(node.attr("block_size", 0))
+    data = graph.shape(node.inputs[0])
+    if not data or any(not isinstance(s, int) for s in data):
+        return "the shape of its data is unknown"
+    axis = int(node.attr("axis", 1))
+    if not -len(data) <= axis < len(data) or block_size < 1:
+        return f"axis {axis} with block_size {block_size}"
+    axis %= len(data)
+    blocked = tuple(-(-s // block_size) if a == axis else s for a, s in enumerate(data))
+    for name in (node.input(1), node.input(2)):
+        if name and graph.shape(name) != blocked:
+            return f"{name} of shape {graph.shape(name)}, not one value per block {blocked}"
+    return axis, block_size
+
+
+def block_dequantized(graph, tensor: str) -> np.ndarray | None:
+    """The float weight a block-quantized DequantizeLinear makes of ``tensor``, its integer data
+    (only it reads), with one scale and zero point per block; None for any other tensor."""
+    readers = graph.consumers.get(tensor, [])
+    if len(readers) != 1 or not graph.is_initializer(tensor):
+        return None
+    node = readers[0]
+    if node.op_type != "DequantizeLinear" or node.domain not in DEQUANTIZE_DOMAINS or not node.attr("block_size", 0):
+        return None
+    found = block_layout(graph, node)
+    constants = [graph.const(t) for t in (node.input(1), node.input(2)) if t]
+    if node.inputs[0] != tensor or isinstance(found, str) or any(c is None for c in constants):
+        return None
+    axis, block_size = found
+    data = np.asarray(graph.const(tensor)).astype(np.float32)
+    count = data.shape[axis]
+
+    def per_element(value: np.ndarray) -> np.ndarray:
+        spread = np.repeat(np.asarray(value).astype(np.float32), block_size, axis=axis)
+        return np.take(spread, np.arange(count), axis=axis)  # the last block may be short
+
+    zero = per_element(constants[1]) if len(constants) == 2 else np.float32(0)
+    return (data - zero) * per_element(constants[0])
+
+
 # dynamic quantization's integer ops, and the axis of their weight that indexes output channels
 INTEGER_PRODUCTS = {"MatMulInteger": -1, "ConvInteger": 0}
 

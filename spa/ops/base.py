@@ -18,7 +18,8 @@ Operators are composed explicitly into a ``spa.ops.registry.Registry``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,6 +111,11 @@ class Operator:
         size ``graph`` gives it (``spa.ops.isolate``): what the width cost model times. None for an op
         that is not timed on its own (its time is taken to follow its FLOPs)."""
         return None
+
+    def parameter_elements(self, node: Node, index: int, dims: Sequence[int]) -> int:
+        """How many weight values the initializer of shape ``dims`` at input ``index`` holds: its
+        element count, unless the op packs several values into one element."""
+        return math.prod(dims)
 
     # ------------------------------------------------------------ weight roles
 

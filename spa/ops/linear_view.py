@@ -6,8 +6,9 @@ piece of maths serves all.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import ClassVar, TypeGuard
 
 import numpy as np
 
@@ -26,10 +27,15 @@ class LinearLayer:
     convolution: bool = False  # a Conv's weight [out, in, kernel...]: kernel positions become rows
     feeds_residual: bool = False  # a float MatMul or Gemm, whose output may go into a residual Add
     bias_added: bool = False  # the bias is an Add after the op (whose output is the layer's)
+    refittable: ClassVar[bool] = True  # a refit can be written back into the weight
 
     @property
     def weight_dim(self) -> Dim:
         return Dim(self.weight, self.weight_axis)
+
+    def column_labels(self, labels: Mapping[Dim, np.ndarray]) -> np.ndarray:
+        """The unit label of each input channel (each column of ``matrix``)."""
+        return labels[self.weight_dim]
 
     @property
     def output_axis(self) -> int:
@@ -81,6 +87,23 @@ class LinearLayer:
         """The bias per matrix row: a Conv's bias sits once per output, spread over its kernel rows."""
         flat = bias.reshape(-1)
         return np.repeat(flat, kernel) / kernel if kernel > 1 else flat
+
+
+@dataclass(frozen=True)
+class BlockLayer(LinearLayer):
+    """A weight stored as [outputs, blocks, block_size], its input channels a block at a time
+    (``graph.weight`` reads a block-quantized weight dequantized in that shape). Its refit would
+    have to be quantized again into the same blocks, so it is scored, not refitted."""
+
+    channels: int = 0  # the input channels; the last block may hold fewer than block_size
+    block_size: int = 1
+    refittable: ClassVar[bool] = False
+
+    def column_labels(self, labels: Mapping[Dim, np.ndarray]) -> np.ndarray:
+        return np.repeat(labels[self.weight_dim], self.block_size)[: self.channels]
+
+    def matrix(self, weight: np.ndarray) -> np.ndarray:
+        return weight.reshape(weight.shape[0], -1)[:, : self.channels]
 
 
 def owned(graph: ModelGraph, tensor: str) -> bool:

@@ -129,10 +129,10 @@ class LayerNorm(Operator):
 
 
 class MicrosoftLayerNorm(LayerNorm):
-    """onnxruntime's own LayerNorm kernels: counted, not yet coupled."""
+    """The same norms in onnxruntime's domain: exporters put onnxruntime's own norms in either
+    domain, and the op means the same in both."""
 
     domain = MS
-    couples = False
 
 
 class MeanVarianceNorm(Operator):

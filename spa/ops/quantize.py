@@ -3,10 +3,11 @@ one value or one per index of ``axis`` (per-channel), and then shrink with that 
 
 from __future__ import annotations
 
+import numpy as np
 from onnx import TensorProto
 
-from spa.core.coupling import Dim, LinkSet
-from spa.formats.quantized import UNKNOWN_AXIS, quantized_weight, scale_axis, zero_fill
+from spa.core.coupling import Dim, LinkSet, pairs
+from spa.formats.quantized import UNKNOWN_AXIS, block_layout, quantized_weight, scale_axis, zero_fill
 from spa.ops.base import Operator
 
 # the integer types whose zero point the soft model can write; 4-bit, 2-bit and float8 data freeze
@@ -34,8 +35,7 @@ class Dequantize(Operator):
         x, y = node.inputs[0], node.outputs[0]
         params = [t for t in (node.input(1), node.input(2)) if t]
         if node.attr("block_size", 0):
-            links.freeze(dim, f"{node.op_type} '{node.name}' is block-quantized (block_size {node.attr('block_size')})")
-            return links.out
+            return _link_blocks(node, dim, links)
         integers = _integer_type(node, ctx.graph)
         if integers not in _INTEGERS:
             name = TensorProto.DataType.Name(integers) if integers else "unknown"
@@ -56,6 +56,16 @@ class Dequantize(Operator):
                 links.same(Dim(x, axis), Dim(name, 0))
         return links.out
 
+    def seeds(self, node, ctx):
+        # a block-quantized weight is the only op of its layer that knows its blocks
+        if node.attr("block_size", 0) and node.op_type in Dequantize.ops and ctx.graph.is_initializer(node.inputs[0]):
+            return [Dim(node.inputs[0], axis) for axis in range(ctx.rank(node.inputs[0]) or 0)]
+        return []
+
+    def is_weight_input(self, node, index):
+        # its data is what the layer's magnitude is read from (dequantized, ``ModelGraph.weight``)
+        return index == 0 and bool(node.attr("block_size", 0))
+
     def soft_zero(self, node, dim, input_zero):
         # a removed channel is at its zero point (soft fill of the data, or Q of a zero): it maps to 0
         return input_zero(node.inputs[0])
@@ -63,6 +73,37 @@ class Dequantize(Operator):
     def soft_fills(self, node, graph):
         stored = quantized_weight(graph, node.outputs[0])
         return {} if stored is None else {stored.data: zero_fill(graph, stored)}
+
+
+def _link_blocks(node, dim: Dim, links: LinkSet):
+    """Block-quantized: one scale and zero point per block of ``block_size`` indices along
+    ``axis``. The other axes couple index for index; along ``axis`` each block of the data is one
+    unit with its row of scales. The soft model zeroes the removed scales, which makes those
+    weights zero whatever the integers and zero points hold, so 4-bit data prunes too."""
+    ctx = links.ctx
+    what = f"{node.op_type} '{node.name}' is block-quantized (block_size {node.attr('block_size')})"
+    found = block_layout(ctx.graph, node)
+    if isinstance(found, str):
+        links.freeze(dim, f"{what}: {found}")
+        return links.out
+    x, y = node.inputs[0], node.outputs[0]
+    if node.op_type not in Dequantize.ops or not ctx.graph.is_initializer(x):
+        links.freeze(dim, f"{what}: only a stored weight's blocks are cut, not an activation's")
+        return links.out
+    if links.answered(node):
+        return links.out
+    axis, block_size = found
+    params = [t for t in (node.input(1), node.input(2)) if t]
+    for a in range(ctx.rank(x) or 0):
+        links.same(Dim(x, a), Dim(y, a))
+        if a != axis:
+            for name in params:
+                links.same(Dim(x, a), Dim(name, a))
+            continue
+        index = np.arange(ctx.size(Dim(x, a)) or 0)
+        for name in params:
+            links.add(pairs(Dim(x, a), Dim(name, a), index, index // block_size))
+    return links.out
 
 
 class Quantize(Dequantize):

@@ -151,7 +151,13 @@ def _compensate(plan: PrunePlan, folder: Path | None, step) -> tuple[Model, Comp
     scored = plan.scored
     model, analysis, layers = scored.analyzed.model, scored.analyzed.analysis, scored.analyzed.layers
     if scored.statistics is None:
-        why = "no statistics (onnxruntime could not run the model)"
+        read = any(layers.of_group(group.dims) for group in analysis.prunable_groups)
+        # without a layer to refit, no statistics were wanted: the model was not run at all
+        why = (
+            "no statistics (onnxruntime could not run the model)"
+            if read
+            else "no layer spa refits reads a pruned group"
+        )
         return model, Compensation(skipped=[f"all layers: {why}"] if plan.units.removed else [])
     spill = folder / "refit.onnx.data" if folder else None
     refitted, outcome = layerwise_refit(model.proto, analysis, layers, plan.units, scored.statistics, spill, step)

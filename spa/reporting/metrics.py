@@ -138,11 +138,12 @@ def _node_cost(graph: ModelGraph, node: Node, seen: set[str], registry: Registry
 
 def _params_read(graph: ModelGraph, node: Node, seen: set[str], registry: Registry) -> int:
     total = _constant_params(graph, node, registry)
-    for name in dict.fromkeys(node.inputs + node.implicit_inputs):
+    operator = registry.of(node) or _NOTHING
+    for slot, name in enumerate(node.inputs + node.implicit_inputs):
         tensor = graph.initializers.get(name)
         if tensor is not None and name not in seen and _is_weight(graph, name, tensor.data_type, registry):
             seen.add(name)
-            total += math.prod(tensor.dims)
+            total += operator.parameter_elements(node, slot, tensor.dims)
     return total
 
 

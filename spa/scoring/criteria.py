@@ -162,7 +162,7 @@ def _group_layers(analysis: Analysis, group: Group, ctx: ScoreContext) -> list[t
         return []
     lookup = np.full(len(analysis.group_of_unit), -1, dtype=np.int64)
     lookup[group.units] = np.arange(len(group.units))
-    return [(layer, lookup[analysis.labels[layer.weight_dim]]) for layer in ctx.layers.of_group(group.dims)]
+    return [(layer, lookup[layer.column_labels(analysis.labels)]) for layer in ctx.layers.of_group(group.dims)]
 
 
 @dataclass

@@ -82,11 +82,14 @@ def compensate(
             step(done, len(layers.layers))
         if writer is not None:
             new_values = writer.flush(new_values)
-        labels = analysis.labels[layer.weight_dim]
+        labels = layer.column_labels(analysis.labels)
         gone = np.isin(labels, removed)
         if not gone.any():
             continue
         name = f"{layer.node.op_type} '{layer.node.name}'"
+        if not layer.refittable:
+            result.skipped.append(f"{name}: its weights are stored in quantization blocks")
+            continue
         stats = statistics.of(layer.activation)
         if stats is None:
             result.skipped.append(f"{name}: no statistics for its input")

@@ -177,7 +177,11 @@ def sequential_refit(
     start = time.perf_counter()
     dense_graph = analysis.graph
     removed = plan.removed_units
-    todo = [(layer, np.flatnonzero(~np.isin(analysis.labels[layer.weight_dim], removed))) for layer in layers.layers]
+    todo = [
+        (layer, np.flatnonzero(~np.isin(layer.column_labels(analysis.labels), removed)))
+        for layer in layers.layers
+        if layer.refittable
+    ]
     todo = [
         (layer, keep)
         for layer, keep in todo

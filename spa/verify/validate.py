@@ -21,6 +21,7 @@ from spa.core.runtime import (
     run_each,
     sample_inputs,
 )
+from spa.formats import nbits
 from spa.formats.checker import checker_complaint
 from spa.verify.compare import newly_nonfinite, nonfinite_outputs, relative_error, same_shapes
 from spa.verify.fidelity import Fidelity
@@ -132,10 +133,14 @@ def validate(
     _compare_outputs(result, dense_proto, proto_of(pruned), dense_out, pruned_out, removed_anything)
     step(4, total)
     if soft is not None and hard_exact is not None:
-        soft_out = run_all(soft, feeds, custom_ops)
-        hard_out = pruned_out if hard_exact is pruned else run_all(hard_exact, feeds, custom_ops)
+        precise = _full_precision(soft)
+        if precise is not None:
+            soft, hard_exact = _at_full_precision(soft), _at_full_precision(hard_exact)
+        soft_out = run_all(soft, feeds, custom_ops, precise)
+        reuse = hard_exact is pruned and precise is None
+        hard_out = pruned_out if reuse else run_all(hard_exact, feeds, custom_ops, precise)
         err, result.soft_compared_before = _soft_hard_error(
-            soft, hard_exact, feeds, soft_out, hard_out, dense_out, custom_ops
+            soft, hard_exact, feeds, soft_out, hard_out, dense_out, custom_ops, precise
         )
         result.soft_max_rel_error = err
         result.soft_equal = err < SOFT_TOLERANCE
@@ -217,7 +222,7 @@ SQUASHING = {"Sigmoid", "Tanh", "Softmax", "LogSoftmax", "HardSigmoid", "Erf", "
 
 
 def _soft_hard_error(
-    soft: Source, hard: Source, feeds, soft_out, hard_out, dense_out, custom_ops
+    soft: Source, hard: Source, feeds, soft_out, hard_out, dense_out, custom_ops, precise=None
 ) -> tuple[float, list[str]]:
     """The worst soft/hard error over outputs, and the outputs checked before their squashing op."""
     errors = {
@@ -252,8 +257,8 @@ def _soft_hard_error(
     # the squashing ops keep their input's element type
     types = {o.name: o.type.tensor_type.elem_type for o in soft.graph.output}
     inner = {tensor: types.get(name, onnx.TensorProto.FLOAT) for name, tensor in before.items()}
-    soft_in = run_all(_with_outputs(soft, inner), feeds, custom_ops)
-    hard_in = run_all(_with_outputs(hard, inner), feeds, custom_ops)
+    soft_in = run_all(_with_outputs(soft, inner), feeds, custom_ops, precise)
+    hard_in = run_all(_with_outputs(hard, inner), feeds, custom_ops, precise)
     if any(nonfinite_outputs(out) for out in soft_in + hard_in):  # agreement on NaN proves nothing
         return max(errors.values()), []
     for name, tensor in before.items():
@@ -267,3 +272,43 @@ def _with_outputs(model: onnx.ModelProto, outputs: dict[str, int]) -> onnx.Model
     del out.graph.output[:]
     out.graph.output.extend(onnx.helper.make_tensor_value_info(n, t, None) for n, t in outputs.items())
     return out
+
+
+# onnxruntime's block-quantized matrix products may round their activations to 8 bits
+# (MatMulNBits at accuracy_level 4, and DequantizeLinear fused with MatMul, at that level unless
+# told otherwise): the last-bit differences any cut makes (a sum over fewer terms) then become whole
+# rounding steps, 6.7e-4 of the logits of a 4-layer Llama. soft == hard is a claim about the cut,
+# so it is checked with these products in float.
+_BLOCK_PRODUCT = nbits.OP_TYPE
+_FLOAT_PRODUCTS = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+def _full_precision(soft: Source) -> dict[str, str] | None:
+    """The session entries that keep block-quantized products in float, where ``soft`` has one."""
+    if not isinstance(soft, onnx.ModelProto):
+        return None
+    blocked = any(
+        node.op_type == _BLOCK_PRODUCT or (node.op_type == "DequantizeLinear" and _attr(node, "block_size"))
+        for node in soft.graph.node
+    )
+    return dict(_FLOAT_PRODUCTS) if blocked else None
+
+
+def _at_full_precision(source: Source) -> Source:
+    """``source`` with its MatMulNBits computing in float (accuracy_level 0)."""
+    if not isinstance(source, onnx.ModelProto) or not any(
+        node.op_type == _BLOCK_PRODUCT and _attr(node, "accuracy_level") > 1 for node in source.graph.node
+    ):
+        return source
+    copy = onnx.ModelProto()
+    copy.CopyFrom(source)
+    for node in copy.graph.node:
+        if node.op_type == _BLOCK_PRODUCT:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    return copy
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)

@@ -63,3 +63,28 @@ def test_mean_variance_normalization_is_counted_and_freezes_its_channels():
     mvn = next(n for n in analysis.graph.nodes if n.op_type == "MeanVarianceNormalization")
     assert count(analysis.graph).node_flops[mvn.name] == 5 * 6 * 4 * 4  # the moments, per element
     assert "no rule for op MeanVarianceNormalization" in group_at(analysis, h).frozen
+
+
+def _rms_norm_between_matmuls(domain: str):
+    g = Graph(opset=22)
+    x = g.input("x", [1, 4, 6])
+    h = g.op("MatMul", [x, g.weight(6, 8)])
+    n = g.op("SimplifiedLayerNormalization", [h, g.weight(8, low=0.5)], axis=-1, epsilon=1e-5, domain=domain)
+    g.output(g.op("MatMul", [n, g.weight(8, 3)]))
+    return g.build(), n
+
+
+@pytest.mark.parametrize("domain", ["", "com.microsoft"])
+def test_simplified_layer_norm_couples_its_channels_in_either_domain(domain):
+    # onnxruntime-genai writes it in the ONNX domain, onnxruntime's optimizer in its own
+    model, n = _rms_norm_between_matmuls(domain)
+    assert "approximate" in group_at(analysis_of(model), n, 2).frozen
+    group = group_at(analysis_of(model, approximate=True), n, 2)
+    assert group.prunable and group.size == 8
+
+
+def test_simplified_layer_norm_in_the_onnx_domain_prunes_and_validates():
+    model, n = _rms_norm_between_matmuls("")  # the only domain onnxruntime runs it in
+    scale = next(n for n in model.graph.node if n.op_type == "SimplifiedLayerNormalization").input[1]
+    result = prune_exact(model, 0.5, approximate=True)
+    assert initializer(result.model, scale).shape == (4,)  # the norm's scale lost the removed channels
