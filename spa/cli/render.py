@@ -74,6 +74,7 @@ def prune_summary(r: dict) -> str:
         lines.append(
             f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
             f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}"
+            + (", prefill and decode step from its own cache" if v.get("decode_checked") else "")
         )
     lines.extend(fidelity_lines(v.get("fidelity")))
     lines.extend(data_lines(r))

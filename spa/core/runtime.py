@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from spa.core import decoder, runlimit
 from spa.core import feeds as feed_spec
-from spa.core import runlimit
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
 from spa.core.staging import is_lazy_proto, release, runnable_file
 from spa.core.tensors import data_bytes
@@ -190,7 +190,22 @@ def sample_inputs(
             feeds[name] = np.ones(shape, dtype=dtype)
         else:
             feeds[name] = np.zeros(shape, dtype=dtype)
+    cache = decoder.layout(model)
+    if cache is not None:
+        feeds.update(_decoder_feed(model, cache, rng, batch, shapes or {}, length))
     return feeds
+
+
+def _decoder_feed(model, cache: decoder.CacheLayout, rng, batch: int, shapes: dict[str, list[int]], length):
+    """The cache, token ids, mask and positions of a decoder, sized together: past and new tokens
+    as ``shapes`` set them, else ``length`` each; inputs ``shapes`` names keep their own sizes.
+    Several sequences start with an empty past: GroupQueryAttention takes a past beside several
+    new tokens for one sequence only."""
+    past, new = (length, length) if length is not None else (decoder.PAST, decoder.NEW)
+    tokens = decoder.sizes_from(model, cache, shapes) or (past if batch == 1 else 0, new)
+    batch = next((shape[0] for name, shape in shapes.items() if name in cache.past or name == cache.ids), batch)
+    made = decoder.feed(model, cache, batch, *tokens, rng)
+    return {name: value for name, value in made.items() if name not in shapes}
 
 
 def fixed_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:

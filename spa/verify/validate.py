@@ -22,6 +22,7 @@ from spa.core.runtime import (
     sample_inputs,
 )
 from spa.formats.checker import checker_complaint
+from spa.verify import decode
 from spa.verify.compare import newly_nonfinite, nonfinite_outputs, relative_error, same_shapes
 from spa.verify.fidelity import Fidelity
 
@@ -51,6 +52,9 @@ class Validation:
     # float outputs of the input model holding NaN or inf on the sample inputs: compared where finite
     dense_nonfinite: list[str] = field(default_factory=list)
     nonfinite_weights: list[str] = field(default_factory=list)  # pruned weights holding NaN or inf
+    # a decoder with its cache as graph I/O ran a prefill and a decode step fed its own cache
+    decode_checked: bool = False
+    changed_io: list[str] = field(default_factory=list)  # graph I/O whose declared shapes the cut changed
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -130,6 +134,7 @@ def validate(
         return result
     step(3, total)
     _compare_outputs(result, dense_proto, proto_of(pruned), dense_out, pruned_out, removed_anything)
+    pruned_steps = decode.check(result, dense, pruned, seed, custom_ops)
     step(4, total)
     if soft is not None and hard_exact is not None:
         soft_out = run_all(soft, feeds, custom_ops)
@@ -137,6 +142,9 @@ def validate(
         err, result.soft_compared_before = _soft_hard_error(
             soft, hard_exact, feeds, soft_out, hard_out, dense_out, custom_ops
         )
+        if pruned_steps is not None:  # the cache a cut shrinks is only read back on a decode step
+            hard_steps = pruned_steps if hard_exact is pruned else decode.steps(hard_exact, seed, custom_ops)
+            err = max(err, decode.soft_hard_error(soft, hard_steps, seed, custom_ops))
         result.soft_max_rel_error = err
         result.soft_equal = err < SOFT_TOLERANCE
         if not result.soft_equal:
@@ -156,27 +164,26 @@ class _DenseFails(Exception):
 def _dense_outputs(
     dense: Source, dense_proto: onnx.ModelProto, seed: int, custom_ops, sizes: dict[str, list[int]] | None
 ) -> tuple[list[dict], list[dict]]:
-    """The sample feeds the checks run on, and the input model's outputs on each."""
-    feeds = [sample_inputs(dense_proto, seed)]
+    """The sample feeds the checks run on, and the input model's outputs on each. The sizes the
+    user gives replace the made-up first feed: a model that runs only at those is no failure."""
+    given = complete_sizes(dense_proto, sizes)
+    feeds = [sample_inputs(dense_proto, seed, shapes=given) if sizes else sample_inputs(dense_proto, seed)]
     extra = []
     if has_free_axes(dense_proto):
         # other sizes, where a size hard-coded by mistake fails: batch 2, then batch 3 with the other
         # free axes (sequence) at 7, where attention over several positions tells heads apart
         extra = [sample_inputs(dense_proto, seed + 1, batch=2), sample_inputs(dense_proto, seed + 2, batch=3, length=7)]
-    if sizes:
-        extra.append(sample_inputs(dense_proto, seed + 3, shapes=complete_sizes(dense_proto, sizes)))
     try:
         dense_out = run_all(dense, feeds, custom_ops)
     except runlimit.RunTimeout:
         raise
     except Exception as exc:
+        if sizes:
+            raise UsageError(
+                f"the input model does not run at the --input-shape sizes ({format_sizes(given)}): {one_line(exc)}"
+            ) from None
         raise _DenseFails(exc) from exc
     for feed, out in zip(extra, run_each(dense, extra, custom_ops)):
-        if out is None and sizes and feed is extra[-1]:
-            raise UsageError(
-                "the input model does not run at the --input-shape sizes "
-                f"({format_sizes(complete_sizes(dense_proto, sizes))})"
-            )
         if out is not None:  # a size the dense model itself refuses (an image too small) is no test
             feeds.append(feed)
             dense_out.append(out)
