@@ -18,7 +18,7 @@ from spa.core.runtime import run, sample_inputs
 KV, HEADS, SIZE, HIDDEN = 2, 4, 8, 16
 
 
-def _decoder(layers: int = 2) -> onnx.ModelProto:
+def _decoder(layers: int = 2, packed: bool = False) -> onnx.ModelProto:
     """A decoder as onnxruntime-genai lays one out: token ids through an embedding, per layer a
     GroupQueryAttention reading ``past_key_values.N.key/value`` (head size a free axis) and writing
     ``present.N.key/value``, the mask over past and new tokens turned into its sequence lengths."""
@@ -34,12 +34,17 @@ def _decoder(layers: int = 2) -> onnx.ModelProto:
     for layer in range(layers):
         cache = ["batch_size", KV, "past_sequence_length", "kv_cache_dim"]
         past = [g.input(f"past_key_values.{layer}.{kind}", cache) for kind in ("key", "value")]
-        q = g.op("MatMul", [x, g.weight(HIDDEN, HEADS * SIZE)])
-        k = g.op("MatMul", [x, g.weight(HIDDEN, KV * SIZE)])
-        v = g.op("MatMul", [x, g.weight(HIDDEN, KV * SIZE)])
+        if packed:  # as onnxruntime-genai's builder fuses them: one projection and its bias
+            qkv = g.op(
+                "Add",
+                [g.op("MatMul", [x, g.weight(HIDDEN, (HEADS + 2 * KV) * SIZE)]), g.weight((HEADS + 2 * KV) * SIZE)],
+            )
+            projections = [qkv, "", ""]
+        else:
+            projections = [g.op("MatMul", [x, g.weight(HIDDEN, n * SIZE)]) for n in (HEADS, KV, KV)]
         a, key, value = g.op(
             "GroupQueryAttention",
-            [q, k, v, *past, seqlens, total],
+            [*projections, *past, seqlens, total],
             n_out=3,
             domain="com.microsoft",
             num_heads=HEADS,
@@ -62,13 +67,22 @@ def _decoder(layers: int = 2) -> onnx.ModelProto:
 
 def test_the_cache_is_sized_from_the_attention_op_and_the_mask_spans_past_and_new_tokens():
     model = _decoder()
-    feed = sample_inputs(model)
-    past, new = decoder.PAST, decoder.NEW
-    assert feed["past_key_values.0.key"].shape == (1, KV, past, SIZE)  # head size from the projection's width
-    assert feed["attention_mask"].shape == (1, past + new) and feed["input_ids"].shape == (1, new)
+    cache = decoder.layout(model)
+    assert cache is not None and set(cache.heads.values()) == {(KV, SIZE)}  # head size from the projection's width
+    feed = decoder.feed(model, cache, 1, 5, 3, np.random.default_rng(0))
+    assert feed["past_key_values.0.key"].shape == (1, KV, 5, SIZE)
+    assert feed["attention_mask"].shape == (1, 8) and feed["input_ids"].shape == (1, 3)
     assert feed["input_ids"].max() < 32  # ids the embedding holds
     outputs = run(model, feed)
-    assert outputs["logits"].shape == (1, new, 32) and outputs["present.0.key"].shape == (1, KV, past + new, SIZE)
+    assert outputs["logits"].shape == (1, 3, 32) and outputs["present.0.key"].shape == (1, KV, 8, SIZE)
+
+
+def test_the_made_up_feed_is_a_prompt_the_model_runs():
+    model = _decoder()
+    feed = sample_inputs(model, batch=2)
+    assert feed["past_key_values.0.key"].shape == (2, KV, 0, SIZE)
+    assert feed["attention_mask"].shape == feed["input_ids"].shape == (2, decoder.NEW)
+    assert run(model, feed)["logits"].shape == (2, decoder.NEW, 32)
 
 
 def test_given_sizes_set_the_past_and_the_new_tokens_together():
@@ -92,6 +106,43 @@ def test_a_decoder_prunes_with_statistics_and_a_validated_decode_step():
     assert report.validation.decode_checked
     assert report.params_after < report.params_before
     assert "no statistics" not in str(report.as_dict())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_heads_prune_with_the_cache_in_graph_io(packed):
+    dense = _decoder(packed=packed)
+    result = spa.prune(dense, ratio=0.5)
+    validation = result.report.validation
+    assert validation.ok and validation.decode_checked and validation.soft_equal, validation.problems
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [(node_attr_of(n, "num_heads"), node_attr_of(n, "kv_num_heads")) for n in attention] == [(2, 1)] * 2
+    cache = [i for i in result.model.graph.input if i.name.startswith("past_key_values")]
+    assert {i.type.tensor_type.shape.dim[1].dim_value for i in cache} == {1}
+    changed = {line.split(":")[0] for line in validation.changed_io}
+    assert changed == {
+        f"{kind}.{layer}.{part}"
+        for kind in ("past_key_values", "present")
+        for layer in (0, 1)
+        for part in ("key", "value")
+    }
+    first, second = decoder.rollout(result.model, lambda feed: run(result.model, feed))
+    assert second["present.0.key"].shape == (1, 1, decoder.NEW + 1, SIZE)
+
+
+def node_attr_of(node: onnx.NodeProto, name: str) -> int:
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def test_packed_qkv_is_split_into_the_same_projections():
+    from spa.formats.packed_qkv import split_packed_qkv
+
+    dense = _decoder(packed=True)
+    split = split_packed_qkv(onnx.ModelProto.FromString(dense.SerializeToString()))
+    assert [n.op_type for n in split.graph.node].count("MatMul") == 2 * 3 + 2 * 1 + 1
+    first, second = decoder.rollout(dense, lambda feed: run(dense, feed))
+    split_first, split_second = decoder.rollout(split, lambda feed: run(split, feed))
+    for a, b in ((first, split_first), (second, split_second)):
+        assert all(np.allclose(a[name], b[name], rtol=1e-5, atol=1e-6) for name in a)
 
 
 # ---------------------------------------------------------------- the exporters' own models
@@ -153,12 +204,17 @@ def test_genai_exports_run_on_spa_feeds(llm_zoo, default_domain_ops_load, name):
     assert validation.dense_runs and validation.runs and validation.decode_checked, validation.problems
 
 
-def test_genai_fp32_prunes_with_statistics(llm_zoo, default_domain_ops_load):
+def test_genai_fp32_prunes_heads_with_statistics(llm_zoo, default_domain_ops_load):
     result = spa.prune(_genai(llm_zoo, "llama-genai-fp32"), ratio=0.3)
     report = result.report
-    assert report.validation.ok, report.validation.problems
+    assert report.validation.ok and report.validation.decode_checked, report.validation.problems
     assert report.params_after < report.params_before
     assert "no statistics" not in str(report.as_dict())
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(node_attr_of(n, "num_heads") < 8 for n in attention)
+    assert report.validation.changed_io and all(
+        line.startswith(("past_key_values.", "present.")) for line in report.validation.changed_io
+    )
 
 
 def test_optimum_export_prunes(llm_zoo):

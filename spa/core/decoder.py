@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-# the tokens a made-up feed has in its past and new parts, unless a length is asked for
-PAST = 4
+# the new tokens of a made-up feed (its past is empty) unless a length is asked for
 NEW = 4
 # the tokens of a made-up prompt for statistics
 PROMPT = 16
@@ -51,6 +50,16 @@ def _present_name(name: str, outputs: set[str]) -> str | None:
         if name.startswith(past) and present + name[len(past) :] in outputs:
             return present + name[len(past) :]
     return None
+
+
+def cache_names(inputs: list[str], outputs: list[str]) -> set[str]:
+    """The past inputs and present outputs of a key/value cache, by the exporters' naming."""
+    found = set()
+    for name in inputs:
+        present = _present_name(name, set(outputs))
+        if present:
+            found |= {name, present}
+    return found
 
 
 def layout(model: onnx.ModelProto) -> CacheLayout | None:
@@ -133,7 +142,7 @@ def sizes_from(model: onnx.ModelProto, cache: CacheLayout, shapes: Mapping[str, 
         past = total - new
     if past is None and new is None:
         return None
-    return (past if past is not None else PAST), (new if new is not None else NEW)
+    return (past if past is not None else 0), (new if new is not None else NEW)
 
 
 def feed(

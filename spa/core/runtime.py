@@ -198,11 +198,11 @@ def sample_inputs(
 
 def _decoder_feed(model, cache: decoder.CacheLayout, rng, batch: int, shapes: dict[str, list[int]], length):
     """The cache, token ids, mask and positions of a decoder, sized together: past and new tokens
-    as ``shapes`` set them, else ``length`` each; inputs ``shapes`` names keep their own sizes.
-    Several sequences start with an empty past: GroupQueryAttention takes a past beside several
-    new tokens for one sequence only."""
-    past, new = (length, length) if length is not None else (decoder.PAST, decoder.NEW)
-    tokens = decoder.sizes_from(model, cache, shapes) or (past if batch == 1 else 0, new)
+    as ``shapes`` set them, else a prompt of ``length`` tokens with an empty past, as generation
+    starts: an empty cache fits a model whose cache pruning shrank (``outputs_of``), and
+    GroupQueryAttention takes a past beside several new tokens for one sequence only. The cache
+    a model writes itself is read back by ``spa.core.decoder.rollout``."""
+    tokens = decoder.sizes_from(model, cache, shapes) or (0, length if length is not None else decoder.NEW)
     batch = next((shape[0] for name, shape in shapes.items() if name in cache.past or name == cache.ids), batch)
     made = decoder.feed(model, cache, batch, *tokens, rng)
     return {name: value for name, value in made.items() if name not in shapes}

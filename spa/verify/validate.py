@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from spa.core import runlimit
+from spa.core import decoder, runlimit
 from spa.core.errors import UsageError
 from spa.core.runtime import (
     Source,
@@ -133,12 +133,14 @@ def validate(
         result.problems.append(f"onnxruntime cannot run the pruned model: {one_line(exc)}")
         return result
     step(3, total)
+    resized = _resized_cache(result, dense_proto, proto_of(pruned), dense_out, pruned_out)
     _compare_outputs(result, dense_proto, proto_of(pruned), dense_out, pruned_out, removed_anything)
     pruned_steps = decode.check(result, dense, pruned, seed, custom_ops)
     step(4, total)
     if soft is not None and hard_exact is not None:
-        soft_out = run_all(soft, feeds, custom_ops)
-        hard_out = pruned_out if hard_exact is pruned else run_all(hard_exact, feeds, custom_ops)
+        soft_out = _without(run_all(soft, feeds, custom_ops), resized)
+        hard_out = _without(pruned_out if hard_exact is pruned else run_all(hard_exact, feeds, custom_ops), resized)
+        dense_out = _without(dense_out, resized)
         err, result.soft_compared_before = _soft_hard_error(
             soft, hard_exact, feeds, soft_out, hard_out, dense_out, custom_ops
         )
@@ -188,6 +190,36 @@ def _dense_outputs(
             feeds.append(feed)
             dense_out.append(out)
     return feeds, dense_out
+
+
+def _resized_cache(
+    result: Validation, dense: onnx.ModelProto, pruned: onnx.ModelProto, dense_out: list[dict], pruned_out: list[dict]
+) -> set[str]:
+    """The cache outputs whose head axis the cut shrank, taken out of ``dense_out`` and
+    ``pruned_out`` (the heads left are compared through the logits, on a decode step too); the
+    graph I/O whose declared shapes changed goes to ``result.changed_io``."""
+    cache = decoder.layout(dense)
+    if cache is None:
+        return set()
+    presents = set(cache.past.values())
+    resized = {
+        name
+        for d, p in zip(dense_out, pruned_out)
+        for name in presents & set(d) & set(p)
+        if d[name].shape != p[name].shape and _same_but_heads(d[name].shape, p[name].shape)
+    }
+    result.changed_io = decoder.changed_io(dense, pruned)
+    for outputs in (dense_out, pruned_out):
+        outputs[:] = _without(outputs, resized)
+    return resized
+
+
+def _same_but_heads(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) == 4 and a[:1] + a[2:] == b[:1] + b[2:]
+
+
+def _without(outputs: list[dict], names: set[str]) -> list[dict]:
+    return [{k: v for k, v in out.items() if k not in names} for out in outputs] if names else outputs
 
 
 def _compare_outputs(
