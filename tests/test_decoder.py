@@ -3,6 +3,7 @@ pruning the models onnxruntime-genai's builder and Optimum export (tools/llm_zoo
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import numpy as np
@@ -217,9 +218,42 @@ def test_genai_fp32_prunes_heads_with_statistics(llm_zoo, default_domain_ops_loa
     )
 
 
-def test_optimum_export_prunes(llm_zoo):
+def test_optimum_export_prunes_heads(llm_zoo):
+    """Optimum appends the new keys and values to the cache with Concat, and repeats the KV heads
+    for their query heads with Expand and Reshape: heads are followed through both."""
     result = spa.prune(_optimum(llm_zoo, "llama-optimum"), ratio=0.3)
     report = result.report
     assert report.validation.ok and report.validation.decode_checked, report.validation.problems
     assert report.params_after < report.params_before
     assert "no statistics" not in str(report.as_dict())
+    heads = [g for g in report.groups if g.kind == "heads"]
+    assert len(heads) == 4 and sum(g.removed for g in heads) > 0
+    cache = [i for i in result.model.graph.input if i.name.startswith("past_key_values")]
+    assert {i.type.tensor_type.shape.dim[1].dim_value for i in cache} == {1}
+
+
+def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, default_domain_ops_load, tmp_path):
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    og = pytest.importorskip("onnxruntime_genai")
+    source = _genai(llm_zoo, "llama-genai-fp32")
+    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    pruned = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    attention = [n for n in pruned.graph.node if n.op_type == "GroupQueryAttention"]
+    assert config["num_key_value_heads"] == node_attr_of(attention[0], "kv_num_heads") < 2
+    assert config["num_attention_heads"] == node_attr_of(attention[0], "num_heads") < 8
+    assert (tmp_path / "tokenizer.json").exists()
+    model = og.Model(str(tmp_path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 5, 9, 12]])
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)

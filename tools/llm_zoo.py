@@ -224,7 +224,7 @@ def prune(name: str, ratio: float, write: Path | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.json"
     command = [sys.executable, "-m", "spa", "prune", str(folder / "model.onnx"), "--ratio", str(ratio)]
-    command += ["-o", str(out / "model.onnx"), "--report", str(report)]
+    command += ["-o", str(out / "model.onnx"), "--json", str(report)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     row = {"export": name, "exit": done.returncode, "seconds": round(time.perf_counter() - start, 1)}
@@ -238,15 +238,14 @@ def prune(name: str, ratio: float, write: Path | None) -> dict:
 
 
 def _figures(report: dict) -> dict:
-    groups = report.get("groups", [])
-    heads = [g for g in groups if "head" in str(g.get("kind", "")).lower()]
-    validation = report.get("validation") or {}
+    heads = [g for g in report.get("groups", []) if g.get("kind") == "heads"]
+    after = sum(g["heads"] - g.get("removed", 0) * g["heads"] // g["channels"] for g in heads)
     return {
-        "groups": len(groups),
-        "pruned": sum(1 for g in groups if g.get("pruned")),
-        "head_groups": len(heads),
-        "params": f"{report.get('params_before')} -> {report.get('params_after')}",
-        "valid": validation.get("passed"),
+        "groups": f"{report['groups_found']}/{report['groups_prunable']}/{report['groups_pruned']}",
+        "params": f"{report['params_before']} -> {report['params_after']}",
+        "heads": f"{sum(g['heads'] for g in heads)} -> {after}",
+        "frozen_heads": sum(1 for g in heads if g.get("frozen")),
+        "valid": (report.get("validation") or {}).get("ok"),
     }
 
 

@@ -107,6 +107,15 @@ def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
         if rank is None or axes is None or a in [k % rank for k in axes]:
             return None, []
         return None, [(node.outputs[0], a)]
+    if op == "Concat" and (name in node.inputs if forward else name == node.outputs[0]):
+        # a decoder appends the new keys and values to its cache along the sequence: every
+        # other axis is the same channel before and after
+        rank = _rank(graph, node.outputs[0])
+        if rank is None or a == node.attr("axis", 0) % rank:
+            return None, []
+        if forward:
+            return None, [(node.outputs[0], a)]
+        return None, [(x, a) for x in node.inputs if x and _rank(graph, x) == rank]
     if op == "Split" and forward and name == node.inputs[0]:
         if a == node.attr("axis", 0) % (_rank(graph, name) or 1):
             return None, []
