@@ -117,6 +117,7 @@ def prune_summary(r: dict) -> str:
             else ""
         )
         lines.append(f"wrote {r['output']}{beside}")
+        lines.extend(f"        {line}" for line in r.get("runtime_config") or [])
     else:
         lines.append(
             "nothing to prune: every group is frozen (see `spa analyze`); no file written "
