@@ -218,10 +218,12 @@ def test_genai_fp32_prunes_heads_with_statistics(llm_zoo, default_domain_ops_loa
     )
 
 
-def test_optimum_export_prunes_heads(llm_zoo):
+@pytest.mark.parametrize("name", ["llama-optimum", "phi3-optimum"])
+def test_optimum_export_prunes_heads(llm_zoo, name):
     """Optimum appends the new keys and values to the cache with Concat, and repeats the KV heads
-    for their query heads with Expand and Reshape: heads are followed through both."""
-    result = spa.prune(_optimum(llm_zoo, "llama-optimum"), ratio=0.3)
+    for their query heads with Expand and Reshape; Phi3 rotates part of each head (Slice, Concat
+    along head_dim) and packs Q, K and V in one projection: heads are followed through all."""
+    result = spa.prune(_optimum(llm_zoo, name), ratio=0.3)
     report = result.report
     assert report.validation.ok and report.validation.decode_checked, report.validation.problems
     assert report.params_after < report.params_before
@@ -257,3 +259,20 @@ def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, default_
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
+
+
+def test_the_pruned_optimum_folder_gets_its_config(llm_zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    source = _optimum(llm_zoo, "llama-optimum")
+    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "config.json").read_text())
+    pruned = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    kv = pruned.graph.input[3].type.tensor_type.shape.dim[1].dim_value
+    assert pruned.graph.input[3].name.startswith("past_key_values") and kv < 2
+    assert (config["num_key_value_heads"], config["num_attention_heads"]) == (kv, 4 * kv)
+    assert json.loads((source.parent / "config.json").read_text())["num_key_value_heads"] == 2  # input untouched
+    assert (tmp_path / "tokenizer.json").exists()

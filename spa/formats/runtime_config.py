@@ -72,14 +72,14 @@ def write_configs(source: Path, dense: onnx.ModelProto, pruned: onnx.ModelProto,
             continue
         if path.name == GENAI:
             config = json.loads(path.read_text())
-            _set(config.get("model", {}).get("decoder", {}), changed)
+            applied = _set(config.get("model", {}).get("decoder", {}), changed)
             _write(target / path.name, config)
-            written.append(f"{path.name}: {_describe(changed)}")
+            written.append(f"{path.name}: {_describe(applied)}")
         elif path.name == TRANSFORMERS:
             config = json.loads(path.read_text())
-            _set(config, changed)
+            applied = _set(config, changed)
             _write(target / path.name, config)
-            written.append(f"{path.name}: {_describe(changed)}")
+            written.append(f"{path.name}: {_describe(applied)}")
         else:
             shutil.copyfile(path, target / path.name)
             written.append(f"{path.name}: copied")
@@ -95,17 +95,17 @@ def _changes(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> dict[str, int]:
     return {name: value for name, value in after.items() if before.get(name) not in (None, value)}
 
 
-def _set(config: dict, changed: dict[str, int]) -> None:
-    """``changed`` where ``config`` has the field; attention heads scale with the KV heads where the
-    graph does not say (Optimum's decomposed attention has no head count attribute)."""
+def _set(config: dict, changed: dict[str, int]) -> dict[str, int]:
+    """``changed`` where ``config`` has the field, and what was set; attention heads scale with the
+    KV heads where the graph does not say (Optimum's decomposed attention has no head count)."""
+    changed = dict(changed)
     if "num_key_value_heads" in changed and "num_attention_heads" not in changed:
         old_kv = config.get("num_key_value_heads")
         if old_kv and config.get("num_attention_heads"):
-            per_group = config["num_attention_heads"] // old_kv
-            config["num_attention_heads"] = per_group * changed["num_key_value_heads"]
-    for name, value in changed.items():
-        if name in config:
-            config[name] = value
+            changed["num_attention_heads"] = config["num_attention_heads"] // old_kv * changed["num_key_value_heads"]
+    applied = {name: value for name, value in changed.items() if name in config}
+    config.update(applied)
+    return applied
 
 
 def _describe(changed: dict[str, int]) -> str:
