@@ -276,3 +276,13 @@ def test_the_pruned_optimum_folder_gets_its_config(llm_zoo, tmp_path):
     assert (config["num_key_value_heads"], config["num_attention_heads"]) == (kv, 4 * kv)
     assert json.loads((source.parent / "config.json").read_text())["num_key_value_heads"] == 2  # input untouched
     assert (tmp_path / "tokenizer.json").exists()
+
+
+def test_calibration_samples_of_token_ids_are_fed_as_prompts(tmp_path):
+    """A decoder's samples are prompts: spa adds the empty cache, the mask and the positions."""
+    ids = np.random.default_rng(1).integers(0, 32, (6, 5)).astype(np.int64)
+    np.save(tmp_path / "input_ids.npy", ids)
+    result = spa.prune(_decoder(), ratio=0.5, calib=tmp_path)
+    report = result.report
+    assert report.validation.ok, report.validation.problems
+    assert report.statistics is not None and report.statistics["source"] == "calibration"

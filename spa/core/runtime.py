@@ -375,14 +375,28 @@ def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = B
         if states:  # the zero state a stream starts from
             shapes = input_shapes(model, stop - start, feed_spec.current().length)
             part.update({k: np.zeros(shapes[k], _NUMPY_OF.get(_elem_type(model, k), np.float32)) for k in states})
-        yield {**part, **missing}
+        yield {**part, **_prompt_inputs(model, part, set(feeds)), **missing}
+
+
+def _prompt_inputs(model: onnx.ModelProto, part: dict[str, np.ndarray], given: set[str]) -> dict[str, np.ndarray]:
+    """For a decoder whose samples hold token ids only: an empty cache, the mask over the ids and
+    their positions, as a prompt is fed."""
+    cache = decoder.layout(model)
+    if cache is None or cache.ids is None or cache.ids not in part or part[cache.ids].ndim != 2:
+        return {}
+    ids = part[cache.ids]
+    made = decoder.feed(model, cache, ids.shape[0], 0, ids.shape[1], np.random.default_rng(0))
+    return {name: value for name, value in made.items() if name not in given}
 
 
 def spa_fed(model: onnx.ModelProto) -> set[str]:
     """Inputs spa feeds itself when calibration data lacks them: fixed values (control inputs,
-    ``--input``) and recurrent states (an input whose batch axis is not its first)."""
+    ``--input``), recurrent states (an input whose batch axis is not its first), and a decoder's
+    cache, mask and positions (its samples are token ids: prompts)."""
     states = {name for name, axis in feed_spec.batch_axes(model).items() if axis}
-    return set(fixed_values(model)) | states
+    cache = decoder.layout(model)
+    prompt = {n for n in [*cache.past, cache.mask, cache.positions] if n} if cache and cache.ids else set()
+    return set(fixed_values(model)) | states | prompt
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int:
