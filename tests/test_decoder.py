@@ -286,3 +286,17 @@ def test_calibration_samples_of_token_ids_are_fed_as_prompts(tmp_path):
     report = result.report
     assert report.validation.ok, report.validation.problems
     assert report.statistics is not None and report.statistics["source"] == "calibration"
+
+
+def test_int4_packed_qkv_is_split_into_the_same_projections(llm_zoo):
+    from spa.formats.packed_qkv import split_packed_qkv
+
+    path = _genai(llm_zoo, "qwen2-genai-int4")
+    dense = onnx.load(str(path))
+    split = split_packed_qkv(onnx.ModelProto.FromString(dense.SerializeToString()))
+    packed = [n for n in dense.graph.node if n.op_type == "MatMulNBits"]
+    assert [n.op_type for n in split.graph.node].count("MatMulNBits") == len(packed) + 2 * 4
+    for a, b in zip(
+        decoder.rollout(dense, lambda feed: run(dense, feed)), decoder.rollout(split, lambda feed: run(split, feed))
+    ):
+        assert np.array_equal(a["logits"], b["logits"])

@@ -41,7 +41,7 @@ def split_packed_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
         if chain and split:
             added[chain[0].name] = split
             dropped |= {n.name for n in chain}
-            unused |= {chain[0].input[1], *(i for n in chain[1:] for i in n.input if i in initializers)}
+            unused |= {i for n in chain for i in n.input[1:] if i in initializers}
     nodes = []
     for node in graph.node:
         nodes += [copy(n) for n in added.get(node.name, [])]
@@ -84,6 +84,15 @@ def _projection(tensor, producers, initializers, readers, outputs) -> list[onnx.
             return None
         chain.append(node)
         node = producers.get(next(i for i in node.input if i not in initializers))
+    if node is not None and node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        # int4/int8 blocks by output row: B [N, blocks, blob], scales, zero points and bias per row
+        weights = [i for i in node.input[1:] if i]
+        if len(node.input) > 4 and node.input[4]:  # g_idx reorders the blocks: left fused
+            return None
+        if any(i not in initializers or readers.get(i) != 1 for i in weights):
+            return None
+        chain.insert(0, node)
+        return chain if all(readers.get(n.output[0], 0) == 1 and n.output[0] not in outputs for n in chain) else None
     if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
         return None
     weight = initializers.get(node.input[1])
@@ -99,30 +108,59 @@ def _projection(tensor, producers, initializers, readers, outputs) -> list[onnx.
 def _split(graph, attention, chain, initializers, heads: int, kv_heads: int) -> list[onnx.NodeProto] | None:
     """The Q, K and V projections (weights added to ``graph``) that replace ``chain``; ``attention``
     reads them. None where the packed width does not divide into the heads."""
-    matmul = chain[0]
-    weight = to_array(initializers[matmul.input[1]])
-    width = weight.shape[1]
+    projection = chain[0]
+    width = _out_width(projection, initializers)
     if width % (heads + 2 * kv_heads):
         return None
     size = width // (heads + 2 * kv_heads)
     bounds = np.cumsum([0, heads * size, kv_heads * size, kv_heads * size])
-    bias = None
-    if len(chain) == 2:
-        bias = to_array(initializers[next(i for i in chain[1].input if i in initializers)])
+    bias_name = next((i for i in chain[1].input if i in initializers), None) if len(chain) == 2 else None
+    bias = to_array(initializers[bias_name]) if bias_name else None
     nodes, parts = [], []
     for index, part in enumerate(("q", "k", "v")):
-        lo, hi = bounds[index], bounds[index + 1]
-        name = f"{matmul.input[1]}.{part}"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, lo:hi]), name))
-        out = f"{matmul.output[0]}.{part}"
-        nodes.append(onnx.helper.make_node("MatMul", [matmul.input[0], name], [out], name=f"{matmul.name}.{part}"))
-        if bias is not None:
-            bias_name, added = f"{name}.bias", f"{out}.bias"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias[lo:hi]), bias_name))
-            nodes.append(onnx.helper.make_node("Add", [out, bias_name], [added], name=f"{chain[1].name}.{part}"))
+        lo, hi = int(bounds[index]), int(bounds[index + 1])
+        out = f"{projection.output[0]}.{part}"
+        nodes.append(_rows(graph, projection, initializers, lo, hi, part, out))
+        if bias is not None and bias_name is not None:
+            name, added = f"{bias_name}.{part}", f"{out}.bias"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias[lo:hi]), name))
+            nodes.append(onnx.helper.make_node("Add", [out, name], [added], name=f"{chain[1].name}.{part}"))
             out = added
         parts.append(out)
     while len(attention.input) < 3:
         attention.input.append("")
     attention.input[0], attention.input[1], attention.input[2] = parts
     return nodes
+
+
+def _out_width(projection: onnx.NodeProto, initializers) -> int:
+    if projection.op_type == "MatMulNBits":
+        return int(_attr(projection, "N"))
+    return int(initializers[projection.input[1]].dims[1])
+
+
+def _rows(graph, projection, initializers, lo: int, hi: int, part: str, out: str) -> onnx.NodeProto:
+    """``projection`` computing output columns ``lo:hi`` only, its weights sliced into ``graph``."""
+    inputs = [projection.input[0]]
+    for name in projection.input[1:]:
+        if not name:
+            inputs.append(name)
+            continue
+        value = to_array(initializers[name])
+        if projection.op_type == "MatMul":
+            value = value[:, lo:hi]
+        else:  # MatMulNBits: every weight input is laid out by output row, flat or not
+            rows = int(_attr(projection, "N"))
+            value = value.reshape(rows, -1)[lo:hi].reshape((hi - lo, *value.shape[1:]) if value.ndim > 1 else -1)
+        sliced = f"{name}.{part}"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), sliced))
+        inputs.append(sliced)
+    node = onnx.helper.make_node(
+        projection.op_type, inputs, [out], name=f"{projection.name}.{part}", domain=projection.domain
+    )
+    node.attribute.extend(projection.attribute)
+    if projection.op_type == "MatMulNBits":
+        kept = [a for a in node.attribute if a.name != "N"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("N", hi - lo)])
+    return node
