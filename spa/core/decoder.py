@@ -13,7 +13,6 @@ step fed the prefill's own ``present`` outputs, as a generation loop does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -79,6 +78,12 @@ def layout(model: onnx.ModelProto) -> CacheLayout | None:
     positions = next((n for n, low in names.items() if "position_ids" in low), None)
     heads = {name: _cache_heads(model, inputs[name]) for name in past}
     return CacheLayout(past, heads, ids, mask, positions, _vocab(model, ids))
+
+
+def cache_inputs(model: onnx.ModelProto) -> set[str]:
+    """The key/value cache inputs of ``model`` (none for a model without one)."""
+    cache = layout(model)
+    return set(cache.past) if cache else set()
 
 
 def _declared(info: onnx.ValueInfoProto, axis: int) -> int | None:
@@ -213,8 +218,3 @@ def changed_io(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]:
     before, after = shapes(dense), shapes(pruned)
     changed = [name for name in before if name in after and before[name] != after[name]]
     return [f"{name}: {before[name]} -> {after[name]}" for name in changed]
-
-
-def cache_axis(name: str) -> bool:
-    """Whether ``name[axis]`` names a cache tensor's head axis (the one axis of graph I/O that may change)."""
-    return bool(re.fullmatch(r"(past|present)[\w.]*\[1\]", name))

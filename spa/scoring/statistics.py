@@ -359,8 +359,7 @@ def _noise_fields(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, 
 def _drawn(model: onnx.ModelProto, fields: dict[str, np.ndarray], prior: InputPrior) -> dict[str, np.ndarray]:
     """The feeds: image fields drawn through ``prior``, every input in its own type."""
     feeds = {}
-    cache = decoder.layout(model)
-    caches = cache.past if cache is not None else {}  # a key/value cache is no image, whatever its shape
+    caches = decoder.cache_inputs(model)  # a key/value cache is no image, whatever its shape
     for info in graph_inputs(model):
         value = fields[info.name]
         if value.dtype.kind == "f" and info.name not in caches and _spatial_axes(list(value.shape)):
@@ -397,8 +396,7 @@ def choose_prior(
     pixels, the score did not track accuracy: it preferred 8-bit strokes, and they cost the
     refit 20 points at ratio 0.3.
     """
-    cache = decoder.layout(model)
-    caches = cache.past if cache is not None else {}
+    caches = decoder.cache_inputs(model)
     floats = [i for i in graph_inputs(model) if np.dtype(_numpy_type(i)).kind == "f" and i.name not in caches]
     if not any(_spatial_axes(_input_shape(i, 1)) for i in floats):
         return SMOOTH_NOISE, {}
