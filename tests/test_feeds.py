@@ -181,3 +181,16 @@ def test_calibration_data_need_not_hold_the_rate_or_the_state(tmp_path):
     report = result.report
     assert report.statistics["source"] == "calibration" and report.validation.soft_equal is True
     assert report.validation.fidelity is not None
+
+
+def test_given_sizes_replace_the_made_up_feed_in_validation():
+    """A model that runs only at the lengths the user gives is no validation failure: the sizes
+    replace the feed spa would have made up (length 1 here, which the Reshape refuses)."""
+    g = Graph()
+    x = g.input("x", [1, "n"])
+    rows = g.op("Reshape", [x, g.const(np.array([-1, 7], np.int64))])
+    hidden = g.op("Relu", [g.op("MatMul", [rows, g.weight(7, 16)])])
+    g.output(g.op("MatMul", [hidden, g.weight(16, 3)]))
+    result = spa.prune(g.build(), ratio=0.5, input_shapes={"x": [1, 14]})
+    assert result.report.validation.ok, result.report.validation.problems
+    assert result.report.validation.sizes[0] == {"x": [1, 14]}

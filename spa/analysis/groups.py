@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from spa.core import decoder
 from spa.core.coupling import Dim, Freeze, HeadInfo, Link, Pending, RuleContext, Sink
 from spa.core.graph import ModelGraph
 from spa.ops.base import NUMERATOR, PRESERVES, PRODUCT, SUM
@@ -108,6 +109,9 @@ class _Walk:
         self.queue: deque[Dim] = deque()
         self.asked: set[tuple[str, Dim]] = set()
         self.inputs, self.outputs = set(graph.inputs), set(graph.outputs)
+        # a decoder's key/value cache is graph I/O whose head axis may shrink with the heads: the
+        # runtime sizes the cache from the model (its config or the I/O shapes), not the reverse
+        self.cache_io = decoder.cache_names(list(graph.inputs), list(graph.outputs))
 
     def run(self) -> None:
         for node in self.graph.nodes:
@@ -138,9 +142,10 @@ class _Walk:
         self.sizes[dim] = size
         self.ctx.known_dims.add(dim)
         name = dim.tensor
-        if name in self.inputs:
+        cache_heads = name in self.cache_io and dim.axis == 1
+        if name in self.inputs and not cache_heads:
             self._freeze(dim, "graph input")
-        if name in self.outputs:
+        if name in self.outputs and not cache_heads:
             self._freeze(dim, "graph output")
         if name in self.excluded:
             self._freeze(dim, self.excluded[name])

@@ -32,6 +32,7 @@ from spa.core.runtime import parse_shapes, resolve_providers
 from spa.core.tensors import is_lazy
 from spa.formats.export import Fp16RangeWarning
 from spa.formats.files import check_output_path, output_data_path, protected_files, write_bytes_atomic
+from spa.formats.runtime_config import write_configs
 from spa.pipeline import (
     CLI_RUN,
     AnalyzeOptions,
@@ -233,6 +234,16 @@ def prune(model: Path, **flags) -> None:
     run(flags["debug"], lambda: _prune(model, **flags))
 
 
+def _runtime_config(model: Path, pruned, hard, target: Path, quiet: bool) -> list[str]:
+    """The configs beside the input (genai_config.json, config.json) rewritten beside the output."""
+    try:
+        return write_configs(Path(model), pruned.plan.scored.analyzed.model.proto, hard, Path(target))
+    except ValueError as exc:
+        if not quiet:
+            click.echo(f"spa: warning: runtime config not written: {exc}", err=True)
+        return [f"not written: {exc}"]
+
+
 def _prune(model: Path, output, out_format, json_path, write_unchanged, force, quiet, debug, **flags) -> None:
     check_ratio_and_target(_given("ratio"), any(flags[f"target_{m}"] is not None for m in _TARGETS))
     check = not flags["no_validate"]
@@ -299,6 +310,7 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
             for warning in caught:
                 if not quiet:
                     click.echo(f"spa: warning: {warning.message}", err=True)
+            report["runtime_config"] = _runtime_config(model, pruned, result.model, target, quiet)
     finally:
         stages.finish()
     report["export"] = [c.as_dict() for c in checks]

@@ -87,7 +87,12 @@ def prune_summary(r: dict) -> str:
         lines.append(
             f"valid:  checker {v['checker']}, onnxruntime {'runs' if v['runs'] else 'FAILS'}, "
             f"I/O {'same' if v['io_match'] else 'DIFFERENT'}, soft==hard {soft}"
+            + (", prefill and decode step from its own cache" if v.get("decode_checked") else "")
         )
+    if v.get("changed_io"):
+        names = [line.split(":")[0] for line in v["changed_io"]]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"        cache I/O shrank on its head axis: {shown} (the JSON report lists the shapes)")
     lines.extend(fidelity_lines(v.get("fidelity")))
     lines.extend(data_lines(r))
     if summary and r["groups_pruned"]:  # nothing removed: nothing to say about accuracy
@@ -124,6 +129,7 @@ def prune_summary(r: dict) -> str:
             else ""
         )
         lines.append(f"wrote {r['output']}{beside}")
+        lines.extend(f"        {line}" for line in r.get("runtime_config") or [])
     else:
         lines.append(
             "nothing to prune: every group is frozen (see `spa analyze`); no file written "

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import numpy as np
+
 from spa.core.errors import ModelLoadError, UsageError
 
 RUN_TIMEOUT = 600.0  # seconds per run of the model; 0 for no limit
@@ -110,4 +112,18 @@ def _tick() -> None:
 def run(session, names, feeds) -> list:
     """``session.run(names, feeds)`` within the time limit."""
     with limited() as options:
-        return session.run(names, feeds, options)
+        return session.run(names, fit_empty(session, feeds), options)
+
+
+def fit_empty(session, feeds: dict) -> dict:
+    """``feeds`` with each empty input (a key/value cache before the first token) given the fixed
+    axes the session declares: it holds no value a pruned head count could disagree with, so one
+    feed serves the input model and a pruned one."""
+    fitted = dict(feeds)
+    for info in session.get_inputs():
+        value = feeds.get(info.name)
+        if value is None or value.size or len(info.shape) != value.ndim:
+            continue
+        shape = [d if isinstance(d, int) and d > 0 else n for d, n in zip(info.shape, value.shape)]
+        fitted[info.name] = np.zeros(shape, value.dtype)
+    return fitted

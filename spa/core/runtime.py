@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from spa.core import decoder, runlimit
 from spa.core import feeds as feed_spec
-from spa.core import runlimit
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
 from spa.core.staging import is_lazy_proto, release, runnable_file
 from spa.core.tensors import data_bytes
@@ -190,6 +190,9 @@ def sample_inputs(
             feeds[name] = np.ones(shape, dtype=dtype)
         else:
             feeds[name] = np.zeros(shape, dtype=dtype)
+    cache = decoder.layout(model)
+    if cache is not None:
+        feeds.update(_decoder_feed(model, cache, rng, batch, shapes or {}, length))
     return feeds
 
 
@@ -202,6 +205,18 @@ def feed_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = No
     for name, shape in {**input_shapes(model, 1, length), **(shapes or {})}.items():
         out[name] = list(fixed[name].shape) if name in fixed and name not in (shapes or {}) else list(shape)
     return out
+
+
+def _decoder_feed(model, cache: decoder.CacheLayout, rng, batch: int, shapes: dict[str, list[int]], length):
+    """The cache, token ids, mask and positions of a decoder, sized together: past and new tokens
+    as ``shapes`` set them, else a prompt of ``length`` tokens with an empty past, as generation
+    starts: an empty cache fits a model whose cache pruning shrank (``outputs_of``), and
+    GroupQueryAttention takes a past beside several new tokens for one sequence only. The cache
+    a model writes itself is read back by ``spa.core.decoder.rollout``."""
+    tokens = decoder.sizes_from(model, cache, shapes) or (0, length if length is not None else decoder.NEW)
+    batch = next((shape[0] for name, shape in shapes.items() if name in cache.past or name == cache.ids), batch)
+    made = decoder.feed(model, cache, batch, *tokens, rng)
+    return {name: value for name, value in made.items() if name not in shapes}
 
 
 def fixed_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -376,14 +391,28 @@ def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = B
         if states:  # the zero state a stream starts from
             shapes = input_shapes(model, stop - start, feed_spec.current().length)
             part.update({k: np.zeros(shapes[k], _NUMPY_OF.get(_elem_type(model, k), np.float32)) for k in states})
-        yield {**part, **missing}
+        yield {**part, **_prompt_inputs(model, part, set(feeds)), **missing}
+
+
+def _prompt_inputs(model: onnx.ModelProto, part: dict[str, np.ndarray], given: set[str]) -> dict[str, np.ndarray]:
+    """For a decoder whose samples hold token ids only: an empty cache, the mask over the ids and
+    their positions, as a prompt is fed."""
+    cache = decoder.layout(model)
+    if cache is None or cache.ids is None or cache.ids not in part or part[cache.ids].ndim != 2:
+        return {}
+    ids = part[cache.ids]
+    made = decoder.feed(model, cache, ids.shape[0], 0, ids.shape[1], np.random.default_rng(0))
+    return {name: value for name, value in made.items() if name not in given}
 
 
 def spa_fed(model: onnx.ModelProto) -> set[str]:
     """Inputs spa feeds itself when calibration data lacks them: fixed values (control inputs,
-    ``--input``) and recurrent states (an input whose batch axis is not its first)."""
+    ``--input``), recurrent states (an input whose batch axis is not its first), and a decoder's
+    cache, mask and positions (its samples are token ids: prompts)."""
     states = {name for name, axis in feed_spec.batch_axes(model).items() if axis}
-    return set(fixed_values(model)) | states
+    cache = decoder.layout(model)
+    prompt = {n for n in [*cache.past, cache.mask, cache.positions] if n} if cache and cache.ids else set()
+    return set(fixed_values(model)) | states | prompt
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int:

@@ -22,6 +22,7 @@ from spa.core.runlimit import set_stage
 from spa.core.tensors import is_lazy
 from spa.formats.canonicalize import canonicalize
 from spa.formats.load import load_model
+from spa.formats.packed_qkv import split_packed_qkv
 from spa.formats.qoperator import Expansion, expand
 from spa.formats.shapes import check_sizes, infer_shapes
 
@@ -55,7 +56,7 @@ class Model:
             name, path = str(model_or_path), Path(model_or_path)
             say(progress, "load")
             proto = load_model(model_or_path)
-        proto = canonicalize(proto)
+        proto = split_packed_qkv(canonicalize(proto))
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
         source, codec = None, Expansion()
         if not is_lazy(proto):

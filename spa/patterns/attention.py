@@ -104,9 +104,22 @@ def _step(graph: ModelGraph, node: Node, name: str, a: int, forward: bool):
         # along the leading axis of 3; the other axes pass through unchanged
         rank = _rank(graph, name)
         axes = graph.const_ints(node.input(3)) if node.input(3) else list(range(rank or 0))
-        if rank is None or axes is None or a in [k % rank for k in axes]:
+        if rank is None or axes is None:
             return None, []
+        if a in [k % rank for k in axes] and not (rank == 4 and a == 3):
+            return None, []
+        # a slice of a head's last axis (partial rotary: the rotated part, the part passed
+        # through) is still head_dim
         return None, [(node.outputs[0], a)]
+    if op == "Concat" and (name in node.inputs if forward else name == node.outputs[0]):
+        # a decoder appends the new keys and values to its cache along the sequence: every
+        # other axis is the same channel before and after
+        rank = _rank(graph, node.outputs[0])
+        if rank is None or (a == node.attr("axis", 0) % rank and not (rank == 4 and a == 3)):
+            return None, []  # the parts of a head's last axis (rotary halves) join into head_dim
+        if forward:
+            return None, [(node.outputs[0], a)]
+        return None, [(x, a) for x in node.inputs if x and _rank(graph, x) == rank]
     if op == "Split" and forward and name == node.inputs[0]:
         if a == node.attr("axis", 0) % (_rank(graph, name) or 1):
             return None, []

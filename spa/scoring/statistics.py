@@ -23,8 +23,8 @@ from typing import cast
 import numpy as np
 import onnx
 
+from spa.core import decoder, runlimit
 from spa.core import feeds as feed_spec
-from spa.core import runlimit
 from spa.core.coupling import Dim
 from spa.core.errors import UsageError
 from spa.core.graph import Size
@@ -349,15 +349,20 @@ def _noise_fields(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, 
             fields[info.name] = rng.integers(0, tables[info.name], shape).astype(dtype)
         else:
             fields[info.name] = np.ones(shape, dtype=dtype)
+    cache = decoder.layout(model)
+    if cache is not None:  # prompts, as a prefill sees them: the statistics of the tokens' own activations
+        length = feed_spec.current().length or decoder.PROMPT
+        fields.update(decoder.feed(model, cache, samples, 0, length, rng))
     return fields
 
 
 def _drawn(model: onnx.ModelProto, fields: dict[str, np.ndarray], prior: InputPrior) -> dict[str, np.ndarray]:
     """The feeds: image fields drawn through ``prior``, every input in its own type."""
     feeds = {}
+    caches = decoder.cache_inputs(model)  # a key/value cache is no image, whatever its shape
     for info in graph_inputs(model):
         value = fields[info.name]
-        if value.dtype.kind == "f" and _spatial_axes(list(value.shape)):
+        if value.dtype.kind == "f" and info.name not in caches and _spatial_axes(list(value.shape)):
             value = prior.draw(value)
         feeds[info.name] = value.astype(_numpy_type(info), copy=False)
     return feeds
@@ -391,7 +396,9 @@ def choose_prior(
     pixels, the score did not track accuracy: it preferred 8-bit strokes, and they cost the
     refit 20 points at ratio 0.3.
     """
-    if not any(_spatial_axes(_input_shape(i, 1)) for i in graph_inputs(model) if np.dtype(_numpy_type(i)).kind == "f"):
+    caches = decoder.cache_inputs(model)
+    floats = [i for i in graph_inputs(model) if np.dtype(_numpy_type(i)).kind == "f" and i.name not in caches]
+    if not any(_spatial_axes(_input_shape(i, 1)) for i in floats):
         return SMOOTH_NOISE, {}
     # the probe's own seed, so the chosen prior is not scored on the samples it then draws; one
     # noise field serves every prior

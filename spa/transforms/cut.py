@@ -158,6 +158,7 @@ def apply_plan(
             rule.rewrite(node, cut)
     _apply_node_edits(out, graph, cut)
     _fix_declared_shapes(out, new_shapes)
+    _fix_io_shapes(out, cut)
     del out.graph.value_info[:]
     return out
 
@@ -246,3 +247,14 @@ def _fix_declared_shapes(out: onnx.ModelProto, new_shapes: dict[str, tuple[int, 
             for d, size in zip(dims, new_shapes[value_info.name]):
                 d.Clear()
                 d.dim_value = size
+
+
+def _fix_io_shapes(out: onnx.ModelProto, cut: CutContext) -> None:
+    """Graph I/O a cut shrinks (only a decoder's key/value cache, on its head axis) declares its
+    new size where the axis is fixed."""
+    for value_info in [*out.graph.input, *out.graph.output]:
+        dims = value_info.type.tensor_type.shape.dim
+        for axis, d in enumerate(dims):
+            kept = cut.kept(Dim(value_info.name, axis))
+            if kept is not None and d.HasField("dim_value"):
+                d.dim_value = len(kept)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from spa.core import runlimit
+from spa.core import decoder, runlimit
 from spa.core.errors import UsageError
 from spa.core.runtime import (
     Source,
@@ -23,6 +23,7 @@ from spa.core.runtime import (
 )
 from spa.formats import nbits
 from spa.formats.checker import checker_complaint
+from spa.verify import decode
 from spa.verify.compare import newly_nonfinite, nonfinite_outputs, relative_error, same_shapes
 from spa.verify.fidelity import Fidelity
 
@@ -52,6 +53,9 @@ class Validation:
     # float outputs of the input model holding NaN or inf on the sample inputs: compared where finite
     dense_nonfinite: list[str] = field(default_factory=list)
     nonfinite_weights: list[str] = field(default_factory=list)  # pruned weights holding NaN or inf
+    # a decoder with its cache as graph I/O ran a prefill and a decode step fed its own cache
+    decode_checked: bool = False
+    changed_io: list[str] = field(default_factory=list)  # graph I/O whose declared shapes the cut changed
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -130,18 +134,24 @@ def validate(
         result.problems.append(f"onnxruntime cannot run the pruned model: {one_line(exc)}")
         return result
     step(3, total)
+    resized = _resized_cache(result, dense_proto, proto_of(pruned), dense_out, pruned_out)
     _compare_outputs(result, dense_proto, proto_of(pruned), dense_out, pruned_out, removed_anything)
+    pruned_steps = decode.check(result, dense, pruned, seed, custom_ops)
     step(4, total)
     if soft is not None and hard_exact is not None:
         precise = _full_precision(soft)
         if precise is not None:
             soft, hard_exact = _at_full_precision(soft), _at_full_precision(hard_exact)
-        soft_out = run_all(soft, feeds, custom_ops, precise)
+        soft_out = _without(run_all(soft, feeds, custom_ops, precise), resized)
         reuse = hard_exact is pruned and precise is None
-        hard_out = pruned_out if reuse else run_all(hard_exact, feeds, custom_ops, precise)
+        hard_out = _without(pruned_out if reuse else run_all(hard_exact, feeds, custom_ops, precise), resized)
+        dense_out = _without(dense_out, resized)
         err, result.soft_compared_before = _soft_hard_error(
             soft, hard_exact, feeds, soft_out, hard_out, dense_out, custom_ops, precise
         )
+        if pruned_steps is not None:  # the cache a cut shrinks is only read back on a decode step
+            hard_steps = pruned_steps if hard_exact is pruned else decode.steps(hard_exact, seed, custom_ops)
+            err = max(err, decode.soft_hard_error(soft, hard_steps, seed, custom_ops))
         result.soft_max_rel_error = err
         result.soft_equal = err < SOFT_TOLERANCE
         if not result.soft_equal:
@@ -161,31 +171,60 @@ class _DenseFails(Exception):
 def _dense_outputs(
     dense: Source, dense_proto: onnx.ModelProto, seed: int, custom_ops, sizes: dict[str, list[int]] | None
 ) -> tuple[list[dict], list[dict]]:
-    """The sample feeds the checks run on, and the input model's outputs on each."""
-    feeds = [sample_inputs(dense_proto, seed)]
+    """The sample feeds the checks run on, and the input model's outputs on each. The sizes the
+    user gives replace the made-up first feed: a model that runs only at those is no failure."""
+    given = complete_sizes(dense_proto, sizes)
+    feeds = [sample_inputs(dense_proto, seed, shapes=given) if sizes else sample_inputs(dense_proto, seed)]
     extra = []
     if has_free_axes(dense_proto):
         # other sizes, where a size hard-coded by mistake fails: batch 2, then batch 3 with the other
         # free axes (sequence) at 7, where attention over several positions tells heads apart
         extra = [sample_inputs(dense_proto, seed + 1, batch=2), sample_inputs(dense_proto, seed + 2, batch=3, length=7)]
-    if sizes:
-        extra.append(sample_inputs(dense_proto, seed + 3, shapes=complete_sizes(dense_proto, sizes)))
     try:
         dense_out = run_all(dense, feeds, custom_ops)
     except runlimit.RunTimeout:
         raise
     except Exception as exc:
+        if sizes:
+            raise UsageError(
+                f"the input model does not run at the --input-shape sizes ({format_sizes(given)}): {one_line(exc)}"
+            ) from None
         raise _DenseFails(exc) from exc
     for feed, out in zip(extra, run_each(dense, extra, custom_ops)):
-        if out is None and sizes and feed is extra[-1]:
-            raise UsageError(
-                "the input model does not run at the --input-shape sizes "
-                f"({format_sizes(complete_sizes(dense_proto, sizes))})"
-            )
         if out is not None:  # a size the dense model itself refuses (an image too small) is no test
             feeds.append(feed)
             dense_out.append(out)
     return feeds, dense_out
+
+
+def _resized_cache(
+    result: Validation, dense: onnx.ModelProto, pruned: onnx.ModelProto, dense_out: list[dict], pruned_out: list[dict]
+) -> set[str]:
+    """The cache outputs whose head axis the cut shrank, taken out of ``dense_out`` and
+    ``pruned_out`` (the heads left are compared through the logits, on a decode step too); the
+    graph I/O whose declared shapes changed goes to ``result.changed_io``."""
+    cache = decoder.layout(dense)
+    if cache is None:
+        return set()
+    presents = set(cache.past.values())
+    resized = {
+        name
+        for d, p in zip(dense_out, pruned_out)
+        for name in presents & set(d) & set(p)
+        if d[name].shape != p[name].shape and _same_but_heads(d[name].shape, p[name].shape)
+    }
+    result.changed_io = decoder.changed_io(dense, pruned)
+    for outputs in (dense_out, pruned_out):
+        outputs[:] = _without(outputs, resized)
+    return resized
+
+
+def _same_but_heads(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) == 4 and a[:1] + a[2:] == b[:1] + b[2:]
+
+
+def _without(outputs: list[dict], names: set[str]) -> list[dict]:
+    return [{k: v for k, v in out.items() if k not in names} for out in outputs] if names else outputs
 
 
 def _compare_outputs(

@@ -1,0 +1,118 @@
+"""The runtime configs beside a decoder, rewritten to match the pruned graph.
+
+onnxruntime-genai sizes its key/value cache from ``genai_config.json`` (``num_key_value_heads``,
+``num_attention_heads``, ``head_size``, ``hidden_size``), and transformers and Optimum read
+``config.json``: a folder whose config still names the dense sizes allocates a cache the pruned
+graph refuses. Where the input model's folder holds either, the output folder gets a copy with
+the fields the cut changed, and the tokenizer and other side files are copied beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+
+GENAI = "genai_config.json"
+TRANSFORMERS = "config.json"
+# files beside a model that describe the model rather than hold it: copied as they are
+_SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def attention_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Head counts every attention op of ``model`` agrees on (GroupQueryAttention's attributes)."""
+    found: dict[str, set[int]] = {"num_attention_heads": set(), "num_key_value_heads": set()}
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            found["num_attention_heads"].add(int(attributes["num_heads"]))
+            found["num_key_value_heads"].add(int(attributes["kv_num_heads"]))
+    return {name: values.pop() for name, values in found.items() if len(values) == 1}
+
+
+def cache_heads(model: onnx.ModelProto) -> int | None:
+    """KV heads every cache input declares, where they agree."""
+    heads = {
+        info.type.tensor_type.shape.dim[1].dim_value
+        for info in model.graph.input
+        if info.name.startswith("past_key_values") and len(info.type.tensor_type.shape.dim) == 4
+    }
+    return heads.pop() if len(heads) == 1 and 0 not in heads else None
+
+
+def uneven_layers(pruned: onnx.ModelProto) -> bool:
+    """Whether the cut left layers with different head counts, which one config cannot say."""
+    counts = [
+        tuple(int(onnx.helper.get_attribute_value(a)) for a in n.attribute if a.name in ("num_heads", "kv_num_heads"))
+        for n in pruned.graph.node
+        if n.op_type == "GroupQueryAttention"
+    ]
+    kv = {
+        info.type.tensor_type.shape.dim[1].dim_value
+        for info in pruned.graph.input
+        if info.name.startswith("past_key_values") and len(info.type.tensor_type.shape.dim) == 4
+    }
+    return len(set(counts)) > 1 or len(kv) > 1
+
+
+def write_configs(source: Path, dense: onnx.ModelProto, pruned: onnx.ModelProto, output: Path) -> list[str]:
+    """Rewrite the configs beside ``source`` for ``pruned`` into ``output``'s folder and copy the
+    side files; returns what was written, one line each. Nothing where the folders are the same."""
+    folder, target = source.parent, output.parent
+    if folder.resolve() == target.resolve() or not any((folder / name).exists() for name in (GENAI, TRANSFORMERS)):
+        return []
+    if uneven_layers(pruned):
+        raise ValueError("the cut left layers with different head counts, which a runtime config cannot describe")
+    written = []
+    changed = _changes(dense, pruned)
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix not in _SIDE_SUFFIXES or (target / path.name).exists():
+            continue
+        if path.name == GENAI:
+            config = json.loads(path.read_text())
+            applied = _set(config.get("model", {}).get("decoder", {}), changed)
+            _write(target / path.name, config)
+            written.append(f"{path.name}: {_describe(applied)}")
+        elif path.name == TRANSFORMERS:
+            config = json.loads(path.read_text())
+            applied = _set(config, changed)
+            _write(target / path.name, config)
+            written.append(f"{path.name}: {_describe(applied)}")
+        else:
+            shutil.copyfile(path, target / path.name)
+            written.append(f"{path.name}: copied")
+    return written
+
+
+def _changes(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> dict[str, int]:
+    before, after = attention_sizes(dense), attention_sizes(pruned)
+    kv_before, kv_after = cache_heads(dense), cache_heads(pruned)
+    if kv_before is not None and kv_after is not None:
+        before.setdefault("num_key_value_heads", kv_before)
+        after.setdefault("num_key_value_heads", kv_after)
+    return {name: value for name, value in after.items() if before.get(name) not in (None, value)}
+
+
+def _set(config: dict, changed: dict[str, int]) -> dict[str, int]:
+    """``changed`` where ``config`` has the field, and what was set; attention heads scale with the
+    KV heads where the graph does not say (Optimum's decomposed attention has no head count)."""
+    changed = dict(changed)
+    if "num_key_value_heads" in changed and "num_attention_heads" not in changed:
+        old_kv = config.get("num_key_value_heads")
+        if old_kv and config.get("num_attention_heads"):
+            changed["num_attention_heads"] = config["num_attention_heads"] // old_kv * changed["num_key_value_heads"]
+    applied = {name: value for name, value in changed.items() if name in config}
+    config.update(applied)
+    return applied
+
+
+def _describe(changed: dict[str, int]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in changed.items()) or "unchanged"
+
+
+def _write(path: Path, config: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(config, indent=4) + "\n")
+    partial.replace(path)
