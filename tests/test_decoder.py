@@ -156,29 +156,6 @@ def llm_zoo():
     return llm_zoo
 
 
-@pytest.fixture
-def default_domain_ops_load(monkeypatch):
-    """onnxruntime-genai writes onnxruntime's SimplifiedLayerNormalization in the default domain,
-    which the onnx checker refuses at load; until spa accepts it there, the checker's complaint
-    about that op alone is set aside."""
-    import spa.formats.export
-    import spa.formats.load
-    import spa.verify.validate
-
-    original, original_file = spa.formats.load.checker_complaint, spa.verify.validate._file_complaint
-
-    def lenient(check):
-        def complaint(*args, **kwargs):
-            found = check(*args, **kwargs)
-            return None if found and "No Op registered for SimplifiedLayerNormalization" in found else found
-
-        return complaint
-
-    for module in (spa.formats.load, spa.verify.validate, spa.formats.export):
-        monkeypatch.setattr(module, "checker_complaint", lenient(original))
-    monkeypatch.setattr(spa.verify.validate, "_file_complaint", lenient(original_file))
-
-
 def _genai(llm_zoo, name: str):
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("transformers")
@@ -195,7 +172,7 @@ def _optimum(llm_zoo, name: str):
 
 
 @pytest.mark.parametrize("name", ["llama-genai-fp32", "qwen2-genai-int4"])
-def test_genai_exports_run_on_spa_feeds(llm_zoo, default_domain_ops_load, name):
+def test_genai_exports_run_on_spa_feeds(llm_zoo, name):
     path = _genai(llm_zoo, name)
     model = onnx.load(str(path), load_external_data=False)
     cache = decoder.layout(model)
@@ -205,7 +182,7 @@ def test_genai_exports_run_on_spa_feeds(llm_zoo, default_domain_ops_load, name):
     assert validation.dense_runs and validation.runs and validation.decode_checked, validation.problems
 
 
-def test_genai_fp32_prunes_heads_with_statistics(llm_zoo, default_domain_ops_load):
+def test_genai_fp32_prunes_heads_with_statistics(llm_zoo):
     result = spa.prune(_genai(llm_zoo, "llama-genai-fp32"), ratio=0.3)
     report = result.report
     assert report.validation.ok and report.validation.decode_checked, report.validation.problems
@@ -234,7 +211,7 @@ def test_optimum_export_prunes_heads(llm_zoo, name):
     assert {i.type.tensor_type.shape.dim[1].dim_value for i in cache} == {1}
 
 
-def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, default_domain_ops_load, tmp_path):
+def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, tmp_path):
     from click.testing import CliRunner
 
     from spa.cli.commands import main

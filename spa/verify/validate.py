@@ -22,7 +22,7 @@ from spa.core.runtime import (
     sample_inputs,
 )
 from spa.formats import nbits
-from spa.formats.checker import checker_complaint
+from spa.formats.checker import checker_complaint, runtime_onnx_domain_ops
 from spa.verify import decode
 from spa.verify.compare import newly_nonfinite, nonfinite_outputs, relative_error, same_shapes
 from spa.verify.fidelity import Fidelity
@@ -80,12 +80,15 @@ def check(model: Source, result: Validation) -> None:
 
 def _file_complaint(path: Path) -> str | None:
     """The checker reads a model with external data from its file, finding the data beside it;
-    an output without a shape stops it early, so the model is then checked again without it."""
+    an output without a shape, or an op onnxruntime registers in the ONNX domain that onnx does not
+    know, stops it early, so the model is then checked again with those set aside."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
         return None
     except Exception as exc:  # the checker raises several unrelated types
-        if "Field 'shape' of 'type' is required" not in str(exc):
+        text = str(exc)
+        runtime_op = any(f"No Op registered for {op} " in text for op in runtime_onnx_domain_ops())
+        if "Field 'shape' of 'type' is required" not in text and not runtime_op:
             return one_line(exc)
     return checker_complaint(onnx.load(str(path), load_external_data=False))
 
