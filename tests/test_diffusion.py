@@ -44,7 +44,8 @@ def test_diffusion_model_prunes_whole_groups_and_heads(diffusion_model, name, ex
         assert "regroups" not in (group.frozen or ""), group.frozen
         if any(layer.startswith("InstanceNormalization") for layer in group.layers):
             assert group.frozen is None and group.exact, group
-    result = spa.prune(path, ratio=0.3, criterion="l2", compensate=False)
+    # exact counts: the share removed is the ratio's, whatever widths this machine's kernels prefer
+    result = spa.prune(path, ratio=0.3, criterion="l2", compensate=False, round_to=1)
     pruned = result.report
     assert pruned.validation.ok and pruned.validation.soft_equal, pruned.validation.problems
     assert pruned.params_after <= 0.6 * pruned.params_before

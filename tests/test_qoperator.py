@@ -120,7 +120,8 @@ def test_qoperator_model_prunes_as_its_float_model_does_and_keeps_its_ops(tmp_pa
     assert "feed-forward: 1 hidden groups" in CliRunner().invoke(main, ["analyze", str(quantized)]).output
 
     result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
-    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False)
+    # exact counts in both: the float model's layers time differently from the integer kernels
+    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False, round_to=1)
     assert result.report.params_after == reference.report.params_after < result.report.params_before
     before = onnx.load(str(quantized))
     assert Counter(n.op_type for n in result.model.graph.node) == Counter(n.op_type for n in before.graph.node)

@@ -78,7 +78,8 @@ def test_qdq_model_prunes_as_its_float_model_does(tmp_path, per_channel, weight_
 
     # uint8 weights have non-zero zero points: the soft model must fill removed slices with them
     result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
-    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False)
+    # exact counts in both: the float model's layers time differently from the integer kernels
+    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False, round_to=1)
     assert result.report.params_after == reference.report.params_after < result.report.params_before
     before, after = _integer_weights(onnx.load(str(quantized))), _integer_weights(result.model)
     assert after.keys() == before.keys()
@@ -429,7 +430,8 @@ def test_dynamically_quantized_model_prunes_as_its_float_model_does(tmp_path, pe
 
     # uint8 weights have zero points of 128: the soft model fills removed slices with them
     result = prune_exact(str(quantized), ratio=0.4, criterion="l1", bench=False)
-    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False)
+    # exact counts in both: the float model's layers time differently from the integer kernels
+    reference = spa.prune(str(dense), ratio=0.4, criterion="l1", check=False, round_to=1)
     float_sizes = sorted(
         t.size for t in (numpy_helper.to_array(i) for i in reference.model.graph.initializer) if t.ndim >= 2
     )

@@ -183,7 +183,8 @@ def networks(draw):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(model=networks(), ratio=st.sampled_from([0.25, 0.5, 0.75]), global_rank=st.booleans())
 def test_random_network_prunes_exactly(model, ratio, global_rank):
-    result = spa.prune(model, ratio=ratio, global_rank=global_rank, criterion="l1")
+    # exact counts: every prunable group loses units, whatever this machine's kernels prefer
+    result = spa.prune(model, ratio=ratio, global_rank=global_rank, criterion="l1", round_to=1)
     validation = result.report.validation
     assert validation.ok, validation.problems
     if not global_rank:  # a global ranking may leave a group whole

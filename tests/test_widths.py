@@ -67,21 +67,21 @@ def test_an_unreadable_cache_is_measured_again(cache_home):
 
 def _table(curves: dict[int, dict[int, float]], size: int = 96) -> WidthTable:
     layers = [
-        TimedLayer(f"n{gid}", {"out": gid}, (size, size), True, max(c.values()), {"joint": c}, True)
+        TimedLayer(f"n{gid}", {"out": gid}, (size, size), True, c[max(c)], {"joint": c}, True)
         for gid, c in curves.items()
     ]
     return WidthTable(layers, {gid: size for gid in curves}, {gid: sorted(c) for gid, c in curves.items()})
 
 
-def test_fast_count_steps_off_a_spike_to_the_nearest_count_that_buys_time():
+def test_fast_count_steps_off_a_spike_to_the_nearest_count_that_is_not_on_one():
     # a depthwise layer at 95 of 96 channels runs 4x slower than at 96 (measured on AVX-512)
     spike = {64: 0.03, 72: 0.05, 80: 0.04, 88: 0.05, 95: 0.23, 96: 0.05}
     table = _table({0: spike})
     assert table.fast_count(0, 95) == 96  # no count near 95 is faster than 96
     assert table.fast_count(0, 81) == 80
     assert table.fast_count(0, 73) == 80  # 72 is as slow as 88 and slower than 80: not on the fast side
-    flat = _table({0: {c: 1.0 for c in (64, 72, 80, 88, 96)}})
-    assert flat.fast_count(0, 84) == 96  # fewer channels that buy no time are not kept fewer
+    flat = _table({0: {c: 1.0 + c / 1000 for c in (64, 72, 80, 88, 96)}})
+    assert flat.fast_count(0, 81) == 80  # no spike: the ladder's count nearest the ratio
 
 
 def test_untimed_groups_keep_the_exact_count():

@@ -17,7 +17,8 @@ CASES = [(name, exporter) for name in zoo.ALL for exporter in zoo.EXPORTERS]
 @pytest.mark.parametrize("name,exporter", CASES, ids=[f"{e}-{n}" for n, e in CASES])
 def test_prune_zoo_model(zoo_model, name, exporter):
     path = zoo_model(name, exporter)
-    result = spa.prune(path, ratio=0.4, criterion="l2")
+    # exact counts, so that every prunable group is cut whatever this machine's kernels prefer
+    result = spa.prune(path, ratio=0.4, criterion="l2", round_to=1)
     report, validation = result.report, result.report.validation
     assert validation.checker == "ok"
     assert validation.runs and validation.io_match

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from spa.formats.nbits import OP_TYPE as NBITS
+from spa.ops.gather import Gather
+from spa.ops.linear import MatMul
+
 # the new tokens of a made-up feed (its past is empty) unless a length is asked for
 NEW = 4
 # the tokens of a made-up prompt for statistics
@@ -115,9 +119,9 @@ def _width(model: onnx.ModelProto, tensor: str) -> int | None:
         node = producers.get(tensor)
         if node is None:
             return None
-        if node.op_type == "MatMul" and node.input[1] in initializers:
+        if node.op_type in MatMul.ops and node.input[1] in initializers:
             return int(initializers[node.input[1]].dims[-1])
-        if node.op_type == "MatMulNBits":
+        if node.op_type == NBITS:
             return next((int(a.i) for a in node.attribute if a.name == "N"), None)
         if node.op_type not in ("Add", "Cast", "Identity"):
             return None
@@ -131,7 +135,7 @@ def _vocab(model: onnx.ModelProto, ids: str | None) -> int | None:
         return None
     initializers = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type.startswith("Gather") and node.input[1:2] == [ids] and node.input[0] in initializers:
+        if node.op_type in Gather.ops and node.input[1:2] == [ids] and node.input[0] in initializers:
             return int(initializers[node.input[0]].dims[0])
     return None
 

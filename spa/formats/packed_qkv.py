@@ -15,6 +15,10 @@ import onnx
 from onnx import numpy_helper
 
 from spa.core.tensors import to_array
+from spa.formats.nbits import OP_TYPE as NBITS
+from spa.ops.linear import MatMul
+
+MATMUL = MatMul.ops[0]
 
 
 def split_packed_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -84,7 +88,7 @@ def _projection(tensor, producers, initializers, readers, outputs) -> list[onnx.
             return None
         chain.append(node)
         node = producers.get(next(i for i in node.input if i not in initializers))
-    if node is not None and node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+    if node is not None and node.op_type == NBITS and node.domain == "com.microsoft":
         # int4/int8 blocks by output row: B [N, blocks, blob], scales, zero points and bias per row
         weights = [i for i in node.input[1:] if i]
         if len(node.input) > 4 and node.input[4]:  # g_idx reorders the blocks: left fused
@@ -93,7 +97,7 @@ def _projection(tensor, producers, initializers, readers, outputs) -> list[onnx.
             return None
         chain.insert(0, node)
         return chain if all(readers.get(n.output[0], 0) == 1 and n.output[0] not in outputs for n in chain) else None
-    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+    if node is None or node.op_type != MATMUL or node.domain not in ("", "ai.onnx"):
         return None
     weight = initializers.get(node.input[1])
     if weight is None or len(weight.dims) != 2 or readers.get(node.input[1]) != 1:
@@ -134,7 +138,7 @@ def _split(graph, attention, chain, initializers, heads: int, kv_heads: int) -> 
 
 
 def _out_width(projection: onnx.NodeProto, initializers) -> int:
-    if projection.op_type == "MatMulNBits":
+    if projection.op_type == NBITS:
         return int(_attr(projection, "N"))
     return int(initializers[projection.input[1]].dims[1])
 
@@ -147,7 +151,7 @@ def _rows(graph, projection, initializers, lo: int, hi: int, part: str, out: str
             inputs.append(name)
             continue
         value = to_array(initializers[name])
-        if projection.op_type == "MatMul":
+        if projection.op_type == MATMUL:
             value = value[:, lo:hi]
         else:  # MatMulNBits: every weight input is laid out by output row, flat or not
             rows = int(_attr(projection, "N"))
@@ -159,7 +163,7 @@ def _rows(graph, projection, initializers, lo: int, hi: int, part: str, out: str
         projection.op_type, inputs, [out], name=f"{projection.name}.{part}", domain=projection.domain
     )
     node.attribute.extend(projection.attribute)
-    if projection.op_type == "MatMulNBits":
+    if projection.op_type == NBITS:
         kept = [a for a in node.attribute if a.name != "N"]
         del node.attribute[:]
         node.attribute.extend([*kept, onnx.helper.make_attribute("N", hi - lo)])

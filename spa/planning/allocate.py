@@ -24,6 +24,8 @@ from spa.planning.widths import WidthTable, candidate_counts
 
 # the most a step may remove from a group is bounded by this share kept (every group keeps a unit)
 MIN_KEEP_SHARE = 0.05
+# an untimed group of at most this many units may stop at any count
+UNTIMED_EVERY_COUNT = 64
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,7 @@ class Trajectory:
         self.sizes = {g.id: g.size for g in groups}
         self.total_units = sum(self.sizes.values())
         self.losses = {g.id: _removal_losses(scores[g.id], normalise) for g in groups}
-        self.ladders = {
-            g.id: [c for c in table.candidates.get(g.id) or candidate_counts(g.size, g.size) if c >= _least(g.size)]
-            for g in groups
-        }
+        self.ladders = {g.id: [c for c in self._ladder(g) if c >= _least(g.size)] for g in groups}
         self.neighbours = self._neighbours()
         self.steps = self._walk()
 
@@ -61,10 +60,29 @@ class Trajectory:
         return self.keeps_after(int(round(min(max(position, 0.0), 1.0) * len(self.steps))))
 
     def keeps_removing(self, ratio: float) -> dict[int, int]:
-        """Keep counts at the first step that has removed ``ratio`` of all units."""
-        goal = ratio * self.total_units
-        taken = next((k + 1 for k, step in enumerate(self.steps) if step.removed >= goal), len(self.steps))
-        return self.keeps_after(taken if goal > 0 else 0)
+        """Keep counts that remove ``ratio`` of all units (rounded), in the trajectory's order; the
+        last step taken is cut short where it would remove more than that."""
+        goal = int(math.floor(ratio * self.total_units + 0.5))
+        keep, removed = dict(self.sizes), 0
+        for step in self.steps:
+            if removed >= goal:
+                break
+            take = min(keep[step.group] - step.keep, goal - removed)
+            keep[step.group] -= take
+            removed += take
+        return keep
+
+    def _ladder(self, group: Group) -> list[int]:
+        """The counts a group may step to: those its curves were measured at; for a group too
+        small to time, every count (a ladder for a wide one, to bound the walk)."""
+        measured = self.table.candidates.get(group.id)
+        if measured:
+            return measured
+        return (
+            list(range(1, group.size + 1))
+            if group.size <= UNTIMED_EVERY_COUNT
+            else candidate_counts(group.size, group.size)
+        )
 
     def _neighbours(self) -> dict[int, set[int]]:
         """Groups whose layers' times change with each group's count (they share a layer)."""

@@ -42,10 +42,10 @@ MIN_GROUP_MS = 0.05
 # each timing runs the layer this long in all (ms), within MIN_RUNS..MAX_RUNS runs
 TIMING_BUDGET_MS = 20.0
 MIN_RUNS, MAX_RUNS = 5, 50
-# a count is on the fast side of its curve unless a larger one within this share of the group's
-# size runs as fast, within FAST_TOLERANCE (the noise of an isolated timing)
+# a count is on a spike of its curve when a larger one within this share of the group's size runs
+# faster by more than FAST_TOLERANCE (past the noise of an isolated timing)
 FAST_WINDOW = 0.125
-FAST_TOLERANCE = 0.03
+FAST_TOLERANCE = 0.05
 # a group of at most this many units has every count measured; wider ones a ladder of widths
 ALL_COUNTS_UP_TO = 16
 # the finest ladder step in channels: a vector of 8 floats is the narrowest SIMD block in use
@@ -111,8 +111,10 @@ class WidthTable:
         width = side_width(layer, side, count, self.sizes[gid])
         if width in curve:
             return curve[width]
-        widths = sorted(curve)  # a count off the ladder (an explicit ratio): between its rungs
-        return float(np.interp(width, widths, [curve[w] for w in widths]))
+        # a count off the ladder (cut short, or a rung that could not be timed): between its rungs
+        points = {**curve, side_width(layer, side, self.sizes[gid], self.sizes[gid]): layer.dense_ms}
+        widths = sorted(points)
+        return float(np.interp(width, widths, [points[w] for w in widths]))
 
     def group_ms(self, gid: int, count: int, keep: Callable[[int], int] | None = None) -> float:
         """The time of the layers ``gid`` touches with it at ``count`` (the others at ``keep``, dense by default)."""
@@ -125,16 +127,16 @@ class WidthTable:
         return sum(self.layer_ms(self.layers[k], at) for k in self.by_group.get(gid, []))
 
     def fast_count(self, gid: int, wanted: int) -> int:
-        """The measured count nearest ``wanted`` on the fast side of the group's curve: near
-        ``wanted`` (within ``FAST_WINDOW`` of the group's size), a count that some larger one
-        matches in time (within ``FAST_TOLERANCE``) gives up channels and buys nothing."""
+        """The measured count nearest ``wanted`` that is not on a spike of the group's curve: near
+        ``wanted`` (within ``FAST_WINDOW`` of the group's size), a count that some larger one beats
+        by more than ``FAST_TOLERANCE`` costs channels and time both, so it is passed over."""
         counts = self.candidates.get(gid)
         if not counts:
             return wanted
         reach = max(FAST_WINDOW * self.sizes[gid], 1)
         near = [c for c in counts if abs(c - wanted) <= reach] or [min(counts, key=lambda c: abs(c - wanted))]
         times = {c: self.group_ms(gid, c) for c in near}
-        fast = [c for c in near if not any(d > c and times[d] <= times[c] * (1 + FAST_TOLERANCE) for d in near)]
+        fast = [c for c in near if not any(d > c and times[d] < times[c] * (1 - FAST_TOLERANCE) for d in near)]
         return min(fast, key=lambda c: (abs(c - wanted), -c))
 
     def summary(self) -> dict:
@@ -279,11 +281,16 @@ class Timer:
             if self.progress is not None:
                 self.progress(done, len(missing))
             model = materialised(models[key])
-            ms = kernel_ms(model, feeds_for(model), self.provider, self.threads, TIMING_BUDGET_MS, (MIN_RUNS, MAX_RUNS))
+            try:
+                ms = kernel_ms(
+                    model, feeds_for(model), self.provider, self.threads, TIMING_BUDGET_MS, (MIN_RUNS, MAX_RUNS)
+                )
+            except Exception:  # noqa: BLE001 - onnxruntime raises several types: this layer is not timed alone
+                continue
             self.cache.entries[key] = round(ms, 5)
             self.cache.added += 1
         self.measured += len(missing)
-        return {key: self.cache.entries[key] for key in models}
+        return {key: self.cache.entries[key] for key in models if key in self.cache.entries}
 
 
 # ---------------------------------------------------------------- the table
@@ -313,7 +320,7 @@ def measure_table(
     dense_times = timer.times({signature(m): m for m in dense.values() if m is not None})
     for layer in layers:
         model = dense[layer.node]
-        if model is not None:
+        if model is not None and signature(model) in dense_times:
             layer.dense_ms, layer.measured = dense_times[signature(model)], True
     _estimate_untimed(layers, node_flops)
     candidates = {}
@@ -327,7 +334,8 @@ def measure_table(
     points = list(_curve_points(layers, candidates, sizes, isolate))
     times = timer.times({key: model for _, _, _, key, model in points})
     for layer, kind, width, key, _ in points:
-        layer.curves.setdefault(kind, {})[width] = times[key]
+        if key in times:
+            layer.curves.setdefault(kind, {})[width] = times[key]
     cache.save()
     table = WidthTable(layers, sizes, candidates, timer.measured, timer.cached)
     table.seconds = time.perf_counter() - started
