@@ -142,7 +142,7 @@ def test_pick_writes_the_fastest_point_meeting_the_bar(tmp_path):
 
 
 def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path):
-    script = tmp_path / "killer.py"
+    script, deaths = tmp_path / "killer.py", tmp_path / "deaths"
     # kills the worker evaluating the smaller model (the higher ratio), every time
     script.write_text(
         textwrap.dedent(
@@ -150,6 +150,8 @@ def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path):
             import os, signal
             def metric(path):
                 if os.path.getsize(path) < os.path.getsize({str(MODEL)!r}) * 0.5:
+                    with open({str(deaths)!r}, "a") as log:
+                        log.write("x")
                     os.kill(os.getpid(), signal.SIGKILL)
                 return 1.0
             """
@@ -162,6 +164,7 @@ def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path):
     kept, killed = points(out)
     assert kept["status"] == "ok" and kept["eval"] == 1.0
     assert killed["status"] == "failed" and "died" in killed["error"]
+    assert deaths.read_text() == "xx"  # tried, and retried once
 
 
 @pytest.mark.parametrize(
