@@ -11,7 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-import spa.sweep.runner
+import spa.sweep.shared
 from spa.cli.commands import main
 from spa.sweep.page import pareto, render_page
 
@@ -56,17 +56,25 @@ def accuracy(tmp_path) -> str:
 
 
 def test_process_pool_gives_the_numbers_of_one_process(tmp_path, accuracy):
-    grid = ["--ratios", "0.2,0.4", "--compensate", "on", "--eval", accuracy]
+    # in one process the points that rank alike share one scoring; in the pool each prunes from the file
+    grid = ["--ratios", "0.2,0.4", "--compensate", "both", "--eval", accuracy]
     inline = sweep(*grid, "--json", str(tmp_path / "inline.json"))
     assert inline.exit_code == 0, inline.output
     pooled = sweep(*grid, "--jobs", "2", "--json", str(tmp_path / "pool.json"))
     assert pooled.exit_code == 0, pooled.output
     found = points(tmp_path / "inline.json")
     assert untimed(found) == untimed(points(tmp_path / "pool.json"))
-    assert [p["status"] for p in found] == ["ok", "ok"]
-    assert found[0]["params"] > found[1]["params"] and found[0]["flops"] > found[1]["flops"]
+    assert [(p["ratio"], p["compensate"], p["status"]) for p in found] == [
+        (0.2, True, "ok"),
+        (0.2, False, "ok"),
+        (0.4, True, "ok"),
+        (0.4, False, "ok"),
+    ]
+    assert found[0]["params"] > found[2]["params"] and found[0]["flops"] > found[2]["flops"]
+    assert found[0]["quality"] > found[1]["quality"]  # the refit keeps more of the accuracy
     for point in found:
-        assert point["valid"] and point["quality"] == point["eval"] and 0.5 < point["eval"] <= 1
+        assert point["valid"] and point["quality"] == point["eval"] and 0 <= point["eval"] <= 1
+        assert point["eval"] > 0.5 or not point["compensate"]
         assert point["dense_ms"] > 0 and point["pruned_ms"] > 0
         assert 0 < point["top1_agreement"] <= 1
         assert point["command"].startswith(f"spa prune {MODEL} --ratio ")
@@ -78,8 +86,13 @@ def test_a_rerun_resumes_and_skips_finished_points(tmp_path, monkeypatch):
     assert first.exit_code == 0, first.output
     before = points(out)
     ran = []
-    real = spa.sweep.runner.run_point
-    monkeypatch.setattr(spa.sweep.runner, "run_point", lambda spec, point: ran.append(point.ratio) or real(spec, point))
+    real = spa.sweep.shared.run_point
+
+    def counted(spec, point, prune=None):
+        ran.append(point.ratio)
+        return real(spec, point, prune)
+
+    monkeypatch.setattr(spa.sweep.shared, "run_point", counted)
     second = sweep("--ratios", "0.2,0.4", "--compensate", "off", "--json", str(out))
     assert second.exit_code == 0, second.output
     assert ran == [0.4]

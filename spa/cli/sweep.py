@@ -17,7 +17,8 @@ from spa.sweep import results
 from spa.sweep.grid import COMPENSATION, Point, SweepSpec, grid, parse_criteria, parse_ratios, parse_targets, point_key
 from spa.sweep.page import render_page
 from spa.sweep.point import load_eval, prune_point
-from spa.sweep.runner import run_inline, run_pool, run_ray
+from spa.sweep.runner import run_pool, run_ray
+from spa.sweep.shared import run_shared
 
 _SCORE, _PLAN = ScoreOptions(), PlanOptions()
 
@@ -171,7 +172,7 @@ def _run(spec: SweepSpec, points: list[Point], flags: dict, done) -> None:
     elif flags["jobs"] > 1 and len(points) > 1:
         run_pool(spec, points, min(flags["jobs"], len(points)), done)
     else:
-        run_inline(spec, points, done)
+        run_shared(spec, points, done)
 
 
 def _write_pick(spec, points, listed, bar, target, quiet) -> None:

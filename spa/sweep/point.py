@@ -21,29 +21,37 @@ from spa.pipeline import AnalyzeOptions, CutOptions, PlanOptions, PrunedModel, R
 from spa.sweep.grid import Point, SweepSpec, command, point_key
 
 
-def prune_point(spec: SweepSpec, point: Point, bench: bool = True) -> PrunedModel:
-    plan = PlanOptions(
-        point.ratio if point.ratio is not None else 0.0, round_to=spec.round_to, target_flops=point.target_flops
-    )
-    run = RunOptions(
+def plan_options(spec: SweepSpec, point: Point) -> PlanOptions:
+    ratio = point.ratio if point.ratio is not None else 0.0
+    return PlanOptions(ratio, round_to=spec.round_to, target_flops=point.target_flops)
+
+
+def run_options(spec: SweepSpec, bench: bool = True) -> RunOptions:
+    # a point slower than dense is a finding of the sweep, not a failure
+    return RunOptions(
         spec.seed, True, bench, spec.providers, spec.threads, run_timeout=spec.run_timeout, allow_slower=True
     )
+
+
+def prune_point(spec: SweepSpec, point: Point, bench: bool = True) -> PrunedModel:
+    """The point pruned from the file, every stage its own: what ``spa prune`` does."""
     return prune_model(
         spec.model,
         AnalyzeOptions(),
         ScoreOptions(point.criterion, spec.calib, spec.calib_samples),
-        plan,
+        plan_options(spec, point),
         CutOptions(point.compensate),
-        run,
+        run_options(spec, bench),
     )
 
 
-def run_point(spec: SweepSpec, point: Point) -> dict:
-    """The point's figures; a failure becomes ``status: failed`` with its one-line reason."""
+def run_point(spec: SweepSpec, point: Point, prune: Callable[[], PrunedModel] | None = None) -> dict:
+    """The point's figures; a failure becomes ``status: failed`` with its one-line reason.
+    ``prune`` makes the pruned model where an earlier stage is shared (by default: from the file)."""
     start = time.perf_counter()
     result = {"key": point_key(spec, point), **point.options(), "command": command(spec, point)}
     try:
-        pruned = prune_point(spec, point)
+        pruned = prune() if prune is not None else prune_point(spec, point)
         result.update(_figures(pruned))
         if spec.evaluate is not None:
             result.update(_evaluated(spec.evaluate, pruned))

@@ -16,11 +16,6 @@ Done = Callable[[dict], None]
 WORKER_DIED = "the worker running this point died (tried twice)"
 
 
-def run_inline(spec: SweepSpec, points: list[Point], done: Done) -> None:
-    for point in points:
-        done(run_point(spec, point))
-
-
 def run_pool(spec: SweepSpec, points: list[Point], jobs: int, done: Done) -> None:
     """Points in ``jobs`` processes. A dying worker breaks the whole pool, so the points it took
     down are retried once each in a pool of their own: only the one that kills its worker fails."""
