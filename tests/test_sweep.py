@@ -154,9 +154,10 @@ def test_pick_writes_the_fastest_point_meeting_the_bar(tmp_path):
     assert not target.exists()
 
 
-def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path):
+def killer(tmp_path: Path) -> tuple[str, Path]:
+    """An evaluation that kills the worker evaluating the smaller model (the higher ratio), every
+    time, and counts its tries."""
     script, deaths = tmp_path / "killer.py", tmp_path / "deaths"
-    # kills the worker evaluating the smaller model (the higher ratio), every time
     script.write_text(
         textwrap.dedent(
             f"""
@@ -170,9 +171,16 @@ def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path):
             """
         )
     )
+    return f"{script}:metric", deaths
+
+
+@pytest.mark.parametrize("backend", [["--jobs", "2"], ["--ray"]], ids=["pool", "ray"])
+def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path, backend):
+    if backend == ["--ray"]:
+        pytest.importorskip("ray")
+    metric, deaths = killer(tmp_path)
     out = tmp_path / "sweep.json"
-    args = ["--ratios", "0.1,0.6", "--compensate", "off", "--jobs", "2", "--eval", f"{script}:metric"]
-    result = sweep(*args, "--json", str(out))
+    result = sweep("--ratios", "0.1,0.6", "--compensate", "off", *backend, "--eval", metric, "--json", str(out))
     assert result.exit_code == 0, result.output
     kept, killed = points(out)
     assert kept["status"] == "ok" and kept["eval"] == 1.0
@@ -231,6 +239,9 @@ def test_ray_runs_the_same_points(tmp_path):
     on_ray = sweep(*grid, "--ray", "--json", str(tmp_path / "ray.json"))
     assert inline.exit_code == 0 and on_ray.exit_code == 0, on_ray.output
     assert untimed(points(tmp_path / "inline.json")) == untimed(points(tmp_path / "ray.json"))
+    # the workers pruned copies of the files, shipped through Ray's object store; each point
+    # still names the user's own files
+    assert all(f"spa prune {MODEL} " in p["command"] for p in points(tmp_path / "ray.json"))
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():

@@ -4,11 +4,15 @@ point is handed to ``done`` as it comes, so results stream out while the rest st
 from __future__ import annotations
 
 import multiprocessing
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
+from pathlib import Path
 
 from spa.core.errors import UsageError
+from spa.formats.files import protected_files
 from spa.sweep.grid import Point, SweepSpec, command, point_key
 from spa.sweep.point import run_point
 
@@ -49,8 +53,9 @@ def run_ray(spec: SweepSpec, points: list[Point], address: str, done: Done) -> N
     ray = import_ray()
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
     try:
-        task = ray.remote(max_retries=1)(run_point)
-        refs = {task.remote(spec, p): p for p in points}
+        shipped = ray.put(shipped_files(spec))  # once, however many points read them
+        task = ray.remote(max_retries=1)(run_shipped)
+        refs = {task.remote(spec, p, shipped): p for p in points}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             point = refs.pop(ready[0])
@@ -61,6 +66,32 @@ def run_ray(spec: SweepSpec, points: list[Point], address: str, done: Done) -> N
     finally:
         if address == "local":
             ray.shutdown()
+
+
+def shipped_files(spec: SweepSpec) -> dict[str, bytes]:
+    """The model and calibration file, to travel through Ray's object store to workers that may not
+    see this machine's files. A model with external data, or a folder of calibration files, is
+    read by its path: one every node must see."""
+    files = {}
+    if len(protected_files([Path(spec.model)])) == 1:
+        files["model"] = Path(spec.model).read_bytes()
+    if spec.calib is not None and Path(spec.calib).is_file():
+        files["calib"] = Path(spec.calib).read_bytes()
+    return files
+
+
+def run_shipped(spec: SweepSpec, point: Point, files: dict[str, bytes]) -> dict:
+    """``run_point`` on a worker, on copies of the shipped files; the point keeps its own key and command."""
+    with tempfile.TemporaryDirectory(prefix="spa-sweep-") as folder:
+        model, calib = spec.model, spec.calib
+        if "model" in files:
+            model = str(Path(folder) / f"model{Path(spec.model).suffix}")
+            Path(model).write_bytes(files["model"])
+        if "calib" in files and spec.calib is not None:
+            calib = str(Path(folder) / f"calib{Path(spec.calib).suffix}")
+            Path(calib).write_bytes(files["calib"])
+        result = run_point(replace(spec, model=model, calib=calib), point)
+    return {**result, "key": point_key(spec, point), "command": command(spec, point)}
 
 
 def import_ray():
