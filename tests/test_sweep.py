@@ -3,7 +3,10 @@ resumed from its JSON, a failing or worker-killing evaluation contained to its p
 
 from __future__ import annotations
 
+import html
 import json
+import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -272,3 +275,23 @@ def test_the_page_is_self_contained_and_escapes_commands():
     assert page.count("<svg") == 2 and page.count("<circle") == 4
     assert "<script" not in page and "http" not in page.replace('http-equiv="Content-Security-Policy"', "")
     assert "&lt;m&gt;.onnx" in page and "<m>" not in page
+
+
+def test_the_page_renders_in_headless_chromium(tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine")
+    out = tmp_path / "sweep.json"
+    page = tmp_path / "sweep.html"
+    result = sweep("--ratios", "0.2,0.4", "--compensate", "off", "--json", str(out), "--html", str(page))
+    assert result.exit_code == 0, result.output
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    # the browser parsed two plots of both points, and a row per point naming its command
+    assert dom.count("<svg") == 2 and dom.count("<circle") == 4
+    for point in points(out):
+        assert html.escape(point["command"], quote=False) in dom

@@ -79,6 +79,10 @@ def _plot(points: list[dict], x: str, label: str) -> str:
             f'<circle class="{cls}" cx="{sx(p[x]):.1f}" cy="{sy(p["quality"]):.1f}" r="5">'
             f"<title>{_e(tip)}</title></circle>"
         )
+        if id(p) in best:  # the front's points named on the plot; every point's full label is its tooltip
+            right = sx(p[x]) > WIDTH * 0.75  # labels there run leftwards, inside the plot
+            at = f'x="{sx(p[x]) + (-7 if right else 7):.1f}" y="{sy(p["quality"]) + 14:.1f}"'
+            svg.append(f'<text {at} text-anchor="{"end" if right else "start"}">{_e(_short(p))}</text>')
     svg.append("</svg>")
     return "\n".join(svg)
 
@@ -105,6 +109,12 @@ def _label(point: dict) -> str:
     amount = f"ratio {point['ratio']:g}" if point.get("ratio") is not None else f"flops {point['target_flops']:g}"
     comp = {None: "", True: ", compensated", False: ", not compensated"}[point.get("compensate")]
     return f"{amount}, {point['criterion']}{comp}"
+
+
+def _short(point: dict) -> str:
+    amount = f"r{point['ratio']:g}" if point.get("ratio") is not None else f"f{point['target_flops']:g}"
+    comp = {None: "", True: "+c", False: "-c"}[point.get("compensate")]
+    return f"{amount} {point['criterion']}{comp}"
 
 
 def _table(points: list[dict]) -> str:
