@@ -211,6 +211,7 @@ def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path, backend)
         ["--ratios", "0.2", "--pick", "speed>1"],
         ["--ratios", "0.2", "-o", "x.onnx"],
         ["--ratios", "0.2", "--ray", "--jobs", "2"],
+        ["--ratios", "0.2", "--json", "-"],
         [],
     ],
 )

@@ -148,6 +148,8 @@ def _check_paths(model: Path, spec: SweepSpec, picking: bool, flags: dict) -> Pa
     if spec.evaluate is not None:
         load_eval(spec.evaluate)
     reads = files_read(model, flags["calib"], ())
+    if flags["json_path"] is not None and str(flags["json_path"]) == "-":
+        raise UsageError("--json needs a file: the sweep writes it as points finish and resumes from it")
     if flags["json_path"]:  # an existing one is resumed, never refused
         check_output_path(flags["json_path"], reads, True)
     written = [p for p in (flags["json_path"],) if p]
