@@ -27,6 +27,7 @@ from spa.cli.parsing import (
 )
 from spa.cli.render import analysis_text, bench_table, guessed_sizes_warning, prune_summary
 from spa.cli.running import Commands, Stages, printed_warnings, run
+from spa.cli.sweep import sweep
 from spa.core.feeds import parse_values
 from spa.core.runtime import parse_shapes, resolve_providers
 from spa.core.tensors import is_lazy
@@ -439,3 +440,6 @@ def report_command(dense, pruned, output, bench, threads, runs, force, debug):
         click.echo(f"wrote {target}")
 
     run(debug, action)
+
+
+main.add_command(sweep)

@@ -1,0 +1,298 @@
+"""`spa sweep`: a grid pruned point by point, the same figures in-process and in a process pool,
+resumed from its JSON, a failing or worker-killing evaluation contained to its point, --pick."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import spa.sweep.shared
+from spa.cli.commands import main
+from spa.sweep.page import pareto, render_page
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "mnist_rescnn.onnx"
+CALIB = ROOT / "models" / "data" / "mnist_calib.npz"
+TEST = ROOT / "models" / "data" / "mnist_test.npz"
+# quick points: a magnitude criterion, exact channel counts (no width timing), few statistics samples
+BASE = ["--criteria", "l2", "--calib", str(CALIB), "--calib-samples", "16", "--round-to", "1"]
+# figures that are timings, or the time a point took: they differ from run to run
+TIMED = {"dense_ms", "pruned_ms", "speedup", "seconds"}
+
+ACCURACY = """
+import numpy as np
+import onnxruntime as ort
+
+def accuracy(path):
+    data = np.load({test!r})
+    x, y = data["input"][::5], data["label"][::5]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return float((session.run(None, {{"input": x}})[0].argmax(1) == y).mean())
+"""
+
+
+def sweep(*args: str):
+    return CliRunner().invoke(main, ["sweep", str(MODEL), *BASE, *args])
+
+
+def points(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["points"]
+
+
+def untimed(found: list[dict]) -> list[dict]:
+    return [{k: v for k, v in p.items() if k not in TIMED} for p in found]
+
+
+@pytest.fixture
+def accuracy(tmp_path) -> str:
+    script = tmp_path / "acc.py"
+    script.write_text(ACCURACY.format(test=str(TEST)))
+    return f"{script}:accuracy"
+
+
+def test_process_pool_gives_the_numbers_of_one_process(tmp_path, accuracy):
+    # in one process the points that rank alike share one scoring; in the pool each prunes from the file
+    grid = ["--ratios", "0.2,0.4", "--compensate", "both", "--eval", accuracy]
+    inline = sweep(*grid, "--json", str(tmp_path / "inline.json"))
+    assert inline.exit_code == 0, inline.output
+    pooled = sweep(*grid, "--jobs", "2", "--json", str(tmp_path / "pool.json"))
+    assert pooled.exit_code == 0, pooled.output
+    found = points(tmp_path / "inline.json")
+    assert untimed(found) == untimed(points(tmp_path / "pool.json"))
+    assert [(p["ratio"], p["compensate"], p["status"]) for p in found] == [
+        (0.2, True, "ok"),
+        (0.2, False, "ok"),
+        (0.4, True, "ok"),
+        (0.4, False, "ok"),
+    ]
+    assert found[0]["params"] > found[2]["params"] and found[0]["flops"] > found[2]["flops"]
+    assert found[0]["quality"] > found[1]["quality"]  # the refit keeps more of the accuracy
+    for point in found:
+        assert point["valid"] and point["quality"] == point["eval"] and 0 <= point["eval"] <= 1
+        assert point["eval"] > 0.5 or not point["compensate"]
+        assert point["dense_ms"] > 0 and point["pruned_ms"] > 0
+        assert 0 < point["top1_agreement"] <= 1
+        assert point["command"].startswith(f"spa prune {MODEL} --ratio ")
+
+
+def test_a_rerun_resumes_and_skips_finished_points(tmp_path, monkeypatch):
+    out = tmp_path / "sweep.json"
+    first = sweep("--ratios", "0.2", "--compensate", "off", "--json", str(out))
+    assert first.exit_code == 0, first.output
+    before = points(out)
+    ran = []
+    real = spa.sweep.shared.run_point
+
+    def counted(spec, point, prune=None):
+        ran.append(point.ratio)
+        return real(spec, point, prune)
+
+    monkeypatch.setattr(spa.sweep.shared, "run_point", counted)
+    second = sweep("--ratios", "0.2,0.4", "--compensate", "off", "--json", str(out))
+    assert second.exit_code == 0, second.output
+    assert ran == [0.4]
+    after = points(out)
+    assert [p["ratio"] for p in after] == [0.2, 0.4]
+    assert after[0] == before[0]  # carried over untouched, timings included
+    # other options make other points: nothing is skipped
+    ran.clear()
+    third = sweep("--ratios", "0.2", "--compensate", "on", "--json", str(out))
+    assert third.exit_code == 0, third.output
+    assert ran == [0.2]
+
+
+def test_a_failing_evaluation_is_reported_per_point(tmp_path):
+    marker = tmp_path / "calls"
+    script = tmp_path / "flaky.py"
+    # the second model evaluated fails; the first keeps its number and the sweep finishes
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from pathlib import Path
+            def metric(path):
+                calls = Path({str(marker)!r})
+                calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
+                if len(calls.read_text()) == 2:
+                    raise RuntimeError("evaluation data missing")
+                return 0.5
+            """
+        )
+    )
+    out = tmp_path / "sweep.json"
+    result = sweep("--ratios", "0.2,0.4", "--compensate", "off", "--eval", f"{script}:metric", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    first, second = points(out)
+    assert first["eval"] == 0.5 and first["quality"] == 0.5 and "eval_error" not in first
+    assert second["status"] == "ok" and second["eval"] is None and second["quality"] is None
+    assert second["eval_error"] == "RuntimeError: evaluation data missing"
+    assert second["params"] < first["params"]  # its other figures are still measured
+    assert "eval failed" in result.output
+
+
+def test_pick_writes_the_fastest_point_meeting_the_bar(tmp_path):
+    target = tmp_path / "picked.onnx"
+    out = tmp_path / "sweep.json"
+    args = ["--ratios", "0.1,0.3", "--compensate", "on", "--json", str(out), "-o", str(target)]
+    result = sweep(*args, "--pick", "quality>=0.5")
+    assert result.exit_code == 0, result.output
+    found = points(out)
+    best = max((p for p in found if p["quality"] >= 0.5), key=lambda p: p["speedup"])
+    picked = onnx.load(str(target))
+    params = sum(onnx.numpy_helper.to_array(t).size for t in picked.graph.initializer)
+    assert params == best["params"]
+    assert f"picked {best['command']}" in result.output
+    # nothing meets the bar: exit 4, nothing written
+    target.unlink()
+    none = sweep(*args, "--pick", "quality>1.5")
+    assert none.exit_code == 4, none.output
+    assert none.output.splitlines()[-1].startswith("spa: error: no valid point meets quality>1.5")
+    assert not target.exists()
+
+
+def killer(tmp_path: Path) -> tuple[str, Path]:
+    """An evaluation that kills the worker evaluating the smaller model (the higher ratio), every
+    time, and counts its tries."""
+    script, deaths = tmp_path / "killer.py", tmp_path / "deaths"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal
+            def metric(path):
+                if os.path.getsize(path) < os.path.getsize({str(MODEL)!r}) * 0.5:
+                    with open({str(deaths)!r}, "a") as log:
+                        log.write("x")
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return 1.0
+            """
+        )
+    )
+    return f"{script}:metric", deaths
+
+
+@pytest.mark.parametrize("backend", [["--jobs", "2"], ["--ray"]], ids=["pool", "ray"])
+def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path, backend):
+    if backend == ["--ray"]:
+        pytest.importorskip("ray")
+    metric, deaths = killer(tmp_path)
+    out = tmp_path / "sweep.json"
+    result = sweep("--ratios", "0.1,0.6", "--compensate", "off", *backend, "--eval", metric, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    kept, killed = points(out)
+    assert kept["status"] == "ok" and kept["eval"] == 1.0
+    assert killed["status"] == "failed" and "died" in killed["error"]
+    assert deaths.read_text() == "xx"  # tried, and retried once
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--ratios", "0.1:0.6"],
+        ["--ratios", "0.6:0.1:0.1"],
+        ["--ratios", "0.1:0.6:0"],
+        ["--ratios", "a,b"],
+        ["--ratios", "1.2"],
+        ["--ratios", "0.1:0.9:0.00001"],
+        ["--target-flops", "0"],
+        ["--target-flops", "x"],
+        ["--ratios", "0.2", "--criteria", "l2,nope"],
+        ["--ratios", "0.2", "--criteria", ","],
+        ["--ratios", "0.2", "--jobs", "0"],
+        ["--ratios", "0.2", "--eval", "no_such_module_anywhere:f"],
+        ["--ratios", "0.2", "--eval", "missing.py:f"],
+        ["--ratios", "0.2", "--eval", "nofunction"],
+        ["--ratios", "0.2", "--pick", "speed>1"],
+        ["--ratios", "0.2", "-o", "x.onnx"],
+        ["--ratios", "0.2", "--ray", "--jobs", "2"],
+        ["--ratios", "0.2", "--json", "-"],
+        [],
+    ],
+)
+def test_bad_grid_specs_exit_2_in_one_line(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    result = sweep(*args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("spa: error:") and result.output.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_model_exits_3(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "none.onnx"), "--ratios", "0.2"])
+    assert result.exit_code == 3 and result.output.startswith("spa: error:"), result.output
+
+
+def test_a_json_that_is_not_a_sweep_is_refused(tmp_path):
+    out = tmp_path / "other.json"
+    out.write_text('{"model": "x"}')
+    result = sweep("--ratios", "0.2", "--json", str(out))
+    assert result.exit_code == 2 and "not a sweep's JSON" in result.output, result.output
+    assert out.read_text() == '{"model": "x"}'
+
+
+def test_ray_runs_the_same_points(tmp_path):
+    pytest.importorskip("ray")
+    grid = ["--ratios", "0.2,0.4", "--compensate", "off"]
+    inline = sweep(*grid, "--json", str(tmp_path / "inline.json"))
+    on_ray = sweep(*grid, "--ray", "--json", str(tmp_path / "ray.json"))
+    assert inline.exit_code == 0 and on_ray.exit_code == 0, on_ray.output
+    assert untimed(points(tmp_path / "inline.json")) == untimed(points(tmp_path / "ray.json"))
+    # the workers pruned copies of the files, shipped through Ray's object store; each point
+    # still names the user's own files
+    assert all(f"spa prune {MODEL} " in p["command"] for p in points(tmp_path / "ray.json"))
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    found = [
+        {"pruned_ms": 1.0, "quality": 0.90},
+        {"pruned_ms": 2.0, "quality": 0.95},
+        {"pruned_ms": 2.5, "quality": 0.93},  # slower and worse than the one before
+        {"pruned_ms": 3.0, "quality": 0.99},
+        {"pruned_ms": 0.5, "quality": 0.50},
+    ]
+    assert [p["pruned_ms"] for p in pareto(found, "pruned_ms")] == [0.5, 1.0, 2.0, 3.0]
+
+
+def test_the_page_is_self_contained_and_escapes_commands():
+    point = {
+        "status": "ok",
+        "ratio": 0.2,
+        "criterion": "l2",
+        "compensate": None,
+        "quality": 0.9,
+        "pruned_ms": 1.0,
+        "params": 10,
+        "flops": 20,
+        "speedup": 1.2,
+        "command": "spa prune '<m>.onnx' --ratio 0.2",
+    }
+    page = render_page("<m>.onnx", [point, {**point, "ratio": 0.4, "quality": 0.8, "pruned_ms": 0.5, "params": 5}])
+    assert page.count("<svg") == 2 and page.count("<circle") == 4
+    assert "<script" not in page and "http" not in page.replace('http-equiv="Content-Security-Policy"', "")
+    assert "&lt;m&gt;.onnx" in page and "<m>" not in page
+
+
+def test_the_page_renders_in_headless_chromium(tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine")
+    out = tmp_path / "sweep.json"
+    page = tmp_path / "sweep.html"
+    result = sweep("--ratios", "0.2,0.4", "--compensate", "off", "--json", str(out), "--html", str(page))
+    assert result.exit_code == 0, result.output
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    # the browser parsed two plots of both points, and a row per point naming its command
+    assert dom.count("<svg") == 2 and dom.count("<circle") == 4
+    for point in points(out):
+        assert html.escape(point["command"], quote=False) in dom
