@@ -139,8 +139,8 @@ def prune(
     dense model's figure) replaces ``ratio`` (given too: ``UsageError``) with the ratio found to
     meet it: FLOPs and params are counted on candidate cuts, latency timed on the first of ``providers``.
     ``round_to="auto"`` (the default) times each layer alone there at candidate widths (cached under
-    ``~/.cache/spa/latency``) and keeps each group's count on the fast side of its curve; targets
-    and ``global_rank`` then spend the cut where it saves the most time per importance lost.
+    ``~/.cache/spa/latency``) and keeps each group's count off the spikes of its curve; a latency
+    target and ``global_rank`` then spend the cut where it saves the most time per importance lost.
     ``round_to=N`` keeps counts at multiples of N instead (1: exactly the ratio).
     ``bench`` times dense and pruned on the CPU and on every provider named; a pruned model slower
     than the dense one on the first provider (beyond timing noise) raises ``SlowerError`` unless

@@ -56,16 +56,24 @@ def test_structural_target_is_the_smallest_ratio_that_meets_it(scored, metric, g
 
 
 @pytest.mark.parametrize("metric, goal", [("flops", 0.5), ("params", 0.6)])
-def test_a_target_on_the_latency_aware_trajectory_stops_at_the_first_point_that_meets_it(scored, metric, goal):
-    candidates = candidates_for(scored, **{f"target_{metric}": goal})
+def test_the_latency_search_walks_a_trajectory_whose_share_kept_only_falls(scored, metric, goal):
+    candidates = candidates_for(scored, target_latency=0.5)
     candidates.measure_widths("CPUExecutionProvider", RunOptions(threads=1))
     assert candidates.trajectory is not None and candidates.trajectory.steps
-    outcome = candidates.reach(Target(metric, goal), None)
+    # the first guess of a latency search: the point keeping ``goal`` of the FLOPs (or params)
+    outcome = reach_structural(metric, goal, lambda r: candidates.kept(metric, r))
     assert outcome.met and outcome.achieved <= goal
     assert candidates.kept(metric, outcome.ratio - 0.01) > goal
-    # along the trajectory the share kept never grows
     shares = [candidates.kept(metric, r) for r in np.linspace(0, MAX_RATIO, 12)]
     assert all(b <= a + 1e-12 for a, b in zip(shares, shares[1:]))
+
+
+def test_a_flops_target_keeps_one_ratio_with_kernel_friendly_counts(scored):
+    candidates = candidates_for(scored, target_flops=0.5)
+    candidates.measure_widths("CPUExecutionProvider", RunOptions(threads=1))
+    assert candidates.table is not None and candidates.trajectory is None
+    outcome = candidates.reach(Target("flops", 0.5), None)
+    assert outcome.met and outcome.achieved <= 0.5
 
 
 def test_unreachable_and_conflicting_targets_are_usage_errors(tmp_path):

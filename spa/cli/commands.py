@@ -116,9 +116,9 @@ def main() -> None:
     default=str(_PLAN.round_to),
     show_default=True,
     metavar="N|auto",
-    help="'auto': time each layer alone at candidate widths (cached) and keep every count on the fast "
-    "side of its width curve; targets and --global then cut where it saves the most time. N: keep "
-    "channel counts at multiples of N (1: exactly the ratio).",
+    help="'auto': time each layer alone at candidate widths (cached) and keep every count off the "
+    "spikes of its width curve; --target-latency and --global then cut where it saves the most time. "
+    "N: keep channel counts at multiples of N (1: exactly the ratio).",
 )
 @click.option(
     "--allow-slower",
