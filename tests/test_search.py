@@ -167,3 +167,15 @@ def test_target_rejects_values_outside_zero_one():
         Target("flops", 0.0)
     with pytest.raises(UsageError):
         Target("speed", 0.5)
+
+
+def test_a_flops_target_is_met_both_ways_and_the_faster_cut_is_kept(scored):
+    candidates = candidates_for(scored, target_flops=0.5)
+    run = RunOptions(threads=1)
+    candidates.measure_widths("CPUExecutionProvider", run)
+    outcome = candidates.reach_fastest(Target("flops", 0.5), "CPUExecutionProvider", run)
+    assert outcome.met and set(outcome.allocation_ms) == {"one ratio", "latency-aware"}
+    timed = outcome.allocation_ms
+    assert outcome.allocation == min(timed, key=timed.get)
+    assert (candidates.trajectory is not None) == (outcome.allocation == "latency-aware")
+    assert candidates.kept("flops", outcome.ratio) == pytest.approx(outcome.achieved)

@@ -105,11 +105,11 @@ def _bert():
     )
 
 
-def run(names, providers, runs: int, round_to, criterion: str, thread_counts, out_dir: Path) -> list[dict]:
+def run(names, providers, runs: int, round_to, criterion: str, thread_counts, out_dir: Path, settings) -> list[dict]:
     rows = []
     for name in names:
         dense = export(name)
-        for label, options in SETTINGS:
+        for label, options in settings:
             for threads in thread_counts:
                 rows.extend(_row(name, dense, label, options, providers, threads, runs, round_to, criterion, out_dir))
     return rows
@@ -165,6 +165,8 @@ def _searched(report) -> str:
     if report.target and report.target.metric == "latency":
         t = report.target
         notes.append(f"search: {t.achieved:.3f} of dense ({'met' if t.met else 'NOT met'}, {len(t.probes)} probes)")
+    if report.target and report.target.allocation:
+        notes.append(f"cut spread by {report.target.allocation}")
     return "; ".join(notes)
 
 
@@ -212,6 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--round-to", default="auto", help="a channel multiple, or 'auto' (the default)")
     parser.add_argument("--criterion", default="l2", help="how channels are ranked (default l2: no statistics)")
     parser.add_argument("--threads", default="1,0", help="thread counts to prune and time at (0: all)")
+    parser.add_argument("--settings", help="only the rows whose setting starts with this (e.g. target-flops)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
     round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
@@ -220,7 +223,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     thread_counts = [int(t) for t in args.threads.split(",")]
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    rows = run(names, providers, args.runs, round_to, args.criterion, thread_counts, out_dir)
+    settings = [s for s in SETTINGS if not args.settings or s[0].startswith(args.settings)]
+    rows = run(names, providers, args.runs, round_to, args.criterion, thread_counts, out_dir, settings)
     text = table(rows) + "\n\n" + "\n".join(f"- {line}" for line in verdicts(rows))
     print(text)
     if args.out:

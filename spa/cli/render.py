@@ -118,6 +118,13 @@ def prune_summary(r: dict) -> str:
         lines.append(
             f"target: {t['metric']} {t['goal']:g} of dense -> {t['achieved']:.3f} at ratio {t['ratio']:.4f} "
             f"({state}; {len(t['probes'])} candidates measured)"
+            + (
+                f"; cut spread by {t['allocation']} ("
+                + ", ".join(f"{k} {v:.2f} ms" for k, v in t["allocation_ms"].items())
+                + ")"
+                if t.get("allocation")
+                else ""
+            )
         )
     for check in r["export"]:
         lines.append(f"{check['target']}: {check['summary']}")

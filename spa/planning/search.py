@@ -55,6 +55,10 @@ class TargetOutcome:
     met: bool
     provider: str | None = None
     probes: list[Probe] = field(default_factory=list)
+    # a FLOPs or params target met both ways, timed against each other: how the cut was spread
+    # ("one ratio" or "latency-aware") and the median ms of each
+    allocation: str | None = None
+    allocation_ms: dict[str, float] = field(default_factory=dict)
 
 
 def reach_structural(
