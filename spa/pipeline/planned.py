@@ -274,9 +274,9 @@ class Candidates:
 
     def reach_fastest(self, target: Target, provider: str, run) -> TargetOutcome:
         """A FLOPs or params target met both ways, one ratio on kernel-friendly counts and the
-        latency-aware trajectory, and the one that runs faster kept: neither wins everywhere
-        (ResNet-50 at half the FLOPs, one thread: one ratio 1.97x, the trajectory 1.82x; BERT-base:
-        one ratio 1.92x, the trajectory 2.22x), so the two are timed against each other."""
+        latency-aware trajectory, and the one that runs faster kept: across the models of
+        tools/bench_latency.py neither wins everywhere (ResNet-50 at half the FLOPs, one thread: one
+        ratio 1.97x, the trajectory 1.82x), so the two are timed against each other."""
         uniform = self.reach(target, None)
         uniform_model = self.hard(uniform.ratio)
         self.allocate_structural = True
