@@ -213,7 +213,7 @@ class Candidates:
     def trajectory(self) -> Trajectory | None:
         target = self.options.target
         latency = target is not None and (target.metric == "latency" or self.allocate_structural)
-        if not self.can_allocate or not (latency or self.options.global_rank):
+        if self.table is None or self.group_ratios or not (latency or self.options.global_rank):
             return None
         if self._trajectory is None:
             groups = self.analysis.prunable_groups
