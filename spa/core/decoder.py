@@ -21,7 +21,6 @@ import onnx
 
 from spa.formats.nbits import OP_TYPE as NBITS
 from spa.ops.gather import Gather
-from spa.ops.linear import MatMul
 
 # the new tokens of a made-up feed (its past is empty) unless a length is asked for
 NEW = 4
@@ -113,6 +112,10 @@ def _cache_heads(model: onnx.ModelProto, info: onnx.ValueInfoProto) -> tuple[int
 
 def _width(model: onnx.ModelProto, tensor: str) -> int | None:
     """The last axis of ``tensor`` where a projection's weight fixes it (MatMul, MatMulNBits, + bias)."""
+    # imported here, not with the module: the feed is built wherever a model runs (statistics
+    # among them), and only decoders need the dense-layer operator
+    from spa.ops.linear import MatMul
+
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     for _ in range(4):  # through a bias Add or a Cast
