@@ -176,7 +176,7 @@ def sample_inputs(
     types = {info.name: info.type.tensor_type for info in model.graph.input}
     fixed = fixed_values(model)
     feeds: dict[str, np.ndarray] = {}
-    for name, shape in {**input_shapes(model, batch, length), **(shapes or {})}.items():
+    for name, shape in planned_shapes(model, batch, shapes, length).items():
         if name not in types:
             continue
         tensor_type = types[name]
@@ -199,12 +199,18 @@ def sample_inputs(
 def feed_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """The shape of each input ``sample_inputs`` (batch 1) would make, without making it: what a
     model too large to run can still be asked."""
-    length = feed_spec.current().length
     fixed = fixed_values(model)
     out = {}
-    for name, shape in {**input_shapes(model, 1, length), **(shapes or {})}.items():
+    for name, shape in planned_shapes(model, 1, shapes, feed_spec.current().length).items():
         out[name] = list(fixed[name].shape) if name in fixed and name not in (shapes or {}) else list(shape)
     return out
+
+
+def planned_shapes(
+    model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]] | None, length: int | None
+) -> dict[str, list[int]]:
+    """Each input's shape before control values and decoder feeds: ``input_shapes``, then ``shapes``."""
+    return {**input_shapes(model, batch, length), **(shapes or {})}
 
 
 def _decoder_feed(model, cache: decoder.CacheLayout, rng, batch: int, shapes: dict[str, list[int]], length):

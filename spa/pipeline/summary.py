@@ -140,7 +140,6 @@ def speed(pruned: PrunedModel) -> Speed:
     if not validation.latency:
         return Speed(False, why_not=_why_not_timed(pruned))
     first = validation.latency[0]
-    dense, after = pruned.plan.scored.analyzed.dense, pruned.after
     result = Speed(
         True,
         first["provider"],
@@ -150,8 +149,7 @@ def speed(pruned: PrunedModel) -> Speed:
         verdict(first["speedup"]),
     )
     if result.verdict != "faster" and pruned.plan.units.removed:
-        flops_cut = 1 - after.flops / dense.flops if dense.flops else 0.0
-        result.advice = speed_advice(pruned.plan.options, pruned.plan.widths is not None, flops_cut)
+        result.advice = advice_for(pruned)
     return result
 
 
@@ -161,6 +159,13 @@ def verdict(speedup: float) -> str:
     if speedup <= 1 - SPEED_MARGIN:
         return "slower"
     return "no faster"
+
+
+def advice_for(pruned: PrunedModel) -> list[str]:
+    """``speed_advice`` for what ``pruned`` did: its options, and how far its FLOPs fell."""
+    dense, after = pruned.plan.scored.analyzed.dense, pruned.after
+    flops_cut = 1 - after.flops / dense.flops if dense.flops else 0.0
+    return speed_advice(pruned.plan.options, pruned.plan.widths is not None, flops_cut)
 
 
 def speed_advice(options, measured_widths: bool, flops_cut: float) -> list[str]:
@@ -184,14 +189,11 @@ def slower_than_dense(pruned: PrunedModel) -> str | None:
     pair = next((p for p in latency if p["provider"] == timed), None)
     if pair is None or not pair["slower"] or not pruned.plan.units.removed:
         return None
-    dense, after = pruned.plan.scored.analyzed.dense, pruned.after
-    flops_cut = 1 - after.flops / dense.flops if dense.flops else 0.0
-    advice = speed_advice(pruned.plan.options, pruned.plan.widths is not None, flops_cut)
     where = timed.replace("ExecutionProvider", "")
     return (
         f"the pruned model is slower than the dense one on {where}: {pair['dense_ms']:.2f} ms -> "
         f"{pair['pruned_ms']:.2f} ms ({pair['speedup']:.2f}x); nothing written. "
-        + "; ".join(advice + ["--allow-slower writes it anyway"])
+        + "; ".join(advice_for(pruned) + ["--allow-slower writes it anyway"])
     )
 
 

@@ -106,8 +106,10 @@ class WidthTable:
 
     def _side(self, layer: TimedLayer, side: str, gid: int, count: int) -> float:
         curve = layer.curves.get(side)
-        if not curve or count >= self.sizes[gid]:
-            return layer.dense_ms * (1.0 if curve or count >= self.sizes[gid] else count / self.sizes[gid])
+        if count >= self.sizes[gid]:
+            return layer.dense_ms
+        if not curve:  # a side not timed: its time follows the units kept
+            return layer.dense_ms * count / self.sizes[gid]
         width = side_width(layer, side, count, self.sizes[gid])
         if width in curve:
             return curve[width]
@@ -316,12 +318,13 @@ def measure_table(
     layers = timed_layers(analysis, sized)
     sizes = {g.id: g.size for g in analysis.prunable_groups}
     isolate = Isolator(analysis, sized)
-    dense = {layer.node: isolate(layer, *layer.dense) for layer in layers}
-    dense_times = timer.times({signature(m): m for m in dense.values() if m is not None})
+    alone = {layer.node: isolate(layer, *layer.dense) for layer in layers}
+    dense = {node: model for node, model in alone.items() if model is not None}
+    keys = {node: signature(model) for node, model in dense.items()}
+    dense_times = timer.times({keys[node]: model for node, model in dense.items()})
     for layer in layers:
-        model = dense[layer.node]
-        if model is not None and signature(model) in dense_times:
-            layer.dense_ms, layer.measured = dense_times[signature(model)], True
+        if keys.get(layer.node) in dense_times:
+            layer.dense_ms, layer.measured = dense_times[keys[layer.node]], True
     _estimate_untimed(layers, node_flops)
     candidates = {}
     for gid, size in sizes.items():
