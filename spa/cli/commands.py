@@ -137,6 +137,15 @@ def main() -> None:
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
 @click.option(
+    "--remove-experts",
+    type=float,
+    default=_PLAN.remove_experts,
+    metavar="N|F",
+    help="Remove N experts (or the fraction F of them) from every mixture-of-experts layer, with their "
+    "router columns: those with the least routing weight times output on the statistics. With --soft "
+    "the router never picks them instead.",
+)
+@click.option(
     "--approximate",
     is_flag=True,
     help="Also prune groups where removal is not equal to zeroing: channels a norm mixes, such as a "
@@ -284,7 +293,14 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
                 ),
                 ScoreOptions(flags["criterion"], flags["calib"], flags["calib_samples"]),
                 PlanOptions(
-                    flags["ratio"], ratios, flags["global_rank"], multiple, *(flags[f"target_{m}"] for m in _TARGETS)
+                    flags["ratio"],
+                    ratios,
+                    flags["global_rank"],
+                    multiple,
+                    target_flops=flags["target_flops"],
+                    target_params=flags["target_params"],
+                    target_latency=flags["target_latency"],
+                    remove_experts=flags["remove_experts"],
                 ),
                 CutOptions(flags["compensate"], flags["refit"], flags["soft"]),
                 run_options,
@@ -292,7 +308,7 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
             )
         result = result_of(pruned)
         report = result.report.as_dict()
-        nothing = result.report.groups_prunable == 0 and not write_unchanged
+        nothing = result.report.groups_prunable == 0 and not write_unchanged and not result.report.experts
         checks = []
         if not nothing:
             stages("save")

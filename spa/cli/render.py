@@ -61,6 +61,17 @@ def counted_at(r: dict) -> str:
     return text
 
 
+def experts_line(e: dict) -> str:
+    before, after = sorted(set(e["experts_before"])), sorted(set(e["experts_after"]))
+    counts = f"{'/'.join(map(str, before))} -> {'/'.join(map(str, after))}"
+    how = "masked (the router never picks them)" if e["soft"] else "removed with their router columns"
+    k = f", top-k {'/'.join(map(str, sorted(set(e['k_after']))))}" if e["k_after"] != e["k_before"] else ""
+    return (
+        f"experts: {counts} per layer in {len(e['layers'])} MoE layer(s), {how}{k}; "
+        f"ranked by routing weight x output on {e['data']} tokens"
+    )
+
+
 def prune_summary(r: dict) -> str:
     v = r["validation"]
     lines = [
@@ -69,6 +80,8 @@ def prune_summary(r: dict) -> str:
         f"FLOPs:  {change(r['flops_before'], r['flops_after'])}{counted_at(r)}",
     ]
     summary = r.get("summary")
+    if r.get("experts"):
+        lines.append(experts_line(r["experts"]))
     if summary:
         lines.append(sizes_line(summary["sizes"]))
     if v["checker"] != "not run":

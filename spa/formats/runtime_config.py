@@ -66,24 +66,49 @@ def write_configs(source: Path, dense: onnx.ModelProto, pruned: onnx.ModelProto,
     if uneven_layers(pruned):
         raise ValueError("the cut left layers with different head counts, which a runtime config cannot describe")
     written = []
-    changed = _changes(dense, pruned)
+    changed, experts = _changes(dense, pruned), expert_sizes(pruned)
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.suffix not in _SIDE_SUFFIXES or (target / path.name).exists():
             continue
         if path.name == GENAI:
             config = json.loads(path.read_text())
-            applied = _set(config.get("model", {}).get("decoder", {}), changed)
+            section = config.get("model", {}).get("decoder", {})
+            applied = _set(section, {**changed, **expert_changes(section, experts)})
             _write(target / path.name, config)
             written.append(f"{path.name}: {_describe(applied)}")
         elif path.name == TRANSFORMERS:
             config = json.loads(path.read_text())
-            applied = _set(config, changed)
+            applied = _set(config, {**changed, **expert_changes(config, experts)})
             _write(target / path.name, config)
             written.append(f"{path.name}: {_describe(applied)}")
         else:
             shutil.copyfile(path, target / path.name)
             written.append(f"{path.name}: copied")
     return written
+
+
+# the names configs give the experts per layer and the experts each token runs
+EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+TOP_K_FIELD = "num_experts_per_tok"
+
+
+def expert_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Experts per layer and top-k, where every mixture-of-experts layer agrees."""
+    from spa.core.graph import ModelGraph  # noqa: PLC0415  (only for models with experts)
+    from spa.patterns.moe import expert_layers  # noqa: PLC0415
+
+    if not any(n.op_type in ("MoE", "QMoE", "TopK") for n in model.graph.node):
+        return {}
+    layers, _ = expert_layers(ModelGraph(model))
+    experts, k = {layer.experts for layer in layers}, {layer.k for layer in layers}
+    sizes = {name: next(iter(experts)) for name in EXPERT_FIELDS} if len(experts) == 1 else {}
+    return {**sizes, TOP_K_FIELD: k.pop()} if len(k) == 1 else sizes
+
+
+def expert_changes(config: dict, sizes: dict[str, int]) -> dict[str, int]:
+    """The expert counts of the pruned graph (``expert_sizes``) that ``config`` states otherwise: the
+    config, not the graph the cut started from, since the experts go before the channels are cut."""
+    return {name: value for name, value in sizes.items() if config.get(name) not in (None, value)}
 
 
 def _changes(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> dict[str, int]:

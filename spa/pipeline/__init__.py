@@ -19,10 +19,11 @@ from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
 from spa.pipeline.analyzed import AnalyzedModel, analyze
+from spa.pipeline.experts import remove_model_experts
 from spa.pipeline.options import CLI_RUN, AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PlannedGroup, PrunePlan
 from spa.pipeline.pruned import PrunedModel
-from spa.pipeline.reports import Timer
+from spa.pipeline.reports import Timer, count_model
 from spa.pipeline.scored import ScoredModel, score
 from spa.pipeline.usage import check_calibration_path, check_patterns
 
@@ -61,12 +62,19 @@ def prune_model(
     check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
     # the model runs at the sizes asked for and those that follow them: each must fit
     check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
+    experts = None
+    if planning.remove_experts:
+        sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
+        dense = count_model(model, model.proto, sizes, groups.registry)
+        model, experts = remove_model_experts(model, planning.remove_experts, scoring, run, cutting.soft, progress)
+        experts.params_before, experts.flops_before = dense.params, dense.flops
     analyzed = analyze(model, groups, progress, timer=timer)
     removes = planning.ratio > 0 or planning.target is not None or any(planning.ratios.values())
     # nothing to rank or refit when nothing goes (unless a target will pick another ratio)
     statistics = (scoring.data_aware or cutting.compensates(scoring)) and removes
     scored = score(analyzed, scoring, run, statistics, progress, timer)
     pruned = scored.plan(options=planning, progress=progress).apply(options=cutting, progress=progress)
+    pruned.experts = experts
     if run.check:
         pruned.validate(run, progress)
     return pruned

@@ -95,9 +95,13 @@ class PlanOptions:
     target_flops: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
+    # experts removed from every mixture-of-experts layer: a whole number, or a fraction of each
+    # layer's experts (``spa.pipeline.experts``); 0 keeps them all
+    remove_experts: float = 0
 
     def __post_init__(self) -> None:
         check_ratio("--ratio", self.ratio)
+        check_expert_count(self.remove_experts)
         for pattern, ratio in self.ratios.items():
             check_ratio(f"--ratio-for {pattern}", ratio)
         if self.ratios and self.global_rank:
@@ -120,6 +124,11 @@ class PlanOptions:
         if len(given) > 1:
             raise UsageError("give one target at a time (--target-flops, --target-params or --target-latency)")
         return given[0] if given else None
+
+
+def check_expert_count(count: float) -> None:
+    if count < 0 or (count >= 1 and count != int(count)):
+        raise UsageError(f"--remove-experts must be a whole number or a fraction in (0, 1), got {count:g}")
 
 
 def check_ratio(what: str, ratio: float) -> None:

@@ -33,6 +33,7 @@ from spa.verify import fidelity
 from spa.verify.validate import Validation
 
 if TYPE_CHECKING:
+    from spa.pipeline.experts import ExpertRemoval
     from spa.pipeline.planned import PrunePlan
 
 
@@ -60,6 +61,7 @@ class PrunedModel:
     workdir: ScratchDirectory | None = field(default=None, repr=False)
     validation: Validation = field(default_factory=Validation)  # filled by ``validate()``
     seconds: dict[str, float] = field(default_factory=dict)
+    experts: ExpertRemoval | None = None  # the experts removed before the cut (``remove_experts``)
 
     @property
     def dense(self) -> Model:
@@ -246,9 +248,9 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         groups_found=len(analysis.groups),
         groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.units.removed),
-        params_before=analyzed.dense.params,
+        params_before=pruned.experts.params_before if pruned.experts else analyzed.dense.params,
         params_after=pruned.after.params,
-        flops_before=analyzed.dense.flops,
+        flops_before=pruned.experts.flops_before if pruned.experts else analyzed.dense.flops,
         flops_after=pruned.after.flops,
         validation=pruned.validation,
         seconds=pruned.seconds,
@@ -264,6 +266,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         unsized_axes=unsized_axes(model.proto, sizes),
         flops_uncounted=analyzed.dense.uncounted(),
         summary=summarize(pruned, calib_label(score.calib)),
+        experts=pruned.experts.as_dict() if pruned.experts else None,
     )
 
 

@@ -119,6 +119,8 @@ class PruneReport:
     flops_uncounted: dict[str, int] = field(default_factory=dict)  # op type -> nodes of unknown shape (dense)
     # what happened to accuracy and speed, and the input sizes each figure was taken at
     summary: Summary | None = None
+    # the experts removed from mixture-of-experts layers before the cut (``ExpertRemoval.as_dict``)
+    experts: dict | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)
