@@ -130,6 +130,7 @@ def prune(
     ratios: dict[str, float] | None = None,
     registry: Registry = DEFAULT,
     allow_slower: bool = False,
+    remove_experts: float = 0,
 ) -> PruneResult:
     """Remove the fraction ``ratio`` (None: ``PlanOptions``' 0.3) of the channels of every prunable group.
 
@@ -177,6 +178,10 @@ def prune(
     Every run of the model (statistics, searches, refit, validation, fidelity, latency) stops after
     ``run_timeout`` seconds (0: no limit) and raises ``spa.core.runlimit.RunTimeout``, a ``ModelLoadError``.
     ``registry`` is the operators spa knows (``spa.ops.registry.DEFAULT.with_operators(...)`` adds one).
+    ``remove_experts`` (a whole number, or a fraction of each layer's experts) removes that many
+    experts from every mixture-of-experts layer first, with their router columns: those with the
+    least routing weight times output on the statistics (``spa.pipeline.experts``); with ``soft``
+    the router never picks them instead, which computes the same.
 
     Returns the pruned model (dense-shaped with zeroed channels if ``soft``) and
     a report. Raises ``UsageError`` for bad options, ``ModelLoadError`` for bad
@@ -185,7 +190,16 @@ def prune(
     custom-op libraries to load for validation; none is ever loaded otherwise.
     """
     targets = (target_flops, target_params, target_latency)
-    plan = PlanOptions(ratio_or_default(ratio, targets), dict(ratios or {}), global_rank, round_to, *targets)
+    plan = PlanOptions(
+        ratio_or_default(ratio, targets),
+        dict(ratios or {}),
+        global_rank,
+        round_to,
+        target_flops,
+        target_params,
+        target_latency,
+        remove_experts=remove_experts,
+    )
     score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples)
     run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout, allow_slower)
     cut = CutOptions(compensate, refit, soft)
