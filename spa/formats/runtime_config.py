@@ -95,9 +95,10 @@ TOP_K_FIELD = "num_experts_per_tok"
 def expert_sizes(model: onnx.ModelProto) -> dict[str, int]:
     """Experts per layer and top-k, where every mixture-of-experts layer agrees."""
     from spa.core.graph import ModelGraph  # noqa: PLC0415  (only for models with experts)
+    from spa.ops.moe import MoE, QMoE  # noqa: PLC0415
     from spa.patterns.moe import expert_layers  # noqa: PLC0415
 
-    if not any(n.op_type in ("MoE", "QMoE", "TopK") for n in model.graph.node):
+    if not any(n.op_type in (*MoE.ops, *QMoE.ops, "TopK") for n in model.graph.node):
         return {}
     layers, _ = expert_layers(ModelGraph(model))
     experts, k = {layer.experts for layer in layers}, {layer.k for layer in layers}

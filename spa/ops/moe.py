@@ -22,6 +22,9 @@ so its FFN channels stay whole; its experts are removed like MoE's.
 
 from __future__ import annotations
 
+import onnx
+from onnx import helper
+
 from spa.core.coupling import Dim, LinkSet, Sink, pairs
 from spa.core.graph import ModelGraph, Node
 from spa.ops import cost
@@ -52,6 +55,12 @@ EXPERTS_FREEZE = "experts are removed whole (--remove-experts), not as channels"
 
 def slots(node: Node) -> dict[str, int]:
     return QMOE_SLOTS if node.op_type == "QMoE" else MOE_SLOTS
+
+
+def slot_input(node: Node, key: str) -> str:
+    """The tensor at the op's ``key`` input ('' where absent, or where the op has no such input)."""
+    slot = slots(node).get(key)
+    return node.input(slot) if slot is not None else ""
 
 
 def fused(node: Node) -> int:
@@ -103,6 +112,10 @@ class MoE(Operator):
     costs = {"MoE": _flops}
     zero_kinds = {"MoE": PRODUCT}
 
+    def inferred_as(self, node: onnx.NodeProto) -> onnx.NodeProto:
+        """The output has the tokens' shape (onnxruntime's inference knows MoE, not QMoE)."""
+        return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+
     def weight_side(self, node, index, axis):
         names = slots(node)
         if index in (names["fc1"], names["fc2"], names["fc3"]):
@@ -149,9 +162,9 @@ class MoE(Operator):
         hidden_out = Dim(y, rank - 1)
         links.same(hidden_out, Dim(node.inputs[names["fc2"]], 1))
         for key in ("fc2_bias", "fc2_scales"):
-            if node.input(names.get(key, -1)) and links.ctx.rank(node.input(names[key])) in (2, 3):
-                links.same(hidden_out, Dim(node.input(names[key]), 1))
-        if node.input(names.get("fc2_zero_points", -1)):
+            if slot_input(node, key) and links.ctx.rank(slot_input(node, key)) in (2, 3):
+                links.same(hidden_out, Dim(slot_input(node, key), 1))
+        if slot_input(node, "fc2_zero_points"):
             links.freeze(hidden_out, f"QMoE '{node.name}': its zero points pack output channels together")
 
     def _link_channels(self, links: LinkSet, node: Node, what: str) -> None:

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from onnx import TensorProto
 
 from spa.core.graph import ModelGraph, Node
-from spa.ops import moe
+from spa.ops import linear, moe
 
 FUSED, DECOMPOSED = "fused", "decomposed"
 # ops the router's logits may pass through on their way to the experts' selection
 _PASS = ("Reshape", "Softmax", "Sigmoid", "Cast", "Identity", "Flatten")
+_GEMM, _MATMUL = linear.Gemm.ops[0], linear.MatMul.ops[0]
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
@@ -101,14 +102,14 @@ def _router(graph: ModelGraph, routed: str) -> tuple[Router | None, list[tuple[s
 
 def _router_layer(graph: ModelGraph, tensor: str, bias: str | None, logits: str, reshapes):
     node = graph.producer.get(tensor)
-    if node is None or node.op_type not in ("MatMul", "Gemm") or not graph.is_initializer(node.input(1)):
+    if node is None or node.op_type not in (_MATMUL, _GEMM) or not graph.is_initializer(node.input(1)):
         kind = "nothing" if node is None else f"{node.op_type} '{node.name}'"
         return None, [], f"the router logits come from {kind}, not a MatMul or Gemm with a stored weight"
     shape = graph.shape(node.inputs[1])
     if not shape or len(shape) != 2:
         return None, [], f"the router '{node.name}' has a weight of rank {len(shape or ())}"
-    axis = 0 if node.op_type == "Gemm" and node.attr("transB", 0) else 1
-    if node.op_type == "Gemm" and node.input(2):
+    axis = 0 if node.op_type == _GEMM and node.attr("transB", 0) else 1
+    if node.op_type == _GEMM and node.input(2):
         if bias is not None or not graph.is_initializer(node.input(2)):
             return None, [], f"the router '{node.name}' has a bias that is computed or added twice"
         bias, logits = node.input(2), node.outputs[0]

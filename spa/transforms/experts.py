@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from spa.core.tensors import to_array
+from spa.ops.linear import Gemm
 from spa.patterns.moe import ExpertLayer
 
 
@@ -114,9 +115,9 @@ def _mask(edit: _Edit, layer: ExpertLayer, kept: np.ndarray) -> None:
     bias = np.zeros(layer.experts, dtype=weight.dtype)
     bias[removed] = -np.inf
     node = edit.nodes[router.node]
-    if node.op_type == "Gemm" and len(node.input) < 3:
+    if node.op_type == Gemm.ops[0] and len(node.input) < 3:
         node.input.append("")
-    if node.op_type == "Gemm":
+    if node.op_type == Gemm.ops[0]:
         edit.new_input(router.node, 2, bias, "expert_mask")
         return
     masked, name = f"{router.logits}/expert_mask", f"{router.logits}/expert_mask_bias"
