@@ -9,7 +9,7 @@ pipeline then prunes the model with fewer experts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -68,7 +68,8 @@ def remove_model_experts(
     scores = expert_scores(model.proto, layers, batches(model.proto, feeds), run.seed, tuple(run.custom_ops))
     keep = {layer.name: _kept(scores[layer.name], plan[layer.name]) for layer in layers}
     proto = remove_experts(model.proto, layers, keep, soft)
-    reduced = model.derived(infer_shapes(proto))
+    # no path: what runs the model from its file (statistics, validation) must run this one
+    reduced = replace(model.derived(infer_shapes(proto)), path=None)
     return reduced, _record(layers, keep, scores, data, soft)
 
 
