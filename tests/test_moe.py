@@ -229,3 +229,13 @@ def test_the_dynamo_export_with_decomposed_routing_loses_experts(moe_zoo, tmp_pa
     moved = np.abs(a[name] - dense[name]).max()
     assert np.abs(a[name] - b[name]).max() <= 1e-3 * moved  # exact up to rounding, next to what removal moved
     assert TensorProto.FLOAT == hard.model.graph.output[0].type.tensor_type.elem_type
+
+
+def test_experts_are_ranked_on_calibration_tokens_when_given(moe_zoo, tmp_path):
+    source = moe_zoo.exported("gptoss-genai-fp32") / "model.onnx"
+    ids = np.random.default_rng(6).integers(3, moe_zoo.VOCAB, (8, 6)).astype(np.int64)
+    np.savez(tmp_path / "calib.npz", input_ids=ids)
+    on_data = spa.prune(source, ratio=0, remove_experts=1, calib=str(tmp_path / "calib.npz")).report.experts
+    synthetic = spa.prune(source, ratio=0, remove_experts=1).report.experts
+    assert on_data["data"] == "calibration" and synthetic["data"] == "synthetic"
+    assert on_data["scores"] != synthetic["scores"]
