@@ -239,3 +239,13 @@ def test_experts_are_ranked_on_calibration_tokens_when_given(moe_zoo, tmp_path):
     synthetic = spa.prune(source, ratio=0, remove_experts=1).report.experts
     assert on_data["data"] == "calibration" and synthetic["data"] == "synthetic"
     assert on_data["scores"] != synthetic["scores"]
+
+
+def test_qmoe_with_separate_mixing_weights_is_refused_by_name(tmp_path):
+    model = fused_model(quantized=True)
+    node = next(n for n in model.graph.node if n.op_type == "QMoE")
+    node.input.extend([""] * (14 - len(node.input)) + [node.input[1]])  # router_weights: mixing apart from picking
+    path, digest = save(model, tmp_path)
+    result = CliRunner().invoke(main, ["prune", str(path), "--remove-experts", "1"])
+    assert_clean_failure(result, 2, tmp_path, path, digest)
+    assert "QMoE 'moe'" in result.output and "mixing weights" in result.output

@@ -137,6 +137,9 @@ def _fused(graph: ModelGraph, node: Node) -> tuple[ExpertLayer | None, str | Non
     if router is None:
         return None, why
     experts = graph.static_size(router.weight, router.axis)
+    extra = [name for name in node.inputs[max(moe.QMOE_SLOTS.values()) + 1 :] if name]
+    if node.op_type in moe.QMoE.ops and extra:
+        return None, f"it reads {extra[0]} (mixing weights or FP4/FP8 scales), which spa does not cut per expert"
     stacked = [node.input(slot) for slot in moe.expert_inputs(node)]
     if any(not graph.is_initializer(name) for name in stacked):
         return None, "its expert weights are computed, not stored"
