@@ -54,13 +54,21 @@ def fused_model(k: int = 2, dead: int | None = None, unrouted: int | None = None
     return g.build()
 
 
-def dense_dispatch_model(dead: int | None = None, k: int = 2):
+def dense_dispatch_model(dead: int | None = None, k: int = 2, layers: int = 1, residual: bool = True):
     """Decomposed top-k routing as a framework's MoE layer exports: router -> Softmax -> TopK ->
     renormalised weights scattered into a dense [tokens, experts] matrix; every expert's FFN
     (stacked weights, a batched MatMul) run on every token and summed by that matrix; + x."""
     g = Graph(seed=2)
     x = g.input("x", [TOKENS, HIDDEN])
-    probs = g.op("Softmax", [g.op("MatMul", [x, g.weight(HIDDEN, EXPERTS)], name="router")], axis=-1)
+    for layer in range(layers):
+        mixed = _dispatch_layer(g, x, dead, k, suffix="" if layer == 0 else str(layer))
+        x = g.op("Add", [x, mixed]) if residual else mixed
+    g.output(x)
+    return g.build()
+
+
+def _dispatch_layer(g: Graph, x: str, dead: int | None, k: int, suffix: str) -> str:
+    probs = g.op("Softmax", [g.op("MatMul", [x, g.weight(HIDDEN, EXPERTS)], name=f"router{suffix}")], axis=-1)
     top, picked = g.op("TopK", [probs, g.const(np.array([k], np.int64))], n_out=2, axis=-1)
     top = g.op("Div", [top, g.op("ReduceSum", [top, g.const(np.array([-1], np.int64))], keepdims=1)])
     zeros = g.op("ConstantOfShape", [g.op("Shape", [probs])], value=onnx.helper.make_tensor("", 1, [1], [0.0]))
@@ -69,12 +77,10 @@ def dense_dispatch_model(dead: int | None = None, k: int = 2):
     w2 = g.rng.uniform(-1, 1, (EXPERTS, INTER, HIDDEN)).astype(np.float32)
     if dead is not None:
         w2[dead] = 0
-    hidden = g.op("Relu", [g.op("MatMul", [x, g.const(w1, "w1")])])  # [experts, tokens, inter]
-    out = g.op("MatMul", [hidden, g.const(w2, "w2")])  # [experts, tokens, hidden]
+    hidden = g.op("Relu", [g.op("MatMul", [x, g.const(w1, f"w1{suffix}")])])  # [experts, tokens, inter]
+    out = g.op("MatMul", [hidden, g.const(w2, f"w2{suffix}")])  # [experts, tokens, hidden]
     weights = g.op("Unsqueeze", [g.op("Transpose", [routing], perm=[1, 0]), g.const(np.array([-1], np.int64))])
-    mixed = g.op("ReduceSum", [g.op("Mul", [out, weights]), g.const(np.array([0], np.int64))], keepdims=0)
-    g.output(g.op("Add", [x, mixed]))
-    return g.build()
+    return g.op("ReduceSum", [g.op("Mul", [out, weights]), g.const(np.array([0], np.int64))], keepdims=0)
 
 
 def outputs(model: onnx.ModelProto, seed: int = 3) -> list[np.ndarray]:
@@ -249,3 +255,15 @@ def test_qmoe_with_separate_mixing_weights_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, ["prune", str(path), "--remove-experts", "1"])
     assert_clean_failure(result, 2, tmp_path, path, digest)
     assert "QMoE 'moe'" in result.output and "mixing weights" in result.output
+
+
+def test_decomposed_layers_are_told_apart_by_their_residual_add(tmp_path):
+    hard, soft = removed_and_masked(dense_dispatch_model(layers=2), remove_experts=1)
+    assert hard.report.experts["experts_after"] == [EXPERTS - 1] * 2
+    assert initializer(hard.model, "w1").shape[0] == initializer(hard.model, "w11").shape[0] == EXPERTS - 1
+    for a, b in zip(outputs(hard.model), outputs(soft.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    path, digest = save(dense_dispatch_model(layers=2, residual=False), tmp_path)
+    result = CliRunner().invoke(main, ["prune", str(path), "--remove-experts", "1"])
+    assert_clean_failure(result, 2, tmp_path, path, digest)
+    assert "cannot be told apart" in result.output

@@ -72,7 +72,23 @@ def expert_layers(graph: ModelGraph) -> tuple[list[ExpertLayer], list[str]]:
             found.append(layer)
         else:
             refused.append(f"{node.op_type} '{node.name}': {why}")
-    return found, refused
+    return _apart(found, refused)
+
+
+def _apart(found: list[ExpertLayer], refused: list[str]) -> tuple[list[ExpertLayer], list[str]]:
+    """The layers whose experts are their own: a decomposed layer with no residual Add to close it
+    reaches the next layer's weights, which two layers then both claim."""
+    claims: dict[str, int] = {}
+    for layer in found:
+        for name in {*layer.stacked, layer.router.weight}:
+            claims[name] = claims.get(name, 0) + 1
+    apart = []
+    for layer in found:
+        if any(claims[name] > 1 for name in layer.stacked):
+            refused.append(f"'{layer.name}': its experts cannot be told apart from another layer's")
+        else:
+            apart.append(layer)
+    return apart, refused
 
 
 def _router(graph: ModelGraph, routed: str) -> tuple[Router | None, list[tuple[str, int]], str | None]:
