@@ -48,7 +48,7 @@ class ExpertRemoval:
 
 def experts_to_remove(count: float, experts: int, layer: str) -> int:
     """How many of a layer's ``experts`` ``count`` (a whole number, or a fraction in (0, 1)) means."""
-    removed = int(round(count * experts)) if count < 1 else int(count)
+    removed = int(count * experts + 0.5) if count < 1 else int(count)  # halves round up, not to even
     if removed >= experts:
         raise UsageError(f"--remove-experts {count:g}: layer '{layer}' has {experts} experts; at least one must stay")
     return removed

@@ -242,6 +242,8 @@ def build_report(pruned: PrunedModel) -> PruneReport:
     }
     if plan.options.ratios:  # only when given: reports of runs without them stay as they were
         options["ratios"] = dict(plan.options.ratios)
+    if plan.options.remove_experts:
+        options["remove_experts"] = plan.options.remove_experts
     return PruneReport(
         model=model.name,
         options=options,
