@@ -62,7 +62,7 @@ class _Edit:
 
     def new_input(self, node_name: str, slot: int, value: np.ndarray, suffix: str) -> None:
         node = self.nodes[node_name]
-        name = f"{node.input[slot]}/{suffix}"
+        name = f"{node.input[slot] or node_name}/{suffix}"
         made = {t.name: t for t in self.added}
         if name in made and np.array_equal(numpy_helper.to_array(made[name]), value):
             node.input[slot] = name  # several layers shared the old constant: they share the new one
