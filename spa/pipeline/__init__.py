@@ -19,10 +19,11 @@ from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
 from spa.pipeline.analyzed import AnalyzedModel, analyze
+from spa.pipeline.depth import remove_depth
 from spa.pipeline.options import CLI_RUN, AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PlannedGroup, PrunePlan
 from spa.pipeline.pruned import PrunedModel
-from spa.pipeline.reports import Timer
+from spa.pipeline.reports import Timer, count_model
 from spa.pipeline.scored import ScoredModel, score
 from spa.pipeline.usage import check_calibration_path, check_patterns
 
@@ -59,6 +60,12 @@ def prune_model(
     timer = Timer()
     model = load(source, progress)
     check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
+    depth = None
+    if planning.remove_blocks is not None:  # whole blocks first: the width stages prune what is left
+        sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
+        before = count_model(model, model.proto, sizes, groups.registry)
+        model, depth = remove_depth(model, planning, scoring, run, cutting.soft, progress)
+        depth.params_before, depth.flops_before = before.params, before.flops
     # the model runs at the sizes asked for and those that follow them: each must fit
     check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
     analyzed = analyze(model, groups, progress, timer=timer)
@@ -67,6 +74,7 @@ def prune_model(
     statistics = (scoring.data_aware or cutting.compensates(scoring)) and removes
     scored = score(analyzed, scoring, run, statistics, progress, timer)
     pruned = scored.plan(options=planning, progress=progress).apply(options=cutting, progress=progress)
+    pruned.depth = depth
     if run.check:
         pruned.validate(run, progress)
     return pruned

@@ -16,6 +16,7 @@ from spa.core.runlimit import RUN_TIMEOUT, checked_timeout
 from spa.formats.calib_reader import CalibrationReader, is_reader
 from spa.ops.registry import DEFAULT, Registry
 from spa.planning.search import Target
+from spa.scoring.blocks import BLOCK_SCORES
 from spa.scoring.criteria import CRITERIA
 
 # how compensation refits: see ``CutOptions``
@@ -95,9 +96,14 @@ class PlanOptions:
     target_flops: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
+    # whole residual blocks to remove first (depth pruning): a count, or a fraction (below 1) of
+    # the removable ones; ``block_score`` ranks them, the lowest going (``spa.scoring.blocks``)
+    remove_blocks: float | None = None
+    block_score: str = "influence"
 
     def __post_init__(self) -> None:
         check_ratio("--ratio", self.ratio)
+        check_blocks(self.remove_blocks, self.block_score)
         for pattern, ratio in self.ratios.items():
             check_ratio(f"--ratio-for {pattern}", ratio)
         if self.ratios and self.global_rank:
@@ -120,6 +126,17 @@ class PlanOptions:
         if len(given) > 1:
             raise UsageError("give one target at a time (--target-flops, --target-params or --target-latency)")
         return given[0] if given else None
+
+
+def check_blocks(remove_blocks: float | None, block_score: str) -> None:
+    if block_score not in BLOCK_SCORES:
+        raise UsageError(f"unknown block score '{block_score}' (choose from {', '.join(BLOCK_SCORES)})")
+    if remove_blocks is None:
+        return
+    if not remove_blocks > 0 or (remove_blocks >= 1 and remove_blocks != int(remove_blocks)):
+        raise UsageError(
+            f"--remove-blocks must be a whole number of blocks or a fraction in (0, 1), got {remove_blocks:g}"
+        )
 
 
 def check_ratio(what: str, ratio: float) -> None:

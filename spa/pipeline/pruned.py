@@ -33,6 +33,7 @@ from spa.verify import fidelity
 from spa.verify.validate import Validation
 
 if TYPE_CHECKING:
+    from spa.pipeline.depth import DepthOutcome
     from spa.pipeline.planned import PrunePlan
 
 
@@ -60,6 +61,8 @@ class PrunedModel:
     workdir: ScratchDirectory | None = field(default=None, repr=False)
     validation: Validation = field(default_factory=Validation)  # filled by ``validate()``
     seconds: dict[str, float] = field(default_factory=dict)
+    # the residual blocks removed before the width cut (``remove_blocks``): ``dense`` is what they left
+    depth: DepthOutcome | None = None
 
     @property
     def dense(self) -> Model:
@@ -240,15 +243,17 @@ def build_report(pruned: PrunedModel) -> PruneReport:
     }
     if plan.options.ratios:  # only when given: reports of runs without them stay as they were
         options["ratios"] = dict(plan.options.ratios)
+    if pruned.depth is not None:
+        options["remove_blocks"], options["block_score"] = plan.options.remove_blocks, plan.options.block_score
     return PruneReport(
         model=model.name,
         options=options,
         groups_found=len(analysis.groups),
         groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.units.removed),
-        params_before=analyzed.dense.params,
+        params_before=pruned.depth.params_before if pruned.depth else analyzed.dense.params,
         params_after=pruned.after.params,
-        flops_before=analyzed.dense.flops,
+        flops_before=pruned.depth.flops_before if pruned.depth else analyzed.dense.flops,
         flops_after=pruned.after.flops,
         validation=pruned.validation,
         seconds=pruned.seconds,
@@ -264,6 +269,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         unsized_axes=unsized_axes(model.proto, sizes),
         flops_uncounted=analyzed.dense.uncounted(),
         summary=summarize(pruned, calib_label(score.calib)),
+        depth=pruned.depth.as_dict() if pruned.depth else None,
     )
 
 

@@ -119,6 +119,9 @@ class PruneReport:
     flops_uncounted: dict[str, int] = field(default_factory=dict)  # op type -> nodes of unknown shape (dense)
     # what happened to accuracy and speed, and the input sizes each figure was taken at
     summary: Summary | None = None
+    # depth pruning: the blocks found with their scores, those removed, their checks and fidelity
+    # (``params_before`` and ``flops_before`` are then the model's before the blocks went)
+    depth: dict | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)
