@@ -202,6 +202,7 @@ def removable_blocks(model: Model, block_score: str, calib, samples: int, seed: 
         return listing(found, None)
     feeds = None
     if block_score != "random":
-        feeds, _ = block_feeds(model.proto, calib, samples, seed)
-        feeds = {k: v[:samples] for k, v in feeds.items()}
+        feeds, source = block_feeds(model.proto, calib, samples, seed)
+        if source == "calibration":  # the samples after these measure fidelity
+            feeds = {k: v[:samples] for k, v in feeds.items()}
     return listing(found, score_blocks(model.proto, found.removable, block_score, feeds, seed))
