@@ -105,6 +105,11 @@ class _Graph:
         self.constants = {t.name for t in model.graph.initializer}
         self.outputs = {o.name for o in model.graph.output}
         self.inputs = {i.name for i in model.graph.input} - self.constants
+        self.types = {
+            v.name: v.type.tensor_type.elem_type
+            for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+            if v.type.HasField("tensor_type")
+        }
 
     def weighted(self, node: onnx.NodeProto) -> bool:
         return node.op_type in WEIGHTED and any(i in self.constants for i in node.input[1:])
@@ -152,7 +157,7 @@ def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
     """Every residual block of ``model``'s main graph, removable or with the reason it is not."""
     graph = _Graph(model)
     adds = [a for node in model.graph.node if (a := residual_add(graph, node)) is not None]
-    by_skip = {a.skip: a for a in adds}
+    by_skip = {_uncast(graph, a.skip): a for a in adds}
     after = {a.node: _stream_out(graph, a) for a in adds}
     following = {a.node: by_skip.get(out[0]) if out[0] else None for a in adds for out in [after[a.node]]}
     transformer = any(a.attention for a in adds)
@@ -178,6 +183,33 @@ def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
     return analysis
 
 
+def _uncast(graph: _Graph, tensor: str) -> str:
+    """The tensor before the casts that do not change it (an exporter's norm casts its input to
+    float32, and the residual add then reads that cast)."""
+    node = graph.producer.get(tensor)
+    while node is not None and (node.op_type == "Identity" or _same_type_cast(graph, node)):
+        tensor = node.input[0]
+        node = graph.producer.get(tensor)
+    return tensor
+
+
+def _casts(graph: _Graph, tensor: str) -> list[str]:
+    """The nodes ``_uncast`` looks through above ``tensor``."""
+    names = []
+    node = graph.producer.get(tensor)
+    while node is not None and (node.op_type == "Identity" or _same_type_cast(graph, node)):
+        names.append(node.name)
+        node = graph.producer.get(node.input[0])
+    return names
+
+
+def _same_type_cast(graph: _Graph, node: onnx.NodeProto) -> bool:
+    if node.op_type != "Cast":
+        return False
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    return to is not None and graph.types.get(node.input[0]) == to
+
+
 def _stream_out(graph: _Graph, add: ResidualAdd) -> tuple[str, str | None]:
     """The stream tensor after ``add`` and the Relu it passes through on the way, if any."""
     if not add.total:
@@ -192,7 +224,8 @@ def _block(
     graph: _Graph, adds: list[ResidualAdd], out: tuple[str, str | None], index: int, transformer: bool, past: set[str]
 ) -> Block:
     exit, (output, post) = adds[-1], out
-    nodes = frozenset().union(*(a.branch_nodes for a in adds), (a.node for a in adds[:-1]))
+    casts = [n for a in adds[1:] for n in _casts(graph, a.skip)]  # between one add and the next
+    nodes = frozenset().union(*(a.branch_nodes for a in adds), (a.node for a in adds[:-1]), casts)
     reads = {i for n in nodes for i in graph.nodes[n].input}
     cache = tuple(sorted(reads & past))
     names = sorted(nodes) or [exit.node]
@@ -227,7 +260,8 @@ def _refusal(
         if any(o for o in norm.output[1:3]) and any(graph.consumers.get(o) for o in norm.output[1:3] if o):
             return f"{exit.node} writes statistics another op reads"
     for name in cache:
-        if any(c.name not in nodes for c in graph.consumers.get(name, [])):
+        # a Shape outside (Optimum reads the past length there) reads another layer's cache instead
+        if any(c.name not in nodes and c.op_type != "Shape" for c in graph.consumers.get(name, [])):
             return f"its cache input {name} is read outside it"
     return None
 

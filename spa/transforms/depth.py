@@ -50,6 +50,8 @@ def remove_blocks(model: onnx.ModelProto, blocks: Iterable[Block], soft: bool = 
             alias[block.output] = block.input
     _keep(out.graph.node, lambda n: n.name not in gone)
     _rewire(out.graph, alias)
+    _drop_dead(out.graph)
+    _reread_shapes(out.graph, {name for b in blocks for name in b.cache})
     _drop_cache(out.graph, {name for b in blocks for name in b.cache})
     _drop_dead(out.graph)
     _renumber_cache(out.graph)
@@ -86,6 +88,20 @@ def _rewire(graph: onnx.GraphProto, alias: dict[str, str]) -> None:
         node.input[:] = [_resolved(alias, name) if name else name for name in node.input]
     for name in sorted(set(alias) & outputs):  # a graph output keeps its name: an Identity writes it
         graph.node.append(helper.make_node("Identity", [_resolved(alias, name)], [name], name=f"{name}/removed_block"))
+
+
+def _reread_shapes(graph: onnx.GraphProto, past: set[str]) -> None:
+    """What still reads a removed cache input reads only its shape (``find_blocks`` allows no other
+    reader): the same cache of a kept layer has the same shape."""
+    kept = [i.name for i in graph.input if i.name not in past]
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in past:
+                pattern = re.sub(r"\d+", r"\\d+", re.escape(name), count=1)
+                twin = next((other for other in kept if re.fullmatch(pattern, other)), None)
+                if twin is None:
+                    raise ValueError(f"no kept layer's cache can stand in for {name}")
+                node.input[k] = twin
 
 
 def _drop_cache(graph: onnx.GraphProto, past: set[str]) -> None:
