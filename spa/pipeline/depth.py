@@ -100,7 +100,7 @@ def remove_depth(
     removable = found.removable
     count = block_count(plan.remove_blocks, len(removable))
     feeds, source = None, "none"
-    if plan.block_score != "random":
+    if plan.block_score != "random" or scoring.calib is not None:  # calibration data also measures fidelity
         feeds, source = block_feeds(model.proto, scoring.calib, scoring.calib_samples, run_options.seed)
     used = {k: v[: scoring.calib_samples] for k, v in feeds.items()} if feeds is not None else None
     scores = score_blocks(
@@ -111,7 +111,7 @@ def remove_depth(
     masked = remove_blocks(model.proto, chosen, soft=True)
     outcome = DepthOutcome(
         plan.block_score,
-        source,
+        source if plan.block_score != "random" else "none",
         listing(found, scores),
         [{"index": b.index, "name": b.name, "layer": b.layer, "score": scores[b.index]} for b in chosen],
         sorted(b.layer for b in chosen if b.layer is not None),
@@ -121,7 +121,7 @@ def remove_depth(
         outcome.checks = check_removal(model.proto, hard, masked, run_options)
         if outcome.checks["problems"]:
             raise ValidationError("depth-pruned model failed validation: " + "; ".join(outcome.checks["problems"]))
-        if source == "calibration" and feeds is not None:
+        if scoring.calib is not None and feeds is not None:
             outcome.fidelity = measure(model.proto, hard, feeds, scoring.calib_samples, run_options)
     # the file the model came from is no longer it: nothing may read it in its place
     return replace(model.derived(infer_shapes(masked) if soft else hard), path=None), outcome
