@@ -249,3 +249,42 @@ def test_the_genai_export_loses_a_layer_and_generates(tmp_path):
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
+
+
+def test_depth_and_width_share_one_params_target():
+    model = _decoder(quiet=1)
+    report = spa.prune(model, remove_blocks=1, target_params=0.6, round_to=1).report
+    assert report.depth["removed"][0]["layer"] == 1 and report.groups_pruned > 0
+    assert report.params_after <= 0.6 * report.params_before
+    assert 0 < report.depth["width_target"] < 1
+    with pytest.raises(Exception, match="target-latency"):
+        spa.prune(model, remove_blocks=1, target_latency=0.5)
+
+
+def test_a_fused_post_norm_encoder_is_not_removable():
+    """BERT as onnxruntime's optimizer fuses it: SkipLayerNormalization's first output is the stream."""
+    g = Graph()
+    x = g.input("x", [1, 5, 16])
+    gamma, beta = g.const(np.ones(16, np.float32)), g.const(np.zeros(16, np.float32))
+    x = g.op("LayerNormalization", [x, gamma, beta])
+    for _ in range(2):
+        f = g.op("MatMul", [g.op("Relu", [g.op("MatMul", [x, g.weight(16, 32)])]), g.weight(32, 16)])
+        x = g.op("SkipLayerNormalization", [x, f, gamma, beta], domain="com.microsoft")
+    g.output(x)
+    blocks = find_blocks(spa.load(g.build()).proto).blocks
+    assert len(blocks) == 2 and all("post-norm" in (b.reason or "") for b in blocks)
+
+
+def test_optimum_layer_zero_goes_and_its_past_length_is_read_from_a_kept_layer():
+    path = Path.home() / ".cache/spa/llm/llama-optimum-v1/model.onnx"
+    if not path.exists():
+        pytest.skip("the Optimum llama export is not cached (python tools/llm_zoo.py)")
+    model = spa.load(path).proto
+    blocks = find_blocks(model).blocks
+    assert [b.removable for b in blocks] == [True] * 4
+    hard = remove_blocks(model, [blocks[0]])
+    first, second = decoder.rollout(hard, lambda feed: run(hard, feed))
+    assert np.isfinite(second["logits"]).all()
+    assert [i.name for i in hard.graph.input if i.name.endswith(".key")] == [
+        f"past_key_values.{k}.key" for k in range(3)
+    ]

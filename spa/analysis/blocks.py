@@ -292,7 +292,7 @@ def _common_prefix(names: list[str]) -> str:
 def _projection_blocks(graph: _Graph, model: onnx.ModelProto, residual: set[str], start: int) -> list[Block]:
     """Adds of two computed paths from one input, each through a weighted op: ``proj(x) + f(x)``.
     Listed as not removable: without ``f`` the block leaves ``proj(x)``, not ``x``."""
-    found = []
+    found: list[Block] = []
     for node in model.graph.node:
         if node.op_type != "Add" or node.name in residual or len(node.input) != 2:
             continue

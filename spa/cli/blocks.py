@@ -27,3 +27,31 @@ def blocks_text(blocks: list[dict]) -> str:
         state = score if block["removable"] else f"not removable: {block['reason']}"
         lines.append(f"  {block['index']:>3}  {block['kind']:<17}  {block['name']}  {state}")
     return "\n".join(lines)
+
+
+def depth_lines(depth: dict | None) -> list[str]:
+    """What ``spa prune`` prints of the blocks it removed."""
+    if not depth:
+        return []
+    removable = sum(b["removable"] for b in depth["blocks"])
+    scored = "random" if depth["score"] == "random" else f"{depth['score']} on {depth['source']} inputs"
+    names = ", ".join(
+        f"{b['name']} ({b['score']:.3f})" if depth["score"] != "random" else b["name"] for b in depth["removed"]
+    )
+    lines = [f"blocks: {len(depth['removed'])} of {removable} removable removed ({scored}): {names}"]
+    checks = depth.get("checks") or {}
+    if checks.get("soft_max_rel_error") is not None:
+        lines.append(
+            f"        removal == zeroing the blocks (rel. err {checks['soft_max_rel_error']:.1e})"
+            + (", prefill and decode step from its own cache" if checks.get("decode_checked") else "")
+        )
+    if depth.get("width_target") is not None:
+        lines.append(f"        the width cut was asked for {depth['width_target']:.3f} of what the blocks left")
+    for key, what in (("fidelity", "blocks removed"), ("end_to_end", "blocks and channels removed")):
+        measured = depth.get(key) or {}
+        for name, figures in (measured.get("outputs") or {}).items():
+            lines.append(
+                f"        {what}: {name} vs the model as given on {measured['source']}: "
+                f"rel. err {figures['relative_error']:.3f}, cosine {figures['cosine']:.3f}"
+            )
+    return lines

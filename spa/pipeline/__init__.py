@@ -19,11 +19,11 @@ from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
 from spa.pipeline.analyzed import AnalyzedModel, analyze
-from spa.pipeline.depth import remove_depth
+from spa.pipeline.depth import depth_first, measure
 from spa.pipeline.options import CLI_RUN, AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PlannedGroup, PrunePlan
 from spa.pipeline.pruned import PrunedModel
-from spa.pipeline.reports import Timer, count_model
+from spa.pipeline.reports import Timer
 from spa.pipeline.scored import ScoredModel, score
 from spa.pipeline.usage import check_calibration_path, check_patterns
 
@@ -62,10 +62,8 @@ def prune_model(
     check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
     depth = None
     if planning.remove_blocks is not None:  # whole blocks first: the width stages prune what is left
-        sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
-        before = count_model(model, model.proto, sizes, groups.registry)
-        model, depth = remove_depth(model, planning, scoring, run, cutting.soft, progress)
-        depth.params_before, depth.flops_before = before.params, before.flops
+        given = model
+        model, planning, depth = depth_first(model, groups, planning, scoring, cutting.soft, run, progress)
     # the model runs at the sizes asked for and those that follow them: each must fit
     check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
     analyzed = analyze(model, groups, progress, timer=timer)
@@ -77,4 +75,9 @@ def prune_model(
     pruned.depth = depth
     if run.check:
         pruned.validate(run, progress)
+        if depth is not None and pruned.plan.units.removed and scored.calibration and not cutting.soft:
+            # the width stages measured against what the blocks left: this is against the model as given
+            depth.end_to_end = measure(
+                given.proto, pruned.hard.as_input_format, scored.calibration, scoring.calib_samples, run
+            )
     return pruned

@@ -19,11 +19,12 @@ import onnx
 from spa.analysis.blocks import BlockAnalysis, find_blocks
 from spa.core import decoder
 from spa.core.errors import UsageError, ValidationError
-from spa.core.runtime import batches, outputs_of, run, sample_inputs, session
+from spa.core.runtime import batches, complete_sizes, outputs_of, run, sample_inputs, session
 from spa.formats.checker import checker_complaint
 from spa.formats.model import Model, Progress, say
 from spa.formats.shapes import infer_shapes
-from spa.pipeline.options import PlanOptions, RunOptions, ScoreOptions
+from spa.pipeline.options import AnalyzeOptions, PlanOptions, RunOptions, ScoreOptions
+from spa.pipeline.reports import count_model
 from spa.scoring.blocks import score_blocks
 from spa.scoring.statistics import load_calibration, synthetic_feeds
 from spa.transforms.depth import remove_blocks
@@ -48,6 +49,10 @@ class DepthOutcome:
     fidelity: dict | None = None  # dense vs depth-pruned on held-out calibration samples
     params_before: int = 0  # of the model before the blocks went
     flops_before: int = 0
+    # with a width cut too: the final model against the one given, on the same held-out samples
+    end_to_end: dict | None = None
+    # with a FLOPs or params target: the fraction of the depth-pruned model the width cut was asked for
+    width_target: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +132,43 @@ def remove_depth(
     return replace(model.derived(infer_shapes(masked) if soft else hard), path=None), outcome
 
 
+def depth_first(
+    model: Model,
+    groups: AnalyzeOptions,
+    planning: PlanOptions,
+    scoring: ScoreOptions,
+    soft: bool,
+    run_options: RunOptions,
+    progress: Progress | None = None,
+) -> tuple[Model, PlanOptions, DepthOutcome]:
+    """The blocks removed, and the plan options the width stages then take: a FLOPs or params
+    target is of the model as given, so the width cut is asked for what is left of it."""
+    sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
+    before = count_model(model, model.proto, sizes, groups.registry)
+    model, depth = remove_depth(model, planning, scoring, run_options, soft, progress)
+    depth.params_before, depth.flops_before = before.params, before.flops
+    if planning.target is not None:
+        left = count_model(model, model.proto, sizes, groups.registry)
+        metric = planning.target.metric
+        figures = (before.flops, left.flops) if metric == "flops" else (before.params, left.params)
+        planning, depth.width_target = width_target(planning, *figures)
+    return model, planning, depth
+
+
+def width_target(planning: PlanOptions, before: int, after: int) -> tuple[PlanOptions, float | None]:
+    """A FLOPs or params target is a fraction of the model before the blocks went: the width cut
+    is asked for what is left of it, as a fraction of the model the blocks left (none where the
+    blocks alone met it). Returns the plan options and that fraction."""
+    target = planning.target
+    if target is None or after <= 0:
+        return planning, None
+    fraction = target.fraction * before / after
+    left: float | None = fraction if fraction < 1 else None
+    flops, params = (left, None) if target.metric == "flops" else (None, left)
+    ratio = planning.ratio if left is not None else 0.0
+    return replace(planning, ratio=ratio, target_flops=flops, target_params=params), min(fraction, 1.0)
+
+
 def check_removal(dense: onnx.ModelProto, hard: onnx.ModelProto, masked: onnx.ModelProto, options: RunOptions) -> dict:
     """Checker, a finite run, a decode step from the model's own cache, removal == masking."""
     problems: list[str] = []
@@ -136,12 +178,14 @@ def check_removal(dense: onnx.ModelProto, hard: onnx.ModelProto, masked: onnx.Mo
     seed, custom_ops = options.seed, tuple(options.custom_ops)
     checks: dict = {"checker": complaint or "ok", "runs": False, "decode_checked": False, "soft_max_rel_error": None}
     try:
-        if decoder.layout(hard) is not None:
-            hard_out, masked_out = (decode.steps(m, seed, custom_ops) for m in (hard, masked))
+        hard_out: list[dict[str, np.ndarray]]
+        masked_out: list[dict[str, np.ndarray]]
+        if decoder.layout(hard) is not None:  # a prefill, then a decode step fed its own cache
+            hard_out, masked_out = (list(decode.steps(m, seed, custom_ops)) for m in (hard, masked))
             checks["decode_checked"] = True
         else:
             feed = sample_inputs(hard, seed)
-            hard_out, masked_out = ((run(m, feed, custom_ops),) for m in (hard, masked))
+            hard_out, masked_out = ([run(m, feed, custom_ops)] for m in (hard, masked))
         checks["runs"] = True
     except Exception as exc:  # the model spa wrote does not run: a failed validation, not bad input
         problems.append(f"the depth-pruned model does not run: {str(exc).splitlines()[0]}")

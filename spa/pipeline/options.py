@@ -104,6 +104,11 @@ class PlanOptions:
     def __post_init__(self) -> None:
         check_ratio("--ratio", self.ratio)
         check_blocks(self.remove_blocks, self.block_score)
+        if self.remove_blocks is not None and self.target_latency is not None:
+            raise UsageError(
+                "--remove-blocks with --target-latency: the latency left after the blocks go is not known "
+                "before it is timed; give --target-flops or --target-params"
+            )
         for pattern, ratio in self.ratios.items():
             check_ratio(f"--ratio-for {pattern}", ratio)
         if self.ratios and self.global_rank:
