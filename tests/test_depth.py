@@ -228,6 +228,10 @@ def _zoo_genai() -> Path:
 def test_the_genai_export_loses_a_layer_and_generates(tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     source = _zoo_genai()
+    # a block is a whole layer: the fused skip norm that ends it also holds the MLP's residual add
+    blocks = find_blocks(spa.load(source).proto).blocks
+    assert [b.layer for b in blocks] == [0, 1, 2, 3]
+    assert all(any("/mlp/" in n for n in b.nodes) and any("/attn/" in n for n in b.nodes) for b in blocks)
     done = CliRunner().invoke(
         main, ["prune", str(source), "--remove-blocks", "1", "--no-bench", "-o", str(tmp_path / "model.onnx")]
     )
