@@ -1,11 +1,12 @@
 """Block Influence against random block removal: how far the outputs move, on held-out samples.
 
-    python tools/depth_fidelity.py MODEL.onnx [--blocks 1 2] [--seeds 5] [--calib FILE.npz]
+    python tools/depth_fidelity.py MODEL.onnx [--blocks 1 2] [--seeds 5] [--calib FILE.npz] [--test FILE.npz]
 
 Without --calib, token-id prompts are drawn over the vocabulary (seeded) and saved to a scratch
 .npz: the first half feed the scores, the second half measure. Prints, per number of blocks
 removed, the relative error and mean cosine of each non-cache output (logits) for Block
-Influence, l2, and the mean and worst of ``--seeds`` random removals.
+Influence, l2, and the mean and worst of ``--seeds`` random removals. ``--test`` (an .npz of
+the model's input and ``label``) adds the top-1 accuracy of each pruned model on it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnx
 
 import spa
 from spa.core import decoder
+from spa.core.runtime import run
 
 
 def _prompts(model: Path, samples: int, tokens: int, folder: Path) -> Path:
@@ -31,13 +33,22 @@ def _prompts(model: Path, samples: int, tokens: int, folder: Path) -> Path:
     return path
 
 
-def _figures(model: Path, calib: Path, used: int, blocks: int, score: str, seed: int) -> tuple[float, float, list]:
-    depth = spa.prune(
-        model, remove_blocks=blocks, block_score=score, seed=seed, calib=calib, calib_samples=used
-    ).report.depth
+def _figures(model: Path, calib: Path, used: int, blocks: int, score: str, seed: int, test) -> tuple:
+    result = spa.prune(model, remove_blocks=blocks, block_score=score, seed=seed, calib=calib, calib_samples=used)
+    depth = result.report.depth
     outputs = depth["fidelity"]["outputs"]
     name = "logits" if "logits" in outputs else next(iter(outputs))
-    return outputs[name]["relative_error"], outputs[name]["cosine"], [b["layer"] for b in depth["removed"]]
+    removed = [b["layer"] if b["layer"] is not None else b["name"] for b in depth["removed"]]
+    return outputs[name]["relative_error"], outputs[name]["cosine"], removed, _accuracy(result.model, test)
+
+
+def _accuracy(model: onnx.ModelProto, test) -> float | None:
+    if test is None:
+        return None
+    data = dict(np.load(test))
+    labels = data.pop("label")
+    scores = run(model, data)
+    return float(np.mean(next(iter(scores.values())).argmax(-1) == labels))
 
 
 def main() -> None:
@@ -46,6 +57,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=Path)
+    parser.add_argument("--test", type=Path, help="an .npz of the model's input and 'label': top-1 accuracy")
     parser.add_argument(
         "--samples", type=int, default=64, help="prompts made up without --calib (half score, half measure)"
     )
@@ -54,16 +66,28 @@ def main() -> None:
         calib = args.calib or _prompts(args.model, args.samples, 16, Path(scratch))
         used = args.samples // 2
         print(f"{args.model}: relative error / mean cosine of the logits on held-out samples")
+        if args.test:
+            print(f"  dense accuracy {_accuracy(onnx.load(str(args.model)), args.test):.4f}")
         for blocks in args.blocks:
             for score in ("influence", "l2"):
-                error, cosine, removed = _figures(args.model, calib, used, blocks, score, 0)
-                print(f"  {blocks} block(s)  {score:<9}  {error:.4f} / {cosine:.4f}  layers {removed}")
-            randoms = [_figures(args.model, calib, used, blocks, "random", seed) for seed in range(args.seeds)]
+                error, cosine, removed, accuracy = _figures(args.model, calib, used, blocks, score, 0, args.test)
+                print(
+                    f"  {blocks} block(s)  {score:<9}  {error:.4f} / {cosine:.4f}{_shown(accuracy)}  removed {removed}"
+                )
+            randoms = [
+                _figures(args.model, calib, used, blocks, "random", seed, args.test) for seed in range(args.seeds)
+            ]
             errors = [r[0] for r in randoms]
+            accuracies = [r[3] for r in randoms if r[3] is not None]
             print(
-                f"  {blocks} block(s)  random     mean {np.mean(errors):.4f} / {np.mean([r[1] for r in randoms]):.4f}, "
-                f"worst {max(errors):.4f}, layers {[r[2] for r in randoms]}"
+                f"  {blocks} block(s)  random     mean {np.mean(errors):.4f} / {np.mean([r[1] for r in randoms]):.4f}"
+                f"{_shown(float(np.mean(accuracies)) if accuracies else None)}, worst {max(errors):.4f}, "
+                f"removed {[r[2] for r in randoms]}"
             )
+
+
+def _shown(accuracy: float | None) -> str:
+    return f", accuracy {accuracy:.4f}" if accuracy is not None else ""
 
 
 if __name__ == "__main__":

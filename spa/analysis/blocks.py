@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -180,6 +180,9 @@ def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
         block = _block(graph, group, after[group[-1].node], len(analysis.blocks), transformer, past)
         analysis.blocks.append(block)
     analysis.blocks += _projection_blocks(graph, model, {a.node for a in adds}, len(analysis.blocks))
+    # numbered in graph order, as people read the model
+    ordered = sorted(analysis.blocks, key=lambda b: graph.order[b.exit.node] if b.adds else graph.order[b.name])
+    analysis.blocks = [replace(b, index=k) for k, b in enumerate(ordered)]
     return analysis
 
 
@@ -229,7 +232,7 @@ def _block(
     reads = {i for n in nodes for i in graph.nodes[n].input}
     cache = tuple(sorted(reads & past))
     names = sorted(nodes) or [exit.node]
-    prefix = _common_prefix(names)
+    prefix = _common_prefix(names) or exit.node
     kind = "transformer layer" if transformer and adds[0].attention else "residual block"
     reason = _refusal(graph, adds, nodes, post, cache)
     return Block(index, prefix, kind, adds[0].skip, output, tuple(adds), post, nodes, cache, reason)
