@@ -242,7 +242,7 @@ def _refusal(
     graph: _Graph, adds: list[ResidualAdd], nodes: frozenset[str], post: str | None, cache: tuple[str, ...]
 ) -> str | None:
     exit = adds[-1]
-    if all(_normalized(graph, a.skip) for a in adds):
+    if all(_normalized(graph, a.skip) for a in adds) or _normalizes_stream(graph, exit):
         return (
             "post-norm: the residual sum goes through a normalization, so without the block the "
             "output would be Norm(x), not x"
@@ -267,6 +267,19 @@ def _refusal(
         if any(c.name not in nodes and c.op_type != "Shape" for c in graph.consumers.get(name, [])):
             return f"its cache input {name} is read outside it"
     return None
+
+
+def _normalizes_stream(graph: _Graph, add: ResidualAdd) -> bool:
+    """The sum, normalized, is the skip of another residual add (post-norm, whatever the input)."""
+    node = graph.nodes[add.node]
+    normed = [node.output[0]] if add.fused else []
+    readers = graph.consumers.get(add.total, []) if add.total else []
+    normed += [r.output[0] for r in readers if r.op_type in NORMS]
+    return any(_skip_of_residual(graph, t) for t in normed)
+
+
+def _skip_of_residual(graph: _Graph, tensor: str) -> bool:
+    return any((a := residual_add(graph, c)) is not None and a.skip == tensor for c in graph.consumers.get(tensor, []))
 
 
 def _normalized(graph: _Graph, tensor: str) -> bool:
