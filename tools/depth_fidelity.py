@@ -6,7 +6,9 @@ Without --calib, token-id prompts are drawn over the vocabulary (seeded) and sav
 .npz: the first half feed the scores, the second half measure. Prints, per number of blocks
 removed, the relative error and mean cosine of each non-cache output (logits) for Block
 Influence, l2, and the mean and worst of ``--seeds`` random removals. ``--test`` (an .npz of
-the model's input and ``label``) adds the top-1 accuracy of each pruned model on it.
+the model's input and ``label``) adds the top-1 accuracy of each pruned model on it;
+``--heldout`` (a flat stream of token ids, .npy) adds the perplexity of each pruned decoder on
+``--windows`` windows of ``--length`` tokens, each fed as a prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnx
 
 import spa
 from spa.core import decoder
-from spa.core.runtime import run
+from spa.core.runtime import batches, outputs_of, run, session
 
 
 def _prompts(model: Path, samples: int, tokens: int, folder: Path) -> Path:
@@ -42,9 +44,23 @@ def _figures(model: Path, calib: Path, used: int, blocks: int, score: str, seed:
     return outputs[name]["relative_error"], outputs[name]["cosine"], removed, _accuracy(result.model, test)
 
 
+def _perplexity(model: onnx.ModelProto, windows: np.ndarray) -> float:
+    sess = session(model)
+    losses = []
+    for feed in batches(model, {"input_ids": windows}, batch=4):
+        logits = outputs_of(sess, feed)["logits"].astype(np.float64)
+        ids = feed["input_ids"]
+        shifted = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        losses.append(-np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0])
+    return float(np.exp(np.mean(np.concatenate(losses))))
+
+
 def _accuracy(model: onnx.ModelProto, test) -> float | None:
     if test is None:
         return None
+    if isinstance(test, np.ndarray):  # held-out token windows: perplexity
+        return _perplexity(model, test)
     data = dict(np.load(test))
     labels = data.pop("label")
     scores = run(model, data)
@@ -58,16 +74,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=Path)
     parser.add_argument("--test", type=Path, help="an .npz of the model's input and 'label': top-1 accuracy")
+    parser.add_argument("--heldout", type=Path, help="a flat stream of token ids (.npy): perplexity")
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=32)
     parser.add_argument(
         "--samples", type=int, default=64, help="prompts made up without --calib (half score, half measure)"
     )
     args = parser.parse_args()
+    if args.heldout:
+        stream = np.load(args.heldout).astype(np.int64)
+        count = min(args.windows, len(stream) // args.length)
+        args.test = stream[: count * args.length].reshape(count, args.length)
     with tempfile.TemporaryDirectory() as scratch:
         calib = args.calib or _prompts(args.model, args.samples, 16, Path(scratch))
         used = args.samples // 2
         print(f"{args.model}: relative error / mean cosine of the logits on held-out samples")
-        if args.test:
-            print(f"  dense accuracy {_accuracy(onnx.load(str(args.model)), args.test):.4f}")
+        if args.test is not None:
+            measure = "perplexity" if args.heldout else "accuracy"
+            print(f"  dense {measure} {_accuracy(onnx.load(str(args.model)), args.test):.4f}")
         for blocks in args.blocks:
             for score in ("influence", "l2"):
                 error, cosine, removed, accuracy = _figures(args.model, calib, used, blocks, score, 0, args.test)
@@ -87,7 +111,7 @@ def main() -> None:
 
 
 def _shown(accuracy: float | None) -> str:
-    return f", accuracy {accuracy:.4f}" if accuracy is not None else ""
+    return f", accuracy or perplexity {accuracy:.4f}" if accuracy is not None else ""
 
 
 if __name__ == "__main__":
