@@ -203,7 +203,14 @@ def test_the_cli_removes_blocks_and_reports_them(tmp_path):
     path = tmp_path / "decoder.onnx"
     onnx.save(_decoder(quiet=0), path)
     (tmp_path / "config.json").write_text(
-        json.dumps({"num_hidden_layers": 3, "layer_types": ["full", "sliding", "full"], "hidden_size": HIDDEN})
+        json.dumps(
+            {
+                "num_hidden_layers": 3,
+                "layer_types": ["full", "sliding", "full"],
+                "max_window_layers": 2,
+                "hidden_size": HIDDEN,
+            }
+        )
     )
     out = tmp_path / "out" / "decoder.onnx"
     out.parent.mkdir()
@@ -216,6 +223,7 @@ def test_the_cli_removes_blocks_and_reports_them(tmp_path):
     assert report["options"]["remove_blocks"] == 1 and report["groups_pruned"] == 0  # depth alone: --ratio 0
     config = json.loads((out.parent / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["layer_types"] == ["sliding", "full"]
+    assert config["max_window_layers"] == 1 and config["hidden_size"] == HIDDEN
 
 
 def _zoo_genai() -> Path:
@@ -322,3 +330,32 @@ def test_an_encoders_last_layer_goes_and_its_output_keeps_its_name():
     )
     result = spa.prune(_encoder(), remove_blocks=1, ratio=0.3, soft=True)
     assert result.report.validation.ok and len(result.model.graph.output) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--remove-blocks", "3"], "only 2 removable"),
+        (["--remove-blocks", "1.5"], "whole number"),
+        (["--remove-blocks", "0"], "whole number"),
+        (["--remove-blocks", "1", "--target-latency", "0.5"], "target-latency"),
+    ],
+)
+def test_bad_block_counts_fail_cleanly_and_write_nothing(tmp_path, flags, message):
+    from test_bad_input import assert_clean_failure, save
+
+    path, digest = save(_resnet(), tmp_path)
+    done = CliRunner().invoke(main, ["prune", str(path), "--no-bench", *flags])
+    assert_clean_failure(done, 2, tmp_path, path, digest)
+    assert message in done.output
+
+
+def test_a_model_without_residual_blocks_is_refused_with_the_reason(tmp_path):
+    from test_bad_input import assert_clean_failure, save
+
+    g = Graph()
+    g.output(g.op("Relu", [g.conv(g.input("x", [1, 3, 4, 4]), 3, 4)]))
+    path, digest = save(g.build(), tmp_path)
+    done = CliRunner().invoke(main, ["prune", str(path), "--no-bench", "--remove-blocks", "1"])
+    assert_clean_failure(done, 2, tmp_path, path, digest)
+    assert "no removable residual block" in done.output

@@ -102,6 +102,9 @@ def drop_layers(config: dict, removed: Sequence[int]) -> dict:
     for key, value in config.items():
         if isinstance(value, list) and len(value) == layers and key != "num_hidden_layers":
             applied[key] = [v for k, v in enumerate(value) if k not in gone]
+    # Qwen2: the layers below this number use the sliding window; those removed below it lower it
+    if isinstance(config.get("max_window_layers"), int):
+        applied["max_window_layers"] = config["max_window_layers"] - sum(k < config["max_window_layers"] for k in gone)
     config.update(applied)
     return applied
 
