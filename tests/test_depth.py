@@ -359,3 +359,14 @@ def test_a_model_without_residual_blocks_is_refused_with_the_reason(tmp_path):
     done = CliRunner().invoke(main, ["prune", str(path), "--no-bench", "--remove-blocks", "1"])
     assert_clean_failure(done, 2, tmp_path, path, digest)
     assert "no removable residual block" in done.output
+
+
+def test_blocks_removed_are_written_even_where_no_channel_group_is_prunable(tmp_path):
+    path = tmp_path / "resnet.onnx"
+    onnx.save(_resnet(), path)
+    out = tmp_path / "out.onnx"
+    done = CliRunner().invoke(
+        main, ["prune", str(path), "--remove-blocks", "1", "--exclude", "*", "--no-bench", "-o", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    assert sum(n.op_type == "Add" for n in onnx.load(str(out)).graph.node) == 2

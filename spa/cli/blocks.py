@@ -11,12 +11,14 @@ from spa.pipeline.depth import removable_blocks
 
 def listed_blocks(path: Path, block_score: str, seed: int) -> list[dict]:
     model = load(path)
-    try:
-        return removable_blocks(model, block_score, None, 0, seed)
-    except RunTimeout:
-        raise
-    except Exception:  # a model onnxruntime cannot run is still listed, unscored
-        return [{**block, "score": None} for block in removable_blocks(model, "random", None, 0, seed)]
+    if not model.lazy:  # weights too large to hold are not run: their blocks are listed unscored
+        try:
+            return removable_blocks(model, block_score, None, 0, seed)
+        except RunTimeout:
+            raise
+        except Exception:  # a model onnxruntime cannot run is still listed, unscored
+            pass
+    return [{**block, "score": None} for block in removable_blocks(model, "random", None, 0, seed)]
 
 
 def blocks_text(blocks: list[dict]) -> str:

@@ -324,7 +324,7 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
             )
         result = result_of(pruned)
         report = result.report.as_dict()
-        nothing = result.report.groups_prunable == 0 and not write_unchanged
+        nothing = result.report.groups_prunable == 0 and not result.report.depth and not write_unchanged
         checks = []
         if not nothing:
             stages("save")
