@@ -370,3 +370,31 @@ def test_blocks_removed_are_written_even_where_no_channel_group_is_prunable(tmp_
     )
     assert done.exit_code == 0, done.output
     assert sum(n.op_type == "Add" for n in onnx.load(str(out)).graph.node) == 2
+
+
+@pytest.fixture(scope="module")
+def attention_model():
+    import zoo
+    from conftest import zoo_dir
+
+    pytest.importorskip("transformers")
+    return lambda name, exporter: zoo.export_attention(name, exporter, zoo_dir())
+
+
+@pytest.mark.parametrize(
+    "name, exporter", [("tiny_llama_gqa", "legacy"), ("tiny_llama_gqa", "dynamo"), ("tiny_vit", "dynamo")]
+)
+def test_torch_exports_of_pre_norm_transformers_lose_a_layer(attention_model, name, exporter):
+    """TorchScript and dynamo exports: the mask added to the scores (broadcast over the heads) is no
+    residual stream, however much of the graph it depends on."""
+    path = attention_model(name, exporter)
+    blocks = find_blocks(spa.load(path).proto).blocks
+    assert [b.kind for b in blocks] == ["transformer layer"] * 2 and all(b.removable for b in blocks)
+    result = spa.prune(path, remove_blocks=1)
+    assert result.report.validation.ok and result.report.depth["checks"]["soft_max_rel_error"] <= 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo", "ort"])
+def test_bert_exports_are_post_norm_and_not_removable(attention_model, exporter):
+    blocks = find_blocks(spa.load(attention_model("tiny_bert", exporter)).proto).blocks
+    assert len(blocks) == 2 and all("post-norm" in (b.reason or "") for b in blocks)

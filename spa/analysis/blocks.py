@@ -105,11 +105,25 @@ class _Graph:
         self.constants = {t.name for t in model.graph.initializer}
         self.outputs = {o.name for o in model.graph.output}
         self.inputs = {i.name for i in model.graph.input} - self.constants
-        self.types = {
-            v.name: v.type.tensor_type.elem_type
+        infos = [
+            v
             for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
             if v.type.HasField("tensor_type")
+        ]
+        self.types = {v.name: v.type.tensor_type.elem_type for v in infos}
+        self.shapes = {
+            v.name: [d.dim_value or d.dim_param or None for d in v.type.tensor_type.shape.dim]
+            for v in infos
+            if v.type.tensor_type.HasField("shape")
         }
+
+    def broadcast(self, small: str, total: str) -> bool:
+        """``small`` is known to have another shape than ``total``: added, it was broadcast (an
+        attention mask added to the scores), so it is no residual stream."""
+        a, b = self.shapes.get(small), self.shapes.get(total)
+        if a is None or b is None:
+            return False
+        return len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b))
 
     def weighted(self, node: onnx.NodeProto) -> bool:
         return node.op_type in WEIGHTED and any(i in self.constants for i in node.input[1:])
@@ -146,8 +160,10 @@ def residual_add(graph: _Graph, node: onnx.NodeProto) -> ResidualAdd | None:
     for skip, branch in ((first, second), (second, first)):
         nodes = graph.branch(skip, branch)
         producer = graph.producer.get(branch)
+        total = (node.output[3] if len(node.output) > 3 else "") if fused else node.output[0]
+        if graph.broadcast(skip, total or node.output[0]):
+            continue
         if producer is not None and producer.name in nodes and any(graph.weighted(graph.nodes[n]) for n in nodes):
-            total = (node.output[3] if len(node.output) > 3 else "") if fused else node.output[0]
             attention = any(graph.nodes[n].op_type in ATTENTION for n in nodes)
             return ResidualAdd(node.name, skip, branch, total, fused, attention, nodes)
     return None
@@ -159,7 +175,7 @@ def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
     adds = [a for node in model.graph.node if (a := residual_add(graph, node)) is not None]
     by_skip = {_uncast(graph, a.skip): a for a in adds}
     after = {a.node: _stream_out(graph, a) for a in adds}
-    following = {a.node: by_skip.get(out[0]) if out[0] else None for a in adds for out in [after[a.node]]}
+    following = {a.node: by_skip.get(_link(graph, a, after[a.node][0], by_skip)) for a in adds}
     transformer = any(a.attention for a in adds)
     groups: list[list[ResidualAdd]] = []
     grouped: dict[str, list[ResidualAdd]] = {}
@@ -184,6 +200,18 @@ def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
     ordered = sorted(analysis.blocks, key=lambda b: graph.order[b.exit.node] if b.adds else graph.order[b.name])
     analysis.blocks = [replace(b, index=k) for k, b in enumerate(ordered)]
     return analysis
+
+
+def _link(graph: _Graph, add: ResidualAdd, out: str, skips: dict) -> str:
+    """The tensor the next add of the stream reads as its skip: ``out``, or in a post-norm stack the
+    norm of it (``find_blocks`` then pairs a layer's adds, and refuses them as post-norm)."""
+    candidates = [out]
+    if add.fused:
+        candidates.append(graph.nodes[add.node].output[0])
+    readers = graph.consumers.get(out, []) if out else []
+    if len(readers) == 1 and readers[0].op_type in NORMS - set(FUSED_NORMS):
+        candidates.append(readers[0].output[0])
+    return next((c for c in candidates if c and c in skips), "")
 
 
 def _uncast(graph: _Graph, tensor: str) -> str:
