@@ -398,3 +398,12 @@ def test_torch_exports_of_pre_norm_transformers_lose_a_layer(attention_model, na
 def test_bert_exports_are_post_norm_and_not_removable(attention_model, exporter):
     blocks = find_blocks(spa.load(attention_model("tiny_bert", exporter)).proto).blocks
     assert len(blocks) == 2 and all("post-norm" in (b.reason or "") for b in blocks)
+
+
+def test_two_reads_of_one_projection_are_no_projection_shortcut():
+    """GELU's tanh form adds x and 0.044715 x^3 of one projection x: not two computed paths."""
+    g = Graph()
+    x = g.op("MatMul", [g.input("x", [1, 4, 8]), g.weight(8, 8)])
+    cubed = g.op("Mul", [g.const(np.float32(0.044715)), g.op("Pow", [x, g.const(np.float32(3))])])
+    g.output(g.op("MatMul", [g.op("Tanh", [g.op("Add", [x, cubed])]), g.weight(8, 8)]))
+    assert find_blocks(spa.load(g.build()).proto).blocks == []

@@ -347,7 +347,9 @@ def _projection_blocks(graph: _Graph, model: onnx.ModelProto, residual: set[str]
         if not shared or not all(any(graph.weighted(graph.nodes[n]) for n in cone.values()) for cone in cones):
             continue
         source = max(shared, key=lambda t: graph.order[graph.producer[t].name] if t in graph.producer else -1)
-        if not all(_weighted_between(graph, source, i) for i in node.input):
+        paths = [_weighted_between(graph, source, i) for i in node.input]
+        # each path its own weights: two reads of one projection (rotary q*cos + rot(q)*sin) are not two paths
+        if not all(paths) or paths[0] & paths[1]:
             continue
         output, post = _stream_out(
             graph, ResidualAdd(node.name, source, node.input[1], node.output[0], False, False, frozenset())
@@ -379,5 +381,5 @@ def _cone(graph: _Graph, tensor: str) -> dict[str, str]:
     return cone
 
 
-def _weighted_between(graph: _Graph, source: str, tensor: str) -> bool:
-    return any(graph.weighted(graph.nodes[n]) for n in graph.branch(source, tensor))
+def _weighted_between(graph: _Graph, source: str, tensor: str) -> set[str]:
+    return {n for n in graph.branch(source, tensor) if graph.weighted(graph.nodes[n])}
