@@ -224,6 +224,13 @@ def test_the_cli_removes_blocks_and_reports_them(tmp_path):
     config = json.loads((out.parent / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["layer_types"] == ["sliding", "full"]
     assert config["max_window_layers"] == 1 and config["hidden_size"] == HIDDEN
+    soft = tmp_path / "soft" / "decoder.onnx"
+    soft.parent.mkdir()
+    done = CliRunner().invoke(
+        main, ["prune", str(path), "--remove-blocks", "1", "--soft", "--no-bench", "-o", str(soft)]
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads((soft.parent / "config.json").read_text())["num_hidden_layers"] == 3  # every layer kept, zeroed
 
 
 def _zoo_genai() -> Path:

@@ -255,7 +255,8 @@ def prune(model: Path, **flags) -> None:
 def _runtime_config(model: Path, pruned, hard, target: Path, quiet: bool) -> list[str]:
     """The configs beside the input (genai_config.json, config.json) rewritten beside the output."""
     try:
-        removed = pruned.depth.removed_layers if pruned.depth else []
+        # a soft result keeps every layer, the removed ones zeroed
+        removed = pruned.depth.removed_layers if pruned.depth and not pruned.options.soft else []
         return write_configs(Path(model), pruned.plan.scored.analyzed.model.proto, hard, Path(target), removed)
     except ValueError as exc:
         if not quiet:
