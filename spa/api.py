@@ -131,6 +131,8 @@ def prune(
     registry: Registry = DEFAULT,
     allow_slower: bool = False,
     remove_experts: float = 0,
+    remove_blocks: float | None = None,
+    block_score: str = "influence",
 ) -> PruneResult:
     """Remove the fraction ``ratio`` (None: ``PlanOptions``' 0.3) of the channels of every prunable group.
 
@@ -188,17 +190,24 @@ def prune(
     input (including a model onnxruntime cannot run) and ``ValidationError``
     when ``check`` is on and a check fails. ``custom_ops`` names onnxruntime
     custom-op libraries to load for validation; none is ever loaded otherwise.
+
+    ``remove_blocks`` (depth pruning) first removes that many whole residual blocks (a fraction
+    below 1: of the removable ones), those ``block_score`` ranks lowest ("influence": ShortGPT's
+    Block Influence, "l2", "random"); the width cut then runs on what is left, with ``ratio``
+    0 unless given. ``report.depth`` lists the blocks, their scores and the checks of the removal.
     """
     targets = (target_flops, target_params, target_latency)
+    if ratio is None and remove_blocks is not None and not any(t is not None for t in targets):
+        ratio = 0.0  # depth alone, unless a width cut is asked for too
     plan = PlanOptions(
         ratio_or_default(ratio, targets),
         dict(ratios or {}),
         global_rank,
         round_to,
-        target_flops,
-        target_params,
-        target_latency,
+        *targets,
         remove_experts=remove_experts,
+        remove_blocks=remove_blocks,
+        block_score=block_score,
     )
     score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples)
     run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout, allow_slower)

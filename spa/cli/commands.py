@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from spa import __version__
 from spa.api import analyze as api_analyze
 from spa.api import output_path_for, result_of
+from spa.cli.blocks import blocks_text, listed_blocks
 from spa.cli.parsing import (
     check_json_path,
     files_read,
@@ -46,6 +47,7 @@ from spa.pipeline import (
 from spa.pipeline.options import REFITS
 from spa.pipeline.usage import check_ratio_and_target
 from spa.reporting.report import build_report, render_html, report_path_for
+from spa.scoring.blocks import BLOCK_SCORES
 from spa.scoring.calibration_fit import CalibrationWarning
 from spa.scoring.criteria import CRITERIA
 from spa.verify.bench import bench
@@ -133,6 +135,21 @@ def main() -> None:
     type=float,
     metavar="F",
     help="Prune to this fraction of the dense latency, timed on the first of --providers.",
+)
+@click.option(
+    "--remove-blocks",
+    type=float,
+    metavar="N",
+    help="Depth pruning: first remove N whole residual blocks (transformer layers, identity blocks "
+    "of CNNs), or the fraction N (below 1) of the removable ones; --ratio then defaults to 0.",
+)
+@click.option(
+    "--block-score",
+    type=click.Choice(BLOCK_SCORES),
+    default=_PLAN.block_score,
+    show_default=True,
+    help="How blocks are ranked, lowest removed first: influence (1 - cos(block input, output)), "
+    "l2 (||f(x)|| / ||x||) or random (--seed).",
 )
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
@@ -247,7 +264,9 @@ def prune(model: Path, **flags) -> None:
 def _runtime_config(model: Path, pruned, hard, target: Path, quiet: bool) -> list[str]:
     """The configs beside the input (genai_config.json, config.json) rewritten beside the output."""
     try:
-        return write_configs(Path(model), pruned.plan.scored.analyzed.model.proto, hard, Path(target))
+        # a soft result keeps every layer, the removed ones zeroed
+        removed = pruned.depth.removed_layers if pruned.depth and not pruned.options.soft else []
+        return write_configs(Path(model), pruned.plan.scored.analyzed.model.proto, hard, Path(target), removed)
     except ValueError as exc:
         if not quiet:
             click.echo(f"spa: warning: runtime config not written: {exc}", err=True)
@@ -268,6 +287,12 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
         flags["allow_slower"],
     )
     multiple = parse_round_to(flags["round_to"])
+    if (
+        flags["remove_blocks"] is not None
+        and not _given("ratio")
+        and not any(flags[f"target_{m}"] is not None for m in _TARGETS)
+    ):
+        flags["ratio"] = 0.0  # depth alone, unless a width cut is asked for too
     sizes = parse_shapes(list(flags["input_shapes"]))
     values = parse_values(list(flags["input_values"]))
     ratios = parse_ratio_for(list(flags["ratio_for"]))
@@ -301,6 +326,8 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
                     target_params=flags["target_params"],
                     target_latency=flags["target_latency"],
                     remove_experts=flags["remove_experts"],
+                    remove_blocks=flags["remove_blocks"],
+                    block_score=flags["block_score"],
                 ),
                 CutOptions(flags["compensate"], flags["refit"], flags["soft"]),
                 run_options,
@@ -308,7 +335,12 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
             )
         result = result_of(pruned)
         report = result.report.as_dict()
-        nothing = result.report.groups_prunable == 0 and not write_unchanged and not result.report.experts
+        nothing = (
+            result.report.groups_prunable == 0
+            and not write_unchanged
+            and not result.report.experts
+            and not result.report.depth
+        )
         checks = []
         if not nothing:
             stages("save")
@@ -369,20 +401,30 @@ def _given(option: str) -> bool:
     metavar="NAME=AxBxC",
     help="Sizes of an input with free axes, to count FLOPs at (inputs sharing a symbolic axis follow). Repeatable.",
 )
+@click.option(
+    "--block-score",
+    type=click.Choice(BLOCK_SCORES),
+    default=_PLAN.block_score,
+    show_default=True,
+    help="How the residual blocks listed are scored (influence and l2 run the model on synthetic inputs).",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the analysis as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every member dimension of every group.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def analyze(model, exclude, approximate, attention, input_shapes, json_path, verbose, debug):
-    """List every coupled channel group of MODEL, and why frozen ones are frozen."""
+def analyze(model, exclude, approximate, attention, input_shapes, block_score, json_path, verbose, debug):
+    """List every coupled channel group of MODEL, and why frozen ones are frozen, and its residual blocks."""
 
     def action():
         sizes = parse_shapes(list(input_shapes))
         report = api_analyze(model, AnalyzeOptions(tuple(exclude), approximate, attention.replace("-", "_"), sizes))
         data = report.as_dict()
+        data["blocks"] = listed_blocks(model, block_score, CLI_RUN.seed)
         if json_path:
             check_json_path(json_path, [model], True)
             write_json(json_path, data)
         click.echo(analysis_text(data, verbose), err=to_stdout(json_path))
+        if data["blocks"]:
+            click.echo(blocks_text(data["blocks"]), err=to_stdout(json_path))
 
     run(debug, action)
 

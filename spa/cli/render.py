@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from spa.cli.blocks import depth_lines
 from spa.core.runtime import format_sizes
 from spa.pipeline.summary import verdict
 from spa.reporting.group_layers import is_ffn
@@ -76,6 +77,7 @@ def prune_summary(r: dict) -> str:
     v = r["validation"]
     lines = [
         f"groups: {r['groups_found']} found, {r['groups_prunable']} prunable, {r['groups_pruned']} pruned",
+        *depth_lines(r.get("depth")),
         f"params: {change(r['params_before'], r['params_after'])}",
         f"FLOPs:  {change(r['flops_before'], r['flops_after'])}{counted_at(r)}",
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -57,9 +58,12 @@ def uneven_layers(pruned: onnx.ModelProto) -> bool:
     return len(set(counts)) > 1 or len(kv) > 1
 
 
-def write_configs(source: Path, dense: onnx.ModelProto, pruned: onnx.ModelProto, output: Path) -> list[str]:
+def write_configs(
+    source: Path, dense: onnx.ModelProto, pruned: onnx.ModelProto, output: Path, removed_layers: Sequence[int] = ()
+) -> list[str]:
     """Rewrite the configs beside ``source`` for ``pruned`` into ``output``'s folder and copy the
-    side files; returns what was written, one line each. Nothing where the folders are the same."""
+    side files; returns what was written, one line each. Nothing where the folders are the same.
+    ``removed_layers``: the layer numbers depth pruning removed before ``dense``."""
     folder, target = source.parent, output.parent
     if folder.resolve() == target.resolve() or not any((folder / name).exists() for name in (GENAI, TRANSFORMERS)):
         return []
@@ -74,11 +78,13 @@ def write_configs(source: Path, dense: onnx.ModelProto, pruned: onnx.ModelProto,
             config = json.loads(path.read_text())
             section = config.get("model", {}).get("decoder", {})
             applied = _set(section, {**changed, **expert_changes(section, experts)})
+            applied.update(drop_layers(section, removed_layers))
             _write(target / path.name, config)
             written.append(f"{path.name}: {_describe(applied)}")
         elif path.name == TRANSFORMERS:
             config = json.loads(path.read_text())
             applied = _set(config, {**changed, **expert_changes(config, experts)})
+            applied.update(drop_layers(config, removed_layers))
             _write(target / path.name, config)
             written.append(f"{path.name}: {_describe(applied)}")
         else:
@@ -110,6 +116,23 @@ def expert_changes(config: dict, sizes: dict[str, int]) -> dict[str, int]:
     """The expert counts of the pruned graph (``expert_sizes``) that ``config`` states otherwise: the
     config, not the graph the cut started from, since the experts go before the channels are cut."""
     return {name: value for name, value in sizes.items() if config.get(name) not in (None, value)}
+
+
+def drop_layers(config: dict, removed: Sequence[int]) -> dict:
+    """Fewer layers: ``num_hidden_layers`` counts down, per-layer lists (``layer_types``, sliding
+    windows) lose the removed layers' entries; returns what was set."""
+    if not removed or not isinstance(config.get("num_hidden_layers"), int):
+        return {}
+    layers, gone = config["num_hidden_layers"], set(removed)
+    applied: dict = {"num_hidden_layers": layers - len(gone)}
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == layers and key != "num_hidden_layers":
+            applied[key] = [v for k, v in enumerate(value) if k not in gone]
+    # Qwen2: the layers below this number use the sliding window; those removed below it lower it
+    if isinstance(config.get("max_window_layers"), int):
+        applied["max_window_layers"] = config["max_window_layers"] - sum(k < config["max_window_layers"] for k in gone)
+    config.update(applied)
+    return applied
 
 
 def _changes(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> dict[str, int]:

@@ -19,6 +19,7 @@ from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
 from spa.pipeline.analyzed import AnalyzedModel, analyze
+from spa.pipeline.depth import depth_first, measure
 from spa.pipeline.experts import remove_model_experts
 from spa.pipeline.options import CLI_RUN, AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PlannedGroup, PrunePlan
@@ -60,6 +61,10 @@ def prune_model(
     timer = Timer()
     model = load(source, progress)
     check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
+    depth = None
+    if planning.remove_blocks is not None:  # whole blocks first: the width stages prune what is left
+        given = model
+        model, planning, depth = depth_first(model, groups, planning, scoring, cutting.soft, run, progress)
     # the model runs at the sizes asked for and those that follow them: each must fit
     check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
     experts = None
@@ -75,6 +80,12 @@ def prune_model(
     scored = score(analyzed, scoring, run, statistics, progress, timer)
     pruned = scored.plan(options=planning, progress=progress).apply(options=cutting, progress=progress)
     pruned.experts = experts
+    pruned.depth = depth
     if run.check:
         pruned.validate(run, progress)
+        if depth is not None and pruned.plan.units.removed and scored.calibration and not cutting.soft:
+            # the width stages measured against what the blocks left: this is against the model as given
+            depth.end_to_end = measure(
+                given.proto, pruned.hard.as_input_format, scored.calibration, scoring.calib_samples, run
+            )
     return pruned

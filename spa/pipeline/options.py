@@ -16,6 +16,7 @@ from spa.core.runlimit import RUN_TIMEOUT, checked_timeout
 from spa.formats.calib_reader import CalibrationReader, is_reader
 from spa.ops.registry import DEFAULT, Registry
 from spa.planning.search import Target
+from spa.scoring.blocks import BLOCK_SCORES
 from spa.scoring.criteria import CRITERIA
 
 # how compensation refits: see ``CutOptions``
@@ -95,6 +96,10 @@ class PlanOptions:
     target_flops: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
+    # whole residual blocks to remove first (depth pruning): a count, or a fraction (below 1) of
+    # the removable ones; ``block_score`` ranks them, the lowest going (``spa.scoring.blocks``)
+    remove_blocks: float | None = None
+    block_score: str = "influence"
     # experts removed from every mixture-of-experts layer: a whole number, or a fraction of each
     # layer's experts (``spa.pipeline.experts``); 0 keeps them all
     remove_experts: float = 0
@@ -102,6 +107,12 @@ class PlanOptions:
     def __post_init__(self) -> None:
         check_ratio("--ratio", self.ratio)
         check_expert_count(self.remove_experts)
+        check_blocks(self.remove_blocks, self.block_score)
+        if self.remove_blocks is not None and self.target_latency is not None:
+            raise UsageError(
+                "--remove-blocks with --target-latency: the latency left after the blocks go is not known "
+                "before it is timed; give --target-flops or --target-params"
+            )
         for pattern, ratio in self.ratios.items():
             check_ratio(f"--ratio-for {pattern}", ratio)
         if self.ratios and self.global_rank:
@@ -129,6 +140,17 @@ class PlanOptions:
 def check_expert_count(count: float) -> None:
     if count < 0 or (count >= 1 and count != int(count)):
         raise UsageError(f"--remove-experts must be a whole number or a fraction in (0, 1), got {count:g}")
+
+
+def check_blocks(remove_blocks: float | None, block_score: str) -> None:
+    if block_score not in BLOCK_SCORES:
+        raise UsageError(f"unknown block score '{block_score}' (choose from {', '.join(BLOCK_SCORES)})")
+    if remove_blocks is None:
+        return
+    if not remove_blocks > 0 or (remove_blocks >= 1 and remove_blocks != int(remove_blocks)):
+        raise UsageError(
+            f"--remove-blocks must be a whole number of blocks or a fraction in (0, 1), got {remove_blocks:g}"
+        )
 
 
 def check_ratio(what: str, ratio: float) -> None:

@@ -33,6 +33,7 @@ from spa.verify import fidelity
 from spa.verify.validate import Validation
 
 if TYPE_CHECKING:
+    from spa.pipeline.depth import DepthOutcome
     from spa.pipeline.experts import ExpertRemoval
     from spa.pipeline.planned import PrunePlan
 
@@ -62,6 +63,8 @@ class PrunedModel:
     validation: Validation = field(default_factory=Validation)  # filled by ``validate()``
     seconds: dict[str, float] = field(default_factory=dict)
     experts: ExpertRemoval | None = None  # the experts removed before the cut (``remove_experts``)
+    # the residual blocks removed before the width cut (``remove_blocks``): ``dense`` is what they left
+    depth: DepthOutcome | None = None
 
     @property
     def dense(self) -> Model:
@@ -219,6 +222,13 @@ def _sequential(
     return layerwise, candidates["layerwise"]
 
 
+def _given_sizes(pruned: PrunedModel) -> tuple[int, int] | None:
+    """Params and FLOPs of the model as given, where blocks or experts went before the cut (blocks
+    go first, so theirs are the earlier)."""
+    first = pruned.depth or pruned.experts
+    return (first.params_before, first.flops_before) if first else None
+
+
 def build_report(pruned: PrunedModel) -> PruneReport:
     plan = pruned.plan
     scored = plan.scored
@@ -244,15 +254,18 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         options["ratios"] = dict(plan.options.ratios)
     if plan.options.remove_experts:
         options["remove_experts"] = plan.options.remove_experts
+    if pruned.depth is not None:
+        options["remove_blocks"], options["block_score"] = plan.options.remove_blocks, plan.options.block_score
+    given = _given_sizes(pruned)
     return PruneReport(
         model=model.name,
         options=options,
         groups_found=len(analysis.groups),
         groups_prunable=len(analysis.prunable_groups),
         groups_pruned=len(plan.units.removed),
-        params_before=pruned.experts.params_before if pruned.experts else analyzed.dense.params,
+        params_before=given[0] if given else analyzed.dense.params,
         params_after=pruned.after.params,
-        flops_before=pruned.experts.flops_before if pruned.experts else analyzed.dense.flops,
+        flops_before=given[1] if given else analyzed.dense.flops,
         flops_after=pruned.after.flops,
         validation=pruned.validation,
         seconds=pruned.seconds,
@@ -269,6 +282,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         flops_uncounted=analyzed.dense.uncounted(),
         summary=summarize(pruned, calib_label(score.calib)),
         experts=pruned.experts.as_dict() if pruned.experts else None,
+        depth=pruned.depth.as_dict() if pruned.depth else None,
     )
 
 

@@ -121,6 +121,9 @@ class PruneReport:
     summary: Summary | None = None
     # the experts removed from mixture-of-experts layers before the cut (``ExpertRemoval.as_dict``)
     experts: dict | None = None
+    # depth pruning: the blocks found with their scores, those removed, their checks and fidelity
+    # (``params_before`` and ``flops_before`` are then the model's before the blocks went)
+    depth: dict | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)
