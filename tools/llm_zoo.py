@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VERSION = 1  # bump when a build or export changes, so cached folders are rebuilt
+VERSION = 2  # bump when a build or export changes, so cached folders are rebuilt
 SEED = 0
 OPTIMUM_REQUIREMENTS = ("optimum-onnx==0.1.0", "transformers==4.57.1")
 ARCHS = ("llama", "qwen2", "mistral", "gemma", "phi3")
@@ -48,7 +48,9 @@ OPTIMUM = tuple(f"{arch}-optimum" for arch in ARCHS)
 EXPORTS = (*GENAI, *OPTIMUM)
 SIZES = dict(
     hidden_size=256,
-    intermediate_size=512,
+    # not the vocabulary's 512: the genai builder takes any (vocab, hidden) projection for the LM head,
+    # and with equal sizes its logits read layer 0's MLP input, so layers 1-3 never reach them
+    intermediate_size=640,
     num_hidden_layers=4,
     num_attention_heads=8,
     num_key_value_heads=2,
@@ -178,6 +180,7 @@ def exported(name: str) -> Path:
     try:
         if exporter == "genai":
             _genai_export(arch, precision[0], partial)
+            _check_lm_head(partial / "model.onnx")
         else:
             subprocess.run([str(venv_python()), __file__, "--optimum-export", arch, str(partial)], check=True)
         shutil.rmtree(folder, ignore_errors=True)
@@ -199,6 +202,18 @@ def _genai_export(arch: str, precision: str, out: Path) -> None:
             done.check_returncode()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_lm_head(model_path: Path) -> None:
+    """Refuse an export whose logits do not read the final norm: layers after the one they read
+    would prune without changing the logits, and no validation could see a wrong cut there."""
+    import onnx
+
+    model = onnx.load(model_path, load_external_data=False)
+    heads = [node for node in model.graph.node if node.name.startswith("/lm_head/")]
+    reads = {name for node in heads for name in node.input}
+    if heads and not any("final_norm" in name for name in reads):
+        raise RuntimeError(f"{model_path}: the LM head reads {sorted(reads)}, not the final norm")
 
 
 def _optimum_export(arch: str, out: str) -> None:
