@@ -39,8 +39,17 @@ __all__ = [
     "ScoreOptions",
     "ScoredModel",
     "analyze",
+    "collects_statistics",
     "prune_model",
 ]
+
+
+def collects_statistics(scoring: ScoreOptions, planning: PlanOptions, cutting: CutOptions) -> bool:
+    """Whether layer-input statistics are collected: for a data-aware ranking or a refit, and only
+    when something goes (or a target will pick another ratio). ``spa sweep`` asks this too, to
+    share one scoring between the points that would collect alike."""
+    removes = planning.ratio > 0 or planning.target is not None or any(planning.ratios.values())
+    return (scoring.data_aware or cutting.compensates(scoring)) and removes
 
 
 def prune_model(
@@ -62,10 +71,7 @@ def prune_model(
     # the model runs at the sizes asked for and those that follow them: each must fit
     check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
     analyzed = analyze(model, groups, progress, timer=timer)
-    removes = planning.ratio > 0 or planning.target is not None or any(planning.ratios.values())
-    # nothing to rank or refit when nothing goes (unless a target will pick another ratio)
-    statistics = (scoring.data_aware or cutting.compensates(scoring)) and removes
-    scored = score(analyzed, scoring, run, statistics, progress, timer)
+    scored = score(analyzed, scoring, run, collects_statistics(scoring, planning, cutting), progress, timer)
     pruned = scored.plan(options=planning, progress=progress).apply(options=cutting, progress=progress)
     if run.check:
         pruned.validate(run, progress)

@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 
 from spa import __version__
+from spa.sweep.grid import describe
 
 _POLICY = "default-src 'none'; style-src 'unsafe-inline'"
 _STYLE = """
@@ -74,7 +75,7 @@ def _plot(points: list[dict], x: str, label: str) -> str:
     ]
     for p in points:
         cls = "pt best" if id(p) in best else "pt"
-        tip = f"{_label(p)}\nquality {p['quality']:.4g}, {label} {p[x]:.4g}\n{p['command']}"
+        tip = f"{describe(p)}\nquality {p['quality']:.4g}, {label} {p[x]:.4g}\n{p['command']}"
         svg.append(
             f'<circle class="{cls}" cx="{sx(p[x]):.1f}" cy="{sy(p["quality"]):.1f}" r="5">'
             f"<title>{_e(tip)}</title></circle>"
@@ -82,7 +83,7 @@ def _plot(points: list[dict], x: str, label: str) -> str:
         if id(p) in best:  # the front's points named on the plot; every point's full label is its tooltip
             right = sx(p[x]) > WIDTH * 0.75  # labels there run leftwards, inside the plot
             at = f'x="{sx(p[x]) + (-7 if right else 7):.1f}" y="{sy(p["quality"]) + 14:.1f}"'
-            svg.append(f'<text {at} text-anchor="{"end" if right else "start"}">{_e(_short(p))}</text>')
+            svg.append(f'<text {at} text-anchor="{"end" if right else "start"}">{_e(describe(p, short=True))}</text>')
     svg.append("</svg>")
     return "\n".join(svg)
 
@@ -105,18 +106,6 @@ def _ticks(low: float, high: float, scale, axis: str) -> list[str]:
     return marks
 
 
-def _label(point: dict) -> str:
-    amount = f"ratio {point['ratio']:g}" if point.get("ratio") is not None else f"flops {point['target_flops']:g}"
-    comp = {None: "", True: ", compensated", False: ", not compensated"}[point.get("compensate")]
-    return f"{amount}, {point['criterion']}{comp}"
-
-
-def _short(point: dict) -> str:
-    amount = f"r{point['ratio']:g}" if point.get("ratio") is not None else f"f{point['target_flops']:g}"
-    comp = {None: "", True: "+c", False: "-c"}[point.get("compensate")]
-    return f"{amount} {point['criterion']}{comp}"
-
-
 def _table(points: list[dict]) -> str:
     rows = [
         "<h2>Points</h2><table><tr><th>point</th><th>params</th><th>FLOPs</th><th>speedup</th>"
@@ -125,7 +114,7 @@ def _table(points: list[dict]) -> str:
     for p in points:
         ok = p.get("status") == "ok"
         cells = [
-            _label(p),
+            describe(p),
             f"{p['params']:,}" if ok else "",
             f"{p['flops']:,}" if ok else "",
             f"{p['speedup']:.2f}x" if ok and p.get("speedup") else "",
