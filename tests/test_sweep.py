@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import json
+import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,6 +24,7 @@ from spa.cli.commands import prune as prune_command
 from spa.sweep.axes import axis_names, scalar_types, stage_fields
 from spa.sweep.grid import Point, SweepSpec, command
 from spa.sweep.page import pareto, render_page
+from spa.sweep.plot import Axis, decimal, nice_ticks, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "mnist_rescnn.onnx"
@@ -362,6 +365,40 @@ def test_pareto_front_keeps_the_points_nothing_beats():
         {"pruned_ms": 0.5, "quality": 0.50},
     ]
     assert [p["pruned_ms"] for p in pareto(found, "pruned_ms")] == [0.5, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("low, high", [(0.806, 0.987), (0.08432, 0.2665), (30850, 332800), (0.5, 0.5), (12.0, 980.0)])
+def test_axis_ticks_are_round_numbers_spanning_the_data(low, high):
+    ticks = nice_ticks(low, high)
+    assert ticks[0] <= low and ticks[-1] >= high and 3 <= len(ticks) <= 7
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
+    assert len({decimal(t, step) for t in ticks}) == len(ticks)  # each tick reads differently
+
+
+def test_front_labels_never_cover_each_other():
+    # a crowded front: every point better and slower than the one before, a few pixels apart
+    crowded = [
+        {
+            "status": "ok",
+            "ratio": r / 100,
+            "criterion": "l2",
+            "compensate": None,
+            "quality": 0.5 + r / 200,
+            "pruned_ms": 1 + r / 100,
+            "command": "spa prune m.onnx",
+        }
+        for r in range(40)
+    ]
+    svg = plot(crowded, Axis("pruned_ms", "latency", decimal), "quality", None)
+    boxes = []
+    for x, y, text in re.findall(r'<text x="([\d.]+)" y="([\d.]+)">([^<]+)</text>', svg):
+        boxes.append((float(x), float(y) - 10, float(x) + 6.2 * len(text), float(y) + 2))
+    assert len(boxes) >= 5  # some are named; the rest keep their tooltip
+    for k, a in enumerate(boxes):
+        for b in boxes[k + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
 
 
 def test_the_page_is_self_contained_and_escapes_commands():

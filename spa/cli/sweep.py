@@ -165,7 +165,7 @@ def _sweep(model: Path, quiet: bool, debug: bool, **flags) -> None:
     if flags["csv_path"]:
         write_bytes_atomic(flags["csv_path"], results.csv_text(listed).encode())
     if flags["html_path"]:
-        write_bytes_atomic(flags["html_path"], render_page(str(model), listed).encode())
+        write_bytes_atomic(flags["html_path"], render_page(str(model), listed, spec.evaluate).encode())
     if not quiet:
         click.echo(results.table(listed))
     if bar is not None:
