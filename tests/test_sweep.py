@@ -409,6 +409,7 @@ def test_the_page_is_self_contained_and_escapes_commands():
         "compensate": None,
         "quality": 0.9,
         "pruned_ms": 1.0,
+        "dense_ms": 2.0,
         "params": 10,
         "flops": 20,
         "speedup": 1.2,
