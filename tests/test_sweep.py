@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import html
 import json
+import math
+import re
+import shlex
 import shutil
 import subprocess
 import textwrap
 from pathlib import Path
 
+import click
 import onnx
 import pytest
 from click.testing import CliRunner
 
 import spa.sweep.shared
 from spa.cli.commands import main
+from spa.cli.commands import prune as prune_command
+from spa.sweep.axes import axis_names, scalar_types, stage_fields
+from spa.sweep.grid import Point, SweepSpec, command
 from spa.sweep.page import pareto, render_page
+from spa.sweep.plot import Axis, decimal, nice_ticks, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "mnist_rescnn.onnx"
@@ -36,6 +44,18 @@ def accuracy(path):
     x, y = data["input"][::5], data["label"][::5]
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return float((session.run(None, {{"input": x}})[0].argmax(1) == y).mean())
+"""
+
+
+SESSION_ACCURACY = """
+import numpy as np
+import onnxruntime
+
+def accuracy({parameter}):
+    assert isinstance({name}, onnxruntime.InferenceSession), type({name})
+    data = np.load({test!r})
+    x, y = data["input"][::5], data["label"][::5]
+    return float(({name}.run(None, {{"input": x}})[0].argmax(1) == y).mean())
 """
 
 
@@ -81,6 +101,85 @@ def test_process_pool_gives_the_numbers_of_one_process(tmp_path, accuracy):
         assert point["dense_ms"] > 0 and point["pruned_ms"] > 0
         assert 0 < point["top1_agreement"] <= 1
         assert point["command"].startswith(f"spa prune {MODEL} --ratio ")
+
+
+@pytest.mark.parametrize(
+    "parameter, takes",
+    [
+        ("session: onnxruntime.InferenceSession", []),  # asked for by its annotation
+        ("session", []),  # by its name
+        ("model", ["--eval-takes", "session"]),  # by the option
+    ],
+)
+def test_the_evaluation_receives_a_session_when_it_asks_for_one(tmp_path, accuracy, parameter, takes):
+    name = parameter.partition(":")[0]
+    script = tmp_path / "session_acc.py"
+    script.write_text(SESSION_ACCURACY.format(parameter=parameter, name=name, test=str(TEST)))
+    grid = ["--ratios", "0.3", "--compensate", "on"]
+    by_session = sweep(*grid, "--eval", f"{script}:accuracy", *takes, "--json", str(tmp_path / "session.json"))
+    assert by_session.exit_code == 0, by_session.output
+    by_path = sweep(*grid, "--eval", accuracy, "--json", str(tmp_path / "path.json"))
+    assert by_path.exit_code == 0, by_path.output
+    (session_point,), (path_point,) = points(tmp_path / "session.json"), points(tmp_path / "path.json")
+    assert "eval_error" not in session_point, session_point.get("eval_error")
+    assert session_point["eval"] == path_point["eval"] > 0.5  # one metric, either way it is handed the model
+    assert session_point["key"] != path_point["key"]  # what the function receives names the point
+
+
+def test_a_path_taking_evaluation_can_be_forced_to_get_the_path(tmp_path):
+    script = tmp_path / "named.py"
+    script.write_text("import os\ndef metric(session):\n    return float(os.path.isfile(session))\n")
+    out = tmp_path / "sweep.json"
+    args = ["--ratios", "0.2", "--compensate", "off", "--eval", f"{script}:metric", "--eval-takes", "path"]
+    result = sweep(*args, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert points(out)[0]["eval"] == 1.0, points(out)[0]
+
+
+def test_set_makes_an_axis_whose_commands_reproduce_each_point(tmp_path):
+    out = tmp_path / "sweep.json"
+    grid = ["--ratios", "0.4", "--compensate", "off", "--set", "--global=false,true", "--exclude", "/stem/*"]
+    inline = sweep(*grid, "--json", str(out), "--csv", str(tmp_path / "sweep.csv"))
+    assert inline.exit_code == 0, inline.output
+    per_group, ranked_globally = found = points(out)
+    assert [p.get("settings") for p in found] == [{"global_rank": False}, {"global_rank": True}]
+    assert "--global" not in per_group["command"] and "--global" in ranked_globally["command"]
+    assert all("--exclude '/stem/*'" in p["command"] for p in found)
+    assert per_group["params"] != ranked_globally["params"]
+    assert "global_rank" in (tmp_path / "sweep.csv").read_text().splitlines()[0].split(",")
+    for point in found:  # spa prune, given the point's command, writes a model of the point's size
+        args = shlex.split(point["command"])[2:] + ["-o", str(tmp_path / "again.onnx"), "--force", "--no-bench"]
+        again = CliRunner().invoke(main, ["prune", *args])
+        assert again.exit_code == 0, again.output
+        pruned = onnx.load(str(tmp_path / "again.onnx"))
+        assert sum(onnx.numpy_helper.to_array(t).size for t in pruned.graph.initializer) == point["params"]
+    pooled = sweep(*grid, "--jobs", "2", "--json", str(tmp_path / "pool.json"))
+    assert pooled.exit_code == 0, pooled.output
+    assert untimed(found) == untimed(points(tmp_path / "pool.json"))
+
+
+def _other_value(name: str):
+    """A value of option ``name`` other than its default, as ``spa prune`` accepts it."""
+    kinds = scalar_types(stage_fields()[name][1])
+    default = stage_fields()[name][2]
+    option = next(p for p in prune_command.params if p.name == name)
+    if isinstance(option.type, click.Choice):
+        return next(c for c in option.type.choices if c.replace("-", "_") != default).replace("-", "_")
+    if bool in kinds:
+        return not default
+    return 1 if int in kinds else 0.5
+
+
+@pytest.mark.parametrize("name", axis_names())
+def test_every_axis_is_an_option_spa_prune_reads_back(name):
+    # a field added to the options with a spa prune flag of its name is an axis; its command must
+    # set it in spa prune as the sweep set it
+    value = _other_value(name)
+    point = Point("l2", None, ratio=0.2, settings=((name, value),))
+    args = shlex.split(command(SweepSpec(str(MODEL)), point))[3:]
+    context = prune_command.make_context("prune", [str(MODEL), *args])
+    given = context.params[name]
+    assert (given.replace("-", "_") if isinstance(given, str) else given) == value
 
 
 def test_a_rerun_resumes_and_skips_finished_points(tmp_path, monkeypatch):
@@ -212,6 +311,15 @@ def test_a_killed_worker_is_retried_once_then_its_point_fails(tmp_path, backend)
         ["--ratios", "0.2", "-o", "x.onnx"],
         ["--ratios", "0.2", "--ray", "--jobs", "2"],
         ["--ratios", "0.2", "--json", "-"],
+        ["--ratios", "0.2", "--set", "atention=heads"],
+        ["--ratios", "0.2", "--set", "ratio=0.3"],
+        ["--ratios", "0.2", "--set", "registry=x"],
+        ["--ratios", "0.2", "--set", "refit"],
+        ["--ratios", "0.2", "--set", "refit=bogus"],
+        ["--ratios", "0.2", "--set", "global_rank=maybe"],
+        ["--ratios", "0.2", "--target-latency", "1.5"],
+        ["--ratios", "0.2", "--eval-takes", "socket"],
+        ["--ratios", "0.2", "--input-shape", "x=0x1"],
         [],
     ],
 )
@@ -259,6 +367,40 @@ def test_pareto_front_keeps_the_points_nothing_beats():
     assert [p["pruned_ms"] for p in pareto(found, "pruned_ms")] == [0.5, 1.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize("low, high", [(0.806, 0.987), (0.08432, 0.2665), (30850, 332800), (0.5, 0.5), (12.0, 980.0)])
+def test_axis_ticks_are_round_numbers_spanning_the_data(low, high):
+    ticks = nice_ticks(low, high)
+    assert ticks[0] <= low and ticks[-1] >= high and 3 <= len(ticks) <= 7
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
+    assert len({decimal(t, step) for t in ticks}) == len(ticks)  # each tick reads differently
+
+
+def test_front_labels_never_cover_each_other():
+    # a crowded front: every point better and slower than the one before, a few pixels apart
+    crowded = [
+        {
+            "status": "ok",
+            "ratio": r / 100,
+            "criterion": "l2",
+            "compensate": None,
+            "quality": 0.5 + r / 200,
+            "pruned_ms": 1 + r / 100,
+            "command": "spa prune m.onnx",
+        }
+        for r in range(40)
+    ]
+    svg = plot(crowded, Axis("pruned_ms", "latency", decimal), "quality", None)
+    boxes = []
+    for x, y, text in re.findall(r'<text x="([\d.]+)" y="([\d.]+)">([^<]+)</text>', svg):
+        boxes.append((float(x), float(y) - 10, float(x) + 6.2 * len(text), float(y) + 2))
+    assert len(boxes) >= 5  # some are named; the rest keep their tooltip
+    for k, a in enumerate(boxes):
+        for b in boxes[k + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
 def test_the_page_is_self_contained_and_escapes_commands():
     point = {
         "status": "ok",
@@ -267,6 +409,7 @@ def test_the_page_is_self_contained_and_escapes_commands():
         "compensate": None,
         "quality": 0.9,
         "pruned_ms": 1.0,
+        "dense_ms": 2.0,
         "params": 10,
         "flops": 20,
         "speedup": 1.2,

@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from spa import __version__
 from spa.api import analyze as api_analyze
 from spa.api import output_path_for, result_of
+from spa.cli import options as shared
 from spa.cli.blocks import blocks_text, listed_blocks
 from spa.cli.parsing import (
     check_json_path,
@@ -44,7 +45,6 @@ from spa.pipeline import (
     ScoreOptions,
     prune_model,
 )
-from spa.pipeline.options import REFITS
 from spa.pipeline.usage import check_ratio_and_target
 from spa.reporting.report import build_report, render_html, report_path_for
 from spa.scoring.blocks import BLOCK_SCORES
@@ -82,46 +82,17 @@ def main() -> None:
     show_default=True,
     help="How channels are ranked (obs, activation and fluctuation need --calib).",
 )
-@click.option(
-    "--calib",
-    type=click.Path(path_type=Path),
-    metavar="PATH",
-    help="Calibration inputs: an .npz of named arrays, an .npy file (single-input models), or a folder of .npy files.",
-)
-@click.option(
-    "--calib-samples",
-    type=int,
-    default=_SCORE.calib_samples,
-    show_default=True,
-    help="Use at most this many calibration samples for the statistics; up to 256 after them "
-    "measure how far the pruned outputs moved.",
-)
+@shared.calib
+@shared.calib_samples
 @click.option(
     "--compensate/--no-compensate",
     default=_CUT.compensate,
     help="Refit the weights left in layers that lose input channels "
     "[default: on with --calib or a data-aware criterion, off for l1/l2/random without data].",
 )
-@click.option(
-    "--refit",
-    type=click.Choice(REFITS),
-    default=_CUT.refit,
-    show_default=True,
-    help="How compensation refits: layerwise fits each layer to the dense model's inputs; sequential "
-    "then refits the layers in graph order on the inputs the pruned model gives them; auto is "
-    "sequential with --calib (the one that moves held-out samples less, when any are left) and "
-    "layerwise without.",
-)
-@click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups, not per group.")
-@click.option(
-    "--round-to",
-    default=str(_PLAN.round_to),
-    show_default=True,
-    metavar="N|auto",
-    help="'auto': time each layer alone at candidate widths (cached) and keep every count off the "
-    "spikes of its width curve; --target-latency and --global then cut where it saves the most time. "
-    "N: keep channel counts at multiples of N (1: exactly the ratio).",
-)
+@shared.refit
+@shared.global_rank
+@shared.round_to
 @click.option(
     "--allow-slower",
     is_flag=True,
@@ -151,7 +122,7 @@ def main() -> None:
     help="How blocks are ranked, lowest removed first: influence (1 - cos(block input, output)), "
     "l2 (||f(x)|| / ||x||) or random (--seed).",
 )
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob).")
+@shared.exclude
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
 @click.option(
     "--remove-experts",
@@ -162,29 +133,9 @@ def main() -> None:
     "router columns: those with the least routing weight times output on the statistics. With --soft "
     "the router never picks them instead.",
 )
-@click.option(
-    "--approximate",
-    is_flag=True,
-    help="Also prune groups where removal is not equal to zeroing: channels a norm mixes, such as a "
-    "transformer's hidden (embedding) dimension.",
-)
-@click.option(
-    "--attention",
-    type=click.Choice(["heads", "head-dim", "query-heads"]),
-    default=_GROUPS.attention.replace("_", "-"),
-    show_default=True,
-    help="Attention units: remove whole heads (grouped-query: a KV head with its query heads), "
-    "shrink head_dim evenly in every head, or (grouped-query) remove query heads evenly "
-    "in every KV group.",
-)
-@click.option(
-    "--input-shape",
-    "input_shapes",
-    multiple=True,
-    metavar="NAME=AxBxC",
-    help="Sizes of an input with free axes: FLOPs are counted, validation also runs and latency is "
-    "timed at them (inputs sharing a symbolic axis follow). Repeatable.",
-)
+@shared.approximate
+@shared.attention
+@shared.input_shape
 @click.option(
     "--input",
     "input_values",
@@ -193,13 +144,7 @@ def main() -> None:
     help="Feed input NAME this value in every run, instead of the one spa makes up: a sample rate, "
     "a flag, a length (a number, or numbers separated by commas). Repeatable.",
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=CLI_RUN.seed,
-    show_default=True,
-    help="Seed of the random choices (synthetic inputs, the random criterion); 0 or more.",
-)
+@shared.seed
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip every check (checker, onnxruntime, soft == hard).")
 @click.option(
@@ -208,34 +153,15 @@ def main() -> None:
     show_default=True,
     help="Measure latency, dense vs pruned, on the CPU and on --providers.",
 )
-@click.option(
-    "--providers",
-    default=",".join(CLI_RUN.providers),
-    show_default=True,
-    help="Comma-separated execution providers to time on (cpu, cuda, tensorrt, ...).",
-)
-@click.option(
-    "--threads",
-    type=int,
-    default=CLI_RUN.threads,
-    show_default=True,
-    help="Intra-op threads for timing (0: onnxruntime's default).",
-)
+@shared.providers
+@shared.threads
 @click.option(
     "--custom-ops",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False),
     help="onnxruntime custom-op library to load for validation (never loaded otherwise).",
 )
-@click.option(
-    "--run-timeout",
-    type=float,
-    default=CLI_RUN.run_timeout,
-    show_default=True,
-    metavar="SECONDS",
-    help="Stop with exit 3 when one run of the model (statistics, search, validation, latency) takes "
-    "longer than this; 0: no limit.",
-)
+@shared.run_timeout
 @click.option(
     "--format",
     "out_format",
@@ -254,8 +180,8 @@ def main() -> None:
 )
 @click.option("--write-unchanged", is_flag=True, help="Write the output even when nothing is prunable.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@shared.quiet
+@shared.debug
 def prune(model: Path, **flags) -> None:
     """Prune MODEL and write a smaller, validated model."""
     run(flags["debug"], lambda: _prune(model, **flags))

@@ -6,27 +6,50 @@ from pathlib import Path
 
 import click
 
+from spa.cli import options as shared
 from spa.cli.parsing import files_read, parse_round_to, provider_list
 from spa.cli.running import run
 from spa.core.errors import ModelLoadError, UsageError, ValidationError
-from spa.core.runtime import resolve_providers
+from spa.core.runtime import parse_shapes, resolve_providers
 from spa.formats.files import check_output_path, write_bytes_atomic
-from spa.pipeline import CLI_RUN, PlanOptions, ScoreOptions
+from spa.pipeline import ScoreOptions
 from spa.pipeline.usage import check_calibration_path
 from spa.sweep import results
-from spa.sweep.grid import COMPENSATION, Point, SweepSpec, grid, parse_criteria, parse_ratios, parse_targets, point_key
+from spa.sweep.axes import parse_axis, stage_fields
+from spa.sweep.grid import (
+    COMPENSATION,
+    Point,
+    SweepSpec,
+    check_points,
+    grid,
+    parse_criteria,
+    parse_ratios,
+    parse_targets,
+    point_key,
+)
 from spa.sweep.page import render_page
-from spa.sweep.point import load_eval, prune_point
+from spa.sweep.point import EVAL_TAKES, eval_takes, load_eval, prune_point
 from spa.sweep.runner import run_pool, run_ray
 from spa.sweep.shared import run_shared
 
-_SCORE, _PLAN = ScoreOptions(), PlanOptions()
+_SCORE = ScoreOptions()
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--ratios", metavar="START:STOP:STEP|R,...", help="Ratios to prune at (STOP included).")
-@click.option("--target-flops", "targets", metavar="F,...", help="FLOPs targets (fractions of the dense model's).")
+@click.option(
+    "--target-flops", "targets_flops", metavar="F,...", help="FLOPs targets (fractions of the dense model's)."
+)
+@click.option(
+    "--target-params", "targets_params", metavar="F,...", help="Params targets (fractions of the dense model's)."
+)
+@click.option(
+    "--target-latency",
+    "targets_latency",
+    metavar="F,...",
+    help="Latency targets (fractions of the dense model's, timed on the first of --providers).",
+)
 @click.option(
     "--criteria", default=_SCORE.criterion, show_default=True, metavar="C,...", help="Criteria to rank channels by."
 )
@@ -37,24 +60,44 @@ _SCORE, _PLAN = ScoreOptions(), PlanOptions()
     show_default=True,
     help="Refit the weights left: on, off, both (each point twice), or auto (as spa prune decides).",
 )
-@click.option("--calib", type=click.Path(path_type=Path), metavar="PATH", help="Calibration inputs (as spa prune).")
-@click.option("--calib-samples", type=int, default=_SCORE.calib_samples, show_default=True)
+@click.option(
+    "--set",
+    "axes",
+    multiple=True,
+    metavar="NAME=V1,V2,...",
+    help="Prune with spa prune's option NAME at each value (refit=layerwise,sequential; the name "
+    "as the flag, or as its Python field): one value fixes it, several make an axis of the grid. "
+    "Repeatable.",
+)
+@shared.calib
+@shared.calib_samples
+@shared.exclude
+@shared.approximate
+@shared.attention
+@shared.input_shape
+@shared.refit
+@shared.global_rank
 @click.option(
     "--eval",
     "evaluate",
     metavar="MODULE:FUNCTION|SCRIPT.py:FUNCTION",
-    help="Your metric: called with each pruned model's path, returns a number (the points' quality).",
+    help="Your metric, the points' quality: called with an onnxruntime session on each pruned model "
+    "or with its path (see --eval-takes), returns a number.",
 )
-@click.option("--round-to", default=str(_PLAN.round_to), show_default=True, metavar="N|auto")
-@click.option("--seed", type=int, default=CLI_RUN.seed, show_default=True)
 @click.option(
-    "--providers",
-    default=",".join(CLI_RUN.providers),
+    "--eval-takes",
+    type=click.Choice(EVAL_TAKES),
+    default="auto",
     show_default=True,
-    help="Execution providers; latency is the first one's.",
+    help="What --eval's function receives: an onnxruntime InferenceSession (on the first of "
+    "--providers, --threads), or the pruned model's path; auto: a session when its first parameter "
+    "is annotated InferenceSession or named session, else the path.",
 )
-@click.option("--threads", type=int, default=CLI_RUN.threads, show_default=True, help="Intra-op threads for timing.")
-@click.option("--run-timeout", type=float, default=CLI_RUN.run_timeout, show_default=True, metavar="SECONDS")
+@shared.round_to
+@shared.seed
+@shared.providers
+@shared.threads
+@shared.run_timeout
 @click.option("--jobs", type=int, default=1, show_default=True, help="Points run at once, in local processes.")
 @click.option(
     "--ray",
@@ -76,8 +119,8 @@ _SCORE, _PLAN = ScoreOptions(), PlanOptions()
 @click.option("--pick", "bar", metavar="METRIC>=X", help="Write the fastest valid point meeting the bar.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where --pick writes [MODEL.picked.onnx].")
 @click.option("--force", is_flag=True, help="Overwrite existing --csv, --html and --pick outputs.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@shared.quiet
+@shared.debug
 def sweep(model: Path, **flags) -> None:
     """Prune MODEL at every point of a grid and measure each: size, FLOPs, latency, quality."""
     run(flags["debug"], lambda: _sweep(model, **flags))
@@ -95,9 +138,11 @@ def _sweep(model: Path, quiet: bool, debug: bool, **flags) -> None:
         flags["threads"],
         flags["run_timeout"],
         flags["evaluate"],
+        eval_takes(load_eval(flags["evaluate"]), flags["eval_takes"]) if flags["evaluate"] else "path",
+        _shared_options(flags),
     )
     bar = results.parse_bar(flags["bar"]) if flags["bar"] else None
-    target = _check_paths(model, spec, bar is not None, flags)
+    target = _check_paths(model, spec, points, bar is not None, flags)
     header = {"model": str(model), "calib": spec.calib, "eval": spec.evaluate, "points_total": len(points)}
     order = {point_key(spec, p): k for k, p in enumerate(points)}
     finished = {k: v for k, v in results.finished_points(flags["json_path"]).items() if k in order}
@@ -120,7 +165,7 @@ def _sweep(model: Path, quiet: bool, debug: bool, **flags) -> None:
     if flags["csv_path"]:
         write_bytes_atomic(flags["csv_path"], results.csv_text(listed).encode())
     if flags["html_path"]:
-        write_bytes_atomic(flags["html_path"], render_page(str(model), listed).encode())
+        write_bytes_atomic(flags["html_path"], render_page(str(model), listed, spec.evaluate).encode())
     if not quiet:
         click.echo(results.table(listed))
     if bar is not None:
@@ -132,12 +177,31 @@ def _grid(flags: dict) -> list[Point]:
         raise UsageError("--jobs must be at least 1")
     if flags["ray_address"] is not None and flags["jobs"] != 1:
         raise UsageError("--jobs runs points in local processes, --ray on Ray: give one of them")
-    ratios = parse_ratios(flags["ratios"]) if flags["ratios"] else []
-    targets = parse_targets(flags["targets"]) if flags["targets"] else []
-    return grid(ratios, targets, parse_criteria(flags["criteria"]), flags["compensate"])
+    amounts = [("ratio", r) for r in parse_ratios(flags["ratios"])] if flags["ratios"] else []
+    for metric in ("flops", "params", "latency"):
+        text = flags[f"targets_{metric}"]
+        if text:
+            amounts += [(f"target_{metric}", t) for t in parse_targets(f"--target-{metric}", text)]
+    axes = dict(parse_axis(text) for text in flags["axes"])  # a name given twice: the last wins
+    return grid(amounts, parse_criteria(flags["criteria"]), flags["compensate"], list(axes.items()))
 
 
-def _check_paths(model: Path, spec: SweepSpec, picking: bool, flags: dict) -> Path | None:
+def _shared_options(flags: dict) -> tuple:
+    """The prune options every point takes from the command line, those that differ from the
+    default only, so a plain sweep's commands and keys name none of them."""
+    given = {
+        "exclude": tuple(flags["exclude"]),
+        "approximate": flags["approximate"],
+        "attention": flags["attention"].replace("-", "_"),
+        "input_shapes": tuple((k, tuple(v)) for k, v in parse_shapes(list(flags["input_shapes"])).items()),
+        "refit": flags["refit"],
+        "global_rank": flags["global_rank"],
+    }
+    defaults = stage_fields()
+    return tuple((name, value) for name, value in given.items() if value not in (defaults[name][2], ()))
+
+
+def _check_paths(model: Path, spec: SweepSpec, points: list[Point], picking: bool, flags: dict) -> Path | None:
     """Everything a user can get wrong, refused before the first point runs."""
     if not model.is_file():
         raise ModelLoadError(f"{model}: no such file")
@@ -145,8 +209,7 @@ def _check_paths(model: Path, spec: SweepSpec, picking: bool, flags: dict) -> Pa
     check_calibration_path(spec.calib)
     for criterion in parse_criteria(flags["criteria"]):
         ScoreOptions(criterion, spec.calib, spec.calib_samples)  # a criterion that needs --calib
-    if spec.evaluate is not None:
-        load_eval(spec.evaluate)
+    check_points(spec, points)
     reads = files_read(model, flags["calib"], ())
     if flags["json_path"] is not None and str(flags["json_path"]) == "-":
         raise UsageError("--json needs a file: the sweep writes it as points finish and resumes from it")

@@ -19,8 +19,8 @@ from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
 from spa.pipeline.analyzed import AnalyzedModel, analyze
-from spa.pipeline.depth import depth_first, measure
-from spa.pipeline.experts import remove_model_experts
+from spa.pipeline.depth import DepthOutcome, depth_first, measure
+from spa.pipeline.experts import ExpertRemoval, remove_model_experts
 from spa.pipeline.options import CLI_RUN, AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PlannedGroup, PrunePlan
 from spa.pipeline.pruned import PrunedModel
@@ -41,8 +41,41 @@ __all__ = [
     "ScoreOptions",
     "ScoredModel",
     "analyze",
+    "collects_statistics",
     "prune_model",
 ]
+
+
+def collects_statistics(scoring: ScoreOptions, planning: PlanOptions, cutting: CutOptions) -> bool:
+    """Whether layer-input statistics are collected: for a data-aware ranking or a refit, and only
+    when something goes (or a target will pick another ratio). ``spa sweep`` asks this too, to
+    share one scoring between the points that would collect alike."""
+    removes = planning.ratio > 0 or planning.target is not None or any(planning.ratios.values())
+    return (scoring.data_aware or cutting.compensates(scoring)) and removes
+
+
+def _remove_whole_parts(
+    model: Model,
+    groups: AnalyzeOptions,
+    scoring: ScoreOptions,
+    planning: PlanOptions,
+    cutting: CutOptions,
+    run: RunOptions,
+    progress: Progress | None,
+) -> tuple[Model, PlanOptions, DepthOutcome | None, ExpertRemoval | None]:
+    """Whole residual blocks, then whole experts, go before the channels: the width stages prune
+    what they leave (and a block removed takes its experts with it)."""
+    depth = experts = None
+    if planning.remove_blocks is not None:
+        model, planning, depth = depth_first(model, groups, planning, scoring, cutting.soft, run, progress)
+    # the model runs at the sizes asked for and those that follow them: each must fit
+    sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
+    check_input_sizes(model.proto, sizes)
+    if planning.remove_experts:
+        dense = count_model(model, model.proto, sizes, groups.registry)
+        model, experts = remove_model_experts(model, planning.remove_experts, scoring, run, cutting.soft, progress)
+        experts.params_before, experts.flops_before = dense.params, dense.flops
+    return model, planning, depth, experts
 
 
 def prune_model(
@@ -61,23 +94,10 @@ def prune_model(
     timer = Timer()
     model = load(source, progress)
     check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
-    depth = None
-    if planning.remove_blocks is not None:  # whole blocks first: the width stages prune what is left
-        given = model
-        model, planning, depth = depth_first(model, groups, planning, scoring, cutting.soft, run, progress)
-    # the model runs at the sizes asked for and those that follow them: each must fit
-    check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
-    experts = None
-    if planning.remove_experts:
-        sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
-        dense = count_model(model, model.proto, sizes, groups.registry)
-        model, experts = remove_model_experts(model, planning.remove_experts, scoring, run, cutting.soft, progress)
-        experts.params_before, experts.flops_before = dense.params, dense.flops
+    given = model
+    model, planning, depth, experts = _remove_whole_parts(model, groups, scoring, planning, cutting, run, progress)
     analyzed = analyze(model, groups, progress, timer=timer)
-    removes = planning.ratio > 0 or planning.target is not None or any(planning.ratios.values())
-    # nothing to rank or refit when nothing goes (unless a target will pick another ratio)
-    statistics = (scoring.data_aware or cutting.compensates(scoring)) and removes
-    scored = score(analyzed, scoring, run, statistics, progress, timer)
+    scored = score(analyzed, scoring, run, collects_statistics(scoring, planning, cutting), progress, timer)
     pruned = scored.plan(options=planning, progress=progress).apply(options=cutting, progress=progress)
     pruned.experts = experts
     pruned.depth = depth

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -17,13 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from spa.core.errors import SpaError, UsageError
+from spa.core.runtime import resolve_providers, timing_session
 from spa.pipeline import AnalyzeOptions, CutOptions, PlanOptions, PrunedModel, RunOptions, ScoreOptions, prune_model
+from spa.sweep.axes import options_of
 from spa.sweep.grid import Point, SweepSpec, command, point_key
 
+EVAL_TAKES = ("auto", "session", "path")
+# the first parameter names that ask for a session rather than a path
+SESSION_NAMES = ("session", "sess", "ort_session", "inference_session")
 
-def plan_options(spec: SweepSpec, point: Point) -> PlanOptions:
-    ratio = point.ratio if point.ratio is not None else 0.0
-    return PlanOptions(ratio, round_to=spec.round_to, target_flops=point.target_flops)
+
+def stage_options(spec: SweepSpec, point: Point) -> tuple[AnalyzeOptions, ScoreOptions, PlanOptions, CutOptions]:
+    """The options of each stage the point prunes with, as ``spa prune`` makes them from its command."""
+    return options_of(point.stage_settings(spec))
 
 
 def run_options(spec: SweepSpec, bench: bool = True) -> RunOptions:
@@ -35,14 +42,7 @@ def run_options(spec: SweepSpec, bench: bool = True) -> RunOptions:
 
 def prune_point(spec: SweepSpec, point: Point, bench: bool = True) -> PrunedModel:
     """The point pruned from the file, every stage its own: what ``spa prune`` does."""
-    return prune_model(
-        spec.model,
-        AnalyzeOptions(),
-        ScoreOptions(point.criterion, spec.calib, spec.calib_samples),
-        plan_options(spec, point),
-        CutOptions(point.compensate),
-        run_options(spec, bench),
-    )
+    return prune_model(spec.model, *stage_options(spec, point), run_options(spec, bench))
 
 
 def run_point(spec: SweepSpec, point: Point, prune: Callable[[], PrunedModel] | None = None) -> dict:
@@ -54,7 +54,7 @@ def run_point(spec: SweepSpec, point: Point, prune: Callable[[], PrunedModel] | 
         pruned = prune() if prune is not None else prune_point(spec, point)
         result.update(_figures(pruned))
         if spec.evaluate is not None:
-            result.update(_evaluated(spec.evaluate, pruned))
+            result.update(_evaluated(spec, pruned))
         result["quality"] = _quality(result)
         result["status"] = "ok"
     except SpaError as exc:
@@ -104,20 +104,47 @@ def _quality(result: dict) -> float | None:
     return result.get("cosine")
 
 
-def _evaluated(spec: str, pruned: PrunedModel) -> dict:
-    """The user's metric on the pruned model, written to a scratch file it receives the path of;
-    its failure is this point's ``eval_error``, and the sweep goes on."""
+def _evaluated(spec: SweepSpec, pruned: PrunedModel) -> dict:
+    """The user's metric on the pruned model, written to a scratch file: the function receives its
+    path, or an onnxruntime session on it (opened as ``spa bench`` opens one: the first provider,
+    ``--threads``). Its failure is this point's ``eval_error``, and the sweep goes on."""
+    assert spec.evaluate is not None
     with tempfile.TemporaryDirectory(prefix="spa-sweep-") as folder:
         path = Path(folder) / "pruned.onnx"
         pruned.save(path, check=False)
         try:
-            number = float(load_eval(spec)(str(path)))
+            function = load_eval(spec.evaluate)
+            if spec.eval_takes == "session":
+                provider = resolve_providers(list(spec.providers) or ["cpu"])[0]
+                number = float(function(timing_session(path, provider, spec.threads)))
+            else:
+                number = float(function(str(path)))
         except Exception as exc:
             line = traceback.format_exception_only(type(exc), exc)[-1].strip()
             return {"eval": None, "eval_error": line}
     if not math.isfinite(number):
         return {"eval": None, "eval_error": f"the evaluation returned {number}"}
     return {"eval": number}
+
+
+def eval_takes(function: Callable, asked: str = "auto") -> str:
+    """What the evaluation receives: ``asked``, or with "auto" what its first parameter says:
+    a session when it is annotated as onnxruntime's ``InferenceSession`` or named ``session``
+    (the convention of quantization tools), else the model's path."""
+    if asked != "auto":
+        return asked
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        return "path"
+    if not parameters:
+        return "path"
+    first = parameters[0]
+    annotation = first.annotation
+    named = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if named.rpartition(".")[2] == "InferenceSession" or first.name in SESSION_NAMES:
+        return "session"
+    return "path"
 
 
 def load_eval(spec: str) -> Callable[[str], Any]:

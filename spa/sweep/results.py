@@ -13,11 +13,14 @@ from pathlib import Path
 
 from spa.core.errors import UsageError
 from spa.formats.files import write_bytes_atomic
+from spa.sweep.grid import describe
 
 # the columns of the CSV, in order; the JSON keeps every field
 COLUMNS = (
     "ratio",
     "target_flops",
+    "target_params",
+    "target_latency",
     "criterion",
     "compensate",
     "status",
@@ -61,11 +64,15 @@ def write_json(path: Path, header: dict, points: list[dict]) -> None:
 
 
 def csv_text(points: list[dict]) -> str:
+    """One row a point; each ``--set`` axis is a column of its own, after the amount."""
+    axes = list(dict.fromkeys(name for p in points for name in p.get("settings") or {}))
+    columns = [*COLUMNS[:4], *axes, *COLUMNS[4:]]
     out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for point in points:
-        writer.writerow({k: "" if point.get(k) is None else point.get(k) for k in COLUMNS})
+        row = {**point, **(point.get("settings") or {})}
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
     return out.getvalue()
 
 
@@ -75,7 +82,7 @@ def table(points: list[dict]) -> str:
         ok = p.get("status") == "ok"
         rows.append(
             (
-                _label(p),
+                describe(p),
                 _percent(p.get("params_ratio")) if ok else "",
                 _percent(p.get("flops_ratio")) if ok else "",
                 f"{p['speedup']:.2f}x" if ok and p.get("speedup") else "",
@@ -86,12 +93,6 @@ def table(points: list[dict]) -> str:
         )
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def _label(point: dict) -> str:
-    amount = f"ratio {point['ratio']:g}" if point.get("ratio") is not None else f"flops {point['target_flops']:g}"
-    comp = {None: "", True: " +comp", False: " -comp"}[point.get("compensate")]
-    return f"{amount} {point['criterion']}{comp}"
 
 
 def _percent(value: float | None) -> str:

@@ -1,5 +1,5 @@
-"""Points run in one process share what they can: the points that rank channels alike (one
-criterion, and statistics or none) are analyzed and scored once, then each is planned, cut and
+"""Points run in one process share what they can: the points that rank channels alike (the same
+analysis and scoring options, and statistics or none) are analyzed and scored once, then each is planned, cut and
 measured on its own. The figures are those of pruning each point from the file."""
 
 from __future__ import annotations
@@ -11,34 +11,27 @@ from itertools import groupby
 from spa.core.errors import SpaError
 from spa.core.runlimit import own_context, set_timeout
 from spa.formats.model import load
-from spa.pipeline import AnalyzeOptions, CutOptions, PrunedModel, ScoredModel, ScoreOptions, analyze
+from spa.pipeline import PrunedModel, ScoredModel, analyze, collects_statistics
 from spa.pipeline.scored import score
 from spa.sweep.grid import Point, SweepSpec
-from spa.sweep.point import plan_options, run_options, run_point
+from spa.sweep.point import run_options, run_point, stage_options
 from spa.sweep.runner import failed
-
-
-def needs_statistics(spec: SweepSpec, point: Point) -> bool:
-    """Whether layer-input statistics are collected for ``point``: as ``prune_model`` decides."""
-    scoring = ScoreOptions(point.criterion, spec.calib, spec.calib_samples)
-    removes = (point.ratio or 0) > 0 or point.target_flops is not None
-    return (scoring.data_aware or CutOptions(point.compensate).compensates(scoring)) and removes
 
 
 @own_context
 def run_shared(spec: SweepSpec, points: list[Point], done: Callable[[dict], None]) -> None:
-    def ranking(point: Point) -> tuple[str, bool]:
-        return point.criterion, needs_statistics(spec, point)
+    def ranking(point: Point) -> tuple:
+        grouping, scoring, planning, cutting = stage_options(spec, point)
+        return repr(grouping), repr(scoring), collects_statistics(scoring, planning, cutting)
 
-    for (criterion, statistics), members in groupby(sorted(points, key=ranking), key=ranking):
+    for _, members in groupby(sorted(points, key=ranking), key=ranking):
         group = list(members)
+        grouping, scoring, planning, cutting = stage_options(spec, group[0])
         set_timeout(spec.run_timeout)
         try:
             # analyzed afresh for each scoring: scorings cache per-layer systems on the analysis
-            analyzed = analyze(load(spec.model), AnalyzeOptions())
-            scored = score(
-                analyzed, ScoreOptions(criterion, spec.calib, spec.calib_samples), run_options(spec), statistics
-            )
+            analyzed = analyze(load(spec.model), grouping)
+            scored = score(analyzed, scoring, run_options(spec), collects_statistics(scoring, planning, cutting))
         except SpaError as exc:
             for point in group:
                 done(failed(spec, point, str(exc)))
@@ -49,6 +42,7 @@ def run_shared(spec: SweepSpec, points: list[Point], done: Callable[[dict], None
 
 def _cut(scored: ScoredModel, spec: SweepSpec, point: Point) -> PrunedModel:
     set_timeout(spec.run_timeout)
-    pruned = scored.plan(options=plan_options(spec, point)).apply(options=CutOptions(point.compensate))
+    _, _, planning, cutting = stage_options(spec, point)
+    pruned = scored.plan(options=planning).apply(options=cutting)
     pruned.validate(run_options(spec))
     return pruned
