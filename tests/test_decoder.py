@@ -277,3 +277,31 @@ def test_int4_packed_qkv_is_split_into_the_same_projections(llm_zoo):
         decoder.rollout(dense, lambda feed: run(dense, feed)), decoder.rollout(split, lambda feed: run(split, feed))
     ):
         assert np.array_equal(a["logits"], b["logits"])
+
+
+def test_a_tied_int4_embedding_prunes_heads_and_the_folder_generates(llm_zoo, tmp_path):
+    """Gemma's int4 export gathers its embedding from the LM head's packed weight
+    (GatherBlockQuantized): its shapes are inferred, so heads and the FFN prune behind it."""
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    og = pytest.importorskip("onnxruntime_genai")
+    source = _genai(llm_zoo, "gemma-genai-int4")
+    out = tmp_path / "model.onnx"
+    done = CliRunner().invoke(
+        main, ["prune", str(source), "--ratio", "0.3", "-o", str(out), "--json", str(tmp_path / "r.json")]
+    )
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["ok"] and report["params_after"] < report["params_before"]
+    heads = [g for g in report["groups"] if g.get("kind") == "heads"]
+    assert len(heads) == 4 and sum(g.get("removed", 0) for g in heads) > 0
+    model = og.Model(str(tmp_path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=8, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 5, 9, 12]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 8
