@@ -19,7 +19,7 @@ from spa.core.runtime import run, sample_inputs
 KV, HEADS, SIZE, HIDDEN = 2, 4, 8, 16
 
 
-def _decoder(layers: int = 2, packed: bool = False) -> onnx.ModelProto:
+def _decoder(layers: int = 2, packed: bool = False, heads: int = HEADS) -> onnx.ModelProto:
     """A decoder as onnxruntime-genai lays one out: token ids through an embedding, per layer a
     GroupQueryAttention reading ``past_key_values.N.key/value`` (head size a free axis) and writing
     ``present.N.key/value``, the mask over past and new tokens turned into its sequence lengths."""
@@ -38,20 +38,20 @@ def _decoder(layers: int = 2, packed: bool = False) -> onnx.ModelProto:
         if packed:  # as onnxruntime-genai's builder fuses them: one projection and its bias
             qkv = g.op(
                 "Add",
-                [g.op("MatMul", [x, g.weight(HIDDEN, (HEADS + 2 * KV) * SIZE)]), g.weight((HEADS + 2 * KV) * SIZE)],
+                [g.op("MatMul", [x, g.weight(HIDDEN, (heads + 2 * KV) * SIZE)]), g.weight((heads + 2 * KV) * SIZE)],
             )
             projections = [qkv, "", ""]
         else:
-            projections = [g.op("MatMul", [x, g.weight(HIDDEN, n * SIZE)]) for n in (HEADS, KV, KV)]
+            projections = [g.op("MatMul", [x, g.weight(HIDDEN, n * SIZE)]) for n in (heads, KV, KV)]
         a, key, value = g.op(
             "GroupQueryAttention",
             [*projections, *past, seqlens, total],
             n_out=3,
             domain="com.microsoft",
-            num_heads=HEADS,
+            num_heads=heads,
             kv_num_heads=KV,
         )
-        x = g.op("Add", [x, g.op("MatMul", [a, g.weight(HEADS * SIZE, HIDDEN)])])
+        x = g.op("Add", [x, g.op("MatMul", [a, g.weight(heads * SIZE, HIDDEN)])])
         presents += [(key, f"present.{layer}.key"), (value, f"present.{layer}.value")]
     logits = g.op("MatMul", [x, g.weight(HIDDEN, 32)])
     for tensor in [logits, *(t for t, _ in presents)]:
@@ -183,7 +183,7 @@ def test_genai_exports_run_on_spa_feeds(llm_zoo, name):
 
 
 def test_genai_fp32_prunes_heads_with_statistics(llm_zoo):
-    result = spa.prune(_genai(llm_zoo, "llama-genai-fp32"), ratio=0.3)
+    result = spa.prune(_genai(llm_zoo, "llama-genai-fp32"), ratio=0.3, attention="heads")
     report = result.report
     assert report.validation.ok and report.validation.decode_checked, report.validation.problems
     assert report.params_after < report.params_before
@@ -200,7 +200,7 @@ def test_optimum_export_prunes_heads(llm_zoo, name):
     """Optimum appends the new keys and values to the cache with Concat, and repeats the KV heads
     for their query heads with Expand and Reshape; Phi3 rotates part of each head (Slice, Concat
     along head_dim) and packs Q, K and V in one projection: heads are followed through all."""
-    result = spa.prune(_optimum(llm_zoo, name), ratio=0.3)
+    result = spa.prune(_optimum(llm_zoo, name), ratio=0.3, attention="heads")
     report = result.report
     assert report.validation.ok and report.validation.decode_checked, report.validation.problems
     assert report.params_after < report.params_before
@@ -218,7 +218,8 @@ def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, tmp_path
 
     og = pytest.importorskip("onnxruntime_genai")
     source = _genai(llm_zoo, "llama-genai-fp32")
-    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    command = ["prune", str(source), "--ratio", "0.3", "--attention", "heads", "-o", str(tmp_path / "model.onnx")]
+    done = CliRunner().invoke(main, command)
     assert done.exit_code == 0, done.output
     config = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
     pruned = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
@@ -244,7 +245,8 @@ def test_the_pruned_optimum_folder_gets_its_config(llm_zoo, tmp_path):
     from spa.cli.commands import main
 
     source = _optimum(llm_zoo, "llama-optimum")
-    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    command = ["prune", str(source), "--ratio", "0.3", "--attention", "heads", "-o", str(tmp_path / "model.onnx")]
+    done = CliRunner().invoke(main, command)
     assert done.exit_code == 0, done.output
     config = json.loads((tmp_path / "config.json").read_text())
     pruned = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
@@ -295,7 +297,7 @@ def test_a_tied_int4_embedding_prunes_heads_and_the_folder_generates(llm_zoo, tm
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["validation"]["ok"] and report["params_after"] < report["params_before"]
-    heads = [g for g in report["groups"] if g.get("kind") == "heads"]
+    heads = [g for g in report["groups"] if g.get("kv_heads")]
     assert len(heads) == 4 and sum(g.get("removed", 0) for g in heads) > 0
     model = og.Model(str(tmp_path))
     params = og.GeneratorParams(model)
@@ -305,3 +307,42 @@ def test_a_tied_int4_embedding_prunes_heads_and_the_folder_generates(llm_zoo, tm
     while not generator.is_done():
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 8
+
+
+@pytest.mark.parametrize(
+    ("ratio", "unit", "heads", "kv_heads"),
+    [(0.3, "query_heads", 6, 2), (0.5, "heads", 4, 1)],
+)
+def test_the_head_unit_nearest_the_ratio_is_cut(ratio, unit, heads, kv_heads):
+    """8 query heads over 2 KV heads: at 0.3, a whole KV head would be 50% of attention and one
+    query head per KV group 25%, so query heads go and the cache keeps its layout; at 0.5 whole KV
+    heads land on it exactly and the cache shrinks."""
+    result = spa.prune(_decoder(heads=8), ratio=ratio, round_to=1)
+    report = result.report
+    assert report.validation.ok and report.validation.decode_checked, report.validation.problems
+    assert (
+        report.options["attention"] == unit
+        and "50% of an attention layer's heads as whole KV" in report.options["attention_unit"]
+    )
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [(node_attr_of(n, "num_heads"), node_attr_of(n, "kv_num_heads")) for n in attention] == [
+        (heads, kv_heads)
+    ] * 2
+    cache = [i for i in result.model.graph.input if i.name.startswith("past_key_values")]
+    assert {i.type.tensor_type.shape.dim[1].dim_value for i in cache} == {kv_heads}
+
+
+def test_a_named_head_unit_is_kept():
+    result = spa.prune(_decoder(heads=8), ratio=0.3, round_to=1, attention="heads")
+    assert result.report.options["attention"] == "heads" and "attention_unit" not in result.report.options
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {node_attr_of(n, "kv_num_heads") for n in attention} == {1}
+
+
+def test_the_zoo_export_loses_query_heads_at_a_ratio_whole_kv_heads_would_overshoot(llm_zoo):
+    result = spa.prune(_genai(llm_zoo, "llama-genai-int4"), ratio=0.3)
+    report = result.report
+    assert report.validation.ok and report.validation.decode_checked, report.validation.problems
+    assert report.options["attention"] == "query_heads" and not report.validation.changed_io  # the cache as it was
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {(node_attr_of(n, "num_heads"), node_attr_of(n, "kv_num_heads")) for n in attention} == {(6, 2)}

@@ -238,13 +238,19 @@ def prune(name: str, ratio: float, write: Path | None) -> dict:
 
 
 def _figures(report: dict) -> dict:
-    heads = [g for g in report.get("groups", []) if g.get("kind") == "heads"]
+    # with query heads as the unit, the KV heads the cache keeps are groups of their own: not counted again
+    heads = [
+        g
+        for g in report.get("groups", [])
+        if g.get("kind") == "heads" or (g.get("kind") == "query_heads" and g.get("kv_heads"))
+    ]
     after = sum(g["heads"] - g.get("removed", 0) * g["heads"] // g["channels"] for g in heads)
     return {
         "groups": f"{report['groups_found']}/{report['groups_prunable']}/{report['groups_pruned']}",
         "params": f"{report['params_before']} -> {report['params_after']}",
         "heads": f"{sum(g['heads'] for g in heads)} -> {after}",
         "frozen_heads": sum(1 for g in heads if g.get("frozen")),
+        "unit": report["options"].get("attention"),
         "valid": (report.get("validation") or {}).get("ok"),
     }
 

@@ -144,12 +144,12 @@ def main() -> None:
 )
 @click.option(
     "--attention",
-    type=click.Choice(["heads", "head-dim", "query-heads"]),
+    type=click.Choice(["auto", "heads", "head-dim", "query-heads"]),
     default=_GROUPS.attention.replace("_", "-"),
     show_default=True,
     help="Attention units: remove whole heads (grouped-query: a KV head with its query heads), "
     "shrink head_dim evenly in every head, or (grouped-query) remove query heads evenly "
-    "in every KV group.",
+    "in every KV group; auto: whichever of whole heads and query heads lands nearer the ratio.",
 )
 @click.option(
     "--input-shape",
@@ -341,7 +341,7 @@ def _given(option: str) -> bool:
 @click.option(
     "--attention",
     type=click.Choice(["heads", "head-dim", "query-heads"]),
-    default=_GROUPS.attention.replace("_", "-"),
+    default="heads",  # auto needs the ratio, which only prune has
     show_default=True,
     help="Attention units: whole heads (grouped-query: a KV head with its query heads), one index "
     "of head_dim in every head, or one query head in every KV group.",

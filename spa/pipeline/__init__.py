@@ -12,9 +12,11 @@ pruned.save("m.pruned.onnx")
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import onnx
 
+from spa.core.coupling import HEADS, QUERY_HEADS
 from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
@@ -25,6 +27,8 @@ from spa.pipeline.pruned import PrunedModel
 from spa.pipeline.reports import Timer
 from spa.pipeline.scored import ScoredModel, score
 from spa.pipeline.usage import check_calibration_path, check_patterns
+from spa.planning import head_unit
+from spa.planning.head_unit import AUTO
 
 __all__ = [
     "CLI_RUN",
@@ -61,7 +65,7 @@ def prune_model(
     check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
     # the model runs at the sizes asked for and those that follow them: each must fit
     check_input_sizes(model.proto, complete_sizes(model.proto, dict(groups.input_shapes or {})))
-    analyzed = analyze(model, groups, progress, timer=timer)
+    analyzed = nearest_head_unit(analyze(model, groups, progress, timer=timer), planning, progress, timer)
     removes = planning.ratio > 0 or planning.target is not None or any(planning.ratios.values())
     # nothing to rank or refit when nothing goes (unless a target will pick another ratio)
     statistics = (scoring.data_aware or cutting.compensates(scoring)) and removes
@@ -70,3 +74,20 @@ def prune_model(
     if run.check:
         pruned.validate(run, progress)
     return pruned
+
+
+def nearest_head_unit(
+    analyzed: AnalyzedModel, planning: PlanOptions, progress: Progress | None, timer: Timer
+) -> AnalyzedModel:
+    """With attention units "auto", the model grouped with the unit nearest the ratio: whole KV heads,
+    or query heads evenly in every KV group. A target's ratio is found later, on these groups:
+    there, and where no attention layer shares its KV heads, whole heads."""
+    options = analyzed.options
+    if options.attention != AUTO:
+        return analyzed
+    choice = head_unit.choose(analyzed.analysis, planning.ratio) if planning.target is None else None
+    if choice is None:
+        return replace(analyzed, options=replace(options, attention=HEADS))
+    if choice.unit == QUERY_HEADS:
+        analyzed = analyze(analyzed.model, replace(options, attention=QUERY_HEADS), progress, timer=timer)
+    return replace(analyzed, options=replace(options, attention=choice.unit), head_unit=choice.describe(planning.ratio))
