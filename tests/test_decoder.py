@@ -299,6 +299,11 @@ def test_a_tied_int4_embedding_prunes_heads_and_the_folder_generates(llm_zoo, tm
     assert report["validation"]["ok"] and report["params_after"] < report["params_before"]
     heads = [g for g in report["groups"] if g.get("kv_heads")]
     assert len(heads) == 4 and sum(g.get("removed", 0) for g in heads) > 0
+    decoder_config = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    attention = [
+        n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "GroupQueryAttention"
+    ]
+    assert decoder_config["num_attention_heads"] == node_attr_of(attention[0], "num_heads") < 8
     model = og.Model(str(tmp_path))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=8, do_sample=False)
@@ -346,3 +351,46 @@ def test_the_zoo_export_loses_query_heads_at_a_ratio_whole_kv_heads_would_oversh
     assert report.options["attention"] == "query_heads" and not report.validation.changed_io  # the cache as it was
     attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
     assert {(node_attr_of(n, "num_heads"), node_attr_of(n, "kv_num_heads")) for n in attention} == {(6, 2)}
+
+
+def _down_widths(model: onnx.ModelProto) -> list[int]:
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [shapes[n.input[1]][0] for n in model.graph.node if n.op_type == "MatMul" and "down_proj" in n.name]
+
+
+def test_the_optimum_config_follows_query_heads_ffn_and_hidden_widths(llm_zoo, tmp_path):
+    """Query heads cut keep the cache, so the graph's attention width is what says how many heads
+    are left; uneven FFN widths leave intermediate_size as it was, and the summary says why."""
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    source = _optimum(llm_zoo, "llama-optimum")
+    out = tmp_path / "model.onnx"
+    command = ["prune", str(source), "--ratio", "0.3", "--approximate", "-o", str(out)]
+    done = CliRunner().invoke(main, [*command, "--ratio-for", "*layers.0/mlp*=0.5"])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "config.json").read_text())
+    pruned = onnx.load(str(out), load_external_data=False)
+    shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    o_proj = {shapes[n.input[1]][0] for n in pruned.graph.node if n.op_type == "MatMul" and "o_proj" in n.name}
+    lm_head = next(shapes[n.input[1]][0] for n in pruned.graph.node if "lm_head" in n.name)
+    cache = {i.type.tensor_type.shape.dim[1].dim_value for i in pruned.graph.input if i.name.startswith("past_")}
+    assert o_proj == {config["num_attention_heads"] * config["head_dim"]} and config["num_attention_heads"] < 8
+    assert cache == {config["num_key_value_heads"]} and config["hidden_size"] == lm_head < 256
+    widths = _down_widths(pruned)
+    assert len(set(widths)) > 1 and config["intermediate_size"] == 512
+    assert "intermediate_size left at 512: its layers' FFN widths differ" in done.output
+
+
+def test_an_even_ffn_cut_sets_intermediate_size(llm_zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    source = _optimum(llm_zoo, "qwen2-optimum")
+    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "config.json").read_text())
+    widths = set(_down_widths(onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)))
+    assert widths == {config["intermediate_size"]} and config["intermediate_size"] < 512
