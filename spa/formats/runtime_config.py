@@ -16,6 +16,9 @@ from pathlib import Path
 
 import onnx
 
+from spa.formats import nbits
+from spa.ops.linear import MatMul
+
 GENAI = "genai_config.json"
 TRANSFORMERS = "config.json"
 # files beside a model that describe the model rather than hold it: copied as they are
@@ -142,9 +145,9 @@ def _layer_widths(model: onnx.ModelProto) -> dict[str, set[int]]:
 
 
 def _input_width(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
-    if node.op_type == "MatMulNBits":
+    if node.op_type == nbits.OP_TYPE:
         return next((int(a.i) for a in node.attribute if a.name == "K"), None)
-    weight = shapes.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+    weight = shapes.get(node.input[1]) if node.op_type in MatMul.ops and len(node.input) > 1 else None
     return int(weight[0]) if weight and len(weight) == 2 else None
 
 
