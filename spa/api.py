@@ -121,7 +121,7 @@ def prune(
     providers: tuple[str, ...] = ("cpu",),
     threads: int = 0,
     custom_ops: tuple[str, ...] = (),
-    attention: str = "heads",
+    attention: str = "auto",
     refit: str = "auto",
     input_shapes: dict[str, list[int]] | None = None,
     inputs: dict[str, object] | None = None,
@@ -159,7 +159,10 @@ def prune(
     UsageError names the inputs and the feed.
     ``attention`` is the unit of attention layers: "heads" removes whole heads (grouped-query:
     a KV head with its query heads), "head_dim" shrinks head_dim evenly in every head,
-    "query_heads" removes query heads evenly in every KV group and keeps K and V.
+    "query_heads" removes query heads evenly in every KV group and keeps K and V; "auto" (the
+    default) takes whichever of "heads" and "query_heads" removes the share of heads nearest
+    ``ratio`` (whole heads on a tie, with a target, or where no layer shares its KV heads), and the
+    report's ``options["attention_unit"]`` says which and why.
 
     Data: ``calib`` (files, or a ``CalibrationDataReader``: ``ScoreOptions.calib``; the first
     ``calib_samples`` samples are used) feeds the data-driven criteria and compensation; up to

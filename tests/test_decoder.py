@@ -19,7 +19,7 @@ from spa.core.runtime import run, sample_inputs
 KV, HEADS, SIZE, HIDDEN = 2, 4, 8, 16
 
 
-def _decoder(layers: int = 2, packed: bool = False) -> onnx.ModelProto:
+def _decoder(layers: int = 2, packed: bool = False, heads: int = HEADS) -> onnx.ModelProto:
     """A decoder as onnxruntime-genai lays one out: token ids through an embedding, per layer a
     GroupQueryAttention reading ``past_key_values.N.key/value`` (head size a free axis) and writing
     ``present.N.key/value``, the mask over past and new tokens turned into its sequence lengths."""
@@ -38,20 +38,20 @@ def _decoder(layers: int = 2, packed: bool = False) -> onnx.ModelProto:
         if packed:  # as onnxruntime-genai's builder fuses them: one projection and its bias
             qkv = g.op(
                 "Add",
-                [g.op("MatMul", [x, g.weight(HIDDEN, (HEADS + 2 * KV) * SIZE)]), g.weight((HEADS + 2 * KV) * SIZE)],
+                [g.op("MatMul", [x, g.weight(HIDDEN, (heads + 2 * KV) * SIZE)]), g.weight((heads + 2 * KV) * SIZE)],
             )
             projections = [qkv, "", ""]
         else:
-            projections = [g.op("MatMul", [x, g.weight(HIDDEN, n * SIZE)]) for n in (HEADS, KV, KV)]
+            projections = [g.op("MatMul", [x, g.weight(HIDDEN, n * SIZE)]) for n in (heads, KV, KV)]
         a, key, value = g.op(
             "GroupQueryAttention",
             [*projections, *past, seqlens, total],
             n_out=3,
             domain="com.microsoft",
-            num_heads=HEADS,
+            num_heads=heads,
             kv_num_heads=KV,
         )
-        x = g.op("Add", [x, g.op("MatMul", [a, g.weight(HEADS * SIZE, HIDDEN)])])
+        x = g.op("Add", [x, g.op("MatMul", [a, g.weight(heads * SIZE, HIDDEN)])])
         presents += [(key, f"present.{layer}.key"), (value, f"present.{layer}.value")]
     logits = g.op("MatMul", [x, g.weight(HIDDEN, 32)])
     for tensor in [logits, *(t for t, _ in presents)]:
@@ -183,7 +183,7 @@ def test_genai_exports_run_on_spa_feeds(llm_zoo, name):
 
 
 def test_genai_fp32_prunes_heads_with_statistics(llm_zoo):
-    result = spa.prune(_genai(llm_zoo, "llama-genai-fp32"), ratio=0.3)
+    result = spa.prune(_genai(llm_zoo, "llama-genai-fp32"), ratio=0.3, attention="heads")
     report = result.report
     assert report.validation.ok and report.validation.decode_checked, report.validation.problems
     assert report.params_after < report.params_before
@@ -200,7 +200,7 @@ def test_optimum_export_prunes_heads(llm_zoo, name):
     """Optimum appends the new keys and values to the cache with Concat, and repeats the KV heads
     for their query heads with Expand and Reshape; Phi3 rotates part of each head (Slice, Concat
     along head_dim) and packs Q, K and V in one projection: heads are followed through all."""
-    result = spa.prune(_optimum(llm_zoo, name), ratio=0.3)
+    result = spa.prune(_optimum(llm_zoo, name), ratio=0.3, attention="heads")
     report = result.report
     assert report.validation.ok and report.validation.decode_checked, report.validation.problems
     assert report.params_after < report.params_before
@@ -209,6 +209,8 @@ def test_optimum_export_prunes_heads(llm_zoo, name):
     assert len(heads) == 4 and sum(g.removed for g in heads) > 0
     cache = [i for i in result.model.graph.input if i.name.startswith("past_key_values")]
     assert {i.type.tensor_type.shape.dim[1].dim_value for i in cache} == {1}
+    # the cache's head size is frozen, and the reason says the head axis alone may shrink
+    assert any("of the key/value cache, whose head axis alone may shrink" in (g.frozen or "") for g in report.groups)
 
 
 def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, tmp_path):
@@ -218,7 +220,8 @@ def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, tmp_path
 
     og = pytest.importorskip("onnxruntime_genai")
     source = _genai(llm_zoo, "llama-genai-fp32")
-    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    command = ["prune", str(source), "--ratio", "0.3", "--attention", "heads", "-o", str(tmp_path / "model.onnx")]
+    done = CliRunner().invoke(main, command)
     assert done.exit_code == 0, done.output
     config = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
     pruned = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
@@ -244,7 +247,8 @@ def test_the_pruned_optimum_folder_gets_its_config(llm_zoo, tmp_path):
     from spa.cli.commands import main
 
     source = _optimum(llm_zoo, "llama-optimum")
-    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    command = ["prune", str(source), "--ratio", "0.3", "--attention", "heads", "-o", str(tmp_path / "model.onnx")]
+    done = CliRunner().invoke(main, command)
     assert done.exit_code == 0, done.output
     config = json.loads((tmp_path / "config.json").read_text())
     pruned = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
@@ -277,3 +281,118 @@ def test_int4_packed_qkv_is_split_into_the_same_projections(llm_zoo):
         decoder.rollout(dense, lambda feed: run(dense, feed)), decoder.rollout(split, lambda feed: run(split, feed))
     ):
         assert np.array_equal(a["logits"], b["logits"])
+
+
+def test_a_tied_int4_embedding_prunes_heads_and_the_folder_generates(llm_zoo, tmp_path):
+    """Gemma's int4 export gathers its embedding from the LM head's packed weight
+    (GatherBlockQuantized): its shapes are inferred, so heads and the FFN prune behind it."""
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    og = pytest.importorskip("onnxruntime_genai")
+    source = _genai(llm_zoo, "gemma-genai-int4")
+    out = tmp_path / "model.onnx"
+    done = CliRunner().invoke(
+        main, ["prune", str(source), "--ratio", "0.3", "-o", str(out), "--json", str(tmp_path / "r.json")]
+    )
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["ok"] and report["params_after"] < report["params_before"]
+    heads = [g for g in report["groups"] if g.get("kv_heads")]
+    assert len(heads) == 4 and sum(g.get("removed", 0) for g in heads) > 0
+    decoder_config = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    attention = [
+        n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "GroupQueryAttention"
+    ]
+    assert decoder_config["num_attention_heads"] == node_attr_of(attention[0], "num_heads") < 8
+    model = og.Model(str(tmp_path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=8, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 5, 9, 12]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 8
+
+
+@pytest.mark.parametrize(
+    ("ratio", "unit", "heads", "kv_heads"),
+    [(0.3, "query_heads", 6, 2), (0.5, "heads", 4, 1)],
+)
+def test_the_head_unit_nearest_the_ratio_is_cut(ratio, unit, heads, kv_heads):
+    """8 query heads over 2 KV heads: at 0.3, a whole KV head would be 50% of attention and one
+    query head per KV group 25%, so query heads go and the cache keeps its layout; at 0.5 whole KV
+    heads land on it exactly and the cache shrinks."""
+    result = spa.prune(_decoder(heads=8), ratio=ratio, round_to=1)
+    report = result.report
+    assert report.validation.ok and report.validation.decode_checked, report.validation.problems
+    assert (
+        report.options["attention"] == unit
+        and "50% of an attention layer's heads as whole KV" in report.options["attention_unit"]
+    )
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [(node_attr_of(n, "num_heads"), node_attr_of(n, "kv_num_heads")) for n in attention] == [
+        (heads, kv_heads)
+    ] * 2
+    cache = [i for i in result.model.graph.input if i.name.startswith("past_key_values")]
+    assert {i.type.tensor_type.shape.dim[1].dim_value for i in cache} == {kv_heads}
+
+
+def test_a_named_head_unit_is_kept():
+    result = spa.prune(_decoder(heads=8), ratio=0.3, round_to=1, attention="heads")
+    assert result.report.options["attention"] == "heads" and "attention_unit" not in result.report.options
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {node_attr_of(n, "kv_num_heads") for n in attention} == {1}
+
+
+def test_the_zoo_export_loses_query_heads_at_a_ratio_whole_kv_heads_would_overshoot(llm_zoo):
+    result = spa.prune(_genai(llm_zoo, "llama-genai-int4"), ratio=0.3)
+    report = result.report
+    assert report.validation.ok and report.validation.decode_checked, report.validation.problems
+    assert report.options["attention"] == "query_heads" and not report.validation.changed_io  # the cache as it was
+    attention = [n for n in result.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {(node_attr_of(n, "num_heads"), node_attr_of(n, "kv_num_heads")) for n in attention} == {(6, 2)}
+
+
+def _down_widths(model: onnx.ModelProto) -> list[int]:
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [shapes[n.input[1]][0] for n in model.graph.node if n.op_type == "MatMul" and "down_proj" in n.name]
+
+
+def test_the_optimum_config_follows_query_heads_ffn_and_hidden_widths(llm_zoo, tmp_path):
+    """Query heads cut keep the cache, so the graph's attention width is what says how many heads
+    are left; uneven FFN widths leave intermediate_size as it was, and the summary says why."""
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    source = _optimum(llm_zoo, "llama-optimum")
+    out = tmp_path / "model.onnx"
+    command = ["prune", str(source), "--ratio", "0.3", "--approximate", "-o", str(out)]
+    done = CliRunner().invoke(main, [*command, "--ratio-for", "*layers.0/mlp*=0.5"])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "config.json").read_text())
+    pruned = onnx.load(str(out), load_external_data=False)
+    shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    o_proj = {shapes[n.input[1]][0] for n in pruned.graph.node if n.op_type == "MatMul" and "o_proj" in n.name}
+    lm_head = next(shapes[n.input[1]][0] for n in pruned.graph.node if "lm_head" in n.name)
+    cache = {i.type.tensor_type.shape.dim[1].dim_value for i in pruned.graph.input if i.name.startswith("past_")}
+    assert o_proj == {config["num_attention_heads"] * config["head_dim"]} and config["num_attention_heads"] < 8
+    assert cache == {config["num_key_value_heads"]} and config["hidden_size"] == lm_head < 256
+    widths = _down_widths(pruned)
+    assert len(set(widths)) > 1 and config["intermediate_size"] == 512
+    assert "intermediate_size left at 512: its layers' FFN widths differ" in done.output
+
+
+def test_an_even_ffn_cut_sets_intermediate_size(llm_zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from spa.cli.commands import main
+
+    source = _optimum(llm_zoo, "qwen2-optimum")
+    done = CliRunner().invoke(main, ["prune", str(source), "--ratio", "0.3", "-o", str(tmp_path / "model.onnx")])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "config.json").read_text())
+    widths = set(_down_widths(onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)))
+    assert widths == {config["intermediate_size"]} and config["intermediate_size"] < 512

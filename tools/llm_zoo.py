@@ -22,6 +22,14 @@ Exports are cached in ``~/.cache/spa/llm`` (``SPA_LLM_DIR``).
 An export is named ``<arch>-<exporter>``: ``llama-genai-fp32``, ``qwen2-genai-int4``,
 ``phi3-optimum``. For every export it prints the exit code of ``spa prune``, groups, params and
 attention heads before and after, and whether the pruned model validated.
+
+``--onnxsim`` also runs onnxsim 0.8.1's ``apply_attention_head_pruning``, then
+``apply_structured_pruning_matmul_nbits`` and ``apply_structured_pruning``, each with its ratio
+argument (``sparsity``) at ``--ratio``, on the same export, and checks both outputs the same way
+(``check_decoder``): onnxruntime runs a prefill and a decode step fed the model's own cache, with
+finite logits, and a genai folder generates with onnxruntime_genai (onnxsim writes no config: its
+folder gets the input's, as it is). ``--table FILE`` stores both as rows of the model table
+(``tools/results/model_table.json``; ``python tools/render_results.py`` renders them).
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = 2  # bump when a build or export changes, so cached folders are rebuilt
@@ -232,8 +242,9 @@ def _optimum_export(arch: str, out: str) -> None:
 # ---------------------------------------------------------------- pruning, in spa's environment
 
 
-def prune(name: str, ratio: float, write: Path | None) -> dict:
-    """``spa prune`` on export ``name`` as a user runs it; its exit code and the figures it reports."""
+def prune(name: str, ratio: float, write: Path | None) -> tuple[dict, dict]:
+    """``spa prune`` on export ``name`` as a user runs it: its exit code and the figures it reports,
+    the check of the folder it wrote (``check_decoder``), and its JSON report."""
     folder = exported(name)
     out = Path(tempfile.mkdtemp()) if write is None else write / name
     out.mkdir(parents=True, exist_ok=True)
@@ -245,21 +256,132 @@ def prune(name: str, ratio: float, write: Path | None) -> dict:
     row = {"export": name, "exit": done.returncode, "seconds": round(time.perf_counter() - start, 1)}
     if done.returncode:
         row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
-    if report.exists():
-        row.update(_figures(json.loads(report.read_text())))
+    written = json.loads(report.read_text()) if report.exists() else {}
+    if written:
+        row.update(_figures(written))
+    if not done.returncode:
+        row["check"] = check_decoder(out, "-genai-" in name)
     if write is None:
         shutil.rmtree(out, ignore_errors=True)
-    return row
+    return row, written
+
+
+# ---------------------------------------------------------------- checks, alike for spa and onnxsim
+
+
+def _line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+
+
+def generate(folder: Path, length: int = 12) -> list[int]:
+    """Greedy tokens onnxruntime_genai generates from the folder after a 4-token prompt."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 5, 9, 12]])
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def check_decoder(folder: Path, genai: bool) -> str:
+    """ "valid" when onnxruntime runs the folder's model on a prefill and on a decode step fed its
+    own cache, with finite logits, and (genai) onnxruntime_genai generates from the folder; else why not."""
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    from spa.core import decoder
+
+    path = folder / "model.onnx"
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        model = onnx.load(str(path), load_external_data=False)
+        steps = decoder.rollout(model, lambda feed: dict(zip(names, session.run(None, feed))))
+    except Exception as exc:
+        return f"prefill/decode: {_line(exc)}"
+    if not all(np.isfinite(step["logits"]).all() for step in steps):
+        return "logits not finite"
+    if genai:
+        try:
+            if len(generate(folder)) != 8:
+                return "genai: stopped early"
+        except Exception as exc:
+            return f"genai: {_line(exc)}"
+    return "valid"
+
+
+def counted_params(path: Path) -> int | None:
+    """Parameters as spa counts them (int4 values, not bytes), for any model."""
+    sys.path.insert(0, str(ROOT))
+    from spa.formats.model import Model
+    from spa.reporting.metrics import count
+
+    try:
+        return count(Model.load(path).graph).params
+    except Exception:
+        return None
+
+
+def heads_per_layer(path: Path) -> int | None:
+    """Query heads of each attention layer where the layers agree (the graph's own figures)."""
+    import onnx
+
+    sys.path.insert(0, str(ROOT))
+    from spa.formats.runtime_config import graph_sizes
+
+    return graph_sizes(onnx.load(str(path), load_external_data=False))[0].get("num_attention_heads")
+
+
+ONNXSIM_STEPS = ("apply_attention_head_pruning", "apply_structured_pruning_matmul_nbits", "apply_structured_pruning")
+
+
+def onnxsim_prune(name: str, ratio: float, out: Path) -> dict:
+    """onnxsim's three structured passes on export ``name``, each at ``sparsity=ratio``, written to ``out``
+    with the input folder's side files (configs, tokenizer) as they are."""
+    import onnx
+    from onnxsim import pruning as sim
+
+    folder = exported(name)
+    model = onnx.load(str(folder / "model.onnx"))
+    start, failed = time.perf_counter(), {}
+    for step in ONNXSIM_STEPS:
+        try:
+            model = getattr(sim, step)(model, sparsity=ratio)
+        except Exception as exc:
+            failed[step] = _line(exc)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    for side in folder.iterdir():
+        if side.is_file() and not side.name.startswith("model.onnx"):
+            shutil.copyfile(side, out / side.name)
+    verdict = check_decoder(out, "-genai-" in name)
+    row = {"verdict": verdict, "params_after": counted_params(out / "model.onnx"), "seconds": seconds}
+    row["heads"] = heads_per_layer(out / "model.onnx")
+    return {**row, "failed": failed} if failed else row
 
 
 def _figures(report: dict) -> dict:
-    heads = [g for g in report.get("groups", []) if g.get("kind") == "heads"]
+    # with query heads as the unit, the KV heads the cache keeps are groups of their own: not counted again
+    heads = [
+        g
+        for g in report.get("groups", [])
+        if g.get("kind") == "heads" or (g.get("kind") == "query_heads" and g.get("kv_heads"))
+    ]
     after = sum(g["heads"] - g.get("removed", 0) * g["heads"] // g["channels"] for g in heads)
     return {
         "groups": f"{report['groups_found']}/{report['groups_prunable']}/{report['groups_pruned']}",
         "params": f"{report['params_before']} -> {report['params_after']}",
         "heads": f"{sum(g['heads'] for g in heads)} -> {after}",
         "frozen_heads": sum(1 for g in heads if g.get("frozen")),
+        "unit": report["options"].get("attention"),
         "valid": (report.get("validation") or {}).get("ok"),
     }
 
@@ -270,6 +392,10 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--write", type=Path, help="keep the pruned folders here")
     parser.add_argument("--list", action="store_true", help="name the exports and where they are cached")
+    parser.add_argument("--onnxsim", action="store_true", help="also prune with onnxsim 0.8.1, checked alike")
+    parser.add_argument(
+        "--table", type=Path, help="store the rows in this model-table JSON (rows of other models kept)"
+    )
     parser.add_argument("--optimum-export", nargs=2, metavar=("ARCH", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.optimum_export:
@@ -279,9 +405,75 @@ def main() -> None:
         for name in EXPORTS:
             print(name, export_dir(name))
         return
-    rows = [prune(name, args.ratio, args.write) for name in args.exports or EXPORTS]
-    for row in rows:
-        print(json.dumps(row))
+    table = json.loads(args.table.read_text()) if args.table and args.table.exists() else []
+    for name in args.exports or EXPORTS:
+        row, report = prune(name, args.ratio, args.write)
+        sim = None
+        if args.onnxsim:
+            with tempfile.TemporaryDirectory() as scratch:
+                sim = onnxsim_prune(name, args.ratio, Path(scratch) / name)
+            row["onnxsim"] = sim
+        print(json.dumps(row), flush=True)
+        if args.table:
+            entry = table_row(name, row, report, sim)
+            table = [r for r in table if (r["model"], r["exporter"]) != (entry["model"], entry["exporter"])] + [entry]
+            args.table.write_text(json.dumps(table, indent=1, default=str))
+    if args.table:  # the builder's refusal, kept as a row with its reason
+        refused = {"model": "phi3", "exporter": "onnxruntime-genai", "not_built": PHI3_GENAI}
+        table = [r for r in table if (r["model"], r["exporter"]) != ("phi3", "onnxruntime-genai")] + [refused]
+        args.table.write_text(json.dumps(table, indent=1, default=str))
+
+
+PHI3_GENAI = "the genai builder fails on this Phi3 config (KeyError 'multi_cache' in the builder)"
+
+
+def table_row(name: str, row: dict, report: dict, sim: dict | None) -> dict:
+    """The export's row of the model table (``tools/render_results.py``): spa as the CLI ran it,
+    and onnxsim beside it, both judged by ``check_decoder``."""
+    sys.path.insert(0, str(ROOT))
+    from spa.reporting.group_layers import is_ffn
+
+    arch, exporter, *precision = name.split("-")
+    label = "onnxruntime-genai" if exporter == "genai" else "optimum"
+    entry: dict = {"model": arch, "exporter": f"{label} {precision[0]}" if precision else label, "dynamic": True}
+    verdict = row.get("check") or f"exit {row['exit']}: {row.get('error', '')}"[:200]
+    spa_row = {"verdict": verdict, "seconds": row["seconds"]}
+    if report:
+        groups = report["groups"]
+        heads = [
+            g for g in groups if g.get("kind") == "heads" or (g.get("kind") == "query_heads" and g.get("kv_heads"))
+        ]
+        ffn = [g for g in groups if is_ffn(g)]
+        other = [
+            g for g in groups if g.get("kind") is None and g not in ffn and not g.get("frozen") and g["channels"] > 1
+        ]
+        validation = report["validation"]
+        spa_row.update(
+            params_before=report["params_before"],
+            params_after=report["params_after"],
+            flops_before=report["flops_before"],
+            flops_after=report["flops_after"],
+            soft_equal=validation.get("soft_equal"),
+            soft_max_rel_error=validation.get("soft_max_rel_error"),
+            heads=[
+                {
+                    "heads": g["heads"],
+                    "head_dim": g["head_dim"],
+                    "heads_after": g["heads"] - g.get("removed", 0) * g["heads"] // g["channels"],
+                    "frozen": g.get("frozen"),
+                }
+                for g in heads
+            ],
+            ffn_found=len(ffn),
+            ffn_pruned=sum(g.get("removed", 0) > 0 for g in ffn),
+            other_prunable=len(other),
+            other_pruned=sum(g.get("removed", 0) > 0 for g in other),
+            unit=report["options"].get("attention"),
+        )
+    entry["spa"] = spa_row
+    if sim is not None:
+        entry["onnxsim"] = sim
+    return entry
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from spa.analysis.unknown_shapes import ShapeOrigins
 from spa.core import decoder
 from spa.core.coupling import Dim, Freeze, HeadInfo, Link, Pending, RuleContext, Sink
 from spa.core.graph import ModelGraph
@@ -112,6 +113,7 @@ class _Walk:
         # a decoder's key/value cache is graph I/O whose head axis may shrink with the heads: the
         # runtime sizes the cache from the model (its config or the I/O shapes), not the reverse
         self.cache_io = decoder.cache_names(list(graph.inputs), list(graph.outputs))
+        self.shape_origins = ShapeOrigins(graph, registry)
 
     def run(self) -> None:
         for node in self.graph.nodes:
@@ -143,10 +145,14 @@ class _Walk:
         self.ctx.known_dims.add(dim)
         name = dim.tensor
         cache_heads = name in self.cache_io and dim.axis == 1
+        # a cache's other axes (batch, length, head size) are laid out by the runtime: heads go whole
+        cache_axis = (
+            " of the key/value cache, whose head axis alone may shrink, by whole heads" if name in self.cache_io else ""
+        )
         if name in self.inputs and not cache_heads:
-            self._freeze(dim, "graph input")
+            self._freeze(dim, f"graph input{cache_axis}")
         if name in self.outputs and not cache_heads:
-            self._freeze(dim, "graph output")
+            self._freeze(dim, f"graph output{cache_axis}")
         if name in self.excluded:
             self._freeze(dim, self.excluded[name])
         producer = self.graph.producer.get(name)
@@ -176,19 +182,27 @@ class _Walk:
                 item = replace(item, what=f"{node.op_type} '{node.name}'")
             if isinstance(item, Link):
                 if self.ctx.size(item.a) is None or self.ctx.size(item.b) is None:
-                    self._freeze(item.a, f"size unknown next to {node.op_type} '{node.name}'")
+                    self._freeze(
+                        item.a, self._with_shape_cause(node, f"size unknown next to {node.op_type} '{node.name}'")
+                    )
                     continue
                 self.links.append(item)
                 self.linked_by[node.name].update((item.a, item.b))
                 self._enqueue(item.a)
                 self._enqueue(item.b)
             elif isinstance(item, Freeze):
-                self._freeze(item.dim, item.reason)
+                self._freeze(item.dim, self._with_shape_cause(node, item.reason))
                 self._enqueue(item.dim)
             elif isinstance(item, Sink):
                 self.sinks.append(item)
             elif isinstance(item, Pending):
                 self.pending.append((node, item.dim))
+
+    def _with_shape_cause(self, node, reason: str) -> str:
+        """``reason``, and where the shapes around ``node`` were lost when some are unknown: the
+        rules notice a missing size at the next layer, the user can act only where it starts."""
+        cause = self.shape_origins.cause(node)
+        return reason if cause is None else f"{reason}; {cause}"
 
     def _freeze(self, dim: Dim, reason: str) -> None:
         self.freezes.setdefault(dim, reason)

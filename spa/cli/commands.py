@@ -315,7 +315,7 @@ def _given(option: str) -> bool:
 @click.option(
     "--attention",
     type=click.Choice(["heads", "head-dim", "query-heads"]),
-    default=_GROUPS.attention.replace("_", "-"),
+    default="heads",  # auto needs the ratio, which only prune has
     show_default=True,
     help="Attention units: whole heads (grouped-query: a KV head with its query heads), one index "
     "of head_dim in every head, or one query head in every KV group.",

@@ -55,12 +55,12 @@ approximate = click.option(
 )
 attention = click.option(
     "--attention",
-    type=click.Choice(["heads", "head-dim", "query-heads"]),
+    type=click.Choice(["auto", "heads", "head-dim", "query-heads"]),
     default=_GROUPS.attention.replace("_", "-"),
     show_default=True,
     help="Attention units: remove whole heads (grouped-query: a KV head with its query heads), "
     "shrink head_dim evenly in every head, or (grouped-query) remove query heads evenly "
-    "in every KV group.",
+    "in every KV group; auto: whichever of whole heads and query heads lands nearer the ratio.",
 )
 input_shape = click.option(
     "--input-shape",

@@ -81,6 +81,8 @@ def prune_summary(r: dict) -> str:
         f"params: {change(r['params_before'], r['params_after'])}",
         f"FLOPs:  {change(r['flops_before'], r['flops_after'])}{counted_at(r)}",
     ]
+    if r["options"].get("attention_unit"):
+        lines.append(f"heads:  {r['options']['attention_unit']}")
     summary = r.get("summary")
     if r.get("experts"):
         lines.append(experts_line(r["experts"]))

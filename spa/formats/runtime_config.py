@@ -10,16 +10,24 @@ the fields the cut changed, and the tokenizer and other side files are copied be
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 
+from spa.formats import nbits
+from spa.ops.linear import MatMul
+
 GENAI = "genai_config.json"
 TRANSFORMERS = "config.json"
 # files beside a model that describe the model rather than hold it: copied as they are
 _SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+# the projections whose input widths are a layer's attention width (heads x head size) and FFN
+# width, as the onnxruntime-genai builder and the transformers exporters name them
+_LAYER = re.compile(r"layers\.(\d+)/(?:self_attn|attn|mlp)/(o_proj|down_proj)/")
+_LM_HEAD = re.compile(r"(^|/)lm_head/")
 
 
 def attention_sizes(model: onnx.ModelProto) -> dict[str, int]:
@@ -70,23 +78,24 @@ def write_configs(
     if uneven_layers(pruned):
         raise ValueError("the cut left layers with different head counts, which a runtime config cannot describe")
     written = []
-    changed, experts = _changes(dense, pruned), expert_sizes(pruned)
+    changed, notes = _changes(dense, pruned)
+    experts = expert_sizes(pruned)
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.suffix not in _SIDE_SUFFIXES or (target / path.name).exists():
             continue
         if path.name == GENAI:
             config = json.loads(path.read_text())
-            section = config.get("model", {}).get("decoder", {})
-            applied = _set(section, {**changed, **expert_changes(section, experts)})
-            applied.update(drop_layers(section, removed_layers))
+            decoder = config.get("model", {}).get("decoder", {})
+            applied = _set(decoder, {**changed, **expert_changes(decoder, experts)})
+            applied.update(drop_layers(decoder, removed_layers))
             _write(target / path.name, config)
-            written.append(f"{path.name}: {_describe(applied)}")
+            written.append(f"{path.name}: {_describe(applied)}{_noted(notes, decoder)}")
         elif path.name == TRANSFORMERS:
             config = json.loads(path.read_text())
             applied = _set(config, {**changed, **expert_changes(config, experts)})
             applied.update(drop_layers(config, removed_layers))
             _write(target / path.name, config)
-            written.append(f"{path.name}: {_describe(applied)}")
+            written.append(f"{path.name}: {_describe(applied)}{_noted(notes, config)}")
         else:
             shutil.copyfile(path, target / path.name)
             written.append(f"{path.name}: copied")
@@ -135,13 +144,70 @@ def drop_layers(config: dict, removed: Sequence[int]) -> dict:
     return applied
 
 
-def _changes(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> dict[str, int]:
-    before, after = attention_sizes(dense), attention_sizes(pruned)
-    kv_before, kv_after = cache_heads(dense), cache_heads(pruned)
-    if kv_before is not None and kv_after is not None:
-        before.setdefault("num_key_value_heads", kv_before)
-        after.setdefault("num_key_value_heads", kv_after)
-    return {name: value for name, value in after.items() if before.get(name) not in (None, value)}
+def _changes(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]]:
+    """The config fields the cut changed, and the fields left as they were with the reason."""
+    (before, _), (after, notes) = graph_sizes(dense), graph_sizes(pruned)
+    changed = {name: value for name, value in after.items() if before.get(name) not in (None, value)}
+    return changed, {name: why for name, why in notes.items() if name not in changed}
+
+
+def graph_sizes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]]:
+    """The sizes a runtime config states, as ``model``'s graph has them: head counts, head size,
+    hidden and FFN width (under both names the configs use for the head size); and, for a size the
+    layers disagree on, why it cannot be stated."""
+    sizes = attention_sizes(model)
+    kv = cache_heads(model)
+    if kv is not None:
+        sizes.setdefault("num_key_value_heads", kv)
+    widths, notes = _layer_widths(model), {}
+    attention, ffn = widths.get("o_proj", set()), widths.get("down_proj", set())
+    head_size = _cache_head_size(model)
+    if len(attention) == 1:
+        width = next(iter(attention))
+        if head_size is None and sizes.get("num_attention_heads"):
+            head_size = width // sizes["num_attention_heads"]
+        if head_size:
+            sizes.setdefault("num_attention_heads", width // head_size)
+    if head_size:
+        sizes["head_size"] = sizes["head_dim"] = head_size
+    if len(ffn) == 1:
+        sizes["intermediate_size"] = next(iter(ffn))
+    elif ffn:
+        notes["intermediate_size"] = f"its layers' FFN widths differ ({', '.join(map(str, sorted(ffn)))})"
+    hidden = widths.get("lm_head", set())
+    if len(hidden) == 1:
+        sizes["hidden_size"] = next(iter(hidden))
+    return sizes, notes
+
+
+def _layer_widths(model: onnx.ModelProto) -> dict[str, set[int]]:
+    """Input widths of each layer's output and down projections, and of the LM head."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    found: dict[str, set[int]] = {}
+    for node in model.graph.node:
+        match = _LAYER.search(node.name)
+        role = match.group(2) if match else "lm_head" if _LM_HEAD.search(node.name) else None
+        width = _input_width(node, shapes) if role else None
+        if role and width:
+            found.setdefault(role, set()).add(width)
+    return found
+
+
+def _input_width(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
+    if node.op_type == nbits.OP_TYPE:
+        return next((int(a.i) for a in node.attribute if a.name == "K"), None)
+    weight = shapes.get(node.input[1]) if node.op_type in MatMul.ops and len(node.input) > 1 else None
+    return int(weight[0]) if weight and len(weight) == 2 else None
+
+
+def _cache_head_size(model: onnx.ModelProto) -> int | None:
+    """The head size every cache input declares (Optimum's do; the genai builder's is symbolic)."""
+    sizes = {
+        info.type.tensor_type.shape.dim[3].dim_value
+        for info in model.graph.input
+        if info.name.startswith("past_key_values") and len(info.type.tensor_type.shape.dim) == 4
+    }
+    return sizes.pop() if len(sizes) == 1 and 0 not in sizes else None
 
 
 def _set(config: dict, changed: dict[str, int]) -> dict[str, int]:
@@ -155,6 +221,12 @@ def _set(config: dict, changed: dict[str, int]) -> dict[str, int]:
     applied = {name: value for name, value in changed.items() if name in config}
     config.update(applied)
     return applied
+
+
+def _noted(notes: dict[str, str], config: dict) -> str:
+    """Fields of ``config`` left at their dense value, and why: one number cannot describe them."""
+    kept = [f"{name} left at {config[name]}: {why}" for name, why in notes.items() if name in config]
+    return "".join(f"; {line}" for line in kept)
 
 
 def _describe(changed: dict[str, int]) -> str:

@@ -40,7 +40,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception:
             pass
     _settle_reshape_splits(inferred)
-    model.graph.value_info.extend(inferred.graph.value_info)
+    produced = {name for node in model.graph.node for name in node.output}  # not the stand-ins' own tensors
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name in produced)
     for ours, theirs in zip(model.graph.output, inferred.graph.output):
         if not ours.type.tensor_type.HasField("shape") and theirs.type.tensor_type.HasField("shape"):
             ours.CopyFrom(theirs)

@@ -93,9 +93,10 @@ class Operator:
 
     # ------------------------------------------------------------ shapes
 
-    def inferred_as(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    def inferred_as(self, node: onnx.NodeProto) -> onnx.NodeProto | Sequence[onnx.NodeProto] | None:
         """A standard op with the same output shapes, for shape inference of an op onnx does not
-        know (None: onnx, or onnxruntime's symbolic inference, knows it)."""
+        know (None: onnx, or onnxruntime's symbolic inference, knows it); or a few standard ops
+        that compute its outputs, their intermediate tensors named after its own output."""
         return None
 
     # ------------------------------------------------------------ cost

@@ -20,6 +20,7 @@ from spa.ops import (
     elementwise,
     fused_conv,
     gather,
+    gather_block_quantized,
     integer,
     layout,
     linear,
@@ -72,12 +73,25 @@ class Registry:
 
     def stand_in_for_inference(self, graph: onnx.GraphProto) -> None:
         """In a copy of a graph made for shape inference, replace each node onnx cannot infer by the
-        standard op its operator says has the same output shapes (``Operator.inferred_as``)."""
+        standard op its operator says has the same output shapes (``Operator.inferred_as``), or by
+        the few standard ops it says compute them."""
+        nodes: list[onnx.NodeProto] = []
         for node in graph.node:
             operator = self.of(node)
             stand_in = operator.inferred_as(node) if operator is not None else None
-            if stand_in is not None:
-                node.CopyFrom(stand_in)
+            if stand_in is None:
+                nodes.append(node)
+            elif isinstance(stand_in, onnx.NodeProto):
+                nodes.append(stand_in)
+            else:
+                nodes.extend(stand_in)
+        if len(nodes) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(nodes)
+        else:
+            for node, replacement in zip(graph.node, nodes):
+                if node is not replacement:
+                    node.CopyFrom(replacement)
 
     def __iter__(self) -> Iterator[Operator]:
         return iter(dict.fromkeys(self._by_key.values()))
@@ -109,6 +123,7 @@ DEFAULT = Registry(
         layout.Split(),
         layout.Slice(),
         gather.Gather(),
+        gather_block_quantized.GatherBlockQuantized(),
         layout.Transpose(),
         layout.PixelShuffle(),
         layout.Tile(),

@@ -119,17 +119,25 @@ class ReshapeFamily(Operator):
             ctx.choices[key] = self._choose(node, multi_t, multi, ctx)
         chosen = ctx.choices[key]
         if dim.tensor == multi_t and dim.axis != chosen:
-            links.freeze(
-                dim,
-                f"{node.op_type} '{node.name}' merges this axis with axis {chosen}, "
-                f"the factor of the product that shrinks",
-            )
+            links.freeze(dim, self._merged_reason(node, dim, chosen, ctx))
             return links.out
         sizes = [ctx.graph.shape(multi_t)[a] for a in multi]
         coordinate = _coordinate(sizes, multi.index(chosen))
         links.add(pairs(Dim(multi_t, chosen), Dim(single_t, single[0]), coordinate, np.arange(len(coordinate))))
         self._check_target(node, dim, chosen if multi_t == node.outputs[0] else single[0], links, ctx)
         return links.out
+
+    def _merged_reason(self, node, dim: Dim, chosen: int, ctx) -> str:
+        merge = repeat_kv(ctx.graph, node) if ctx.attention == QUERY_HEADS else None
+        if merge is not None and dim.tensor == node.inputs[0] and dim.axis == merge.kv_axis:
+            # the user's unit, not a limit of the graph: say so, as the fused attention ops do
+            return (
+                f"{node.op_type} '{node.name}' repeats each K/V head for its query heads: "
+                "K/V heads stay when query heads are the unit"
+            )
+        return (
+            f"{node.op_type} '{node.name}' merges this axis with axis {chosen}, the factor of the product that shrinks"
+        )
 
     def _choose(self, node, multi_t, multi, ctx):
         sizes = {a: ctx.graph.shape(multi_t)[a] for a in multi}

@@ -12,9 +12,11 @@ pruned.save("m.pruned.onnx")
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import onnx
 
+from spa.core.coupling import HEADS, QUERY_HEADS
 from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
@@ -27,6 +29,8 @@ from spa.pipeline.pruned import PrunedModel
 from spa.pipeline.reports import Timer, count_model
 from spa.pipeline.scored import ScoredModel, score
 from spa.pipeline.usage import check_calibration_path, check_patterns
+from spa.planning import head_unit
+from spa.planning.head_unit import AUTO
 
 __all__ = [
     "CLI_RUN",
@@ -96,7 +100,7 @@ def prune_model(
     check_patterns(model.graph, "--ratio-for", planning.ratios)  # before the statistics, not after
     given = model
     model, planning, depth, experts = _remove_whole_parts(model, groups, scoring, planning, cutting, run, progress)
-    analyzed = analyze(model, groups, progress, timer=timer)
+    analyzed = nearest_head_unit(analyze(model, groups, progress, timer=timer), planning, progress, timer)
     scored = score(analyzed, scoring, run, collects_statistics(scoring, planning, cutting), progress, timer)
     pruned = scored.plan(options=planning, progress=progress).apply(options=cutting, progress=progress)
     pruned.experts = experts
@@ -109,3 +113,20 @@ def prune_model(
                 given.proto, pruned.hard.as_input_format, scored.calibration, scoring.calib_samples, run
             )
     return pruned
+
+
+def nearest_head_unit(
+    analyzed: AnalyzedModel, planning: PlanOptions, progress: Progress | None, timer: Timer
+) -> AnalyzedModel:
+    """With attention units "auto", the model grouped with the unit nearest the ratio: whole KV heads,
+    or query heads evenly in every KV group. A target's ratio is found later, on these groups:
+    there, and where no attention layer shares its KV heads, whole heads."""
+    options = analyzed.options
+    if options.attention != AUTO:
+        return analyzed
+    choice = head_unit.choose(analyzed.analysis, planning.ratio) if planning.target is None else None
+    if choice is None:
+        return replace(analyzed, options=replace(options, attention=HEADS))
+    if choice.unit == QUERY_HEADS:
+        analyzed = analyze(analyzed.model, replace(options, attention=QUERY_HEADS), progress, timer=timer)
+    return replace(analyzed, options=replace(options, attention=choice.unit), head_unit=choice.describe(planning.ratio))

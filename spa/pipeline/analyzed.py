@@ -11,6 +11,7 @@ import onnx
 
 from spa.analysis.groups import Analysis, find_groups
 from spa.analysis.layers import LayerIndex
+from spa.core.coupling import HEADS
 from spa.core.feeds import given_values
 from spa.core.graph import ModelGraph
 from spa.core.runtime import check_input_sizes, complete_sizes, counted_sizes, unsized_axes
@@ -21,6 +22,7 @@ from spa.pipeline.options import AnalyzeOptions, RunOptions, ScoreOptions
 from spa.pipeline.reports import AnalysisReport, GroupReport, Timer, count_model
 from spa.pipeline.scored import ScoredModel, score
 from spa.pipeline.usage import check_patterns
+from spa.planning.head_unit import AUTO
 from spa.reporting.metrics import ModelStats, bodies
 
 
@@ -33,6 +35,7 @@ class AnalyzedModel:
     analysis: Analysis  # the groups, the unit labels of every dimension, the frozen dimensions
     sizes: dict[str, list[int]]  # the input sizes asked for, completed through shared symbols
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
+    head_unit: str = ""  # with attention "auto": which unit attention layers lose, and why
 
     @property
     def groups(self):
@@ -112,8 +115,9 @@ def analyze(
     sizes = complete_sizes(model.proto, given)
     timer.lap("load")
     say(progress, "group")
+    attention = HEADS if options.attention == AUTO else options.attention
     analysis = find_groups(
-        model.graph, model.opset, tuple(options.exclude), options.approximate, options.attention, options.registry
+        model.graph, model.opset, tuple(options.exclude), options.approximate, attention, options.registry
     )
     return AnalyzedModel(model, options, analysis, sizes, timer.lap("group"))
 

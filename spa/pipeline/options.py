@@ -15,6 +15,7 @@ from spa.core.errors import UsageError
 from spa.core.runlimit import RUN_TIMEOUT, checked_timeout
 from spa.formats.calib_reader import CalibrationReader, is_reader
 from spa.ops.registry import DEFAULT, Registry
+from spa.planning.head_unit import AUTO
 from spa.planning.search import Target
 from spa.scoring.blocks import BLOCK_SCORES
 from spa.scoring.criteria import CRITERIA
@@ -30,8 +31,10 @@ class AnalyzeOptions:
     exclude: tuple[str, ...] = ()  # node name patterns (fnmatch) whose channels stay whole
     approximate: bool = False  # also prune groups where removal is not equal to zeroing (norms)
     # attention units: "heads" (grouped-query: a KV head with its query heads), "head_dim" (one
-    # index of head_dim in every head) or "query_heads" (the same query head in every KV group)
-    attention: str = "heads"
+    # index of head_dim in every head), "query_heads" (the same query head in every KV group), or
+    # "auto": whichever of heads and query_heads lands nearer the ratio (``spa.planning.head_unit``);
+    # heads wherever no ratio is known (analysis alone, a target)
+    attention: str = AUTO
     # input name -> sizes (inputs sharing a symbolic axis follow); free axes otherwise count 1
     input_shapes: Mapping[str, list[int]] | None = None
     # the operators spa knows (``DEFAULT.with_operators(...)`` adds a caller's own)
@@ -41,8 +44,10 @@ class AnalyzeOptions:
     inputs: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_UNITS:
-            raise UsageError(f"attention units must be one of {', '.join(ATTENTION_UNITS)}, got '{self.attention}'")
+        if self.attention not in (*ATTENTION_UNITS, AUTO):
+            raise UsageError(
+                f"attention units must be one of {', '.join((*ATTENTION_UNITS, AUTO))}, got '{self.attention}'"
+            )
 
 
 @dataclass(frozen=True)

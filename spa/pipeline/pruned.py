@@ -250,6 +250,8 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         "refit": pruned.options.refit,
         "input_shapes": sizes,
     }
+    if analyzed.head_unit:  # only when chosen: reports of runs that name their unit stay as they were
+        options["attention_unit"] = analyzed.head_unit
     if plan.options.ratios:  # only when given: reports of runs without them stay as they were
         options["ratios"] = dict(plan.options.ratios)
     if plan.options.remove_experts:

@@ -142,9 +142,21 @@ def _params_read(graph: ModelGraph, node: Node, seen: set[str], registry: Regist
     for slot, name in enumerate(node.inputs + node.implicit_inputs):
         tensor = graph.initializers.get(name)
         if tensor is not None and name not in seen and _is_weight(graph, name, tensor.data_type, registry):
+            if node.op_type in _DATA_MOVEMENT and _read_packed_elsewhere(graph, name, registry):
+                continue  # counted where it is read packed, as values rather than bytes
             seen.add(name)
             total += operator.parameter_elements(node, slot, tensor.dims)
     return total
+
+
+def _read_packed_elsewhere(graph: ModelGraph, name: str, registry: Registry) -> bool:
+    """Whether an op reads ``name`` as quantized data directly: a tied table that an embedding
+    reads reshaped and the LM head reads packed."""
+    for node in graph.consumers.get(name, ()):
+        operator = registry.of(node) or _NOTHING
+        if any(node.input(slot) == name for slot in operator.quantized_data_inputs):
+            return True
+    return False
 
 
 def _is_weight(graph: ModelGraph, name: str, data_type: int, registry: Registry) -> bool:

@@ -142,9 +142,11 @@ def validate(
     pruned_steps = decode.check(result, dense, pruned, seed, custom_ops)
     step(4, total)
     if soft is not None and hard_exact is not None:
-        precise = _full_precision(soft)
+        precise, made = _full_precision(soft), []
         if precise is not None:
+            given = (soft, hard_exact)
             soft, hard_exact = _at_full_precision(soft), _at_full_precision(hard_exact)
+            made = [m for m, g in zip((soft, hard_exact), given) if isinstance(m, Path) and m != g]
         soft_out = _without(run_all(soft, feeds, custom_ops, precise), resized)
         reuse = hard_exact is pruned and precise is None
         hard_out = _without(pruned_out if reuse else run_all(hard_exact, feeds, custom_ops, precise), resized)
@@ -155,6 +157,8 @@ def validate(
         if pruned_steps is not None:  # the cache a cut shrinks is only read back on a decode step
             hard_steps = pruned_steps if hard_exact is pruned else decode.steps(hard_exact, seed, custom_ops)
             err = max(err, decode.soft_hard_error(soft, hard_steps, seed, custom_ops))
+        for beside in made:  # the float-product graphs written beside the models' data
+            beside.unlink(missing_ok=True)
         result.soft_max_rel_error = err
         result.soft_equal = err < SOFT_TOLERANCE
         if not result.soft_equal:
@@ -327,29 +331,31 @@ _FLOAT_PRODUCTS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 def _full_precision(soft: Source) -> dict[str, str] | None:
     """The session entries that keep block-quantized products in float, where ``soft`` has one."""
-    if not isinstance(soft, onnx.ModelProto):
-        return None
     blocked = any(
         node.op_type == _BLOCK_PRODUCT or (node.op_type == "DequantizeLinear" and _attr(node, "block_size"))
-        for node in soft.graph.node
+        for node in proto_of(soft).graph.node
     )
     return dict(_FLOAT_PRODUCTS) if blocked else None
 
 
 def _at_full_precision(source: Source) -> Source:
-    """``source`` with its MatMulNBits computing in float (accuracy_level 0)."""
-    if not isinstance(source, onnx.ModelProto) or not any(
-        node.op_type == _BLOCK_PRODUCT and _attr(node, "accuracy_level") > 1 for node in source.graph.node
-    ):
+    """``source`` with its MatMulNBits computing in float (accuracy_level 0); a model with external
+    data gets a graph beside its own, so that the data it names is found."""
+    proto = proto_of(source)
+    if not any(node.op_type == _BLOCK_PRODUCT and _attr(node, "accuracy_level") > 1 for node in proto.graph.node):
         return source
     copy = onnx.ModelProto()
-    copy.CopyFrom(source)
+    copy.CopyFrom(proto)
     for node in copy.graph.node:
         if node.op_type == _BLOCK_PRODUCT:
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend(kept)
-    return copy
+    if isinstance(source, onnx.ModelProto):
+        return copy
+    beside = source.with_name(f".{source.stem}.float-products.onnx")
+    beside.write_bytes(copy.SerializeToString())
+    return beside
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:

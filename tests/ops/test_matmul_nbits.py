@@ -209,3 +209,27 @@ def test_soft_and_hard_are_compared_with_the_products_in_float(monkeypatch):
     levels = [a.i for source in compared for n in source.graph.node for a in n.attribute if a.name == "accuracy_level"]
     assert levels == []
     assert all(node_attr(result.model, "MatMulNBits", "accuracy_level", i) == 4 for i in (0, 1))
+
+
+def test_soft_and_hard_stored_with_external_data_are_compared_in_float_too(monkeypatch, tmp_path):
+    # a model with external data is validated from files: the float products must reach them too
+    import spa.verify.validate as validate
+
+    runs = []
+    real = validate.run_all
+
+    def recording(source, feeds, custom_ops, config=None):
+        if config:
+            runs.append(onnx.load(str(source), load_external_data=False))
+        return real(source, feeds, custom_ops, config)
+
+    monkeypatch.setattr(validate, "run_all", recording)
+    model = quantized(float_mlp(), 4)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    prune_exact(str(path), 0.4)
+    assert len(runs) == 2 and all(a.name != "accuracy_level" for m in runs for n in m.graph.node for a in n.attribute)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # the input untouched

@@ -28,6 +28,24 @@ def test_op_without_rule_freezes_and_is_named():
     assert "CumSum" in group.frozen and "running_total" in group.frozen
 
 
+def test_layers_past_an_op_without_shapes_name_that_op_as_the_cause():
+    # the unknown op loses every shape after it: the MLP behind it freezes at its own MatMuls,
+    # and the reason says where the shapes were lost and what to do about it
+    g = Graph()
+    x = g.input("x", [2, 16])
+    first = g.weight(16, 16)
+    mystery = g.op("Mystery", [g.op("MatMul", [x, first])], domain="example.custom", name="mystery")
+    up = g.weight(16, 32)
+    g.output(g.op("MatMul", [g.op("Relu", [g.op("MatMul", [mystery, up])]), g.weight(32, 4)]))
+    model = g.build()
+    model.opset_import.append(helper.make_opsetid("example.custom", 1))
+    analysis = analysis_of(model)
+    frozen = group_at(analysis, up).frozen
+    assert frozen and "shapes are unknown from Mystery 'mystery' on" in frozen and "value_info" in frozen
+    before = group_at(analysis, first).frozen
+    assert "no rule for op Mystery" in before and "shapes are unknown" not in before  # the op itself, named once
+
+
 class Double(Unary):
     """A custom element-wise op (x * 2) that spa does not ship: what a caller adds."""
 
