@@ -166,7 +166,9 @@ def hf_folder(arch: str) -> Path:
     folder = cache_dir() / f"hf-{arch}-v{VERSION}"
     if not (folder / "config.json").exists():
         partial = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{arch}-"))
-        save_hf(arch, partial)
+        # in a process of its own: a caller that imported transformers before torchvision was found
+        # broken has it cached as usable, and some model classes (Qwen2) then fail to import
+        subprocess.run([sys.executable, __file__, "--save-hf", arch, str(partial)], check=True)
         shutil.rmtree(folder, ignore_errors=True)
         partial.replace(folder)
     return folder
@@ -397,7 +399,11 @@ def main() -> None:
         "--table", type=Path, help="store the rows in this model-table JSON (rows of other models kept)"
     )
     parser.add_argument("--optimum-export", nargs=2, metavar=("ARCH", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--save-hf", nargs=2, metavar=("ARCH", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_hf:
+        save_hf(args.save_hf[0], Path(args.save_hf[1]))
+        return
     if args.optimum_export:
         _optimum_export(*args.optimum_export)
         return
