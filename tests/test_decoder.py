@@ -4,8 +4,8 @@ pruning the models onnxruntime-genai's builder and Optimum export (tools/llm_zoo
 from __future__ import annotations
 
 import json
-import subprocess
 
+import llm_exports
 import numpy as np
 import onnx
 import pytest
@@ -157,18 +157,11 @@ def llm_zoo():
 
 
 def _genai(llm_zoo, name: str):
-    pytest.importorskip("onnxruntime_genai")
-    pytest.importorskip("transformers")
-    return llm_zoo.exported(name) / "model.onnx"
+    return llm_exports.genai(name)
 
 
 def _optimum(llm_zoo, name: str):
-    pytest.importorskip("transformers")
-    try:
-        llm_zoo.venv_python()
-    except subprocess.CalledProcessError:  # no package index to make the venv from
-        pytest.skip("the Optimum environment could not be made")
-    return llm_zoo.exported(name) / "model.onnx"
+    return llm_exports.optimum(name)
 
 
 @pytest.mark.parametrize("name", ["llama-genai-fp32", "qwen2-genai-int4"])
@@ -381,8 +374,9 @@ def test_the_optimum_config_follows_query_heads_ffn_and_hidden_widths(llm_zoo, t
     assert o_proj == {config["num_attention_heads"] * config["head_dim"]} and config["num_attention_heads"] < 8
     assert cache == {config["num_key_value_heads"]} and config["hidden_size"] == lm_head < 256
     widths = _down_widths(pruned)
-    assert len(set(widths)) > 1 and config["intermediate_size"] == 512
-    assert "intermediate_size left at 512: its layers' FFN widths differ" in done.output
+    dense_width = llm_zoo.SIZES["intermediate_size"]
+    assert len(set(widths)) > 1 and config["intermediate_size"] == dense_width
+    assert f"intermediate_size left at {dense_width}: its layers' FFN widths differ" in done.output
 
 
 def test_an_even_ffn_cut_sets_intermediate_size(llm_zoo, tmp_path):
@@ -395,4 +389,4 @@ def test_an_even_ffn_cut_sets_intermediate_size(llm_zoo, tmp_path):
     assert done.exit_code == 0, done.output
     config = json.loads((tmp_path / "config.json").read_text())
     widths = set(_down_widths(onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)))
-    assert widths == {config["intermediate_size"]} and config["intermediate_size"] < 512
+    assert widths == {config["intermediate_size"]} and config["intermediate_size"] < llm_zoo.SIZES["intermediate_size"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import llm_exports
 import numpy as np
 import onnx
 import pytest
@@ -234,10 +235,7 @@ def test_the_cli_removes_blocks_and_reports_them(tmp_path):
 
 
 def _zoo_genai() -> Path:
-    path = Path.home() / ".cache/spa/llm/llama-genai-fp32-v1/model.onnx"
-    if not path.exists():
-        pytest.skip("the genai llama export is not cached (python tools/llm_zoo.py)")
-    return path
+    return llm_exports.genai("llama-genai-fp32")
 
 
 def test_the_genai_export_loses_a_layer_and_generates(tmp_path):
@@ -295,9 +293,7 @@ def test_a_fused_post_norm_encoder_is_not_removable():
 
 
 def test_optimum_layer_zero_goes_and_its_past_length_is_read_from_a_kept_layer():
-    path = Path.home() / ".cache/spa/llm/llama-optimum-v1/model.onnx"
-    if not path.exists():
-        pytest.skip("the Optimum llama export is not cached (python tools/llm_zoo.py)")
+    path = llm_exports.optimum("llama-optimum")
     model = spa.load(path).proto
     blocks = find_blocks(model).blocks
     assert [b.removable for b in blocks] == [True] * 4

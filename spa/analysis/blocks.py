@@ -26,10 +26,10 @@ from dataclasses import dataclass, field, replace
 import onnx
 
 from spa.core import decoder
+from spa.ops.registry import DEFAULT
 
-# ops whose initializer input makes a branch a learned function, not arithmetic on its input
-WEIGHTED = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits", "MatMulInteger", "FusedMatMul", "Einsum"}
-ATTENTION = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax", "SparseAttention"}
+# a decomposed attention's token mixing (fused attention ops say so themselves: ``Operator.attends``)
+TOKEN_MIXING = {"Softmax", "SparseAttention"}
 # the fused skip norms and the plain norm each becomes where its skip sum is no longer wanted
 FUSED_NORMS = {
     "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
@@ -126,7 +126,17 @@ class _Graph:
         return len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b))
 
     def weighted(self, node: onnx.NodeProto) -> bool:
-        return node.op_type in WEIGHTED and any(i in self.constants for i in node.input[1:])
+        """A layer with a constant weight: it makes a branch a learned function, not arithmetic on
+        its input."""
+        operator = DEFAULT.of(node)
+        # a dense or conv layer, not a constant of arithmetic (Pow's exponent, a Gather's indices)
+        if operator is None or not operator.layer_kind:
+            return False
+        return any(i in self.constants for i in node.input[1:])
+
+    def attends(self, node: onnx.NodeProto) -> bool:
+        operator = DEFAULT.of(node)
+        return node.op_type in TOKEN_MIXING or (operator is not None and operator.attends)
 
     def branch(self, skip: str, tensor: str) -> frozenset[str]:
         """The nodes computing ``tensor`` that depend on ``skip`` (empty where none do). A fused
@@ -164,7 +174,7 @@ def residual_add(graph: _Graph, node: onnx.NodeProto) -> ResidualAdd | None:
         if graph.broadcast(skip, total or node.output[0]):
             continue
         if producer is not None and producer.name in nodes and any(graph.weighted(graph.nodes[n]) for n in nodes):
-            attention = any(graph.nodes[n].op_type in ATTENTION for n in nodes)
+            attention = any(graph.attends(graph.nodes[n]) for n in nodes)
             return ResidualAdd(node.name, skip, branch, total, fused, attention, nodes)
     return None
 

@@ -110,7 +110,10 @@ def prune_summary(r: dict) -> str:
         names = [line.split(":")[0] for line in v["changed_io"]]
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         lines.append(f"        cache I/O shrank on its head axis: {shown} (the JSON report lists the shapes)")
-    lines.extend(fidelity_lines(v.get("fidelity")))
+    if not r.get("depth"):
+        lines.extend(fidelity_lines(v.get("fidelity")))
+    elif r["groups_pruned"]:  # the blocks' lines hold the figures against the model as given
+        lines.extend(fidelity_lines(v.get("fidelity"), "the width cut vs the model the blocks left"))
     lines.extend(data_lines(r))
     if summary and r["groups_pruned"]:  # nothing removed: nothing to say about accuracy
         lines.append(accuracy_line(summary["accuracy"], r["params_before"], r["params_after"]))
@@ -216,10 +219,10 @@ def speed_lines(speed: dict) -> list[str]:
 FIDELITY_LINES = 4  # outputs listed; the JSON report has every one
 
 
-def fidelity_lines(fidelity: dict | None) -> list[str]:
+def fidelity_lines(fidelity: dict | None, compared: str = "outputs vs dense") -> list[str]:
     if not fidelity or not fidelity["outputs"]:
         return []
-    lines = [f"outputs vs dense on {fidelity['samples']} {fidelity['source']}:"]
+    lines = [f"{compared} on {fidelity['samples']} {fidelity['source']}:"]
     if not fidelity["source"].startswith("held-out"):
         lines[0] += " (optimistic: the refit fitted them; samples past --calib-samples are held out)"
     if fidelity.get("padded_positions"):

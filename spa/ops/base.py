@@ -56,6 +56,7 @@ class Operator:
     scales_only: bool = False  # every floating-point input is a quantization scale (QOperator ops)
     gathers_rows: bool = False  # output holds rows of input 0: a quantized table gathered, then dequantized
     layer_kind: str | None = None  # "dense" or "conv": what reports call a layer of this op
+    attends: bool = False  # mixes tokens by attention: a branch holding it is a transformer's attention
     zero_kinds: Mapping[str, str] = {}  # op type -> PRODUCT, NUMERATOR, PRESERVES or SUM
 
     def keys(self) -> list[tuple[str, str]]:

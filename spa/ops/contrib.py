@@ -124,6 +124,8 @@ class Attention(Operator):
     and one per index of the V head width (V columns and output positions of every head).
     """
 
+    attends = True
+
     ops = ("Attention",)
     domain = MS
     weight_inputs = (1,)
@@ -274,6 +276,8 @@ class HeadsAttention(Operator):
     heads): the same query head in every KV group, K, V and the cache kept. One KV head has no
     choice to make: its unit is a query head.
     """
+
+    attends = True
 
     domain = MS
     # (past key and value input indices, present key and value output indices)
