@@ -80,10 +80,10 @@ def _pydoc_topics():
 
 
 def _docstrings():
+    import contextlib
     import importlib
     import inspect
     import io
-    import contextlib
     import warnings
 
     for name in sorted(sys.stdlib_module_names):
