@@ -57,6 +57,7 @@ RATIOS = (0.1, 0.2, 0.3, 0.5)
 CRITERIA = ("random", "l1", "activation", "fluctuation", "obs", "obspa")
 NEEDS_DATA = {"activation", "fluctuation", "obs"}
 GROUPS = ("width", "calib", "depth", "onnxsim")
+_ALIVE: list = []
 
 
 @dataclass
@@ -157,7 +158,10 @@ def prune_spa(path: Path, row: Row, real: Path) -> onnx.ModelProto:
         kwargs.update(calib_generate=CALIB, calib_length=LENGTH)
     if row.blocks is not None:
         return _spa_cli(path, row, real)
-    return spa.prune(path, row.ratio, **kwargs).model
+    result = spa.prune(path, row.ratio, **kwargs)
+    print("  spa seconds:", result.report.as_dict().get("seconds"), flush=True)
+    _ALIVE.append(result)  # the cut weights live in its scratch folder until it goes
+    return result.model
 
 
 def _spa_cli(path: Path, row: Row, real: Path) -> onnx.ModelProto:
@@ -210,6 +214,7 @@ def measure(path: Path, row: Row, real: Path, held: np.ndarray) -> Row:
     row.params, row.valid = params(model), validity(model, held)
     if row.valid == "valid":
         row.ppl = perplexity(model, held)
+    _ALIVE.clear()
     return row
 
 
@@ -221,14 +226,14 @@ def has_remove_blocks() -> bool:
     return "--remove-blocks" in done.stdout
 
 
-def grid(groups: list[str], quick: bool) -> list[Row]:
-    ratios = (0.2,) if quick else RATIOS
-    criteria = ("l1", "activation", "fluctuation", "obs", "obspa") if quick else CRITERIA
+def grid(groups: list[str], quick: bool, ratios: tuple[float, ...], criteria: tuple[str, ...]) -> list[Row]:
+    ratios = (0.2,) if quick else ratios
+    criteria = tuple(c for c in criteria if c != "random") if quick else criteria
     rows = [Row("dense", "dense", calib="")]
     if "width" in groups:
         rows += [Row("width", "spa", c, r) for r in ratios for c in criteria]
     if "calib" in groups:
-        for criterion in ("l1", "obspa", "activation", "fluctuation", "obs"):
+        for criterion in [c for c in ("l1", "obspa", "activation", "fluctuation", "obs") if c in criteria]:
             rows += [Row("calib", "spa", criterion, 0.2, calib=c) for c in ("none", "generated")]
     if "depth" in groups and has_remove_blocks():
         for blocks in (1, 2):
@@ -285,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(GROUPS), help=f"groups of rows ({', '.join(GROUPS)})")
     parser.add_argument("--quick", action="store_true", help="ratio 0.2 only, without random")
-    parser.add_argument("--only", help="only rows whose criterion contains this")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="width ratios (default: all)")
+    parser.add_argument("--criteria", default=",".join(CRITERIA), help="spa's criteria (default: all)")
     parser.add_argument("--export", choices=("genai-fp32", "optimum"), default="genai-fp32")
     parser.add_argument("--windows", type=int, default=64, help="held-out windows of 128 tokens (default 64)")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
@@ -295,12 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no trained model at {path}: run python tools/train_lm.py first", file=sys.stderr)
         return 2
     held = windows(np.load(train_lm.lm_dir() / "heldout.npy"), args.windows)
-    rows = grid(args.rows.split(","), args.quick)
-    if args.only:
-        rows = [r for r in rows if r.method == "dense" or args.only in r.criterion]
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    rows = grid(args.rows.split(","), args.quick, ratios, tuple(args.criteria.split(",")))
     with tempfile.TemporaryDirectory() as scratch:
         real = calibration_folder(Path(scratch))
-        for row in rows:
+        for done, row in enumerate(rows, start=1):
             measure(path, row, real, held)
             ppl = f"{row.ppl:.2f}" if row.ppl else "-"
             print(
@@ -308,13 +313,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"({row.seconds or 0:.1f} s)",
                 flush=True,
             )
-    text = table(rows, rows[0])
-    notes = findings(rows)
-    report = f"{text}\n\n" + "\n".join(notes) + "\n" if notes else text + "\n"
+            report = _report(rows[:done])
+            if args.out:  # rewritten after every row: a long grid cut short keeps what it measured
+                args.out.write_text(report)
     print(report)
-    if args.out:
-        args.out.write_text(report)
     return 0
+
+
+def _report(rows: list[Row]) -> str:
+    notes = findings(rows)
+    return table(rows, rows[0]) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 if __name__ == "__main__":
