@@ -252,7 +252,7 @@ def table(rows: list[Row], dense: Row) -> str:
     for row in rows:
         kept = f"{row.params / dense.params:.3f}" if row.params and dense.params else "-"
         seconds = f"{row.seconds:.1f}" if row.seconds is not None else "-"
-        ppl = f"{row.ppl:.2f}" if row.ppl is not None else "-"
+        ppl = f"{row.ppl:.3f}" if row.ppl is not None else "-"
         name = row.criterion + (" " + " ".join(row.extra) if row.extra else "")
         cells = [row.group, row.method, name or "-", row.setting, row.calib or "-", kept, seconds, row.valid, ppl]
         lines.append("| " + " | ".join(cells) + " |")
@@ -268,7 +268,7 @@ def findings(rows: list[Row]) -> list[str]:
         if None not in (obs, flap, wanda):
             verdict = "yes" if obs < flap and obs < wanda else "no"
             found.append(
-                f"- ratio {ratio}: obs {obs:.2f}, fluctuation {flap:.2f}, activation {wanda:.2f}: obs lowest: {verdict}"
+                f"- ratio {ratio}: obs {obs:.3f}, fluctuation {flap:.3f}, activation {wanda:.3f}: obs lowest: {verdict}"
             )
     for criterion in ("l1", "obspa"):
         none, gen, real = (ppl.get(("spa", criterion, 0.2, c, None)) for c in ("none", "generated", "real"))
@@ -278,11 +278,15 @@ def findings(rows: list[Row]) -> list[str]:
                 f"- {criterion} at 0.2: none {none:.2f}, generated {gen:.2f}, real {real:.2f}: "
                 f"generated closes {closed:.0%} of the gap"
             )
+    dense = rows[0].params
+    for row in rows:
+        if row.method.startswith("onnxsim") and row.params == dense:
+            found.append(f"- onnxsim {row.criterion} at {row.setting}: removed nothing (it matched no chain here)")
     for ratio in RATIOS:
-        sim = ppl.get(("onnxsim wanda", "wanda", ratio, "real", None))
+        sim = next((r for r in rows if r.method == "onnxsim wanda" and r.ratio == ratio and r.ppl), None)
         ours = [r.ppl for r in rows if r.method == "spa" and r.ratio == ratio and r.blocks is None and r.ppl]
-        if sim is not None and ours:
-            found.append(f"- ratio {ratio}: spa's best {min(ours):.2f} against onnxsim's structured Wanda {sim:.2f}")
+        if sim is not None and sim.params != dense and ours:
+            found.append(f"- ratio {ratio}: spa's best {min(ours):.2f}, onnxsim's structured Wanda {sim.ppl:.2f}")
     return found
 
 
