@@ -133,6 +133,9 @@ def prune(
     remove_experts: float = 0,
     remove_blocks: float | None = None,
     block_score: str = "influence",
+    calib_generate: int | None = None,
+    calib_length: int = 128,
+    calib_top_k: int | None = None,
 ) -> PruneResult:
     """Remove the fraction ``ratio`` (None: ``PlanOptions``' 0.3) of the channels of every prunable group.
 
@@ -179,6 +182,11 @@ def prune(
     the dense model's inputs, "sequential" then refits the layers in graph order on the inputs the
     pruned model gives them (``spa.transforms.sequential``); "auto" is sequential with calibration data (when
     held-out samples are left, whichever of the two moves them less) and layer-wise without.
+    ``calib_generate`` (decoders with a key/value cache as graph I/O; instead of ``calib``): the
+    dense model writes that many token sequences of ``calib_length`` tokens from its BOS token
+    (the id in ``genai_config.json`` or ``config.json`` beside the model, else 0), sampled at
+    temperature 1 (among the ``calib_top_k`` likeliest, if given) and seeded by ``seed``, and they
+    are used as ``calib`` would be.
 
     Every run of the model (statistics, searches, refit, validation, fidelity, latency) stops after
     ``run_timeout`` seconds (0: no limit) and raises ``spa.core.runlimit.RunTimeout``, a ``ModelLoadError``.
@@ -212,7 +220,7 @@ def prune(
         remove_blocks=remove_blocks,
         block_score=block_score,
     )
-    score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples)
+    score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples, calib_generate, calib_length, calib_top_k)
     run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout, allow_slower)
     cut = CutOptions(compensate, refit, soft)
     groups = AnalyzeOptions(tuple(exclude), approximate, attention, input_shapes, registry, inputs)

@@ -203,9 +203,14 @@ def exported(name: str) -> Path:
 
 
 def _genai_export(arch: str, precision: str, out: Path) -> None:
-    scratch = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".genai-cache-"))
+    genai_export_folder(hf_folder(arch), precision, out)
+
+
+def genai_export_folder(hf: Path, precision: str, out: Path) -> None:
+    """onnxruntime-genai's builder on the Hugging Face folder ``hf``, for the CPU, into ``out``."""
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=".genai-cache-"))
     builder = "import runpy; runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__')"
-    command = [sys.executable, "-c", _HIDE_BROKEN_TORCHVISION + builder, "-i", str(hf_folder(arch))]
+    command = [sys.executable, "-c", _HIDE_BROKEN_TORCHVISION + builder, "-i", str(hf)]
     command += ["-o", str(out), "-p", precision, "-e", "cpu", "-c", str(scratch)]
     try:
         done = subprocess.run(command, capture_output=True, text=True)

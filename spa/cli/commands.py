@@ -80,10 +80,27 @@ def main() -> None:
     type=click.Choice(sorted(CRITERIA)),
     default=_SCORE.criterion,
     show_default=True,
-    help="How channels are ranked (obs, activation and fluctuation need --calib).",
+    help="How channels are ranked (obs, activation and fluctuation need --calib or --calib-generate).",
 )
 @shared.calib
 @shared.calib_samples
+@click.option(
+    "--calib-generate",
+    type=int,
+    metavar="N",
+    help="Decoder language models: let the dense model write N token sequences from its BOS token "
+    "(sampled, seeded by --seed) and use them as --calib data.",
+)
+@click.option(
+    "--calib-length",
+    type=int,
+    default=_SCORE.calib_length,
+    show_default=True,
+    help="Tokens in each sequence --calib-generate writes, the BOS token included.",
+)
+@click.option(
+    "--calib-top-k", type=int, metavar="K", help="--calib-generate samples among the K likeliest tokens only."
+)
 @click.option(
     "--compensate/--no-compensate",
     default=_CUT.compensate,
@@ -242,7 +259,14 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
                     sizes,
                     inputs=values,
                 ),
-                ScoreOptions(flags["criterion"], flags["calib"], flags["calib_samples"]),
+                ScoreOptions(
+                    flags["criterion"],
+                    flags["calib"],
+                    flags["calib_samples"],
+                    calib_generate=flags["calib_generate"],
+                    calib_length=flags["calib_length"],
+                    calib_top_k=flags["calib_top_k"],
+                ),
                 PlanOptions(
                     flags["ratio"],
                     ratios,

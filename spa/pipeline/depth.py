@@ -25,6 +25,7 @@ from spa.formats.model import Model, Progress, say
 from spa.formats.shapes import infer_shapes
 from spa.pipeline.options import AnalyzeOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.reports import count_model
+from spa.scoring import self_calibration
 from spa.scoring.blocks import score_blocks
 from spa.scoring.statistics import load_calibration, synthetic_feeds
 from spa.transforms.depth import remove_blocks
@@ -90,6 +91,23 @@ def block_feeds(model: onnx.ModelProto, calib, samples: int, seed: int) -> tuple
     return synthetic_feeds(model, SYNTHETIC_SAMPLES, seed), "synthetic"
 
 
+def _scoring_feeds(model: Model, scoring: ScoreOptions, run_options: RunOptions) -> tuple[dict[str, np.ndarray], str]:
+    """The feeds blocks are scored on: calibration data, the decoder's own generated text
+    (``--calib-generate``, as the width stages use it), or synthetic inputs."""
+    if scoring.calib is None and scoring.calib_generate is not None:
+        written = self_calibration.generate(
+            model.proto,
+            model.path,
+            scoring.calib_generate,
+            scoring.calib_length,
+            run_options.seed,
+            scoring.calib_top_k,
+            tuple(run_options.custom_ops),
+        )
+        return written.ids, written.label
+    return block_feeds(model.proto, scoring.calib, scoring.calib_samples, run_options.seed)
+
+
 def remove_depth(
     model: Model,
     plan: PlanOptions,
@@ -106,7 +124,7 @@ def remove_depth(
     count = block_count(plan.remove_blocks, len(removable))
     feeds, source = None, "none"
     if plan.block_score != "random" or scoring.calib is not None:  # calibration data also measures fidelity
-        feeds, source = block_feeds(model.proto, scoring.calib, scoring.calib_samples, run_options.seed)
+        feeds, source = _scoring_feeds(model, scoring, run_options)
     used = {k: v[: scoring.calib_samples] for k, v in feeds.items()} if feeds is not None else None
     scores = score_blocks(
         model.proto, removable, plan.block_score, used, run_options.seed, tuple(run_options.custom_ops)

@@ -63,6 +63,11 @@ class ScoreOptions:
     calib_samples: int = 128
     # synthetic inputs run without ``calib`` (None: enough for every layer input's X^T X, within a budget)
     synthetic_samples: int | None = None
+    # a decoder writes this many token sequences of ``calib_length`` from its BOS token
+    # (``spa.scoring.self_calibration``), used as ``calib`` would be
+    calib_generate: int | None = None
+    calib_length: int = 128
+    calib_top_k: int | None = None  # None: sample from the whole vocabulary
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -72,10 +77,28 @@ class ScoreOptions:
                 "calibration data must be a path or an object with get_next() (onnxruntime's "
                 f"CalibrationDataReader protocol), got {type(self.calib).__name__}"
             )
-        if CRITERIA[self.criterion].data == "calibration" and self.calib is None:
+        if CRITERIA[self.criterion].data == "calibration" and not self.has_data:
             raise UsageError(f"--criterion {self.criterion} ranks channels by calibration data: give --calib FILE")
         if self.calib_samples < 1:
             raise UsageError("--calib-samples must be at least 1")
+        self._check_generate()
+
+    def _check_generate(self) -> None:
+        if self.calib_generate is None:
+            return
+        if self.calib is not None:
+            raise UsageError("--calib-generate and --calib both give calibration data: choose one")
+        if self.calib_generate < 1:
+            raise UsageError("--calib-generate must be at least 1")
+        if self.calib_length < 2:
+            raise UsageError("--calib-length must be at least 2 (the BOS token and one generated)")
+        if self.calib_top_k is not None and self.calib_top_k < 1:
+            raise UsageError("--calib-top-k must be at least 1")
+
+    @property
+    def has_data(self) -> bool:
+        """Calibration data is given or generated."""
+        return self.calib is not None or self.calib_generate is not None
         if self.synthetic_samples is not None and self.synthetic_samples < 1:
             raise UsageError("synthetic_samples must be at least 1")
 
@@ -182,7 +205,7 @@ class CutOptions:
             raise UsageError(f"unknown refit '{self.refit}' (choose from {', '.join(REFITS)})")
 
     def compensates(self, score: ScoreOptions) -> bool:
-        return self.compensate if self.compensate is not None else score.calib is not None or score.data_aware
+        return self.compensate if self.compensate is not None else score.has_data or score.data_aware
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
     options = {
         "ratio": plan.options.ratio,
         "criterion": score.criterion,
-        "calib": calib_label(score.calib),
+        "calib": scored.generated or calib_label(score.calib),
         "calib_samples": score.calib_samples,
         "compensate": pruned.options.compensates(score),
         "global": plan.options.global_rank,
@@ -282,7 +282,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         flops_at=counted_sizes(model.proto, sizes),
         unsized_axes=unsized_axes(model.proto, sizes),
         flops_uncounted=analyzed.dense.uncounted(),
-        summary=summarize(pruned, calib_label(score.calib)),
+        summary=summarize(pruned, scored.generated or calib_label(score.calib)),
         experts=pruned.experts.as_dict() if pruned.experts else None,
         depth=pruned.depth.as_dict() if pruned.depth else None,
     )

@@ -1,0 +1,333 @@
+"""Perplexity of the trained language model, dense against pruned (spa and onnxsim 0.8.1).
+
+    python tools/train_lm.py                       # once: trains and exports the model
+    python tools/eval_lm.py [--quick] [--rows width,calib,depth,onnxsim] [--out docs/results/llm-quality.md]
+
+The model is tools/train_lm.py's Llama-style decoder (GQA 8/2 heads, RoPE, RMSNorm, SwiGLU,
+hidden 256, 4 layers), exported by onnxruntime-genai's builder at fp32 (``genai-fp32``;
+``--export optimum`` takes the Optimum export instead). Perplexity is measured through
+onnxruntime on held-out documents the model never trained on, in windows of 128 tokens fed as
+a prompt (empty cache), over every next-token prediction in the window.
+
+Rows:
+
+- width: ``spa prune --ratio R`` for R in 0.1, 0.2, 0.3, 0.5 and every criterion, with 128 real
+  calibration sequences of 128 tokens from the training text (compensation on, as it is by
+  default with data); ``--round-to 1`` so every criterion removes the same channels' count;
+- calib: ratio 0.2, calibration none / 128 self-generated (``--calib-generate 128``) / 128 real,
+  for the criteria that run without data and the ones that need it;
+- depth: ``--remove-blocks 1`` and ``2`` (Block Influence and random), and width+depth at equal
+  parameter count, when spa has ``--remove-blocks``;
+- onnxsim: ``apply_structured_wanda_pruning`` at the width ratios and
+  ``apply_transformer_block_pruning`` dropping 1 and 2 blocks, both on the same real calibration.
+
+Every result is checked the same way: onnxruntime runs it, its logits are finite, and a decode
+step fed its own prefill's cache runs (``spa.core.decoder.rollout``). "prune s" is the wall time
+of the pruning call (spa's includes its own validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import train_lm  # noqa: E402
+
+import spa  # noqa: E402
+from spa.core import decoder, runlimit  # noqa: E402
+from spa.core.runtime import session  # noqa: E402
+
+LENGTH = 128
+CALIB = 128  # calibration sequences
+RATIOS = (0.1, 0.2, 0.3, 0.5)
+CRITERIA = ("random", "l1", "activation", "fluctuation", "obs", "obspa")
+NEEDS_DATA = {"activation", "fluctuation", "obs"}
+GROUPS = ("width", "calib", "depth", "onnxsim")
+_ALIVE: list = []
+
+
+@dataclass
+class Row:
+    group: str
+    method: str  # "dense", "spa", "onnxsim wanda", "onnxsim blocks"
+    criterion: str = ""
+    ratio: float | None = None
+    blocks: int | None = None
+    calib: str = "real"  # "none", "generated", "real"
+    extra: list[str] = field(default_factory=list)  # more spa prune options
+    params: int | None = None
+    seconds: float | None = None
+    valid: str = ""
+    ppl: float | None = None
+
+    @property
+    def setting(self) -> str:
+        parts = [f"ratio {self.ratio}" if self.ratio else "", f"-{self.blocks} blocks" if self.blocks else ""]
+        return " ".join(p for p in parts if p) or "-"
+
+
+# ---------------------------------------------------------------- data
+
+
+def windows(ids: np.ndarray, count: int) -> np.ndarray:
+    """``count`` windows of LENGTH tokens spread evenly over ``ids`` (deterministic)."""
+    starts = np.linspace(0, len(ids) - LENGTH - 1, count).astype(int)
+    return np.stack([ids[s : s + LENGTH] for s in starts]).astype(np.int64)
+
+
+def calibration_folder(folder: Path) -> Path:
+    """128 training windows as ``input_ids.npy``: the model's only input spa does not fill in."""
+    target = folder / "real"
+    target.mkdir(parents=True, exist_ok=True)
+    np.save(target / "input_ids.npy", windows(np.load(train_lm.lm_dir() / "train.npy"), CALIB))
+    return target
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _prompt_feed(model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarray]:
+    cache = decoder.layout(model)
+    assert cache is not None and cache.ids is not None
+    feed = decoder.feed(model, cache, ids.shape[0], 0, ids.shape[1], np.random.default_rng(0))
+    feed[cache.ids] = ids.astype(feed[cache.ids].dtype)
+    return feed
+
+
+def _logits_name(model: onnx.ModelProto) -> str:
+    return next(o.name for o in model.graph.output if "logits" in o.name)
+
+
+def perplexity(model: onnx.ModelProto, held: np.ndarray, batch: int = 8) -> float:
+    run, name = session(model), _logits_name(model)
+    total, count = 0.0, 0
+    for start in range(0, len(held), batch):
+        ids = held[start : start + batch]
+        logits = runlimit.run(run, [name], _prompt_feed(model, ids))[0].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        targets = ids[:, 1:]
+        picked = np.take_along_axis(logp[:, :-1], targets[..., None], axis=-1)
+        total -= float(picked.sum())
+        count += targets.size
+    return math.exp(total / count)
+
+
+def validity(model: onnx.ModelProto, held: np.ndarray) -> str:
+    """Runs in onnxruntime, finite logits, a decode step from its own prefill's cache."""
+    try:
+        run, name = session(model), _logits_name(model)
+        logits = runlimit.run(run, [name], _prompt_feed(model, held[:2]))[0]
+        if not np.isfinite(logits).all():
+            return "non-finite logits"
+        wanted = [o.name for o in model.graph.output]
+        first, second = decoder.rollout(model, lambda feed: dict(zip(wanted, runlimit.run(run, wanted, feed))))
+        if not np.isfinite(second[name]).all():
+            return "decode: non-finite logits"
+    except Exception as exc:  # noqa: BLE001 - a result that does not run is reported, not raised
+        return f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+    return "valid"
+
+
+def params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16))
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def prune_spa(path: Path, row: Row, real: Path) -> onnx.ModelProto:
+    kwargs: dict = dict(criterion=row.criterion, round_to=1, seed=0, calib_samples=CALIB)
+    if row.calib == "real":
+        kwargs["calib"] = real
+    elif row.calib == "generated":
+        kwargs.update(calib_generate=CALIB, calib_length=LENGTH)
+    if row.blocks is not None:
+        return _spa_cli(path, row, real)
+    result = spa.prune(path, row.ratio, **kwargs)
+    print("  spa seconds:", result.report.as_dict().get("seconds"), flush=True)
+    _ALIVE.append(result)  # the cut weights live in its scratch folder until it goes
+    return result.model
+
+
+def _spa_cli(path: Path, row: Row, real: Path) -> onnx.ModelProto:
+    """Depth rows through the CLI: ``--remove-blocks`` has no Python API counterpart to rely on."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "spa", "prune", str(path), "-o", f"{out}/m.onnx", "--round-to", "1"]
+        command += ["--remove-blocks", str(row.blocks), "--criterion", row.criterion or "obspa", *row.extra]
+        if row.ratio:
+            command += ["--ratio", str(row.ratio)]
+        if row.calib == "real":
+            command += ["--calib", str(real)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            raise RuntimeError(
+                done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            )
+        return onnx.load(f"{out}/m.onnx")
+
+
+def onnxsim_batches(model: onnx.ModelProto, real: Path, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    ids = np.load(real / "input_ids.npy")
+    return [_prompt_feed(model, ids[s : s + batch]) for s in range(0, len(ids), batch)]
+
+
+def prune_onnxsim(path: Path, row: Row, real: Path) -> onnx.ModelProto:
+    import onnxsim
+
+    model = onnx.load(path)
+    data = onnxsim_batches(model, real)
+    if row.method == "onnxsim wanda":
+        return onnxsim.apply_structured_wanda_pruning(model, calibration_data=data, sparsity=row.ratio)
+    return onnxsim.apply_transformer_block_pruning(model, calibration_data=data, num_blocks_to_drop=row.blocks)
+
+
+def measure(path: Path, row: Row, real: Path, held: np.ndarray) -> Row:
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if row.method == "dense":
+                model = onnx.load(path)
+            elif row.method == "spa":
+                model = prune_spa(path, row, real)
+            else:
+                model = prune_onnxsim(path, row, real)
+    except Exception as exc:  # noqa: BLE001 - a refusal is a result of the row
+        row.valid = f"refused: {str(exc).splitlines()[0][:80]}" if str(exc) else type(exc).__name__
+        return row
+    row.seconds = None if row.method == "dense" else time.perf_counter() - start
+    row.params, row.valid = params(model), validity(model, held)
+    if row.valid == "valid":
+        row.ppl = perplexity(model, held)
+    _ALIVE.clear()
+    return row
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def has_remove_blocks() -> bool:
+    done = subprocess.run([sys.executable, "-m", "spa", "prune", "--help"], capture_output=True, text=True, cwd=ROOT)
+    return "--remove-blocks" in done.stdout
+
+
+def grid(groups: list[str], quick: bool, ratios: tuple[float, ...], criteria: tuple[str, ...]) -> list[Row]:
+    ratios = (0.2,) if quick else ratios
+    criteria = tuple(c for c in criteria if c != "random") if quick else criteria
+    rows = [Row("dense", "dense", calib="")]
+    if "width" in groups:
+        rows += [Row("width", "spa", c, r) for r in ratios for c in criteria]
+    if "calib" in groups:
+        for criterion in [c for c in ("l1", "obspa", "activation", "fluctuation", "obs") if c in criteria]:
+            rows += [Row("calib", "spa", criterion, 0.2, calib=c) for c in ("none", "generated")]
+    if "depth" in groups and has_remove_blocks():
+        for blocks in (1, 2):
+            rows += [Row("depth", "spa", "obspa", blocks=blocks)]
+            rows += [Row("depth", "spa", "obspa", blocks=blocks, extra=["--block-score", "random"])]
+        rows += [Row("depth", "spa", "obspa", 0.2, blocks=1)]
+    if "onnxsim" in groups:
+        rows += [Row("onnxsim", "onnxsim wanda", "wanda", r) for r in ratios]
+        rows += [Row("onnxsim", "onnxsim blocks", "block influence", blocks=b) for b in (1, 2)]
+    return rows
+
+
+def table(rows: list[Row], dense: Row) -> str:
+    header = "| rows | method | criterion | setting | calibration | params kept | prune s | valid | perplexity |"
+    lines = [header, "|" + "---|" * 9]
+    for row in rows:
+        kept = f"{row.params / dense.params:.3f}" if row.params and dense.params else "-"
+        seconds = f"{row.seconds:.1f}" if row.seconds is not None else "-"
+        ppl = f"{row.ppl:.3f}" if row.ppl is not None else "-"
+        name = row.criterion + (" " + " ".join(row.extra) if row.extra else "")
+        cells = [row.group, row.method, name or "-", row.setting, row.calib or "-", kept, seconds, row.valid, ppl]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings(rows: list[Row]) -> list[str]:
+    """The claims the table is measured against, each with the numbers it rests on."""
+    found = []
+    ppl = {(r.method, r.criterion, r.ratio, r.calib, r.blocks): r.ppl for r in rows}
+    for ratio in RATIOS:
+        obs, flap, wanda = (ppl.get(("spa", c, ratio, "real", None)) for c in ("obs", "fluctuation", "activation"))
+        if None not in (obs, flap, wanda):
+            verdict = "yes" if obs < flap and obs < wanda else "no"
+            found.append(
+                f"- ratio {ratio}: obs {obs:.3f}, fluctuation {flap:.3f}, activation {wanda:.3f}: obs lowest: {verdict}"
+            )
+    for criterion in ("l1", "obspa"):
+        none, gen, real = (ppl.get(("spa", criterion, 0.2, c, None)) for c in ("none", "generated", "real"))
+        if None not in (none, gen, real) and none != real:
+            closed = (none - gen) / (none - real)
+            found.append(
+                f"- {criterion} at 0.2: none {none:.2f}, generated {gen:.2f}, real {real:.2f}: "
+                f"generated closes {closed:.0%} of the gap"
+            )
+    dense = rows[0].params
+    for row in rows:
+        if row.method.startswith("onnxsim") and row.params == dense:
+            found.append(f"- onnxsim {row.criterion} at {row.setting}: removed nothing (it matched no chain here)")
+    for ratio in RATIOS:
+        sim = next((r for r in rows if r.method == "onnxsim wanda" and r.ratio == ratio and r.ppl), None)
+        ours = [r.ppl for r in rows if r.method == "spa" and r.ratio == ratio and r.blocks is None and r.ppl]
+        if sim is not None and sim.params != dense and ours:
+            found.append(f"- ratio {ratio}: spa's best {min(ours):.2f}, onnxsim's structured Wanda {sim.ppl:.2f}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(GROUPS), help=f"groups of rows ({', '.join(GROUPS)})")
+    parser.add_argument("--quick", action="store_true", help="ratio 0.2 only, without random")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="width ratios (default: all)")
+    parser.add_argument("--criteria", default=",".join(CRITERIA), help="spa's criteria (default: all)")
+    parser.add_argument("--export", choices=("genai-fp32", "optimum"), default="genai-fp32")
+    parser.add_argument("--windows", type=int, default=64, help="held-out windows of 128 tokens (default 64)")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    args = parser.parse_args(argv)
+    path = train_lm.lm_dir() / args.export / "model.onnx"
+    if not path.exists():
+        print(f"no trained model at {path}: run python tools/train_lm.py first", file=sys.stderr)
+        return 2
+    held = windows(np.load(train_lm.lm_dir() / "heldout.npy"), args.windows)
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    rows = grid(args.rows.split(","), args.quick, ratios, tuple(args.criteria.split(",")))
+    with tempfile.TemporaryDirectory() as scratch:
+        real = calibration_folder(Path(scratch))
+        for done, row in enumerate(rows, start=1):
+            measure(path, row, real, held)
+            ppl = f"{row.ppl:.2f}" if row.ppl else "-"
+            print(
+                f"{row.group} {row.method} {row.criterion} {row.setting} {row.calib}: {row.valid} ppl {ppl} "
+                f"({row.seconds or 0:.1f} s)",
+                flush=True,
+            )
+            report = _report(rows[:done])
+            if args.out:  # rewritten after every row: a long grid cut short keeps what it measured
+                args.out.write_text(report)
+    print(report)
+    return 0
+
+
+def _report(rows: list[Row]) -> str:
+    notes = findings(rows)
+    return table(rows, rows[0]) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
