@@ -208,10 +208,8 @@ def prune(
     0 unless given. ``report.depth`` lists the blocks, their scores and the checks of the removal.
     """
     targets = (target_flops, target_params, target_latency)
-    if ratio is None and remove_blocks is not None and not any(t is not None for t in targets):
-        ratio = 0.0  # depth alone, unless a width cut is asked for too
     plan = PlanOptions(
-        ratio_or_default(ratio, targets),
+        ratio_or_default(ratio, targets, remove_blocks),
         dict(ratios or {}),
         global_rank,
         round_to,

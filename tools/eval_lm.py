@@ -14,6 +14,9 @@ Rows:
 - width: ``spa prune --ratio R`` for R in 0.1, 0.2, 0.3, 0.5 and every criterion, with 128 real
   calibration sequences of 128 tokens from the training text (compensation on, as it is by
   default with data); ``--round-to 1`` so every criterion removes the same channels' count;
+- published: ``activation`` (Wanda-sp) and ``fluctuation`` (FLAP's ranking) at the width ratios
+  with ``--no-compensate``, as Wanda-sp is published (FLAP adds a bias correction, spa's
+  compensation a least-squares refit of the weights left);
 - calib: ratio 0.2, calibration none / 128 self-generated (``--calib-generate 128``) / 128 real,
   for the criteria that run without data and the ones that need it;
 - depth: ``--remove-blocks 1`` and ``2`` (Block Influence and random), and width+depth at equal
@@ -56,7 +59,7 @@ CALIB = 128  # calibration sequences
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 CRITERIA = ("random", "l1", "activation", "fluctuation", "obs", "obspa")
 NEEDS_DATA = {"activation", "fluctuation", "obs"}
-GROUPS = ("width", "calib", "depth", "onnxsim")
+GROUPS = ("width", "published", "calib", "depth", "onnxsim")
 _ALIVE: list = []
 
 
@@ -158,6 +161,8 @@ def prune_spa(path: Path, row: Row, real: Path) -> onnx.ModelProto:
         kwargs.update(calib_generate=CALIB, calib_length=LENGTH)
     if row.blocks is not None:
         return _spa_cli(path, row, real)
+    if "--no-compensate" in row.extra:
+        kwargs["compensate"] = False
     result = spa.prune(path, row.ratio, **kwargs)
     print("  spa seconds:", result.report.as_dict().get("seconds"), flush=True)
     _ALIVE.append(result)  # the cut weights live in its scratch folder until it goes
@@ -232,6 +237,9 @@ def grid(groups: list[str], quick: bool, ratios: tuple[float, ...], criteria: tu
     rows = [Row("dense", "dense", calib="")]
     if "width" in groups:
         rows += [Row("width", "spa", c, r) for r in ratios for c in criteria]
+    if "published" in groups:  # Wanda-sp and FLAP's ranking as published: no least-squares refit after it
+        published = ("activation", "fluctuation")
+        rows += [Row("published", "spa", c, r, extra=["--no-compensate"]) for r in ratios for c in published]
     if "calib" in groups:
         for criterion in [c for c in ("l1", "obspa", "activation", "fluctuation", "obs") if c in criteria]:
             rows += [Row("calib", "spa", criterion, 0.2, calib=c) for c in ("none", "generated")]

@@ -45,7 +45,7 @@ from spa.pipeline import (
     ScoreOptions,
     prune_model,
 )
-from spa.pipeline.usage import check_ratio_and_target
+from spa.pipeline.usage import ratio_or_default
 from spa.reporting.report import build_report, render_html, report_path_for
 from spa.scoring.blocks import BLOCK_SCORES
 from spa.scoring.calibration_fit import CalibrationWarning
@@ -216,10 +216,9 @@ def _runtime_config(model: Path, pruned, hard, target: Path, quiet: bool) -> lis
         return [f"not written: {exc}"]
 
 
-def _prune(model: Path, output, out_format, json_path, write_unchanged, force, quiet, debug, **flags) -> None:
-    check_ratio_and_target(_given("ratio"), any(flags[f"target_{m}"] is not None for m in _TARGETS))
+def _run_options(flags: dict) -> RunOptions:
     check = not flags["no_validate"]
-    run_options = RunOptions(
+    return RunOptions(
         flags["seed"],
         check,
         flags["bench"] and check,
@@ -229,16 +228,46 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
         flags["run_timeout"],
         flags["allow_slower"],
     )
-    multiple = parse_round_to(flags["round_to"])
-    if (
-        flags["remove_blocks"] is not None
-        and not _given("ratio")
-        and not any(flags[f"target_{m}"] is not None for m in _TARGETS)
-    ):
-        flags["ratio"] = 0.0  # depth alone, unless a width cut is asked for too
-    sizes = parse_shapes(list(flags["input_shapes"]))
-    values = parse_values(list(flags["input_values"]))
-    ratios = parse_ratio_for(list(flags["ratio_for"]))
+
+
+def _stage_options(flags: dict) -> tuple[AnalyzeOptions, ScoreOptions, PlanOptions, CutOptions]:
+    """The stages' options from ``spa prune``'s flags."""
+    targets = [flags[f"target_{m}"] for m in _TARGETS]
+    ratio = ratio_or_default(flags["ratio"] if _given("ratio") else None, targets, flags["remove_blocks"])
+    analyze = AnalyzeOptions(
+        tuple(flags["exclude"]),
+        flags["approximate"],
+        flags["attention"].replace("-", "_"),
+        parse_shapes(list(flags["input_shapes"])),
+        inputs=parse_values(list(flags["input_values"])),
+    )
+    score = ScoreOptions(
+        flags["criterion"],
+        flags["calib"],
+        flags["calib_samples"],
+        calib_generate=flags["calib_generate"],
+        calib_length=flags["calib_length"],
+        calib_top_k=flags["calib_top_k"],
+    )
+    plan = PlanOptions(
+        ratio,
+        parse_ratio_for(list(flags["ratio_for"])),
+        flags["global_rank"],
+        parse_round_to(flags["round_to"]),
+        target_flops=flags["target_flops"],
+        target_params=flags["target_params"],
+        target_latency=flags["target_latency"],
+        remove_experts=flags["remove_experts"],
+        remove_blocks=flags["remove_blocks"],
+        block_score=flags["block_score"],
+    )
+    return analyze, score, plan, CutOptions(flags["compensate"], flags["refit"], flags["soft"])
+
+
+def _prune(model: Path, output, out_format, json_path, write_unchanged, force, quiet, debug, **flags) -> None:
+    run_options = _run_options(flags)
+    check = run_options.check
+    stage_options = _stage_options(flags)
     target = output or output_path_for(model, flags["soft"], "." + out_format)
     reads = files_read(model, flags["calib"], flags["custom_ops"])
     check_output_path(target, reads, force)
@@ -250,39 +279,7 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
     stages = Stages(quiet)
     try:
         with printed_warnings(quiet, CalibrationWarning):
-            pruned = prune_model(
-                model,
-                AnalyzeOptions(
-                    tuple(flags["exclude"]),
-                    flags["approximate"],
-                    flags["attention"].replace("-", "_"),
-                    sizes,
-                    inputs=values,
-                ),
-                ScoreOptions(
-                    flags["criterion"],
-                    flags["calib"],
-                    flags["calib_samples"],
-                    calib_generate=flags["calib_generate"],
-                    calib_length=flags["calib_length"],
-                    calib_top_k=flags["calib_top_k"],
-                ),
-                PlanOptions(
-                    flags["ratio"],
-                    ratios,
-                    flags["global_rank"],
-                    multiple,
-                    target_flops=flags["target_flops"],
-                    target_params=flags["target_params"],
-                    target_latency=flags["target_latency"],
-                    remove_experts=flags["remove_experts"],
-                    remove_blocks=flags["remove_blocks"],
-                    block_score=flags["block_score"],
-                ),
-                CutOptions(flags["compensate"], flags["refit"], flags["soft"]),
-                run_options,
-                stages,
-            )
+            pruned = prune_model(model, *stage_options, run_options, stages)
         result = result_of(pruned)
         report = result.report.as_dict()
         nothing = (

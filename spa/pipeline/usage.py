@@ -47,9 +47,13 @@ def check_ratio_and_target(ratio_given: bool, target_given: bool) -> None:
         )
 
 
-def ratio_or_default(ratio: float | None, targets) -> float:
-    """The API's ratio: None is ``PlanOptions``' default; one given alongside a target is refused."""
-    check_ratio_and_target(ratio is not None, any(t is not None for t in targets))
+def ratio_or_default(ratio: float | None, targets, remove_blocks: float | None = None) -> float:
+    """The ratio asked for: None is ``PlanOptions``' default, or 0 when whole blocks go and no
+    width cut is asked for; one given alongside a target is refused."""
+    targeted = any(t is not None for t in targets)
+    check_ratio_and_target(ratio is not None, targeted)
+    if ratio is None and remove_blocks is not None and not targeted:
+        return 0.0  # depth alone
     return PlanOptions.ratio if ratio is None else ratio
 
 
