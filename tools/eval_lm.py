@@ -21,12 +21,16 @@ Rows:
   for the criteria that run without data and the ones that need it;
 - depth: ``--remove-blocks 1`` and ``2`` (Block Influence and random), and width+depth at equal
   parameter count, when spa has ``--remove-blocks``;
-- onnxsim: ``apply_structured_wanda_pruning`` at the width ratios and
-  ``apply_transformer_block_pruning`` dropping 1 and 2 blocks, both on the same real calibration.
+- onnxsim: ``apply_structured_wanda_pruning`` and ``apply_structured_pruning`` (weight
+  magnitude) at the width ratios, and ``apply_transformer_block_pruning`` dropping 1 and 2 blocks,
+  on the same real calibration; tools/onnxsim_lm.py says what each matches on which export
+  (block dropping only on ``--export optimum``, after fusing its RMSNorm into one node). A row
+  onnxsim leaves unchanged says why in its "valid" cell and gets no perplexity.
 
 Every result is checked the same way: onnxruntime runs it, its logits are finite, and a decode
 step fed its own prefill's cache runs (``spa.core.decoder.rollout``). "prune s" is the wall time
-of the pruning call (spa's includes its own validation).
+of the pruning call (spa's includes its own validation). "params kept" counts the weights some
+node reads (onnxsim leaves a dropped block's weights in the file, unread).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+import onnxsim_lm  # noqa: E402
 import train_lm  # noqa: E402
 
 import spa  # noqa: E402
@@ -66,7 +71,7 @@ _ALIVE: list = []
 @dataclass
 class Row:
     group: str
-    method: str  # "dense", "spa", "onnxsim wanda", "onnxsim blocks"
+    method: str  # "dense", "spa", "onnxsim wanda", "onnxsim magnitude", "onnxsim blocks"
     criterion: str = ""
     ratio: float | None = None
     blocks: int | None = None
@@ -147,7 +152,9 @@ def validity(model: onnx.ModelProto, held: np.ndarray) -> str:
 
 
 def params(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16))
+    read = {name for node in model.graph.node for name in node.input}
+    weights = (t for t in model.graph.initializer if t.data_type in (1, 10, 11, 16) and t.name in read)
+    return sum(int(np.prod(t.dims)) for t in weights)
 
 
 # ---------------------------------------------------------------- pruning
@@ -191,18 +198,13 @@ def onnxsim_batches(model: onnx.ModelProto, real: Path, batch: int = 8) -> list[
     return [_prompt_feed(model, ids[s : s + batch]) for s in range(0, len(ids), batch)]
 
 
-def prune_onnxsim(path: Path, row: Row, real: Path) -> onnx.ModelProto:
-    import onnxsim
-
+def prune_onnxsim(path: Path, row: Row, real: Path) -> tuple[onnx.ModelProto, str | None]:
     model = onnx.load(path)
-    data = onnxsim_batches(model, real)
-    if row.method == "onnxsim wanda":
-        return onnxsim.apply_structured_wanda_pruning(model, calibration_data=data, sparsity=row.ratio)
-    return onnxsim.apply_transformer_block_pruning(model, calibration_data=data, num_blocks_to_drop=row.blocks)
+    return onnxsim_lm.prune(model, row.method, onnxsim_batches(model, real), row.ratio, row.blocks)
 
 
 def measure(path: Path, row: Row, real: Path, held: np.ndarray) -> Row:
-    start = time.perf_counter()
+    start, unchanged = time.perf_counter(), None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -211,12 +213,12 @@ def measure(path: Path, row: Row, real: Path, held: np.ndarray) -> Row:
             elif row.method == "spa":
                 model = prune_spa(path, row, real)
             else:
-                model = prune_onnxsim(path, row, real)
+                model, unchanged = prune_onnxsim(path, row, real)
     except Exception as exc:  # noqa: BLE001 - a refusal is a result of the row
         row.valid = f"refused: {str(exc).splitlines()[0][:80]}" if str(exc) else type(exc).__name__
         return row
     row.seconds = None if row.method == "dense" else time.perf_counter() - start
-    row.params, row.valid = params(model), validity(model, held)
+    row.params, row.valid = params(model), unchanged or validity(model, held)
     if row.valid == "valid":
         row.ppl = perplexity(model, held)
     _ALIVE.clear()
@@ -250,6 +252,7 @@ def grid(groups: list[str], quick: bool, ratios: tuple[float, ...], criteria: tu
         rows += [Row("depth", "spa", "obspa", 0.2, blocks=1)]
     if "onnxsim" in groups:
         rows += [Row("onnxsim", "onnxsim wanda", "wanda", r) for r in ratios]
+        rows += [Row("onnxsim", "onnxsim magnitude", "l2 magnitude", r, calib="none") for r in ratios]
         rows += [Row("onnxsim", "onnxsim blocks", "block influence", blocks=b) for b in (1, 2)]
     return rows
 
@@ -289,12 +292,12 @@ def findings(rows: list[Row]) -> list[str]:
     dense = rows[0].params
     for row in rows:
         if row.method.startswith("onnxsim") and row.params == dense:
-            found.append(f"- onnxsim {row.criterion} at {row.setting}: removed nothing (it matched no chain here)")
+            found.append(f"- onnxsim {row.criterion} at {row.setting}: removed nothing ({row.valid})")
     for ratio in RATIOS:
-        sim = next((r for r in rows if r.method == "onnxsim wanda" and r.ratio == ratio and r.ppl), None)
         ours = [r.ppl for r in rows if r.method == "spa" and r.ratio == ratio and r.blocks is None and r.ppl]
-        if sim is not None and sim.params != dense and ours:
-            found.append(f"- ratio {ratio}: spa's best {min(ours):.2f}, onnxsim's structured Wanda {sim.ppl:.2f}")
+        for sim in (r for r in rows if r.method.startswith("onnxsim") and r.ratio == ratio and r.ppl):
+            if sim.params != dense and ours:
+                found.append(f"- ratio {ratio}: spa's best {min(ours):.2f}, {sim.method} {sim.ppl:.2f}")
     return found
 
 
