@@ -17,6 +17,8 @@ Rows:
 - published: ``activation`` (Wanda-sp) and ``fluctuation`` (FLAP's ranking) at the width ratios
   with ``--no-compensate``, as Wanda-sp is published (FLAP adds a bias correction, spa's
   compensation a least-squares refit of the weights left);
+- global: ``obs`` ranked across groups (``--global``) with ``--target-params`` at the sizes
+  onnxsim's valid rows keep, for a comparison at equal size;
 - calib: ratio 0.2, calibration none / 128 self-generated (``--calib-generate 128``) / 128 real,
   for the criteria that run without data and the ones that need it;
 - depth: ``--remove-blocks 1`` and ``2`` (Block Influence and random), and width+depth at equal
@@ -64,7 +66,10 @@ CALIB = 128  # calibration sequences
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 CRITERIA = ("random", "l1", "activation", "fluctuation", "obs", "obspa")
 NEEDS_DATA = {"activation", "fluctuation", "obs"}
-GROUPS = ("width", "published", "calib", "depth", "onnxsim")
+GROUPS = ("width", "published", "global", "calib", "depth", "onnxsim")
+# the params onnxsim's valid rows keep (its magnitude pass at 0.3 and 0.5, its block pass): spa's
+# "global" rows are cut to the same size
+EQUAL_SIZES = (0.885, 0.862, 0.77)
 _ALIVE: list = []
 
 
@@ -170,6 +175,10 @@ def prune_spa(path: Path, row: Row, real: Path) -> onnx.ModelProto:
         return _spa_cli(path, row, real)
     if "--no-compensate" in row.extra:
         kwargs["compensate"] = False
+    if "--global" in row.extra:
+        kwargs["global_rank"] = True
+    if "--target-params" in row.extra:
+        kwargs["target_params"] = float(row.extra[row.extra.index("--target-params") + 1])
     result = spa.prune(path, row.ratio, **kwargs)
     print("  spa seconds:", result.report.as_dict().get("seconds"), flush=True)
     _ALIVE.append(result)  # the cut weights live in its scratch folder until it goes
@@ -242,6 +251,9 @@ def grid(groups: list[str], quick: bool, ratios: tuple[float, ...], criteria: tu
     if "published" in groups:  # Wanda-sp and FLAP's ranking as published: no least-squares refit after it
         published = ("activation", "fluctuation")
         rows += [Row("published", "spa", c, r, extra=["--no-compensate"]) for r in ratios for c in published]
+    if "global" in groups:  # ranked across groups, at the sizes onnxsim's rows kept
+        for kept in EQUAL_SIZES:
+            rows += [Row("global", "spa", "obs", extra=["--global", "--target-params", str(kept)])]
     if "calib" in groups:
         for criterion in [c for c in ("l1", "obspa", "activation", "fluctuation", "obs") if c in criteria]:
             rows += [Row("calib", "spa", criterion, 0.2, calib=c) for c in ("none", "generated")]
