@@ -211,7 +211,7 @@ def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, tmp_path
 
     from spa.cli.commands import main
 
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     source = _genai(llm_zoo, "llama-genai-fp32")
     command = ["prune", str(source), "--ratio", "0.3", "--attention", "heads", "-o", str(tmp_path / "model.onnx")]
     done = CliRunner().invoke(main, command)
@@ -222,15 +222,7 @@ def test_the_pruned_genai_folder_gets_its_config_and_generates(llm_zoo, tmp_path
     assert config["num_key_value_heads"] == node_attr_of(attention[0], "kv_num_heads") < 2
     assert config["num_attention_heads"] == node_attr_of(attention[0], "num_heads") < 8
     assert (tmp_path / "tokenizer.json").exists()
-    model = og.Model(str(tmp_path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=12, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([[1, 5, 9, 12]])
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    tokens = llm_zoo.generate(tmp_path)
     assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
 
 
@@ -283,7 +275,7 @@ def test_a_tied_int4_embedding_prunes_heads_and_the_folder_generates(llm_zoo, tm
 
     from spa.cli.commands import main
 
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     source = _genai(llm_zoo, "gemma-genai-int4")
     out = tmp_path / "model.onnx"
     done = CliRunner().invoke(
@@ -299,14 +291,7 @@ def test_a_tied_int4_embedding_prunes_heads_and_the_folder_generates(llm_zoo, tm
         n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "GroupQueryAttention"
     ]
     assert decoder_config["num_attention_heads"] == node_attr_of(attention[0], "num_heads") < 8
-    model = og.Model(str(tmp_path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=8, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([[1, 5, 9, 12]])
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) == 8
+    assert len(llm_zoo.generate(tmp_path, length=8)) == 4  # after the 4-token prompt
 
 
 @pytest.mark.parametrize(

@@ -100,20 +100,29 @@ def venv_python() -> Path:
 
 
 # transformers imports torchvision whenever it is installed; a torchvision built for another torch
-# (a CUDA wheel beside a CPU torch) fails to load, and with it every model class
-_HIDE_BROKEN_TORCHVISION = """
+# (a CUDA wheel beside a CPU torch) fails to register its compiled ops' fake kernels, and with it
+# every model class that reads torchvision.transforms (Qwen2, GPT-OSS). Its Python side works:
+# load it with that registration skipped (as tools/zoo.py does for the CNN zoo), so transformers
+# finds a usable torchvision whenever it asks, in this process or in a builder it starts.
+_LOAD_TORCHVISION = """
 import sys
 try:
     import torchvision
 except Exception:
     for _name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[_name]
-    sys.modules["torchvision"] = None
+    import torch
+    _register = torch.library.register_fake
+    torch.library.register_fake = lambda *args, **kwargs: lambda fn: fn
+    try:
+        import torchvision
+    finally:
+        torch.library.register_fake = _register
 """
 
 
-def _hide_broken_torchvision() -> None:
-    exec(_HIDE_BROKEN_TORCHVISION, {})
+def _load_torchvision() -> None:
+    exec(_LOAD_TORCHVISION, {})
 
 
 # ---------------------------------------------------------------- the Hugging Face models
@@ -121,7 +130,7 @@ def _hide_broken_torchvision() -> None:
 
 def hf_config(arch: str):
     """The transformers config of ``arch`` at toy sizes (whichever transformers runs this)."""
-    _hide_broken_torchvision()
+    _load_torchvision()
     import transformers
 
     classes = {
@@ -152,7 +161,7 @@ def _tokenizer():
 
 def save_hf(arch: str, folder: Path) -> None:
     """``arch`` with seeded random weights, saved as a Hugging Face folder."""
-    _hide_broken_torchvision()
+    _load_torchvision()
     import torch
     import transformers
 
@@ -166,9 +175,7 @@ def hf_folder(arch: str) -> Path:
     folder = cache_dir() / f"hf-{arch}-v{VERSION}"
     if not (folder / "config.json").exists():
         partial = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{arch}-"))
-        # in a process of its own: a caller that imported transformers before torchvision was found
-        # broken has it cached as usable, and some model classes (Qwen2) then fail to import
-        subprocess.run([sys.executable, __file__, "--save-hf", arch, str(partial)], check=True)
+        save_hf(arch, partial)
         shutil.rmtree(folder, ignore_errors=True)
         partial.replace(folder)
     return folder
@@ -206,12 +213,15 @@ def _genai_export(arch: str, precision: str, out: Path) -> None:
     genai_export_folder(hf_folder(arch), precision, out)
 
 
-def genai_export_folder(hf: Path, precision: str, out: Path) -> None:
-    """onnxruntime-genai's builder on the Hugging Face folder ``hf``, for the CPU, into ``out``."""
+def genai_export_folder(hf: Path, precision: str, out: Path, extra_options: tuple[str, ...] = ()) -> None:
+    """onnxruntime-genai's builder on the Hugging Face folder ``hf``, for the CPU, into ``out``
+    (``extra_options``: the builder's ``key=value`` options)."""
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=".genai-cache-"))
     builder = "import runpy; runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__')"
-    command = [sys.executable, "-c", _HIDE_BROKEN_TORCHVISION + builder, "-i", str(hf)]
+    command = [sys.executable, "-c", _LOAD_TORCHVISION + builder, "-i", str(hf)]
     command += ["-o", str(out), "-p", precision, "-e", "cpu", "-c", str(scratch)]
+    if extra_options:
+        command += ["--extra_options", *extra_options]
     try:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
@@ -235,7 +245,7 @@ def _check_lm_head(model_path: Path) -> None:
 
 def _optimum_export(arch: str, out: str) -> None:
     """Inside the Optimum venv: build ``arch`` with this transformers, export it with past."""
-    _hide_broken_torchvision()
+    _load_torchvision()
     # the venv sees spa's site packages (torch, onnx); a diffusers there is built for a newer
     # huggingface_hub than Optimum's, and Optimum imports it whenever it is found
     sys.modules["diffusers"] = None  # type: ignore[assignment]
@@ -404,11 +414,7 @@ def main() -> None:
         "--table", type=Path, help="store the rows in this model-table JSON (rows of other models kept)"
     )
     parser.add_argument("--optimum-export", nargs=2, metavar=("ARCH", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--save-hf", nargs=2, metavar=("ARCH", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.save_hf:
-        save_hf(args.save_hf[0], Path(args.save_hf[1]))
-        return
     if args.optimum_export:
         _optimum_export(*args.optimum_export)
         return

@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument("--no-optimum", action="store_true", help="skip the Optimum export")
     parser.add_argument("--optimum-export", nargs=2, metavar=("HF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    llm_zoo._hide_broken_torchvision()  # before anything imports transformers
+    llm_zoo._load_torchvision()  # before anything imports transformers
     if args.optimum_export:
         _optimum_export(*args.optimum_export)
         return

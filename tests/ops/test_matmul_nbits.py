@@ -185,6 +185,14 @@ def test_scored_with_statistics_and_left_unrefitted_with_the_reason():
     assert "stored in quantization blocks" in skipped and nbits_node(model, "r").name in skipped
 
 
+def _with_accuracy_level_4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime computes these MatMulNBits in int8: validation must compare them in float."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    return model
+
+
 def test_soft_and_hard_are_compared_with_the_products_in_float(monkeypatch):
     # at accuracy_level 4 onnxruntime rounds the activations to 8 bits, which turns the last-bit
     # differences of any cut into whole rounding steps (6.7e-4 on a 4-layer Llama): soft == hard is
@@ -199,10 +207,7 @@ def test_soft_and_hard_are_compared_with_the_products_in_float(monkeypatch):
         return real(source, feeds, custom_ops, config)
 
     monkeypatch.setattr(validate, "run_all", recording)
-    model = quantized(float_mlp(), 4)
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    model = _with_accuracy_level_4(quantized(float_mlp(), 4))
     result = prune_exact(model, 0.4)
     compared = [source for source, config in runs if config]
     assert len(compared) == 2  # the soft model and the hard one
@@ -224,10 +229,7 @@ def test_soft_and_hard_stored_with_external_data_are_compared_in_float_too(monke
         return real(source, feeds, custom_ops, config)
 
     monkeypatch.setattr(validate, "run_all", recording)
-    model = quantized(float_mlp(), 4)
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    model = _with_accuracy_level_4(quantized(float_mlp(), 4))
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
     prune_exact(str(path), 0.4)
