@@ -133,6 +133,7 @@ def prune(
     remove_experts: float = 0,
     remove_blocks: float | None = None,
     block_score: str = "influence",
+    block_unit: str = "layer",
     calib_generate: int | None = None,
     calib_length: int = 128,
     calib_top_k: int | None = None,
@@ -204,8 +205,9 @@ def prune(
 
     ``remove_blocks`` (depth pruning) first removes that many whole residual blocks (a fraction
     below 1: of the removable ones), those ``block_score`` ranks lowest ("influence": ShortGPT's
-    Block Influence, "l2", "random"); the width cut then runs on what is left, with ``ratio``
-    0 unless given. ``report.depth`` lists the blocks, their scores and the checks of the removal.
+    Block Influence, "l2", "random"); ``block_unit`` says what a transformer's block is ("layer",
+    "sublayer": attention and MLP apart, "attention", "mlp"). The width cut then runs on what is
+    left, with ``ratio`` 0 unless given. ``report.depth`` lists the blocks, their scores and the checks of the removal.
     """
     targets = (target_flops, target_params, target_latency)
     plan = PlanOptions(
@@ -217,6 +219,7 @@ def prune(
         remove_experts=remove_experts,
         remove_blocks=remove_blocks,
         block_score=block_score,
+        block_unit=block_unit,
     )
     score = ScoreOptions(criterion, calib, calib_samples, synthetic_samples, calib_generate, calib_length, calib_top_k)
     run = RunOptions(seed, check, bench, tuple(providers), threads, tuple(custom_ops), run_timeout, allow_slower)

@@ -90,6 +90,7 @@ def test_a_decoder_loses_one_of_three_layers_with_its_cache_renumbered():
     result = spa.prune(model, remove_blocks=1)
     depth = result.report.depth
     assert [b["layer"] for b in depth["removed"]] == [1]  # the planted near-identity layer
+    assert depth["shifted"] == 0  # no data: nothing to measure a mean on
     assert depth["checks"]["decode_checked"] and depth["checks"]["soft_max_rel_error"] <= 1e-4
     assert result.report.validation.ok, result.report.validation.problems
     names = [i.name for i in result.model.graph.input]
@@ -260,6 +261,90 @@ def test_the_genai_export_loses_a_layer_and_generates(tmp_path):
 
     tokens = llm_zoo.generate(tmp_path)
     assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
+
+
+def test_sub_blocks_are_attention_and_mlp_apart_and_a_unit_keeps_one_kind_removable():
+    model = _decoder()
+    assert [b.kind for b in find_blocks(model, "sublayer").blocks] == ["attention", "MLP"] * 3
+    assert all(b.removable for b in find_blocks(model, "sublayer").blocks)
+    for unit, kind in (("attention", "attention"), ("mlp", "MLP")):
+        blocks = find_blocks(model, unit).blocks
+        assert [b.removable for b in blocks] == [b.kind == kind for b in blocks]
+        assert all(unit in b.reason for b in blocks if not b.removable)
+    # the MLP sub-block reads no cache; the attention one reads its layer's
+    assert [b.layer for b in find_blocks(model, "sublayer").blocks] == [0, None, 1, None, 2, None]
+
+
+@pytest.mark.parametrize("unit", ["attention", "mlp"])
+def test_a_sub_block_goes_alone_and_the_cache_follows_only_attention(unit):
+    result = spa.prune(_decoder(quiet=1), remove_blocks=1, block_unit=unit)
+    depth = result.report.depth
+    assert depth["checks"]["decode_checked"] and depth["checks"]["soft_max_rel_error"] <= 1e-4
+    assert result.report.validation.ok, result.report.validation.problems
+    assert result.report.options["block_unit"] == unit
+    nodes = result.model.graph.node
+    attentions, matmuls = (
+        sum(n.op_type == "GroupQueryAttention" for n in nodes),
+        sum(n.op_type == "MatMul" for n in nodes),
+    )
+    past = [i.name for i in result.model.graph.input if i.name.startswith("past")]
+    if unit == "attention":  # layer 1's attention and its cache go; every MLP stays
+        assert depth["removed_layers"] == [1] and attentions == 2 and matmuls == 3 * 6 + 1 - 4
+        assert past == [f"past_key_values.{k}.{kind}" for k in (0, 1) for kind in ("key", "value")]
+    else:  # one MLP goes; every attention and cache stays
+        assert depth["removed_layers"] == [] and attentions == 3 and matmuls == 3 * 6 + 1 - 2
+        assert len(past) == 6
+    first, second = decoder.rollout(result.model, lambda feed: run(result.model, feed))
+    assert np.isfinite(first["logits"]).all() and np.isfinite(second["logits"]).all()
+
+
+@pytest.mark.parametrize("unit", ["attention", "mlp"])
+def test_the_genai_export_loses_a_sub_block_and_generates(tmp_path, unit):
+    pytest.importorskip("onnxruntime_genai")
+    source = _zoo_genai()
+    done = CliRunner().invoke(
+        main,
+        [
+            "prune",
+            str(source),
+            "--remove-blocks",
+            "1",
+            "--block-unit",
+            unit,
+            "--no-bench",
+            "-o",
+            str(tmp_path / "model.onnx"),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    # the runtime's layer count is its cache count: it drops with an attention sub-block only
+    config = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    assert config["num_hidden_layers"] == (3 if unit == "attention" else 4)
+    pruned = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    attentions = sum(n.op_type == "GroupQueryAttention" for n in pruned.graph.node)
+    mlps = sum(n.op_type == "MatMul" and "/mlp/" in n.name for n in pruned.graph.node)
+    assert (attentions, mlps) == ((3, 12) if unit == "attention" else (4, 9))
+    import llm_zoo
+
+    tokens = llm_zoo.generate(tmp_path)
+    assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
+
+
+@pytest.mark.parametrize("unit", ["layer", "mlp"])
+def test_with_calibration_a_removed_block_adds_back_its_mean_and_moves_the_outputs_less(tmp_path, unit):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(0, VOCAB, (96, 12)).astype(np.int64))
+    runs = {
+        compensate: spa.prune(
+            _decoder(), remove_blocks=1, block_unit=unit, calib=calib, calib_samples=32, compensate=compensate
+        ).report.depth
+        for compensate in (True, False)
+    }
+    assert runs[True]["removed"] == runs[False]["removed"]  # the same block goes either way
+    assert runs[True]["shifted"] == 1 and runs[False]["shifted"] == 0
+    assert runs[True]["checks"]["soft_max_rel_error"] <= 1e-4  # removal still equals masking
+    error = {c: run["fidelity"]["outputs"]["logits"]["relative_error"] for c, run in runs.items()}
+    assert error[True] < error[False]
 
 
 def test_depth_and_width_share_one_params_target():

@@ -22,7 +22,9 @@ Rows:
 - calib: ratio 0.2, calibration none / 128 self-generated (``--calib-generate 128``) / 128 real,
   for the criteria that run without data and the ones that need it;
 - depth: ``--remove-blocks 1`` and ``2`` (Block Influence and random), and width+depth at equal
-  parameter count, when spa has ``--remove-blocks``;
+  parameter count, when spa has ``--remove-blocks``; the same with ``--block-unit mlp`` (the
+  unit onnxsim's block pass drops) and ``--block-unit sublayer`` (attention or MLP, whichever
+  scores lower);
 - onnxsim: ``apply_structured_wanda_pruning`` and ``apply_structured_pruning`` (weight
   magnitude) at the width ratios, and ``apply_transformer_block_pruning`` dropping 1 and 2 blocks,
   on the same real calibration; tools/onnxsim_lm.py says what each matches on which export
@@ -262,6 +264,10 @@ def grid(groups: list[str], quick: bool, ratios: tuple[float, ...], criteria: tu
             rows += [Row("depth", "spa", "obspa", blocks=blocks)]
             rows += [Row("depth", "spa", "obspa", blocks=blocks, extra=["--block-score", "random"])]
         rows += [Row("depth", "spa", "obspa", 0.2, blocks=1)]
+        for unit in ("mlp", "sublayer"):  # sub-blocks: onnxsim's block pass drops MLPs alone
+            for blocks in (1, 2):
+                rows += [Row("depth", "spa", "obspa", blocks=blocks, extra=["--block-unit", unit])]
+            rows += [Row("depth", "spa", "obspa", blocks=1, extra=["--block-unit", unit, "--block-score", "random"])]
     if "onnxsim" in groups:
         rows += [Row("onnxsim", "onnxsim wanda", "wanda", r) for r in ratios]
         rows += [Row("onnxsim", "onnxsim magnitude", "l2 magnitude", r, calib="none") for r in ratios]
@@ -305,6 +311,17 @@ def findings(rows: list[Row]) -> list[str]:
     for row in rows:
         if row.method.startswith("onnxsim") and row.params == dense:
             found.append(f"- onnxsim {row.criterion} at {row.setting}: removed nothing ({row.valid})")
+    for sim in (r for r in rows if r.method.startswith("onnxsim") and r.ppl and r.params != dense):
+        # equal reduction: spa's rows that keep no more parameters than onnxsim's (0.5% slack)
+        ours = [r for r in rows if r.method == "spa" and r.ppl and r.params and r.params <= sim.params * 1.005]
+        if ours:
+            best = min(ours, key=lambda r: r.ppl or math.inf)
+            verdict = "spa lower" if (best.ppl or math.inf) < sim.ppl else "onnxsim lower"
+            found.append(
+                f"- {sim.method} {sim.setting} ({sim.params / dense:.3f} kept): {sim.ppl:.3f}; spa's best at no more "
+                f"params: {best.ppl:.3f} ({best.criterion} {' '.join(best.extra)} {best.setting}, "
+                f"{best.params / dense:.3f} kept): {verdict}"
+            )
     for ratio in RATIOS:
         ours = [r.ppl for r in rows if r.method == "spa" and r.ratio == ratio and r.blocks is None and r.ppl]
         for sim in (r for r in rows if r.method.startswith("onnxsim") and r.ratio == ratio and r.ppl):

@@ -1,6 +1,6 @@
 """A small Llama-style language model trained on English text found offline on this machine.
 
-    python tools/train_lm.py [--minutes 25] [--steps 3000] [--force]
+    python tools/train_lm.py [--minutes 28] [--steps 5000] [--force]
     python tools/train_lm.py --export-only
 
 Perplexity only means something on a model that has learnt a language, so this trains one:
@@ -17,7 +17,9 @@ the exports ``genai-fp32/``, ``genai-int4/`` (onnxruntime-genai's builder) and `
 (Optimum ``text-generation-with-past``, run in its own venv as tools/llm_zoo.py does).
 
 Training is seeded and stops at ``--minutes`` of wall time or ``--steps`` steps, whichever comes
-first; it prints the training and held-out loss as it goes.
+first. The learning rate follows a cosine to whichever of the two comes first, so a run stopped
+by the clock on a slow machine still ends annealed. It prints the training and held-out loss as
+it goes.
 """
 
 from __future__ import annotations
@@ -294,8 +296,9 @@ def train(folder: Path, minutes: float, steps: int, batch: int, lr: float) -> No
     warmup, deadline, start = min(100, steps // 10), time.monotonic() + minutes * 60, time.monotonic()
     log, step, recent = [], 0, []
     while step < steps and time.monotonic() < deadline:
-        # cosine to the step cap; a wall-time stop cuts it short at a higher learning rate
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        # the cosine runs to whichever cap comes first, so a wall-time stop still ends annealed
+        progress = max(step / steps, (time.monotonic() - start) / (minutes * 60))
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
         model.train()
@@ -377,8 +380,8 @@ def _optimum_export(hf: str, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=25.0, help="wall-time cap of the training (default 25)")
-    parser.add_argument("--steps", type=int, default=3000, help="step cap of the training (default 3000)")
+    parser.add_argument("--minutes", type=float, default=28.0, help="wall-time cap of the training (default 28)")
+    parser.add_argument("--steps", type=int, default=5000, help="step cap of the training (default 5000)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--force", action="store_true", help="train again even if a model is cached")

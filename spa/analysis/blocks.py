@@ -5,7 +5,9 @@ A residual add is an ``Add`` (or onnxruntime's fused ``SkipLayerNormalization`` 
 is an ancestor of the other, the branch, and the branch holds a weighted op. Adds whose sum is
 the skip of the next one form the residual stream. In a transformer the add after an attention
 branch and the adds after it up to the next attention make one block: a whole layer, attention
-and MLP, as ShortGPT removes them. Elsewhere (CNNs) each add is a block.
+and MLP, as ShortGPT removes them (``unit="layer"``). With ``unit="sublayer"`` each add is its own
+block, an attention or an MLP sub-block ranked against each other, and ``"attention"`` or
+``"mlp"`` keeps only that kind removable. Elsewhere (CNNs) each add is a block.
 
 A block is removable when dropping its branches leaves exactly its input:
 - pre-norm transformer layers (``h = x + Attn(Norm(x)); y = h + MLP(Norm(h))``), fused or not;
@@ -40,6 +42,9 @@ NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization
 KEEPS_SIGN = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity"}
 # how far back a projection shortcut's two paths are followed to their common input
 PROJECTION_DEPTH = 12
+# what one block of a transformer is: a whole layer, or its attention and MLP sub-blocks apart
+# (both, or only one kind removable); a CNN's blocks are the same in every unit
+BLOCK_UNITS = ("layer", "sublayer", "attention", "mlp")
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class Block:
 
     index: int
     name: str  # the longest common prefix of its node names, for people
-    kind: str  # "transformer layer" or "residual block"
+    kind: str  # "transformer layer", "attention", "MLP" or "residual block"
     input: str  # x
     output: str  # y ('' where the last add is a fused norm that writes no sum)
     adds: tuple[ResidualAdd, ...]  # in stream order: the last one is the exit
@@ -179,8 +184,11 @@ def residual_add(graph: _Graph, node: onnx.NodeProto) -> ResidualAdd | None:
     return None
 
 
-def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
-    """Every residual block of ``model``'s main graph, removable or with the reason it is not."""
+def find_blocks(model: onnx.ModelProto, unit: str = "layer") -> BlockAnalysis:
+    """Every residual block of ``model``'s main graph, removable or with the reason it is not;
+    ``unit`` (``BLOCK_UNITS``) says what one block of a transformer is."""
+    if unit not in BLOCK_UNITS:
+        raise ValueError(f"unknown block unit {unit}")
     graph = _Graph(model)
     adds = [a for node in model.graph.node if (a := residual_add(graph, node)) is not None]
     by_skip = {_uncast(graph, a.skip): a for a in adds}
@@ -191,7 +199,8 @@ def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
     grouped: dict[str, list[ResidualAdd]] = {}
     for add in adds:
         previous = next((p for p in adds if following[p.node] is add), None)
-        if transformer and not add.attention and previous is not None and previous.node in grouped:
+        whole_layers = transformer and unit == "layer"
+        if whole_layers and not add.attention and previous is not None and previous.node in grouped:
             group = grouped[previous.node]
             if group[-1] is previous:
                 group.append(add)
@@ -204,7 +213,7 @@ def find_blocks(model: onnx.ModelProto) -> BlockAnalysis:
     past = set(cache.past) if cache else set()
     for group in groups:
         block = _block(graph, group, after[group[-1].node], len(analysis.blocks), transformer, past)
-        analysis.blocks.append(block)
+        analysis.blocks.append(_of_unit(block, unit, transformer))
     analysis.blocks += _projection_blocks(graph, model, {a.node for a in adds}, len(analysis.blocks))
     # numbered in graph order, as people read the model
     ordered = sorted(analysis.blocks, key=lambda b: graph.order[b.exit.node] if b.adds else graph.order[b.name])
@@ -271,9 +280,21 @@ def _block(
     cache = tuple(sorted(reads & past))
     names = sorted(nodes) or [exit.node]
     prefix = _common_prefix(names) or exit.node
-    kind = "transformer layer" if transformer and adds[0].attention else "residual block"
+    kind = "residual block"
+    if transformer:
+        kind = ("transformer layer" if len(adds) > 1 else "attention") if adds[0].attention else "MLP"
     reason = _refusal(graph, adds, nodes, post, cache)
     return Block(index, prefix, kind, adds[0].skip, output, tuple(adds), post, nodes, cache, reason)
+
+
+def _of_unit(block: Block, unit: str, transformer: bool) -> Block:
+    """``block``, refused where ``unit`` removes only the other kind of sub-block."""
+    if not transformer or unit in ("layer", "sublayer") or not block.removable:
+        return block
+    attention = block.adds[0].attention
+    if attention == (unit == "attention"):
+        return block
+    return replace(block, reason=f"an {'attention' if attention else 'MLP'} sub-block (the block unit is {unit})")
 
 
 def _refusal(

@@ -9,16 +9,16 @@ from spa.formats.model import load
 from spa.pipeline.depth import removable_blocks
 
 
-def listed_blocks(path: Path, block_score: str, seed: int) -> list[dict]:
+def listed_blocks(path: Path, block_score: str, seed: int, unit: str = "layer") -> list[dict]:
     model = load(path)
     if not model.lazy:  # weights too large to hold are not run: their blocks are listed unscored
         try:
-            return removable_blocks(model, block_score, None, 0, seed)
+            return removable_blocks(model, block_score, None, 0, seed, unit)
         except RunTimeout:
             raise
         except Exception:  # a model onnxruntime cannot run is still listed, unscored
             pass
-    return [{**block, "score": None} for block in removable_blocks(model, "random", None, 0, seed)]
+    return [{**block, "score": None} for block in removable_blocks(model, "random", None, 0, seed, unit)]
 
 
 def blocks_text(blocks: list[dict]) -> str:
@@ -47,6 +47,8 @@ def depth_lines(depth: dict | None) -> list[str]:
             f"        removal == zeroing the blocks (rel. err {checks['soft_max_rel_error']:.1e})"
             + (", prefill and decode step from its own cache" if checks.get("decode_checked") else "")
         )
+    if depth.get("shifted"):
+        lines.append("        each removed block adds back its mean output, measured on the calibration data")
     if depth.get("width_target") is not None:
         lines.append(f"        the width cut was asked for {depth['width_target']:.3f} of what the blocks left")
     for key, what in (("fidelity", "blocks removed"), ("end_to_end", "blocks and channels removed")):

@@ -139,6 +139,7 @@ def main() -> None:
     help="How blocks are ranked, lowest removed first: influence (1 - cos(block input, output)), "
     "l2 (||f(x)|| / ||x||) or random (--seed).",
 )
+@shared.block_unit
 @shared.exclude
 @click.option("--soft", is_flag=True, help="Zero the chosen channels instead of removing them.")
 @click.option(
@@ -260,6 +261,7 @@ def _stage_options(flags: dict) -> tuple[AnalyzeOptions, ScoreOptions, PlanOptio
         remove_experts=flags["remove_experts"],
         remove_blocks=flags["remove_blocks"],
         block_score=flags["block_score"],
+        block_unit=flags["block_unit"],
     )
     return analyze, score, plan, CutOptions(flags["compensate"], flags["refit"], flags["soft"])
 
@@ -355,17 +357,18 @@ def _given(option: str) -> bool:
     show_default=True,
     help="How the residual blocks listed are scored (influence and l2 run the model on synthetic inputs).",
 )
+@shared.block_unit
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the analysis as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every member dimension of every group.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def analyze(model, exclude, approximate, attention, input_shapes, block_score, json_path, verbose, debug):
+def analyze(model, exclude, approximate, attention, input_shapes, block_score, block_unit, json_path, verbose, debug):
     """List every coupled channel group of MODEL, and why frozen ones are frozen, and its residual blocks."""
 
     def action():
         sizes = parse_shapes(list(input_shapes))
         report = api_analyze(model, AnalyzeOptions(tuple(exclude), approximate, attention.replace("-", "_"), sizes))
         data = report.as_dict()
-        data["blocks"] = listed_blocks(model, block_score, CLI_RUN.seed)
+        data["blocks"] = listed_blocks(model, block_score, CLI_RUN.seed, block_unit)
         if json_path:
             check_json_path(json_path, [model], True)
             write_json(json_path, data)

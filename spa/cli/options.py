@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from spa.analysis.blocks import BLOCK_UNITS
 from spa.pipeline import CLI_RUN, AnalyzeOptions, CutOptions, PlanOptions, ScoreOptions
 from spa.pipeline.options import REFITS
 
@@ -35,6 +36,14 @@ refit = click.option(
     "then refits the layers in graph order on the inputs the pruned model gives them; auto is "
     "sequential with --calib (the one that moves held-out samples less, when any are left) and "
     "layerwise without.",
+)
+block_unit = click.option(
+    "--block-unit",
+    type=click.Choice(BLOCK_UNITS),
+    default=_PLAN.block_unit,
+    show_default=True,
+    help="What one residual block of a transformer is: a whole layer, its attention and its MLP "
+    "apart (sublayer), or only attention or only MLP sub-blocks. CNN blocks are the same in every unit.",
 )
 global_rank = click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups, not per group.")
 round_to = click.option(

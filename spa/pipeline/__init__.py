@@ -71,7 +71,7 @@ def _remove_whole_parts(
     what they leave (and a block removed takes its experts with it)."""
     depth = experts = None
     if planning.remove_blocks is not None:
-        model, planning, depth = depth_first(model, groups, planning, scoring, cutting.soft, run, progress)
+        model, planning, depth = depth_first(model, groups, planning, scoring, cutting, run, progress)
     # the model runs at the sizes asked for and those that follow them: each must fit
     sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
     check_input_sizes(model.proto, sizes)

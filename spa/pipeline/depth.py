@@ -23,10 +23,10 @@ from spa.core.runtime import batches, complete_sizes, outputs_of, run, sample_in
 from spa.formats.checker import checker_complaint
 from spa.formats.model import Model, Progress, say
 from spa.formats.shapes import infer_shapes
-from spa.pipeline.options import AnalyzeOptions, PlanOptions, RunOptions, ScoreOptions
+from spa.pipeline.options import AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.reports import count_model
 from spa.scoring import self_calibration
-from spa.scoring.blocks import score_blocks
+from spa.scoring.blocks import block_shifts, score_blocks
 from spa.scoring.statistics import load_calibration, synthetic_feeds
 from spa.transforms.depth import remove_blocks
 from spa.verify import decode, fidelity
@@ -54,6 +54,8 @@ class DepthOutcome:
     end_to_end: dict | None = None
     # with a FLOPs or params target: the fraction of the depth-pruned model the width cut was asked for
     width_target: float | None = None
+    # how many of the removed blocks add back their mean output (compensation with data)
+    shifted: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,31 +115,37 @@ def remove_depth(
     plan: PlanOptions,
     scoring: ScoreOptions,
     run_options: RunOptions,
-    soft: bool,
+    cutting: CutOptions,
     progress: Progress | None = None,
 ) -> tuple[Model, DepthOutcome]:
-    """``model`` without its ``plan.remove_blocks`` lowest-scored residual blocks (``soft``: zeroed)."""
+    """``model`` without its ``plan.remove_blocks`` lowest-scored residual blocks (``cutting.soft``:
+    zeroed). Where compensation is on and there is data, each removed block adds back its mean."""
     assert plan.remove_blocks is not None
     say(progress, "blocks")
-    found = find_blocks(model.proto)
+    found = find_blocks(model.proto, plan.block_unit)
     removable = found.removable
     count = block_count(plan.remove_blocks, len(removable))
     feeds, source = None, "none"
-    if plan.block_score != "random" or scoring.calib is not None:  # calibration data also measures fidelity
+    # the mean a removed block leaves behind is measured on data only, never on synthetic inputs
+    shift = cutting.compensates(scoring) and scoring.has_data
+    if plan.block_score != "random" or scoring.calib is not None or shift:  # calibration also measures fidelity
         feeds, source = _scoring_feeds(model, scoring, run_options)
     used = {k: v[: scoring.calib_samples] for k, v in feeds.items()} if feeds is not None else None
     scores = score_blocks(
         model.proto, removable, plan.block_score, used, run_options.seed, tuple(run_options.custom_ops)
     )
     chosen = sorted(removable, key=lambda b: (scores[b.index], b.index))[:count]
-    hard = infer_shapes(remove_blocks(model.proto, chosen))
-    masked = remove_blocks(model.proto, chosen, soft=True)
+    custom_ops = tuple(run_options.custom_ops)
+    shifts = block_shifts(model.proto, chosen, used, custom_ops) if shift and used is not None else {}
+    hard = infer_shapes(remove_blocks(model.proto, chosen, shifts=shifts))
+    masked = remove_blocks(model.proto, chosen, soft=True, shifts=shifts)
     outcome = DepthOutcome(
         plan.block_score,
         source if plan.block_score != "random" else "none",
         listing(found, scores),
         [{"index": b.index, "name": b.name, "layer": b.layer, "score": scores[b.index]} for b in chosen],
         sorted(b.layer for b in chosen if b.layer is not None),
+        shifted=len(shifts),
     )
     if run_options.check:
         say(progress, "validate blocks")
@@ -147,7 +155,7 @@ def remove_depth(
         if scoring.calib is not None and feeds is not None:
             outcome.fidelity = measure(model.proto, hard, feeds, scoring.calib_samples, run_options)
     # the file the model came from is no longer it: nothing may read it in its place
-    return replace(model.derived(infer_shapes(masked) if soft else hard), path=None), outcome
+    return replace(model.derived(infer_shapes(masked) if cutting.soft else hard), path=None), outcome
 
 
 def depth_first(
@@ -155,7 +163,7 @@ def depth_first(
     groups: AnalyzeOptions,
     planning: PlanOptions,
     scoring: ScoreOptions,
-    soft: bool,
+    cutting: CutOptions,
     run_options: RunOptions,
     progress: Progress | None = None,
 ) -> tuple[Model, PlanOptions, DepthOutcome]:
@@ -163,7 +171,7 @@ def depth_first(
     target is of the model as given, so the width cut is asked for what is left of it."""
     sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
     before = count_model(model, model.proto, sizes, groups.registry)
-    model, depth = remove_depth(model, planning, scoring, run_options, soft, progress)
+    model, depth = remove_depth(model, planning, scoring, run_options, cutting, progress)
     depth.params_before, depth.flops_before = before.params, before.flops
     if planning.target is not None:
         left = count_model(model, model.proto, sizes, groups.registry)
@@ -257,9 +265,9 @@ def _outputs(model: onnx.ModelProto, feeds: dict, custom_ops: tuple[str, ...]) -
     }
 
 
-def removable_blocks(model: Model, block_score: str, calib, samples: int, seed: int) -> list[dict]:
+def removable_blocks(model: Model, block_score: str, calib, samples: int, seed: int, unit: str = "layer") -> list[dict]:
     """The blocks ``spa analyze`` lists: every one found, removable ones with their scores."""
-    found = find_blocks(model.proto)
+    found = find_blocks(model.proto, unit)
     if not found.removable:
         return listing(found, None)
     feeds = None

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from spa.analysis.blocks import BLOCK_UNITS
 from spa.core.coupling import ATTENTION_UNITS
 from spa.core.errors import UsageError
 from spa.core.runlimit import RUN_TIMEOUT, checked_timeout
@@ -128,6 +129,9 @@ class PlanOptions:
     # the removable ones; ``block_score`` ranks them, the lowest going (``spa.scoring.blocks``)
     remove_blocks: float | None = None
     block_score: str = "influence"
+    # what one block of a transformer is: "layer", or its attention and MLP apart ("sublayer"),
+    # or only one of those kinds ("attention", "mlp"); ``spa.analysis.blocks``
+    block_unit: str = "layer"
     # experts removed from every mixture-of-experts layer: a whole number, or a fraction of each
     # layer's experts (``spa.pipeline.experts``); 0 keeps them all
     remove_experts: float = 0
@@ -135,7 +139,7 @@ class PlanOptions:
     def __post_init__(self) -> None:
         check_ratio("--ratio", self.ratio)
         check_expert_count(self.remove_experts)
-        check_blocks(self.remove_blocks, self.block_score)
+        check_blocks(self.remove_blocks, self.block_score, self.block_unit)
         if self.remove_blocks is not None and self.target_latency is not None:
             raise UsageError(
                 "--remove-blocks with --target-latency: the latency left after the blocks go is not known "
@@ -170,9 +174,11 @@ def check_expert_count(count: float) -> None:
         raise UsageError(f"--remove-experts must be a whole number or a fraction in (0, 1), got {count:g}")
 
 
-def check_blocks(remove_blocks: float | None, block_score: str) -> None:
+def check_blocks(remove_blocks: float | None, block_score: str, block_unit: str = "layer") -> None:
     if block_score not in BLOCK_SCORES:
         raise UsageError(f"unknown block score '{block_score}' (choose from {', '.join(BLOCK_SCORES)})")
+    if block_unit not in BLOCK_UNITS:
+        raise UsageError(f"unknown block unit '{block_unit}' (choose from {', '.join(BLOCK_UNITS)})")
     if remove_blocks is None:
         return
     if not remove_blocks > 0 or (remove_blocks >= 1 and remove_blocks != int(remove_blocks)):

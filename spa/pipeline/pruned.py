@@ -258,6 +258,7 @@ def build_report(pruned: PrunedModel) -> PruneReport:
         options["remove_experts"] = plan.options.remove_experts
     if pruned.depth is not None:
         options["remove_blocks"], options["block_score"] = plan.options.remove_blocks, plan.options.block_score
+        options["block_unit"] = plan.options.block_unit
     given = _given_sizes(pruned)
     return PruneReport(
         model=model.name,

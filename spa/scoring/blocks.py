@@ -60,6 +60,38 @@ def score_blocks(
     return {i: float(1.0 - np.mean(np.concatenate(c))) if c else 0.0 for i, c in cosines.items()}
 
 
+def block_shifts(
+    model: onnx.ModelProto,
+    blocks: list[Block],
+    feeds: dict[str, np.ndarray],
+    custom_ops: tuple[str, ...] = (),
+) -> dict[int, np.ndarray]:
+    """Block index -> the mean over positions of what the block adds to the stream (``y - x``),
+    along the channel axis: the constant that best stands in for it once it is gone. Only for
+    blocks whose stream is channels-last ([batch, tokens, hidden]) and ends in no Relu."""
+    wanted = [b for b in blocks if b.post is None]
+    tensors = list(dict.fromkeys(t for b in wanted for t in (b.input, b.exit.skip, b.exit.branch)))
+    if not wanted:
+        return {}
+    run = session(exposing(model, tensors), custom_ops=custom_ops)
+    sums: dict[int, np.ndarray] = {}
+    counts = dict.fromkeys((b.index for b in wanted), 0)
+    types: dict[int, np.dtype] = {}
+    for feed in batches(model, feeds):
+        values = dict(zip(tensors, runlimit.run(run, tensors, feed)))
+        for block in wanted:
+            x = values[block.input]
+            moved = values[block.exit.skip].astype(np.float64) + values[block.exit.branch] - x
+            if x.ndim != 3 or moved.shape != x.shape:
+                continue
+            flat = moved.reshape(-1, moved.shape[-1])
+            sums[block.index] = sums.get(block.index, 0) + flat.sum(axis=0)
+            counts[block.index] += len(flat)
+            types[block.index] = x.dtype
+        del values
+    return {i: (total / counts[i]).astype(types[i]) for i, total in sums.items() if counts[i]}
+
+
 def _cosine(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
     dot = np.sum(x * y, axis=axis)
     norms = np.linalg.norm(x, axis=axis) * np.linalg.norm(y, axis=axis)

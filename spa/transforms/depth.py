@@ -14,7 +14,7 @@ equals that masking, which validation checks.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -26,28 +26,37 @@ from spa.core import decoder
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
 
 
-def remove_blocks(model: onnx.ModelProto, blocks: Iterable[Block], soft: bool = False) -> onnx.ModelProto:
-    """``model`` without ``blocks`` (``soft``: with their branches zeroed instead)."""
-    blocks = list(blocks)
+def remove_blocks(
+    model: onnx.ModelProto,
+    blocks: Iterable[Block],
+    soft: bool = False,
+    shifts: Mapping[int, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """``model`` without ``blocks`` (``soft``: with their branches zeroed instead). ``shifts``
+    (block index -> a vector along the channel axis): what such a block adds in place of its
+    branches, the mean of what they added, so the stream keeps its average."""
+    blocks, shifts = list(blocks), dict(shifts or {})
     out = onnx.ModelProto()
     out.CopyFrom(model)
     refused = [b.name for b in blocks if not b.removable]
     if refused:
         raise ValueError(f"not removable: {', '.join(refused)}")
     if soft:
-        _zero_branches(out, blocks)
+        _zero_branches(out, blocks, shifts)
         return out
     alias: dict[str, str] = {}
     nodes = {n.name: n for n in out.graph.node}
     gone = set()
     for block in blocks:
-        exit = block.exit
+        exit, source = block.exit, block.input
+        if block.index in shifts:
+            source = _shifted(out.graph, block, shifts[block.index])
         if exit.fused:
-            _plain_norm(nodes[exit.node], block.input)
+            _plain_norm(nodes[exit.node], source)
         else:  # its readers read the block input instead
             gone |= {exit.node, *([block.post] if block.post else [])}
         if block.output:
-            alias[block.output] = block.input
+            alias[block.output] = source
     _keep(out.graph.node, lambda n: n.name not in gone)
     _rewire(out.graph, alias)
     _drop_dead(out.graph)
@@ -56,6 +65,20 @@ def remove_blocks(model: onnx.ModelProto, blocks: Iterable[Block], soft: bool = 
     _drop_dead(out.graph)
     _renumber_cache(out.graph)
     return out
+
+
+def _shifted(graph: onnx.GraphProto, block: Block, shift: np.ndarray) -> str:
+    """``block.input + shift``, computed right after the block input is (graph order kept)."""
+    name = f"{block.exit.node}/shift"
+    graph.initializer.append(numpy_helper.from_array(shift, f"{name}/value"))
+    add = helper.make_node("Add", [block.input, f"{name}/value"], [name], name=name)
+    position = _position_after(graph, block.input)
+    graph.node.insert(position, add)
+    return name
+
+
+def _position_after(graph: onnx.GraphProto, tensor: str) -> int:
+    return next((k + 1 for k, n in enumerate(graph.node) if tensor in n.output), 0)
 
 
 def _resolved(alias: dict[str, str], name: str) -> str:
@@ -162,7 +185,7 @@ def _renumber_cache(graph: onnx.GraphProto) -> None:
         info.name = rename.get(info.name, info.name)
 
 
-def _zero_branches(model: onnx.ModelProto, blocks: list[Block]) -> None:
+def _zero_branches(model: onnx.ModelProto, blocks: list[Block], shifts: dict[int, np.ndarray]) -> None:
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
@@ -177,6 +200,11 @@ def _zero_branches(model: onnx.ModelProto, blocks: list[Block]) -> None:
                 graph.initializer.append(numpy_helper.from_array(value, zeros[elem]))
             zeroed = f"{add.branch}/zeroed"
             added.append((add.node, helper.make_node("Mul", [add.branch, zeros[elem]], [zeroed], name=zeroed)))
+            if add is block.exit and block.index in shifts:  # the shift rides on the last branch
+                shifted = f"{zeroed}/shift"
+                graph.initializer.append(numpy_helper.from_array(shifts[block.index], f"{shifted}/value"))
+                added.append((add.node, helper.make_node("Add", [zeroed, f"{shifted}/value"], [shifted], name=shifted)))
+                zeroed = shifted
             node = nodes[add.node]
             node.input[:] = [zeroed if i == add.branch else i for i in node.input]
     # each Mul goes right before the add it feeds: the graph stays in topological order
