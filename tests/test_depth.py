@@ -226,6 +226,11 @@ def test_the_cli_removes_blocks_and_reports_them(tmp_path):
     config = json.loads((out.parent / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["layer_types"] == ["sliding", "full"]
     assert config["max_window_layers"] == 1 and config["hidden_size"] == HIDDEN
+    # run again over it: the config beside the new model describes the new model, not the old one
+    again = ["prune", str(path), "--remove-blocks", "2", "--no-bench", "-o", str(out), "--force"]
+    done = CliRunner().invoke(main, again)
+    assert done.exit_code == 0, done.output
+    assert json.loads((out.parent / "config.json").read_text())["num_hidden_layers"] == 1
     soft = tmp_path / "soft" / "decoder.onnx"
     soft.parent.mkdir()
     done = CliRunner().invoke(

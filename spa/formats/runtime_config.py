@@ -81,7 +81,11 @@ def write_configs(
     changed, notes = _changes(dense, pruned)
     experts = expert_sizes(pruned)
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix not in _SIDE_SUFFIXES or (target / path.name).exists():
+        if not path.is_file() or path.suffix not in _SIDE_SUFFIXES:
+            continue
+        # the configs describe the model just written, so one already there (a --force run) is
+        # replaced; the other side files do not depend on the cut, and one already there is kept
+        if path.name not in (GENAI, TRANSFORMERS) and (target / path.name).exists():
             continue
         if path.name == GENAI:
             config = json.loads(path.read_text())
