@@ -358,8 +358,17 @@ def test_depth_and_width_share_one_params_target():
     assert report.depth["removed"][0]["layer"] == 1 and report.groups_pruned > 0
     assert report.params_after <= 0.6 * report.params_before
     assert 0 < report.depth["width_target"] < 1
-    with pytest.raises(Exception, match="target-latency"):
-        spa.prune(model, remove_blocks=1, target_latency=0.5)
+
+
+def test_depth_and_width_share_one_latency_target():
+    """The blocks' share of the latency is timed, and the width search is asked for the rest."""
+    report = spa.prune(_resnet(), remove_blocks=1, target_latency=0.05, allow_slower=True).report
+    depth = report.depth
+    assert depth["removed"] and 0 < depth["latency_fraction"]
+    # a target no removal of one block reaches: the width cut is asked for what is left of it
+    assert depth["width_target"] == pytest.approx(0.05 / depth["latency_fraction"])
+    assert report.target.metric == "latency" and report.target.goal == pytest.approx(depth["width_target"])
+    assert report.groups_pruned > 0
 
 
 def test_a_fused_post_norm_encoder_is_not_removable():
@@ -425,7 +434,6 @@ def test_an_encoders_last_layer_goes_and_its_output_keeps_its_name():
         (["--remove-blocks", "3"], "only 2 removable"),
         (["--remove-blocks", "1.5"], "whole number"),
         (["--remove-blocks", "0"], "whole number"),
-        (["--remove-blocks", "1", "--target-latency", "0.5"], "target-latency"),
     ],
 )
 def test_bad_block_counts_fail_cleanly_and_write_nothing(tmp_path, flags, message):

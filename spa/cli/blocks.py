@@ -49,6 +49,8 @@ def depth_lines(depth: dict | None) -> list[str]:
         )
     if depth.get("shifted"):
         lines.append("        each removed block adds back its mean output, measured on the calibration data")
+    if depth.get("latency_fraction") is not None:
+        lines.append(f"        the blocks left {depth['latency_fraction']:.2f}x the latency of the model as given")
     if depth.get("width_target") is not None:
         lines.append(f"        the width cut was asked for {depth['width_target']:.3f} of what the blocks left")
     for key, what in (("fidelity", "blocks removed"), ("end_to_end", "blocks and channels removed")):

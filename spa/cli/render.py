@@ -117,12 +117,14 @@ def prune_summary(r: dict) -> str:
     lines.extend(data_lines(r))
     if summary and r["groups_pruned"]:  # nothing removed: nothing to say about accuracy
         lines.append(accuracy_line(summary["accuracy"], r["params_before"], r["params_after"]))
+    # with blocks removed first, the width stage's timings are against the model the blocks left
+    against = " vs the model the blocks left" if r.get("depth") and r["groups_pruned"] else ""
     for pair in v["latency"]:
         where = pair["provider"].replace("ExecutionProvider", "")
         threads = f", {pair['threads']} thread{'s' if pair['threads'] > 1 else ''}" if pair["threads"] else ""
         lines.append(
             f"latency ({where}{threads}, median): {pair['dense_ms']:.2f} ms -> {pair['pruned_ms']:.2f} ms "
-            f"({pair['speedup']:.2f}x, {SPEED_WORDS[verdict(pair['speedup'])]})"
+            f"({pair['speedup']:.2f}x, {SPEED_WORDS[verdict(pair['speedup'])]}){against}"
         )
     if summary:
         lines.extend(speed_lines(summary["speed"]))
@@ -136,7 +138,8 @@ def prune_summary(r: dict) -> str:
         t = r["target"]
         state = "met" if t["met"] else "NOT met"
         lines.append(
-            f"target: {t['metric']} {t['goal']:g} of dense -> {t['achieved']:.3f} at ratio {t['ratio']:.4f} "
+            f"target: {t['metric']} {t['goal']:g} of {'what the blocks left' if against else 'dense'} -> "
+            f"{t['achieved']:.3f} at ratio {t['ratio']:.4f} "
             f"({state}; {len(t['probes'])} candidates measured)"
             + (
                 f"; cut spread by {t['allocation']} ("

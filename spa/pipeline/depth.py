@@ -19,12 +19,13 @@ import onnx
 from spa.analysis.blocks import BlockAnalysis, find_blocks
 from spa.core import decoder
 from spa.core.errors import UsageError, ValidationError
-from spa.core.runtime import batches, complete_sizes, outputs_of, run, sample_inputs, session
+from spa.core.runtime import batches, complete_sizes, outputs_of, resolve_providers, run, sample_inputs, session
 from spa.formats.checker import checker_complaint
 from spa.formats.model import Model, Progress, say
 from spa.formats.shapes import infer_shapes
 from spa.pipeline.options import AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.reports import count_model
+from spa.planning.search import LatencyMeter
 from spa.scoring import self_calibration
 from spa.scoring.blocks import block_shifts, score_blocks
 from spa.scoring.statistics import load_calibration, synthetic_feeds
@@ -56,6 +57,8 @@ class DepthOutcome:
     width_target: float | None = None
     # how many of the removed blocks add back their mean output (compensation with data)
     shifted: int = 0
+    # with a latency target: the latency of the model the blocks left over the model as given
+    latency_fraction: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -171,9 +174,14 @@ def depth_first(
     target is of the model as given, so the width cut is asked for what is left of it."""
     sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
     before = count_model(model, model.proto, sizes, groups.registry)
+    given = model
     model, depth = remove_depth(model, planning, scoring, run_options, cutting, progress)
     depth.params_before, depth.flops_before = before.params, before.flops
-    if planning.target is not None:
+    if planning.target is not None and planning.target.metric == "latency":
+        say(progress, "time blocks")
+        depth.latency_fraction = blocks_latency(given, model, sizes, run_options)
+        planning, depth.width_target = width_target(planning, 1.0, depth.latency_fraction)
+    elif planning.target is not None:
         left = count_model(model, model.proto, sizes, groups.registry)
         metric = planning.target.metric
         figures = (before.flops, left.flops) if metric == "flops" else (before.params, left.params)
@@ -181,18 +189,37 @@ def depth_first(
     return model, planning, depth
 
 
-def width_target(planning: PlanOptions, before: int, after: int) -> tuple[PlanOptions, float | None]:
-    """A FLOPs or params target is a fraction of the model before the blocks went: the width cut
-    is asked for what is left of it, as a fraction of the model the blocks left (none where the
-    blocks alone met it). Returns the plan options and that fraction."""
+def blocks_latency(given: Model, left: Model, sizes: dict, run_options: RunOptions) -> float:
+    """The latency of the model the blocks left over the model's as given, timed alternately on
+    the first provider at the sizes the width search times."""
+    provider = resolve_providers(list(run_options.providers) or ["cpu"])[0]
+    dense = given.as_input_format
+    feeds = sample_inputs(dense, run_options.seed, shapes=sizes)
+    meter = LatencyMeter(dense, feeds, provider, run_options.threads, tuple(run_options.custom_ops))
+    return meter.fraction(left.as_input_format)
+
+
+def width_target(planning: PlanOptions, before: float, after: float) -> tuple[PlanOptions, float | None]:
+    """A FLOPs, params or latency target is a fraction of the model before the blocks went: the
+    width cut is asked for what is left of it, as a fraction of the model the blocks left (none
+    where the blocks alone met it). Returns the plan options and that fraction."""
     target = planning.target
     if target is None or after <= 0:
         return planning, None
     fraction = target.fraction * before / after
     left: float | None = fraction if fraction < 1 else None
-    flops, params = (left, None) if target.metric == "flops" else (None, left)
+    asked = {metric: left if metric == target.metric else None for metric in ("flops", "params", "latency")}
     ratio = planning.ratio if left is not None else 0.0
-    return replace(planning, ratio=ratio, target_flops=flops, target_params=params), min(fraction, 1.0)
+    return (
+        replace(
+            planning,
+            ratio=ratio,
+            target_flops=asked["flops"],
+            target_params=asked["params"],
+            target_latency=asked["latency"],
+        ),
+        min(fraction, 1.0),
+    )
 
 
 def check_removal(dense: onnx.ModelProto, hard: onnx.ModelProto, masked: onnx.ModelProto, options: RunOptions) -> dict:

@@ -140,11 +140,6 @@ class PlanOptions:
         check_ratio("--ratio", self.ratio)
         check_expert_count(self.remove_experts)
         check_blocks(self.remove_blocks, self.block_score, self.block_unit)
-        if self.remove_blocks is not None and self.target_latency is not None:
-            raise UsageError(
-                "--remove-blocks with --target-latency: the latency left after the blocks go is not known "
-                "before it is timed; give --target-flops or --target-params"
-            )
         for pattern, ratio in self.ratios.items():
             check_ratio(f"--ratio-for {pattern}", ratio)
         if self.ratios and self.global_rank:
