@@ -18,6 +18,7 @@ from spa.analysis.blocks import find_blocks
 from spa.cli.commands import main
 from spa.core import decoder
 from spa.core.runtime import run, sample_inputs
+from spa.formats.checker import checker_complaint
 from spa.transforms.depth import remove_blocks
 
 KV, HEADS, SIZE, HIDDEN, VOCAB = 2, 4, 8, 32, 40
@@ -350,6 +351,24 @@ def test_with_calibration_a_removed_block_adds_back_its_mean_and_moves_the_outpu
     assert runs[True]["checks"]["soft_max_rel_error"] <= 1e-4  # removal still equals masking
     error = {c: run["fidelity"]["outputs"]["logits"]["relative_error"] for c, run in runs.items()}
     assert error[True] < error[False]
+
+
+def test_adjacent_fused_layers_go_together_with_their_means_and_removal_equals_masking():
+    """Two neighbouring layers of the builder's export: the second's input is the first's fused
+    norm sum, which stops existing when the first goes; its mean must still be added after it."""
+    model = spa.load(_zoo_genai()).proto
+    first, second = find_blocks(model).removable[:2]
+    hidden = next(t.dims[-1] for t in model.graph.initializer if "embed_tokens" in t.name)
+    shifts = {b.index: np.full(hidden, 0.01 * (b.index + 1), np.float32) for b in (first, second)}
+    hard = remove_blocks(model, [first, second], shifts=shifts)
+    soft = remove_blocks(model, [first, second], soft=True, shifts=shifts)
+    assert checker_complaint(hard, full_check=True) is None
+    feed = sample_inputs(soft, 1)
+    kept = {i.name for i in hard.graph.input}
+    hard_out, soft_out = run(hard, {k: v for k, v in feed.items() if k in kept}), run(soft, feed)
+    np.testing.assert_allclose(hard_out["logits"], soft_out["logits"], rtol=1e-4, atol=1e-4)
+    unshifted = run(remove_blocks(model, [first, second]), {k: v for k, v in feed.items() if k in kept})
+    assert not np.allclose(unshifted["logits"], hard_out["logits"], atol=1e-4)  # the means are in
 
 
 def test_depth_and_width_share_one_params_target():

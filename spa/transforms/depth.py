@@ -45,12 +45,13 @@ def remove_blocks(
         _zero_branches(out, blocks, shifts)
         return out
     alias: dict[str, str] = {}
+    # every shift is placed before any fused norm stops writing its sum (a block's input may be
+    # the one before it's): after it, the producer of that input can no longer be found
+    sources = {b.index: _shifted(out.graph, b, shifts[b.index]) if b.index in shifts else b.input for b in blocks}
     nodes = {n.name: n for n in out.graph.node}
     gone = set()
     for block in blocks:
-        exit, source = block.exit, block.input
-        if block.index in shifts:
-            source = _shifted(out.graph, block, shifts[block.index])
+        exit, source = block.exit, sources[block.index]
         if exit.fused:
             _plain_norm(nodes[exit.node], source)
         else:  # its readers read the block input instead
