@@ -353,6 +353,24 @@ def test_with_calibration_a_removed_block_adds_back_its_mean_and_moves_the_outpu
     assert error[True] < error[False]
 
 
+def test_means_that_move_the_outputs_more_than_plain_removal_are_left_out(tmp_path, monkeypatch):
+    import spa.pipeline.depth as depth_stage
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(0, VOCAB, (96, 12)).astype(np.int64))
+    measured = depth_stage.block_shifts
+
+    def wrong_means(*args, **kwargs):  # a mean far off what the block adds: it must not be kept
+        noise = np.random.default_rng(1)
+        return {i: (50 * noise.standard_normal(v.shape)).astype(v.dtype) for i, v in measured(*args, **kwargs).items()}
+
+    monkeypatch.setattr(depth_stage, "block_shifts", wrong_means)
+    depth = spa.prune(_decoder(), remove_blocks=1, calib=calib, calib_samples=32).report.depth
+    assert depth["shifted"] == 0 and depth["shift_errors"]["shifted"] > depth["shift_errors"]["plain"]
+    plain = spa.prune(_decoder(), remove_blocks=1, calib=calib, calib_samples=32, compensate=False).report.depth
+    assert plain["fidelity"] == depth["fidelity"]  # the model written is plain removal's
+
+
 def test_adjacent_fused_layers_go_together_with_their_means_and_removal_equals_masking():
     """Two neighbouring layers of the builder's export: the second's input is the first's fused
     norm sum, which stops existing when the first goes; its mean must still be added after it."""

@@ -40,13 +40,14 @@ node reads (onnxsim leaves a dropped block's weights in the file, unread).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +85,24 @@ class Row:
     blocks: int | None = None
     calib: str = "real"  # "none", "generated", "real"
     extra: list[str] = field(default_factory=list)  # more spa prune options
+    export: str = ""  # another export of the same weights than the one asked for ("optimum")
     params: int | None = None
     seconds: float | None = None
     valid: str = ""
     ppl: float | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (
+            self.group,
+            self.method,
+            self.criterion,
+            self.ratio,
+            self.blocks,
+            self.calib,
+            tuple(self.extra),
+            self.export,
+        )
 
     @property
     def setting(self) -> str:
@@ -271,19 +286,36 @@ def grid(groups: list[str], quick: bool, ratios: tuple[float, ...], criteria: tu
     if "onnxsim" in groups:
         rows += [Row("onnxsim", "onnxsim wanda", "wanda", r) for r in ratios]
         rows += [Row("onnxsim", "onnxsim magnitude", "l2 magnitude", r, calib="none") for r in ratios]
-        rows += [Row("onnxsim", "onnxsim blocks", "block influence", blocks=b) for b in (1, 2)]
+        # the block pass matches only the Optimum export (tools/onnxsim_lm.py): same weights
+        rows += [Row("onnxsim", "dense", calib="", export="optimum")]
+        rows += [Row("onnxsim", "onnxsim blocks", "block influence", blocks=b, export="optimum") for b in (1, 2)]
     return rows
 
 
-def table(rows: list[Row], dense: Row) -> str:
-    header = "| rows | method | criterion | setting | calibration | params kept | prune s | valid | perplexity |"
-    lines = [header, "|" + "---|" * 9]
+def table(rows: list[Row]) -> str:
+    header = (
+        "| rows | method | criterion | setting | calibration | export | params kept | prune s | valid | perplexity |"
+    )
+    lines = [header, "|" + "---|" * 10]
     for row in rows:
-        kept = f"{row.params / dense.params:.3f}" if row.params and dense.params else "-"
+        base = dense_params(rows, row)
+        kept = f"{row.params / base:.3f}" if row.params and base else "-"
         seconds = f"{row.seconds:.1f}" if row.seconds is not None else "-"
         ppl = f"{row.ppl:.3f}" if row.ppl is not None else "-"
         name = row.criterion + (" " + " ".join(row.extra) if row.extra else "")
-        cells = [row.group, row.method, name or "-", row.setting, row.calib or "-", kept, seconds, row.valid, ppl]
+        export = row.export or "genai-fp32"
+        cells = [
+            row.group,
+            row.method,
+            name or "-",
+            row.setting,
+            row.calib or "-",
+            export,
+            kept,
+            seconds,
+            row.valid,
+            ppl,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -291,43 +323,47 @@ def table(rows: list[Row], dense: Row) -> str:
 def findings(rows: list[Row]) -> list[str]:
     """The claims the table is measured against, each with the numbers it rests on."""
     found = []
-    ppl = {(r.method, r.criterion, r.ratio, r.calib, r.blocks): r.ppl for r in rows}
-    for ratio in RATIOS:
-        obs, flap, wanda = (ppl.get(("spa", c, ratio, "real", None)) for c in ("obs", "fluctuation", "activation"))
-        if None not in (obs, flap, wanda):
-            verdict = "yes" if obs < flap and obs < wanda else "no"
-            found.append(
-                f"- ratio {ratio}: obs {obs:.3f}, fluctuation {flap:.3f}, activation {wanda:.3f}: obs lowest: {verdict}"
-            )
+    ppl = {(r.method, r.criterion, r.ratio, r.calib, r.blocks, tuple(r.extra)): r.ppl for r in rows}
+    for extra, how in (((), "each refitted"), (("--no-compensate",), "FLAP and Wanda-sp as published")):
+        for ratio in RATIOS:
+            obs = ppl.get(("spa", "obs", ratio, "real", None, ()))
+            flap, wanda = (ppl.get(("spa", c, ratio, "real", None, extra)) for c in ("fluctuation", "activation"))
+            if None not in (obs, flap, wanda):
+                verdict = "yes" if obs < flap and obs < wanda else "no"
+                found.append(
+                    f"- ratio {ratio} ({how}): obs {obs:.3f}, fluctuation {flap:.3f}, activation {wanda:.3f}: "
+                    f"obs lowest: {verdict}"
+                )
     for criterion in ("l1", "obspa"):
-        none, gen, real = (ppl.get(("spa", criterion, 0.2, c, None)) for c in ("none", "generated", "real"))
+        none, gen, real = (ppl.get(("spa", criterion, 0.2, c, None, ())) for c in ("none", "generated", "real"))
         if None not in (none, gen, real) and none != real:
             closed = (none - gen) / (none - real)
             found.append(
                 f"- {criterion} at 0.2: none {none:.2f}, generated {gen:.2f}, real {real:.2f}: "
                 f"generated closes {closed:.0%} of the gap"
             )
-    dense = rows[0].params
+    dense = rows[0].params or 1
     for row in rows:
-        if row.method.startswith("onnxsim") and row.params == dense:
+        if row.method.startswith("onnxsim") and row.params == dense_params(rows, row):
             found.append(f"- onnxsim {row.criterion} at {row.setting}: removed nothing ({row.valid})")
-    for sim in (r for r in rows if r.method.startswith("onnxsim") and r.ppl and r.params != dense):
-        # equal reduction: spa's rows that keep no more parameters than onnxsim's (0.5% slack)
-        ours = [r for r in rows if r.method == "spa" and r.ppl and r.params and r.params <= sim.params * 1.005]
+    for sim in (r for r in rows if r.method.startswith("onnxsim") and r.ppl and r.params != dense_params(rows, r)):
+        # equal reduction: spa's rows that keep no more of their dense model than onnxsim's (0.5% slack)
+        kept = (sim.params or 0) / (dense_params(rows, sim) or 1)
+        ours = [r for r in rows if r.method == "spa" and r.ppl and r.params and r.params / dense <= kept + 0.005]
         if ours:
             best = min(ours, key=lambda r: r.ppl or math.inf)
             verdict = "spa lower" if (best.ppl or math.inf) < sim.ppl else "onnxsim lower"
             found.append(
-                f"- {sim.method} {sim.setting} ({sim.params / dense:.3f} kept): {sim.ppl:.3f}; spa's best at no more "
+                f"- {sim.method} {sim.setting} ({kept:.3f} kept): {sim.ppl:.3f}; spa's best at no more "
                 f"params: {best.ppl:.3f} ({best.criterion} {' '.join(best.extra)} {best.setting}, "
                 f"{best.params / dense:.3f} kept): {verdict}"
             )
-    for ratio in RATIOS:
-        ours = [r.ppl for r in rows if r.method == "spa" and r.ratio == ratio and r.blocks is None and r.ppl]
-        for sim in (r for r in rows if r.method.startswith("onnxsim") and r.ratio == ratio and r.ppl):
-            if sim.params != dense and ours:
-                found.append(f"- ratio {ratio}: spa's best {min(ours):.2f}, {sim.method} {sim.ppl:.2f}")
     return found
+
+
+def dense_params(rows: list[Row], row: Row) -> int | None:
+    """The params of the dense model of ``row``'s export (the block pass runs on another export)."""
+    return next((r.params for r in rows if r.method == "dense" and r.export == row.export), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", choices=("genai-fp32", "optimum"), default="genai-fp32")
     parser.add_argument("--windows", type=int, default=64, help="held-out windows of 128 tokens (default 64)")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here (for --reuse)")
+    parser.add_argument("--reuse", type=Path, help="rows measured before (a --json file): not measured again")
     args = parser.parse_args(argv)
     path = train_lm.lm_dir() / args.export / "model.onnx"
     if not path.exists():
@@ -347,26 +385,38 @@ def main(argv: list[str] | None = None) -> int:
     held = windows(np.load(train_lm.lm_dir() / "heldout.npy"), args.windows)
     ratios = tuple(float(r) for r in args.ratios.split(","))
     rows = grid(args.rows.split(","), args.quick, ratios, tuple(args.criteria.split(",")))
+    if args.reuse:
+        known = {r.key: r for r in (Row(**d) for d in json.loads(args.reuse.read_text()))}
+        rows = [known.get(r.key, r) for r in rows] + [r for k, r in known.items() if k not in {x.key for x in rows}]
     with tempfile.TemporaryDirectory() as scratch:
         real = calibration_folder(Path(scratch))
         for done, row in enumerate(rows, start=1):
-            measure(path, row, real, held)
+            if row.valid:  # measured before (--reuse)
+                continue
+            measure(train_lm.lm_dir() / row.export / "model.onnx" if row.export else path, row, real, held)
             ppl = f"{row.ppl:.2f}" if row.ppl else "-"
             print(
                 f"{row.group} {row.method} {row.criterion} {row.setting} {row.calib}: {row.valid} ppl {ppl} "
                 f"({row.seconds or 0:.1f} s)",
                 flush=True,
             )
-            report = _report(rows[:done])
-            if args.out:  # rewritten after every row: a long grid cut short keeps what it measured
-                args.out.write_text(report)
-    print(report)
+            _write(rows[:done], args.out, args.json)  # after every row: a grid cut short keeps what it measured
+    print(_write(rows, args.out, args.json))
     return 0
+
+
+def _write(rows: list[Row], out: Path | None, rows_json: Path | None) -> str:
+    report = _report(rows)
+    if out:
+        out.write_text(report)
+    if rows_json:
+        rows_json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return report
 
 
 def _report(rows: list[Row]) -> str:
     notes = findings(rows)
-    return table(rows, rows[0]) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    return table(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 if __name__ == "__main__":

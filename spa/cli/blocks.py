@@ -47,8 +47,13 @@ def depth_lines(depth: dict | None) -> list[str]:
             f"        removal == zeroing the blocks (rel. err {checks['soft_max_rel_error']:.1e})"
             + (", prefill and decode step from its own cache" if checks.get("decode_checked") else "")
         )
-    if depth.get("shifted"):
-        lines.append("        each removed block adds back its mean output, measured on the calibration data")
+    errors = depth.get("shift_errors")
+    if errors:
+        kept = "adds back its mean output" if depth.get("shifted") else "leaves nothing behind"
+        lines.append(
+            f"        each removed block {kept}: held-out output error {errors['shifted']:.3f} with the "
+            f"means added back, {errors['plain']:.3f} without"
+        )
     if depth.get("latency_fraction") is not None:
         lines.append(f"        the blocks left {depth['latency_fraction']:.2f}x the latency of the model as given")
     if depth.get("width_target") is not None:
