@@ -12,9 +12,10 @@ gate/up projections and its down projection) this prints:
   are refitted by least squares on the same data, relative to its output: the quantity ``obs``
   minimises greedily, so it should be the lowest;
 - how far the down projection's input Hessian X^T X is from diagonal (the off-diagonal share of
-  its correlation matrix's squared entries). Where it is near diagonal, the error after the
-  refit is close to the sum of ``||W[c]||^2 * E[x_c^2]`` over the removed channels, which is
-  nearly the score FLAP and Wanda-sp rank by, so every ranking picks nearly the same channels.
+  its correlation matrix's squared entries). Were it diagonal, the error after the refit would
+  be the sum of ``||W[c]||^2 * E[x_c^2]`` over the removed channels, nearly the score FLAP and
+  Wanda-sp rank by, and every ranking would pick the same channels; the further from diagonal,
+  the more room OBS's greedy, correlation-aware choice has.
 """
 
 from __future__ import annotations
@@ -46,6 +47,24 @@ def down_projections(model: onnx.ModelProto) -> dict[str, tuple[str, np.ndarray]
     for node in model.graph.node:
         if node.op_type == "MatMul" and "down_proj" in node.name and node.input[1] in weights:
             found[node.name] = (node.input[0], onnx.numpy_helper.to_array(weights[node.input[1]]))
+    return found
+
+
+def removed_channels(
+    dense: onnx.ModelProto, pruned: onnx.ModelProto, downs: dict[str, tuple[str, np.ndarray]]
+) -> dict[str, set[int]]:
+    """The FFN channels ``pruned`` lost, per down projection: the up projection's columns it no
+    longer has (up projections lose output columns only, so the kept ones are exact copies)."""
+    weights = {t.name: t for t in pruned.graph.initializer}
+    nodes = {n.name: n for n in dense.graph.node}
+    dense_weights = {t.name: t for t in dense.graph.initializer}
+    found = {}
+    for name in downs:
+        up = nodes[name.replace("down_proj", "up_proj")].input[1]
+        before = onnx.numpy_helper.to_array(dense_weights[up])
+        after = onnx.numpy_helper.to_array(weights[up])
+        index = {column.tobytes(): k for k, column in enumerate(before.T)}
+        found[name] = set(range(before.shape[1])) - {index[column.tobytes()] for column in after.T}
     return found
 
 
@@ -83,21 +102,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         calib = eval_lm.calibration_folder(Path(scratch))
         analysis = spa.analyze(spa.load(path))
-        removed: dict[str, dict[str, set[int]]] = {}
-        for criterion in criteria:
-            plan = analysis.score(criterion, data=calib).plan(ratio=args.ratio, round_to=1)
-            for group in plan.groups:
-                for layer in group.layers:
-                    removed.setdefault(layer, {})[criterion] = {int(u) for u in group.removed}
         model = onnx.load(path)
         downs = down_projections(model)
+        removed: dict[str, dict[str, set[int]]] = {name: {} for name in downs}
+        for criterion in criteria:
+            plan = analysis.score(criterion, data=calib).plan(ratio=args.ratio, round_to=1)
+            # no refit: the kept channels are copies
+            plan.apply(compensate=False).save(Path(scratch) / f"{criterion}.onnx")
+            pruned = onnx.load(Path(scratch) / f"{criterion}.onnx")
+            for name, gone in removed_channels(model, pruned, downs).items():
+                removed[name][criterion] = gone
         feeds = load_calibration(calib, model, eval_lm.CALIB)
         xs = activations(model, [tensor for tensor, _ in downs.values()], feeds)
     print(f"ratio {args.ratio}, {len(next(iter(xs.values())))} calibration tokens")
     for name, (tensor, weight) in downs.items():
-        chosen = next((sets for layer, sets in removed.items() if name in layer), None)
-        if chosen is None:
-            continue
+        chosen = removed[name]
         x, width = xs[tensor], weight.shape[0]
         print(f"{name}: {width} channels, Hessian off-diagonal share {off_diagonal_share(x):.3f}")
         for criterion, gone in chosen.items():

@@ -5,7 +5,7 @@
 
 Perplexity only means something on a model that has learnt a language, so this trains one:
 a Llama decoder (GQA with 8 query and 2 key/value heads, RoPE, RMSNorm, SwiGLU; hidden 256,
-4 layers, about 4.6M parameters) on Python's documentation topics (``pydoc_data.topics``) and
+4 layers, FFN 768, 5.11M parameters) on Python's documentation topics (``pydoc_data.topics``) and
 standard-library docstrings, Debian's English manual pages (``/usr/share/man/man*``, roff stripped
 to text) and text under ``/usr/share/doc`` (README*, *.txt, changelogs, copyright files). A
 byte-level BPE tokenizer (4096 tokens, ``<s>``/``</s>``) is trained on the same text first.
