@@ -232,6 +232,12 @@ def test_the_cli_removes_blocks_and_reports_them(tmp_path):
     done = CliRunner().invoke(main, again)
     assert done.exit_code == 0, done.output
     assert json.loads((out.parent / "config.json").read_text())["num_hidden_layers"] == 1
+    # another model into that folder without --force: the config there is kept, and the user told
+    other = ["prune", str(path), "--remove-blocks", "1", "--no-bench", "-o", str(out.parent / "other.onnx")]
+    done = CliRunner().invoke(main, other)
+    assert done.exit_code == 0, done.output
+    assert "config.json: kept the one already there" in done.output
+    assert json.loads((out.parent / "config.json").read_text())["num_hidden_layers"] == 1
     soft = tmp_path / "soft" / "decoder.onnx"
     soft.parent.mkdir()
     done = CliRunner().invoke(
@@ -395,6 +401,34 @@ def test_depth_and_width_share_one_params_target():
     assert report.depth["removed"][0]["layer"] == 1 and report.groups_pruned > 0
     assert report.params_after <= 0.6 * report.params_before
     assert 0 < report.depth["width_target"] < 1
+
+
+def test_a_decoder_losing_a_layer_and_its_cache_is_timed_for_a_latency_target():
+    # the model the blocks left no longer reads the removed layer's cache: it is timed without it
+    report = spa.prune(_decoder(quiet=1), remove_blocks=1, target_latency=0.3, allow_slower=True).report
+    assert report.depth["removed_layers"] == [1] and report.depth["latency_fraction"] > 0
+    assert report.validation.ok, report.validation.problems
+
+
+def test_a_removed_blocks_mean_is_the_mean_of_what_it_added(tmp_path):
+    """A planted MLP that adds ``c`` plus almost nothing: its measured mean is ``c``."""
+    from spa.scoring.blocks import block_shifts
+    from spa.scoring.statistics import load_calibration
+
+    model = spa.load(_decoder(quiet=1)).proto
+    block = next(b for b in find_blocks(model, "mlp").removable if b.index == 3)  # layer 1's MLP (quiet)
+    planted = np.linspace(-1, 1, HIDDEN).astype(np.float32)
+    exit = next(n for n in model.graph.node if n.name == block.exit.node)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(planted, "planted"))
+    model.graph.node.insert(
+        list(model.graph.node).index(exit), onnx.helper.make_node("Add", [block.exit.branch, "planted"], ["biased"])
+    )
+    exit.input[:] = ["biased" if i == block.exit.branch else i for i in exit.input]
+    block = next(b for b in find_blocks(model, "mlp").removable if b.index == 3)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(0, VOCAB, (16, 12)).astype(np.int64))
+    shift = block_shifts(model, [block], load_calibration(calib, model, 16))[3]
+    np.testing.assert_allclose(shift, planted, atol=2e-3)
 
 
 def test_depth_and_width_share_one_latency_target():

@@ -18,8 +18,9 @@ the exports ``genai-fp32/``, ``genai-int4/`` (onnxruntime-genai's builder) and `
 
 Training is seeded and stops at ``--minutes`` of wall time or ``--steps`` steps, whichever comes
 first. The learning rate follows a cosine to whichever of the two comes first, so a run stopped
-by the clock on a slow machine still ends annealed. It prints the training and held-out loss as
-it goes.
+by the clock on a slow machine still ends annealed. The schedule then depends on the machine's
+speed, so the same seed gives the same weights only where the same number of steps fits. It
+prints the training and held-out loss as it goes.
 """
 
 from __future__ import annotations

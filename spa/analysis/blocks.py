@@ -45,6 +45,8 @@ PROJECTION_DEPTH = 12
 # what one block of a transformer is: a whole layer, or its attention and MLP sub-blocks apart
 # (both, or only one kind removable); a CNN's blocks are the same in every unit
 BLOCK_UNITS = ("layer", "sublayer", "attention", "mlp")
+# the kinds of block a transformer's stream has (``Block.kind``)
+TRANSFORMER_KINDS = ("transformer layer", "attention", "MLP")
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,18 @@ def depth_lines(depth: dict | None) -> list[str]:
         )
     errors = depth.get("shift_errors")
     if errors:
-        kept = "adds back its mean output" if depth.get("shifted") else "leaves nothing behind"
+        shifted, removed = depth.get("shifted", 0), len(depth["removed"])
+        kept = f"{shifted} of {removed} removed blocks add back their mean output" if shifted else "no mean added back"
         lines.append(
-            f"        each removed block {kept}: held-out output error {errors['shifted']:.3f} with the "
-            f"means added back, {errors['plain']:.3f} without"
+            f"        {kept}: output error on {errors['source']} {errors['shifted']:.3f} with the means, "
+            f"{errors['plain']:.3f} without"
+        )
+    timed = depth.get("end_to_end_latency")
+    if timed:
+        where = timed["provider"].replace("ExecutionProvider", "")
+        lines.append(
+            f"        the written model vs the model as given: latency ({where}, median) {timed['given_ms']:.2f} ms"
+            f" -> {timed['pruned_ms']:.2f} ms ({timed['speedup']:.2f}x)"
         )
     if depth.get("latency_fraction") is not None:
         lines.append(f"        the blocks left {depth['latency_fraction']:.2f}x the latency of the model as given")

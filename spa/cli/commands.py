@@ -205,12 +205,13 @@ def prune(model: Path, **flags) -> None:
     run(flags["debug"], lambda: _prune(model, **flags))
 
 
-def _runtime_config(model: Path, pruned, hard, target: Path, quiet: bool) -> list[str]:
+def _runtime_config(model: Path, pruned, hard, target: Path, quiet: bool, force: bool) -> list[str]:
     """The configs beside the input (genai_config.json, config.json) rewritten beside the output."""
     try:
         # a soft result keeps every layer, the removed ones zeroed
         removed = pruned.depth.removed_layers if pruned.depth and not pruned.options.soft else []
-        return write_configs(Path(model), pruned.plan.scored.analyzed.model.proto, hard, Path(target), removed)
+        dense = pruned.plan.scored.analyzed.model.proto
+        return write_configs(Path(model), dense, hard, Path(target), removed, force)
     except ValueError as exc:
         if not quiet:
             click.echo(f"spa: warning: runtime config not written: {exc}", err=True)
@@ -308,7 +309,7 @@ def _prune(model: Path, output, out_format, json_path, write_unchanged, force, q
             for warning in caught:
                 if not quiet:
                     click.echo(f"spa: warning: {warning.message}", err=True)
-            report["runtime_config"] = _runtime_config(model, pruned, result.model, target, quiet)
+            report["runtime_config"] = _runtime_config(model, pruned, result.model, target, quiet, force)
     finally:
         stages.finish()
     report["export"] = [c.as_dict() for c in checks]

@@ -118,7 +118,7 @@ def prune_summary(r: dict) -> str:
     if summary and r["groups_pruned"]:  # nothing removed: nothing to say about accuracy
         lines.append(accuracy_line(summary["accuracy"], r["params_before"], r["params_after"]))
     # with blocks removed first, the width stage's timings are against the model the blocks left
-    against = " vs the model the blocks left" if r.get("depth") and r["groups_pruned"] else ""
+    against = " vs the model the blocks left" if r.get("depth") else ""
     for pair in v["latency"]:
         where = pair["provider"].replace("ExecutionProvider", "")
         threads = f", {pair['threads']} thread{'s' if pair['threads'] > 1 else ''}" if pair["threads"] else ""

@@ -67,7 +67,12 @@ def uneven_layers(pruned: onnx.ModelProto) -> bool:
 
 
 def write_configs(
-    source: Path, dense: onnx.ModelProto, pruned: onnx.ModelProto, output: Path, removed_layers: Sequence[int] = ()
+    source: Path,
+    dense: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    output: Path,
+    removed_layers: Sequence[int] = (),
+    force: bool = False,
 ) -> list[str]:
     """Rewrite the configs beside ``source`` for ``pruned`` into ``output``'s folder and copy the
     side files; returns what was written, one line each. Nothing where the folders are the same.
@@ -83,9 +88,11 @@ def write_configs(
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.suffix not in _SIDE_SUFFIXES:
             continue
-        # the configs describe the model just written, so one already there (a --force run) is
-        # replaced; the other side files do not depend on the cut, and one already there is kept
-        if path.name not in (GENAI, TRANSFORMERS) and (target / path.name).exists():
+        # the configs describe the model just written: one already there is replaced with --force
+        # (else kept, and said); the other side files do not depend on the cut, and are kept
+        if (target / path.name).exists() and not (force and path.name in (GENAI, TRANSFORMERS)):
+            if path.name in (GENAI, TRANSFORMERS):
+                written.append(f"{path.name}: kept the one already there (--force replaces it)")
             continue
         if path.name == GENAI:
             config = json.loads(path.read_text())

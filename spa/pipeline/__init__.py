@@ -21,7 +21,7 @@ from spa.core.runlimit import set_timeout
 from spa.core.runtime import check_input_sizes, complete_sizes, resolve_providers
 from spa.formats.model import Model, Progress, load
 from spa.pipeline.analyzed import AnalyzedModel, analyze
-from spa.pipeline.depth import DepthOutcome, depth_first, measure
+from spa.pipeline.depth import DepthOutcome, depth_first, end_to_end_latency, measure
 from spa.pipeline.experts import ExpertRemoval, remove_model_experts
 from spa.pipeline.options import CLI_RUN, AnalyzeOptions, CutOptions, PlanOptions, RunOptions, ScoreOptions
 from spa.pipeline.planned import PlannedGroup, PrunePlan
@@ -112,6 +112,9 @@ def prune_model(
             depth.end_to_end = measure(
                 given.proto, pruned.hard.as_input_format, scored.calibration, scoring.calib_samples, run
             )
+        if depth is not None and run.bench and not cutting.soft:
+            sizes = complete_sizes(given.proto, dict(groups.input_shapes or {}))
+            depth.end_to_end_latency = end_to_end_latency(given, pruned.hard, sizes, run)
     return pruned
 
 

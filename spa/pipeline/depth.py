@@ -53,14 +53,17 @@ class DepthOutcome:
     flops_before: int = 0
     # with a width cut too: the final model against the one given, on the same held-out samples
     end_to_end: dict | None = None
-    # with a FLOPs or params target: the fraction of the depth-pruned model the width cut was asked for
+    # with a target: the fraction of the depth-pruned model the width cut was asked for
     width_target: float | None = None
     # how many of the removed blocks add back their mean output (compensation with data)
     shifted: int = 0
-    # the held-out output error with the means added back and without, when both were measured
-    shift_errors: dict[str, float] | None = None
+    # the output error with the means added back ("shifted") and without ("plain"), and the
+    # samples it was measured on ("source"), when both were measured
+    shift_errors: dict | None = None
     # with a latency target: the latency of the model the blocks left over the model as given
     latency_fraction: float | None = None
+    # with latency timed (bench): the written model against the model as given
+    end_to_end_latency: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,9 +125,10 @@ def remove_depth(
     run_options: RunOptions,
     cutting: CutOptions,
     progress: Progress | None = None,
-) -> tuple[Model, DepthOutcome]:
+) -> tuple[Model, DepthOutcome, onnx.ModelProto]:
     """``model`` without its ``plan.remove_blocks`` lowest-scored residual blocks (``cutting.soft``:
-    zeroed). Where compensation is on and there is data, each removed block adds back its mean."""
+    zeroed), and the model with them removed (the same unless soft: a target is counted and timed
+    on it). Where compensation is on and there is data, each removed block may add back its mean."""
     assert plan.remove_blocks is not None
     say(progress, "blocks")
     found = find_blocks(model.proto, plan.block_unit)
@@ -162,23 +166,25 @@ def remove_depth(
         if scoring.calib is not None and feeds is not None:
             outcome.fidelity = measure(model.proto, hard, feeds, scoring.calib_samples, run_options)
     # the file the model came from is no longer it: nothing may read it in its place
-    return replace(model.derived(infer_shapes(masked) if cutting.soft else hard), path=None), outcome
+    return replace(model.derived(infer_shapes(masked) if cutting.soft else hard), path=None), outcome, hard
 
 
 def _worth_shifting(
     dense: onnx.ModelProto, chosen: list, shifts: dict, feeds, used: int, options: RunOptions
-) -> tuple[dict, dict[str, float] | None]:
+) -> tuple[dict, dict | None]:
     """The shifts, kept only when they move the outputs less than plain removal does, on the
     held-out samples (the scoring ones where none are left). A mean can hurt: two neighbouring
     layers of the trained decoder in tools/eval_lm.py reached perplexity 9.22 without their means
     and 11.22 with them."""
     if not shifts or feeds is None:
         return shifts, None
-    errors = {}
+    errors: dict = {}
     for label, candidate in (("shifted", shifts), ("plain", {})):
         hard = infer_shapes(remove_blocks(dense, chosen, shifts=candidate))
-        outputs = measure(dense, hard, feeds, used, options)["outputs"]
+        measured = measure(dense, hard, feeds, used, options)
+        outputs = measured["outputs"]
         errors[label] = float(np.mean([o["relative_error"] for o in outputs.values()])) if outputs else math.inf
+        errors["source"] = measured["source"]
     return (shifts if errors["shifted"] < errors["plain"] else {}), errors
 
 
@@ -196,14 +202,14 @@ def depth_first(
     sizes = complete_sizes(model.proto, dict(groups.input_shapes or {}))
     before = count_model(model, model.proto, sizes, groups.registry)
     given = model
-    model, depth = remove_depth(model, planning, scoring, run_options, cutting, progress)
+    model, depth, hard = remove_depth(model, planning, scoring, run_options, cutting, progress)
     depth.params_before, depth.flops_before = before.params, before.flops
     if planning.target is not None and planning.target.metric == "latency":
         say(progress, "time blocks")
-        depth.latency_fraction = blocks_latency(given, model, sizes, run_options)
+        depth.latency_fraction = blocks_latency(given, model.derived(hard), sizes, run_options)
         planning, depth.width_target = width_target(planning, 1.0, depth.latency_fraction)
     elif planning.target is not None:
-        left = count_model(model, model.proto, sizes, groups.registry)
+        left = count_model(model, hard, sizes, groups.registry)
         metric = planning.target.metric
         figures = (before.flops, left.flops) if metric == "flops" else (before.params, left.params)
         planning, depth.width_target = width_target(planning, *figures)
@@ -213,11 +219,26 @@ def depth_first(
 def blocks_latency(given: Model, left: Model, sizes: dict, run_options: RunOptions) -> float:
     """The latency of the model the blocks left over the model's as given, timed alternately on
     the first provider at the sizes the width search times."""
+    given_ms, left_ms = latencies(given, left, sizes, run_options)
+    return left_ms / given_ms
+
+
+def latencies(given: Model, left: Model, sizes: dict, run_options: RunOptions) -> tuple[float, float]:
+    """Median ms of the model as given and of ``left``, timed alternately on the first provider."""
     provider = resolve_providers(list(run_options.providers) or ["cpu"])[0]
     dense = given.as_input_format
     feeds = sample_inputs(dense, run_options.seed, shapes=sizes)
     meter = LatencyMeter(dense, feeds, provider, run_options.threads, tuple(run_options.custom_ops))
-    return meter.fraction(left.as_input_format)
+    given_ms, left_ms = meter.medians([dense, left.as_input_format])
+    return given_ms, left_ms
+
+
+def end_to_end_latency(given: Model, final: Model, sizes: dict, run_options: RunOptions) -> dict:
+    """The written model against the model as given: the width stage's own timing is against what
+    the blocks left, and with blocks alone it would compare that model with itself."""
+    given_ms, final_ms = latencies(given, final, sizes, run_options)
+    provider = resolve_providers(list(run_options.providers) or ["cpu"])[0]
+    return {"provider": provider, "given_ms": given_ms, "pruned_ms": final_ms, "speedup": given_ms / final_ms}
 
 
 def width_target(planning: PlanOptions, before: float, after: float) -> tuple[PlanOptions, float | None]:

@@ -82,6 +82,8 @@ class ScoreOptions:
             raise UsageError(f"--criterion {self.criterion} ranks channels by calibration data: give --calib FILE")
         if self.calib_samples < 1:
             raise UsageError("--calib-samples must be at least 1")
+        if self.synthetic_samples is not None and self.synthetic_samples < 1:
+            raise UsageError("synthetic_samples must be at least 1")
         self._check_generate()
 
     def _check_generate(self) -> None:
@@ -100,8 +102,6 @@ class ScoreOptions:
     def has_data(self) -> bool:
         """Calibration data is given or generated."""
         return self.calib is not None or self.calib_generate is not None
-        if self.synthetic_samples is not None and self.synthetic_samples < 1:
-            raise UsageError("synthetic_samples must be at least 1")
 
     @property
     def data_aware(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.analysis.blocks import Block
+from spa.analysis.blocks import TRANSFORMER_KINDS, Block
 from spa.core import runlimit
 from spa.core.runtime import batches, session
 from spa.scoring.statistics import exposing
@@ -69,7 +69,8 @@ def block_shifts(
     """Block index -> the mean over positions of what the block adds to the stream (``y - x``),
     along the channel axis: the constant that best stands in for it once it is gone. Only for
     blocks whose stream is channels-last ([batch, tokens, hidden]) and ends in no Relu."""
-    wanted = [b for b in blocks if b.post is None]
+    # a transformer's stream is [batch, tokens, hidden]; a 1-D conv net's [N, C, T] is not channels-last
+    wanted = [b for b in blocks if b.post is None and b.kind in TRANSFORMER_KINDS]
     tensors = list(dict.fromkeys(t for b in wanted for t in (b.input, b.exit.skip, b.exit.branch)))
     if not wanted:
         return {}
