@@ -364,13 +364,15 @@ def test_means_that_move_the_outputs_more_than_plain_removal_are_left_out(tmp_pa
 
     calib = tmp_path / "calib.npz"
     np.savez(calib, input_ids=np.random.default_rng(0).integers(0, VOCAB, (96, 12)).astype(np.int64))
-    measured = depth_stage.block_shifts
+    measured = depth_stage.measure_blocks
 
     def wrong_means(*args, **kwargs):  # a mean far off what the block adds: it must not be kept
         noise = np.random.default_rng(1)
-        return {i: (50 * noise.standard_normal(v.shape)).astype(v.dtype) for i, v in measured(*args, **kwargs).items()}
+        stats = measured(*args, **kwargs)
+        stats.shifts = {i: (50 * noise.standard_normal(v.shape)).astype(v.dtype) for i, v in stats.shifts.items()}
+        return stats
 
-    monkeypatch.setattr(depth_stage, "block_shifts", wrong_means)
+    monkeypatch.setattr(depth_stage, "measure_blocks", wrong_means)
     depth = spa.prune(_decoder(), remove_blocks=1, calib=calib, calib_samples=32).report.depth
     assert depth["shifted"] == 0 and depth["shift_errors"]["shifted"] > depth["shift_errors"]["plain"]
     plain = spa.prune(_decoder(), remove_blocks=1, calib=calib, calib_samples=32, compensate=False).report.depth

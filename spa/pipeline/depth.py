@@ -27,7 +27,7 @@ from spa.pipeline.options import AnalyzeOptions, CutOptions, PlanOptions, RunOpt
 from spa.pipeline.reports import count_model
 from spa.planning.search import LatencyMeter
 from spa.scoring import self_calibration
-from spa.scoring.blocks import block_shifts, score_blocks
+from spa.scoring.blocks import measure_blocks, score_blocks
 from spa.scoring.statistics import load_calibration, synthetic_feeds
 from spa.transforms.depth import remove_blocks
 from spa.verify import decode, fidelity
@@ -140,14 +140,20 @@ def remove_depth(
     if plan.block_score != "random" or scoring.calib is not None or shift:  # calibration also measures fidelity
         feeds, source = _scoring_feeds(model, scoring, run_options)
     used = {k: v[: scoring.calib_samples] for k, v in feeds.items()} if feeds is not None else None
-    scores = score_blocks(
-        model.proto, removable, plan.block_score, used, run_options.seed, tuple(run_options.custom_ops)
-    )
-    chosen = sorted(removable, key=lambda b: (scores[b.index], b.index))[:count]
     custom_ops = tuple(run_options.custom_ops)
-    shifts = block_shifts(model.proto, chosen, used, custom_ops) if shift and used is not None else {}
-    shifts, shift_errors = _worth_shifting(model.proto, chosen, shifts, feeds, scoring.calib_samples, run_options)
-    hard = infer_shapes(remove_blocks(model.proto, chosen, shifts=shifts))
+    # one pass measures both the scores and the means
+    wanted = used is not None and (plan.block_score != "random" or shift)
+    measured = measure_blocks(model.proto, removable, used, custom_ops) if wanted and used is not None else None
+    if plan.block_score == "random" or measured is None:
+        scores = score_blocks(model.proto, removable, plan.block_score, used, run_options.seed, custom_ops)
+    else:
+        scores = measured.scores(plan.block_score)
+    chosen = sorted(removable, key=lambda b: (scores[b.index], b.index))[:count]
+    means = measured.shifts if shift and measured is not None else {}
+    shifts = {b.index: means[b.index] for b in chosen if b.index in means}
+    shifts, shift_errors, hard, shifted_fidelity = _worth_shifting(
+        model.proto, chosen, shifts, feeds, scoring.calib_samples, run_options
+    )
     masked = remove_blocks(model.proto, chosen, soft=True, shifts=shifts)
     outcome = DepthOutcome(
         plan.block_score,
@@ -163,29 +169,35 @@ def remove_depth(
         outcome.checks = check_removal(model.proto, hard, masked, run_options)
         if outcome.checks["problems"]:
             raise ValidationError("depth-pruned model failed validation: " + "; ".join(outcome.checks["problems"]))
-        if scoring.calib is not None and feeds is not None:
-            outcome.fidelity = measure(model.proto, hard, feeds, scoring.calib_samples, run_options)
+        if scoring.calib is not None and feeds is not None:  # the choice of means measured it already
+            outcome.fidelity = shifted_fidelity or measure(model.proto, hard, feeds, scoring.calib_samples, run_options)
     # the file the model came from is no longer it: nothing may read it in its place
     return replace(model.derived(infer_shapes(masked) if cutting.soft else hard), path=None), outcome, hard
 
 
 def _worth_shifting(
     dense: onnx.ModelProto, chosen: list, shifts: dict, feeds, used: int, options: RunOptions
-) -> tuple[dict, dict | None]:
+) -> tuple[dict, dict | None, onnx.ModelProto, dict | None]:
     """The shifts, kept only when they move the outputs less than plain removal does, on the
     held-out samples (the scoring ones where none are left). A mean can hurt: two neighbouring
     layers of the trained decoder in tools/eval_lm.py reached perplexity 9.22 without their means
-    and 11.22 with them."""
+    and 11.22 with them. Also returns the errors, the hard model kept and its fidelity figures
+    (``measure``'s, on the same samples), where the two were measured."""
     if not shifts or feeds is None:
-        return shifts, None
+        return shifts, None, infer_shapes(remove_blocks(dense, chosen, shifts=shifts)), None
+    samples, _ = fidelity.holdout(feeds, used)
+    reference = _outputs(dense, samples, tuple(options.custom_ops))
     errors: dict = {}
+    candidates = {}
     for label, candidate in (("shifted", shifts), ("plain", {})):
         hard = infer_shapes(remove_blocks(dense, chosen, shifts=candidate))
-        measured = measure(dense, hard, feeds, used, options)
-        outputs = measured["outputs"]
+        figures = measure(dense, hard, feeds, used, options, reference)
+        outputs = figures["outputs"]
         errors[label] = float(np.mean([o["relative_error"] for o in outputs.values()])) if outputs else math.inf
-        errors["source"] = measured["source"]
-    return (shifts if errors["shifted"] < errors["plain"] else {}), errors
+        errors["source"] = figures["source"]
+        candidates[label] = (candidate, hard, figures)
+    kept, hard, figures = candidates["shifted" if errors["shifted"] < errors["plain"] else "plain"]
+    return kept, errors, hard, figures
 
 
 def depth_first(
@@ -219,25 +231,25 @@ def depth_first(
 def blocks_latency(given: Model, left: Model, sizes: dict, run_options: RunOptions) -> float:
     """The latency of the model the blocks left over the model's as given, timed alternately on
     the first provider at the sizes the width search times."""
-    given_ms, left_ms = latencies(given, left, sizes, run_options)
+    _, given_ms, left_ms = latencies(given, left, sizes, run_options)
     return left_ms / given_ms
 
 
-def latencies(given: Model, left: Model, sizes: dict, run_options: RunOptions) -> tuple[float, float]:
-    """Median ms of the model as given and of ``left``, timed alternately on the first provider."""
+def latencies(given: Model, left: Model, sizes: dict, run_options: RunOptions) -> tuple[str, float, float]:
+    """The first provider, and the median ms of the model as given and of ``left`` timed
+    alternately on it."""
     provider = resolve_providers(list(run_options.providers) or ["cpu"])[0]
     dense = given.as_input_format
     feeds = sample_inputs(dense, run_options.seed, shapes=sizes)
     meter = LatencyMeter(dense, feeds, provider, run_options.threads, tuple(run_options.custom_ops))
     given_ms, left_ms = meter.medians([dense, left.as_input_format])
-    return given_ms, left_ms
+    return provider, given_ms, left_ms
 
 
 def end_to_end_latency(given: Model, final: Model, sizes: dict, run_options: RunOptions) -> dict:
     """The written model against the model as given: the width stage's own timing is against what
     the blocks left, and with blocks alone it would compare that model with itself."""
-    given_ms, final_ms = latencies(given, final, sizes, run_options)
-    provider = resolve_providers(list(run_options.providers) or ["cpu"])[0]
+    provider, given_ms, final_ms = latencies(given, final, sizes, run_options)
     return {"provider": provider, "given_ms": given_ms, "pruned_ms": final_ms, "speedup": given_ms / final_ms}
 
 
@@ -299,18 +311,28 @@ def check_removal(dense: onnx.ModelProto, hard: onnx.ModelProto, masked: onnx.Mo
     return {**checks, "problems": problems}
 
 
-def measure(dense: onnx.ModelProto, hard: onnx.ModelProto, feeds: dict, used: int, options: RunOptions) -> dict:
+def measure(
+    dense: onnx.ModelProto,
+    hard: onnx.ModelProto,
+    feeds: dict,
+    used: int,
+    options: RunOptions,
+    reference: dict[str, np.ndarray] | None = None,
+) -> dict:
     """Relative error, mean cosine and top-1 agreement of the outputs other than the cache, dense
-    against depth-pruned, on the held-out samples (those the scores read when none are left)."""
+    against depth-pruned, on the held-out samples (those the scores read when none are left).
+    ``reference``: the dense outputs on those samples, where already run."""
     samples, where = fidelity.holdout(feeds, used)
     custom_ops = tuple(options.custom_ops)
-    outputs = [_outputs(model, samples, custom_ops) for model in (dense, hard)]
+    if reference is None:
+        reference = _outputs(dense, samples, custom_ops)
+    outputs = [reference, _outputs(hard, samples, custom_ops)]
     figures = {}
-    for name, reference in outputs[0].items():
+    for name, expected in outputs[0].items():
         got = outputs[1].get(name)
-        if got is None or got.shape != reference.shape or not np.issubdtype(reference.dtype, np.floating):
+        if got is None or got.shape != expected.shape or not np.issubdtype(expected.dtype, np.floating):
             continue
-        ref, new = reference.astype(np.float64), got.astype(np.float64)
+        ref, new = expected.astype(np.float64), got.astype(np.float64)
         flat_ref, flat_new = ref.reshape(len(ref), -1), new.reshape(len(new), -1)
         norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_new, axis=1)
         cosine = float(np.mean(np.sum(flat_ref * flat_new, axis=1) / np.where(norms > 0, norms, 1.0)))

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
@@ -33,14 +35,56 @@ def score_blocks(
     if score == "random":
         draws = np.random.default_rng([seed, 29]).random(len(blocks))
         return {b.index: float(d) for b, d in zip(blocks, draws)}
-    if score not in BLOCK_SCORES:
-        raise ValueError(f"unknown block score {score}")
     assert feeds is not None
+    return measure_blocks(model, blocks, feeds, custom_ops).scores(score)
+
+
+def block_shifts(
+    model: onnx.ModelProto,
+    blocks: list[Block],
+    feeds: dict[str, np.ndarray],
+    custom_ops: tuple[str, ...] = (),
+) -> dict[int, np.ndarray]:
+    """Block index -> the mean over positions of what the block adds to the stream (``BlockStatistics.shifts``)."""
+    return measure_blocks(model, blocks, feeds, custom_ops).shifts
+
+
+@dataclass
+class BlockStatistics:
+    """What one pass over the samples measures of each block: its scores, and for a transformer
+    block the mean of what it adds to the stream (``y - x``) along the hidden axis, the constant
+    that best stands in for it once it is gone."""
+
+    cosines: dict[int, list[np.ndarray]]
+    moved: dict[int, float]  # sum of ||y - x||^2
+    size: dict[int, float]  # sum of ||x||^2
+    shifts: dict[int, np.ndarray]
+
+    def scores(self, score: str) -> dict[int, float]:
+        if score not in BLOCK_SCORES or score == "random":
+            raise ValueError(f"unknown measured block score {score}")
+        if score == "l2":
+            return {i: float(np.sqrt(self.moved[i] / self.size[i])) if self.size[i] else 0.0 for i in self.moved}
+        return {i: float(1.0 - np.mean(np.concatenate(c))) if c else 0.0 for i, c in self.cosines.items()}
+
+
+def measure_blocks(
+    model: onnx.ModelProto,
+    blocks: list[Block],
+    feeds: dict[str, np.ndarray],
+    custom_ops: tuple[str, ...] = (),
+) -> BlockStatistics:
+    """``blocks`` measured on ``feeds`` in one pass of the model."""
     tensors = list(dict.fromkeys(t for b in blocks for t in (b.input, b.exit.skip, b.exit.branch)))
     run = session(exposing(model, tensors), custom_ops=custom_ops)
-    cosines: dict[int, list[np.ndarray]] = {b.index: [] for b in blocks}
-    moved = {b.index: 0.0 for b in blocks}
-    size = {b.index: 0.0 for b in blocks}
+    indices = [b.index for b in blocks]
+    stats = BlockStatistics({i: [] for i in indices}, dict.fromkeys(indices, 0.0), dict.fromkeys(indices, 0.0), {})
+    # a transformer's stream is [batch, tokens, hidden]; a 1-D conv net's [N, C, T] is not channels-last,
+    # and a block ending in a Relu would not pass a shifted input through unchanged
+    shiftable = {b.index for b in blocks if b.post is None and b.kind in TRANSFORMER_KINDS}
+    sums: dict[int, np.ndarray] = {}
+    counts = dict.fromkeys(shiftable, 0)
+    types: dict[int, np.dtype] = {}
     for feed in batches(model, feeds):
         values = dict(zip(tensors, runlimit.run(run, tensors, feed)))
         for block in blocks:
@@ -51,46 +95,17 @@ def score_blocks(
             if x.shape != y.shape or x.size == 0:
                 continue
             axis = 1 if x.ndim == 4 else -1
-            cosines[block.index].append(_cosine(x, y, axis).reshape(-1))
-            moved[block.index] += float(np.sum((y - x) ** 2))
-            size[block.index] += float(np.sum(x**2))
+            stats.cosines[block.index].append(_cosine(x, y, axis).reshape(-1))
+            stats.moved[block.index] += float(np.sum((y - x) ** 2))
+            stats.size[block.index] += float(np.sum(x**2))
+            if block.index in shiftable and x.ndim == 3:
+                flat = (y - x).reshape(-1, x.shape[-1])
+                sums[block.index] = sums.get(block.index, 0) + flat.sum(axis=0)
+                counts[block.index] += len(flat)
+                types[block.index] = values[block.input].dtype
         del values
-    if score == "l2":
-        return {i: float(np.sqrt(moved[i] / size[i])) if size[i] else 0.0 for i in moved}
-    return {i: float(1.0 - np.mean(np.concatenate(c))) if c else 0.0 for i, c in cosines.items()}
-
-
-def block_shifts(
-    model: onnx.ModelProto,
-    blocks: list[Block],
-    feeds: dict[str, np.ndarray],
-    custom_ops: tuple[str, ...] = (),
-) -> dict[int, np.ndarray]:
-    """Block index -> the mean over positions of what the block adds to the stream (``y - x``),
-    along the channel axis: the constant that best stands in for it once it is gone. Only for
-    blocks whose stream is channels-last ([batch, tokens, hidden]) and ends in no Relu."""
-    # a transformer's stream is [batch, tokens, hidden]; a 1-D conv net's [N, C, T] is not channels-last
-    wanted = [b for b in blocks if b.post is None and b.kind in TRANSFORMER_KINDS]
-    tensors = list(dict.fromkeys(t for b in wanted for t in (b.input, b.exit.skip, b.exit.branch)))
-    if not wanted:
-        return {}
-    run = session(exposing(model, tensors), custom_ops=custom_ops)
-    sums: dict[int, np.ndarray] = {}
-    counts = dict.fromkeys((b.index for b in wanted), 0)
-    types: dict[int, np.dtype] = {}
-    for feed in batches(model, feeds):
-        values = dict(zip(tensors, runlimit.run(run, tensors, feed)))
-        for block in wanted:
-            x = values[block.input]
-            moved = values[block.exit.skip].astype(np.float64) + values[block.exit.branch] - x
-            if x.ndim != 3 or moved.shape != x.shape:
-                continue
-            flat = moved.reshape(-1, moved.shape[-1])
-            sums[block.index] = sums.get(block.index, 0) + flat.sum(axis=0)
-            counts[block.index] += len(flat)
-            types[block.index] = x.dtype
-        del values
-    return {i: (total / counts[i]).astype(types[i]) for i, total in sums.items() if counts[i]}
+    stats.shifts = {i: (total / counts[i]).astype(types[i]) for i, total in sums.items() if counts[i]}
+    return stats
 
 
 def _cosine(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
