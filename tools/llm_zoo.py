@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -171,14 +172,24 @@ def save_hf(arch: str, folder: Path) -> None:
     _tokenizer().save_pretrained(folder)
 
 
-def hf_folder(arch: str) -> Path:
-    folder = cache_dir() / f"hf-{arch}-v{VERSION}"
-    if not (folder / "config.json").exists():
-        partial = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{arch}-"))
-        save_hf(arch, partial)
+def built(folder: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``folder``, built first by ``build`` where it holds no ``marker`` file: into a scratch folder
+    beside it, moved into place whole, so a build cut short leaves nothing that looks cached."""
+    if (folder / marker).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        build(partial)
         shutil.rmtree(folder, ignore_errors=True)
         partial.replace(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def hf_folder(arch: str) -> Path:
+    return built(cache_dir() / f"hf-{arch}-v{VERSION}", "config.json", lambda out: save_hf(arch, out))
 
 
 # ---------------------------------------------------------------- exports
@@ -190,23 +201,16 @@ def export_dir(name: str) -> Path:
 
 def exported(name: str) -> Path:
     """The cached folder of export ``name`` (its ``model.onnx`` inside), exporting it first if needed."""
-    folder = export_dir(name)
-    if (folder / "model.onnx").exists():
-        return folder
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{name}-"))
     arch, exporter, *precision = name.split("-")
-    try:
+
+    def export(out: Path) -> None:
         if exporter == "genai":
-            _genai_export(arch, precision[0], partial)
-            _check_lm_head(partial / "model.onnx")
+            _genai_export(arch, precision[0], out)
+            _check_lm_head(out / "model.onnx")
         else:
-            subprocess.run([str(venv_python()), __file__, "--optimum-export", arch, str(partial)], check=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.replace(folder)  # an export cut short leaves nothing that looks cached
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
+            subprocess.run([str(venv_python()), __file__, "--optimum-export", arch, str(out)], check=True)
+
+    return built(export_dir(name), "model.onnx", export)
 
 
 def _genai_export(arch: str, precision: str, out: Path) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,21 +92,7 @@ def folder(name: str) -> Path:
 
 def exported(name: str) -> Path:
     """The cached folder of export ``name`` (its ``model.onnx`` inside), exporting it first if needed."""
-    target = folder(name)
-    if (target / "model.onnx").exists():
-        return target
-    llm_zoo.cache_dir().mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=llm_zoo.cache_dir(), prefix=f".{name}-"))
-    try:
-        if name == "gptoss-genai-fp32":
-            _genai(partial)
-        else:
-            _dynamo(partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.replace(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    return llm_zoo.built(folder(name), "model.onnx", _genai if name == "gptoss-genai-fp32" else _dynamo)
 
 
 def _genai(out: Path) -> None:

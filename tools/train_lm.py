@@ -335,32 +335,18 @@ def train(folder: Path, minutes: float, steps: int, batch: int, lr: float) -> No
 
 
 def export_genai(folder: Path, precision: str) -> Path:
-    out = folder / f"genai-{precision}"
-    if (out / "model.onnx").exists():
-        return out
-    partial = Path(tempfile.mkdtemp(dir=folder, prefix=f".genai-{precision}-"))
-    try:
-        llm_zoo.genai_export_folder(folder / "hf", precision, partial)
-        shutil.rmtree(out, ignore_errors=True)
-        partial.replace(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return out
+    def export(out: Path) -> None:
+        llm_zoo.genai_export_folder(folder / "hf", precision, out)
+
+    return llm_zoo.built(folder / f"genai-{precision}", "model.onnx", export)
 
 
 def export_optimum(folder: Path) -> Path:
-    out = folder / "optimum"
-    if (out / "model.onnx").exists():
-        return out
-    partial = Path(tempfile.mkdtemp(dir=folder, prefix=".optimum-"))
-    try:
-        command = [str(llm_zoo.venv_python()), __file__, "--optimum-export", str(folder / "hf"), str(partial)]
+    def export(out: Path) -> None:
+        command = [str(llm_zoo.venv_python()), __file__, "--optimum-export", str(folder / "hf"), str(out)]
         subprocess.run(command, check=True)
-        shutil.rmtree(out, ignore_errors=True)
-        partial.replace(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return out
+
+    return llm_zoo.built(folder / "optimum", "model.onnx", export)
 
 
 def _optimum_export(hf: str, out: str) -> None:
